@@ -1,0 +1,1 @@
+"""Fused kernels for VPMoE (Triton) with PyTorch references; the model calls ``kernels.ops``."""

@@ -1,0 +1,58 @@
+"""One dispatch for VPMoE's fused operations: Triton kernels on CUDA, references elsewhere.
+
+The model calls only these functions. On a CUDA device with Triton importable (and
+``VPMOE_DISABLE_TRITON`` unset) the fused kernel runs; otherwise the PyTorch reference in
+``kernels.reference`` does. Both follow the reference's documented semantics exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import reference
+
+
+def triton_available() -> bool:
+    if os.environ.get("VPMOE_DISABLE_TRITON"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and triton_available()
+
+
+def rms_norm(x, weight, eps: float = 1e-5):
+    return reference.rms_norm(x, weight, eps)
+
+
+def squared_relu(x):
+    return reference.squared_relu(x)
+
+
+def route(logits, expert_bias, topk, num_groups=1, group_topk=1, scaling_factor=1.0,
+          score_function="sigmoid"):
+    return reference.route(logits, expert_bias, topk, num_groups, group_topk, scaling_factor,
+                           score_function)
+
+
+def permute(hidden, indices, num_experts):
+    return reference.permute(hidden, indices, num_experts)
+
+
+def unpermute(expert_out, sort_order, weights, num_tokens):
+    return reference.unpermute(expert_out, sort_order, weights, num_tokens)
+
+
+def attention(q, k, v, sinks=None, window=None, scale=None):
+    return reference.attention(q, k, v, sinks, window, scale)
+
+
+def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=1024):
+    return reference.linear_cross_entropy(hidden, weight, labels, ignore_index, chunk_size)

@@ -1,0 +1,74 @@
+"""The ``vpmoe`` command line: one entry point, one subcommand per stage of the pipeline.
+
+Each subcommand's parser and handler live with the code they drive (``<area>/cli.py``
+exposes ``register(subparsers)``); this module only wires them together, so ``vpmoe --help``
+stays fast (area modules import torch lazily, inside their handlers).
+
+Exit codes: 0 ok, 1 failure, 2 usage / config / input error (one line on stderr),
+75 checkpoint saved on preemption (requeue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Sequence
+
+from megatron_vpmoe import __version__
+from megatron_vpmoe.utils.errors import EXIT_USAGE, VpmoeError
+
+# (subcommand module, in the order `vpmoe --help` lists them)
+SUBCOMMAND_MODULES = [
+    "megatron_vpmoe.config.cli",  # config
+    "megatron_vpmoe.tokenizers.cli",  # tokenizer
+    "megatron_vpmoe.data.cli",  # preprocess
+    "megatron_vpmoe.training.cli",  # train
+    "megatron_vpmoe.distill.cli",  # distill
+    "megatron_vpmoe.launch.cli",  # launch
+    "megatron_vpmoe.convert.cli",  # convert
+    "megatron_vpmoe.eval.cli",  # eval, experiment
+    "megatron_vpmoe.serve.cli",  # serve
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="vpmoe",
+        description="Megatron-style pretraining and distillation stack for VPMoE.",
+    )
+    parser.add_argument("--version", action="version", version=f"megatron_vpmoe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VpmoeError as err:
+        print(f"vpmoe {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("vpmoe: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # stdout closed early (e.g. `vpmoe config show X | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""``vpmoe config``: show or validate a run config and its parameter counts."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("config", help="show or validate a run config",
+                                   description="Load a run config, validate it, print it resolved.")
+    sub = parser.add_subparsers(dest="config_command", metavar="{show,validate}")
+    sub.required = True
+    show = sub.add_parser("show", help="print the resolved config and the parameter counts")
+    show.add_argument("config", metavar="CONFIG", help="run config YAML")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key (repeatable)")
+    show.set_defaults(func=_show)
+    validate = sub.add_parser("validate", help="validate a config; exit 2 naming the bad key")
+    validate.add_argument("config", metavar="CONFIG", help="run config YAML")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.set_defaults(func=_validate)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from megatron_vpmoe.config import dump_config, load_config
+    from megatron_vpmoe.model.params import count_parameters
+
+    cfg = load_config(args.config, args.overrides)
+    print(dump_config(cfg), end="")
+    print("---")
+    for line in count_parameters(cfg.model).lines():
+        print(line)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from megatron_vpmoe.config import load_config
+
+    load_config(args.config, args.overrides)
+    print(f"{args.config}: ok")
+    return 0

@@ -1,0 +1,397 @@
+"""The one configuration schema: typed dataclasses for every section of a run's YAML.
+
+Sections: ``run``, ``model``, ``parallel``, ``data``, ``train``, ``checkpoint``, ``log``,
+``distill``. Field names in ``model`` follow megatron-core's ``TransformerConfig`` where one
+exists, so Megatron users recognise them. Loading and validation live in ``loader.py``; the
+cross-field rules of each section live here, in its ``validate`` method, raising
+:class:`ConfigError` with the dotted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+from megatron_vpmoe.utils.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how it is seeded."""
+
+    dir: str = "runs/default"
+    name: Optional[str] = None
+    seed: int = 1234
+
+
+@dataclass
+class ModelConfig:
+    """The VPMoE architecture. Every size comes from here."""
+
+    vocab_size: int = 201_088
+    hidden_size: int = 1024
+    num_layers: int = 80
+    num_attention_heads: int = 8
+    num_query_groups: int = 2
+    kv_channels: int = 128  # head dimension
+    ffn_hidden_size: int = 4096  # the dense (non-MoE) layers' MLP width
+    activation: Literal["squared_relu", "gelu", "swiglu"] = "squared_relu"
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    qk_layernorm: bool = True
+    add_bias_linear: bool = False
+    untie_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+
+    # attention
+    window_size: int = 128  # sliding window of local layers (tokens, including self)
+    local_global_pattern: List[int] = field(default_factory=lambda: [3, 1])  # 3 local : 1 global
+    softmax_offset: bool = True  # learnable per-head attention sink (GPT-OSS)
+    value_residual: bool = True  # v = lambda * v + (1 - lambda) * v_layer1
+    position_embedding_type: Literal["rope", "none"] = "rope"
+    rotary_base: float = 10_000.0
+    nope_on_global: bool = False  # no positional encoding on global layers
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+    # mixture of experts
+    moe_first_k_dense: int = 1
+    num_moe_experts: int = 256
+    moe_router_topk: int = 4
+    moe_ffn_hidden_size: int = 128
+    moe_shared_expert_intermediate_size: int = 512  # 0 disables the shared expert
+    moe_num_shared_experts: int = 1
+    moe_router_score_function: Literal["sigmoid", "softmax"] = "sigmoid"
+    moe_router_num_groups: int = 8
+    moe_router_group_topk: int = 4
+    moe_router_topk_scaling_factor: float = 2.5
+    moe_router_enable_expert_bias: bool = True  # aux-loss-free balancing
+    moe_router_bias_update_rate: float = 1e-3
+    moe_aux_loss_coeff: float = 0.0  # sequence-level auxiliary loss; 0 disables it
+
+    def is_moe_layer(self, layer_number: int) -> bool:
+        """0-based ``layer_number``: the first ``moe_first_k_dense`` layers are dense."""
+        return self.num_moe_experts > 0 and layer_number >= self.moe_first_k_dense
+
+    def is_global_layer(self, layer_number: int) -> bool:
+        """Local:global schedule; with [3, 1] layers 3, 7, 11, ... are global (full causal)."""
+        local, glob = self.local_global_pattern
+        period = local + glob
+        return glob > 0 and (layer_number % period) >= local
+
+    def validate(self) -> None:
+        positive = [
+            "vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+            "num_query_groups", "kv_channels", "ffn_hidden_size", "window_size",
+        ]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be > 0, got {getattr(self, name)}", key=f"model.{name}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_query_groups ({self.num_query_groups})",
+                key="model.num_query_groups",
+            )
+        if len(self.local_global_pattern) != 2 or min(self.local_global_pattern) < 0 or sum(
+            self.local_global_pattern
+        ) == 0:
+            raise ConfigError(
+                f"must be [num_local, num_global] with non-negative entries, got {self.local_global_pattern}",
+                key="model.local_global_pattern",
+            )
+        if self.position_embedding_type == "rope" and self.kv_channels % 2:
+            raise ConfigError("RoPE needs an even head dimension", key="model.kv_channels")
+        if not 0 <= self.moe_first_k_dense <= self.num_layers:
+            raise ConfigError(
+                f"must be between 0 and num_layers ({self.num_layers})", key="model.moe_first_k_dense"
+            )
+        if self.num_moe_experts < 0:
+            raise ConfigError("must be >= 0 (0 = dense model)", key="model.num_moe_experts")
+        if self.num_moe_experts > 0:
+            e = self.num_moe_experts
+            if not 1 <= self.moe_router_topk <= e:
+                raise ConfigError(
+                    f"must be between 1 and num_moe_experts ({e})", key="model.moe_router_topk"
+                )
+            if self.moe_ffn_hidden_size <= 0:
+                raise ConfigError("must be > 0", key="model.moe_ffn_hidden_size")
+            groups = self.moe_router_num_groups
+            if groups < 1 or e % groups:
+                raise ConfigError(
+                    f"num_moe_experts ({e}) must be divisible by moe_router_num_groups ({groups})",
+                    key="model.moe_router_num_groups",
+                )
+            if not 1 <= self.moe_router_group_topk <= groups:
+                raise ConfigError(
+                    f"must be between 1 and moe_router_num_groups ({groups})",
+                    key="model.moe_router_group_topk",
+                )
+            if self.moe_router_topk > self.moe_router_group_topk * (e // groups):
+                raise ConfigError(
+                    f"moe_router_topk ({self.moe_router_topk}) exceeds the experts reachable in "
+                    f"{self.moe_router_group_topk} groups of {e // groups}",
+                    key="model.moe_router_topk",
+                )
+            if self.moe_shared_expert_intermediate_size < 0:
+                raise ConfigError("must be >= 0", key="model.moe_shared_expert_intermediate_size")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. ``data`` = 0 means: whatever the world size leaves."""
+
+    tensor: int = 1
+    expert: int = 1
+    pipeline: int = 1
+    data: int = 0
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+
+    def validate(self, model: ModelConfig) -> None:
+        for name in ("tensor", "expert", "pipeline"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", key=f"parallel.{name}")
+        if self.data < 0:
+            raise ConfigError("must be >= 0 (0 = derived from the world size)", key="parallel.data")
+        tp = self.tensor
+        if model.num_attention_heads % tp:
+            raise ConfigError(
+                f"model.num_attention_heads ({model.num_attention_heads}) is not divisible by "
+                f"the tensor-parallel size ({tp})",
+                key="parallel.tensor",
+            )
+        if model.num_query_groups % tp:
+            raise ConfigError(
+                f"model.num_query_groups ({model.num_query_groups}) is not divisible by "
+                f"the tensor-parallel size ({tp})",
+                key="parallel.tensor",
+            )
+        if model.ffn_hidden_size % tp:
+            raise ConfigError(
+                f"model.ffn_hidden_size ({model.ffn_hidden_size}) is not divisible by "
+                f"the tensor-parallel size ({tp})",
+                key="parallel.tensor",
+            )
+        if model.moe_shared_expert_intermediate_size % tp:
+            raise ConfigError(
+                f"model.moe_shared_expert_intermediate_size ({model.moe_shared_expert_intermediate_size}) "
+                f"is not divisible by the tensor-parallel size ({tp})",
+                key="parallel.tensor",
+            )
+        if self.expert > 1 and model.num_moe_experts == 0:
+            raise ConfigError("expert parallelism needs a MoE model (model.num_moe_experts > 0)",
+                              key="parallel.expert")
+        if model.num_moe_experts and model.num_moe_experts % self.expert:
+            raise ConfigError(
+                f"model.num_moe_experts ({model.num_moe_experts}) is not divisible by "
+                f"the expert-parallel size ({self.expert})",
+                key="parallel.expert",
+            )
+        if self.pipeline > model.num_layers:
+            raise ConfigError(
+                f"pipeline size ({self.pipeline}) exceeds model.num_layers ({model.num_layers})",
+                key="parallel.pipeline",
+            )
+        if self.sequence_parallel and tp == 1:
+            raise ConfigError("sequence_parallel needs tensor > 1", key="parallel.sequence_parallel")
+
+    def resolve_data(self, world_size: int) -> int:
+        """Data-parallel size for ``world_size`` ranks; raises if the layout does not fit."""
+        model_parallel = self.tensor * self.pipeline
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor x pipeline = {model_parallel}",
+                key="parallel",
+            )
+        data = world_size // model_parallel
+        if self.data and self.data != data:
+            raise ConfigError(
+                f"parallel.data = {self.data} but world size {world_size} / (tensor x pipeline) = {data}",
+                key="parallel.data",
+            )
+        if (data * self.tensor) % self.expert:
+            raise ConfigError(
+                f"expert size ({self.expert}) must divide data x tensor ({data * self.tensor})",
+                key="parallel.expert",
+            )
+        return data
+
+
+@dataclass
+class DataConfig:
+    """Training data: a weighted blend of Megatron indexed-dataset prefixes."""
+
+    tokenizer: Optional[str] = None  # a tokenizer directory (vpmoe tokenizer train/get)
+    blend: List[List[object]] = field(default_factory=list)  # [[weight, prefix], ...]
+    split: str = "98,1,1"  # train,valid,test
+    seq_length: int = 1024
+    mock: bool = False  # random tokens instead of shards (smoke tests only)
+    cache_dir: Optional[str] = None  # megatron-core index cache; default {run.dir}/data_cache
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        if self.seq_length <= 0:
+            raise ConfigError("must be > 0", key="data.seq_length")
+        for i, entry in enumerate(self.blend):
+            if (
+                not isinstance(entry, (list, tuple))
+                or len(entry) != 2
+                or isinstance(entry[0], bool)
+                or not isinstance(entry[0], (int, float))
+                or not isinstance(entry[1], str)
+            ):
+                raise ConfigError(
+                    f"each entry must be [weight, prefix], got {entry!r}", key=f"data.blend[{i}]"
+                )
+            if entry[0] < 0:
+                raise ConfigError("weight must be >= 0", key=f"data.blend[{i}]")
+        try:
+            parts = [float(p) for p in self.split.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+            raise ConfigError(f"must be 'train,valid,test' weights, got {self.split!r}", key="data.split")
+        if not self.blend and not self.mock:
+            raise ConfigError("give data.blend (shard prefixes) or set data.mock: true", key="data.blend")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms_and_biases: bool = False
+    decay_embeddings: bool = False
+    embedding_lr_mult: float = 1.0
+    clip_grad: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 0
+    wsd_decay_fraction: float = 0.1  # WSD: last fraction of the steps decays to min_lr
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval_interval: int = 0  # 0 disables validation
+    eval_iters: int = 10
+    max_nonfinite_steps: int = 5  # this many non-finite steps in a row stop the run
+
+    def validate(self) -> None:
+        for name in ("steps", "global_batch_size", "micro_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be > 0, got {getattr(self, name)}", key=f"train.{name}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})",
+                key="train.global_batch_size",
+            )
+        if self.optimizer.lr <= 0:
+            raise ConfigError("must be > 0", key="train.optimizer.lr")
+        if self.optimizer.min_lr > self.optimizer.lr:
+            raise ConfigError("must be <= train.optimizer.lr", key="train.optimizer.min_lr")
+        if self.schedule.warmup_steps < 0 or self.schedule.warmup_steps > self.steps:
+            raise ConfigError("must be between 0 and train.steps", key="train.schedule.warmup_steps")
+        if not 0.0 <= self.schedule.wsd_decay_fraction <= 1.0:
+            raise ConfigError("must be between 0 and 1", key="train.schedule.wsd_decay_fraction")
+
+    def check_batch_layout(self, data_parallel: int) -> int:
+        """Gradient-accumulation steps for ``data_parallel`` replicas."""
+        per_step = self.micro_batch_size * data_parallel
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"global_batch_size ({self.global_batch_size}) is not divisible by "
+                f"micro_batch_size x data-parallel size ({per_step})",
+                key="train.global_batch_size",
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # default {run.dir}/checkpoints
+    interval: int = 0  # steps between saves; 0 = only at the end / on preemption
+    keep_last: int = 3
+    async_save: bool = False
+    load: Optional[str] = "auto"  # "auto" = latest under dir if any; a path; null = never
+    load_optimizer: bool = True
+
+
+@dataclass
+class LogConfig:
+    interval: int = 1
+    progress_bar: bool = True
+    tensorboard: bool = False
+    wandb_project: Optional[str] = None
+
+
+@dataclass
+class ScorerConfig:
+    """One string-level teacher scorer of on-policy distillation and its weight."""
+
+    kind: Literal["loglik", "rank", "critique", "verify"] = "loglik"
+    weight: float = 1.0
+
+
+@dataclass
+class OnPolicyConfig:
+    prompts: List[str] = field(default_factory=list)
+    samples_per_prompt: int = 4
+    prompts_per_step: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    clip_eps: float = 0.2
+    kl_coeff: float = 0.05
+    nll_anchor_coeff: float = 0.0
+    reference: Optional[str] = None  # frozen reference checkpoint (the phase-1 student)
+    scorers: List[ScorerConfig] = field(default_factory=lambda: [ScorerConfig()])
+    sample_table_interval: int = 10
+    teacher_timeout_s: float = 60.0
+    teacher_retries: int = 3
+
+
+@dataclass
+class DistillConfig:
+    teacher_url: Optional[str] = None
+    reasoning_loss_weight: float = 1.0  # span-normalised NLL on the reasoning channel
+    final_loss_weight: float = 1.0  # span-normalised NLL on the final channel
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+
+
+@dataclass
+class VpmoeConfig:
+    """A whole run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.parallel.validate(self.model)
+        self.data.validate()
+        self.train.validate()
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.run.dir}/checkpoints"

@@ -1,0 +1,1 @@
+"""Preprocessing corpora into Megatron indexed datasets."""

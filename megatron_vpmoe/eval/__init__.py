@@ -1,0 +1,1 @@
+"""Evaluation harness and the tokenizer experiment runner."""

@@ -1,0 +1,1 @@
+"""Launchers: SLURM sbatch scripts, torchrun, mpirun."""

@@ -1,0 +1,1 @@
+"""The VPMoE model: layers, layer spec, parameter accounting, generation."""

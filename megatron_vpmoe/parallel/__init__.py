@@ -1,0 +1,1 @@
+"""Parallelism applied to the plain model from outside: TP, EP, PP, DP."""

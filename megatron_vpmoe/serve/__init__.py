@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server for checkpoints and Hugging Face causal LMs."""

@@ -1,0 +1,1 @@
+"""Tokenizer toolkit: Length-MAX, BPE/Unigram, pruned teacher, o200k Harmony."""

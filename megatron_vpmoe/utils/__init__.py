@@ -1,0 +1,1 @@
+"""Small shared helpers: errors and exit codes, atomic writes, common CLI flags."""

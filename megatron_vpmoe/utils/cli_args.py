@@ -1,0 +1,19 @@
+"""Flags shared by every subcommand that takes a run config (``--config``, ``--set``)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_config_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--config", "-c", required=required, metavar="YAML",
+                        help="run config (see examples/configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.steps=100 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace):
+    """Load and validate the config named by ``--config`` with ``--set`` overrides."""
+    from megatron_vpmoe.config import load_config
+
+    return load_config(args.config, args.overrides)

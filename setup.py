@@ -1,0 +1,44 @@
+"""Install megatron_vpmoe and the `vpmoe` command.
+
+On CPU hosts install ``torch==2.13.0`` first (``make install`` does): an unpinned torch
+pulls a multi-GB CUDA build. GPU clusters bring their own CUDA torch and add ``[gpu]``.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_vpmoe",
+    version="0.1.0",
+    description="Megatron-style pretraining and distillation stack for VPMoE, a deep sparse MoE LM",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_vpmoe", "megatron_vpmoe.*", "kernels", "kernels.*"]),
+    package_data={"megatron_vpmoe": ["convert/hf_template/*.py", "**/*.yaml", "**/*.j2"]},
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16.1,<0.17",
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "sentencepiece>=0.2",
+        "tiktoken>=0.8",
+        "openai-harmony>=0.0.4",
+        "transformers>=4.46",
+        "tqdm>=4.66",
+        "rich>=13",
+        "zstandard>=0.22",
+        "pyarrow>=15",
+        "aiohttp>=3.9",
+        "matplotlib>=3.8",
+        "tensorboard>=2.15",
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=3.1"],
+        "gpu": ["triton>=3.0", "transformer-engine[pytorch]>=1.10"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.0", "mpi4py>=3.1"],
+        "wandb": ["wandb"],
+    },
+    entry_points={"console_scripts": ["vpmoe=megatron_vpmoe.cli:main"]},
+)

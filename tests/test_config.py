@@ -1,0 +1,190 @@
+"""Config schema, validation errors, overrides, the CLI, and parameter accounting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_vpmoe.config import config_from_dict, load_config, save_resolved_config
+from megatron_vpmoe.model.params import count_parameters
+from megatron_vpmoe.utils.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+
+
+def write(tmp_path: Path, values: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def base() -> dict:
+    return yaml.safe_load((CONFIGS / "tiny-cpu.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu", "small", "vpmoe-6b"])
+def test_example_configs_load(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.model.num_layers > 0
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    values = base()
+    values["model"]["num_atention_heads"] = 4
+    path = write(tmp_path, values)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg and "model.num_atention_heads" in msg
+    assert "did you mean 'num_attention_heads'" in msg
+
+
+def test_unknown_section(tmp_path):
+    values = base()
+    values["optimiser"] = {"lr": 1}
+    with pytest.raises(ConfigError, match=r"optimiser: unknown key"):
+        load_config(write(tmp_path, values))
+
+
+@pytest.mark.parametrize(
+    "section,key,value,expect",
+    [
+        ("model", "hidden_size", "big", "model.hidden_size: expected an integer"),
+        ("model", "qk_layernorm", 1, "model.qk_layernorm: expected true/false"),
+        ("train", "steps", 1.5, "train.steps: expected an integer"),
+        ("model", "activation", "relu", "model.activation: must be one of"),
+    ],
+)
+def test_wrong_type(tmp_path, section, key, value, expect):
+    values = base()
+    values[section][key] = value
+    with pytest.raises(ConfigError, match=expect):
+        load_config(write(tmp_path, values))
+
+
+def test_heads_not_divisible_by_tensor_parallel(tmp_path):
+    values = base()
+    values["parallel"]["tensor"] = 3
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, values))
+    assert "parallel.tensor" in str(err.value)
+    assert "num_attention_heads (4) is not divisible by the tensor-parallel size (3)" in str(err.value)
+
+
+def test_experts_not_divisible_by_expert_parallel(tmp_path):
+    values = base()
+    values["parallel"]["expert"] = 3
+    with pytest.raises(ConfigError, match=r"parallel.expert: model.num_moe_experts \(8\) is not divisible"):
+        load_config(write(tmp_path, values))
+
+
+def test_other_impossible_combinations():
+    values = base()
+    values["model"]["num_query_groups"] = 3
+    with pytest.raises(ConfigError, match="model.num_query_groups"):
+        config_from_dict(values)
+    values = base()
+    values["train"]["global_batch_size"] = 10
+    values["train"]["micro_batch_size"] = 4
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        config_from_dict(values)
+    values = base()
+    values["model"]["moe_router_topk"] = 6  # 1 group of 4 experts reachable
+    with pytest.raises(ConfigError, match="model.moe_router_topk"):
+        config_from_dict(values)
+    values = base()
+    values["data"]["blend"] = [["heavy", "prefix"]]
+    with pytest.raises(ConfigError, match=r"data.blend\[0\]"):
+        config_from_dict(values)
+
+
+def test_world_size_layout():
+    cfg = config_from_dict({**base(), "parallel": {"tensor": 2, "pipeline": 1, "expert": 2}})
+    assert cfg.parallel.resolve_data(4) == 2
+    with pytest.raises(ConfigError, match="world size 3"):
+        cfg.parallel.resolve_data(3)
+    assert cfg.train.check_batch_layout(2) == 2  # 16 / (4 x 2)
+
+
+def test_overrides(tmp_path):
+    path = write(tmp_path, base())
+    cfg = load_config(path, ["train.steps=7", "train.schedule.warmup_steps=2", "train.optimizer.lr=1e-2", "model.local_global_pattern=[1, 1]",
+                             "run.dir=" + str(tmp_path / "r")])
+    assert cfg.train.steps == 7 and cfg.train.optimizer.lr == 0.01
+    assert cfg.model.local_global_pattern == [1, 1]
+    with pytest.raises(ConfigError, match="--set:train.optimizer.lrr: unknown key"):
+        load_config(path, ["train.optimizer.lrr=1"])
+    with pytest.raises(ConfigError, match="expects section.key=value"):
+        load_config(path, ["train.steps"])
+    saved = save_resolved_config(cfg)
+    assert load_config(saved).train.steps == 7
+
+
+def test_layer_schedule():
+    cfg = config_from_dict(base()).model
+    assert [cfg.is_global_layer(i) for i in range(8)] == [False, False, False, True] * 2
+    assert [cfg.is_moe_layer(i) for i in range(4)] == [False, True, True, True]
+
+
+def test_vpmoe_6b_parameter_count_matches_hand_count():
+    """Hand count of the design in the issue, written out independently of params.py."""
+    V, H, L, heads, groups, d = 201_088, 1024, 80, 8, 2, 128
+    E, k, fe, fs, f_dense = 256, 4, 128, 512, 4096
+    embed_head = 2 * V * H
+    attn = H * heads * d + 2 * H * groups * d + heads * d * H  # q, k, v, o
+    attn += 2 * d + heads  # qk-norm weights, softmax offsets
+    norms = 2 * H
+    expert = 2 * H * fe
+    moe_layer = attn + norms + H * E + E * expert + 2 * H * fs
+    dense_layer = attn + norms + 2 * H * f_dense
+    total = embed_head + dense_layer + (L - 1) * moe_layer + (L - 1) + H  # + lambdas + final norm
+    active = total - (L - 1) * (E - k) * expert
+    counts = count_parameters(load_config(CONFIGS / "vpmoe-6b.yaml").model)
+    assert abs(counts.total - total) / total < 0.005
+    assert abs(counts.active - active) / active < 0.005
+    assert counts.embedding_head == embed_head == 411_828_224
+    assert 5.9e9 < counts.total < 6.2e9
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "megatron_vpmoe.cli", *args],
+                          capture_output=True, text=True)
+
+
+def test_cli_help_for_every_subcommand():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for cmd in ["config", "tokenizer", "preprocess", "train", "distill", "launch", "convert", "eval", "serve"]:
+        assert cmd in out.stdout
+        sub = run_cli(cmd, "--help")
+        assert sub.returncode == 0, (cmd, sub.stderr)
+        assert "usage: vpmoe " + cmd in sub.stdout
+
+
+def test_cli_usage_error_is_one_line_exit_2():
+    out = run_cli("no-such-command")
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_config_show_prints_counts():
+    out = run_cli("config", "show", str(CONFIGS / "vpmoe-6b.yaml"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    total = [l for l in lines if l.startswith("total params: ")]
+    assert total and int(total[0].split(": ")[1]) == count_parameters(
+        load_config(CONFIGS / "vpmoe-6b.yaml").model).total
+    assert any(l.startswith("active params per token: ") for l in lines)
+    assert any(l.startswith("embedding+head params: 411828224") for l in lines)
+
+
+def test_cli_config_error_exit_2(tmp_path):
+    values = base()
+    values["parallel"]["expert"] = 3
+    out = run_cli("config", "validate", str(write(tmp_path, values)))
+    assert out.returncode == 2
+    assert "parallel.expert" in out.stderr and len(out.stderr.strip().splitlines()) == 1
