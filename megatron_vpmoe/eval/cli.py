@@ -1,16 +1,76 @@
-"""``vpmoe eval``: evaluate a checkpoint (bits per byte, GSM8K, multiple choice, long context). (Placeholder until issue 10 lands.)"""
+"""``vpmoe eval`` (evaluate a checkpoint or HF directory) and ``vpmoe experiment tokenizers``."""
 
 from __future__ import annotations
 
 import argparse
 
-from megatron_vpmoe.utils.errors import VpmoeError
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="evaluate a checkpoint (bits per byte, GSM8K, multiple choice, long context)", description="evaluate a checkpoint (bits per byte, GSM8K, multiple choice, long context).")
-    parser.set_defaults(func=_run)
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint (bits per byte, GSM8K, multiple choice, long context)",
+        description="Evaluate a native checkpoint or a Hugging Face model directory. Tasks: bpb, gsm8k, "
+                    "mmlu_stem, lambada, piqa, copa, openbookqa, commonsenseqa, winogrande, wsc, "
+                    "long_context; groups mc and all. Writes results.json, results.md and PNG plots.",
+    )
+    parser.add_argument("model", metavar="CKPT_OR_HF", help="native checkpoint dir or Hugging Face model dir")
+    parser.add_argument("--tasks", default="bpb,mc", help="comma-separated tasks (default: bpb,mc)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="items per task (default: all)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="output dir (default: CKPT_OR_HF/eval)")
+    parser.add_argument("--eval-dir", default=None, metavar="DIR", help="eval data (default: ../shared/data/eval)")
+    parser.add_argument("--bpb-text", default=None, metavar="PATH",
+                        help="text for bpb: .txt, dir of .txt, or .jsonl with 'text' (default: LAMBADA passages)")
+    parser.add_argument("--long-text", default=None, metavar="PATH", help="text for long_context (default: LAMBADA)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="training context for long_context (read to 4x; default: the model's)")
+    parser.add_argument("--shots", type=int, default=5, help="GSM8K few-shot examples (default 5)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="GSM8K generation length")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=None, help="longest input (default: the model's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.set_defaults(func=_run_eval)
+
+    exp = subparsers.add_parser("experiment", help="end-to-end experiments (tokenizer comparison)",
+                                description="End-to-end experiments.")
+    exp_sub = exp.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    exp_sub.required = True
+    tok = exp_sub.add_parser("tokenizers", help="train, evaluate and compare tokenizer variants",
+                             description="Per tokenizer variant: train or load it, preprocess the same "
+                                         "documents, train the same budget, evaluate; one report. Resumable.")
+    tok.add_argument("--config", "-c", required=True, metavar="YAML", help="experiment config "
+                     "(examples/experiments/tokenizers.yaml)")
+    tok.add_argument("--out", default=None, metavar="DIR", help="output dir (default: the config's out)")
+    tok.set_defaults(func=_run_experiment)
 
 
-def _run(args: argparse.Namespace) -> int:
-    raise VpmoeError("'vpmoe eval' is not implemented yet (issue 10)")
+def _run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from megatron_vpmoe.eval.backends import open_backend
+    from megatron_vpmoe.eval.harness import EvalOptions, run_eval
+    from megatron_vpmoe.eval.report import markdown_table, write_results
+    from megatron_vpmoe.eval.tasks import DEFAULT_EVAL_DIR, resolve_tasks
+    from megatron_vpmoe.utils.errors import UsageError
+
+    tasks = resolve_tasks(args.tasks)
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be >= 1")
+    backend = open_backend(args.model, batch_size=args.batch_size, max_length=args.max_length, device=args.device)
+    options = EvalOptions(
+        tasks=tasks, limit=args.limit, eval_dir=Path(args.eval_dir) if args.eval_dir else DEFAULT_EVAL_DIR,
+        bpb_text=Path(args.bpb_text) if args.bpb_text else None,
+        long_text=Path(args.long_text) if args.long_text else None, context=args.context,
+        gsm8k_shots=args.shots, max_new_tokens=args.max_new_tokens,
+    )
+    results = run_eval(backend, options, model_name=args.model)
+    out = Path(args.out) if args.out else Path(args.model) / "eval"
+    written = write_results(results, out)
+    print(markdown_table(results))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from megatron_vpmoe.eval.experiment import run_tokenizer_experiment
+
+    run_tokenizer_experiment(args.config, out=args.out)
+    return 0
