@@ -1,16 +1,45 @@
-"""``vpmoe serve``: serve a checkpoint behind an OpenAI-compatible HTTP API. (Placeholder until issue 6 lands.)"""
+"""``vpmoe serve CKPT_OR_HF_DIR --port P``: a model behind an OpenAI-compatible HTTP API."""
 
 from __future__ import annotations
 
 import argparse
 
-from megatron_vpmoe.utils.errors import VpmoeError
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible HTTP API", description="serve a checkpoint behind an OpenAI-compatible HTTP API.")
+    parser = subparsers.add_parser(
+        "serve", help="serve a checkpoint behind an OpenAI-compatible HTTP API",
+        description="Serve a VPMoE checkpoint or a Hugging Face causal-LM directory with "
+                    "/v1/models, /v1/completions (logprobs, echo) and /v1/chat/completions "
+                    "(Harmony or the tokenizer's chat template). Concurrent requests are batched.",
+        epilog="example: vpmoe serve runs/teacher/hf --port 8000 "
+               "&& curl localhost:8000/v1/completions -d '{\"prompt\": \"Hi\", \"max_tokens\": 8}'")
+    parser.add_argument("model", metavar="CKPT_OR_HF_DIR",
+                        help="a Hugging Face model directory (config.json) or a vpmoe checkpoint")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None, help="model id (default: the directory name)")
+    parser.add_argument("--batch-window-ms", type=float, default=5.0,
+                        help="how long to gather concurrent requests into one batch")
+    parser.add_argument("--max-batch", type=int, default=32, help="most sequences per forward call")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    raise VpmoeError("'vpmoe serve' is not implemented yet (issue 6)")
+    from aiohttp import web
+
+    from megatron_vpmoe.serve.app import OpenAIServer
+    from megatron_vpmoe.serve.backends import load_backend, set_threads
+    from megatron_vpmoe.utils.errors import UsageError
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_batch < 1:
+        raise UsageError("--max-batch must be >= 1")
+    set_threads(args.threads)
+    backend = load_backend(args.model, args.served_model_name)
+    server = OpenAIServer(backend, window_ms=args.batch_window_ms, max_batch=args.max_batch)
+    print(f"vpmoe serve: {backend.model_id} ({'Harmony' if backend.is_harmony else 'plain'} chat) "
+          f"on http://{args.host}:{args.port}/v1", flush=True)
+    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
+    return 0
