@@ -1,1 +1,3 @@
-"""The VPMoE model: layers, layer spec, parameter accounting, generation."""
+"""The VPMoE model: layers, MoE, the model module, parameter accounting, generation."""
+
+from megatron_vpmoe.model.vpmoe import VpmoeModel  # noqa: F401

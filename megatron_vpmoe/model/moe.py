@@ -1,0 +1,207 @@
+"""The MoE layer: fp32 router with aux-loss-free expert bias, grouped-GEMM experts, dispatch.
+
+Routing (``kernels.ops.route``) and dropless dispatch (``kernels.ops.permute/unpermute``)
+come from the kernels package. Routed experts run as one grouped GEMM
+(``torch.nn.functional.grouped_mm``) over tokens sorted by expert; where that op is missing
+a padded batched matmul is used instead, never a Python loop over experts (the loop exists
+only as :meth:`GroupedExperts.forward_loop`, the benchmark's peer).
+
+Where tokens go to be computed is a *dispatcher*: :class:`LocalDispatcher` runs every expert
+in this process; ``megatron_vpmoe.parallel.expert`` supplies an all-to-all one for expert
+parallelism. Both share the same router and expert modules.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import ops
+from megatron_vpmoe.config.schema import ModelConfig
+from megatron_vpmoe.model.layers import MLP, LinearSpec, activation_fn
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm needs it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """``x [N, in]`` sorted by expert, ``weight [E, in, out]`` -> ``[N, out]`` (row i uses its expert)."""
+    if _HAS_GROUPED_MM and x.dtype in (torch.float32, torch.bfloat16):
+        offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+        return _ContiguousGrad.apply(F.grouped_mm(x.contiguous(), weight, offs=offs))
+    return _padded_bmm(x, weight, tokens_per_expert)
+
+
+def _padded_bmm(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Batched fallback: scatter rows into ``[E, max_tokens, in]``, one ``bmm``, gather back."""
+    e = weight.shape[0]
+    counts = tokens_per_expert.to(torch.long)
+    max_tokens = int(counts.max()) if counts.numel() else 0
+    expert_of_row = torch.repeat_interleave(torch.arange(e, device=x.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]
+    padded = x.new_zeros(e, max(max_tokens, 1), x.shape[1])
+    padded = padded.index_put((expert_of_row, slot), x)
+    out = torch.bmm(padded, weight)
+    return out[expert_of_row, slot]
+
+
+class Router(nn.Module):
+    """fp32 router: ``weight [E, H]`` (parameter) and ``expert_bias [E]`` (buffer, selection only).
+
+    Counts tokens routed to each expert (``tokens_per_expert``, a non-persistent buffer) until
+    :meth:`update_expert_bias` consumes them.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        e = cfg.num_moe_experts
+        self.weight = nn.Parameter(torch.empty(e, cfg.hidden_size, dtype=torch.float32))
+        self.register_buffer("expert_bias", torch.zeros(e, dtype=torch.float32))
+        self.register_buffer("tokens_per_expert", torch.zeros(e, dtype=torch.float32), persistent=False)
+
+    def forward(self, tokens: torch.Tensor):
+        cfg = self.cfg
+        logits = F.linear(tokens.float(), self.weight.float())
+        bias = self.expert_bias if cfg.moe_router_enable_expert_bias else None
+        weights, indices, scores = ops.route(
+            logits, bias, cfg.moe_router_topk, cfg.moe_router_num_groups,
+            cfg.moe_router_group_topk, cfg.moe_router_topk_scaling_factor,
+            cfg.moe_router_score_function)
+        with torch.no_grad():
+            self.tokens_per_expert += torch.bincount(
+                indices.reshape(-1), minlength=cfg.num_moe_experts).float()
+        return weights, indices, scores
+
+    @torch.no_grad()
+    def update_expert_bias(self, load: Optional[torch.Tensor] = None) -> None:
+        """``bias += rate * sign(mean(load) - load)``; resets the counters."""
+        load = self.tokens_per_expert if load is None else load.to(self.expert_bias.device).float()
+        if self.cfg.moe_router_enable_expert_bias:
+            self.expert_bias += self.cfg.moe_router_bias_update_rate * torch.sign(load.mean() - load)
+        self.tokens_per_expert.zero_()
+
+
+class GroupedExperts(nn.Module):
+    """``num_local_experts`` routed experts stored as stacked weights for grouped GEMM.
+
+    ``fc1_weight [E, H, up]`` (``up`` = 2F for swiglu, F otherwise), ``fc2_weight [E, F, H]``,
+    optional ``fc1_bias [E, up]``, ``fc2_bias [E, H]``. Note the ``[in, out]`` orientation
+    (``x @ W``), the transpose of ``nn.Linear``.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_local_experts: int):
+        super().__init__()
+        f, h = cfg.moe_ffn_hidden_size, cfg.hidden_size
+        up = 2 * f if cfg.activation == "swiglu" else f
+        self.num_local_experts = num_local_experts
+        self.fc1_weight = nn.Parameter(torch.empty(num_local_experts, h, up))
+        self.fc2_weight = nn.Parameter(torch.empty(num_local_experts, f, h))
+        self.params_with_bias = cfg.add_bias_linear
+        if cfg.add_bias_linear:
+            self.fc1_bias = nn.Parameter(torch.zeros(num_local_experts, up))
+            self.fc2_bias = nn.Parameter(torch.zeros(num_local_experts, h))
+        for p in self.parameters():
+            p.expert_parallel = True
+        self.act = activation_fn(cfg.activation)
+
+    def _bias_rows(self, bias: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return bias.repeat_interleave(tokens_per_expert.to(torch.long), dim=0)
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """``x [N, H]`` sorted by local expert, ``tokens_per_expert [E_local]`` -> ``[N, H]``."""
+        hidden = grouped_matmul(x, self.fc1_weight.to(x.dtype), tokens_per_expert)
+        if self.params_with_bias:
+            hidden = hidden + self._bias_rows(self.fc1_bias, tokens_per_expert).to(x.dtype)
+        out = grouped_matmul(self.act(hidden), self.fc2_weight.to(x.dtype), tokens_per_expert)
+        if self.params_with_bias:
+            out = out + self._bias_rows(self.fc2_bias, tokens_per_expert).to(x.dtype)
+        return out
+
+    def forward_loop(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Same result with a Python loop over experts (benchmark peer and test reference)."""
+        outs, start = [], 0
+        for e, n in enumerate(tokens_per_expert.tolist()):
+            rows = x[start:start + int(n)]
+            start += int(n)
+            hidden = rows @ self.fc1_weight[e]
+            if self.params_with_bias:
+                hidden = hidden + self.fc1_bias[e]
+            out = self.act(hidden) @ self.fc2_weight[e]
+            if self.params_with_bias:
+                out = out + self.fc2_bias[e]
+            outs.append(out)
+        return torch.cat(outs, dim=0)
+
+
+class LocalDispatcher:
+    """Dropless dispatch to experts held in this process: permute, grouped GEMM, unpermute."""
+
+    def __call__(self, tokens, weights, indices, experts: GroupedExperts, num_experts: int):
+        permuted, sort_order, tokens_per_expert = ops.permute(tokens, indices, num_experts)
+        expert_out = experts(permuted, tokens_per_expert)
+        return ops.unpermute(expert_out, sort_order, weights, tokens.shape[0])
+
+
+def sequence_aux_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, cfg: ModelConfig) -> torch.Tensor:
+    """Sequence-level balance loss (DeepSeek-V3): mean over sequences of ``sum_i f_i * P_i``.
+
+    ``f_i = E / (K * S) * #tokens of the sequence choosing i``; ``P_i`` = mean over the
+    sequence of the normalised scores. Not multiplied by the coefficient.
+    """
+    e, k = cfg.num_moe_experts, cfg.moe_router_topk
+    t = scores.shape[0]
+    s = t // batch
+    probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)
+    probs = probs.view(batch, s, e).mean(1)  # [B, E]
+    chosen = torch.zeros(t, e, device=scores.device).scatter_(1, indices, 1.0).view(batch, s, e)
+    frac = chosen.sum(1) * (e / (k * s))  # [B, E]
+    return (frac.detach() * probs).sum(-1).mean()
+
+
+class MoELayer(nn.Module):
+    """Router + routed experts (via a dispatcher) + always-on shared expert(s)."""
+
+    def __init__(self, cfg: ModelConfig, spec: LinearSpec, num_local_experts: Optional[int] = None,
+                 dispatcher=None):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg, num_local_experts or cfg.num_moe_experts)
+        if cfg.moe_shared_expert_intermediate_size > 0 and cfg.moe_num_shared_experts > 0:
+            self.shared_experts = nn.ModuleList(
+                [MLP(cfg, cfg.moe_shared_expert_intermediate_size, spec)
+                 for _ in range(cfg.moe_num_shared_experts)])
+        else:
+            self.shared_experts = None
+        self.dispatcher = dispatcher or LocalDispatcher()
+        self.last_aux_loss: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        tokens = x.reshape(b * s, h)
+        weights, indices, scores = self.router(tokens)
+        if self.cfg.moe_aux_loss_coeff > 0 and self.training:
+            self.last_aux_loss = sequence_aux_loss(scores, indices, b, self.cfg)
+        else:
+            self.last_aux_loss = None
+        out = self.dispatcher(tokens, weights, indices, self.experts, self.cfg.num_moe_experts)
+        if self.shared_experts is not None:
+            for shared in self.shared_experts:
+                out = out + shared(tokens)
+        return out.view(b, s, h)

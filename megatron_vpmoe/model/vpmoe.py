@@ -1,0 +1,188 @@
+"""The VPMoE decoder-only language model as one plain ``nn.Module``.
+
+``VpmoeModel(cfg)`` is the whole model in one process. The same class builds a pipeline
+stage (``layer_numbers`` a contiguous slice, ``pre_process``/``post_process`` for the
+embedding and the head), a tensor-parallel shard (a tensor-parallel :class:`LinearSpec`) and
+an expert-parallel shard (``num_local_experts`` plus an all-to-all dispatcher): the
+parallel package passes those in, this module never imports it. State-dict keys are the
+same in every layout (layers are keyed by their global number); see docs/model_api.md.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import ops
+from megatron_vpmoe.config.schema import ModelConfig
+from megatron_vpmoe.model.layers import MLP, KVCache, LinearSpec, RMSNorm, SelfAttention, local_linear_spec
+from megatron_vpmoe.model.moe import MoELayer
+from megatron_vpmoe.utils.errors import ConfigError
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))`` (dense MLP or MoE)."""
+
+    def __init__(self, cfg: ModelConfig, layer_number: int, spec: LinearSpec,
+                 num_local_experts: Optional[int] = None, dispatcher=None):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_number = layer_number
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg)
+        self.self_attention = SelfAttention(cfg, layer_number, spec)
+        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg)
+        self.is_moe = cfg.is_moe_layer(layer_number)
+        if self.is_moe:
+            self.mlp = MoELayer(cfg, spec, num_local_experts, dispatcher)
+        else:
+            self.mlp = MLP(cfg, cfg.ffn_hidden_size, spec)
+
+    def forward(self, x, positions, v_first, cache: Optional[KVCache] = None):
+        p = self.cfg.hidden_dropout if self.training else 0.0
+        attn, values = self.self_attention(self.input_layernorm(x), positions, v_first, cache)
+        x = x + F.dropout(attn, p)
+        x = x + F.dropout(self.mlp(self.pre_mlp_layernorm(x)), p)
+        return x, values
+
+
+class VpmoeModel(nn.Module):
+    """VPMoE language model. See docs/model_api.md for the interface other packages use.
+
+    ``forward(input_ids [B, S], position_ids=None, labels=None)`` returns fp32 logits
+    ``[B, S, V]`` without labels, else the per-token loss ``[B, S]`` (``labels[b, t]`` is the
+    target at position ``t``; ``-100`` is ignored) computed without full logits.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        spec: Optional[LinearSpec] = None,
+        *,
+        layer_numbers: Optional[Sequence[int]] = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        num_local_experts: Optional[int] = None,
+        dispatcher=None,
+    ):
+        super().__init__()
+        cfg.validate()
+        if cfg.attention_dropout > 0:
+            raise ConfigError("attention dropout is not supported by kernels.ops.attention",
+                              key="model.attention_dropout")
+        self.cfg = cfg
+        spec = spec or local_linear_spec()
+        self.layer_numbers = list(range(cfg.num_layers) if layer_numbers is None else layer_numbers)
+        self.pre_process, self.post_process = pre_process, post_process
+        if pre_process:
+            self.embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({
+            str(i): TransformerLayer(cfg, i, spec, num_local_experts, dispatcher)
+            for i in self.layer_numbers})
+        if post_process:
+            self.final_layernorm = RMSNorm(cfg.hidden_size, cfg)
+            if cfg.untie_embeddings_and_output_weights:
+                self.output_layer = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            elif not pre_process:
+                raise ConfigError("tied embeddings need the embedding and the head on one stage",
+                                  key="model.untie_embeddings_and_output_weights")
+        self.reset_parameters()
+
+    # -- initialisation -------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Deterministic under ``torch.manual_seed``: matrices ~ N(0, init_method_std), norms 1,
+        biases and sinks 0, value-residual lambdas 0.5."""
+        std = self.cfg.init_method_std
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "value_lambda":
+                p.fill_(0.5)
+            elif leaf == "sinks" or "bias" in leaf:
+                p.zero_()
+            elif p.dim() >= 2:
+                p.normal_(0.0, std)
+            else:  # norm weights
+                p.fill_(1.0)
+
+    # -- the three pieces of a forward (pipeline stages run a subset) --------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(input_ids)
+
+    def run_layers(self, hidden, positions, v_first=None, cache: Optional[KVCache] = None):
+        """Run this module's layers; returns ``(hidden, v_first)`` (layer 0's values)."""
+        for key in self.layers:
+            hidden, values = self.layers[key](hidden, positions, v_first, cache)
+            if int(key) == 0:
+                v_first = values
+        return hidden, v_first
+
+    def head_weight(self) -> torch.Tensor:
+        if self.cfg.untie_embeddings_and_output_weights:
+            return self.output_layer.weight
+        return self.embedding.weight
+
+    def head(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        hidden = self.final_layernorm(hidden)
+        weight = self.head_weight()
+        if labels is None:
+            return F.linear(hidden.float(), weight.float())
+        b, s, h = hidden.shape
+        losses = ops.linear_cross_entropy(hidden.reshape(b * s, h), weight, labels.reshape(b * s))
+        return losses.view(b, s)
+
+    @staticmethod
+    def default_positions(input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        b, s = input_ids.shape
+        return torch.arange(offset, offset + s, device=input_ids.device).unsqueeze(0).expand(b, s)
+
+    def forward(self, input_ids, position_ids=None, labels=None, cache: Optional[KVCache] = None):
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("a pipeline stage runs embed/run_layers/head, not forward()")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        positions = self.default_positions(input_ids) if position_ids is None else position_ids
+        hidden, _ = self.run_layers(self.embed(input_ids), positions, None, cache)
+        return self.head(hidden, labels)
+
+    # -- MoE bookkeeping --------------------------------------------------------------------
+    def moe_layers(self) -> list:
+        return [layer.mlp for layer in self.layers.values() if layer.is_moe]
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sequence-level aux loss of the last forward, times ``moe_aux_loss_coeff`` (0 if off)."""
+        total = torch.zeros((), device=next(self.parameters()).device)
+        for moe in self.moe_layers():
+            if moe.last_aux_loss is not None:
+                total = total + moe.last_aux_loss
+        return total * self.cfg.moe_aux_loss_coeff
+
+    def expert_load(self) -> torch.Tensor:
+        """Tokens routed per expert since the last bias update, ``[num_moe_layers, num_experts]``."""
+        layers = self.moe_layers()
+        if not layers:
+            return torch.zeros(0, self.cfg.num_moe_experts)
+        return torch.stack([m.router.tokens_per_expert.clone() for m in layers])
+
+    def update_expert_bias(self, load: Optional[torch.Tensor] = None) -> None:
+        """Aux-loss-free balancing step for every MoE layer; ``load`` as from :meth:`expert_load`
+        (all-reduced over data parallel ranks), default this process's counters."""
+        for i, moe in enumerate(self.moe_layers()):
+            moe.router.update_expert_bias(None if load is None else load[i])
+
+    def balance_metric(self, load: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """Per-layer ``max/mean`` load (1.0 = perfectly balanced) and the worst layer's value."""
+        load = self.expert_load() if load is None else load
+        out: Dict[str, float] = {}
+        if load.numel() == 0:
+            return out
+        numbers = [layer.layer_number for layer in self.layers.values() if layer.is_moe]
+        ratios = load.max(1).values / load.mean(1).clamp_min(1e-9)
+        for number, ratio, row in zip(numbers, ratios.tolist(), load):
+            out[f"layer{number}/max_over_mean"] = ratio
+            out[f"layer{number}/min_over_mean"] = float(row.min() / row.mean().clamp_min(1e-9))
+        out["max_over_mean"] = float(ratios.max())
+        out["mean_max_over_mean"] = float(ratios.mean())
+        return out
