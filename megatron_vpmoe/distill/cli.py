@@ -1,16 +1,81 @@
-"""``vpmoe distill``: teacher-generated corpora and on-policy distillation. (Placeholder until issue 6 lands.)"""
+"""``vpmoe distill``: teacher-generated corpora (generate, build-corpus), a toy teacher, on-policy."""
 
 from __future__ import annotations
 
 import argparse
 
-from megatron_vpmoe.utils.errors import VpmoeError
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("distill", help="teacher-generated corpora and on-policy distillation", description="teacher-generated corpora and on-policy distillation.")
-    parser.set_defaults(func=_run)
+    parser = subparsers.add_parser(
+        "distill", help="teacher-generated corpora and on-policy distillation",
+        description="Distillation from a served teacher: generate samples, assemble the "
+                    "phase-1 training corpus, build a toy teacher for CPU runs.")
+    sub = parser.add_subparsers(dest="distill_command", metavar="ACTION", parser_class=type(parser))
+    sub.required = True
+
+    gen = sub.add_parser(
+        "generate", help="sample teacher completions for prompt files into jsonl shards",
+        description="Send prompts to an OpenAI-compatible teacher and write accepted/rejected "
+                    "samples as jsonl shards. Re-running the same command resumes.",
+        epilog="example: vpmoe distill generate --teacher http://127.0.0.1:8000 "
+               "--prompts ../shared/data/kd/gsm8k_train.jsonl --limit 100 --samples 2 --out runs/kd/gen")
+    gen.add_argument("--teacher", required=True, metavar="URL", help="teacher base URL (…/v1 optional)")
+    gen.add_argument("--prompts", nargs="+", required=True, metavar="FILE",
+                     help="jsonl with 'messages', 'prompt' or 'question' (+ 'answer') per line")
+    gen.add_argument("--out", required=True, metavar="DIR")
+    gen.add_argument("--model", default=None, help="teacher model id (default: the server's first)")
+    gen.add_argument("--samples", "-n", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-tokens", type=int, default=1024, help="teacher tokens per sample")
+    gen.add_argument("--seed", type=int, default=None, help="per-sample seeds derived from this")
+    gen.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    gen.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    gen.add_argument("--retries", type=int, default=4, help="retries per request (exponential backoff)")
+    gen.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    gen.add_argument("--limit", type=int, default=None, help="first N prompts of each file")
+    gen.add_argument("--min-chars", type=int, default=1, help="reject shorter samples")
+    gen.add_argument("--max-chars", type=int, default=None, help="reject longer samples")
+    gen.add_argument("--keep-truncated", action="store_true", help="keep samples cut by --max-tokens")
+    gen.add_argument("--no-answer-check", action="store_true",
+                     help="keep samples whose answer differs from the prompt's reference")
+    gen.add_argument("--no-dedupe", action="store_true", help="keep identical samples")
+    gen.add_argument("--shard-size", type=int, default=256, help="records per output shard")
+    gen.add_argument("--no-progress", action="store_true")
+    gen.set_defaults(func=_generate)
+
+    toy = sub.add_parser(
+        "toy-teacher", help="train a tiny Harmony teacher (HF format) on GSM8K for CPU runs",
+        description="Train a tiny GPT-2 with its own BPE on Harmony-rendered GSM8K solutions; "
+                    "serve the result with 'vpmoe serve'.")
+    toy.add_argument("--gsm8k", default="../shared/data/kd/gsm8k_train.jsonl", metavar="FILE")
+    toy.add_argument("--out", required=True, metavar="DIR")
+    toy.add_argument("--examples", type=int, default=4)
+    toy.add_argument("--steps", type=int, default=80)
+    toy.add_argument("--overwrite", action="store_true")
+    toy.set_defaults(func=_toy_teacher)
 
 
-def _run(args: argparse.Namespace) -> int:
-    raise VpmoeError("'vpmoe distill' is not implemented yet (issue 6)")
+def _generate(args: argparse.Namespace) -> int:
+    from megatron_vpmoe.distill.generate import GenerateOptions, format_summary, run_generate
+
+    opts = GenerateOptions(
+        teacher_url=args.teacher, prompt_files=args.prompts, out_dir=args.out, model=args.model,
+        samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+        max_tokens=args.max_tokens, seed=args.seed, endpoint=args.endpoint,
+        concurrency=args.concurrency, retries=args.retries, timeout_s=args.timeout,
+        limit=args.limit, min_chars=args.min_chars, max_chars=args.max_chars,
+        keep_truncated=args.keep_truncated, check_answers=not args.no_answer_check,
+        dedupe=not args.no_dedupe, shard_size=args.shard_size, progress=not args.no_progress)
+    summary = run_generate(opts)
+    print(format_summary(summary, args.out))
+    return 0
+
+
+def _toy_teacher(args: argparse.Namespace) -> int:
+    from megatron_vpmoe.distill.toy_teacher import build_toy_teacher
+
+    path = build_toy_teacher(args.gsm8k, args.out, examples=args.examples, steps=args.steps,
+                             overwrite=args.overwrite)
+    print(f"toy teacher written to {path}; serve it with: vpmoe serve {path} --port 8000")
+    return 0
