@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -29,7 +29,6 @@ class BatchStats:
     rows: int = 0
     max_rows: int = 0
     busy_s: float = 0.0
-    sizes: list = field(default_factory=list)
 
 
 class BatchQueue:
@@ -74,7 +73,7 @@ class BatchQueue:
             groups: dict = defaultdict(list)
             for p in taken:
                 if not p.future.cancelled():
-                    groups[(id(p.fn), p.key)].append(p)
+                    groups[p.key].append(p)  # one key, one kind of call: run with the first fn
             for members in groups.values():
                 for chunk in _chunks(members, self.max_batch):
                     await self._run(loop, chunk)

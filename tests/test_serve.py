@@ -1,0 +1,174 @@
+"""`vpmoe serve`: the OpenAI-compatible API on a toy Harmony teacher (in-process aiohttp server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_vpmoe.serve.chat_format import parse_harmony_completion, render_harmony_prompt
+
+
+def toy_teacher_dir(tmp_path_factory, shared_data: Path) -> Path:
+    """Build the toy Harmony teacher once per test session (also used by test_distill*)."""
+    from megatron_vpmoe.distill.toy_teacher import build_toy_teacher
+
+    path = tmp_path_factory.getbasetemp() / "toy_teacher"
+    if not (path / "config.json").is_file():
+        torch.set_num_threads(1)
+        build_toy_teacher(str(shared_data / "kd" / "gsm8k_train.jsonl"), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory, shared_data):
+    from megatron_vpmoe.serve.backends import HFBackend
+
+    return HFBackend(str(toy_teacher_dir(tmp_path_factory, shared_data)), model_id="toy")
+
+
+def _with_server(backend, body, **server_kwargs):
+    """Run ``body(client)`` against an in-process server; returns (body's result, server)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from megatron_vpmoe.serve.app import OpenAIServer
+
+    server = OpenAIServer(backend, **server_kwargs)
+
+    async def main():
+        async with TestClient(TestServer(server.app())) as client:
+            return await body(client)
+
+    return asyncio.run(main()), server
+
+
+async def _post(client, path, payload):
+    resp = await client.post(path, json=payload)
+    return resp.status, await resp.json()
+
+
+def test_harmony_render_and_parse_round_trip():
+    prompt = render_harmony_prompt([{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "2+2?"}])
+    assert prompt.startswith("<|start|>system<|message|>") and prompt.endswith("<|start|>assistant")
+    assert "Be brief." in prompt and "<|start|>user<|message|>2+2?<|end|>" in prompt
+    split = parse_harmony_completion(
+        "<|channel|>analysis<|message|>two and two<|end|><|start|>assistant<|channel|>final"
+        "<|message|>4<|return|>")
+    assert (split.reasoning, split.final, split.parsed) == ("two and two", "4", True)
+    raw = parse_harmony_completion("no channels here")
+    assert raw.parsed is False and raw.final == "no channels here" and raw.reasoning is None
+
+
+def test_models_completions_echo_and_errors(backend):
+    prompt = "Natalia sold clips to 48 of her friends"
+
+    async def body(client):
+        models = await (await client.get("/v1/models")).json()
+        scored = await _post(client, "/v1/completions",
+                             {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1})
+        ids = backend.encode(prompt)
+        by_ids = await _post(client, "/v1/completions",
+                             {"prompt": ids, "max_tokens": 6, "temperature": 0, "logprobs": 1, "n": 2})
+        seeded = [await _post(client, "/v1/completions",
+                              {"prompt": prompt, "max_tokens": 8, "seed": 7, "temperature": 1.0})
+                  for _ in range(2)]
+        stopped = await _post(client, "/v1/completions",
+                              {"prompt": prompt, "max_tokens": 12, "temperature": 0, "stop": [" "]})
+        bad = [await _post(client, "/v1/completions", p) for p in
+               ({"prompt": prompt, "max_tokens": -1}, {"prompt": []}, {"prompt": "x", "top_p": 2},
+                {"prompt": "x", "n": "two"})]
+        not_json = await client.post("/v1/completions", data=b"{oops")
+        return models, scored, by_ids, seeded, stopped, bad, not_json.status
+
+    (models, scored, by_ids, seeded, stopped, bad, not_json), _ = _with_server(backend, body)
+    assert models["data"][0]["id"] == "toy"
+
+    status, data = scored
+    assert status == 200
+    lp = data["choices"][0]["logprobs"]
+    ids = backend.encode(prompt)
+    assert data["choices"][0]["text"] == prompt and data["usage"]["completion_tokens"] == 0
+    assert "".join(lp["tokens"]) == prompt and len(lp["token_logprobs"]) == len(ids)
+    assert lp["token_logprobs"][0] is None and lp["text_offset"][0] == 0
+    with torch.no_grad():  # echo log-probs equal a direct forward of the model
+        logits = backend.model(torch.tensor([ids])).logits[0].float()
+    expect = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(lp["token_logprobs"][1:]), expect, atol=1e-4)
+
+    status, data = by_ids
+    assert status == 200 and len(data["choices"]) == 2
+    greedy = data["choices"][0]
+    assert greedy["text"] == data["choices"][1]["text"]  # temperature 0: identical samples
+    # the greedy text continues the prompt with the model's argmax tokens
+    seq = list(ids)
+    for _ in range(len(greedy["logprobs"]["tokens"])):
+        with torch.no_grad():
+            seq.append(int(backend.model(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert backend.decode(seq[len(ids):]) == greedy["text"]
+    assert data["usage"]["prompt_tokens"] == len(ids)
+
+    assert seeded[0][1]["choices"][0]["text"] == seeded[1][1]["choices"][0]["text"]
+    status, data = stopped
+    assert status == 200 and " " not in data["choices"][0]["text"]
+    assert data["choices"][0]["finish_reason"] == "stop"
+    for status, err in bad:
+        assert status == 400 and err["error"]["message"]
+    assert not_json == 400
+
+
+def test_chat_completions_harmony_channels(backend, shared_data):
+    rec = json.loads((shared_data / "kd" / "gsm8k_train.jsonl").open().readline())
+
+    async def body(client):
+        return await _post(client, "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": rec["question"]}], "max_tokens": 200,
+            "temperature": 0})
+
+    (status, data), _ = _with_server(backend, body)
+    assert status == 200
+    msg = data["choices"][0]["message"]
+    # the toy teacher memorised this problem: reasoning in analysis, the number in final
+    assert msg["role"] == "assistant" and "72" in msg["content"]
+    assert msg["reasoning_content"] and "48/2" in msg["reasoning_content"]
+    assert "<|" not in msg["content"] and data["choices"][0]["finish_reason"] == "stop"
+    bad_role = _with_server(backend, lambda c: _post(c, "/v1/chat/completions", {
+        "messages": [{"role": "wizard", "content": "hi"}]}))[0]
+    assert bad_role[0] == 400 and "wizard" in bad_role[1]["error"]["message"]
+
+
+def test_concurrent_requests_are_batched_with_unchanged_results(backend):
+    prompts = ["Weng earns", "Betty is saving", "Julie is reading", "James writes",
+               "Mark has a garden", "Albert is wondering"]
+
+    async def sequential(client):
+        return [(await _post(client, "/v1/completions",
+                             {"prompt": p, "max_tokens": 8, "temperature": 0}))[1] for p in prompts]
+
+    async def concurrent(client):
+        return await asyncio.gather(*(_post(client, "/v1/completions",
+                                            {"prompt": p, "max_tokens": 8, "temperature": 0})
+                                      for p in prompts))
+
+    one_by_one, s1 = _with_server(backend, sequential, window_ms=1.0)
+    together, s2 = _with_server(backend, concurrent, window_ms=50.0)
+    assert s1.queue.stats.calls == len(prompts)
+    assert s2.queue.stats.calls < len(prompts) and s2.queue.stats.max_rows > 1
+    for a, (status, b) in zip(one_by_one, together):
+        assert status == 200
+        assert a["choices"][0]["text"] == b["choices"][0]["text"]  # left padding changes nothing
+
+
+def test_load_backend_errors(tmp_path):
+    from megatron_vpmoe.serve.backends import load_backend
+    from megatron_vpmoe.utils.errors import InputError
+
+    with pytest.raises(InputError, match="no such"):
+        load_backend(str(tmp_path / "missing"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{}")
+    with pytest.raises(InputError, match="not a loadable"):
+        load_backend(str(tmp_path / "bad"))
