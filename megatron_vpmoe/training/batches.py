@@ -1,0 +1,68 @@
+"""Deterministic global batches: which samples each rank reads at each step, and collation.
+
+Step ``s`` reads the global sample indices ``[s*G, (s+1)*G)`` (``G`` = global batch size,
+wrapping around a dataset shorter than that); data-parallel rank ``r`` of ``D`` takes the
+``r``-th contiguous ``G/D`` of them and splits it into micro-batches. The position in the data
+is therefore just ``consumed_samples = step * G``, which the checkpoint stores, and it stays
+valid when a run resumes with a different number of data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+class GlobalBatchSampler:
+    def __init__(self, num_samples: int, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int = 0, dp_size: int = 1):
+        if num_samples <= 0:
+            raise ValueError("the dataset is empty")
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(f"global batch {global_batch_size} is not divisible by "
+                             f"micro batch {micro_batch_size} x data-parallel {dp_size}")
+        self.num_samples = num_samples
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def consumed_samples(self, step: int) -> int:
+        return step * self.global_batch_size
+
+    def micro_batches(self, step: int) -> List[List[int]]:
+        """This rank's sample indices at ``step``, one list per micro-batch."""
+        per_rank = self.global_batch_size // self.dp_size
+        start = step * self.global_batch_size + self.dp_rank * per_rank
+        idx = [(start + i) % self.num_samples for i in range(per_rank)]
+        m = self.micro_batch_size
+        return [idx[i:i + m] for i in range(0, per_rank, m)]
+
+
+def collate(samples: Sequence[Dict[str, torch.Tensor]], device=None) -> Dict[str, torch.Tensor]:
+    """Stack dataset items (dicts of tensors, numpy arrays accepted) into a micro-batch."""
+    out = {}
+    for key in BATCH_KEYS:
+        if key not in samples[0]:
+            continue
+        out[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
+        if device is not None:
+            out[key] = out[key].to(device, non_blocking=True)
+    for key in ("tokens", "labels"):
+        if key not in out:
+            raise KeyError(f"dataset items need '{key}' (have {sorted(samples[0])})")
+    out["tokens"] = out["tokens"].long()
+    out["labels"] = out["labels"].long()
+    if "loss_mask" not in out:
+        out["loss_mask"] = torch.ones_like(out["labels"], dtype=torch.float32)
+    return out
+
+
+def load_micro_batches(dataset, indices: List[List[int]], device=None) -> List[Dict[str, torch.Tensor]]:
+    return [collate([dataset[i] for i in chunk], device) for chunk in indices]

@@ -1,0 +1,149 @@
+"""Run logging on rank 0: metrics.jsonl, TensorBoard, W&B, the progress bar, MFU and memory.
+
+``{run.dir}/metrics.jsonl`` has one JSON object per optimizer step (``kind: "train"``) and per
+validation (``kind: "valid"``). On resume, records after the resumed step are dropped first so
+the file always describes one consistent run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from megatron_vpmoe.utils.atomic import atomic_write_text
+
+# Dense bf16 peak FLOP/s per GPU (no sparsity), for the MFU estimate.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+PEAK_FLOPS_ENV = "VPMOE_PEAK_FLOPS"
+
+
+def flops_per_token(model_cfg, seq_length: int) -> float:
+    """Training FLOPs per token: ``6 * active params`` plus attention scores and values.
+
+    Attention adds ``6 * d_attn * S_eff`` per layer (forward 2 matmuls x 2 FLOPs x causal half,
+    backward twice the forward), with ``S_eff = min(S, window)`` on sliding-window layers.
+    """
+    from megatron_vpmoe.model.params import count_parameters
+
+    active = count_parameters(model_cfg).active
+    d_attn = model_cfg.num_attention_heads * model_cfg.kv_channels
+    attn = 0.0
+    for layer in range(model_cfg.num_layers):
+        span = seq_length if model_cfg.is_global_layer(layer) else min(seq_length, model_cfg.window_size)
+        attn += 6.0 * d_attn * span
+    return 6.0 * active + attn
+
+
+def peak_flops_per_device() -> Optional[float]:
+    """Peak FLOP/s of one device: ``$VPMOE_PEAK_FLOPS`` if set, a known GPU, else None (CPU)."""
+    if os.environ.get(PEAK_FLOPS_ENV):
+        return float(os.environ[PEAK_FLOPS_ENV])
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def memory_stats() -> Dict[str, float]:
+    out = {"cpu_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if torch.cuda.is_available():
+        out["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["gpu_max_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
+    return out
+
+
+def router_bias_stats(model: torch.nn.Module) -> Dict[str, list]:
+    """Per-MoE-layer min/max/std of the router's expert-bias buffers."""
+    stats = {"router_bias_min": [], "router_bias_max": [], "router_bias_std": []}
+    for name, buf in model.named_buffers():
+        if name.endswith("expert_bias"):
+            b = buf.detach().float()
+            stats["router_bias_min"].append(float(b.min()))
+            stats["router_bias_max"].append(float(b.max()))
+            stats["router_bias_std"].append(float(b.std()) if b.numel() > 1 else 0.0)
+    return stats if stats["router_bias_min"] else {}
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsLogger:
+    """Writes metrics on rank 0 only; every method is a no-op on other ranks."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool, tensorboard: bool = False,
+                 wandb_project: Optional[str] = None, run_name: Optional[str] = None,
+                 resume_step: int = 0, config: Optional[dict] = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                from megatron_vpmoe.utils.errors import ConfigError
+
+                raise ConfigError("W&B logging needs `pip install wandb`", key="log.wandb_project") from None
+            self._wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow")
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
+    def log(self, record: Dict[str, Any], *, scalars: bool = True) -> None:
+        if not self.enabled:
+            return
+        record = _clean(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if not scalars:
+            return
+        step, kind = record["step"], record.get("kind", "train")
+        flat = {f"{kind}/{k}": v for k, v in record.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        if self._tb is not None:
+            for key, value in flat.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(flat, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,444 @@
+"""The pretraining loop: builds model, optimizer, data and checkpoints from a config and runs it.
+
+One optimizer step = one global batch: the rank's micro-batches are run with gradient
+accumulation (DDP gradient sync only on the last one), gradients are clipped, a non-finite
+loss or gradient norm skips the update, the learning rate follows the schedule, and the MoE
+routers' expert biases are updated from the data-parallel all-reduced expert load. Checkpoints
+(``checkpoint.py``) capture everything the next step depends on, so a resumed run reproduces
+an uninterrupted one bit for bit.
+
+Test hook: ``VPMOE_TEST_NAN_STEPS="3,7"`` multiplies the loss of those 1-based steps by NaN
+(documented in docs/training.md); it exercises the non-finite guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_vpmoe.training import batches as batching
+from megatron_vpmoe.training.checkpoint import CheckpointManager, latest_checkpoint, resolve_checkpoint
+from megatron_vpmoe.training.distributed import RankInfo, barrier, init_distributed
+from megatron_vpmoe.training.loss import (
+    LossWeights,
+    Objective,
+    bits_per_byte,
+    counted_bytes,
+    role_counts,
+    role_nll_sums,
+    roles_from_loss_mask,
+    ROLE_NAMES,
+)
+from megatron_vpmoe.training.metrics import (
+    MetricsLogger,
+    flops_per_token,
+    memory_stats,
+    peak_flops_per_device,
+    router_bias_stats,
+)
+from megatron_vpmoe.training.optimizer import build_optimizer, clip_gradients, set_learning_rate
+from megatron_vpmoe.training.preemption import (
+    PreemptionHandler,
+    clear_requeue_marker,
+    write_requeue_marker,
+)
+from megatron_vpmoe.training.schedule import learning_rate
+from megatron_vpmoe.utils.errors import EXIT_OK, EXIT_REQUEUE, VpmoeError
+
+NAN_HOOK_ENV = "VPMOE_TEST_NAN_STEPS"
+
+
+class NonFiniteError(VpmoeError):
+    """Too many non-finite steps in a row."""
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _default_model_factory(model_cfg) -> nn.Module:
+    from megatron_vpmoe.model import VpmoeModel
+
+    return VpmoeModel(model_cfg)
+
+
+def _nan_hook_steps() -> set:
+    spec = os.environ.get(NAN_HOOK_ENV, "")
+    return {int(s) for s in spec.split(",") if s.strip()}
+
+
+class Trainer:
+    """``Trainer(cfg).run()`` trains per ``cfg`` and returns the process exit code.
+
+    ``model_factory(model_cfg) -> nn.Module`` and ``datasets = (train, valid)`` replace the
+    defaults (``VpmoeModel`` and the data package's ``build_datasets``); ``tokenizer`` provides
+    bytes per token for bits per byte.
+    """
+
+    def __init__(self, cfg, *, model_factory: Optional[Callable] = None,
+                 datasets: Optional[Sequence] = None, tokenizer=None, quiet: bool = False):
+        self.cfg = cfg
+        self.info: RankInfo = init_distributed()
+        self.rank, self.world_size = self.info.rank, self.info.world_size
+        self.is_main = self.rank == 0
+        self.quiet = quiet
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.dp_size = cfg.parallel.resolve_data(self.world_size)
+        if cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.expert > 1:
+            raise VpmoeError("tensor/pipeline/expert parallelism needs the parallel engine "
+                             "(megatron_vpmoe.parallel), which this trainer does not drive yet; "
+                             "use parallel.tensor=pipeline=expert=1 (data parallel)")
+        self.dp_rank = self.rank
+        self.accum = cfg.train.check_batch_layout(self.dp_size)
+        self._setup_precision()
+
+        torch.manual_seed(cfg.run.seed)
+        self.raw_model = (model_factory or _default_model_factory)(cfg.model).to(self.device)
+        self.model = self.raw_model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = build_optimizer(self.raw_model, cfg.train.optimizer)
+        self.weights = LossWeights.from_config(cfg.distill)
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
+                                             async_save=cfg.checkpoint.async_save)
+        self.tokenizer = tokenizer
+        self._datasets = datasets
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.loaded_from: Optional[str] = None
+
+    # ---- setup ---------------------------------------------------------------------------
+    def _setup_precision(self) -> None:
+        p = self.cfg.train.precision
+        use_bf16 = p == "bf16" or (p == "auto" and torch.cuda.is_available())
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _load_tokenizer(self):
+        if self.tokenizer is None and self.cfg.data.tokenizer:
+            from megatron_vpmoe.tokenizers import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+        return self.tokenizer
+
+    def _num_samples(self) -> tuple:
+        t = self.cfg.train
+        train = t.steps * t.global_batch_size
+        evals = (t.steps // t.eval_interval + 1) if t.eval_interval else 0
+        valid = max(1, t.eval_iters * t.global_batch_size) if evals else 1
+        return train, valid, max(1, t.eval_iters * t.global_batch_size)
+
+    def _build_datasets(self):
+        if self._datasets is not None:
+            return self._datasets
+        from megatron_vpmoe.data.dataset import build_datasets
+
+        tok = self._load_tokenizer()
+        eod = getattr(tok, "eod_id", 0) if tok is not None else 0
+        pad = getattr(tok, "pad_id", eod) if tok is not None else 0
+        cache = self.cfg.data.cache_dir or os.path.join(self.cfg.run.dir, "data_cache")
+        result = None
+        for turn in (0, 1):  # rank 0 builds the index cache first, the others then read it
+            if (turn == 0) == self.is_main:
+                result = build_datasets(self.cfg.data, seed=self.cfg.run.seed,
+                                        num_samples=self._num_samples(), eod_id=eod, pad_id=pad,
+                                        cache_dir=cache)
+            barrier()
+        train, valid, _test = result
+        return train, valid
+
+    def _byte_lengths(self) -> Optional[torch.Tensor]:
+        tok = self._load_tokenizer()
+        if tok is None:
+            return None
+        from megatron_vpmoe.training.loss import token_byte_lengths
+
+        return token_byte_lengths(tok, self.cfg.model.vocab_size)
+
+    def _maybe_resume(self) -> None:
+        ck = self.cfg.checkpoint
+        if ck.load is None:
+            return
+        if ck.load == "auto":
+            path = latest_checkpoint(self.cfg.checkpoint_dir)
+            if path is None:
+                return
+        else:
+            path = resolve_checkpoint(ck.load)
+        state = self.checkpoints.load(path, self.raw_model, self.optimizer, load_optimizer=ck.load_optimizer,
+                                      restore_rng_state=ck.load_optimizer)
+        self.loaded_from = state["path"]
+        if ck.load_optimizer:  # a full resume; weights only starts a fresh run from them
+            self.step = int(state["step"])
+            self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+            if state.get("global_batch_size") not in (None, self.cfg.train.global_batch_size):
+                raise VpmoeError(f"{path}: saved with train.global_batch_size="
+                                 f"{state['global_batch_size']}; resuming with a different global "
+                                 f"batch size would replay or skip data")
+
+    def _trainer_state(self) -> Dict:
+        p = self.cfg.parallel
+        return {
+            "step": self.step,
+            "consumed_samples": self.step * self.cfg.train.global_batch_size,
+            "global_batch_size": self.cfg.train.global_batch_size,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "world_size": self.world_size,
+            "layout": {"data": self.dp_size, "tensor": p.tensor, "pipeline": p.pipeline, "expert": p.expert},
+            "schedule": {"kind": self.cfg.train.schedule.kind, "lr": learning_rate(max(0, self.step - 1), self.cfg.train)},
+        }
+
+    def save_checkpoint(self) -> str:
+        from megatron_vpmoe.config import dump_config
+
+        path = self.checkpoints.save(self.step, self.model, self.optimizer, self._trainer_state(),
+                                     config_text=dump_config(self.cfg))
+        return str(path)
+
+    # ---- one step ------------------------------------------------------------------------
+    def _forward_losses(self, micro: Dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._autocast():
+            per_token = self.model(micro["tokens"], position_ids=micro.get("position_ids"),
+                                   labels=micro["labels"])
+        return per_token.float()
+
+    def _aux_loss(self):
+        fn = getattr(self.raw_model, "aux_loss", None)
+        return fn() if fn is not None else None
+
+    def train_step(self, micro_batches: List[Dict[str, torch.Tensor]], inject_nan: bool = False) -> Dict:
+        roles = [roles_from_loss_mask(mb["loss_mask"]) for mb in micro_batches]
+        counts = _all_reduce_sum(sum(role_counts(r) for r in roles).to(self.device))
+        objective = Objective(counts, self.weights, grad_scale=float(self.dp_size),
+                              aux_scale=1.0 / len(micro_batches))
+        # [L_nll, aux sum, nll per role (4), bytes]
+        stats = torch.zeros(7, dtype=torch.float64, device=self.device)
+        last = len(micro_batches) - 1
+        for i, (mb, r) in enumerate(zip(micro_batches, roles)):
+            sync = self.model.no_sync() if (i < last and hasattr(self.model, "no_sync")) else contextlib.nullcontext()
+            with sync:
+                per_token = self._forward_losses(mb)
+                if inject_nan:
+                    per_token = per_token * float("nan")
+                aux = self._aux_loss()
+                loss, nll_part = objective(per_token, r, aux)
+                loss.backward()
+            stats[0] += nll_part.double()
+            if aux is not None:
+                stats[1] += float(aux.detach()) / len(micro_batches) / self.dp_size
+            stats[2:6] += role_nll_sums(per_token, r)
+            if self.byte_lengths is not None:
+                stats[6] += counted_bytes(mb["labels"], r, self.byte_lengths)
+        _all_reduce_sum(stats)
+        grad_norm = clip_gradients(self.raw_model.parameters(), self.cfg.train.optimizer.clip_grad)
+        lr = learning_rate(self.step, self.cfg.train)
+        loss_value = float(stats[0] + stats[1])
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        load = None
+        if finite:
+            set_learning_rate(self.optimizer, lr)
+            self.optimizer.step()
+            load = self._update_expert_bias()
+        else:
+            self._reset_expert_counters()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = float(counts[1:].sum())
+        out = {
+            "loss": loss_value, "nll": float(stats[0]), "aux_loss": float(stats[1]),
+            "lm_loss": float(stats[2:6].sum()) / max(tokens, 1.0),
+            "grad_norm": grad_norm, "lr": lr, "skipped": not finite, "loss_tokens": int(tokens),
+        }
+        for role, name in ROLE_NAMES.items():
+            if counts[role] > 0:
+                out[f"nll_{name}"] = float(stats[2 + role] / counts[role])
+        if self.byte_lengths is not None:
+            out["bits_per_byte"] = bits_per_byte(float(stats[2:6].sum()), float(stats[6]))
+        if load is not None and load.numel():
+            ratios = load.max(1).values / load.mean(1).clamp_min(1e-9)
+            out["expert_load_max_over_mean"] = [round(float(x), 4) for x in ratios]
+        return out
+
+    def _update_expert_bias(self) -> Optional[torch.Tensor]:
+        if not hasattr(self.raw_model, "expert_load"):
+            return None
+        load = self.raw_model.expert_load().to(self.device).float()
+        _all_reduce_sum(load)
+        self.raw_model.update_expert_bias(load)
+        return load.cpu()
+
+    def _reset_expert_counters(self) -> None:
+        # Eval forwards and skipped steps must not feed the routers' balancing counters.
+        for name, buf in self.raw_model.named_buffers():
+            if name.endswith("tokens_per_expert"):
+                buf.zero_()
+
+    # ---- validation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, dataset) -> Dict:
+        t = self.cfg.train
+        n = t.eval_iters * t.global_batch_size
+        sampler = batching.GlobalBatchSampler(len(dataset), n, t.micro_batch_size, self.dp_rank, self.dp_size)
+        micro = batching.load_micro_batches(dataset, sampler.micro_batches(0), self.device)
+        self.model.eval()
+        stats = torch.zeros(9, dtype=torch.float64, device=self.device)  # nll(4), count(4), bytes
+        try:
+            for mb in micro:
+                r = roles_from_loss_mask(mb["loss_mask"])
+                with self._autocast():
+                    per_token = self.raw_model(mb["tokens"], position_ids=mb.get("position_ids"),
+                                               labels=mb["labels"]).float()
+                stats[0:4] += role_nll_sums(per_token, r)
+                stats[4:8] += role_counts(r).to(self.device)
+                if self.byte_lengths is not None:
+                    stats[8] += counted_bytes(mb["labels"], r, self.byte_lengths)
+        finally:
+            self.model.train()
+            self._reset_expert_counters()
+        _all_reduce_sum(stats)
+        coef = Objective(stats[4:8], self.weights).coefficients.to(self.device)
+        out = {"loss": float((stats[0:4] * coef).sum()),
+               "lm_loss": float(stats[0:4].sum() / stats[4:8].sum().clamp(min=1))}
+        if self.byte_lengths is not None:
+            out["bits_per_byte"] = bits_per_byte(float(stats[0:4].sum()), float(stats[8]))
+        return out
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _print(self, text: str) -> None:
+        if self.is_main and not self.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(text)
+
+    def run(self, stop_at_step: Optional[int] = None) -> int:
+        """Train to ``train.steps`` (or only to ``stop_at_step``, checkpointing there: the
+        schedule still spans ``train.steps``); returns the exit code (0, or 75 when preempted)."""
+        cfg, t = self.cfg, self.cfg.train
+        end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
+        self._maybe_resume()
+        train_set, valid_set = self._build_datasets()
+        self.byte_lengths = self._byte_lengths()
+        sampler = batching.GlobalBatchSampler(len(train_set), t.global_batch_size, t.micro_batch_size,
+                                              self.dp_rank, self.dp_size)
+        if self.is_main:
+            from megatron_vpmoe.config import save_resolved_config
+
+            save_resolved_config(cfg)
+            clear_requeue_marker(cfg.run.dir)
+        logger = MetricsLogger(cfg.run.dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard,
+                               wandb_project=cfg.log.wandb_project, run_name=cfg.run.name,
+                               resume_step=self.step)
+        if self.loaded_from:
+            self._print(f"resumed from {self.loaded_from} at step {self.step}")
+        tokens_per_step = t.global_batch_size * cfg.data.seq_length
+        flops_tok = flops_per_token(cfg.model, cfg.data.seq_length)
+        peak = peak_flops_per_device()
+        nan_steps = _nan_hook_steps()
+        preemption = PreemptionHandler().install()
+        bar = None
+        if self.is_main and cfg.log.progress_bar and not self.quiet:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        self.summary = {"start_step": self.step, "first": None, "last": None, "valid": None}
+        start_time = time.perf_counter()
+        start_step = self.step
+        exit_code = EXIT_OK
+        try:
+            self.model.train()
+            while self.step < end:
+                if preemption.requested():
+                    path = self.save_checkpoint()
+                    self.checkpoints.finalize()
+                    if self.is_main:
+                        write_requeue_marker(cfg.run.dir, self.step, path)
+                    self._print(f"preempted: saved {path} at step {self.step}; exiting with {EXIT_REQUEUE} (requeue)")
+                    exit_code = EXIT_REQUEUE
+                    break
+                t0 = time.perf_counter()
+                micro = batching.load_micro_batches(train_set, sampler.micro_batches(self.step), self.device)
+                out = self.train_step(micro, inject_nan=(self.step + 1) in nan_steps)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                out.update(kind="train", step=self.step, consumed_samples=sampler.consumed_samples(self.step),
+                           step_time_s=dt, tokens_per_s=tokens_per_step / dt)
+                out["mfu"] = (flops_tok * tokens_per_step / dt / (peak * self.world_size)) if peak else None
+                out.update(memory_stats())
+                out.update(router_bias_stats(self.raw_model))
+                logger.log(out, scalars=self.step % cfg.log.interval == 0)
+                if out["skipped"]:
+                    self.nonfinite_in_a_row += 1
+                    self._print(f"step {self.step}: non-finite loss {out['loss']} or grad norm "
+                                f"{out['grad_norm']}; update skipped ({self.nonfinite_in_a_row} in a row)")
+                    if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
+                        last = latest_checkpoint(cfg.checkpoint_dir)
+                        raise NonFiniteError(
+                            f"{self.nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
+                            f"{t.max_nonfinite_steps}) at step {self.step}; stopping. Last good checkpoint: "
+                            f"{last if last else 'none'}")
+                else:
+                    self.nonfinite_in_a_row = 0
+                    self.summary["first"] = self.summary["first"] or dict(out)
+                    self.summary["last"] = dict(out)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}",
+                                    tok_s=f"{out['tokens_per_s']:.0f}")
+                elif self.step % cfg.log.interval == 0:
+                    self._print(f"step {self.step}/{t.steps} loss {out['loss']:.4f} lr {out['lr']:.2e} "
+                                f"tokens/s {out['tokens_per_s']:.0f}")
+                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                    valid = self.evaluate(valid_set)
+                    valid.update(kind="valid", step=self.step)
+                    logger.log(valid)
+                    self.summary["valid"] = valid
+                    bpb = valid.get("bits_per_byte")
+                    self._print(f"step {self.step}: validation loss {valid['loss']:.4f}"
+                                + (f" bits/byte {bpb:.4f}" if bpb is not None else ""))
+                interval = cfg.checkpoint.interval
+                if (interval and self.step % interval == 0) or self.step == end:
+                    self.save_checkpoint()
+            self.checkpoints.finalize()
+        finally:
+            preemption.uninstall()
+            if bar is not None:
+                bar.close()
+            logger.close()
+        elapsed = time.perf_counter() - start_time
+        self.summary.update(steps_run=self.step - start_step, elapsed_s=elapsed,
+                            tokens_per_s=(self.step - start_step) * tokens_per_step / max(elapsed, 1e-9))
+        self._print_summary()
+        return exit_code
+
+    def _print_summary(self) -> None:
+        s = self.summary
+        if not (self.is_main and not self.quiet):
+            return
+
+        def fmt(rec):
+            if not rec:
+                return "n/a"
+            bpb = rec.get("bits_per_byte")
+            return f"step {rec['step']} loss {rec['loss']:.4f}" + (f" bits/byte {bpb:.4f}" if bpb else "")
+
+        lines = [f"trained steps {s['start_step']}..{self.step} in {s['elapsed_s']:.1f}s "
+                 f"({s['tokens_per_s']:.0f} tokens/s)",
+                 f"  first: {fmt(s['first'])}", f"  last:  {fmt(s['last'])}"]
+        if s["valid"]:
+            lines.append(f"  valid: {fmt(s['valid'])}")
+        lines.append(f"  checkpoints: {self.cfg.checkpoint_dir}  metrics: {self.cfg.run.dir}/metrics.jsonl")
+        print("\n".join(lines), flush=True)
