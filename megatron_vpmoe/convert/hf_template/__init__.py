@@ -1,0 +1,1 @@
+"""Self-contained Hugging Face remote code for VPMoE, copied next to converted checkpoints."""

@@ -1,0 +1,172 @@
+"""Conversion to and from Hugging Face format: the converted tiny model loads with
+``trust_remote_code`` and matches the native model (logits, greedy generation, tokenizer), and
+native -> HF -> native is bit-exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_vpmoe.cli import main
+
+WINDOW = 8
+
+
+def _train_tokenizer(out, shared_data):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = (shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:50_000]
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
+
+
+def _native_model(cfg):
+    from megatron_vpmoe.model import VpmoeModel
+
+    torch.manual_seed(0)
+    model = VpmoeModel(cfg).eval()
+    with torch.no_grad():  # move the parameters that init to constants off their defaults
+        for name, p in model.named_parameters():
+            if name.endswith(("sinks", "value_lambda")) or "norm" in name:
+                p.add_(torch.empty_like(p).uniform_(-0.3, 0.3))
+        for moe in model.moe_layers():
+            moe.router.expert_bias.uniform_(-0.05, 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def native_ckpt(tmp_path_factory, shared_data, repo_root):
+    from megatron_vpmoe.config import dump_config, load_config
+    from megatron_vpmoe.convert.checkpoint_io import write_native_checkpoint
+
+    root = tmp_path_factory.mktemp("convert")
+    _train_tokenizer(root / "tokenizer", shared_data)
+    cfg = load_config(repo_root / "examples" / "configs" / "tiny-cpu.yaml", [
+        "model.vocab_size=512", f"model.window_size={WINDOW}", "model.hidden_size=64",
+        "model.ffn_hidden_size=128", "model.moe_ffn_hidden_size=32", "model.moe_shared_expert_intermediate_size=32",
+        f"data.tokenizer={root / 'tokenizer'}", "run.name=tiny-convert-test"])
+    model = _native_model(cfg.model)
+    write_native_checkpoint(root / "ckpt", model, 7, dump_config(cfg), source="test")
+    return root, cfg, model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(native_ckpt):
+    root, _, _ = native_ckpt
+    out = root / "hf"
+    # a small shard size forces several shards and an index
+    assert main(["convert", "to-hf", str(root / "ckpt"), str(out), "--max-shard-size", "0.0002"]) == 0
+    return out
+
+
+def test_to_hf_directory_layout(hf_dir):
+    names = {p.name for p in hf_dir.iterdir()}
+    for required in ("config.json", "configuration_vpmoe.py", "modeling_vpmoe.py", "model.safetensors.index.json",
+                     "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
+        assert required in names, required
+    shards = sorted(n for n in names if n.endswith(".safetensors"))
+    assert len(shards) > 1
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_vpmoe.VpmoeForCausalLM"
+    assert config["layer_types"][:4] == ["sliding_attention"] * 3 + ["full_attention"]
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    card = (hf_dir / "README.md").read_text()
+    assert "active per token" in card and "embedding + head" in card and "corpus.bpe-8k_text_document" in card
+
+
+def test_hf_model_matches_native(native_ckpt, hf_dir):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_vpmoe.model.generation import generate
+
+    _, cfg, native = native_ckpt
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "VpmoeForCausalLM"
+    torch.manual_seed(1)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 5 * WINDOW))  # well past the sliding window
+    with torch.no_grad():
+        assert (hf(ids).logits - native(ids)).abs().max().item() < 1e-4
+
+    prompts = ids[:, :6]
+    got = hf.generate(prompts, max_new_tokens=3 * WINDOW, do_sample=False, eos_token_id=None)[:, 6:]
+    want = generate(native, prompts.tolist(), 3 * WINDOW)
+    assert got.tolist() == want
+
+    # the KV cache of a local layer holds only its window; left padding does not change results
+    out = hf(prompts, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    assert cache.layers[0].is_sliding and not cache.layers[3].is_sliding
+    short = prompts[1:, 2:]
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), short], 1)
+    mask = torch.tensor([[0, 0] + [1] * short.shape[1]])
+    gen_pad = hf.generate(padded, attention_mask=mask, max_new_tokens=WINDOW + 2, do_sample=False, eos_token_id=None)
+    assert gen_pad[0, 6:].tolist() == generate(native, short.tolist(), WINDOW + 2)[0]
+
+
+def test_auto_tokenizer_matches_native(native_ckpt, hf_dir, shared_data):
+    from transformers import AutoTokenizer
+
+    from megatron_vpmoe.eval.native import load_hf_tokenizer
+
+    root, _, _ = native_ckpt
+    auto = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
+    native = load_hf_tokenizer(root / "tokenizer")
+    text = (shared_data / "eval" / "mc" / "copa.jsonl").read_text()[:3000] + " caf\u00e9 \u4e2d\u6587"
+    assert auto(text, add_special_tokens=False)["input_ids"] == native(text, add_special_tokens=False)["input_ids"]
+    assert auto.eos_token == "<|endoftext|>" and auto.chat_template
+
+
+def test_round_trip_is_bit_exact(native_ckpt, hf_dir):
+    from megatron_vpmoe.training.checkpoint import load_model_state_dict, read_trainer_state, resolve_checkpoint
+
+    root, _, model = native_ckpt
+    back = root / "back"
+    assert main(["convert", "from-hf", str(hf_dir), str(back)]) == 0
+    original = load_model_state_dict(root / "ckpt")
+    again = load_model_state_dict(back)
+    assert original.keys() == again.keys()
+    for key in original:
+        assert original[key].dtype == again[key].dtype and torch.equal(original[key], again[key]), key
+    assert read_trainer_state(resolve_checkpoint(back))["step"] == 7
+    # the converted-back checkpoint is usable on its own: evaluated natively with its tokenizer
+    from megatron_vpmoe.eval.native import NativeBackend
+
+    backend = NativeBackend(str(back))
+    assert backend.loglikelihood([("To be or not", " to be")])[0][0] < 0
+
+
+def test_bf16_export(native_ckpt, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    root, cfg, native = native_ckpt
+    out = tmp_path / "hf_bf16"
+    assert main(["convert", "to-hf", str(root / "ckpt"), str(out), "--dtype", "bf16"]) == 0
+    dtypes = {}
+    for shard in out.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as fh:
+            dtypes.update({k: fh.get_slice(k).get_dtype() for k in fh.keys()})
+    assert dtypes["embedding.weight"] == "BF16" and dtypes["layers.1.mlp.router.weight"] == "F32"
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 24))
+    with torch.no_grad():
+        assert (hf(ids).logits - native(ids)).abs().max().item() < 0.1  # bf16 weights, fp32 compute
+
+
+def test_convert_errors(tmp_path, native_ckpt, hf_dir):
+    root, _, _ = native_ckpt
+    assert main(["convert", "to-hf", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert main(["convert", "to-hf", str(root / "ckpt"), str(hf_dir)]) == 2  # exists, no --overwrite
+    bad = tmp_path / "bad_hf"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "gpt2"}')
+    assert main(["convert", "from-hf", str(bad), str(tmp_path / "ck")]) == 2
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
