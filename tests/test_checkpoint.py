@@ -1,0 +1,114 @@
+"""Checkpoints: atomic publish under kill -9, keep-last-N, async save, CPU loading for converters."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train_support import ROOT, read_metrics, run_training, tiny_config
+
+SUPPORT = Path(__file__).with_name("test_train_support.py")
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early with {proc.returncode}:\n{proc.stdout.read()}")
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("timed out")
+
+
+def test_kill_9_during_save_keeps_previous_checkpoint(tmp_path):
+    from megatron_vpmoe.training.checkpoint import latest_checkpoint, load_model_state_dict
+
+    ckpts = tmp_path / "checkpoints"
+    proc = subprocess.Popen(
+        [sys.executable, str(SUPPORT), str(tmp_path), "train.steps=12", "checkpoint.interval=5"],
+        cwd=ROOT, env=_env(VPMOE_TEST_CHECKPOINT_PAUSE="10:120"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: (ckpts / ".tmp-step_00000010" / "PAUSED").exists(), proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    # the half-written save is invisible; the pointer still names the previous checkpoint
+    assert latest_checkpoint(ckpts).name == "step_00000005"
+    assert not (ckpts / "step_00000010").exists()
+    weights = load_model_state_dict(ckpts)
+    assert "embedding.weight" in weights and torch.isfinite(weights["embedding.weight"]).all()
+
+    # a fresh run resumes from step 5, clears the stale temp dir and finishes
+    cfg = tiny_config(tmp_path, train={"steps": 12}, checkpoint={"interval": 5})
+    assert run_training(cfg) == 0
+    assert latest_checkpoint(ckpts).name == "step_00000012"
+    assert not list(ckpts.glob(".tmp-*"))
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 13))
+
+
+def test_keep_last_and_trainer_state(tmp_path):
+    from megatron_vpmoe.training.checkpoint import list_checkpoints, read_trainer_state
+
+    cfg = tiny_config(tmp_path, train={"steps": 8}, checkpoint={"interval": 2, "keep_last": 2})
+    assert run_training(cfg) == 0
+    names = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["step_00000006", "step_00000008"]
+    state = read_trainer_state(tmp_path / "checkpoints" / "step_00000008")
+    assert state["step"] == 8 and state["consumed_samples"] == 8 * 4
+    assert state["layout"]["data"] == 1
+    assert (tmp_path / "checkpoints" / "step_00000008" / "rng" / "rank_00000.pt").is_file()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+
+
+def test_async_save_matches_sync_save(tmp_path):
+    from megatron_vpmoe.training.checkpoint import load_model_state_dict
+
+    sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
+    assert run_training(tiny_config(sync_dir, train={"steps": 6}, checkpoint={"interval": 3})) == 0
+    assert run_training(tiny_config(async_dir, train={"steps": 6},
+                                    checkpoint={"interval": 3, "async_save": True})) == 0
+    for step in ("step_00000003", "step_00000006"):
+        a = load_model_state_dict(sync_dir / "checkpoints" / step)
+        b = load_model_state_dict(async_dir / "checkpoints" / step)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_checkpoint_paths_are_clear_errors(tmp_path):
+    from megatron_vpmoe.training.checkpoint import latest_checkpoint, resolve_checkpoint
+    from megatron_vpmoe.utils.errors import InputError
+
+    with pytest.raises(InputError, match="not a checkpoint"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "latest").write_text("step_00000042\n")
+    with pytest.raises(InputError, match="step_00000042"):
+        latest_checkpoint(tmp_path)
+    bad = tmp_path / "step_00000001"
+    bad.mkdir()
+    (bad / ".metadata").write_bytes(b"")
+    (bad / "trainer_state.json").write_text("{not json")
+    from megatron_vpmoe.training.checkpoint import read_trainer_state
+
+    with pytest.raises(InputError, match="trainer_state.json:1"):
+        read_trainer_state(bad)

@@ -1,0 +1,143 @@
+"""Unit tests of the training pieces: objective, bits per byte, schedules, optimizer groups,
+rank discovery for torchrun/srun/mpirun, and the global-batch sampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_vpmoe.config import TrainConfig
+from megatron_vpmoe.training import loss as L
+from megatron_vpmoe.training.batches import GlobalBatchSampler
+from megatron_vpmoe.training.distributed import discover_ranks, rendezvous_env
+from megatron_vpmoe.training.schedule import learning_rate
+
+
+def test_objective_combines_span_means_as_documented():
+    nll = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    roles = torch.tensor([[0, 1, 1, 1, 2, 3]])
+    w = L.LossWeights(text=1.0, reasoning=0.5, final=2.0)
+    obj = L.Objective(L.role_counts(roles), w)
+    loss, part = obj(nll, roles)
+    mean_r, mean_f, mean_t = (2 + 3 + 4) / 3, 5.0, 6.0
+    expected = (0.5 * mean_r + 2.0 * mean_f + 1.0 * mean_t) / (0.5 + 2.0 + 1.0)
+    assert loss.item() == pytest.approx(expected) and part.item() == pytest.approx(expected)
+    # plain text only: exactly the token mean; empty roles drop out of the weights
+    t = torch.tensor([[3, 3, 0, 3]])
+    assert L.Objective(L.role_counts(t), w)(nll[:, :4], t)[0].item() == pytest.approx((1 + 2 + 4) / 3)
+    # float masks (plain GPTDataset) mean role 3
+    assert L.roles_from_loss_mask(torch.tensor([1.0, 0.0])).tolist() == [3, 0]
+    with pytest.raises(ValueError, match="roles must be in 0..3"):
+        L.roles_from_loss_mask(torch.tensor([5], dtype=torch.uint8))
+
+
+def test_objective_is_independent_of_micro_batch_split():
+    torch.manual_seed(0)
+    nll = torch.rand(4, 8, requires_grad=True)
+    roles = torch.randint(0, 4, (4, 8))
+    w = L.LossWeights(1.0, 1.0, 3.0)
+    whole = L.Objective(L.role_counts(roles), w)(nll, roles)[0]
+    (g_whole,) = torch.autograd.grad(whole, nll)
+    obj = L.Objective(L.role_counts(roles), w)
+    split = sum(obj(nll[i:i + 1], roles[i:i + 1])[0] for i in range(4))
+    (g_split,) = torch.autograd.grad(split, nll)
+    assert split.item() == pytest.approx(whole.item())
+    assert torch.allclose(g_whole, g_split)
+
+
+def test_bits_per_byte_uses_bytes_of_predicted_tokens():
+    class Tok:
+        vocab_size = 3
+
+        def decode(self, ids):
+            return ["a", "é", "€"][ids[0]]
+
+    table = L.token_byte_lengths(Tok(), 5)
+    assert table.tolist() == [1, 2, 3, 0, 0]
+    labels, roles = torch.tensor([[0, 1, 2]]), torch.tensor([[3, 3, 0]])
+    assert L.counted_bytes(labels, roles, table).item() == 3
+    assert L.bits_per_byte(3 * math.log(2), 3) == pytest.approx(1.0)
+    assert L.bits_per_byte(1.0, 0) is None
+
+
+def _train_cfg(kind, warmup=10, steps=100):
+    t = TrainConfig(steps=steps)
+    t.optimizer.lr, t.optimizer.min_lr = 1.0, 0.1
+    t.schedule.kind, t.schedule.warmup_steps, t.schedule.wsd_decay_fraction = kind, warmup, 0.2
+    return t
+
+
+def test_schedules():
+    cos = _train_cfg("cosine")
+    assert learning_rate(0, cos) == pytest.approx(0.1)  # warmup (step+1)/warmup
+    assert learning_rate(9, cos) == pytest.approx(1.0)
+    assert learning_rate(10, cos) == pytest.approx(1.0)
+    assert learning_rate(55, cos) == pytest.approx(0.55)
+    assert learning_rate(100, cos) == pytest.approx(0.1)
+    wsd = _train_cfg("wsd")
+    assert learning_rate(50, wsd) == 1.0 and learning_rate(79, wsd) == 1.0
+    assert learning_rate(89, wsd) == pytest.approx(0.55)
+    assert learning_rate(99, wsd) == pytest.approx(0.1)
+    lrs = [learning_rate(s, wsd) for s in range(80, 100)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    const = _train_cfg("constant", warmup=0)
+    assert {learning_rate(s, const) for s in range(100)} == {1.0}
+
+
+def test_optimizer_groups_and_clipping():
+    from megatron_vpmoe.config import OptimizerConfig
+    from megatron_vpmoe.training.optimizer import build_optimizer, clip_gradients, param_groups, set_learning_rate
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 4))
+    cfg = OptimizerConfig(weight_decay=0.1, embedding_lr_mult=0.5)
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert groups["embedding"]["param_names"] == ["0.weight"] and groups["embedding"]["weight_decay"] == 0
+    assert groups["norm_bias"]["param_names"] == ["1.weight", "1.bias", "2.bias"]
+    assert groups["norm_bias"]["weight_decay"] == 0 and groups["weight"]["weight_decay"] == 0.1
+    opt = build_optimizer(model, cfg)
+    set_learning_rate(opt, 2.0)
+    assert sorted(g["lr"] for g in opt.param_groups) == [1.0, 2.0, 2.0]
+    decayed = param_groups(model, OptimizerConfig(decay_norms_and_biases=True, decay_embeddings=True))
+    assert all(g["weight_decay"] == 0.1 for g in decayed)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    norm = clip_gradients(model.parameters(), 1.0)
+    total = math.sqrt(sum(p.numel() for p in model.parameters())) * 10
+    assert norm == pytest.approx(total, rel=1e-5)
+    clipped = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
+    assert clipped == pytest.approx(1.0, rel=1e-4)
+
+
+def test_rank_discovery_for_each_launcher():
+    assert discover_ranks({}).launcher == "single"
+    r = discover_ranks({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})
+    assert (r.rank, r.world_size, r.local_rank, r.launcher) == (3, 8, 1, "torchrun")
+    r = discover_ranks({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"})
+    assert (r.rank, r.world_size, r.local_rank, r.launcher) == (5, 8, 1, "slurm")
+    r = discover_ranks({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
+                        "OMPI_COMM_WORLD_LOCAL_RANK": "0"})
+    assert (r.rank, r.world_size, r.local_rank, r.launcher) == (2, 4, 0, "mpi")
+    # torchrun's variables win when a wrapper exported them on top of SLURM's
+    r = discover_ranks({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "4"})
+    assert r.launcher == "torchrun"
+    env = rendezvous_env(discover_ranks({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}),
+                         {"SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "nodeA,nodeB"})
+    assert env["MASTER_PORT"] == "21234" and env["RANK"] == "1" and env["WORLD_SIZE"] == "2"
+    from megatron_vpmoe.utils.errors import VpmoeError
+
+    with pytest.raises(VpmoeError, match="outside world size"):
+        discover_ranks({"RANK": "4", "WORLD_SIZE": "2"})
+    with pytest.raises(VpmoeError, match="SLURM_NTASKS"):
+        discover_ranks({"SLURM_PROCID": "0", "SLURM_NTASKS": "x"})
+
+
+def test_global_batch_sampler_partitions_each_step():
+    one = GlobalBatchSampler(100, 8, 2)
+    two = [GlobalBatchSampler(100, 8, 2, r, 2) for r in range(2)]
+    for step in (0, 5, 12):  # 12 wraps around the 100 samples
+        flat1 = [i for mb in one.micro_batches(step) for i in mb]
+        flat2 = [i for s in two for mb in s.micro_batches(step) for i in mb]
+        assert flat1 == flat2 == [(step * 8 + k) % 100 for k in range(8)]
+    assert one.accumulation_steps == 4 and two[0].accumulation_steps == 2
