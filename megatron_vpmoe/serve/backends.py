@@ -94,7 +94,7 @@ class Backend:
         raise NotImplementedError
 
 
-def _truncate_at_stop(tokens, logprobs, stop_ids, max_new_tokens) -> Sampled:
+def truncate_at_stop(tokens, logprobs, stop_ids, max_new_tokens) -> Sampled:
     for i, t in enumerate(tokens):
         if t in stop_ids:
             return Sampled(list(tokens[:i]), list(logprobs[:i]), "stop")
@@ -178,7 +178,7 @@ class HFBackend(Backend):
         lp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
         results = []
         for i in range(len(prompts)):
-            results.append(_truncate_at_stop(new[i].tolist(), lp[i].tolist(),
+            results.append(truncate_at_stop(new[i].tolist(), lp[i].tolist(),
                                              set(params.stop_ids), params.max_new_tokens))
         return results
 
@@ -198,8 +198,8 @@ class HFBackend(Backend):
         return [[None] + lp[i, : len(s) - 1].tolist() for i, s in enumerate(sequences)]
 
 
-def load_backend(path: str, model_id: Optional[str] = None) -> Backend:
-    """A Hugging Face directory (has ``config.json``) or a VPMoE checkpoint."""
+def load_backend(path: str, model_id: Optional[str] = None, tokenizer: Optional[str] = None) -> Backend:
+    """A Hugging Face directory (has ``config.json``) or a VPMoE checkpoint (+ its tokenizer)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{path}: no such checkpoint or model directory")
@@ -207,7 +207,7 @@ def load_backend(path: str, model_id: Optional[str] = None) -> Backend:
         return HFBackend(str(p), model_id)
     from megatron_vpmoe.serve.vpmoe_backend import VpmoeBackend  # needs the model package
 
-    return VpmoeBackend(str(p), model_id)
+    return VpmoeBackend(str(p), model_id, tokenizer)
 
 
 def set_threads(threads: Optional[int]) -> None:

@@ -17,6 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a Hugging Face model directory (config.json) or a vpmoe checkpoint")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="tokenizer of a vpmoe checkpoint (default: data.tokenizer of its config)")
     parser.add_argument("--served-model-name", default=None, help="model id (default: the directory name)")
     parser.add_argument("--batch-window-ms", type=float, default=5.0,
                         help="how long to gather concurrent requests into one batch")
@@ -37,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_batch < 1:
         raise UsageError("--max-batch must be >= 1")
     set_threads(args.threads)
-    backend = load_backend(args.model, args.served_model_name)
+    backend = load_backend(args.model, args.served_model_name, args.tokenizer)
     server = OpenAIServer(backend, window_ms=args.batch_window_ms, max_batch=args.max_batch)
     print(f"vpmoe serve: {backend.model_id} ({'Harmony' if backend.is_harmony else 'plain'} chat) "
           f"on http://{args.host}:{args.port}/v1", flush=True)
