@@ -1,0 +1,131 @@
+"""Teacher-generation throughput against a local `vpmoe serve`: requests/s and tokens/s at
+concurrency 1, 4 and 16, with the server's micro-batching on, plus concurrency 16 with batching
+effectively off (``--max-batch 1``) as the peer in the same run.
+
+Builds the toy Harmony teacher (seconds), serves it as a subprocess on 127.0.0.1, and drives it
+with the same async client `vpmoe distill generate` uses. Writes
+``benchmarks/results/distill.json`` and ``benchmarks/results/distill.md``.
+
+    python benchmarks/distill.py [--requests 32] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(model_dir: Path, port: int, max_batch: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_vpmoe.cli", "serve", str(model_dir),
+                             "--port", str(port), "--threads", "1", "--max-batch", str(max_batch)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"server died:\n{log.read_text()}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+async def _drive(url: str, questions: list, concurrency: int, max_tokens: int) -> dict:
+    from megatron_vpmoe.distill.teacher_client import TeacherClient
+
+    sem = asyncio.Semaphore(concurrency)
+    tokens = 0
+
+    async def one(client, q):
+        nonlocal tokens
+        async with sem:
+            data = await client.chat({"messages": [{"role": "user", "content": q}],
+                                      "max_tokens": max_tokens, "temperature": 1.0})
+            tokens += data["usage"]["completion_tokens"]
+
+    async with TeacherClient(url, concurrency=concurrency, timeout_s=600) as client:
+        await one(client, questions[0])  # warm-up
+        tokens = 0
+        start = time.perf_counter()
+        await asyncio.gather(*(one(client, q) for q in questions))
+        secs = time.perf_counter() - start
+    return {"concurrency": concurrency, "requests": len(questions), "seconds": round(secs, 3),
+            "requests_per_s": round(len(questions) / secs, 3),
+            "tokens_per_s": round(tokens / secs, 1), "completion_tokens": tokens}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+    os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(SHARED / "tokenizers"))
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from megatron_vpmoe.distill.toy_teacher import build_toy_teacher
+
+    torch.set_num_threads(1)
+    gsm8k = SHARED / "data" / "kd" / "gsm8k_train.jsonl"
+    questions = [json.loads(l)["question"] for _, l in zip(range(args.requests), gsm8k.open())]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = build_toy_teacher(str(gsm8k), str(Path(tmp) / "teacher"))
+        for max_batch, levels in ((32, (1, 4, 16)), (1, (16,))):
+            port = _free_port()
+            proc = _serve(teacher, port, max_batch, Path(tmp) / "serve.log")
+            try:
+                for c in levels:
+                    r = asyncio.run(_drive(f"http://127.0.0.1:{port}", questions, c, args.max_tokens))
+                    r["server_max_batch"] = max_batch
+                    runs.append(r)
+                    print(json.dumps(r))
+            finally:
+                proc.kill()
+                proc.wait()
+    base = runs[0]["tokens_per_s"]
+    unbatched = next(r for r in runs if r["server_max_batch"] == 1)
+    batched16 = next(r for r in runs if r["server_max_batch"] == 32 and r["concurrency"] == 16)
+    result = {
+        "benchmark": "distill teacher generation via vpmoe serve (toy 2-layer GPT-2 teacher, CPU)",
+        "max_tokens": args.max_tokens, "torch_threads": 1, "runs": runs,
+        "speedup_c16_vs_c1": round(batched16["tokens_per_s"] / base, 2),
+        "speedup_c16_batched_vs_unbatched": round(batched16["tokens_per_s"] / unbatched["tokens_per_s"], 2),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "distill.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = ["# distill: teacher generation throughput", "",
+             f"Toy Harmony teacher served by `vpmoe serve` on CPU (1 torch thread), {args.requests} "
+             f"chat requests of up to {args.max_tokens} tokens, temperature 1.0.", "",
+             "| server max batch | concurrency | requests/s | tokens/s |", "|---|---|---|---|"]
+    lines += [f"| {r['server_max_batch']} | {r['concurrency']} | {r['requests_per_s']} | {r['tokens_per_s']} |"
+              for r in runs]
+    lines += ["", f"Concurrency 16 vs 1: {result['speedup_c16_vs_c1']}x tokens/s; micro-batching on vs off "
+                  f"at concurrency 16: {result['speedup_c16_batched_vs_unbatched']}x.", ""]
+    (RESULTS / "distill.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
