@@ -170,3 +170,42 @@ def test_convert_errors(tmp_path, native_ckpt, hf_dir):
     (bad / "config.json").write_text('{"model_type": "gpt2"}')
     assert main(["convert", "from-hf", str(bad), str(tmp_path / "ck")]) == 2
     assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
+
+
+def test_lm_evaluation_harness_runs_converted_model(hf_dir, shared_data, tmp_path):
+    """``lm_eval --model hf`` on a task defined from a local file scores the converted model,
+    and agrees with this project's harness on the same items."""
+    import os
+    import shutil
+    import subprocess
+
+    pytest.importorskip("lm_eval")
+    exe = shutil.which("lm_eval")
+    if exe is None:
+        pytest.skip("lm_eval command not on PATH")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "vpmoe_copa_local.yaml").write_text(
+        "task: vpmoe_copa_local\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {shared_data / 'eval' / 'mc' / 'copa.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{query}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"\n'
+        'target_delimiter: " "\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n')
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               HF_DATASETS_CACHE=str(tmp_path / "ds_cache"))
+    out = tmp_path / "lm_eval_out"
+    proc = subprocess.run(
+        [exe, "--model", "hf", "--model_args", f"pretrained={hf_dir},trust_remote_code=True,dtype=float32",
+         "--include_path", str(tasks), "--tasks", "vpmoe_copa_local", "--limit", "16", "--device", "cpu",
+         "--batch_size", "4", "--output_path", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result_files = list(out.rglob("results_*.json"))
+    assert result_files
+    acc = json.loads(result_files[0].read_text())["results"]["vpmoe_copa_local"]["acc,none"]
+
+    from megatron_vpmoe.eval.backends import open_backend
+    from megatron_vpmoe.eval.tasks import run_multiple_choice
+
+    ours = run_multiple_choice(open_backend(str(hf_dir)), shared_data / "eval" / "mc" / "copa.jsonl", 16)
+    assert ours["acc"] == pytest.approx(acc)
