@@ -209,3 +209,59 @@ def test_lm_evaluation_harness_runs_converted_model(hf_dir, shared_data, tmp_pat
 
     ours = run_multiple_choice(open_backend(str(hf_dir)), shared_data / "eval" / "mc" / "copa.jsonl", 16)
     assert ours["acc"] == pytest.approx(acc)
+
+
+def _save_sharded(rank, world_size, cfg_text, model_cfg, out):
+    """Save the fixture's weights as a TP=2 / EP=2 job would: column-parallel weights split on
+    dim 0, row-parallel on dim 1, routed experts split over the expert dim, all as DTensors."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from megatron_vpmoe.training.checkpoint import FORMAT_VERSION, checkpoint_name
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    state = {}
+    for key, tensor in _native_model(model_cfg).state_dict().items():
+        if key.endswith(("linear_qkv.weight", "linear_fc1.weight", "sinks")):
+            placement = Shard(0)  # tensor parallel, column
+        elif key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+            placement = Shard(1)  # tensor parallel, row
+        elif ".experts." in key:
+            placement = Shard(0)  # expert parallel
+        else:
+            placement = Replicate()
+        state[key] = distribute_tensor(tensor, mesh, [placement])
+    ckpt = out / checkpoint_name(7)
+    if rank == 0:
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"format": FORMAT_VERSION, "step": 7}))
+        (ckpt / "config.yaml").write_text(cfg_text)
+        (out / "latest").write_text(ckpt.name + "\n")
+    torch.distributed.barrier()
+    dcp.save({"model": state}, checkpoint_id=str(ckpt))
+    return sorted({str(t.placements[0]) for t in state.values()})
+
+
+def test_sharded_checkpoint_converts_like_unsharded(native_ckpt, hf_dir, tmp_path):
+    from safetensors import safe_open
+
+    from distributed import run_distributed
+    from megatron_vpmoe.config import dump_config
+
+    root, cfg, _ = native_ckpt
+    placements = run_distributed(_save_sharded, 2, dump_config(cfg), cfg.model, tmp_path / "tp2ep2")
+    assert placements[0] == ["R", "S(0)", "S(1)"]
+    out = tmp_path / "hf_from_sharded"
+    assert main(["convert", "to-hf", str(tmp_path / "tp2ep2"), str(out)]) == 0
+
+    def tensors(directory):
+        found = {}
+        for shard in directory.glob("*.safetensors"):
+            with safe_open(str(shard), framework="pt") as fh:
+                found.update({k: fh.get_tensor(k) for k in fh.keys()})
+        return found
+
+    a, b = tensors(hf_dir), tensors(out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
