@@ -1,0 +1,172 @@
+"""String-level teacher scorers for on-policy distillation (no token alignment needed).
+
+Each scorer takes one prompt's group - the prompt messages, its reference answer (or None) and
+the k decoded student completions - and returns k scores (None = this sample could not be
+scored: timeout after retries, malformed answer), or ``NOT_APPLICABLE`` when the scorer has
+nothing to say about the prompt (a verifiable reward without a reference).
+
+* ``loglik``   teacher log-likelihood of the completion given the prompt, per UTF-8 byte, from
+               ``/v1/completions`` with ``echo`` + ``logprobs`` and ``max_tokens: 0``;
+* ``rank``     the teacher ranks the k samples listwise; parsed robustly; score in [0, 1];
+* ``critique`` the teacher rates one sample against a rubric (``Score: N`` of 10) -> N / 10;
+* ``verify``   1 if the completion's answer equals the reference (GSM8K), else 0.
+
+:func:`combine` mixes them with weights into one score per sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Optional
+
+from megatron_vpmoe.distill.answers import answer_matches
+from megatron_vpmoe.distill.policy_loss import per_byte
+from megatron_vpmoe.distill.teacher_client import MalformedResponse, TeacherClient, TeacherUnavailable
+
+NOT_APPLICABLE = "n/a"
+
+
+def teacher_prompt_text(messages: list, template: str) -> str:
+    """The text the teacher sees before a completion it scores by log-likelihood."""
+    if template == "harmony":
+        from megatron_vpmoe.serve.chat_format import render_harmony_prompt
+
+        return render_harmony_prompt(messages) + "<|channel|>final<|message|>"
+    if template == "plain":
+        return "\n\n".join(m["content"] for m in messages) + "\n"
+    raise ValueError(f"unknown teacher prompt template {template!r} (harmony | plain)")
+
+
+def completion_logprob(data: dict, prompt_chars: int) -> float:
+    """Sum of the echoed log-probs of tokens starting at or after ``prompt_chars``."""
+    try:
+        lp = data["choices"][0]["logprobs"]
+        offsets, values = lp["text_offset"], lp["token_logprobs"]
+    except (KeyError, IndexError, TypeError) as err:
+        raise MalformedResponse(f"echo answer without logprobs ({err})") from err
+    if len(offsets) != len(values):
+        raise MalformedResponse("text_offset and token_logprobs differ in length")
+    picked = [v for o, v in zip(offsets, values) if o >= prompt_chars]
+    if not picked or any(not isinstance(v, (int, float)) for v in picked):
+        raise MalformedResponse("no log-probs for the completion tokens")
+    return float(sum(picked))
+
+
+async def _guard(coro):
+    try:
+        return await coro
+    except (MalformedResponse, TeacherUnavailable, ValueError):
+        return None
+
+
+async def score_loglik(client: TeacherClient, messages, reference, completions, *,
+                       template: str = "harmony", model: Optional[str] = None) -> list:
+    prompt = teacher_prompt_text(messages, template)
+
+    async def one(text: str):
+        if not text:
+            raise ValueError("empty completion")
+        data = await client.completions({"model": model, "prompt": prompt + text, "max_tokens": 0,
+                                         "echo": True, "logprobs": 1, "temperature": 0})
+        return per_byte(completion_logprob(data, len(prompt)), text)
+
+    return list(await asyncio.gather(*(_guard(one(c)) for c in completions)))
+
+
+_INT = re.compile(r"\d+")
+
+
+def parse_ranking(text: str, k: int) -> Optional[list]:
+    """'3 > 1 > 2', 'Ranking: [3, 1, 2]', 'Response 3, then Response 1 ...' -> 0-based order
+    of the responses found (first = best); unmentioned ones are appended last. None if no
+    valid response number appears."""
+    seen = []
+    for m in _INT.findall(text):
+        i = int(m) - 1
+        if 0 <= i < k and i not in seen:
+            seen.append(i)
+    if not seen:
+        return None
+    return seen + [i for i in range(k) if i not in seen]
+
+
+async def score_rank(client: TeacherClient, messages, reference, completions, *,
+                     model: Optional[str] = None, **_) -> list:
+    k = len(completions)
+    if k < 2:
+        return [None] * k
+    question = messages[-1]["content"]
+    listing = "\n\n".join(f"Response {i + 1}:\n{c}" for i, c in enumerate(completions))
+    ask = (f"Rank these {k} responses to the question from best to worst. Reply with the "
+           f"response numbers only, best first, like '2 > 1 > 3'.\n\nQuestion:\n{question}\n\n{listing}")
+    for _ in range(client.retries + 1):
+        data = await _guard(client.chat({"model": model, "messages": [{"role": "user", "content": ask}],
+                                         "temperature": 0, "max_tokens": 64}))
+        if data is None:
+            return [None] * k
+        order = parse_ranking(data["choices"][0]["message"].get("content") or "", k)
+        if order is not None:
+            scores = [0.0] * k
+            for pos, i in enumerate(order):
+                scores[i] = (k - 1 - pos) / (k - 1)
+            return scores
+    return [None] * k
+
+
+_SCORE = re.compile(r"score\s*[:=]?\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def parse_critique(text: str) -> Optional[float]:
+    """'... Score: 7/10' -> 0.7; the last number in 0..10 when there is no 'Score:'."""
+    found = _SCORE.findall(text)
+    candidates = found or re.findall(r"\d+(?:\.\d+)?", text)
+    for raw in reversed(candidates):
+        value = float(raw)
+        if 0 <= value <= 10:
+            return value / 10.0
+    return None
+
+
+async def score_critique(client: TeacherClient, messages, reference, completions, *,
+                         model: Optional[str] = None, **_) -> list:
+    question = messages[-1]["content"]
+
+    async def one(text: str):
+        ask = ("Critique the response to the question for correctness, clarity and completeness, "
+               "then end with 'Score: N' where N is from 0 (useless) to 10 (perfect).\n\n"
+               f"Question:\n{question}\n\nResponse:\n{text}")
+        data = await client.chat({"model": model, "messages": [{"role": "user", "content": ask}],
+                                  "temperature": 0, "max_tokens": 256})
+        score = parse_critique(data["choices"][0]["message"].get("content") or "")
+        if score is None:
+            raise MalformedResponse("critique without a score")
+        return score
+
+    return list(await asyncio.gather(*(_guard(one(c)) for c in completions)))
+
+
+async def score_verify(client, messages, reference, completions, **_) -> object:
+    if reference is None:
+        return NOT_APPLICABLE
+    return [1.0 if answer_matches(c, reference) else 0.0 for c in completions]
+
+
+SCORERS = {"loglik": score_loglik, "rank": score_rank, "critique": score_critique,
+           "verify": score_verify}
+
+
+def combine(per_scorer: list, weights: list, k: int) -> list:
+    """Weighted sum per sample over the scorers that apply; a sample any applicable scorer
+    failed on is None (dropped from its group)."""
+    out = [0.0] * k
+    applicable = [(s, w) for s, w in zip(per_scorer, weights) if s is not NOT_APPLICABLE]
+    if not applicable:
+        return [None] * k
+    for scores, w in applicable:
+        for i in range(k):
+            if out[i] is None or scores[i] is None:
+                out[i] = None
+            else:
+                out[i] += w * scores[i]
+    return out
