@@ -111,6 +111,7 @@ def write_results(results: Dict[str, object], out_dir: Path) -> List[Path]:
         written.append(out_dir / "scores.png")
     long = results["tasks"].get("long_context")  # type: ignore[union-attr]
     if long:
-        plot_long_context({str(results.get("model")): long}, out_dir / "long_context.png")
+        label = Path(str(results.get("model"))).name or str(results.get("model"))
+        plot_long_context({label: long}, out_dir / "long_context.png")
         written.append(out_dir / "long_context.png")
     return written
