@@ -1,0 +1,67 @@
+"""The trainer under each launcher's environment: torchrun, srun-style SLURM variables, mpirun."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distributed import free_port
+from test_train_support import ROOT, read_metrics
+
+SUPPORT = str(Path(__file__).with_name("test_train_support.py"))
+ARGS = ["train.steps=4", "checkpoint.interval=0"]
+
+
+def _base_env():
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMIX_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return env
+
+
+def _check(run_dir, world):
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    state = (Path(run_dir) / "checkpoints" / "step_00000004" / "trainer_state.json").read_text()
+    assert f'"world_size": {world}' in state
+    assert len(list((Path(run_dir) / "checkpoints" / "step_00000004" / "rng").iterdir())) == world
+
+
+def test_torchrun(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(free_port()), SUPPORT, str(tmp_path), *ARGS]
+    out = subprocess.run(cmd, cwd=ROOT, env=_base_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    _check(tmp_path, 2)
+
+
+def test_slurm_environment(tmp_path):
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = _base_env()
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+                   SLURM_JOB_ID="4242", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, SUPPORT, str(tmp_path), *ARGS], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+    _check(tmp_path, 2)
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs OpenMPI's mpirun")
+def test_mpirun(tmp_path):
+    env = _base_env()
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cmd = ["mpirun", "-np", "2", "--oversubscribe", "--allow-run-as-root", "-x", "MASTER_ADDR",
+           "-x", "MASTER_PORT", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
+           sys.executable, SUPPORT, str(tmp_path), *ARGS]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    _check(tmp_path, 2)
