@@ -356,6 +356,8 @@ class OnPolicyConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     clip_eps: float = 0.2
+    ppo_epochs: int = 2  # policy-gradient passes over each step's rollouts (old log-probs fixed)
+    teacher_prompt: Literal["harmony", "plain"] = "harmony"  # how the loglik scorer shows the prompt
     kl_coeff: float = 0.05
     nll_anchor_coeff: float = 0.0
     reference: Optional[str] = None  # frozen reference checkpoint (the phase-1 student)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_vpmoe.utils.cli_args import add_config_args, config_from_args
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -44,6 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--no-progress", action="store_true")
     gen.set_defaults(func=_generate)
 
+    onp = sub.add_parser(
+        "onpolicy", help="on-policy distillation: student samples, teacher scores strings, GRPO update",
+        description="GRPO-style on-policy distillation with string-level teacher scoring "
+                    "(distill.onpolicy.* in the config; teacher at distill.teacher_url).",
+        epilog="example: vpmoe distill onpolicy --config examples/configs/distill-onpolicy.yaml "
+               "--set distill.teacher_url=http://127.0.0.1:8000")
+    add_config_args(onp)
+    onp.set_defaults(func=_onpolicy)
+
     toy = sub.add_parser(
         "toy-teacher", help="train a tiny Harmony teacher (HF format) on GSM8K for CPU runs",
         description="Train a tiny GPT-2 with its own BPE on Harmony-rendered GSM8K solutions; "
@@ -78,4 +89,21 @@ def _toy_teacher(args: argparse.Namespace) -> int:
     path = build_toy_teacher(args.gsm8k, args.out, examples=args.examples, steps=args.steps,
                              overwrite=args.overwrite)
     print(f"toy teacher written to {path}; serve it with: vpmoe serve {path} --port 8000")
+    return 0
+
+
+def _onpolicy(args: argparse.Namespace) -> int:
+    from megatron_vpmoe.distill.onpolicy import OnPolicyTrainer
+
+    cfg = config_from_args(args)
+    trainer = OnPolicyTrainer(cfg)
+    start = trainer.step
+    history = trainer.run()
+    if history:
+        first, last = history[0], history[-1]
+        print(f"on-policy steps {start + 1}..{last['step']}: teacher score "
+              f"{first['teacher_score']:.4f} -> {last['teacher_score']:.4f}, KL {last['kl']:.4f}, "
+              f"{sum(h['dropped'] for h in history)} samples dropped; checkpoints in {cfg.checkpoint_dir}")
+    else:
+        print(f"nothing to do: already at step {start} of {cfg.train.steps}")
     return 0

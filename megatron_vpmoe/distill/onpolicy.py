@@ -1,0 +1,289 @@
+"""On-policy distillation (``vpmoe distill onpolicy --config X.yaml``): GRPO-style updates of the
+student from string-level teacher scores.
+
+One step: take ``prompts_per_step`` prompts; sample ``samples_per_prompt`` completions each from
+the current student (KV-cache generation, its own tokenizer); record the sampled tokens'
+log-probs under the sampling policy (old) and the frozen reference; decode to text and have the
+served teacher score the strings (:mod:`scorers`, weighted); turn each group's scores into
+group-relative advantages; then ``ppo_epochs`` passes of the clipped policy gradient + k3 KL to
+the reference (+ optional NLL anchor on the phase-1 corpus).
+
+The reference is ``distill.onpolicy.reference`` (a checkpoint, normally the phase-1 student)
+or, when unset, the student's weights at the start of the run. Checkpoints (model, optimizer,
+step, RNG) use the trainer's :class:`CheckpointManager`, so a run resumes from
+``checkpoint.dir``. Metrics go to ``{run.dir}/metrics.jsonl`` (mean teacher score, reward
+spread, KL, response length, samples/s, dropped samples) and a sample table of prompts,
+completions and scores to ``{run.dir}/samples.jsonl`` every ``sample_table_interval`` steps.
+Single process (no tensor/expert/pipeline split yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+from megatron_vpmoe.distill.policy_loss import group_advantages, policy_loss
+from megatron_vpmoe.distill.prompts import load_prompts
+from megatron_vpmoe.distill.scorers import SCORERS, combine
+from megatron_vpmoe.utils.errors import ConfigError, InputError
+
+
+def load_student_tokenizer(directory: str):
+    """The student's tokenizer as a ``transformers`` fast tokenizer."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise InputError(f"{directory}: tokenizer directory not found")
+    try:
+        from megatron_vpmoe.tokenizers import load_tokenizer  # issue 11's loader, when present
+    except ImportError:
+        load_tokenizer = None
+    if load_tokenizer is not None:
+        return load_tokenizer(str(path)).to_hf()
+    from transformers import PreTrainedTokenizerFast
+
+    if not (path / "tokenizer.json").is_file():
+        raise InputError(f"{directory}: no tokenizer.json")
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def student_prompt(messages: list, harmony: bool) -> str:
+    if harmony:
+        from megatron_vpmoe.serve.chat_format import render_harmony_prompt
+
+        return render_harmony_prompt(messages)
+    return "\n\n".join(m["content"] for m in messages) + "\n"
+
+
+def student_answer(text: str, harmony: bool) -> str:
+    """The part of a student completion the teacher judges (the final channel for Harmony)."""
+    if harmony:
+        from megatron_vpmoe.serve.chat_format import parse_harmony_completion
+
+        return parse_harmony_completion(text).final
+    return text
+
+
+async def score_groups(cfg_onpolicy, teacher_url: str, groups: list, teacher_template: str,
+                       model: Optional[str] = None) -> tuple[list, dict]:
+    """``groups``: [(messages, reference, [completion texts])] -> combined scores per group and
+    the per-scorer means (for logging)."""
+    from megatron_vpmoe.distill.teacher_client import TeacherClient
+
+    kinds = [s.kind for s in cfg_onpolicy.scorers]
+    weights = [s.weight for s in cfg_onpolicy.scorers]
+    async with TeacherClient(teacher_url, timeout_s=cfg_onpolicy.teacher_timeout_s,
+                             retries=cfg_onpolicy.teacher_retries, concurrency=16) as client:
+        async def one_group(messages, reference, texts):
+            per_scorer = await asyncio.gather(*(
+                SCORERS[k](client, messages, reference, texts, template=teacher_template, model=model)
+                for k in kinds))
+            return per_scorer, combine(list(per_scorer), weights, len(texts))
+
+        results = await asyncio.gather(*(one_group(*g) for g in groups))
+    by_kind = {}
+    for i, kind in enumerate(kinds):
+        vals = [v for per, _ in results if isinstance(per[i], list) for v in per[i] if v is not None]
+        if vals:
+            by_kind[f"score_{kind}"] = sum(vals) / len(vals)
+    return [combined for _, combined in results], by_kind
+
+
+class OnPolicyTrainer:
+    def __init__(self, cfg, *, quiet: bool = False):
+        import torch
+
+        self.cfg = cfg
+        op = cfg.distill.onpolicy
+        if not cfg.distill.teacher_url:
+            raise ConfigError("on-policy distillation needs a teacher server", key="distill.teacher_url")
+        if not op.prompts:
+            raise ConfigError("give prompt files (jsonl)", key="distill.onpolicy.prompts")
+        if not cfg.data.tokenizer:
+            raise ConfigError("the student's tokenizer directory is needed", key="data.tokenizer")
+        if op.samples_per_prompt < 2:
+            raise ConfigError("group-relative advantages need >= 2 samples",
+                              key="distill.onpolicy.samples_per_prompt")
+        for i, s in enumerate(op.scorers):
+            if s.kind not in SCORERS:
+                raise ConfigError(f"unknown scorer {s.kind!r}", key=f"distill.onpolicy.scorers[{i}].kind")
+        self.quiet = quiet
+        if op.nll_anchor_coeff:
+            raise ConfigError("the NLL anchor on phase-1 data is not implemented yet; set it to 0",
+                              key="distill.onpolicy.nll_anchor_coeff")
+        self.prompts = load_prompts(op.prompts)
+        self.tok = load_student_tokenizer(cfg.data.tokenizer)
+        specials = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")
+        unk = self.tok.unk_token_id
+        self.harmony = all(self.tok.convert_tokens_to_ids(t) not in (None, unk) for t in specials)
+        stops = ["<|return|>"] if self.harmony else []
+        stop_ids = [self.tok.convert_tokens_to_ids(t) for t in stops]
+        eos = stop_ids[0] if stop_ids else self.tok.eos_token_id
+        self.eos_id = eos
+        torch.manual_seed(cfg.run.seed)
+        from megatron_vpmoe.model import VpmoeModel
+        from megatron_vpmoe.training.checkpoint import CheckpointManager, latest_checkpoint
+        from megatron_vpmoe.training.optimizer import build_optimizer
+
+        self.model = VpmoeModel(cfg.model)
+        self.optimizer = build_optimizer(self.model, cfg.train.optimizer)
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
+        self.step = 0
+        load = cfg.checkpoint.load
+        resume = latest_checkpoint(cfg.checkpoint_dir) if load == "auto" else None
+        if resume is not None:  # our own run: model, optimizer, step, RNG
+            state = self.ckpt.load(resume, self.model, self.optimizer)
+            self.step = int(state["step"])
+        elif load not in (None, "auto"):  # the phase-1 student: weights only
+            self._load_weights(self.model, load)
+        self.reference = copy.deepcopy(self.model)
+        if op.reference:
+            self._load_weights(self.reference, op.reference)
+        elif resume is not None:
+            ref_path = Path(cfg.checkpoint_dir) / "reference.pt"
+            self.reference.load_state_dict(torch.load(ref_path, weights_only=True))
+        self.reference.eval().requires_grad_(False)
+        if resume is None and not op.reference:
+            Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            torch.save(self.reference.state_dict(), Path(cfg.checkpoint_dir) / "reference.pt")
+
+    @staticmethod
+    def _load_weights(model, path: str) -> None:
+        from megatron_vpmoe.training.checkpoint import load_model_state_dict
+
+        model.load_state_dict(load_model_state_dict(path))
+
+    # one step -----------------------------------------------------------------------------
+    def _rollouts(self, batch):
+        import torch
+
+        from megatron_vpmoe.model.generation import generate, sequence_logprobs
+
+        op = self.cfg.distill.onpolicy
+        gen = torch.Generator().manual_seed(self.cfg.run.seed * 100_003 + self.step)
+        prompt_ids = [self.tok.encode(student_prompt(p.messages, self.harmony), add_special_tokens=False)
+                      for p in batch]
+        rows = [ids for ids in prompt_ids for _ in range(op.samples_per_prompt)]
+        outs = generate(self.model, rows, op.max_new_tokens, temperature=op.temperature,
+                        top_p=op.top_p, eos_id=self.eos_id, generator=gen)
+        outs = [o if o else [self.eos_id] for o in outs]  # at least one token to score
+        seqs = [p + o for p, o in zip(rows, outs)]
+        starts = [len(p) for p in rows]
+        old = sequence_logprobs(self.model, seqs, starts)
+        ref = sequence_logprobs(self.reference, seqs, starts)
+        texts = [self.tok.decode([t for t in o if t != self.eos_id], skip_special_tokens=False)
+                 for o in outs]
+        return seqs, starts, old, ref, texts
+
+    def _pad(self, seqs, starts, *values):
+        import torch
+
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width - 1)
+        out = [torch.zeros(len(seqs), width - 1) for _ in values]
+        for i, (s, st) in enumerate(zip(seqs, starts)):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, st - 1: len(s) - 1] = 1
+            for v, t in zip(values, out):
+                t[i, st - 1: len(s) - 1] = torch.tensor(v[i])
+        return ids, mask, out
+
+    def train_step(self) -> dict:
+        import torch
+
+        from megatron_vpmoe.training.optimizer import clip_gradients, set_learning_rate
+        from megatron_vpmoe.training.schedule import learning_rate
+
+        cfg, op = self.cfg, self.cfg.distill.onpolicy
+        t0 = time.perf_counter()
+        n = len(self.prompts)
+        batch = [self.prompts[(self.step * op.prompts_per_step + i) % n] for i in range(op.prompts_per_step)]
+        seqs, starts, old, ref, texts = self._rollouts(batch)
+        k = op.samples_per_prompt
+        groups = [(p.messages, p.reference,
+                   [student_answer(t, self.harmony) for t in texts[g * k:(g + 1) * k]])
+                  for g, p in enumerate(batch)]
+        scores, by_kind = asyncio.run(score_groups(op, cfg.distill.teacher_url, groups,
+                                                   op.teacher_prompt))
+        adv = [a for group in scores for a in group_advantages(group)]
+        keep = [i for i, a in enumerate(adv) if a is not None]
+        dropped = len(adv) - len(keep)
+        stats = {"pg": 0.0, "kl": 0.0, "clip_fraction": 0.0}
+        grad_norm = 0.0
+        if keep:
+            ids, mask, (old_t, ref_t) = self._pad([seqs[i] for i in keep], [starts[i] for i in keep],
+                                                  [old[i] for i in keep], [ref[i] for i in keep])
+            advantages = torch.tensor([adv[i] for i in keep])
+            set_learning_rate(self.optimizer, learning_rate(self.step, cfg.train))
+            self.model.train()
+            for _ in range(max(1, op.ppo_epochs)):
+                logits = self.model(ids[:, :-1]).float()
+                new = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+                loss, stats = policy_loss(new, old_t, ref_t, advantages, mask,
+                                          clip_eps=op.clip_eps, kl_coeff=op.kl_coeff)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = clip_gradients(self.model.parameters(), cfg.train.optimizer.clip_grad)
+                if math.isfinite(grad_norm):
+                    self.optimizer.step()
+        self.step += 1
+        valid = [s for group in scores for s in group if s is not None]
+        spreads = [_std([s for s in g if s is not None]) for g in scores]
+        secs = time.perf_counter() - t0
+        record = {"step": self.step, "kind": "onpolicy",
+                  "teacher_score": sum(valid) / len(valid) if valid else float("nan"),
+                  "reward_spread": sum(spreads) / len(spreads), "kl": stats["kl"], "pg": stats["pg"],
+                  "clip_fraction": stats["clip_fraction"], "grad_norm": grad_norm,
+                  "response_tokens": sum(len(s) - st for s, st in zip(seqs, starts)) / len(seqs),
+                  "samples_per_s": len(seqs) / secs, "dropped": dropped, **by_kind}
+        self._last = (batch, texts, scores)
+        return record
+
+    def _sample_table(self) -> list:
+        batch, texts, scores = self._last
+        k = self.cfg.distill.onpolicy.samples_per_prompt
+        return [{"step": self.step, "prompt_id": p.id, "prompt": p.messages[-1]["content"],
+                 "completion": texts[g * k + j], "score": scores[g][j]}
+                for g, p in enumerate(batch) for j in range(k)]
+
+    def run(self) -> list:
+        from tqdm import tqdm
+
+        from megatron_vpmoe.config import dump_config
+        from megatron_vpmoe.training.metrics import MetricsLogger
+
+        cfg, op = self.cfg, self.cfg.distill.onpolicy
+        run_dir = Path(cfg.run.dir)
+        logger = MetricsLogger(run_dir, enabled=True, tensorboard=cfg.log.tensorboard,
+                               resume_step=self.step)
+        history = []
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc="on-policy", unit="step",
+                   disable=None if cfg.log.progress_bar and not self.quiet else True)
+        while self.step < cfg.train.steps:
+            record = self.train_step()
+            history.append(record)
+            logger.log(record)
+            bar.update(1)
+            bar.set_postfix(score=f"{record['teacher_score']:.3f}", kl=f"{record['kl']:.4f}")
+            if op.sample_table_interval and self.step % op.sample_table_interval == 0:
+                with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+                    for row in self._sample_table():
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            last = self.step == cfg.train.steps
+            if last or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+                self.ckpt.save(self.step, self.model, self.optimizer, {"kind": "onpolicy"},
+                               config_text=dump_config(cfg))
+        bar.close()
+        return history
+
+
+def _std(xs: list) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
