@@ -1,0 +1,104 @@
+"""``vpmoe experiment tokenizers`` end to end in CI size: two variants, every report column
+filled, per-variant resume, and config errors naming the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_vpmoe.cli import main
+
+CONFIG = """
+out: {out}
+base_config: examples/configs/tiny-cpu.yaml
+set:
+  - model.hidden_size=32
+  - model.num_layers=2
+  - model.ffn_hidden_size=64
+  - model.moe_ffn_hidden_size=16
+  - model.moe_shared_expert_intermediate_size=16
+  - data.seq_length=32
+  - train.global_batch_size=4
+  - train.micro_batch_size=4
+  - train.eval_interval=5
+  - train.eval_iters=1
+  - train.schedule.warmup_steps=2
+corpus: ../shared/data/corpora/tinyshakespeare.txt
+train_bytes: 8000
+valid_bytes: 2000
+tokenizer_train_bytes: 8000
+eval:
+  tasks: [bpb, copa, lambada, long_context]
+  limit: 2
+variants:
+  - name: bpe-600
+    tokenizer: {{bpe: {{vocab_size: 600}}}}
+    reference: true
+  - name: bpe-300
+    tokenizer: {{bpe: {{vocab_size: 300}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, shared_data):
+    tmp = tmp_path_factory.mktemp("experiment")
+    cfg = tmp / "exp.yaml"
+    cfg.write_text(CONFIG.format(out=tmp / "out"))
+    assert main(["experiment", "tokenizers", "--config", str(cfg)]) == 0  # paths: relative to the project
+    return tmp, cfg
+
+
+def test_report_has_every_column_for_every_variant(experiment):
+    tmp, _ = experiment
+    out = tmp / "out"
+    rows = json.loads((out / "report.json").read_text())
+    assert [r["variant"] for r in rows] == ["bpe-600", "bpe-300"]
+    for r in rows:
+        for key in ("tokens_per_char", "sequence_length_inflation", "embedding_head_params",
+                    "embedding_head_share_of_active", "final_train_loss", "final_train_bpb", "loss_spikes",
+                    "max_grad_norm", "valid_bpb", "eval_bpb", "long_context_degradation", "wall_time_s"):
+            assert r[key] is not None, (r["variant"], key)
+        assert set(r["scores"]) == {"copa", "lambada"}
+        assert r["curve"] and r["curve"][-1]["bytes_seen"] > 0
+    small, big = rows[1], rows[0]
+    # same active non-embedding parameters; the smaller vocabulary has fewer embedding params,
+    # more tokens per character (inflation > 1) and therefore more steps for the same bytes
+    assert small["active_non_embedding_params"] == big["active_non_embedding_params"]
+    assert small["embedding_head_params"] < big["embedding_head_params"]
+    assert small["sequence_length_inflation"] > 1.0 == big["sequence_length_inflation"]
+    assert small["steps"] > big["steps"]
+    assert small["bytes_seen"] == pytest.approx(big["bytes_seen"], rel=0.15)
+    table = (out / "report.md").read_text()
+    assert "| bpe-300 |" in table and " - |" not in table  # no empty cell
+    for png in ("loss_vs_bytes.png", "long_context.png", "scores.png"):
+        assert (out / png).stat().st_size > 0
+
+
+def test_resume_redoes_only_what_is_missing(experiment):
+    tmp, cfg = experiment
+    out = tmp / "out"
+    kept = (out / "bpe-600" / "summary.json").stat().st_mtime_ns
+    metrics = (out / "bpe-300" / "run" / "metrics.jsonl").read_text()
+    (out / "bpe-300" / "summary.json").unlink()
+    (out / "bpe-300" / "eval" / "results.json").unlink()
+    assert main(["experiment", "tokenizers", "--config", str(cfg)]) == 0
+    assert (out / "bpe-600" / "summary.json").stat().st_mtime_ns == kept  # untouched
+    assert (out / "bpe-300" / "summary.json").is_file()
+    assert (out / "bpe-300" / "run" / "metrics.jsonl").read_text() == metrics  # not retrained
+
+
+def test_config_errors_name_the_key(tmp_path, shared_data):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONFIG.format(out=tmp_path / "o") + "colour: blue\n")
+    assert main(["experiment", "tokenizers", "--config", str(bad)]) == 2
+    bad.write_text(CONFIG.format(out=tmp_path / "o").replace(
+        "corpus: ../shared/data/corpora/tinyshakespeare.txt", f"corpus: {shared_data / 'eval' / 'gsm8k_test.jsonl'}"))
+    from megatron_vpmoe.eval.experiment import load_experiment_config
+    from megatron_vpmoe.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"corpus\[0\].*eval is not allowed"):
+        load_experiment_config(bad)
+    bad.write_text(CONFIG.format(out=tmp_path / "o").replace("{bpe: {vocab_size: 300}}", "{sentencepiece: 3}"))
+    with pytest.raises(ConfigError, match=r"variants\[1\]\.tokenizer"):
+        load_experiment_config(bad)
