@@ -32,6 +32,7 @@ CONFIGS = {
     "small": ("examples/configs/small.yaml", {"data.seq_length": 256, "train.global_batch_size": 4,
                                               "train.micro_batch_size": 2}),
 }
+DEFAULT_STEPS = {"tiny": 20, "small": 5}  # timed steps per config (--steps overrides)
 WARMUP = 2
 
 
@@ -100,7 +101,7 @@ def _measure(kind: str, name: str, steps: int, run_dir: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 tiny, 5 small)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--_child", nargs=3, metavar=("KIND", "NAME", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -115,12 +116,13 @@ def main() -> int:
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("BENCH_THREADS", "1"))
     results = {"host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-               "steps_timed": args.steps, "configs": {}}
+               "configs": {}}
     for name in args.configs:
+        steps = args.steps or DEFAULT_STEPS[name]
         counts = count_parameters(load_config(ROOT / CONFIGS[name][0]).model)
-        entry = {"total_params": counts.total, "active_params": counts.active}
+        entry = {"total_params": counts.total, "active_params": counts.active, "steps_timed": steps}
         for kind in ("bare", "trainer"):
-            out = subprocess.run([sys.executable, __file__, "--_child", kind, name, str(args.steps)],
+            out = subprocess.run([sys.executable, __file__, "--_child", kind, name, str(steps)],
                                  cwd=ROOT, env=env, capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr, file=sys.stderr)
@@ -132,8 +134,9 @@ def main() -> int:
         results["configs"][name] = entry
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train.json").write_text(json.dumps(results, indent=1) + "\n")
+    timed = ", ".join(f"{n}: {e['steps_timed']}" for n, e in results["configs"].items())
     lines = ["# Training throughput on CPU (`benchmarks/train.py`)", "",
-             f"{results['host']['cpus']} CPUs (1 thread), fp32, {args.steps} timed steps after {WARMUP} warm-up steps, "
+             f"{results['host']['cpus']} CPUs (1 thread), fp32, {timed} timed steps after {WARMUP} warm-up steps, "
              "random tokens. `bare` = the same model + AdamW in a minimal loop (the peer); "
              "`trainer` = `vpmoe train`'s loop (step time from metrics.jsonl; the last column adds "
              "the end-of-run checkpoint save to the wall time).", "",

@@ -112,3 +112,24 @@ def test_bad_checkpoint_paths_are_clear_errors(tmp_path):
 
     with pytest.raises(InputError, match="trainer_state.json:1"):
         read_trainer_state(bad)
+
+
+def _train_two_ranks(rank, world, run_dir, async_save):
+    from test_train_support import run_training as train
+
+    return train(tiny_config(run_dir, train={"steps": 6},
+                             checkpoint={"interval": 2, "async_save": async_save}))
+
+
+def test_async_save_on_two_processes(tmp_path):
+    from distributed import run_distributed
+    from megatron_vpmoe.training.checkpoint import load_model_state_dict
+
+    assert run_distributed(_train_two_ranks, 2, str(tmp_path / "sync"), False) == [0, 0]
+    assert run_distributed(_train_two_ranks, 2, str(tmp_path / "async"), True) == [0, 0]
+    for step in ("step_00000004", "step_00000006"):
+        a = load_model_state_dict(tmp_path / "sync" / "checkpoints" / step)
+        b = load_model_state_dict(tmp_path / "async" / "checkpoints" / step)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "sync")]
+    assert len(losses) == 6 and losses == [r["loss"] for r in read_metrics(tmp_path / "async")]

@@ -181,6 +181,13 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.async_save = async_save
         self._pending = None  # (future, tmp dir, final dir, name)
+        self._async_group = None
+        if async_save and not _no_dist():
+            # the background writer's collectives get their own group, so they never interleave
+            # with the training loop's collectives on the default group
+            import torch.distributed as dist
+
+            self._async_group = dist.new_group(backend="gloo")
 
     # ---- save -------------------------------------------------------------------------
     def save(self, step: int, model, optimizer, trainer_state: Dict[str, Any], *,
@@ -206,7 +213,8 @@ class CheckpointManager:
             copy = tree_map(lambda t: t.detach().to("cpu", copy=True) if isinstance(t, torch.Tensor) else t,
                             state)
             with _quiet_single_process():
-                future = dcp.async_save(copy, checkpoint_id=str(tmp), no_dist=_no_dist())
+                future = dcp.async_save(copy, checkpoint_id=str(tmp), no_dist=_no_dist(),
+                                        process_group=self._async_group)
             self._pending = (future, tmp, final, name)
             return final
         with _quiet_single_process():
