@@ -24,16 +24,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _tokenizer(out: Path, shared: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from megatron_vpmoe.eval.experiment import train_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = (shared / "corpora" / "tinyshakespeare.txt").read_text()[:100_000]
-    tok.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
+    train_byte_level_bpe([(shared / "corpora" / "tinyshakespeare.txt").read_text()[:100_000]], 500, out)
 
 
 def main() -> int:

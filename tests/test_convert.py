@@ -15,16 +15,9 @@ WINDOW = 8
 
 
 def _train_tokenizer(out, shared_data):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from megatron_vpmoe.eval.experiment import train_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = (shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:50_000]
-    tok.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
+    train_byte_level_bpe([(shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:50_000]], 400, out)
 
 
 def _native_model(cfg):

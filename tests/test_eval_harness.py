@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -174,21 +173,16 @@ def test_run_eval_and_report(shared_data, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_hf_model(tmp_path_factory, shared_data):
     """A randomly initialised 2-layer GPT-2 with a byte-level BPE tokenizer, saved as a local HF dir."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from megatron_vpmoe.eval.experiment import train_byte_level_bpe
 
     out = tmp_path_factory.mktemp("tiny_hf")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = (shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:50_000]
-    tok.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    fast.save_pretrained(out)
+    train_byte_level_bpe([(shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:50_000]], 400, out)
+    tok = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     GPT2LMHeadModel(cfg).save_pretrained(out)
     return out
 
@@ -208,7 +202,7 @@ def test_hf_backend_bpb_matches_direct_forward(tiny_hf_model, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_hf_model)
     nll = 0.0
     for d in docs:
-        ids = [tok.bos_token_id] + tok(d, add_special_tokens=False)["input_ids"]
+        ids = [tok.eos_token_id] + tok(d, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0, :-1]
         nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))

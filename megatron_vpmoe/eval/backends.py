@@ -181,7 +181,28 @@ class LMBackend:
         return {"backend": self.name, "max_length": self.max_length}
 
 
-class HFBackend(LMBackend):
+class TokenizerBackend(LMBackend):
+    """Text handling through a ``transformers`` tokenizer in ``self.tokenizer``."""
+
+    tokenizer = None
+    path: Optional[str] = None
+
+    def encode(self, text: str) -> List[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    @property
+    def prefix_token_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (tok.bos_token_id, tok.eos_token_id):
+            if cand is not None:
+                return int(cand)
+        raise InputError(f"{self.path}: the tokenizer has neither a BOS nor an EOS token to start documents")
+
+
+class HFBackend(TokenizerBackend):
     """A Hugging Face causal LM from a local directory (``AutoModelForCausalLM``)."""
 
     name = "hf"
@@ -202,20 +223,6 @@ class HFBackend(LMBackend):
         self.batch_size = batch_size
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_token_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-
-    def encode(self, text: str) -> List[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
-
-    @property
-    def prefix_token_id(self) -> int:
-        tok = self.tokenizer
-        for cand in (tok.bos_token_id, tok.eos_token_id):
-            if cand is not None:
-                return int(cand)
-        raise InputError(f"{self.path}: the tokenizer has neither a BOS nor an EOS token to start documents")
 
     def forward_logits(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = (torch.arange(input_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()

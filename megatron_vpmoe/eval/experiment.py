@@ -220,19 +220,24 @@ def obtain_tokenizer(variant: Variant, out: Path, corpus_docs: List[str], corpus
             raise InputError(f"variant {variant.name}: 'vpmoe tokenizer train {' '.join(args)}' failed "
                              f"(exit {code}) or did not write {out}")
         return out
+    with atomic_directory(out) as tmp:  # bpe: a byte-level BPE from the tokenizers library
+        train_byte_level_bpe(corpus_docs, dict(variant.spec)["vocab_size"], tmp)
+    return out
+
+
+def train_byte_level_bpe(texts: List[str], vocab_size: int, out: Path) -> None:
+    """A byte-level BPE (``tokenizers`` library) with ``<|endoftext|>`` as end-of-document,
+    saved to ``out`` as a ``PreTrainedTokenizerFast`` directory (presets, tests, benchmarks)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    spec = dict(variant.spec)  # bpe: a byte-level BPE from the tokenizers library
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus_docs, trainers.BpeTrainer(
-        vocab_size=spec["vocab_size"], special_tokens=["<|endoftext|>"],
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    with atomic_directory(out) as tmp:
-        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(tmp))
-    return out
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(out))
 
 
 def _round_up(n: int, multiple: int = 64) -> int:

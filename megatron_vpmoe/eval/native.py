@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from megatron_vpmoe.eval.backends import LMBackend
+from megatron_vpmoe.eval.backends import TokenizerBackend
 from megatron_vpmoe.utils.errors import InputError
 
 
@@ -43,7 +43,7 @@ def resolve_tokenizer_dir(ckpt: Path, value: str) -> Path:
     return beside if not Path(value).is_absolute() and beside.is_dir() else Path(value)
 
 
-class NativeBackend(LMBackend):
+class NativeBackend(TokenizerBackend):
     name = "native"
 
     def __init__(self, path: Optional[str] = None, *, batch_size: int = 8, max_length: Optional[int] = None,
@@ -81,19 +81,6 @@ class NativeBackend(LMBackend):
         model = VpmoeModel(cfg.model)
         model.load_state_dict(load_model_state_dict(ckpt), strict=True)
         return model, tokenizer, cfg.data.seq_length
-
-    def encode(self, text: str) -> List[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
-
-    @property
-    def prefix_token_id(self) -> int:
-        for cand in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id):
-            if cand is not None:
-                return int(cand)
-        raise InputError("the tokenizer has neither a BOS nor an end-of-document token")
 
     @torch.no_grad()
     def forward_logits(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
