@@ -106,6 +106,13 @@ def test_gsm8k_oracle_and_uniform(shared_data):
     assert T.run_gsm8k(ByteModel(), path, 3, shots=1, fewshot_file=fewshot, max_new_tokens=8)["exact_match"] == 0.0
 
 
+def test_long_requests_are_truncated_to_the_window():
+    model = ByteModel(max_length=16)
+    (short,), (long,) = model.loglikelihood([("ctx", " abc")]), model.loglikelihood([("ctx" * 20, " " + "x" * 40)])
+    assert short[0] == pytest.approx(-4 * math.log(257))
+    assert long[0] == pytest.approx(-16 * math.log(257))  # only the last 16 continuation bytes fit
+
+
 def test_answer_extraction():
     assert T.extract_gsm8k_answer("so 3 + 4 = 7.\n#### 1,200") == "1200"
     assert T.extract_gsm8k_answer("It costs $18.00 in total") == "18"

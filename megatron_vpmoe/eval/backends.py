@@ -111,7 +111,8 @@ class LMBackend:
             ctx, cont = self.split_request(context, continuation)
             seq = (ctx + cont)[-(self.max_length + 1):]  # left-truncate the context
             seqs.append(seq)
-            starts.append(len(seq) - len(cont))
+            # a continuation longer than the window is scored on its last max_length tokens
+            starts.append(max(1, len(seq) - len(cont)))
         return [(float(lp.sum()), bool(g.all())) for lp, g in self.score(seqs, starts)]
 
     def token_nlls(self, ids: Sequence[int], window: Optional[int] = None) -> torch.Tensor:
