@@ -46,6 +46,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--no-progress", action="store_true")
     gen.set_defaults(func=_generate)
 
+    corpus = sub.add_parser(
+        "build-corpus", help="teacher samples -> chat records -> student shards -> data blend",
+        description="Assemble the phase-1 corpus: the accepted samples of one or more 'distill "
+                    "generate' directories become chat records (assistant reasoning + final), "
+                    "'vpmoe preprocess' turns them into shards with assistant-only loss masks for "
+                    "every student tokenizer, and a config snippet blends them with a mid-training corpus.",
+        epilog="example: vpmoe distill build-corpus --generated runs/kd/gen --tokenizer "
+               "runs/tok/bpe-32k runs/tok/bpe-64k --mid-training 0.3:runs/shards/web "
+               "--distill-weight 0.7 --out runs/kd/corpus")
+    corpus.add_argument("--generated", nargs="+", required=True, metavar="DIR",
+                        help="output directories of 'vpmoe distill generate'")
+    corpus.add_argument("--out", required=True, metavar="DIR")
+    corpus.add_argument("--tokenizer", nargs="*", default=[], metavar="DIR",
+                        help="student tokenizer directories (one shard set per variant)")
+    corpus.add_argument("--distill-weight", type=float, default=1.0, help="blend weight of the KD shards")
+    corpus.add_argument("--mid-training", action="append", default=[], metavar="WEIGHT:PREFIX",
+                        help="a plain-text shard prefix blended in at WEIGHT (repeatable; '{variant}' in "
+                             "PREFIX becomes each tokenizer's variant name)")
+    corpus.add_argument("--reasoning-weight", type=float, default=1.0,
+                        help="distill.reasoning_loss_weight written to the snippet")
+    corpus.add_argument("--final-weight", type=float, default=1.0,
+                        help="distill.final_loss_weight written to the snippet")
+    corpus.add_argument("--records-only", action="store_true",
+                        help="write the chat records and snippet but do not run 'vpmoe preprocess'")
+    corpus.set_defaults(func=_build_corpus)
+
     onp = sub.add_parser(
         "onpolicy", help="on-policy distillation: student samples, teacher scores strings, GRPO update",
         description="GRPO-style on-policy distillation with string-level teacher scoring "
@@ -106,4 +132,18 @@ def _onpolicy(args: argparse.Namespace) -> int:
               f"{sum(h['dropped'] for h in history)} samples dropped; checkpoints in {cfg.checkpoint_dir}")
     else:
         print(f"nothing to do: already at step {start} of {cfg.train.steps}")
+    return 0
+
+
+def _build_corpus(args: argparse.Namespace) -> int:
+    from megatron_vpmoe.distill.corpus import build_corpus, parse_mid_training
+
+    result = build_corpus(args.generated, args.out, tokenizers=args.tokenizer,
+                          distill_weight=args.distill_weight,
+                          mid_training=parse_mid_training(args.mid_training),
+                          reasoning_weight=args.reasoning_weight, final_weight=args.final_weight,
+                          run_preprocess=not args.records_only)
+    print(f"{result['records']} chat records -> {result['chat_records']}")
+    for variant, prefix in result["prefixes"].items():
+        print(f"  {variant}: {prefix}  (snippet {result['snippets'][variant]})")
     return 0

@@ -30,7 +30,7 @@ def render_harmony_prompt(messages: list[dict]) -> str:
     """Messages (OpenAI chat format) -> Harmony prompt text ending in ``<|start|>assistant``.
 
     A leading ``system`` message becomes the developer instructions, as GPT-OSS serving does.
-    Assistant messages may carry ``reasoning_content`` (the analysis channel).
+    Assistant messages may carry ``reasoning_content`` or ``thinking`` (the analysis channel).
     """
     oh, enc = _harmony()
     out = [oh.Message.from_role_and_content(oh.Role.SYSTEM, oh.SystemContent.new())]
@@ -44,9 +44,10 @@ def render_harmony_prompt(messages: list[dict]) -> str:
         elif role == "user":
             out.append(oh.Message.from_role_and_content(oh.Role.USER, content))
         elif role == "assistant":
-            if msg.get("reasoning_content"):
+            reasoning = msg.get("reasoning_content") or msg.get("thinking")
+            if reasoning:
                 out.append(oh.Message.from_role_and_content(
-                    oh.Role.ASSISTANT, msg["reasoning_content"]).with_channel("analysis"))
+                    oh.Role.ASSISTANT, reasoning).with_channel("analysis"))
             out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, content).with_channel("final"))
         else:
             raise InputError(f"messages[{i}]: unsupported role {role!r}")
