@@ -172,3 +172,56 @@ def test_load_backend_errors(tmp_path):
     (tmp_path / "bad" / "config.json").write_text("{}")
     with pytest.raises(InputError, match="not a loadable"):
         load_backend(str(tmp_path / "bad"))
+
+
+def test_vpmoe_checkpoint_backend(tmp_path, shared_data):
+    """A `vpmoe train`-style checkpoint served: greedy generation equals the model's own
+    KV-cache generation, echo log-probs equal teacher-forced `sequence_logprobs`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_vpmoe.config import VpmoeConfig, dump_config
+    from megatron_vpmoe.model import VpmoeModel
+    from megatron_vpmoe.model.generation import generate, sequence_logprobs
+    from megatron_vpmoe.serve.backends import load_backend
+    from megatron_vpmoe.training.checkpoint import CheckpointManager
+    from megatron_vpmoe.training.optimizer import build_optimizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([(shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:20_000]],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = VpmoeConfig()
+    m = cfg.model
+    m.vocab_size, m.hidden_size, m.num_layers, m.num_attention_heads = len(tok), 32, 2, 2
+    m.num_query_groups, m.kv_channels, m.ffn_hidden_size, m.window_size = 1, 16, 64, 8
+    m.num_moe_experts, m.moe_ffn_hidden_size, m.moe_shared_expert_intermediate_size = 4, 32, 32
+    m.moe_router_topk, m.moe_router_num_groups, m.moe_router_group_topk = 2, 1, 1
+    cfg.data.mock, cfg.data.tokenizer = True, str(tmp_path / "tok")
+    cfg.validate()
+    torch.manual_seed(0)
+    model = VpmoeModel(m)
+    CheckpointManager(tmp_path / "ckpt").save(1, model, build_optimizer(model, cfg.train.optimizer),
+                                              {}, config_text=dump_config(cfg))
+    backend = load_backend(str(tmp_path / "ckpt"))
+    prompt = "To be, or not to be"
+
+    async def body(client):
+        gen = await _post(client, "/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0})
+        echo = await _post(client, "/v1/completions",
+                           {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1})
+        return gen, echo
+
+    ((s1, gen), (s2, echo)), _ = _with_server(backend, body)
+    assert s1 == 200 and s2 == 200
+    ids = tok.encode(prompt)
+    expect = generate(model, [ids], 6, eos_id=tok.eos_token_id)[0]
+    assert gen["choices"][0]["text"] == tok.decode([t for t in expect if t != tok.eos_token_id])
+    lps = echo["choices"][0]["logprobs"]["token_logprobs"]
+    assert lps[0] is None
+    assert lps[1:] == pytest.approx(sequence_logprobs(model, [ids], [1])[0], abs=1e-5)

@@ -30,25 +30,7 @@ from typing import Optional
 from megatron_vpmoe.distill.policy_loss import group_advantages, policy_loss
 from megatron_vpmoe.distill.prompts import load_prompts
 from megatron_vpmoe.distill.scorers import SCORERS, combine
-from megatron_vpmoe.utils.errors import ConfigError, InputError
-
-
-def load_student_tokenizer(directory: str):
-    """The student's tokenizer as a ``transformers`` fast tokenizer."""
-    path = Path(directory)
-    if not path.is_dir():
-        raise InputError(f"{directory}: tokenizer directory not found")
-    try:
-        from megatron_vpmoe.tokenizers import load_tokenizer  # issue 11's loader, when present
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return load_tokenizer(str(path)).to_hf()
-    from transformers import PreTrainedTokenizerFast
-
-    if not (path / "tokenizer.json").is_file():
-        raise InputError(f"{directory}: no tokenizer.json")
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+from megatron_vpmoe.utils.errors import ConfigError
 
 
 def student_prompt(messages: list, harmony: bool) -> str:
@@ -116,7 +98,9 @@ class OnPolicyTrainer:
             raise ConfigError("the NLL anchor on phase-1 data is not implemented yet; set it to 0",
                               key="distill.onpolicy.nll_anchor_coeff")
         self.prompts = load_prompts(op.prompts)
-        self.tok = load_student_tokenizer(cfg.data.tokenizer)
+        from megatron_vpmoe.serve.backends import load_tokenizer_dir
+
+        self.tok = load_tokenizer_dir(cfg.data.tokenizer)
         specials = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")
         unk = self.tok.unk_token_id
         self.harmony = all(self.tok.convert_tokens_to_ids(t) not in (None, unk) for t in specials)

@@ -102,29 +102,10 @@ def truncate_at_stop(tokens, logprobs, stop_ids, max_new_tokens) -> Sampled:
     return Sampled(list(tokens), list(logprobs), reason)
 
 
-class HFBackend(Backend):
-    """A local Hugging Face causal LM (``AutoModelForCausalLM`` + ``AutoTokenizer``)."""
+class HFTokenizerBackend(Backend):
+    """The tokenizer side for backends whose ``self.tokenizer`` is a ``transformers`` tokenizer."""
 
-    def __init__(self, path: str, model_id: Optional[str] = None, dtype: str = "float32"):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.path = Path(path)
-        self.model_id = model_id or self.path.name
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, dtype=getattr(torch, dtype))
-        except (OSError, ValueError) as err:
-            raise InputError(f"{path}: not a loadable Hugging Face causal LM directory ({err})") from err
-        self.model.eval()
-        eos = self.tokenizer.eos_token_id
-        self.eos_ids = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ()
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (
-            self.eos_ids[0] if self.eos_ids else 0)
-        self.max_positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(
-            self.model.config, "n_positions", None)
-        self._lock = threading.Lock()  # torch's global RNG is seeded per call
+    tokenizer = None
 
     def encode(self, text: str) -> list:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -147,6 +128,31 @@ class HFBackend(Backend):
         if not getattr(self.tokenizer, "chat_template", None):
             return super()._chat_template(messages)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class HFBackend(HFTokenizerBackend):
+    """A local Hugging Face causal LM (``AutoModelForCausalLM`` + ``AutoTokenizer``)."""
+
+    def __init__(self, path: str, model_id: Optional[str] = None, dtype: str = "float32"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path = Path(path)
+        self.model_id = model_id or self.path.name
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype=getattr(torch, dtype))
+        except (OSError, ValueError) as err:
+            raise InputError(f"{path}: not a loadable Hugging Face causal LM directory ({err})") from err
+        self.model.eval()
+        eos = self.tokenizer.eos_token_id
+        self.eos_ids = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (
+            self.eos_ids[0] if self.eos_ids else 0)
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(
+            self.model.config, "n_positions", None)
+        self._lock = threading.Lock()  # torch's global RNG is seeded per call
 
     def _check_length(self, n: int) -> None:
         if self.max_positions and n > self.max_positions:
@@ -196,6 +202,25 @@ class HFBackend(Backend):
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
         lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         return [[None] + lp[i, : len(s) - 1].tolist() for i, s in enumerate(sequences)]
+
+
+def load_tokenizer_dir(directory: str):
+    """A student tokenizer directory as a ``transformers`` fast tokenizer (issue 11's
+    ``load_tokenizer(...).to_hf()`` when the tokenizers package provides it, else tokenizer.json)."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise InputError(f"{directory}: tokenizer directory not found")
+    try:
+        from megatron_vpmoe.tokenizers import load_tokenizer
+    except ImportError:
+        load_tokenizer = None
+    if load_tokenizer is not None:
+        return load_tokenizer(str(path)).to_hf()
+    from transformers import PreTrainedTokenizerFast
+
+    if not (path / "tokenizer.json").is_file():
+        raise InputError(f"{directory}: no tokenizer.json")
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
 def load_backend(path: str, model_id: Optional[str] = None, tokenizer: Optional[str] = None) -> Backend:

@@ -12,17 +12,17 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from megatron_vpmoe.serve.backends import Backend, SampleParams, truncate_at_stop
+from megatron_vpmoe.serve.backends import (
+    HFTokenizerBackend, SampleParams, load_tokenizer_dir, truncate_at_stop)
 from megatron_vpmoe.utils.errors import InputError
 
 
-class VpmoeBackend(Backend):
+class VpmoeBackend(HFTokenizerBackend):
     def __init__(self, path: str, model_id: Optional[str] = None, tokenizer: Optional[str] = None):
         import torch
 
         from megatron_vpmoe.config import load_config
         from megatron_vpmoe.model import VpmoeModel
-        from megatron_vpmoe.tokenizers import load_tokenizer
         from megatron_vpmoe.training.checkpoint import load_model_state_dict, resolve_checkpoint
 
         ckpt = resolve_checkpoint(path)
@@ -33,28 +33,18 @@ class VpmoeBackend(Backend):
         tok_dir = tokenizer or cfg.data.tokenizer
         if not tok_dir:
             raise InputError(f"{cfg_path}: data.tokenizer is not set; pass --tokenizer DIR")
-        self.tokenizer = load_tokenizer(tok_dir)
+        if not Path(tok_dir).is_absolute() and (ckpt / tok_dir).is_dir():
+            tok_dir = str(ckpt / tok_dir)  # a tokenizer stored beside the weights
+        self.tokenizer = load_tokenizer_dir(tok_dir)
         self.model = VpmoeModel(cfg.model)
         self.model.load_state_dict(load_model_state_dict(ckpt))
         self.model.eval()
         self.cfg = cfg
         self.model_id = model_id or Path(path).resolve().name
-        eod = getattr(self.tokenizer, "eod_id", None)
-        self.eos_ids = (eod,) if eod is not None else ()
+        eos = self.tokenizer.eos_token_id
+        self.eos_ids = (eos,) if eos is not None else ()
         self._lock = threading.Lock()
         self._torch = torch
-
-    def encode(self, text: str) -> list:
-        return list(self.tokenizer.encode(text))
-
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode(list(ids))
-
-    def token_id(self, token: str):
-        try:
-            return self.tokenizer.token_to_id(token)
-        except (KeyError, ValueError):
-            return None
 
     def generate(self, prompts, params: SampleParams):
         from megatron_vpmoe.model.generation import generate, sequence_logprobs
