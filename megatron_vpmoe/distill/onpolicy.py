@@ -118,7 +118,9 @@ class OnPolicyTrainer:
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
         self.step = 0
         load = cfg.checkpoint.load
-        resume = latest_checkpoint(cfg.checkpoint_dir) if load == "auto" else None
+        # this run's own latest checkpoint wins (resume); else ``checkpoint.load`` names the
+        # phase-1 student to start from
+        resume = latest_checkpoint(cfg.checkpoint_dir) if load is not None else None
         if resume is not None:  # our own run: model, optimizer, step, RNG
             state = self.ckpt.load(resume, self.model, self.optimizer)
             self.step = int(state["step"])
