@@ -334,6 +334,8 @@ def run_variant(exp: ExperimentConfig, variant: Variant, docs: List[str], valid_
     tokens_per_sample = cfg.data.seq_length
     curve = [{"step": r["step"], "bytes_seen": r["consumed_samples"] * tokens_per_sample * bytes_per_token,
               "loss": r["loss"], "bits_per_byte": r.get("bits_per_byte")} for r in train_recs]
+    # training time across resumes: the trainer's own per-step times
+    times["train_s"] = max(times["train_s"], sum(r.get("step_time_s", 0.0) for r in records if r.get("kind") == "train"))
     counts = count_parameters(cfg.model)
     tasks = results["tasks"]
     scores = {name: m.get("acc", m.get("exact_match")) for name, m in tasks.items()
