@@ -133,3 +133,19 @@ def test_async_save_on_two_processes(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
     losses = [r["loss"] for r in read_metrics(tmp_path / "sync")]
     assert len(losses) == 6 and losses == [r["loss"] for r in read_metrics(tmp_path / "async")]
+
+
+def test_load_weights_only_starts_a_fresh_run(tmp_path):
+    from megatron_vpmoe.training.checkpoint import load_model_state_dict
+    from megatron_vpmoe.training.trainer import Trainer
+    from test_train_support import ByteTokenizer, datasets_for
+
+    assert run_training(tiny_config(tmp_path / "a", train={"steps": 3})) == 0
+    source = tmp_path / "a" / "checkpoints"
+    cfg = tiny_config(tmp_path / "b", train={"steps": 3},
+                      checkpoint={"load": str(source), "load_optimizer": False})
+    trainer = Trainer(cfg, datasets=datasets_for(cfg), tokenizer=ByteTokenizer(), quiet=True)
+    trainer._maybe_resume()
+    assert trainer.step == 0 and not trainer.optimizer.state
+    saved = load_model_state_dict(source)
+    assert all(torch.equal(v, saved[k]) for k, v in trainer.raw_model.state_dict().items() if k in saved)

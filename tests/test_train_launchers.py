@@ -14,7 +14,7 @@ from distributed import free_port
 from test_train_support import ROOT, read_metrics
 
 SUPPORT = str(Path(__file__).with_name("test_train_support.py"))
-ARGS = ["train.steps=4", "checkpoint.interval=0"]
+ARGS = ["train.steps=4", "checkpoint.interval=0", "log.progress_bar=true"]
 
 
 def _base_env():
@@ -38,6 +38,8 @@ def test_torchrun(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, env=_base_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     _check(tmp_path, 2)
+    assert "train: 100%" in out.stderr and "4/4" in out.stderr  # rank 0's progress bar, once
+    assert out.stdout.count("trained steps 0..4") == 1
 
 
 def test_slurm_environment(tmp_path):
