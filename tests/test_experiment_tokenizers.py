@@ -102,3 +102,7 @@ def test_config_errors_name_the_key(tmp_path, shared_data):
     bad.write_text(CONFIG.format(out=tmp_path / "o").replace("{bpe: {vocab_size: 300}}", "{sentencepiece: 3}"))
     with pytest.raises(ConfigError, match=r"variants\[1\]\.tokenizer"):
         load_experiment_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text(CONFIG.format(out=tmp_path / "o"))
+    exp = load_experiment_config(good, overrides=["train_bytes=2e4", "eval.limit=7"])
+    assert exp.train_bytes == 20000 and exp.eval_limit == 7

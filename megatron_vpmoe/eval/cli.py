@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tok.add_argument("--config", "-c", required=True, metavar="YAML", help="experiment config "
                      "(examples/experiments/tokenizers.yaml)")
     tok.add_argument("--out", default=None, metavar="DIR", help="output dir (default: the config's out)")
+    tok.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override an experiment key, e.g. --set train_bytes=200000 --set eval.limit=20")
     tok.set_defaults(func=_run_experiment)
 
 
@@ -72,5 +74,5 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _run_experiment(args: argparse.Namespace) -> int:
     from megatron_vpmoe.eval.experiment import run_tokenizer_experiment
 
-    run_tokenizer_experiment(args.config, out=args.out)
+    run_tokenizer_experiment(args.config, out=args.out, overrides=args.overrides)
     return 0

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from megatron_vpmoe.utils.errors import ConfigError, InputError
 
@@ -59,7 +59,10 @@ def _resolve(path: str, base: Path) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
-def load_experiment_config(path: str | Path, out: Optional[str] = None) -> ExperimentConfig:
+def load_experiment_config(path: str | Path, out: Optional[str] = None,
+                           overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Parse and check an experiment config; ``overrides`` are ``key=value`` (``train_bytes=2e5``,
+    ``eval.limit=10``; values parsed as YAML)."""
     import yaml
 
     path = Path(path)
@@ -72,6 +75,23 @@ def load_experiment_config(path: str | Path, out: Optional[str] = None) -> Exper
         raise InputError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(raw, dict):
         raise ConfigError("expected a mapping at the top level", file=src)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}", key="--set")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError("not a section", key=key, file=src)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads "2e5" as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        node[leaf] = int(parsed) if isinstance(parsed, float) and parsed.is_integer() else parsed
     known = {"out", "base_config", "set", "corpus", "train_bytes", "valid_bytes", "tokenizer_train_bytes",
              "eval", "variants"}
     for key in raw:
@@ -373,11 +393,12 @@ def _docs_for(docs: List[str], max_bytes: int) -> int:
     return len(docs)
 
 
-def run_tokenizer_experiment(config: str, out: Optional[str] = None, progress: bool = True) -> Path:
+def run_tokenizer_experiment(config: str, out: Optional[str] = None, overrides: Sequence[str] = (),
+                             progress: bool = True) -> Path:
     """Run (or resume) every variant, then write the report; returns the report path."""
     from megatron_vpmoe.eval.experiment_report import write_experiment_report
 
-    exp = load_experiment_config(config, out)
+    exp = load_experiment_config(config, out, overrides)
     # the same documents for every variant: the first train_bytes of the corpus for training,
     # the next valid_bytes for validation
     docs = read_corpus(exp.corpus, exp.train_bytes + exp.valid_bytes)
