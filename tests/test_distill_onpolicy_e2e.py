@@ -9,28 +9,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from test_distill_e2e import PY, ServedTeacher, _env, _free_port
+from test_distill_e2e import PY, ServedTeacher, _env, _free_port, student_tokenizer
 from test_serve import toy_teacher_dir
-
-
-def _student_tokenizer(path, shared_data):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    text = (shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:100_000]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
-    tok.save_pretrained(path)
-    return len(tok)
 
 
 def _config(work, vocab, port, prompts, steps, scorers="[{kind: loglik, weight: 1.0}]"):
@@ -59,7 +42,7 @@ distill:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, shared_data):
     work = tmp_path_factory.mktemp("onpolicy")
-    vocab = _student_tokenizer(work / "student_tok", shared_data)
+    vocab = student_tokenizer(work / "student_tok", shared_data)
     prompts = work / "prompts.jsonl"
     with open(shared_data / "kd" / "gsm8k_train.jsonl") as f:
         prompts.write_text("".join(next(f) for _ in range(4)))
