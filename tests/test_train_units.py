@@ -141,3 +141,35 @@ def test_global_batch_sampler_partitions_each_step():
         flat2 = [i for s in two for mb in s.micro_batches(step) for i in mb]
         assert flat1 == flat2 == [(step * 8 + k) % 100 for k in range(8)]
     assert one.accumulation_steps == 4 and two[0].accumulation_steps == 2
+
+
+TEXT = "Héllo wörld — naïve café. " * 20 + "日本語のテキスト。"
+
+
+def test_byte_lengths_of_hf_byte_level_bpe_match_utf8():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    for t in (hf, tok):
+        table = L.token_byte_lengths(t, 320)
+        ids = torch.tensor([t.encode(TEXT).ids if t is tok else t.encode(TEXT)])
+        assert int(table[ids].sum()) == len(TEXT.encode("utf-8"))
+        assert table[tok.token_to_id("<|endoftext|>")] == 0 and table[310] == 0
+
+
+def test_byte_lengths_of_tiktoken_o200k(shared_data):
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    ranks = load_tiktoken_bpe(str(shared_data.parent / "tokenizers" / "o200k_base.tiktoken"))
+    enc = tiktoken.Encoding("o200k_base", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={})
+    table = L.token_byte_lengths(enc, enc.n_vocab + 8)
+    ids = torch.tensor(enc.encode(TEXT))
+    assert int(table[ids].sum()) == len(TEXT.encode("utf-8"))

@@ -25,6 +25,7 @@ token id precomputed once from the tokenizer vocabulary (:func:`token_byte_lengt
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -118,31 +119,71 @@ def bits_per_byte(nll_sum_nats: float, num_bytes: float) -> Optional[float]:
     return nll_sum_nats / math.log(2) / num_bytes
 
 
+_BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def _backend(tokenizer):
+    """The ``tokenizers.Tokenizer`` behind an HF tokenizer (or the tokenizer itself), else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None and hasattr(tokenizer, "id_to_token") and hasattr(tokenizer, "decoder"):
+        backend = tokenizer
+    return backend
+
+
+def _piece_bytes(piece: str, byte_level: bool) -> int:
+    if byte_level:  # GPT-2 byte-to-unicode alphabet: one character per byte
+        return len(piece)
+    if _BYTE_FALLBACK.match(piece):  # SentencePiece byte fallback
+        return 1
+    return len(piece.replace("\u2581", " ").encode("utf-8"))
+
+
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
     """UTF-8 byte length of every token id ``< vocab_size`` (int64), computed once per run.
 
-    Uses the tokenizer's own byte view when it has one (``token_bytes(id)`` or
-    ``id_to_bytes(id)``), else ``len(decode([id]).encode())``. Ids the tokenizer does not know
-    (padding of the embedding table) and special tokens count 0 bytes.
+    In order of preference: the tokenizer's own ``token_byte_lengths()``; tiktoken's
+    ``decode_single_token_bytes``; ``token_bytes(id)``/``id_to_bytes(id)``; the raw pieces of a
+    Hugging Face ``tokenizers`` vocabulary (byte-level BPE: one character per byte; SentencePiece
+    style: ``\u2581`` is a space, ``<0xNN>`` one byte); else ``len(decode([id]).encode())``.
+    Special tokens and ids the tokenizer does not know (embedding padding) count 0 bytes.
     """
-    for attr in ("token_byte_lengths",):
-        fn = getattr(tokenizer, attr, None)
-        if callable(fn):
-            lengths = torch.as_tensor(fn(), dtype=torch.long)
-            out = torch.zeros(vocab_size, dtype=torch.long)
-            n = min(vocab_size, lengths.numel())
-            out[:n] = lengths[:n]
-            return out
-    byte_fn = getattr(tokenizer, "token_bytes", None) or getattr(tokenizer, "id_to_bytes", None)
-    special = set(getattr(tokenizer, "special_ids", ()) or ())
-    tok_vocab = getattr(tokenizer, "vocab_size", vocab_size)
     out = torch.zeros(vocab_size, dtype=torch.long)
-    for i in range(min(vocab_size, int(tok_vocab))):
+    fn = getattr(tokenizer, "token_byte_lengths", None)
+    if callable(fn):
+        lengths = torch.as_tensor(fn(), dtype=torch.long)
+        n = min(vocab_size, lengths.numel())
+        out[:n] = lengths[:n]
+        return out
+    special = set(getattr(tokenizer, "all_special_ids", None) or getattr(tokenizer, "special_ids", None) or ())
+    backend = _backend(tokenizer)
+    if getattr(tokenizer, "decode_single_token_bytes", None) is not None:  # tiktoken
+        n_vocab = getattr(tokenizer, "n_vocab", vocab_size)
+        special |= set(getattr(tokenizer, "_special_tokens", {}).values())
+
+        def length(i):
+            return len(tokenizer.decode_single_token_bytes(i)) if i < n_vocab else 0
+    elif getattr(tokenizer, "token_bytes", None) or getattr(tokenizer, "id_to_bytes", None):
+        byte_fn = getattr(tokenizer, "token_bytes", None) or tokenizer.id_to_bytes
+
+        def length(i):
+            return len(byte_fn(i))
+    elif backend is not None:
+        byte_level = "ByteLevel" in repr(getattr(backend, "decoder", None))
+        added = {tok.content for tok in getattr(backend, "get_added_tokens_decoder", dict)().values()}
+
+        def length(i):
+            piece = backend.id_to_token(i)
+            if piece is None or piece in added:
+                return 0
+            return _piece_bytes(piece, byte_level)
+    else:
+        def length(i):
+            return len(tokenizer.decode([i]).encode("utf-8"))
+    for i in range(vocab_size):
         if i in special:
             continue
         try:
-            n = len(byte_fn(i)) if byte_fn else len(tokenizer.decode([i]).encode("utf-8"))
+            out[i] = length(i)
         except Exception:  # noqa: BLE001 - an id the tokenizer cannot render has no bytes
-            n = 0
-        out[i] = n
+            out[i] = 0
     return out
