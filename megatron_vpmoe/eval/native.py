@@ -27,11 +27,16 @@ def load_hf_tokenizer(directory: str | Path):
         from megatron_vpmoe.tokenizers import load_tokenizer  # issue 11's loader, when present
     except ImportError:
         load_tokenizer = None
+    hf_format = (directory / "tokenizer.json").is_file()
     if load_tokenizer is not None:
-        return load_tokenizer(str(directory)).to_hf()
+        try:
+            return load_tokenizer(str(directory)).to_hf()
+        except Exception:  # noqa: BLE001 - not a `vpmoe tokenizer` directory: read it as plain HF below
+            if not hf_format:
+                raise
     from transformers import PreTrainedTokenizerFast
 
-    if not (directory / "tokenizer.json").is_file():
+    if not hf_format:
         raise InputError(f"{directory}: no tokenizer.json")
     return PreTrainedTokenizerFast.from_pretrained(str(directory))
 
