@@ -66,7 +66,8 @@ def test_prompt_files(tmp_path):
 
 
 class ScriptedTeacher:
-    """An OpenAI-style server whose chat answers come from ``self.answer(body, call_no)``."""
+    """An OpenAI-style server whose chat and completion answers come from
+    ``self.answer(body, call_no) -> (status, payload[, delay_s])``."""
 
     def __init__(self, answer):
         self.answer = answer
@@ -86,10 +87,12 @@ class ScriptedTeacher:
         async def models(_):
             return web.json_response({"data": [{"id": "scripted"}]})
 
-        async def chat(request):
+        async def chat(request):  # also /v1/completions; (status, payload[, delay_s])
             body = await request.json()
             self.calls += 1
-            status, payload = self.answer(body, self.calls)
+            status, payload, *delay = self.answer(body, self.calls)
+            if delay:
+                await asyncio.sleep(delay[0])
             if isinstance(payload, str):
                 return web.Response(status=status, text=payload)
             return web.json_response(payload, status=status)
@@ -98,6 +101,7 @@ class ScriptedTeacher:
             app = web.Application()
             app.router.add_get("/v1/models", models)
             app.router.add_post("/v1/chat/completions", chat)
+            app.router.add_post("/v1/completions", chat)
             runner = web.AppRunner(app)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", self.port).start()

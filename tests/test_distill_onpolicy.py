@@ -112,3 +112,46 @@ def test_parsers_and_combination():
     assert asyncio.run(score_verify(None, [], None, ["x"])) is NOT_APPLICABLE
     assert combine([[1.0, 0.0, 1.0], [0.5, None, 0.2]], [1.0, 2.0], 3) == pytest.approx([2.0, None, 1.4])
     assert combine([NOT_APPLICABLE, [0.1, 0.2]], [5.0, 1.0], 2) == [0.1, 0.2]
+
+
+def test_scorer_faults_are_retried_then_dropped():
+    """Malformed answers are asked again; a teacher that times out drops the sample; a group
+    left with one valid score gets zero advantage."""
+    from megatron_vpmoe.distill.scorers import score_critique, score_loglik, score_rank
+    from megatron_vpmoe.distill.teacher_client import TeacherClient
+    from test_distill_generate import ScriptedTeacher
+
+    seen = {}
+
+    def answer(body, call):
+        if "prompt" in body:  # loglik echo
+            text = body["prompt"]
+            seen[text] = seen.get(text, 0) + 1
+            if text.endswith("slow"):
+                return 200, {}, 2.0  # longer than the client timeout
+            if text.endswith("flaky") and seen[text] == 1:
+                return 200, {"choices": [{"text": "", "logprobs": None}]}  # malformed once
+            n = len(text)
+            return 200, {"choices": [{"text": text, "logprobs": {
+                "tokens": [text[:n - 4], text[n - 4:]], "token_logprobs": [None, -8.0],
+                "text_offset": [0, n - 4]}}]}
+        content = body["messages"][0]["content"]
+        if content.startswith("Rank"):
+            seen["rank"] = seen.get("rank", 0) + 1  # unparseable first, then a ranking
+            return 200, {"choices": [{"message": {"content": "no idea" if seen["rank"] == 1 else "2 > 1"}}]}
+        return 200, {"choices": [{"message": {"content": "Looks fine."}}]}  # never a score
+
+    async def run(url):
+        async with TeacherClient(url, timeout_s=0.5, retries=1, backoff_s=0.01) as client:
+            ll = await score_loglik(client, [{"role": "user", "content": "q"}], None,
+                                    ["flaky", "slow"], template="plain")
+            rank = await score_rank(client, [{"role": "user", "content": "q"}], None, ["a", "b"])
+            crit = await score_critique(client, [{"role": "user", "content": "q"}], None, ["a"])
+            return ll, rank, crit
+
+    with ScriptedTeacher(answer) as teacher:
+        (ll, rank, crit) = asyncio.run(run(teacher.url))
+    assert ll[0] == pytest.approx(-8.0 / 5) and ll[1] is None  # flaky retried; slow dropped
+    assert rank == [0.0, 1.0] and seen["rank"] == 2  # the unparseable ranking was asked again
+    assert crit == [None]
+    assert group_advantages(ll) == [0.0, None]

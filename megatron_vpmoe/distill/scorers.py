@@ -53,11 +53,17 @@ def completion_logprob(data: dict, prompt_chars: int) -> float:
     return float(sum(picked))
 
 
-async def _guard(coro):
-    try:
-        return await coro
-    except (MalformedResponse, TeacherUnavailable, ValueError):
-        return None
+async def _guard(make, retries: int):
+    """``await make()``; a malformed teacher answer is asked again up to ``retries`` times
+    (transient HTTP failures are already retried by the client); None when it never worked."""
+    for _ in range(retries + 1):
+        try:
+            return await make()
+        except MalformedResponse:
+            continue
+        except (TeacherUnavailable, ValueError):
+            return None
+    return None
 
 
 async def score_loglik(client: TeacherClient, messages, reference, completions, *,
@@ -71,7 +77,7 @@ async def score_loglik(client: TeacherClient, messages, reference, completions, 
                                          "echo": True, "logprobs": 1, "temperature": 0})
         return per_byte(completion_logprob(data, len(prompt)), text)
 
-    return list(await asyncio.gather(*(_guard(one(c)) for c in completions)))
+    return list(await asyncio.gather(*(_guard(lambda c=c: one(c), client.retries) for c in completions)))
 
 
 _INT = re.compile(r"\d+")
@@ -100,18 +106,18 @@ async def score_rank(client: TeacherClient, messages, reference, completions, *,
     listing = "\n\n".join(f"Response {i + 1}:\n{c}" for i, c in enumerate(completions))
     ask = (f"Rank these {k} responses to the question from best to worst. Reply with the "
            f"response numbers only, best first, like '2 > 1 > 3'.\n\nQuestion:\n{question}\n\n{listing}")
-    for _ in range(client.retries + 1):
-        data = await _guard(client.chat({"model": model, "messages": [{"role": "user", "content": ask}],
-                                         "temperature": 0, "max_tokens": 64}))
-        if data is None:
-            return [None] * k
+    async def ranked():
+        data = await client.chat({"model": model, "messages": [{"role": "user", "content": ask}],
+                                  "temperature": 0, "max_tokens": 64})
         order = parse_ranking(data["choices"][0]["message"].get("content") or "", k)
-        if order is not None:
-            scores = [0.0] * k
-            for pos, i in enumerate(order):
-                scores[i] = (k - 1 - pos) / (k - 1)
-            return scores
-    return [None] * k
+        if order is None:
+            raise MalformedResponse("ranking without response numbers")
+        scores = [0.0] * k
+        for pos, i in enumerate(order):
+            scores[i] = (k - 1 - pos) / (k - 1)
+        return scores
+
+    return await _guard(ranked, client.retries) or [None] * k
 
 
 _SCORE = re.compile(r"score\s*[:=]?\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
@@ -143,7 +149,7 @@ async def score_critique(client: TeacherClient, messages, reference, completions
             raise MalformedResponse("critique without a score")
         return score
 
-    return list(await asyncio.gather(*(_guard(one(c)) for c in completions)))
+    return list(await asyncio.gather(*(_guard(lambda c=c: one(c), client.retries) for c in completions)))
 
 
 async def score_verify(client, messages, reference, completions, **_) -> object:
