@@ -86,3 +86,12 @@ def test_tiny_cpu_config_learns_on_two_processes(tmp_path):
           f"valid loss {valid['loss']:.3f} bits/byte {valid['bits_per_byte']:.3f}")
     assert last["loss"] < 0.6 * first["loss"]
     assert valid["bits_per_byte"] < 3.5
+
+
+def test_reader_workers_do_not_change_the_sample_order(tmp_path):
+    from test_train_support import run_training
+
+    for workers in (0, 2):
+        cfg = tiny_config(tmp_path / str(workers), train={"steps": 4}, data={"num_workers": workers})
+        assert run_training(cfg) == 0
+    assert [r["loss"] for r in read_metrics(tmp_path / "0")] == [r["loss"] for r in read_metrics(tmp_path / "2")]

@@ -64,5 +64,27 @@ def collate(samples: Sequence[Dict[str, torch.Tensor]], device=None) -> Dict[str
     return out
 
 
+class StepMicroBatches(torch.utils.data.Sampler):
+    """Batch sampler over steps ``[start, end)``: yields this rank's micro-batch index lists in order."""
+
+    def __init__(self, sampler: GlobalBatchSampler, start: int, end: int):
+        self.sampler, self.start, self.end = sampler, start, end
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            yield from self.sampler.micro_batches(step)
+
+    def __len__(self):
+        return max(0, self.end - self.start) * self.sampler.accumulation_steps
+
+
+def micro_batch_loader(dataset, sampler: GlobalBatchSampler, start: int, end: int, num_workers: int = 0):
+    """A ``DataLoader`` yielding this rank's collated micro-batches for steps ``[start, end)``;
+    ``num_workers`` > 0 reads ahead in worker processes (the order stays deterministic)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepMicroBatches(sampler, start, end), collate_fn=collate,
+        num_workers=num_workers, persistent_workers=False, prefetch_factor=4 if num_workers else None)
+
+
 def load_micro_batches(dataset, indices: List[List[int]], device=None) -> List[Dict[str, torch.Tensor]]:
     return [collate([dataset[i] for i in chunk], device) for chunk in indices]

@@ -332,6 +332,8 @@ class Trainer:
         self._maybe_resume()
         train_set, valid_set = self._build_datasets()
         self.byte_lengths = self._byte_lengths()
+        if self.byte_lengths is not None:
+            self.byte_lengths = self.byte_lengths.to(self.device)
         sampler = batching.GlobalBatchSampler(len(train_set), t.global_batch_size, t.micro_batch_size,
                                               self.dp_rank, self.dp_size)
         if self.is_main:
@@ -357,6 +359,7 @@ class Trainer:
         self.summary = {"start_step": self.step, "first": None, "last": None, "valid": None}
         start_time = time.perf_counter()
         start_step = self.step
+        batches = iter(batching.micro_batch_loader(train_set, sampler, self.step, end, cfg.data.num_workers))
         exit_code = EXIT_OK
         try:
             self.model.train()
@@ -370,7 +373,8 @@ class Trainer:
                     exit_code = EXIT_REQUEUE
                     break
                 t0 = time.perf_counter()
-                micro = batching.load_micro_batches(train_set, sampler.micro_batches(self.step), self.device)
+                micro = [{k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+                         for _ in range(sampler.accumulation_steps)]
                 out = self.train_step(micro, inject_nan=(self.step + 1) in nan_steps)
                 self.step += 1
                 dt = time.perf_counter() - t0
