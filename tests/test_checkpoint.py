@@ -70,8 +70,14 @@ def test_kill_9_during_save_keeps_previous_checkpoint(tmp_path):
 def test_keep_last_and_trainer_state(tmp_path):
     from megatron_vpmoe.training.checkpoint import list_checkpoints, read_trainer_state
 
-    cfg = tiny_config(tmp_path, train={"steps": 8}, checkpoint={"interval": 2, "keep_last": 2})
+    cfg = tiny_config(tmp_path, train={"steps": 8}, checkpoint={"interval": 2, "keep_last": 2},
+                      log={"tensorboard": True, "interval": 2})
     assert run_training(cfg) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
     names = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
     assert names == ["step_00000006", "step_00000008"]
     state = read_trainer_state(tmp_path / "checkpoints" / "step_00000008")

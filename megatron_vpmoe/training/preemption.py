@@ -10,6 +10,7 @@ torchrun collapses the children's exit codes; launchers look for it.
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,8 @@ class PreemptionHandler:
         self._previous = {}
 
     def install(self) -> "PreemptionHandler":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals reach only the main thread; a trainer run elsewhere is not preemptible
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -417,6 +417,9 @@ class Trainer:
                 if (interval and self.step % interval == 0) or self.step == end:
                     self.save_checkpoint()
             self.checkpoints.finalize()
+        except NonFiniteError:
+            self.checkpoints.finalize()  # a pending async save holds good weights: publish it
+            raise
         finally:
             preemption.uninstall()
             if bar is not None:
