@@ -146,7 +146,11 @@ class Trainer:
     def _build_datasets(self):
         if self._datasets is not None:
             return self._datasets
-        from megatron_vpmoe.data.dataset import build_datasets
+        try:
+            from megatron_vpmoe.data.dataset import build_datasets
+        except ImportError as err:
+            raise VpmoeError(f"cannot build the training data: megatron_vpmoe.data.dataset is not "
+                             f"available ({err}); the data package (issue 3) provides it") from None
 
         tok = self._load_tokenizer()
         eod = getattr(tok, "eod_id", 0) if tok is not None else 0
