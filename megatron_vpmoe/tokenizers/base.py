@@ -1,0 +1,222 @@
+"""The one tokenizer interface every variant implements, plus the variant backed by a HF
+``tokenizers`` model (bpe, unigram, lengthmax) and directory save/load.
+
+A tokenizer directory holds ``vpmoe_tokenizer.json`` (kind + metadata), the variant's own
+artefacts, and ``tokenizer.json`` (HF ``tokenizers`` format) so that
+``transformers.PreTrainedTokenizerFast(tokenizer_file=...)`` loads every variant.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from megatron_vpmoe.utils.atomic import atomic_directory
+from megatron_vpmoe.utils.errors import InputError
+
+METADATA_FILE = "vpmoe_tokenizer.json"
+HF_FILE = "tokenizer.json"
+KINDS = ("harmony", "bpe", "unigram", "lengthmax", "pruned")
+
+EOD_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|startoftext|>"
+PAD_TOKEN = "<|pad|>"
+# Harmony chat-format tokens every variant carries as single ids (student ones get them too).
+HARMONY_TOKENS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>",
+                  "<|constrain|>")
+STUDENT_SPECIALS = (EOD_TOKEN, BOS_TOKEN, PAD_TOKEN) + HARMONY_TOKENS
+
+
+def pad_to_multiple(n: int, multiple: int) -> int:
+    if multiple <= 0:
+        raise ValueError(f"multiple must be > 0, got {multiple}")
+    return -(-n // multiple) * multiple
+
+
+class Tokenizer:
+    """Common interface: ``encode``/``encode_batch``/``decode``, sizes, special ids, ``save``,
+    ``to_hf``. Subclasses implement the ``_``-prefixed hooks."""
+
+    kind: str = ""
+
+    def __init__(self, name: str, special_tokens: Dict[str, int], metadata: Optional[dict] = None):
+        self.name = name
+        self._special = dict(special_tokens)
+        self.metadata = dict(metadata or {})
+        for required in (EOD_TOKEN,) + HARMONY_TOKENS:
+            if required not in self._special:
+                raise InputError(f"tokenizer {name!r} lacks the special token {required}")
+
+    # ---- sizes and specials ------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids including special tokens (max id + 1)."""
+        raise NotImplementedError
+
+    def padded_vocab_size(self, multiple: int = 128) -> int:
+        return pad_to_multiple(self.vocab_size, multiple)
+
+    @property
+    def special_tokens(self) -> Dict[str, int]:
+        return dict(self._special)
+
+    def token_to_id(self, special: str) -> int:
+        try:
+            return self._special[special]
+        except KeyError:
+            raise KeyError(f"tokenizer {self.name!r} ({self.kind}) has no special token {special!r}") from None
+
+    @property
+    def eod_id(self) -> int:
+        return self._special[EOD_TOKEN]
+
+    @property
+    def bos_id(self) -> int:
+        return self._special.get(BOS_TOKEN, self.eod_id)
+
+    @property
+    def pad_id(self) -> int:
+        return self._special.get(PAD_TOKEN, self.eod_id)
+
+    # ---- encode / decode ---------------------------------------------------------------
+    def encode(self, text: str) -> List[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: List[int]) -> str:
+        raise NotImplementedError
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one non-special token (b"" for specials)."""
+        raise NotImplementedError
+
+    def token_byte_lengths(self) -> List[int]:
+        """UTF-8 byte length of every id (0 for specials and unused ids)."""
+        special = set(self._special.values())
+        return [0 if i in special else len(self.token_bytes(i)) for i in range(self.vocab_size)]
+
+    # ---- persistence -------------------------------------------------------------------
+    def hf_tokenizer(self):
+        """This tokenizer as a ``tokenizers.Tokenizer`` (what ``tokenizer.json`` holds)."""
+        raise NotImplementedError
+
+    def _save_artefacts(self, directory: Path) -> dict:
+        """Write the variant's own files into ``directory``; return extra metadata."""
+        return {}
+
+    def save(self, directory, *, overwrite: bool = True) -> Path:
+        directory = Path(directory)
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            tmp.chmod(0o755)
+            extra = self._save_artefacts(tmp)
+            self.hf_tokenizer().save(str(tmp / HF_FILE))
+            meta = {"kind": self.kind, "name": self.name, "vocab_size": self.vocab_size,
+                    "special_tokens": self._special, **self.metadata, **extra}
+            (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+            _write_hf_config(tmp, self)
+        return directory
+
+    def to_hf(self):
+        """A ``transformers.PreTrainedTokenizerFast`` with the same ids as :meth:`encode`."""
+        from transformers import PreTrainedTokenizerFast
+
+        hf = PreTrainedTokenizerFast(
+            tokenizer_object=self.hf_tokenizer(), eos_token=EOD_TOKEN,
+            bos_token=BOS_TOKEN if BOS_TOKEN in self._special else EOD_TOKEN,
+            pad_token=PAD_TOKEN if PAD_TOKEN in self._special else EOD_TOKEN,
+            additional_special_tokens=[t for t in HARMONY_TOKENS],
+            clean_up_tokenization_spaces=False)
+        hf.name_or_path = self.name
+        return hf
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} kind={self.kind} vocab_size={self.vocab_size}>"
+
+
+def _write_hf_config(directory: Path, tok: Tokenizer) -> None:
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD_TOKEN,
+              "bos_token": BOS_TOKEN if BOS_TOKEN in tok._special else EOD_TOKEN,
+              "pad_token": PAD_TOKEN if PAD_TOKEN in tok._special else EOD_TOKEN,
+              "additional_special_tokens": list(HARMONY_TOKENS),
+              "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+class HFTokenizer(Tokenizer):
+    """A variant whose encoder is a HF ``tokenizers`` model (bpe, unigram, lengthmax)."""
+
+    def __init__(self, kind: str, name: str, backend, metadata: Optional[dict] = None):
+        self.kind = kind
+        self._backend = backend
+        # special-token strings inside text are encoded as plain text, never as specials
+        backend.encode_special_tokens = True
+        specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        super().__init__(name, specials, metadata)
+        self._vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+        self._id_to_bytes = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def encode(self, text: str) -> List[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def _encode_plain(self, texts: List[str]) -> List[List[int]]:
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        return self._encode_plain(list(texts))
+
+    def decode(self, ids: List[int]) -> str:
+        return self._backend.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if self._id_to_bytes is None:
+            from megatron_vpmoe.tokenizers.bytes_map import piece_bytes_table
+
+            self._id_to_bytes = piece_bytes_table(self._backend, self.vocab_size)
+        return self._id_to_bytes[token_id]
+
+    def hf_tokenizer(self):
+        return self._backend
+
+    @classmethod
+    def from_directory(cls, kind: str, directory: Path, meta: dict) -> "HFTokenizer":
+        from tokenizers import Tokenizer as RustTokenizer
+
+        backend = RustTokenizer.from_file(str(directory / HF_FILE))
+        return cls(kind, directory.name, backend,
+                   {k: v for k, v in meta.items() if k not in ("kind", "name", "vocab_size", "special_tokens")})
+
+
+def load_tokenizer(directory) -> Tokenizer:
+    """Load a tokenizer directory written by ``Tokenizer.save`` (``vpmoe tokenizer train|get``)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"{directory}: tokenizer directory not found")
+    meta_path = directory / METADATA_FILE
+    if not meta_path.is_file():
+        raise InputError(f"{directory}: not a vpmoe tokenizer directory (no {METADATA_FILE}; "
+                         f"create one with 'vpmoe tokenizer train' or 'vpmoe tokenizer get harmony')")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        kind = meta["kind"]
+    except (ValueError, KeyError) as err:
+        raise InputError(f"{meta_path}: invalid tokenizer metadata ({err})") from None
+    if kind not in KINDS:
+        raise InputError(f"{meta_path}: unknown tokenizer kind {kind!r} (expected one of {', '.join(KINDS)})")
+    meta.setdefault("name", directory.name)
+    if kind in ("harmony", "pruned"):
+        from megatron_vpmoe.tokenizers.tiktoken_variant import TiktokenTokenizer
+
+        return TiktokenTokenizer.from_directory(directory, meta)
+    if not (directory / HF_FILE).is_file():
+        raise InputError(f"{directory}: missing {HF_FILE}")
+    try:
+        return HFTokenizer.from_directory(kind, directory, meta)
+    except Exception as err:  # noqa: BLE001 - a corrupt tokenizer.json is an input problem
+        raise InputError(f"{directory / HF_FILE}: cannot load ({err})") from None

@@ -1,0 +1,150 @@
+"""Tokenizer toolkit: interface, every variant's round trip and HF export, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from megatron_vpmoe.tokenizers import HARMONY_TOKENS, load_tokenizer, train_tokenizer
+from megatron_vpmoe.utils.errors import InputError
+
+SAMPLES = [
+    "Hello world",
+    "  leading spaces\n\n\ttabs and\r\nCRLF  ",
+    "héllo wörld — naïve café 😀 🤖 日本語のテキスト",
+    "literal specials <|start|>user<|message|>hi<|end|> and \u2581 marks",
+    "x = [i ** 2 for i in range(10)]  # 12345 67.89",
+    "",
+    "\x00\x01 control \x7f bytes",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "train.txt"
+    path.write_text((shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:200_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("toks")
+    out = {}
+    for kind in ("bpe", "unigram"):
+        train_tokenizer(kind, [str(corpus)], 1000, output=str(root / kind))
+        out[kind] = root / kind
+    return out
+
+
+def _check_interface(tok, text_sample: str):
+    for special in HARMONY_TOKENS + ("<|endoftext|>",):
+        assert isinstance(tok.token_to_id(special), int)
+    assert len(set(tok.special_tokens.values())) == len(tok.special_tokens)
+    assert tok.vocab_size > max(tok.special_tokens.values())
+    assert tok.padded_vocab_size(128) % 128 == 0 and tok.padded_vocab_size() >= tok.vocab_size
+    for s in SAMPLES:
+        ids = tok.encode(s)
+        assert tok.decode(ids) == s, (tok.kind, s)
+        assert not set(ids) & set(tok.special_tokens.values())  # specials in text stay text
+    assert tok.encode_batch(SAMPLES) == [tok.encode(s) for s in SAMPLES]
+    hf = tok.to_hf()
+    for s in SAMPLES[:3] + [text_sample]:
+        assert hf(s, add_special_tokens=False)["input_ids"] == tok.encode(s)
+    assert hf.convert_tokens_to_ids("<|start|>") == tok.token_to_id("<|start|>")
+    lengths = tok.token_byte_lengths()
+    ids = tok.encode(text_sample)
+    assert sum(lengths[i] for i in ids) == len(text_sample.encode("utf-8"))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_student_variants(kind, trained, corpus, tmp_path):
+    tok = load_tokenizer(trained[kind])
+    assert tok.kind == kind and tok.name == kind and tok.vocab_size == 1000
+    text = corpus.read_text()[:5000]
+    _check_interface(tok, text)
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(trained[kind] / "tokenizer.json"))
+    assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    tok.save(tmp_path / "copy")
+    assert load_tokenizer(tmp_path / "copy").encode(text) == tok.encode(text)
+
+
+def test_harmony(tmp_path, shared_data):
+    from megatron_vpmoe.tokenizers import harmony_tokenizer
+
+    tok = harmony_tokenizer()
+    assert tok.kind == "harmony" and tok.vocab_size == 201_088 and tok.padded_vocab_size() == 201_088
+    assert tok.token_to_id("<|start|>") == 200006 and tok.eod_id == 199999
+    assert tok.token_to_id("<|return|>") == 200002 and tok.token_to_id("<|call|>") == 200012
+    text = (shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:20_000]
+    import openai_harmony
+
+    enc = openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
+    assert enc.encode(text, allowed_special=set()) == tok.encode(text)
+    tok.save(tmp_path / "harmony")
+    loaded = load_tokenizer(tmp_path / "harmony")
+    _check_interface(loaded, text)
+
+
+def test_cli_train_and_errors(corpus, tmp_path):
+    out = tmp_path / "cli_bpe"
+    run = subprocess.run([sys.executable, "-m", "megatron_vpmoe.cli", "tokenizer", "train", "--kind", "bpe",
+                          "--vocab-size", "600", "--input", str(corpus), "--output", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    meta = json.loads((out / "vpmoe_tokenizer.json").read_text())
+    assert meta["kind"] == "bpe" and meta["vocab_size"] == 600
+    again = subprocess.run([sys.executable, "-m", "megatron_vpmoe.cli", "tokenizer", "train", "--kind", "bpe",
+                            "--vocab-size", "100", "--input", str(corpus), "--output", str(tmp_path / "x")],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "smaller than the base alphabet" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_inputs(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(InputError, match="empty corpus"):
+        train_tokenizer("bpe", [str(empty)], 1000)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine text\nmore\xff\xfe here")
+    with pytest.raises(InputError, match=r"bad.txt: not UTF-8 at byte offset 14"):
+        train_tokenizer("bpe", [str(bad)], 1000)
+    with pytest.raises(InputError, match="no such file"):
+        train_tokenizer("bpe", [str(tmp_path / "nope*.txt")], 1000)
+    with pytest.raises(InputError, match="tokenizer directory not found"):
+        load_tokenizer(tmp_path / "missing")
+    (tmp_path / "notatok").mkdir()
+    with pytest.raises(InputError, match="notatok"):
+        load_tokenizer(tmp_path / "notatok")
+    good = tmp_path / "good.txt"
+    good.write_text("some words here " * 50)
+    with pytest.raises(InputError, match="smaller than the base alphabet"):
+        train_tokenizer("unigram", [str(good)], 200)
+
+
+def test_interrupted_training_leaves_no_directory(corpus, tmp_path, monkeypatch):
+    from megatron_vpmoe.tokenizers import base
+
+    def boom(self, directory):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(base.HFTokenizer, "_save_artefacts", boom)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer("bpe", [str(corpus)], 600, output=str(tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_jsonl_field_input(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": [{"content": f"record {i} text about things"}]})
+                              for i in range(200)))
+    tok = train_tokenizer("bpe", [f"{path}:messages.0.content"], 400)
+    assert tok.decode(tok.encode("record 7 text")) == "record 7 text"
+    with pytest.raises(InputError, match=r"d.jsonl:1: no field 'nope'"):
+        train_tokenizer("bpe", [f"{path}:nope"], 400)
