@@ -106,3 +106,29 @@ def test_config_errors_name_the_key(tmp_path, shared_data):
     good.write_text(CONFIG.format(out=tmp_path / "o"))
     exp = load_experiment_config(good, overrides=["train_bytes=2e4", "eval.limit=7"])
     assert exp.train_bytes == 20000 and exp.eval_limit == 7
+
+
+def test_trained_variant_converts_and_evaluates_the_same(experiment, shared_data):
+    """trainer checkpoint -> vpmoe convert to-hf -> vpmoe eval: the HF model gives the same bits
+    per byte as the native checkpoint."""
+    from megatron_vpmoe.eval.backends import open_backend
+    from megatron_vpmoe.eval.tasks import run_bits_per_byte
+
+    tmp, _ = experiment
+    ckpt = tmp / "out" / "bpe-300" / "run" / "checkpoints"
+    assert main(["convert", "to-hf", str(ckpt), str(tmp / "hf-bpe-300")]) == 0
+    text = shared_data / "eval" / "mc" / "lambada_openai.jsonl"
+    native = run_bits_per_byte(open_backend(str(ckpt)), text, 3)
+    hf = run_bits_per_byte(open_backend(str(tmp / "hf-bpe-300")), text, 3)
+    assert native["tokens"] == hf["tokens"] and native["bytes"] == hf["bytes"]
+    assert hf["bpb"] == pytest.approx(native["bpb"], rel=1e-5)
+
+
+@pytest.mark.long
+def test_tiny_preset_end_to_end(tmp_path, repo_root):
+    """The shipped tiny preset, full size (about 5 minutes on 2 cores)."""
+    config = repo_root / "examples" / "experiments" / "tokenizers.yaml"
+    assert main(["experiment", "tokenizers", "--config", str(config), "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["variant"] for r in rows] == ["bpe-8k", "bpe-2k", "bpe-512"]
+    assert all(r["valid_bpb"] is not None and r["eval_bpb"] is not None for r in rows)
