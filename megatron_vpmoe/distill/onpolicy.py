@@ -14,7 +14,9 @@ step, RNG) use the trainer's :class:`CheckpointManager`, so a run resumes from
 ``checkpoint.dir``. Metrics go to ``{run.dir}/metrics.jsonl`` (mean teacher score, reward
 spread, KL, response length, samples/s, dropped samples) and a sample table of prompts,
 completions and scores to ``{run.dir}/samples.jsonl`` every ``sample_table_interval`` steps.
-Single process (no tensor/expert/pipeline split yet).
+Data parallel like ``vpmoe train`` (torchrun / SLURM / mpirun, gloo or NCCL): each rank takes its
+share of the step's prompts, samples and asks the teacher on its own, and DDP averages the
+gradients; metrics are reduced over ranks and written by rank 0. No tensor/expert/pipeline split.
 """
 
 from __future__ import annotations
@@ -94,6 +96,17 @@ class OnPolicyTrainer:
             if s.kind not in SCORERS:
                 raise ConfigError(f"unknown scorer {s.kind!r}", key=f"distill.onpolicy.scorers[{i}].kind")
         self.quiet = quiet
+        from megatron_vpmoe.training.distributed import init_distributed
+
+        info = init_distributed()
+        self.rank, self.world_size = info.rank, info.world_size
+        if cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.expert > 1:
+            raise ConfigError("on-policy distillation runs data parallel only; set parallel.tensor, "
+                              "pipeline and expert to 1", key="parallel")
+        cfg.parallel.resolve_data(self.world_size)
+        if op.prompts_per_step % self.world_size:
+            raise ConfigError(f"must be divisible by the data-parallel size ({self.world_size})",
+                              key="distill.onpolicy.prompts_per_step")
         if op.nll_anchor_coeff:
             raise ConfigError("the NLL anchor on phase-1 data is not implemented yet; set it to 0",
                               key="distill.onpolicy.nll_anchor_coeff")
@@ -113,7 +126,7 @@ class OnPolicyTrainer:
         from megatron_vpmoe.training.checkpoint import CheckpointManager, latest_checkpoint
         from megatron_vpmoe.training.optimizer import build_optimizer
 
-        self.model = VpmoeModel(cfg.model)
+        self.model = VpmoeModel(cfg.model)  # the plain module (generation, checkpoints)
         self.optimizer = build_optimizer(self.model, cfg.train.optimizer)
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
         self.step = 0
@@ -133,9 +146,14 @@ class OnPolicyTrainer:
             ref_path = Path(cfg.checkpoint_dir) / "reference.pt"
             self.reference.load_state_dict(torch.load(ref_path, weights_only=True))
         self.reference.eval().requires_grad_(False)
-        if resume is None and not op.reference:
+        if resume is None and not op.reference and self.rank == 0:
             Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
             torch.save(self.reference.state_dict(), Path(cfg.checkpoint_dir) / "reference.pt")
+        self.train_model = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_model = DDP(self.model)  # broadcasts rank 0's weights; averages gradients
 
     @staticmethod
     def _load_weights(model, path: str) -> None:
@@ -188,7 +206,9 @@ class OnPolicyTrainer:
         cfg, op = self.cfg, self.cfg.distill.onpolicy
         t0 = time.perf_counter()
         n = len(self.prompts)
-        batch = [self.prompts[(self.step * op.prompts_per_step + i) % n] for i in range(op.prompts_per_step)]
+        per_rank = op.prompts_per_step // self.world_size
+        first = self.step * op.prompts_per_step + self.rank * per_rank
+        batch = [self.prompts[(first + i) % n] for i in range(per_rank)]
         seqs, starts, old, ref, texts = self._rollouts(batch)
         k = op.samples_per_prompt
         groups = [(p.messages, p.reference,
@@ -201,34 +221,54 @@ class OnPolicyTrainer:
         dropped = len(adv) - len(keep)
         stats = {"pg": 0.0, "kl": 0.0, "clip_fraction": 0.0}
         grad_norm = 0.0
-        if keep:
-            ids, mask, (old_t, ref_t) = self._pad([seqs[i] for i in keep], [starts[i] for i in keep],
-                                                  [old[i] for i in keep], [ref[i] for i in keep])
-            advantages = torch.tensor([adv[i] for i in keep])
-            set_learning_rate(self.optimizer, learning_rate(self.step, cfg.train))
-            self.model.train()
-            for _ in range(max(1, op.ppo_epochs)):
-                logits = self.model(ids[:, :-1]).float()
-                new = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-                loss, stats = policy_loss(new, old_t, ref_t, advantages, mask,
-                                          clip_eps=op.clip_eps, kl_coeff=op.kl_coeff)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = clip_gradients(self.model.parameters(), cfg.train.optimizer.clip_grad)
-                if math.isfinite(grad_norm):
-                    self.optimizer.step()
+        # every rank runs the update (DDP all-reduces in backward); a rank whose samples were
+        # all dropped contributes a zero loss over its rows
+        rows = keep or list(range(len(adv)))
+        ids, mask, (old_t, ref_t) = self._pad([seqs[i] for i in rows], [starts[i] for i in rows],
+                                              [old[i] for i in rows], [ref[i] for i in rows])
+        advantages = torch.tensor([adv[i] if adv[i] is not None else 0.0 for i in rows])
+        set_learning_rate(self.optimizer, learning_rate(self.step, cfg.train))
+        self.model.train()
+        for _ in range(max(1, op.ppo_epochs)):
+            logits = self.train_model(ids[:, :-1]).float()
+            new = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            loss, stats = policy_loss(new, old_t, ref_t, advantages, mask,
+                                      clip_eps=op.clip_eps, kl_coeff=op.kl_coeff)
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss if keep else loss * 0.0).backward()
+            grad_norm = clip_gradients(self.model.parameters(), cfg.train.optimizer.clip_grad)
+            if math.isfinite(grad_norm):
+                self.optimizer.step()
         self.step += 1
         valid = [s for group in scores for s in group if s is not None]
         spreads = [_std([s for s in g if s is not None]) for g in scores]
+        has = 1.0 if keep else 0.0
+        totals = self._all_reduce([
+            sum(valid), len(valid), sum(spreads), len(spreads), has * stats["kl"],
+            has * stats["pg"], has * stats["clip_fraction"], has, dropped,
+            sum(len(s) - st for s, st in zip(seqs, starts)), len(seqs)])
+        (score_sum, n_valid, spread_sum, n_groups, kl_sum, pg_sum, clip_sum, n_upd, dropped_all,
+         resp_tokens, n_seqs) = totals
         secs = time.perf_counter() - t0
         record = {"step": self.step, "kind": "onpolicy",
-                  "teacher_score": sum(valid) / len(valid) if valid else float("nan"),
-                  "reward_spread": sum(spreads) / len(spreads), "kl": stats["kl"], "pg": stats["pg"],
-                  "clip_fraction": stats["clip_fraction"], "grad_norm": grad_norm,
-                  "response_tokens": sum(len(s) - st for s, st in zip(seqs, starts)) / len(seqs),
-                  "samples_per_s": len(seqs) / secs, "dropped": dropped, **by_kind}
+                  "teacher_score": score_sum / n_valid if n_valid else float("nan"),
+                  "reward_spread": spread_sum / max(n_groups, 1), "kl": kl_sum / max(n_upd, 1),
+                  "pg": pg_sum / max(n_upd, 1), "clip_fraction": clip_sum / max(n_upd, 1),
+                  "grad_norm": grad_norm, "response_tokens": resp_tokens / n_seqs,
+                  "samples_per_s": n_seqs / secs, "dropped": int(dropped_all), **by_kind}
         self._last = (batch, texts, scores)
         return record
+
+    def _all_reduce(self, values: list) -> list:
+        """Sums over data-parallel ranks (the values themselves in one process)."""
+        if self.world_size == 1:
+            return [float(v) for v in values]
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
 
     def _sample_table(self) -> list:
         batch, texts, scores = self._last
@@ -245,18 +285,19 @@ class OnPolicyTrainer:
 
         cfg, op = self.cfg, self.cfg.distill.onpolicy
         run_dir = Path(cfg.run.dir)
-        logger = MetricsLogger(run_dir, enabled=True, tensorboard=cfg.log.tensorboard,
+        main = self.rank == 0
+        logger = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.log.tensorboard,
                                resume_step=self.step)
         history = []
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="on-policy", unit="step",
-                   disable=None if cfg.log.progress_bar and not self.quiet else True)
+                   disable=None if cfg.log.progress_bar and not self.quiet and main else True)
         while self.step < cfg.train.steps:
             record = self.train_step()
             history.append(record)
             logger.log(record)
             bar.update(1)
             bar.set_postfix(score=f"{record['teacher_score']:.3f}", kl=f"{record['kl']:.4f}")
-            if op.sample_table_interval and self.step % op.sample_table_interval == 0:
+            if main and op.sample_table_interval and self.step % op.sample_table_interval == 0:
                 with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
                     for row in self._sample_table():
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -205,21 +205,20 @@ class HFBackend(HFTokenizerBackend):
 
 
 def load_tokenizer_dir(directory: str):
-    """A student tokenizer directory as a ``transformers`` fast tokenizer (issue 11's
-    ``load_tokenizer(...).to_hf()`` when the tokenizers package provides it, else tokenizer.json)."""
+    """A tokenizer directory as a ``transformers`` fast tokenizer: a ``vpmoe tokenizer``
+    directory (``vpmoe_tokenizer.json``) through its loader's ``to_hf()``, else a plain Hugging
+    Face directory (``tokenizer.json``)."""
     path = Path(directory)
     if not path.is_dir():
         raise InputError(f"{directory}: tokenizer directory not found")
-    try:
+    if (path / "vpmoe_tokenizer.json").is_file():
         from megatron_vpmoe.tokenizers import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
+
         return load_tokenizer(str(path)).to_hf()
+    if not (path / "tokenizer.json").is_file():
+        raise InputError(f"{directory}: neither vpmoe_tokenizer.json nor tokenizer.json")
     from transformers import PreTrainedTokenizerFast
 
-    if not (path / "tokenizer.json").is_file():
-        raise InputError(f"{directory}: no tokenizer.json")
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
