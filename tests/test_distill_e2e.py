@@ -124,20 +124,16 @@ def test_generation_survives_teacher_crash(generated):
 
 
 def student_tokenizer(path: Path, shared_data: Path) -> int:
-    """A byte-level BPE trained on Shakespeare: shares nothing with the teacher's tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A student BPE from `vpmoe tokenizer train` on Shakespeare (Harmony specials included):
+    shares nothing with the teacher's tokenizer. Returns its vocabulary size."""
+    from megatron_vpmoe.cli import main as vpmoe
+    from megatron_vpmoe.serve.backends import load_tokenizer_dir
 
-    text = (shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:100_000]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
-    tok.save_pretrained(path)
-    return len(tok)
+    if not (path / "tokenizer.json").is_file():
+        assert vpmoe(["tokenizer", "train", "--kind", "bpe", "--vocab-size", "400", "--input",
+                      str(shared_data / "corpora" / "tinyshakespeare.txt"), "--max-bytes", "100000",
+                      "--output", str(path)]) == 0
+    return len(load_tokenizer_dir(str(path)))
 
 
 @pytest.fixture(scope="module")
@@ -212,13 +208,13 @@ def _role_masked_samples(records_path: Path, tok, seq_length: int) -> list:
 
 def test_student_loss_on_teacher_text_falls(corpus):
     import torch
-    from transformers import PreTrainedTokenizerFast
 
     from megatron_vpmoe.config import load_config
+    from megatron_vpmoe.serve.backends import load_tokenizer_dir
     from megatron_vpmoe.training.trainer import Trainer
 
     work = corpus["work"]
-    tok = PreTrainedTokenizerFast.from_pretrained(str(corpus["tok"]))
+    tok = load_tokenizer_dir(str(corpus["tok"]))
     samples = _role_masked_samples(corpus["dir"] / "chat_records.jsonl", tok, 256)
     assert len(samples) >= 2
     cfg_path = work / "student.yaml"

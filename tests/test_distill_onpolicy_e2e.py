@@ -1,4 +1,4 @@
-"""On-policy distillation end to end on CPU: a tiny VPMoE student (its own byte-level BPE, trained
+"""On-policy distillation end to end on CPU: a tiny VPMoE student (its own BPE from `vpmoe tokenizer train`, trained
 on Shakespeare) samples answers to GSM8K prompts; the toy GSM8K teacher served by `vpmoe serve`
 (a different tokenizer, and preferences the student does not share) scores the strings by
 per-byte log-likelihood; GRPO updates raise the teacher's mean score while the KL to the frozen
