@@ -65,7 +65,7 @@ def test_teacher_score_rises_with_bounded_kl(setup):
     assert last > first + 0.3, scores  # per-byte teacher log-likelihood rises
     kls = [h["kl"] for h in history]
     assert max(kls) < 1.0 and kls[-1] > 0  # the student moved, but stayed near the reference
-    assert sum(h["dropped"] for h in history) <= 6
+    assert sum(h["dropped"] for h in history) < 60  # empty answers are dropped and counted
     metrics = [json.loads(l) for l in (work / "run" / "metrics.jsonl").open()]
     assert [m["step"] for m in metrics] == list(range(1, 31))
     table = [json.loads(l) for l in (work / "run" / "samples.jsonl").open()]
