@@ -217,3 +217,38 @@ def test_cli_reports_bad_prompt_line(tmp_path, capsys):
                 "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "bad.jsonl:2" in err and "expected a JSON object" in err
+
+
+def test_completions_endpoint(tmp_path):
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "Once upon a time"}])
+    bodies = []
+
+    def answer(body, call):
+        bodies.append(body)
+        return 200, {"usage": {"completion_tokens": 8}, "choices": [
+            {"text": f" there was a fox #{i}", "finish_reason": "stop"} for i in range(body["n"])]}
+
+    with ScriptedTeacher(answer) as teacher:
+        s = run_generate(_opts(teacher.url, prompts, tmp_path / "gen", samples=2, endpoint="completions",
+                               max_tokens=32, temperature=0.3, seed=5))
+    assert s.accepted == 2 and s.completion_tokens == 8
+    assert bodies[0]["prompt"] == "Once upon a time" and bodies[0]["n"] == 2
+    assert bodies[0]["max_tokens"] == 32 and bodies[0]["temperature"] == 0.3 and "seed" in bodies[0]
+    recs = _records(tmp_path / "gen", "shard")
+    assert [r["final"] for r in recs] == [" there was a fox #0", " there was a fox #1"]
+    assert all(r["reasoning"] is None for r in recs)
+
+
+def test_toy_teacher_cli(tmp_path, shared_data, capsys):
+    from megatron_vpmoe.serve.backends import load_backend
+
+    out = tmp_path / "teacher"
+    assert vpmoe(["distill", "toy-teacher", "--gsm8k", str(shared_data / "kd" / "gsm8k_train.jsonl"),
+                  "--out", str(out), "--examples", "1", "--steps", "2"]) == 0
+    assert "vpmoe serve" in capsys.readouterr().out
+    backend = load_backend(str(out))
+    assert backend.is_harmony and backend.chat_stop_ids()  # Harmony specials are single tokens
+    assert vpmoe(["distill", "toy-teacher", "--out", str(out)]) == 2  # never overwrites silently
+    bad = _write(tmp_path / "bad.jsonl", [{"question": "no answer field"}])
+    assert vpmoe(["distill", "toy-teacher", "--gsm8k", str(bad), "--out", str(tmp_path / "t2")]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err

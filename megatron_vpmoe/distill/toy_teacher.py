@@ -37,6 +37,8 @@ def build_toy_teacher(gsm8k_path: str, out_dir: str, *, examples: int = 4, steps
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+    if Path(out_dir).exists() and not overwrite:
+        raise InputError(f"{out_dir} already exists (pass --overwrite to replace it)")
     texts = []
     with open(gsm8k_path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
