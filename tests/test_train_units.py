@@ -173,3 +173,44 @@ def test_byte_lengths_of_tiktoken_o200k(shared_data):
     table = L.token_byte_lengths(enc, enc.n_vocab + 8)
     ids = torch.tensor(enc.encode(TEXT))
     assert int(table[ids].sum()) == len(TEXT.encode("utf-8"))
+
+
+def test_trainer_logs_the_role_weighted_objective(tmp_path):
+    from test_train_support import SHAKESPEARE, ByteTokenizer, ByteWindows, read_metrics, tiny_config
+
+    from megatron_vpmoe.training.trainer import Trainer
+
+    seq = 32
+    roles = [[3] * seq, [0] * 8 + [1] * 16 + [2] * 8, [0] * 20 + [2] * 12, [1] * 30 + [0] * 2]
+    cfg = tiny_config(tmp_path, train={"steps": 2}, distill={"reasoning_loss_weight": 0.5,
+                                                             "final_loss_weight": 2.0})
+    data = ByteWindows(SHAKESPEARE, seq, limit=20_000, roles=roles)
+    assert Trainer(cfg, datasets=(data, data), tokenizer=ByteTokenizer(), quiet=True).run() == 0
+    for r in read_metrics(tmp_path):
+        expected = (r["nll_text"] + 0.5 * r["nll_reasoning"] + 2.0 * r["nll_final"]) / 3.5
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)
+        assert r["loss_tokens"] == 4 * seq - 8 - 20 - 2
+        bpb = (r["nll_text"] * seq + r["nll_reasoning"] * 46 + r["nll_final"] * 20) / math.log(2) / 98
+        assert r["bits_per_byte"] == pytest.approx(bpb, rel=1e-5)
+
+
+def test_validation_counts_only_loss_positions(tmp_path):
+    from test_train_support import SHAKESPEARE, ByteTokenizer, ByteWindows, tiny_config
+
+    from megatron_vpmoe.training.trainer import Trainer
+
+    seq = 32
+    cfg = tiny_config(tmp_path, train={"steps": 2, "eval_iters": 1})
+    half = ByteWindows(SHAKESPEARE, seq, limit=20_000, roles=[[0] * 16 + [3] * 16])
+    full = ByteWindows(SHAKESPEARE, seq, limit=20_000)
+    trainer = Trainer(cfg, datasets=(full, full), tokenizer=ByteTokenizer(), quiet=True)
+    trainer.byte_lengths = torch.ones(256, dtype=torch.long)
+    a, b = trainer.evaluate(half), trainer.evaluate(full)
+    assert a["loss"] == pytest.approx(a["lm_loss"]) and b["loss"] == pytest.approx(b["lm_loss"])
+    assert a["bits_per_byte"] == pytest.approx(a["lm_loss"] / math.log(2))
+    # the second halves alone, computed directly
+    batch = [half[i] for i in range(4)]
+    with torch.no_grad():
+        nll = trainer.raw_model(torch.stack([x["tokens"] for x in batch]),
+                                labels=torch.stack([x["labels"] for x in batch]))
+    assert a["loss"] == pytest.approx(float(nll[:, 16:].mean()), rel=1e-5)

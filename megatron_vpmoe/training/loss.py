@@ -93,7 +93,7 @@ class Objective:
                  aux: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(loss to backpropagate, nll_part)``; ``nll_part`` (detached) sums to L_nll."""
         coef = self.coefficients.to(per_token_nll.device)[roles].to(per_token_nll.dtype)
-        nll_part = (per_token_nll * coef).sum()
+        nll_part = torch.where(coef > 0, per_token_nll * coef, 0.0).sum()  # no-loss positions drop out
         loss = nll_part * self.grad_scale
         if aux is not None:
             loss = loss + aux * self.aux_scale
@@ -101,10 +101,13 @@ class Objective:
 
 
 def role_nll_sums(per_token_nll: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
-    """Summed NLL per role, float64 ``[4]`` (for logging: per-span means and bits per byte)."""
-    return torch.zeros(NUM_ROLES, dtype=torch.float64, device=per_token_nll.device).index_add_(
+    """Summed NLL per role, float64 ``[4]`` (for logging: per-span means and bits per byte).
+    Entry 0 (positions without loss) is always 0, so ``.sum()`` is the NLL of the counted tokens."""
+    sums = torch.zeros(NUM_ROLES, dtype=torch.float64, device=per_token_nll.device).index_add_(
         0, roles.reshape(-1), per_token_nll.detach().reshape(-1).double()
     )
+    sums[ROLE_NONE] = 0.0
+    return sums
 
 
 def counted_bytes(labels: torch.Tensor, roles: torch.Tensor, byte_lengths: torch.Tensor) -> torch.Tensor:

@@ -316,7 +316,7 @@ class Trainer:
         _all_reduce_sum(stats)
         coef = Objective(stats[4:8], self.weights).coefficients.to(self.device)
         out = {"loss": float((stats[0:4] * coef).sum()),
-               "lm_loss": float(stats[0:4].sum() / stats[4:8].sum().clamp(min=1))}
+               "lm_loss": float(stats[0:4].sum() / stats[5:8].sum().clamp(min=1))}
         if self.byte_lengths is not None:
             out["bits_per_byte"] = bits_per_byte(float(stats[0:4].sum()), float(stats[8]))
         return out
