@@ -134,6 +134,8 @@ class OpenAIServer:
                 ids, offs = b.encode_with_offsets(p)
                 out.append((p, ids, offs))
             elif isinstance(p, list) and p and all(isinstance(t, int) and t >= 0 for t in p):
+                if b.vocab_size is not None and max(p) >= b.vocab_size:
+                    raise BadRequest(f"token id {max(p)} is outside the vocabulary ({b.vocab_size})")
                 out.append((b.decode(p), list(p), b.offsets(p)))
             else:
                 raise BadRequest("each prompt must be a string or a non-empty list of token ids")

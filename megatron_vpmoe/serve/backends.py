@@ -47,6 +47,7 @@ class Backend:
 
     model_id: str
     eos_ids: tuple = ()
+    vocab_size: Optional[int] = None  # token ids in requests must be below it
 
     # tokenizer ------------------------------------------------------------------------------
     def encode(self, text: str) -> list:
@@ -146,6 +147,7 @@ class HFBackend(HFTokenizerBackend):
         except (OSError, ValueError) as err:
             raise InputError(f"{path}: not a loadable Hugging Face causal LM directory ({err})") from err
         self.model.eval()
+        self.vocab_size = self.model.config.vocab_size
         eos = self.tokenizer.eos_token_id
         self.eos_ids = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (

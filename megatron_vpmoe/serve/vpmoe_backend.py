@@ -40,6 +40,7 @@ class VpmoeBackend(HFTokenizerBackend):
         self.model.load_state_dict(load_model_state_dict(ckpt))
         self.model.eval()
         self.cfg = cfg
+        self.vocab_size = cfg.model.vocab_size
         self.model_id = model_id or Path(path).resolve().name
         eos = self.tokenizer.eos_token_id
         self.eos_ids = (eos,) if eos is not None else ()
