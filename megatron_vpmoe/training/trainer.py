@@ -131,8 +131,10 @@ class Trainer:
 
     def _load_tokenizer(self):
         if self.tokenizer is None and self.cfg.data.tokenizer:
-            from megatron_vpmoe.tokenizers import load_tokenizer
-
+            try:
+                from megatron_vpmoe.tokenizers import load_tokenizer
+            except ImportError as err:
+                raise VpmoeError(f"cannot load data.tokenizer: the tokenizer package has no loader ({err})") from None
             self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
         return self.tokenizer
 
