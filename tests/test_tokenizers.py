@@ -173,3 +173,26 @@ def test_lengthmax(corpus, tmp_path):
     assert any(b" " in p.strip(b" ") for p in pieces)  # tokens span whitespace
     bpe = train_tokenizer("bpe", [str(train_file)], 1500)
     assert len(loaded.encode(held)) < 0.95 * len(bpe.encode(held))
+
+
+def test_pruned(corpus, tmp_path):
+    """Pruned o200k: closed merge graph, bytes/digits/specials kept, ids map back to the
+    teacher's, and on the pruning corpus most text keeps the teacher's own tokens."""
+    from megatron_vpmoe.tokenizers import harmony_tokenizer
+    from megatron_vpmoe.tokenizers.pruned import merge_parents
+
+    tok = train_tokenizer("pruned", [str(corpus)], 4000, output=str(tmp_path / "pruned"))
+    loaded = load_tokenizer(tmp_path / "pruned")
+    assert loaded.kind == "pruned" and loaded.vocab_size == 4000
+    teacher = harmony_tokenizer()
+    for token in loaded.ranks:
+        assert all(p in loaded.ranks for p in merge_parents(token, teacher.ranks)), token
+    assert all(bytes([b]) in loaded.ranks for b in range(256))
+    assert all(str(d).encode() in loaded.ranks for d in range(1000))
+    text = corpus.read_text()[:20_000]
+    _check_interface(loaded, text)
+    ids = loaded.encode(text)
+    assert teacher.decode([loaded.teacher_ids[i] for i in ids]) == text
+    assert loaded.teacher_ids[loaded.token_to_id("<|message|>")] == teacher.token_to_id("<|message|>")
+    assert len(ids) < 1.15 * len(teacher.encode(text))
+    assert tok.metadata["teacher_usage_covered"] > 0.5

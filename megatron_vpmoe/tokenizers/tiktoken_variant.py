@@ -4,6 +4,7 @@ students, loaded offline, with their export to HF ``tokenizers`` byte-level BPE.
 from __future__ import annotations
 
 import base64
+import json
 import os
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -14,6 +15,7 @@ from megatron_vpmoe.tokenizers.bytes_map import bytes_to_piece
 from megatron_vpmoe.utils.errors import InputError
 
 RANKS_FILE = "o200k_base.tiktoken"
+TEACHER_MAP_FILE = "student_to_teacher.json"
 HARMONY_VOCAB = 201_088
 
 
@@ -72,6 +74,7 @@ class TiktokenTokenizer(Tokenizer):
         self._n_vocab = n_vocab or self._enc.n_vocab
         self._hf = None
         self._hf_file = None  # a saved tokenizer.json to load instead of converting the ranks
+        self.teacher_ids: Optional[List[int]] = None  # pruned: student id -> teacher id (-1: none)
 
     @classmethod
     def harmony(cls, ranks_path=None, name: str = "harmony") -> "TiktokenTokenizer":
@@ -145,6 +148,8 @@ class TiktokenTokenizer(Tokenizer):
 
     def _save_artefacts(self, directory: Path) -> dict:
         _write_ranks(directory / "ranks.tiktoken", self.ranks)
+        if self.teacher_ids is not None:
+            (directory / TEACHER_MAP_FILE).write_text(json.dumps(self.teacher_ids) + "\n")
         return {"pat_str": self.pat_str, "n_vocab": self._n_vocab}
 
     @classmethod
@@ -159,6 +164,9 @@ class TiktokenTokenizer(Tokenizer):
                   {k: int(v) for k, v in meta["special_tokens"].items()}, extra,
                   n_vocab=meta.get("n_vocab"))
         tok._hf_file = directory / "tokenizer.json"
+        map_file = directory / TEACHER_MAP_FILE
+        if map_file.is_file():
+            tok.teacher_ids = json.loads(map_file.read_text())
         return tok
 
 
