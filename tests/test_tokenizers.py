@@ -196,3 +196,30 @@ def test_pruned(corpus, tmp_path):
     assert loaded.teacher_ids[loaded.token_to_id("<|message|>")] == teacher.token_to_id("<|message|>")
     assert len(ids) < 1.15 * len(teacher.encode(text))
     assert tok.metadata["teacher_usage_covered"] > 0.5
+
+
+def test_eval_report(trained, corpus, tmp_path):
+    """`vpmoe tokenizer eval` writes report.json (required keys, sane numbers), report.md, plots."""
+    from megatron_vpmoe.cli import main
+
+    held = tmp_path / "held.txt"
+    held.write_text(corpus.read_text()[-30_000:])
+    report = tmp_path / "report"
+    assert main(["tokenizer", "eval", "--tokenizers", str(trained["bpe"]), str(trained["unigram"]),
+                 "--input", str(held), "--report", str(report), "--hidden-size", "64"]) == 0
+    rows = json.loads((report / "report.json").read_text())
+    assert [r["name"] for r in rows] == ["bpe", "unigram"]
+    for r in rows:
+        for key in ("name", "kind", "vocab_size", "tokens_per_char", "tokens_per_byte", "embedding_head_params",
+                    "roundtrip_exact", "encode_mb_per_s", "bytes_per_token", "byte_fallback_rate",
+                    "doc_length_percentiles"):
+            assert key in r
+        assert r["roundtrip_exact"] is True
+        assert r["embedding_head_params"] == 2 * 1024 * 64  # vocab 1000 padded to 1024
+        assert 0.1 < r["tokens_per_char"] < 1 and r["encode_mb_per_s"] > 0
+        assert abs(r["tokens_per_char"] * r["bytes_per_token"] * r["bytes"] / r["chars"] - 1) < 1e-9
+    assert "| bpe | bpe |" in (report / "report.md").read_text()
+    for png in ("tokens_per_char.png", "doc_lengths.png", "params_vs_compression.png"):
+        assert (report / png).stat().st_size > 1000
+    assert main(["tokenizer", "eval", "--tokenizers", str(tmp_path / "nope"), "--input", str(held),
+                 "--report", str(report)]) == 2
