@@ -180,7 +180,8 @@ def test_preprocess_with_student_tokenizer(corpus):
 
 def _role_masked_samples(records_path: Path, tok, seq_length: int) -> list:
     """Stand-in for the preprocess shards until issue 3 lands: each Harmony-rendered chat record
-    in the student tokenizer (its last ``seq_length + 1`` tokens, so the assistant turn is whole),
+    in the student tokenizer (its last ``seq_length + 1`` tokens; records whose assistant turn
+    does not fit are left out),
     labels masked to the assistant's reasoning (1) and final (2) spans."""
     import torch
 
@@ -200,7 +201,8 @@ def _role_masked_samples(records_path: Path, tok, seq_length: int) -> list:
             ids += t
             roles += [role] * len(t)
         ids, roles = ids[-(seq_length + 1):], roles[-(seq_length + 1):]
-        assert len(ids) == seq_length + 1 and roles[0] == 0  # the whole answer fits
+        if len(ids) < seq_length + 1 or roles[0] != 0:
+            continue  # the whole answer must fit in one sample
         window = torch.tensor(ids)
         samples.append({"tokens": window[:-1], "labels": window[1:], "loss_mask": torch.tensor(roles[1:])})
     return samples

@@ -15,8 +15,8 @@ step, RNG) use the trainer's :class:`CheckpointManager`, so a run resumes from
 spread, KL, response length, samples/s, dropped samples) and a sample table of prompts,
 completions and scores to ``{run.dir}/samples.jsonl`` every ``sample_table_interval`` steps.
 Data parallel like ``vpmoe train`` (torchrun / SLURM / mpirun, gloo or NCCL): each rank takes its
-share of the step's prompts, samples and asks the teacher on its own, and DDP averages the
-gradients; metrics are reduced over ranks and written by rank 0. No tensor/expert/pipeline split.
+share of the step's prompts, samples and asks the teacher on its own, and the gradients are
+averaged over ranks (one flat all-reduce per update); metrics are reduced over ranks and written by rank 0. No tensor/expert/pipeline split.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ async def score_groups(cfg_onpolicy, teacher_url: str, groups: list, teacher_tem
 
 
 class OnPolicyTrainer:
-    def __init__(self, cfg, *, quiet: bool = False):
+    def __init__(self, cfg, *, quiet: bool = False, anchor_dataset=None):
+        """``anchor_dataset``: items ``{tokens, labels, loss_mask}`` for the NLL anchor (default:
+        the ``data.blend`` shards through the data package) - used when ``nll_anchor_coeff > 0``."""
         import torch
 
         self.cfg = cfg
@@ -107,9 +109,8 @@ class OnPolicyTrainer:
         if op.prompts_per_step % self.world_size:
             raise ConfigError(f"must be divisible by the data-parallel size ({self.world_size})",
                               key="distill.onpolicy.prompts_per_step")
-        if op.nll_anchor_coeff:
-            raise ConfigError("the NLL anchor on phase-1 data is not implemented yet; set it to 0",
-                              key="distill.onpolicy.nll_anchor_coeff")
+        if op.nll_anchor_coeff < 0:
+            raise ConfigError("must be >= 0", key="distill.onpolicy.nll_anchor_coeff")
         self.prompts = load_prompts(op.prompts)
         from megatron_vpmoe.serve.backends import load_tokenizer_dir
 
@@ -149,17 +150,72 @@ class OnPolicyTrainer:
         if resume is None and not op.reference and self.rank == 0:
             Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
             torch.save(self.reference.state_dict(), Path(cfg.checkpoint_dir) / "reference.pt")
-        self.train_model = self.model
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+        if self.world_size > 1:  # every rank starts from rank 0's weights
+            import torch.distributed as dist
 
-            self.train_model = DDP(self.model)  # broadcasts rank 0's weights; averages gradients
+            for t in self.model.state_dict().values():
+                dist.broadcast(t, src=0)
+        self.anchor = None
+        if op.nll_anchor_coeff > 0:
+            self.anchor = anchor_dataset if anchor_dataset is not None else self._phase1_dataset()
+            from megatron_vpmoe.training.batches import GlobalBatchSampler
+
+            self.anchor_sampler = GlobalBatchSampler(
+                len(self.anchor), cfg.train.micro_batch_size * self.world_size,
+                cfg.train.micro_batch_size, self.rank, self.world_size)
 
     @staticmethod
     def _load_weights(model, path: str) -> None:
         from megatron_vpmoe.training.checkpoint import load_model_state_dict
 
         model.load_state_dict(load_model_state_dict(path))
+
+    def _phase1_dataset(self):
+        try:
+            from megatron_vpmoe.data.dataset import build_datasets
+        except ImportError as err:
+            raise ConfigError(f"the NLL anchor reads data.blend through megatron_vpmoe.data.dataset, "
+                              f"which is not available ({err})",
+                              key="distill.onpolicy.nll_anchor_coeff") from None
+        cfg = self.cfg
+        train, _valid, _test = build_datasets(
+            cfg.data, seed=cfg.run.seed, num_samples=cfg.train.steps * cfg.train.micro_batch_size
+            * self.world_size, eod_id=self.tok.eos_token_id or 0, pad_id=self.tok.eos_token_id or 0,
+            cache_dir=cfg.data.cache_dir or str(Path(cfg.run.dir) / "data_cache"))
+        return train
+
+    def _anchor_loss(self):
+        """Role-aware NLL (the trainer's objective: span-normalised assistant spans, plain text)
+        on this rank's micro-batch of phase-1 data for the current step."""
+        from megatron_vpmoe.training.batches import collate
+        from megatron_vpmoe.training.loss import (
+            LossWeights, role_coefficients, role_counts, roles_from_loss_mask)
+
+        idx = self.anchor_sampler.micro_batches(self.step)[0]
+        mb = collate([self.anchor[i] for i in idx])
+        roles = roles_from_loss_mask(mb["loss_mask"])
+        coef = role_coefficients(role_counts(roles), LossWeights.from_config(self.cfg.distill))
+        labels = mb["labels"].masked_fill(roles == 0, -100)
+        per_token = self.model(mb["tokens"], labels=labels)
+        return (per_token.double() * coef[roles]).sum().float()
+
+    def _average_gradients(self) -> None:
+        if self.world_size == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
 
     # one step -----------------------------------------------------------------------------
     def _rollouts(self, batch):
@@ -221,8 +277,8 @@ class OnPolicyTrainer:
         dropped = len(adv) - len(keep)
         stats = {"pg": 0.0, "kl": 0.0, "clip_fraction": 0.0}
         grad_norm = 0.0
-        # every rank runs the update (DDP all-reduces in backward); a rank whose samples were
-        # all dropped contributes a zero loss over its rows
+        # every rank runs the update (gradients are averaged over ranks); a rank whose samples
+        # were all dropped contributes a zero policy loss over its rows
         rows = keep or list(range(len(adv)))
         ids, mask, (old_t, ref_t) = self._pad([seqs[i] for i in rows], [starts[i] for i in rows],
                                               [old[i] for i in rows], [ref[i] for i in rows])
@@ -230,12 +286,18 @@ class OnPolicyTrainer:
         set_learning_rate(self.optimizer, learning_rate(self.step, cfg.train))
         self.model.train()
         for _ in range(max(1, op.ppo_epochs)):
-            logits = self.train_model(ids[:, :-1]).float()
+            logits = self.model(ids[:, :-1]).float()
             new = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             loss, stats = policy_loss(new, old_t, ref_t, advantages, mask,
                                       clip_eps=op.clip_eps, kl_coeff=op.kl_coeff)
+            total = loss if keep else loss * 0.0
+            if self.anchor is not None:
+                anchor = self._anchor_loss()
+                stats["anchor_nll"] = float(anchor.detach())
+                total = total + op.nll_anchor_coeff * anchor
             self.optimizer.zero_grad(set_to_none=True)
-            (loss if keep else loss * 0.0).backward()
+            total.backward()
+            self._average_gradients()
             grad_norm = clip_gradients(self.model.parameters(), cfg.train.optimizer.clip_grad)
             if math.isfinite(grad_norm):
                 self.optimizer.step()
@@ -256,6 +318,8 @@ class OnPolicyTrainer:
                   "pg": pg_sum / max(n_upd, 1), "clip_fraction": clip_sum / max(n_upd, 1),
                   "grad_norm": grad_norm, "response_tokens": resp_tokens / n_seqs,
                   "samples_per_s": n_seqs / secs, "dropped": int(dropped_all), **by_kind}
+        if "anchor_nll" in stats:
+            record["anchor_nll"] = self._all_reduce([stats["anchor_nll"]])[0] / self.world_size
         self._last = (batch, texts, scores)
         return record
 
