@@ -225,3 +225,19 @@ def test_vpmoe_checkpoint_backend(tmp_path, shared_data):
     lps = echo["choices"][0]["logprobs"]["token_logprobs"]
     assert lps[0] is None
     assert lps[1:] == pytest.approx(sequence_logprobs(model, [ids], [1])[0], abs=1e-5)
+
+
+def test_cli_errors(tmp_path, tmp_path_factory, shared_data, capsys):
+    import socket
+
+    from megatron_vpmoe.cli import main as vpmoe
+
+    assert vpmoe(["serve", str(tmp_path / "missing"), "--port", "8000"]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert vpmoe(["serve", str(toy_teacher_dir(tmp_path_factory, shared_data)),
+                      "--port", str(port)]) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

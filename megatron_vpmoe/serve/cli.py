@@ -32,7 +32,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from megatron_vpmoe.serve.app import OpenAIServer
     from megatron_vpmoe.serve.backends import load_backend, set_threads
-    from megatron_vpmoe.utils.errors import UsageError
+    from megatron_vpmoe.utils.errors import UsageError, VpmoeError
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
@@ -43,5 +43,8 @@ def _run(args: argparse.Namespace) -> int:
     server = OpenAIServer(backend, window_ms=args.batch_window_ms, max_batch=args.max_batch)
     print(f"vpmoe serve: {backend.model_id} ({'Harmony' if backend.is_harmony else 'plain'} chat) "
           f"on http://{args.host}:{args.port}/v1", flush=True)
-    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
+    try:
+        web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
+    except OSError as err:  # port taken, address not available
+        raise VpmoeError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
     return 0
