@@ -148,8 +148,10 @@ class OnPolicyTrainer:
             self.reference.load_state_dict(torch.load(ref_path, weights_only=True))
         self.reference.eval().requires_grad_(False)
         if resume is None and not op.reference and self.rank == 0:
-            Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            torch.save(self.reference.state_dict(), Path(cfg.checkpoint_dir) / "reference.pt")
+            from megatron_vpmoe.utils.atomic import atomic_file
+
+            with atomic_file(Path(cfg.checkpoint_dir) / "reference.pt", "wb") as f:
+                torch.save(self.reference.state_dict(), f)
         if self.world_size > 1:  # every rank starts from rank 0's weights
             import torch.distributed as dist
 
