@@ -80,7 +80,8 @@ def test_models_completions_echo_and_errors(backend):
                               {"prompt": prompt, "max_tokens": 12, "temperature": 0, "stop": [" "]})
         bad = [await _post(client, "/v1/completions", p) for p in
                ({"prompt": prompt, "max_tokens": -1}, {"prompt": []}, {"prompt": "x", "top_p": 2},
-                {"prompt": "x", "n": "two"}, {"prompt": [1, 10**6]}, {"prompt": "x", "stop": 3})]
+                {"prompt": "x", "n": "two"}, {"prompt": [1, 10**6]}, {"prompt": "x", "stop": 3},
+                {"prompt": "x", "stream": True})]
         not_json = await client.post("/v1/completions", data=b"{oops")
         return models, scored, by_ids, seeded, stopped, bad, not_json.status
 

@@ -10,8 +10,9 @@ from megatron_vpmoe.utils.cli_args import add_config_args, config_from_args
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "distill", help="teacher-generated corpora and on-policy distillation",
-        description="Distillation from a served teacher: generate samples, assemble the "
-                    "phase-1 training corpus, build a toy teacher for CPU runs.")
+        description="Distillation from a served teacher: generate samples and assemble the "
+                    "phase-1 training corpus, run on-policy (GRPO-style) distillation, build a "
+                    "toy teacher for CPU runs.")
     sub = parser.add_subparsers(dest="distill_command", metavar="ACTION", parser_class=type(parser))
     sub.required = True
 

@@ -92,6 +92,8 @@ class OpenAIServer:
             if not isinstance(body, dict):
                 return _error(400, "request body must be a JSON object")
             try:
+                if body.get("stream"):
+                    raise BadRequest("streaming responses are not supported; send 'stream': false")
                 return web.json_response(await handler(body))
             except (BadRequest, InputError) as err:
                 return _error(400, str(err))
