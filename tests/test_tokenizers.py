@@ -85,8 +85,12 @@ def test_harmony(tmp_path, shared_data):
 
     enc = openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
     assert enc.encode(text, allowed_special=set()) == tok.encode(text)
-    tok.save(tmp_path / "harmony")
+    from megatron_vpmoe.cli import main
+
+    assert main(["tokenizer", "get", "harmony", "--output", str(tmp_path / "harmony")]) == 0
+    assert main(["tokenizer", "get", "harmony", "--output", str(tmp_path / "harmony")]) == 2  # exists
     loaded = load_tokenizer(tmp_path / "harmony")
+    assert loaded.kind == "harmony" and loaded.vocab_size == 201_088
     _check_interface(loaded, text)
 
 

@@ -143,15 +143,23 @@ def _merge_within_units(vocab: _Vocab, unit_freq: Dict[str, int], budget: int, m
     return symbols
 
 
-def _pair_keys(seq: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    a, b = seq[starts], seq[starts + 1]
+def _pair_keys(seq: np.ndarray, nxt: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Keys ``a * 2**21 + b`` of the pairs (token at start, next live token), tokens only."""
+    a, b = seq[starts], seq[nxt[starts]]
     ok = (a >= 0) & (b >= 0)
     return a[ok].astype(np.int64) * PAIR_KEY + b[ok]
 
 
 def _merge_across_units(vocab: _Vocab, seq: np.ndarray, budget: int, max_chars: int,
                         max_words: int, min_count: int, progress) -> None:
-    keys, counts = np.unique(_pair_keys(seq, np.arange(len(seq) - 1)), return_counts=True)
+    """Merges over the whole token array. Merged-away positions become tombstones (-2) linked
+    over by ``nxt``/``prv``; the array is compacted only when a quarter of it is tombstones."""
+    seq = seq.astype(np.int32)
+    n = len(seq)
+    nxt = np.minimum(np.arange(1, n + 1), n - 1)
+    prv = np.maximum(np.arange(-1, n - 1), 0)
+    tombstones = 0
+    keys, counts = np.unique(_pair_keys(seq, nxt, np.arange(n - 1)), return_counts=True)
     pair_count: Dict[int, int] = dict(zip(keys.tolist(), counts.tolist()))
     plen = [len(p) for p in vocab.pieces]
 
@@ -173,31 +181,36 @@ def _merge_across_units(vocab: _Vocab, seq: np.ndarray, budget: int, max_chars: 
         a, b = divmod(key, PAIR_KEY)
         if not vocab.fits(a, b, max_chars, max_words):
             continue
-        pos = np.flatnonzero((seq[:-1] == a) & (seq[1:] == b))
+        ia = np.flatnonzero(seq == a)
+        nb = nxt[ia]
+        hit = seq[nb] == b
+        pos, nb = ia[hit], nb[hit]
         if a == b and len(pos) > 1:  # runs "a a a": merge left to right, never overlapping
-            keep, last = [], -2
-            for p in pos.tolist():
-                if p != last + 1:
-                    keep.append(p)
-                    last = p
-            pos = np.asarray(keep, dtype=np.int64)
+            keep, taken = [], set()
+            for p, q in zip(pos.tolist(), nb.tolist()):
+                if p not in taken:
+                    keep.append((p, q))
+                    taken.add(q)
+            pos = np.fromiter((p for p, _ in keep), dtype=np.int64, count=len(keep))
+            nb = np.fromiter((q for _, q in keep), dtype=np.int64, count=len(keep))
         if len(pos) == 0:
             pair_count.pop(key, None)
             continue
         new = vocab.add(a, b, len(pos), within_unit=False)
         plen.append(plen[a] + plen[b])
-        old_starts = np.unique(np.concatenate([pos - 1, pos, pos + 1]))
-        old_starts = old_starts[(old_starts >= 0) & (old_starts < len(seq) - 1)]
         delta = Counter()
-        k, c = np.unique(_pair_keys(seq, old_starts), return_counts=True)
+        old = np.unique(np.concatenate([prv[pos], pos, nb]))
+        k, c = np.unique(_pair_keys(seq, nxt, old), return_counts=True)
         for kk, cc in zip(k.tolist(), c.tolist()):
             delta[kk] -= cc
+        after = nxt[nb]
         seq[pos] = new
-        seq = np.delete(seq, pos + 1)
-        new_pos = pos - np.arange(len(pos))
-        new_starts = np.unique(np.concatenate([new_pos - 1, new_pos]))
-        new_starts = new_starts[(new_starts >= 0) & (new_starts < len(seq) - 1)]
-        k, c = np.unique(_pair_keys(seq, new_starts), return_counts=True)
+        seq[nb] = -2
+        nxt[pos] = after
+        prv[after] = pos
+        tombstones += len(nb)
+        k, c = np.unique(_pair_keys(seq, nxt, np.unique(np.concatenate([prv[pos], pos]))),
+                         return_counts=True)
         for kk, cc in zip(k.tolist(), c.tolist()):
             delta[kk] += cc
         for kk, d in delta.items():
@@ -208,6 +221,12 @@ def _merge_across_units(vocab: _Vocab, seq: np.ndarray, budget: int, max_chars: 
                     heapq.heappush(heap, (-score(kk, value), kk))
             else:
                 pair_count.pop(kk, None)
+        if tombstones * 4 > len(seq):
+            seq = seq[seq != -2]
+            n = len(seq)
+            nxt = np.minimum(np.arange(1, n + 1), n - 1)
+            prv = np.maximum(np.arange(-1, n - 1), 0)
+            tombstones = 0
         done += 1
         progress.update(1)
 
@@ -315,7 +334,7 @@ def lengthmax_backend(vocab: _Vocab, with_specials: bool = True):
 def train_lengthmax(docs: Sequence[str], vocab_size: int, *, show_progress: bool = False,
                     name: str = "lengthmax", max_token_chars: int = DEFAULT_MAX_CHARS,
                     max_token_words: int = DEFAULT_MAX_WORDS, word_fraction: float = DEFAULT_WORD_FRACTION,
-                    min_count: int = 2, overshoot: float = 1.25, prune_rounds: int = 2) -> HFTokenizer:
+                    min_count: int = 2, overshoot: float = 1.25, prune_rounds: int = 1) -> HFTokenizer:
     from megatron_vpmoe.tokenizers.train import MIN_STUDENT_VOCAB, check_vocab_size
 
     check_vocab_size("lengthmax", vocab_size, MIN_STUDENT_VOCAB)
