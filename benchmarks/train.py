@@ -81,7 +81,7 @@ def _measure(kind: str, name: str, steps: int, run_dir: str) -> dict:
         from megatron_vpmoe.model import VpmoeModel
         from megatron_vpmoe.training.optimizer import build_optimizer
 
-        torch.manual_seed(0)
+        torch.manual_seed(cfg.run.seed)  # the trainer's initialisation, so both route alike
         model = VpmoeModel(cfg.model)
         opt = build_optimizer(model, cfg.train.optimizer)
         mbs = cfg.train.micro_batch_size
