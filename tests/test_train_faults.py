@@ -23,8 +23,10 @@ def test_sigterm_saves_and_exits_for_requeue(tmp_path, sig):
     from megatron_vpmoe.utils.errors import EXIT_REQUEUE
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(SUPPORT), str(tmp_path), "train.steps=100000"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # with reader workers, signalled together with the trainer (as SLURM signals the whole job)
+    proc = subprocess.Popen([sys.executable, str(SUPPORT), str(tmp_path), "train.steps=100000",
+                             "data.num_workers=1"], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     try:
         deadline = time.time() + 120
@@ -32,7 +34,7 @@ def test_sigterm_saves_and_exits_for_requeue(tmp_path, sig):
             assert proc.poll() is None, proc.stdout.read()
             assert time.time() < deadline
             time.sleep(0.1)
-        proc.send_signal(sig)
+        os.killpg(proc.pid, sig)
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

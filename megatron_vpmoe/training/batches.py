@@ -78,12 +78,22 @@ class StepMicroBatches(torch.utils.data.Sampler):
         return max(0, self.end - self.start) * self.sampler.accumulation_steps
 
 
+def _ignore_preemption_signals(worker_id: int) -> None:  # noqa: ARG001 - worker_init_fn signature
+    """Reader workers leave SIGTERM/SIGUSR1 (sent to the whole job by SLURM) to the trainer, which
+    checkpoints and then shuts them down; otherwise a preemption would kill them mid-step."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def micro_batch_loader(dataset, sampler: GlobalBatchSampler, start: int, end: int, num_workers: int = 0):
     """A ``DataLoader`` yielding this rank's collated micro-batches for steps ``[start, end)``;
     ``num_workers`` > 0 reads ahead in worker processes (the order stays deterministic)."""
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=StepMicroBatches(sampler, start, end), collate_fn=collate,
-        num_workers=num_workers, persistent_workers=False, prefetch_factor=4 if num_workers else None)
+        num_workers=num_workers, persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        worker_init_fn=_ignore_preemption_signals if num_workers else None)
 
 
 def load_micro_batches(dataset, indices: List[List[int]], device=None) -> List[Dict[str, torch.Tensor]]:
