@@ -67,3 +67,32 @@ def test_mpirun(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     _check(tmp_path, 2)
+
+
+def test_sigterm_to_torchrun_leaves_checkpoint_and_requeue_marker(tmp_path):
+    """torchrun forwards SIGTERM to its workers and reports its own failure code, so the
+    REQUEUE marker is how a launcher learns that the run saved and wants a requeue."""
+    import signal
+    import time
+
+    from megatron_vpmoe.training.checkpoint import latest_checkpoint, read_trainer_state
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(free_port()), SUPPORT, str(tmp_path), "train.steps=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_base_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, out
+    marker = (tmp_path / "REQUEUE").read_text()
+    step = read_trainer_state(latest_checkpoint(tmp_path / "checkpoints"))["step"]
+    assert f"step={step}" in marker and step >= 2
