@@ -227,3 +227,24 @@ def test_eval_report(trained, corpus, tmp_path):
         assert (report / png).stat().st_size > 1000
     assert main(["tokenizer", "eval", "--tokenizers", str(tmp_path / "nope"), "--input", str(held),
                  "--report", str(report)]) == 2
+
+
+def test_plain_hf_directory(tmp_path, shared_data):
+    """A `save_pretrained` directory without vpmoe metadata loads (serve/eval use this path)."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = RustTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([(shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:20_000]],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>").save_pretrained(tmp_path / "hf")
+    tok = load_tokenizer(tmp_path / "hf")
+    assert tok.kind == "bpe" and tok.eod_id == 0 and tok.vocab_size == 300
+    assert tok.decode(tok.encode("hello there")) == "hello there"
+    assert len(tok.to_hf()) == 300
+    with pytest.raises(KeyError, match="<\\|start\\|>"):
+        tok.token_to_id("<|start|>")

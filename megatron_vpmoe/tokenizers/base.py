@@ -39,12 +39,14 @@ class Tokenizer:
     ``to_hf``. Subclasses implement the ``_``-prefixed hooks."""
 
     kind: str = ""
+    eod_token: str = EOD_TOKEN  # the end-of-document token's string
 
-    def __init__(self, name: str, special_tokens: Dict[str, int], metadata: Optional[dict] = None):
+    def __init__(self, name: str, special_tokens: Dict[str, int], metadata: Optional[dict] = None,
+                 *, required_specials=(EOD_TOKEN,) + HARMONY_TOKENS):
         self.name = name
         self._special = dict(special_tokens)
         self.metadata = dict(metadata or {})
-        for required in (EOD_TOKEN,) + HARMONY_TOKENS:
+        for required in required_specials:
             if required not in self._special:
                 raise InputError(f"tokenizer {name!r} lacks the special token {required}")
 
@@ -69,7 +71,7 @@ class Tokenizer:
 
     @property
     def eod_id(self) -> int:
-        return self._special[EOD_TOKEN]
+        return self._special[self.eod_token]
 
     @property
     def bos_id(self) -> int:
@@ -124,10 +126,10 @@ class Tokenizer:
         from transformers import PreTrainedTokenizerFast
 
         hf = PreTrainedTokenizerFast(
-            tokenizer_object=self.hf_tokenizer(), eos_token=EOD_TOKEN,
-            bos_token=BOS_TOKEN if BOS_TOKEN in self._special else EOD_TOKEN,
-            pad_token=PAD_TOKEN if PAD_TOKEN in self._special else EOD_TOKEN,
-            additional_special_tokens=[t for t in HARMONY_TOKENS],
+            tokenizer_object=self.hf_tokenizer(), eos_token=self.eod_token,
+            bos_token=BOS_TOKEN if BOS_TOKEN in self._special else self.eod_token,
+            pad_token=PAD_TOKEN if PAD_TOKEN in self._special else self.eod_token,
+            additional_special_tokens=[t for t in HARMONY_TOKENS if t in self._special],
             clean_up_tokenization_spaces=False)
         hf.name_or_path = self.name
         return hf
@@ -137,10 +139,10 @@ class Tokenizer:
 
 
 def _write_hf_config(directory: Path, tok: Tokenizer) -> None:
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD_TOKEN,
-              "bos_token": BOS_TOKEN if BOS_TOKEN in tok._special else EOD_TOKEN,
-              "pad_token": PAD_TOKEN if PAD_TOKEN in tok._special else EOD_TOKEN,
-              "additional_special_tokens": list(HARMONY_TOKENS),
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eod_token,
+              "bos_token": BOS_TOKEN if BOS_TOKEN in tok._special else tok.eod_token,
+              "pad_token": PAD_TOKEN if PAD_TOKEN in tok._special else tok.eod_token,
+              "additional_special_tokens": [t for t in HARMONY_TOKENS if t in tok._special],
               "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -148,13 +150,20 @@ def _write_hf_config(directory: Path, tok: Tokenizer) -> None:
 class HFTokenizer(Tokenizer):
     """A variant whose encoder is a HF ``tokenizers`` model (bpe, unigram, lengthmax)."""
 
-    def __init__(self, kind: str, name: str, backend, metadata: Optional[dict] = None):
+    def __init__(self, kind: str, name: str, backend, metadata: Optional[dict] = None,
+                 eod_token: Optional[str] = None):
         self.kind = kind
         self._backend = backend
         # special-token strings inside text are encoded as plain text, never as specials
         backend.encode_special_tokens = True
         specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
-        super().__init__(name, specials, metadata)
+        if eod_token is None:
+            super().__init__(name, specials, metadata)
+        else:  # a plain HF tokenizer.json directory: no Harmony tokens required
+            if eod_token not in specials:
+                raise InputError(f"{name}: no end-of-document special token ({eod_token})")
+            self.eod_token = eod_token
+            super().__init__(name, specials, metadata, required_specials=(eod_token,))
         self._vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
         self._id_to_bytes = None
 
@@ -199,6 +208,8 @@ def load_tokenizer(directory) -> Tokenizer:
     if not directory.is_dir():
         raise InputError(f"{directory}: tokenizer directory not found")
     meta_path = directory / METADATA_FILE
+    if not meta_path.is_file() and (directory / HF_FILE).is_file():
+        return _load_plain_hf(directory)
     if not meta_path.is_file():
         raise InputError(f"{directory}: not a vpmoe tokenizer directory (no {METADATA_FILE}; "
                          f"create one with 'vpmoe tokenizer train' or 'vpmoe tokenizer get harmony')")
@@ -220,3 +231,27 @@ def load_tokenizer(directory) -> Tokenizer:
         return HFTokenizer.from_directory(kind, directory, meta)
     except Exception as err:  # noqa: BLE001 - a corrupt tokenizer.json is an input problem
         raise InputError(f"{directory / HF_FILE}: cannot load ({err})") from None
+
+
+def _load_plain_hf(directory: Path) -> HFTokenizer:
+    """A directory with only a HF ``tokenizer.json`` (e.g. ``save_pretrained`` output): loaded
+    as ``bpe``/``unigram`` by its model type; EOD is ``<|endoftext|>`` or the config's
+    ``eos_token``; Harmony tokens are optional (``token_to_id`` raises KeyError if absent)."""
+    from tokenizers import Tokenizer as RustTokenizer
+
+    try:
+        backend = RustTokenizer.from_file(str(directory / HF_FILE))
+    except Exception as err:  # noqa: BLE001
+        raise InputError(f"{directory / HF_FILE}: cannot load ({err})") from None
+    model = type(backend.model).__name__.lower()
+    kind = "unigram" if model == "unigram" else "bpe"
+    eod = EOD_TOKEN
+    config = directory / "tokenizer_config.json"
+    specials = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    if eod not in specials and config.is_file():
+        try:
+            eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+        except ValueError:
+            eos = None
+        eod = eos.get("content") if isinstance(eos, dict) else (eos or eod)
+    return HFTokenizer(kind, directory.name, backend, {"foreign": True, "model": model}, eod_token=eod)

@@ -75,43 +75,43 @@ def _plots(rows: List[dict], out: Path) -> List[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["name"] for r in rows]
     written = []
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 3.2))
-    ax.bar(names, [r["tokens_per_char"] for r in rows], color="tab:blue")
-    ax.set_ylabel("tokens per character")
-    ax.set_title("compression (lower is better)")
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    fig.tight_layout()
-    fig.savefig(out / "tokens_per_char.png", dpi=110)
-    plt.close(fig)
-    written.append("tokens_per_char.png")
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for r in rows:
-        ax.scatter(r["embedding_head_params"] / 1e6, r["tokens_per_char"], label=r["name"])
-    ax.set_xlabel(f"embedding + head params (M, hidden {rows[0]['hidden_size']}, untied)")
-    ax.set_ylabel("tokens per character")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "params_vs_compression.png", dpi=110)
-    plt.close(fig)
-    written.append("params_vs_compression.png")
+    def figure(name: str, size, draw) -> None:
+        fig, ax = plt.subplots(figsize=size)
+        draw(ax)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    seq = rows[0]["seq_length"]
-    top = max(max(r["_doc_lengths"] or [1]) for r in rows)
-    bins = np.linspace(0, max(top, seq) * 1.05, 40)
-    for r in rows:
-        ax.hist(r["_doc_lengths"], bins=bins, histtype="step", label=r["name"])
-    ax.axvline(seq, color="k", linestyle="--", linewidth=1, label=f"context {seq}")
-    ax.set_xlabel("tokens per document")
-    ax.set_ylabel("documents")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "doc_lengths.png", dpi=110)
-    plt.close(fig)
-    written.append("doc_lengths.png")
+    def compression(ax):
+        ax.bar([r["name"] for r in rows], [r["tokens_per_char"] for r in rows], color="tab:blue")
+        ax.set_ylabel("tokens per character")
+        ax.set_title("compression (lower is better)")
+        plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+
+    def params(ax):
+        for r in rows:
+            ax.scatter(r["embedding_head_params"] / 1e6, r["tokens_per_char"], label=r["name"])
+        ax.set_xlabel(f"embedding + head params (M, hidden {rows[0]['hidden_size']}, untied)")
+        ax.set_ylabel("tokens per character")
+        ax.legend(fontsize=7)
+
+    def lengths(ax):
+        seq = rows[0]["seq_length"]
+        top = max(max(r["_doc_lengths"] or [1]) for r in rows)
+        bins = np.linspace(0, max(top, seq) * 1.05, 40)
+        for r in rows:
+            ax.hist(r["_doc_lengths"], bins=bins, histtype="step", label=r["name"])
+        ax.axvline(seq, color="k", linestyle="--", linewidth=1, label=f"context {seq}")
+        ax.set_xlabel("tokens per document")
+        ax.set_ylabel("documents")
+        ax.legend(fontsize=7)
+
+    figure("tokens_per_char.png", (max(4, 1.2 * len(rows)), 3.2), compression)
+    figure("params_vs_compression.png", (5, 3.5), params)
+    figure("doc_lengths.png", (5.5, 3.5), lengths)
     return written
 
 
