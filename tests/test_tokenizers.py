@@ -248,3 +248,20 @@ def test_plain_hf_directory(tmp_path, shared_data):
     assert len(tok.to_hf()) == 300
     with pytest.raises(KeyError, match="<\\|start\\|>"):
         tok.token_to_id("<|start|>")
+
+
+def test_cli_lengthmax_options(corpus, tmp_path, capsys):
+    from megatron_vpmoe.cli import main
+
+    out = tmp_path / "lm"
+    assert main(["tokenizer", "train", "--kind", "lengthmax", "--vocab-size", "600", "--input", str(corpus),
+                 "--output", str(out), "--max-token-words", "2", "--max-token-chars", "12"]) == 0
+    tok = load_tokenizer(out)
+    assert tok.metadata["max_token_words"] == 2 and tok.metadata["max_token_chars"] == 12
+    assert max(len(tok.token_bytes(i)) for i in range(tok.vocab_size)) <= 12
+    assert "trained lengthmax tokenizer" in capsys.readouterr().out
+    assert main(["tokenizer", "train", "--kind", "unigram", "--vocab-size", "600", "--input", str(corpus),
+                 "--output", str(tmp_path / "u"), "--max-token-words", "2"]) == 2
+    assert main(["tokenizer", "train", "--kind", "lengthmax", "--vocab-size", "600", "--input", str(corpus),
+                 "--output", str(out)]) == 2  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
