@@ -2,18 +2,22 @@
 native ``tokenizers`` Unigram model that segments with the minimum number of tokens.
 
 The vocabulary is grown greedily by the length-weighted objective *frequency x length* of a
-candidate (the characters it covers, i.e. what choosing it saves), not by frequency alone:
+candidate (the bytes it covers, i.e. what choosing it saves), not by frequency alone:
 
 1. **Within units** (a unit is a word with its leading space, a run of punctuation, or one
    whitespace character): candidates are adjacent pairs of current tokens inside the distinct
    units, counted with the units' corpus frequencies. Each step takes the best
    ``count * bytes`` candidate; only the units containing it are re-read and only the counts
    of pairs that change are updated (a lazily re-scored max-heap; no recount of the corpus).
-2. **Across whitespace** (multi-word tokens): the corpus becomes one array of unit tokens
-   (units that are a single token take part, the others are barriers; lines never join).
-   Candidates are adjacent token pairs keyed ``a * 2**21 + b`` (an exact hash of the bigram of
-   current tokens, so longer n-grams arise by merging merged tokens); after each merge only
-   the pairs at the merged positions are recounted (numpy), again on a lazy max-heap.
+   This builds ``word_fraction`` of the learned vocabulary.
+2. **Across units** (multi-word tokens): the corpus becomes one array of the current tokens
+   (-1 between paragraphs: tokens may span spaces and single line breaks, never a blank
+   line). Candidates are adjacent token pairs keyed ``a * 2**21 + b`` (an exact hash of the
+   bigram of current tokens, so longer n-grams arise by merging merged tokens); after each
+   merge only the pairs at the merged positions are recounted (numpy). Merged-away positions
+   become tombstones in a linked array, compacted only now and then.
+3. **Pruning**: ``overshoot`` x the requested tokens are learned; those covering the most
+   bytes under the minimum-token segmentation of the training text are kept.
 
 ``max_token_chars`` caps a token's UTF-8 bytes and ``max_token_words`` its words. All 256
 bytes are tokens (byte fallback: any UTF-8 input round-trips). The exported model is a
@@ -72,7 +76,7 @@ class _Vocab:
         self.words: List[int] = [_unit_words(p) for p in self.pieces]
         self.counts: List[int] = [0] * 256
 
-    def add(self, a: int, b: int, count: int, *, within_unit: bool) -> int:
+    def add(self, a: int, b: int, count: int) -> int:
         piece = self.pieces[a] + self.pieces[b]
         self.pieces.append(piece)
         self.words.append(_unit_words(piece))
@@ -110,7 +114,7 @@ def _merge_within_units(vocab: _Vocab, unit_freq: Dict[str, int], budget: int, m
             continue
         if not vocab.fits(a, b, max_chars, max_words):
             continue
-        new = vocab.add(a, b, count, within_unit=True)
+        new = vocab.add(a, b, count)
         plen.append(plen[a] + plen[b])
         changed = set()
         for i in list(where.get((a, b), ())):
@@ -196,7 +200,7 @@ def _merge_across_units(vocab: _Vocab, seq: np.ndarray, budget: int, max_chars: 
         if len(pos) == 0:
             pair_count.pop(key, None)
             continue
-        new = vocab.add(a, b, len(pos), within_unit=False)
+        new = vocab.add(a, b, len(pos))
         plen.append(plen[a] + plen[b])
         delta = Counter()
         old = np.unique(np.concatenate([prv[pos], pos, nb]))
