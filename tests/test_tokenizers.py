@@ -54,6 +54,10 @@ def _check_interface(tok, text_sample: str):
     for s in SAMPLES[:3] + [text_sample]:
         assert hf(s, add_special_tokens=False)["input_ids"] == tok.encode(s)
     assert hf.convert_tokens_to_ids("<|start|>") == tok.token_to_id("<|start|>")
+    # the HF side renders Harmony chat strings: specials in text become the special ids
+    chat = hf("<|start|>user<|message|>hi<|end|>", add_special_tokens=False)["input_ids"]
+    assert chat[0] == tok.token_to_id("<|start|>") and chat[-1] == tok.token_to_id("<|end|>")
+    assert tok.token_to_id("<|message|>") in chat
     lengths = tok.token_byte_lengths()
     ids = tok.encode(text_sample)
     assert sum(lengths[i] for i in ids) == len(text_sample.encode("utf-8"))

@@ -191,7 +191,13 @@ class HFTokenizer(Tokenizer):
         return self._id_to_bytes[token_id]
 
     def hf_tokenizer(self):
-        return self._backend
+        """A copy of the backend that parses special-token strings (chat rendering), unlike
+        :meth:`encode`, which treats them as text."""
+        from tokenizers import Tokenizer as RustTokenizer
+
+        copy = RustTokenizer.from_str(self._backend.to_str())
+        copy.encode_special_tokens = False
+        return copy
 
     @classmethod
     def from_directory(cls, kind: str, directory: Path, meta: dict) -> "HFTokenizer":
