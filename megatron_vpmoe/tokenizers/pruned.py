@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_vpmoe.tokenizers.base import BOS_TOKEN, EOD_TOKEN, PAD_TOKEN, STUDENT_SPECIALS
+from megatron_vpmoe.tokenizers.base import STUDENT_SPECIALS
 from megatron_vpmoe.tokenizers.tiktoken_variant import TiktokenTokenizer
 from megatron_vpmoe.utils.errors import InputError
 
@@ -108,4 +108,4 @@ def prune_teacher(docs: Sequence[str], vocab_size: int, *, show_progress: bool =
     return tok
 
 
-__all__ = ["prune_teacher", "merge_parents", "EOD_TOKEN", "BOS_TOKEN", "PAD_TOKEN"]
+__all__ = ["prune_teacher", "merge_parents"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 from unittest import mock
 
-from megatron_vpmoe.tokenizers.base import HARMONY_TOKENS, Tokenizer
+from megatron_vpmoe.tokenizers.base import Tokenizer
 from megatron_vpmoe.tokenizers.bytes_map import bytes_to_piece
 from megatron_vpmoe.utils.errors import InputError
 
@@ -211,4 +211,4 @@ def harmony_tokenizer(ranks_path=None) -> TiktokenTokenizer:
     return TiktokenTokenizer.harmony(ranks_path)
 
 
-__all__ = ["TiktokenTokenizer", "harmony_tokenizer", "ranks_to_hf", "HARMONY_TOKENS", "HARMONY_VOCAB"]
+__all__ = ["TiktokenTokenizer", "harmony_tokenizer", "ranks_to_hf", "HARMONY_VOCAB"]
