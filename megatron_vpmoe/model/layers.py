@@ -5,9 +5,10 @@ operations only through ``kernels.ops``. Which linear layer class implements a p
 decided by a :class:`LinearSpec` (plain ``nn.Linear`` by default; ``megatron_vpmoe.parallel``
 supplies tensor-parallel ones), so the same module code runs single-process and under TP.
 
-Parameter attributes used by the parallel code (same names as megatron-core):
+Parameter attributes used by the parallel code (same names as megatron-core where one exists):
 ``tensor_model_parallel`` / ``partition_dim`` on tensor-parallel shards, ``expert_parallel``
-on routed-expert weights.
+on routed-expert weights, ``tensor_parallel_partial_grad`` on replicated parameters applied
+to a rank's own heads only (QK-norm weights, value-residual lambda).
 """
 
 from __future__ import annotations
@@ -153,6 +154,13 @@ class SelfAttention(nn.Module):
         self.mix_values = cfg.value_residual and layer_number > 0
         if self.mix_values:
             self.value_lambda = nn.Parameter(torch.tensor(0.5))
+        if tp > 1:
+            # replicated, but each rank applies them to its own heads only: the gradient is a
+            # partial sum that the parallel code all-reduces over the tensor-parallel group
+            for p in [*(self.q_norm.parameters() if cfg.qk_layernorm else []),
+                      *(self.k_norm.parameters() if cfg.qk_layernorm else []),
+                      *([self.value_lambda] if self.mix_values else [])]:
+                p.tensor_parallel_partial_grad = True
         self.is_global = cfg.is_global_layer(layer_number)
         self.window = None if self.is_global else cfg.window_size
         self.use_rope = cfg.position_embedding_type == "rope" and not (

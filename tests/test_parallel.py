@@ -1,0 +1,105 @@
+"""TP=2, EP=2, DP=2 over gloo: same loss and gradients as the single-process model on the same batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from megatron_vpmoe.config.schema import ModelConfig, ParallelConfig
+
+SEED = 7
+
+
+def tiny_cfg() -> ModelConfig:
+    # sliding + global layers, 1 dense + 2 MoE layers, a shared expert, biases on
+    return ModelConfig(vocab_size=61, hidden_size=16, num_layers=3, num_attention_heads=4,
+                       num_query_groups=2, kv_channels=8, ffn_hidden_size=32, window_size=3,
+                       local_global_pattern=[1, 1], num_moe_experts=4, moe_router_topk=2,
+                       moe_ffn_hidden_size=8, moe_shared_expert_intermediate_size=8,
+                       moe_router_num_groups=2, moe_router_group_topk=2, add_bias_linear=True,
+                       moe_aux_loss_coeff=0.01, init_method_std=0.2)
+
+
+def global_batch(cfg, n_seq=4, seq=6):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (n_seq, seq), generator=g)
+    labels = torch.randint(0, cfg.vocab_size, (n_seq, seq), generator=g)
+    labels[0, :2] = -100
+    return ids, labels
+
+
+def single_process_reference(cfg):
+    from megatron_vpmoe.model import VpmoeModel
+    torch.manual_seed(SEED)
+    model = VpmoeModel(cfg)
+    ids, labels = global_batch(cfg)
+    n = float((labels != -100).sum())
+    loss_sum = 0.0
+    for half in (slice(0, 2), slice(2, 4)):  # two micro-batches: the aux loss is per micro-batch
+        per_token = model(ids[half], labels=labels[half])
+        (per_token.sum() / n + model.aux_loss() / 2).backward()
+        loss_sum += float(per_token.detach().sum())
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    return loss_sum, grads
+
+
+def _rank_body(rank, world, layout):
+    torch.manual_seed(0)
+    from megatron_vpmoe.parallel import build_parallel_model, init_parallel
+    cfg = tiny_cfg()
+    ctx = init_parallel(ParallelConfig(**layout))
+    pm = build_parallel_model(cfg, ctx, seed=SEED)
+    ids, labels = global_batch(cfg)
+    if ctx.dp > 1:  # this rank's half of the global batch, one micro-batch
+        mbs = [{"input_ids": ids[2 * ctx.dp_rank:2 * ctx.dp_rank + 2],
+                "labels": labels[2 * ctx.dp_rank:2 * ctx.dp_rank + 2]}]
+    else:
+        mbs = [{"input_ids": ids[:2], "labels": labels[:2]}, {"input_ids": ids[2:], "labels": labels[2:]}]
+    loss_sum, n_tokens = pm.forward_backward(mbs)
+    for p in pm.parameters():
+        p.data = p.grad  # gather gradients through the state-dict path
+    # numpy arrays: tensors would travel through shared memory that dies with this process
+    grads = {k: v.numpy().copy() for k, v in pm.full_state_dict().items() if not k.endswith("expert_bias")}
+    load = pm.expert_load()
+    pm.update_expert_bias()
+    return loss_sum, n_tokens, grads, load.sum().item()
+
+
+@pytest.mark.parametrize("layout", [
+    {"expert": 2}, {"tensor": 2}, {}], ids=["ep2", "tp2", "dp2"])
+def test_two_process_layout_matches_single_process(layout):
+    cfg = tiny_cfg()
+    ref_loss, ref_grads = single_process_reference(cfg)
+    results = run_distributed(_rank_body, 2, layout)
+    for loss_sum, n_tokens, grads, load in results:
+        grads = {k: torch.from_numpy(v) for k, v in grads.items()}
+        assert n_tokens == 22
+        assert abs(loss_sum - ref_loss) / abs(ref_loss) < 1e-5
+        assert set(grads) == set(ref_grads)
+        for key, ref in ref_grads.items():
+            diff = (grads[key] - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
+            assert diff < 1e-5, (key, float(diff))
+        assert load == 2 * 24 * cfg.moe_router_topk  # 2 MoE layers x 24 tokens x top-2
+    # replicas agree
+    for key in ref_grads:
+        assert (results[0][2][key] == results[1][2][key]).all(), key
+
+
+def test_cpu_compat_redirects_current_device_only_without_gpu():
+    from megatron_vpmoe.parallel import cpu_compat
+    try:
+        active = cpu_compat.enable()
+        assert active == (not torch.cuda.is_available())
+        if active:  # megatron-core's placement call now resolves to the CPU
+            assert torch.empty(1, device=torch.cuda.current_device()).device.type == "cpu"
+    finally:
+        cpu_compat.disable()
+    assert torch.cuda.current_device is cpu_compat._ORIGINAL_CURRENT_DEVICE
+
+
+def test_layout_errors_name_the_key():
+    from megatron_vpmoe.utils.errors import ConfigError
+    cfg = tiny_cfg()
+    with pytest.raises(ConfigError, match="parallel.expert"):
+        ParallelConfig(expert=3).validate(cfg)
