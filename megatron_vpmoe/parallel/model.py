@@ -54,6 +54,7 @@ class ParallelModel:
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, module: VpmoeModel):
         self.cfg, self.ctx, self.module = cfg, ctx, module
+        self._stage = None
 
     def parameters(self):
         return self.module.parameters()
@@ -78,6 +79,14 @@ class ParallelModel:
         if ctx.dp > 1:
             dist.all_reduce(total, group=ctx.dp_group)
         n_tokens = max(float(total), 1.0)
+        if ctx.pp > 1:
+            loss_sum = self._pipeline_forward_backward(micro_batches, n_tokens)
+            self.reduce_gradients()
+            result = torch.tensor([loss_sum])
+            dist.all_reduce(result, group=ctx.pp_group)  # only the last stage has losses
+            if ctx.dp > 1:
+                dist.all_reduce(result, group=ctx.dp_group)
+            return float(result), n_tokens
         loss_sum = 0.0
         aux_scale = 1.0 / (len(micro_batches) * ctx.dp)
         for mb in micro_batches:
@@ -91,6 +100,34 @@ class ParallelModel:
         if ctx.dp > 1:
             dist.all_reduce(result, group=ctx.dp_group)
         return float(result), n_tokens
+
+    def _pipeline_forward_backward(self, micro_batches: List[Dict], n_tokens: float) -> float:
+        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+        from megatron_vpmoe.parallel.pipeline import PipelineStageModule
+
+        m, ctx = self.module, self.ctx
+        if self._stage is None:
+            self._stage_module = PipelineStageModule(m)
+            self._stage = PipelineStage(self._stage_module, ctx.pp_rank, ctx.pp,
+                                        torch.device("cpu") if not torch.cuda.is_available()
+                                        else torch.device("cuda", torch.cuda.current_device()),
+                                        group=ctx.pp_group)
+
+        def loss_fn(hidden, labels):
+            return m.head(hidden, labels).sum() / n_tokens
+
+        schedule = ScheduleGPipe(self._stage, len(micro_batches), loss_fn=loss_fn, scale_grads=False)
+        ids = torch.cat([mb["input_ids"] for mb in micro_batches])
+        labels = torch.cat([mb["labels"] for mb in micro_batches])
+        losses: List[torch.Tensor] = []
+        if m.pre_process:
+            schedule.step(ids)
+        elif m.post_process:
+            schedule.step(target=labels, losses=losses)
+        else:
+            schedule.step()
+        return float(sum(float(x) for x in losses)) * n_tokens
 
     def reduce_gradients(self) -> None:
         dense, experts, partial = [], [], []
@@ -156,10 +193,8 @@ def _gather(t: torch.Tensor, dim: int, size: int, group) -> torch.Tensor:
 def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 1234) -> ParallelModel:
     """This rank's shard, initialised exactly as ``VpmoeModel(cfg)`` under ``torch.manual_seed(seed)``."""
     ctx.config.validate(cfg)
-    if ctx.pp > 1:
-        raise ConfigError("pipeline parallelism is not implemented yet (see docs/model.md)",
-                          key="parallel.pipeline")
     from megatron_vpmoe.parallel.expert import AllToAllDispatcher
+    from megatron_vpmoe.parallel.pipeline import check_pipeline_config, stage_layers
     from megatron_vpmoe.parallel.tensor import tensor_parallel_spec
 
     torch.manual_seed(seed)
@@ -167,7 +202,13 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 123
     spec = tensor_parallel_spec(ctx.tp, ctx.tp_group) if ctx.tp > 1 else None
     dispatcher = AllToAllDispatcher(ctx.ep, ctx.ep_group) if ctx.ep > 1 else None
     local_experts = cfg.num_moe_experts // ctx.ep if cfg.num_moe_experts else None
-    module = VpmoeModel(cfg, spec, num_local_experts=local_experts, dispatcher=dispatcher)
+    layers, first, last = None, True, True
+    if ctx.pp > 1:
+        check_pipeline_config(cfg)
+        layers = stage_layers(cfg.num_layers, ctx.pp, ctx.pp_rank)
+        first, last = ctx.pp_rank == 0, ctx.pp_rank == ctx.pp - 1
+    module = VpmoeModel(cfg, spec, layer_numbers=layers, pre_process=first, post_process=last,
+                        num_local_experts=local_experts, dispatcher=dispatcher)
     pm = ParallelModel(cfg, ctx, module)
     pm.load_full_state_dict(full)
     return pm
