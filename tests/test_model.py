@@ -151,6 +151,10 @@ def test_grouped_matmul_forms_agree_with_loop():
     torch.testing.assert_close(ex(x, counts), ex.forward_loop(x, counts), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_padded_bmm(x, ex.fc1_weight, counts),
                                grouped_matmul(x, ex.fc1_weight, counts), rtol=1e-5, atol=1e-5)
+    odd = torch.randn(10, 5)  # 20-byte rows: not grouped_mm-aligned, takes the batched form
+    w = torch.randn(4, 5, 3)
+    torch.testing.assert_close(grouped_matmul(odd, w, counts),
+                               torch.cat([odd[:3] @ w[0], odd[3:8] @ w[2], odd[8:] @ w[3]]))
     ex(x, counts).sum().backward()  # the grouped GEMM backward accepts expanded gradients
     assert x.grad is not None and ex.fc1_weight.grad is not None
 

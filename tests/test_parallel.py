@@ -57,6 +57,12 @@ def _rank_body(rank, world, layout):
                 "labels": labels[2 * ctx.dp_rank:2 * ctx.dp_rank + 2]}]
     else:
         mbs = [{"input_ids": ids[:2], "labels": labels[:2]}, {"input_ids": ids[2:], "labels": labels[2:]}]
+    from megatron_vpmoe.model import VpmoeModel
+    torch.manual_seed(SEED)
+    initial = VpmoeModel(cfg).state_dict()
+    gathered = pm.full_state_dict()  # shards gathered back equal the single-process weights
+    assert set(gathered) == set(initial)
+    assert all(torch.equal(gathered[k], initial[k]) for k in initial)
     loss_sum, n_tokens = pm.forward_backward(mbs)
     for p in pm.parameters():
         p.data = p.grad  # gather gradients through the state-dict path

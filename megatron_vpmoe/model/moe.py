@@ -39,8 +39,12 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """``x [N, in]`` sorted by expert, ``weight [E, in, out]`` -> ``[N, out]`` (row i uses its expert)."""
-    if _HAS_GROUPED_MM and x.dtype in (torch.float32, torch.bfloat16):
+    """``x [N, in]`` sorted by expert, ``weight [E, in, out]`` -> ``[N, out]`` (row i uses its expert).
+
+    ``F.grouped_mm`` needs row strides that are multiples of 16 bytes; other shapes and dtypes
+    take the padded batched form."""
+    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], weight.shape[2]))
+    if _HAS_GROUPED_MM and aligned and x.dtype in (torch.float32, torch.bfloat16):
         offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
         return _ContiguousGrad.apply(F.grouped_mm(x.contiguous(), weight, offs=offs))
     return _padded_bmm(x, weight, tokens_per_expert)
