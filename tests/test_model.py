@@ -278,3 +278,14 @@ def test_bad_config_is_rejected():
         VpmoeModel(tiny_cfg(attention_dropout=0.1))
     with pytest.raises(ConfigError, match="num_query_groups"):
         VpmoeModel(replace(tiny_cfg(), num_query_groups=3))
+
+
+def test_bf16_forward_backward_and_generation():
+    cfg = tiny_cfg()
+    model = VpmoeModel(cfg).to(torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    loss = model(ids, labels=ids)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    loss.mean().backward()
+    assert model.layers["1"].mlp.experts.fc1_weight.grad.dtype == torch.bfloat16
+    assert len(generate(model, [[1, 2, 3]], 3)[0]) == 3
