@@ -188,3 +188,24 @@ def test_cli_config_error_exit_2(tmp_path):
     out = run_cli("config", "validate", str(write(tmp_path, values)))
     assert out.returncode == 2
     assert "parallel.expert" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_every_config_key_is_documented():
+    """The reference table is generated from the schema; a key without a meaning is a doc bug."""
+    from megatron_vpmoe.config.reference import iter_keys
+
+    keys = list(iter_keys())
+    assert len(keys) > 80
+    undocumented = [key for key, _tp, _default, meaning in keys if not meaning]
+    assert not undocumented, f"add a trailing '# meaning' comment in schema.py for: {undocumented}"
+
+
+def test_readme_config_reference_is_current(repo_root):
+    """README's config reference is exactly `vpmoe config reference` (regenerate it when the schema changes)."""
+    from megatron_vpmoe.config.reference import reference_markdown
+
+    readme = (repo_root / "README.md").read_text()
+    begin, end = "<!-- config-reference:begin -->\n", "<!-- config-reference:end -->"
+    assert begin in readme and end in readme
+    current = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert current == reference_markdown(), "README config reference is stale: run tools/update_readme_reference.py"

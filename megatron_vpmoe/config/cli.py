@@ -1,4 +1,4 @@
-"""``vpmoe config``: show or validate a run config and its parameter counts."""
+"""``vpmoe config``: show or validate a run config and its parameter counts; print the key reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("config", help="show or validate a run config",
                                    description="Load a run config, validate it, print it resolved.")
-    sub = parser.add_subparsers(dest="config_command", metavar="{show,validate}")
+    sub = parser.add_subparsers(dest="config_command", metavar="{show,validate,reference}")
     sub.required = True
     show = sub.add_parser("show", help="print the resolved config and the parameter counts")
     show.add_argument("config", metavar="CONFIG", help="run config YAML")
@@ -19,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate.add_argument("config", metavar="CONFIG", help="run config YAML")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     validate.set_defaults(func=_validate)
+    reference = sub.add_parser("reference", help="print every config key (type, default, meaning) as Markdown")
+    reference.set_defaults(func=_reference)
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -38,4 +40,11 @@ def _validate(args: argparse.Namespace) -> int:
 
     load_config(args.config, args.overrides)
     print(f"{args.config}: ok")
+    return 0
+
+
+def _reference(args: argparse.Namespace) -> int:
+    from megatron_vpmoe.config.reference import reference_markdown
+
+    print(reference_markdown(), end="")
     return 0

@@ -19,54 +19,54 @@ from megatron_vpmoe.utils.errors import ConfigError
 class RunConfig:
     """Where a run writes and how it is seeded."""
 
-    dir: str = "runs/default"
-    name: Optional[str] = None
-    seed: int = 1234
+    dir: str = "runs/default"  # run directory: checkpoints, logs, data cache, REQUEUE marker
+    name: Optional[str] = None  # shown in logs and W&B; default: the config file name
+    seed: int = 1234  # model init, data order and sampling
 
 
 @dataclass
 class ModelConfig:
     """The VPMoE architecture. Every size comes from here."""
 
-    vocab_size: int = 201_088
-    hidden_size: int = 1024
-    num_layers: int = 80
-    num_attention_heads: int = 8
-    num_query_groups: int = 2
+    vocab_size: int = 201_088  # padded vocabulary (embedding rows and LM-head columns)
+    hidden_size: int = 1024  # residual stream width
+    num_layers: int = 80  # transformer blocks
+    num_attention_heads: int = 8  # query heads
+    num_query_groups: int = 2  # key/value heads (GQA)
     kv_channels: int = 128  # head dimension
     ffn_hidden_size: int = 4096  # the dense (non-MoE) layers' MLP width
-    activation: Literal["squared_relu", "gelu", "swiglu"] = "squared_relu"
-    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
-    norm_epsilon: float = 1e-5
-    qk_layernorm: bool = True
-    add_bias_linear: bool = False
-    untie_embeddings_and_output_weights: bool = True
-    init_method_std: float = 0.02
+    activation: Literal["squared_relu", "gelu", "swiglu"] = "squared_relu"  # MLP activation of dense layers and experts
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"  # pre-norm type
+    norm_epsilon: float = 1e-5  # epsilon of every norm
+    qk_layernorm: bool = True  # RMSNorm on queries and keys per head (before RoPE)
+    add_bias_linear: bool = False  # biases on linear layers
+    untie_embeddings_and_output_weights: bool = True  # separate input embedding and LM head
+    init_method_std: float = 0.02  # std of the normal init of weight matrices
 
     # attention
     window_size: int = 128  # sliding window of local layers (tokens, including self)
     local_global_pattern: List[int] = field(default_factory=lambda: [3, 1])  # 3 local : 1 global
     softmax_offset: bool = True  # learnable per-head attention sink (GPT-OSS)
     value_residual: bool = True  # v = lambda * v + (1 - lambda) * v_layer1
-    position_embedding_type: Literal["rope", "none"] = "rope"
-    rotary_base: float = 10_000.0
+    position_embedding_type: Literal["rope", "none"] = "rope"  # rope, or none (NoPE everywhere)
+    rotary_base: float = 10_000.0  # RoPE base frequency
     nope_on_global: bool = False  # no positional encoding on global layers
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0  # must be 0 (the fused attention path has no dropout)
+    hidden_dropout: float = 0.0  # dropout on the residual branches (training only)
 
     # mixture of experts
-    moe_first_k_dense: int = 1
-    num_moe_experts: int = 256
-    moe_router_topk: int = 4
-    moe_ffn_hidden_size: int = 128
+    moe_first_k_dense: int = 1  # leading layers with a dense MLP instead of MoE
+    num_moe_experts: int = 256  # routed experts per MoE layer; 0 = dense model
+    moe_router_topk: int = 4  # experts per token
+    moe_ffn_hidden_size: int = 128  # routed expert MLP width
     moe_shared_expert_intermediate_size: int = 512  # 0 disables the shared expert
-    moe_num_shared_experts: int = 1
-    moe_router_score_function: Literal["sigmoid", "softmax"] = "sigmoid"
-    moe_router_num_groups: int = 8
-    moe_router_group_topk: int = 4
-    moe_router_topk_scaling_factor: float = 2.5
+    moe_num_shared_experts: int = 1  # always-on shared experts per MoE layer
+    moe_router_score_function: Literal["sigmoid", "softmax"] = "sigmoid"  # router scores (sigmoid as DeepSeek-V3)
+    moe_router_num_groups: int = 8  # expert groups for group-limited routing
+    moe_router_group_topk: int = 4  # groups a token may route into
+    moe_router_topk_scaling_factor: float = 2.5  # multiplies the normalised routing weights
     moe_router_enable_expert_bias: bool = True  # aux-loss-free balancing
-    moe_router_bias_update_rate: float = 1e-3
+    moe_router_bias_update_rate: float = 1e-3  # step of the load-balancing expert-bias update
     moe_aux_loss_coeff: float = 0.0  # sequence-level auxiliary loss; 0 disables it
 
     def is_moe_layer(self, layer_number: int) -> bool:
@@ -141,12 +141,12 @@ class ModelConfig:
 class ParallelConfig:
     """Parallel layout. ``data`` = 0 means: whatever the world size leaves."""
 
-    tensor: int = 1
-    expert: int = 1
-    pipeline: int = 1
-    data: int = 0
-    sequence_parallel: bool = False
-    distributed_optimizer: bool = False
+    tensor: int = 1  # tensor-parallel size (heads and MLP split)
+    expert: int = 1  # expert-parallel size (routed experts sharded, all-to-all dispatch)
+    pipeline: int = 1  # pipeline-parallel stages (layers split)
+    data: int = 0  # data-parallel size; 0 = world size / (tensor x pipeline)
+    sequence_parallel: bool = False  # not implemented yet (rejected)
+    distributed_optimizer: bool = False  # not implemented yet (rejected)
 
     def validate(self, model: ModelConfig) -> None:
         for name in ("tensor", "expert", "pipeline"):
@@ -193,8 +193,13 @@ class ParallelConfig:
                 f"pipeline size ({self.pipeline}) exceeds model.num_layers ({model.num_layers})",
                 key="parallel.pipeline",
             )
-        if self.sequence_parallel and tp == 1:
-            raise ConfigError("sequence_parallel needs tensor > 1", key="parallel.sequence_parallel")
+        if self.sequence_parallel:
+            raise ConfigError("sequence parallelism is not implemented yet (tensor parallelism "
+                              "replicates activations over the TP group); set it to false",
+                              key="parallel.sequence_parallel")
+        if self.distributed_optimizer:
+            raise ConfigError("the distributed (sharded) optimizer is not implemented yet; "
+                              "set it to false", key="parallel.distributed_optimizer")
 
     def resolve_data(self, world_size: int) -> int:
         """Data-parallel size for ``world_size`` ranks; raises if the layout does not fit."""
@@ -225,10 +230,10 @@ class DataConfig:
     tokenizer: Optional[str] = None  # a tokenizer directory (vpmoe tokenizer train/get)
     blend: List[List[object]] = field(default_factory=list)  # [[weight, prefix], ...]
     split: str = "98,1,1"  # train,valid,test
-    seq_length: int = 1024
+    seq_length: int = 1024  # tokens per training sample
     mock: bool = False  # random tokens instead of shards (smoke tests only)
     cache_dir: Optional[str] = None  # megatron-core index cache; default {run.dir}/data_cache
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader read-ahead workers per rank
 
     def validate(self) -> None:
         if self.seq_length <= 0:
@@ -258,36 +263,36 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw"] = "adamw"
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    decay_norms_and_biases: bool = False
-    decay_embeddings: bool = False
-    embedding_lr_mult: float = 1.0
+    name: Literal["adamw"] = "adamw"  # AdamW with decoupled weight decay
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 3e-5  # floor of the cosine / WSD decay
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay on matrices
+    decay_norms_and_biases: bool = False  # also decay norm weights and biases
+    decay_embeddings: bool = False  # also decay the embedding and LM head
+    embedding_lr_mult: float = 1.0  # LR multiplier of the embedding (and LM head)
     clip_grad: float = 1.0  # 0 disables clipping
 
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 0
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"  # cosine, wsd (warmup-stable-decay) or constant after warmup
+    warmup_steps: int = 0  # linear warmup from 0
     wsd_decay_fraction: float = 0.1  # WSD: last fraction of the steps decays to min_lr
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    global_batch_size: int = 8
-    micro_batch_size: int = 1
+    steps: int = 1000  # optimizer steps
+    global_batch_size: int = 8  # samples per step over all data-parallel ranks
+    micro_batch_size: int = 1  # samples per forward; accumulation = global / (micro x DP)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # see train.optimizer.*
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # see train.schedule.*
     eval_interval: int = 0  # 0 disables validation
-    eval_iters: int = 10
+    eval_iters: int = 10  # validation batches per evaluation
     max_nonfinite_steps: int = 5  # this many non-finite steps in a row stop the run
 
     def validate(self) -> None:
@@ -325,54 +330,54 @@ class TrainConfig:
 class CheckpointConfig:
     dir: Optional[str] = None  # default {run.dir}/checkpoints
     interval: int = 0  # steps between saves; 0 = only at the end / on preemption
-    keep_last: int = 3
-    async_save: bool = False
+    keep_last: int = 3  # older checkpoints are deleted; 0 keeps all
+    async_save: bool = False  # write checkpoints in a background thread
     load: Optional[str] = "auto"  # "auto" = latest under dir if any; a path; null = never
-    load_optimizer: bool = True
+    load_optimizer: bool = True  # false: load weights only and start a fresh run
 
 
 @dataclass
 class LogConfig:
-    interval: int = 1
-    progress_bar: bool = True
-    tensorboard: bool = False
-    wandb_project: Optional[str] = None
+    interval: int = 1  # steps between metric lines
+    progress_bar: bool = True  # tqdm bar on rank 0
+    tensorboard: bool = False  # TensorBoard scalars under {run.dir}/tensorboard
+    wandb_project: Optional[str] = None  # log to Weights & Biases (needs pip install wandb)
 
 
 @dataclass
 class ScorerConfig:
     """One string-level teacher scorer of on-policy distillation and its weight."""
 
-    kind: Literal["loglik", "rank", "critique", "verify"] = "loglik"
-    weight: float = 1.0
+    kind: Literal["loglik", "rank", "critique", "verify"] = "loglik"  # loglik, rank, critique or verify (see docs)
+    weight: float = 1.0  # weight in the combined teacher score
 
 
 @dataclass
 class OnPolicyConfig:
-    prompts: List[str] = field(default_factory=list)
-    samples_per_prompt: int = 4
-    prompts_per_step: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    clip_eps: float = 0.2
+    prompts: List[str] = field(default_factory=list)  # prompt files (jsonl: prompt / messages / question)
+    samples_per_prompt: int = 4  # k rollouts per prompt (the GRPO group)
+    prompts_per_step: int = 4  # prompts per optimizer step
+    max_new_tokens: int = 64  # rollout length cap
+    temperature: float = 1.0  # rollout sampling temperature
+    top_p: float = 1.0  # rollout nucleus sampling
+    clip_eps: float = 0.2  # PPO ratio clip
     ppo_epochs: int = 2  # policy-gradient passes over each step's rollouts (old log-probs fixed)
     teacher_prompt: Literal["harmony", "plain"] = "harmony"  # how the loglik scorer shows the prompt
-    kl_coeff: float = 0.05
-    nll_anchor_coeff: float = 0.0
+    kl_coeff: float = 0.05  # KL penalty to the frozen reference
+    nll_anchor_coeff: float = 0.0  # weight of the NLL anchor on data.blend; 0 disables it
     reference: Optional[str] = None  # frozen reference checkpoint (the phase-1 student)
-    scorers: List[ScorerConfig] = field(default_factory=lambda: [ScorerConfig()])
-    sample_table_interval: int = 10
-    teacher_timeout_s: float = 60.0
-    teacher_retries: int = 3
+    scorers: List[ScorerConfig] = field(default_factory=lambda: [ScorerConfig()])  # list of {kind, weight}
+    sample_table_interval: int = 10  # steps between logged sample tables
+    teacher_timeout_s: float = 60.0  # per-request timeout
+    teacher_retries: int = 3  # retries before a sample is dropped from its group
 
 
 @dataclass
 class DistillConfig:
-    teacher_url: Optional[str] = None
+    teacher_url: Optional[str] = None  # OpenAI-compatible teacher server (vpmoe serve, vLLM, SGLang)
     reasoning_loss_weight: float = 1.0  # span-normalised NLL on the reasoning channel
     final_loss_weight: float = 1.0  # span-normalised NLL on the final channel
-    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)  # see distill.onpolicy.*
 
 
 @dataclass
