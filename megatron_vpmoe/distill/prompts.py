@@ -15,13 +15,13 @@ across all files because resuming keys on them. Bad lines raise :class:`InputErr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from megatron_vpmoe.distill.answers import reference_answer
 from megatron_vpmoe.utils.errors import InputError
+from megatron_vpmoe.utils.jsonl import read_jsonl
 
 
 @dataclass
@@ -72,27 +72,14 @@ def load_prompts(paths: list[str], limit: Optional[int] = None) -> list[Prompt]:
         p = Path(path)
         if not p.is_file():
             raise InputError(f"{path}: no such prompt file")
-        taken = 0
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if limit is not None and taken >= limit:
-                    break
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except ValueError as err:
-                    raise InputError(f"{where}: not valid JSON ({err})") from err
-                if not isinstance(rec, dict):
-                    raise InputError(f"{where}: expected a JSON object")
-                messages, ref, ref_text = _parse_record(rec, where)
-                pid = str(rec["id"]) if isinstance(rec.get("id"), (str, int)) else f"{p.name}:{lineno}"
-                if pid in seen:
-                    raise InputError(f"{where}: prompt id {pid!r} already used at {seen[pid]}")
-                seen[pid] = where
-                prompts.append(Prompt(pid, messages, where, ref, ref_text))
-                taken += 1
+        for lineno, rec in read_jsonl(p, limit):
+            where = f"{path}:{lineno}"
+            messages, ref, ref_text = _parse_record(rec, where)
+            pid = str(rec["id"]) if isinstance(rec.get("id"), (str, int)) else f"{p.name}:{lineno}"
+            if pid in seen:
+                raise InputError(f"{where}: prompt id {pid!r} already used at {seen[pid]}")
+            seen[pid] = where
+            prompts.append(Prompt(pid, messages, where, ref, ref_text))
     if not prompts:
         raise InputError(f"no prompts in {', '.join(paths)}")
     return prompts

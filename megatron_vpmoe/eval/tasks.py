@@ -11,42 +11,21 @@ Task names (``--tasks``): ``bpb``, ``gsm8k``, ``mmlu_stem``, ``lambada``, ``piqa
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from megatron_vpmoe.eval.backends import LMBackend, bits_per_byte
 from megatron_vpmoe.utils.errors import InputError
+from megatron_vpmoe.utils.jsonl import read_jsonl
 
 # relative to the project root, like every path into the shared data
 DEFAULT_EVAL_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "eval"
 DEFAULT_FEWSHOT_FILE = DEFAULT_EVAL_DIR.parent / "kd" / "gsm8k_train.jsonl"
-
-
-def read_jsonl(path: Path, limit: Optional[int] = None) -> Iterator[tuple[int, dict]]:
-    """``(line number, record)`` of a JSONL file; the first ``limit`` records."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    count = 0
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if limit is not None and count >= limit:
-                return
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object")
-            count += 1
-            yield lineno, rec
 
 
 def _field(rec: dict, key: str, kind, path: Path, lineno: int):
