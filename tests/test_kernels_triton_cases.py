@@ -1,0 +1,317 @@
+"""Triton kernels run by the Triton interpreter on CPU tensors, against kernels.reference, fwd and bwd.
+
+``triton.jit`` (and Triton's own jitted ``tl.sum``/``tl.max``) pick the interpreter when Triton is
+imported, so these cases only run in a process started with ``TRITON_INTERPRET=1``:
+``tests/test_kernels_triton.py`` starts one; run directly they skip. This keeps the variable out
+of every other test module.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run by tests/test_kernels_triton.py in a TRITON_INTERPRET=1 subprocess",
+                allow_module_level=True)
+pytest.importorskip("triton")
+
+from kernels import ops, reference  # noqa: E402
+from kernels import (triton_activation, triton_attention, triton_dispatch, triton_loss,  # noqa: E402
+                     triton_norm, triton_router)
+
+K = {m.__name__.split(".")[-1]: m for m in (triton_activation, triton_norm, triton_router,
+                                            triton_dispatch, triton_loss, triton_attention)}
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _close(actual, expected, dtype):
+    """fp32: 1e-5. bf16: 1e-2 relative, and 1e-2 of the tensor's largest magnitude absolute (the
+    reference rounds each bf16 product and partial sum, so sums that cancel differ by a few ulps
+    of their terms, not of their result)."""
+    tol = dict(TOL[dtype])
+    if dtype == torch.bfloat16 and expected.numel():
+        tol["atol"] = tol["atol"] * max(1.0, expected.float().abs().max().item())
+    torch.testing.assert_close(actual.float(), expected.float(), **tol)
+
+
+def _grads(fn, inputs, grad_out_seed=0):
+    """Output and gradients of ``fn(*inputs)`` (float outputs) for a fixed random cotangent."""
+    leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor)
+              else x for x in inputs]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(grad_out_seed)
+    float_outs = [o for o in outs if o.is_floating_point()]
+    cots = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in float_outs]
+    torch.autograd.backward(float_outs, cots)
+    return outs, [x.grad for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+
+
+def test_kernels_are_interpreted():
+    assert type(triton_norm._rms_norm_fwd).__name__ == "InterpretedFunction"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 333), (2, 3, 1), (0, 5), (1025,)])
+def test_squared_relu(dtype, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    (y,), (gx,) = _grads(K["triton_activation"].squared_relu, [x])
+    (yr,), (gr,) = _grads(reference.squared_relu, [x])
+    _close(y, yr, dtype)
+    _close(gx, gr, dtype)
+    assert y.dtype == dtype and gx.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 3, 37), (1, 64), (9, 100)])
+def test_rms_norm(dtype, shape):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    w = torch.randn(shape[-1], generator=gen)
+    (y,), grads = _grads(lambda a, b: K["triton_norm"].rms_norm(a, b, 1e-6), [x, w])
+    (yr,), ref = _grads(lambda a, b: reference.rms_norm(a, b, 1e-6), [x, w])
+    _close(y, yr, dtype)
+    for g, r in zip(grads, ref):
+        _close(g, r, dtype)
+
+
+ROUTE_CASES = [  # tokens, experts, topk, groups, group_topk, score function
+    (37, 12, 3, 4, 2, "sigmoid"),
+    (5, 7, 2, 1, 1, "sigmoid"),
+    (20, 16, 4, 8, 3, "softmax"),
+    (9, 6, 1, 6, 2, "sigmoid"),
+    (3, 24, 6, 3, 3, "sigmoid"),
+    (0, 8, 2, 2, 1, "sigmoid"),
+]
+
+
+@pytest.mark.parametrize("case", ROUTE_CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_route(case, with_bias):
+    tokens, experts, topk, groups, group_topk, score = case
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(tokens, experts, generator=gen)
+    bias = torch.randn(experts, generator=gen) * 0.2 if with_bias else None
+    args = (topk, groups, group_topk, 2.5, score)
+    (w, i, s), (g,) = _grads(lambda x: K["triton_router"].route(x, bias, *args), [logits])
+    (wr, ir, sr), (gr,) = _grads(lambda x: reference.route(x, bias, *args), [logits])
+    assert torch.equal(i, ir)
+    _close(w, wr, torch.float32)
+    _close(s, sr, torch.float32)
+    _close(g, gr, torch.float32)
+
+
+DISPATCH_CASES = [  # tokens, hidden, experts, topk
+    (13, 37, 6, 2),
+    (1, 300, 4, 3),
+    (40, 8, 16, 4),  # most experts get no token
+    (0, 8, 4, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", DISPATCH_CASES)
+def test_permute_unpermute(dtype, case):
+    tokens, hidden, experts, topk = case
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    # Only even experts are used, so odd experts are empty groups.
+    indices = torch.stack([torch.randperm(experts, generator=gen)[:topk] for _ in range(tokens)]) \
+        if tokens else torch.zeros(0, topk, dtype=torch.long)
+    indices = (indices // 2) * 2
+    weights = torch.rand(tokens, topk, generator=gen)
+
+    def run(impl):
+        def fn(x, w):
+            permuted, order, counts = impl.permute(x, indices, experts)
+            y = permuted.square() + 1.0
+            return impl.unpermute(y, order, w, tokens), permuted, order, counts
+        return fn
+
+    (out, p, o, c), grads = _grads(run(K["triton_dispatch"]), [h, weights])
+    (outr, pr, orr, cr), ref = _grads(run(reference), [h, weights])
+    assert torch.equal(p, pr) and torch.equal(o, orr) and torch.equal(c, cr)
+    assert (c[1::2] == 0).all()
+    _close(out, outr, dtype)
+    for g, r in zip(grads, ref):
+        _close(g, r, dtype)
+
+
+LOSS_CASES = [  # tokens, hidden, vocab, chunk
+    (13, 16, 2500, 5),
+    (7, 8, 33, 4),
+    (16, 24, 1030, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", LOSS_CASES)
+def test_linear_cross_entropy(dtype, case):
+    n, hidden, vocab, chunk = case
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(n, hidden, generator=gen).to(dtype)
+    w = (torch.randn(vocab, hidden, generator=gen) * 0.5).to(dtype)
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[::3] = -100
+    (loss,), grads = _grads(lambda a, b: K["triton_loss"].linear_cross_entropy(a, b, labels, -100, chunk), [h, w])
+    (lossr,), ref = _grads(lambda a, b: reference.linear_cross_entropy(a, b, labels, -100, chunk), [h, w])
+    assert loss.dtype == torch.float32 and (loss[::3] == 0).all()
+    _close(loss, lossr, dtype)
+    for g, r in zip(grads, ref):
+        _close(g, r, dtype)
+
+
+ATTN_CASES = [  # batch, q len, k len, q heads, kv heads, head dim, window, sink
+    (1, 37, 37, 4, 2, 24, None, True),
+    (2, 45, 45, 2, 1, 16, 13, True),
+    (1, 5, 40, 2, 2, 8, 7, False),
+    (1, 33, 33, 3, 3, 20, 1, True),
+    (1, 1, 19, 4, 1, 16, 6, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_attention(dtype, case):
+    b, sq, sk, hq, hkv, d, window, sink = case
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(b, sq, hq, d, generator=gen).to(dtype)
+    k = torch.randn(b, sk, hkv, d, generator=gen).to(dtype)
+    v = torch.randn(b, sk, hkv, d, generator=gen).to(dtype)
+    inputs = [q, k, v] + ([torch.randn(hq, generator=gen)] if sink else [])
+
+    def run(impl):
+        return lambda q_, k_, v_, s_=None: impl.attention(q_, k_, v_, s_, window, 0.3)
+
+    (o,), grads = _grads(run(K["triton_attention"]), inputs)
+    (orf,), ref = _grads(run(reference), inputs)
+    assert o.dtype == dtype
+    _close(o, orf, dtype)
+    for g, r in zip(grads, ref):
+        _close(g, r, dtype)
+
+
+def test_ops_dispatch_takes_triton_branch(monkeypatch):
+    """With the device check forced, every ops.* call reaches its kernel with the same signature."""
+    monkeypatch.setattr(ops, "_use_triton", lambda t: True)
+    calls = []
+    for module in K.values():
+        for attr in ("squared_relu", "rms_norm", "route", "permute", "unpermute", "attention",
+                     "linear_cross_entropy"):
+            if hasattr(module, attr):
+                original = getattr(module, attr)
+                monkeypatch.setattr(module, attr,
+                                    lambda *a, _f=original, _n=attr, **kw: calls.append(_n) or _f(*a, **kw))
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 8, generator=gen)
+    _close(ops.rms_norm(x, torch.ones(8)), reference.rms_norm(x, torch.ones(8)), torch.float32)
+    _close(ops.squared_relu(x), reference.squared_relu(x), torch.float32)
+    w, i, _ = ops.route(x, None, 2, 2, 1, 1.0)
+    assert torch.equal(i, reference.route(x, None, 2, 2, 1, 1.0)[1])
+    permuted, order, _ = ops.permute(x, i, 8)
+    _close(ops.unpermute(permuted, order, w, 6), reference.unpermute(permuted, order, w, 6), torch.float32)
+    q = torch.randn(1, 6, 2, 8, generator=gen)
+    _close(ops.attention(q, q, q, torch.zeros(2), 3), reference.attention(q, q, q, torch.zeros(2), 3),
+           torch.float32)
+    labels = torch.randint(0, 8, (6,), generator=gen)
+    _close(ops.linear_cross_entropy(x, x[:5].repeat(2, 1), labels),
+           reference.linear_cross_entropy(x, x[:5].repeat(2, 1), labels), torch.float32)
+    assert sorted(set(calls)) == sorted(["rms_norm", "squared_relu", "route", "permute", "unpermute",
+                                         "attention", "linear_cross_entropy"])
+
+
+@pytest.mark.parametrize("draw", range(8))
+def test_random_shapes_all_kernels(draw):
+    """Random (mostly non-power-of-two) shapes, fp32, every kernel fwd+bwd against the reference."""
+    gen = torch.Generator().manual_seed(100 + draw)
+
+    def r(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    x = torch.randn(r(1, 9), r(1, 70), generator=gen)
+    _close(*[_grads(impl.squared_relu, [x])[1][0] for impl in (triton_activation, reference)], torch.float32)
+    w = torch.randn(x.shape[-1], generator=gen)
+    for a, b in zip(*[_grads(impl.rms_norm, [x, w])[1] for impl in (triton_norm, reference)]):
+        _close(a, b, torch.float32)
+
+    groups = r(1, 4)
+    experts = groups * r(1, 5)
+    topk = r(1, min(experts, 4))
+    group_topk = r(max(1, -(-topk // (experts // groups))), groups)
+    logits = torch.randn(r(1, 40), experts, generator=gen)
+    bias = torch.randn(experts, generator=gen) * 0.1
+    outs = [_grads(lambda l, i=impl: i.route(l, bias, topk, groups, group_topk, 1.7), [logits])
+            for impl in (triton_router, reference)]
+    assert torch.equal(outs[0][0][1], outs[1][0][1])
+    _close(outs[0][0][0], outs[1][0][0], torch.float32)
+    _close(outs[0][1][0], outs[1][1][0], torch.float32)
+
+    tokens, hidden = logits.shape[0], r(1, 300)
+    h = torch.randn(tokens, hidden, generator=gen)
+    idx = outs[1][0][1]
+    weights = torch.rand(tokens, topk, generator=gen)
+
+    def dispatch(impl):
+        def fn(x_, w_):
+            permuted, order, _ = impl.permute(x_, idx, experts)
+            return impl.unpermute(permuted.square(), order, w_, tokens)
+        return fn
+    (o1,), g1 = _grads(dispatch(triton_dispatch), [h, weights])
+    (o2,), g2 = _grads(dispatch(reference), [h, weights])
+    for a, b in zip([o1, *g1], [o2, *g2]):
+        _close(a, b, torch.float32)
+
+    n, vocab = r(1, 30), r(2, 3000)
+    hid = torch.randn(n, r(1, 20), generator=gen)
+    wv = torch.randn(vocab, hid.shape[1], generator=gen)
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    chunk = r(1, n)
+    l1 = _grads(lambda a, b: triton_loss.linear_cross_entropy(a, b, labels, -100, chunk), [hid, wv])
+    l2 = _grads(lambda a, b: reference.linear_cross_entropy(a, b, labels, -100, chunk), [hid, wv])
+    for a, b in zip([l1[0][0], *l1[1]], [l2[0][0], *l2[1]]):
+        _close(a, b, torch.float32)
+
+    hkv = r(1, 2)
+    hq = hkv * r(1, 3)
+    sk = r(1, 70)
+    sq = r(1, sk)
+    d = r(1, 40)
+    window = None if draw == 0 else r(1, sk + 2)
+    q = torch.randn(1, sq, hq, d, generator=gen)
+    k = torch.randn(1, sk, hkv, d, generator=gen)
+    v = torch.randn(1, sk, hkv, d, generator=gen)
+    sinks = torch.randn(hq, generator=gen)
+    a1 = _grads(lambda *t: triton_attention.attention(*t, window), [q, k, v, sinks])
+    a2 = _grads(lambda *t: reference.attention(*t, window), [q, k, v, sinks])
+    for a, b in zip([a1[0][0], *a1[1]], [a2[0][0], *a2[1]]):
+        _close(a, b, torch.float32)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_shapes(dtype):
+    """Model-like sizes: 128 heads-dim attention over 300 positions, 64 experts, vocab 8000."""
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 300, 4, 64, generator=gen).to(dtype)
+    k = torch.randn(1, 300, 1, 64, generator=gen).to(dtype)
+    v = torch.randn(1, 300, 1, 64, generator=gen).to(dtype)
+    sinks = torch.randn(4, generator=gen)
+    a1 = _grads(lambda *t: triton_attention.attention(*t, 128), [q, k, v, sinks])
+    a2 = _grads(lambda *t: reference.attention(*t, 128), [q, k, v, sinks])
+    for a, b in zip([a1[0][0], *a1[1]], [a2[0][0], *a2[1]]):
+        _close(a, b, dtype)
+    logits = torch.randn(256, 64, generator=gen)
+    w1 = K["triton_router"].route(logits, None, 4, 8, 4, 2.5)
+    w2 = reference.route(logits, None, 4, 8, 4, 2.5)
+    assert torch.equal(w1[1], w2[1])
+    hid = torch.randn(200, 64, generator=gen).to(dtype)
+    wv = torch.randn(8000, 64, generator=gen).to(dtype)
+    labels = torch.randint(0, 8000, (200,), generator=gen)
+    l1 = _grads(lambda a, b: triton_loss.linear_cross_entropy(a, b, labels, -100, 64), [hid, wv])
+    l2 = _grads(lambda a, b: reference.linear_cross_entropy(a, b, labels, -100, 64), [hid, wv])
+    for a, b in zip([l1[0][0], *l1[1]], [l2[0][0], *l2[1]]):
+        _close(a, b, dtype)
