@@ -157,9 +157,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lab = labels[start:end]
             valid = lab != ignore_index
             safe = torch.where(valid, lab, torch.zeros_like(lab))
-            lse = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+            # log-sum-exp in place (torch.logsumexp would allocate a second [chunk, V] buffer)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            lse = logits.sub_(row_max).exp_().sum(-1).log_() + row_max.squeeze(1)
             losses[start:end] = torch.where(valid, lse - target, torch.zeros_like(lse))
+            del logits  # free this chunk before the next one is computed
         ctx.save_for_backward(hidden, weight, labels)
         ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
         return losses
@@ -177,11 +180,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lab = labels[start:end]
             valid = lab != ctx.ignore_index
             safe = torch.where(valid, lab, torch.zeros_like(lab))
-            probs = torch.softmax(logits, dim=-1)
+            # softmax in place: the chunk holds one [chunk, V] buffer at a time
+            probs = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+            probs /= probs.sum(-1, keepdim=True)
             probs[torch.arange(end - start, device=h.device), safe] -= 1.0
             probs *= (valid.float() * grad_losses[start:end].float()).unsqueeze(1)
             grad_hidden[start:end] = probs @ weight.float()
             grad_weight += probs.t() @ h
+            del logits, probs
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None
 
 

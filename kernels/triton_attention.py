@@ -30,26 +30,75 @@ BLOCK_N = 32
 
 
 @triton.jit
+def _load_tile(base, rows, row_stride, offs_d, row_ok, d_ok, DOT_DTYPE: tl.constexpr):
+    """A ``[rows, D]`` tile of one head (zeros outside), cast to the matmul dtype."""
+    return tl.load(base + rows[:, None] * row_stride + offs_d[None, :],
+                   mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+
+
+@triton.jit
+def _load_kv(k_base, v_base, offs_n, row_stride, offs_d, n_k, d_ok, DOT_DTYPE: tl.constexpr):
+    """The K and V tiles of keys ``offs_n`` (zeros past ``n_k``)."""
+    n_ok = offs_n < n_k
+    return (_load_tile(k_base, offs_n, row_stride, offs_d, n_ok, d_ok, DOT_DTYPE),
+            _load_tile(v_base, offs_n, row_stride, offs_d, n_ok, d_ok, DOT_DTYPE))
+
+
+@triton.jit
+def _visible(qpos, offs_n, n_k, window):
+    """Causal sliding-window mask ``qpos - window < key <= qpos`` of a ``[M, N]`` tile."""
+    return (offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] > qpos[:, None] - window) \
+        & (offs_n < n_k)[None, :]
+
+
+@triton.jit
+def _key_blocks(start_m, n_q, n_k, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[lo, hi)``: the key range a query block can see, ``lo`` aligned to ``BLOCK_N``."""
+    lo = tl.maximum((n_k - n_q) + start_m - window + 1, 0)
+    return (lo // BLOCK_N) * BLOCK_N, tl.minimum((n_k - n_q) + start_m + BLOCK_M, n_k)
+
+
+@triton.jit
+def _tile_probs_and_dscores(q, k, v, do, lse, delta, qpos, offs_n, n_k, window, scale,
+                            PRECISION: tl.constexpr):
+    """Backward of one tile: probabilities ``p`` from the saved ``lse`` and ``ds = p * (dO V^T - delta)``.
+
+    Padding query rows have ``q = dO = 0`` and ``lse = delta = 0``, so their ``ds`` and their
+    ``p^T dO`` contribution are zero."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    p = tl.exp(tl.where(_visible(qpos, offs_n, n_k, window), s - lse[:, None], float("-inf")))
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _query_block(n_q, n_heads, rep, sqb, sqh, skb, skh, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """Decode a (query block, batch*head) program: offsets, masks and the q / kv head bases."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return (start_m, bh, h, offs_m, offs_d, offs_d < D, offs_m < n_q, b * sqb + h * sqh,
+            b * skb + (h // rep) * skh)
+
+
+@triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, sink_ptr, o_ptr, lse_ptr,
               sqb, sqs, sqh, skb, sks, skh, sob, sos, soh,
               n_q, n_k, n_heads, rep, window, scale,
               HAS_SINK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    hk = h // rep
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    m_ok = offs_m < n_q
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+              DOT_DTYPE: tl.constexpr):
+    start_m, bh, h, offs_m, offs_d, d_ok, m_ok, q_base, kv_base = _query_block(
+        n_q, n_heads, rep, sqb, sqh, skb, skh, D, BLOCK_D, BLOCK_M)
     qpos = (n_k - n_q) + offs_m
-    q = tl.load(q_ptr + b.to(tl.int64) * sqb + offs_m[:, None] * sqs + h * sqh + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
-    k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
-    v_base = v_ptr + b.to(tl.int64) * skb + hk * skh
-    if HAS_SINK:
+    q = _load_tile(q_ptr + q_base, offs_m, sqs, offs_d, m_ok, d_ok, DOT_DTYPE)
+    k_base = k_ptr + kv_base
+    v_base = v_ptr + kv_base
+    if HAS_SINK:  # the sink starts the online softmax: running max = sink, running sum = 1
         sink = tl.load(sink_ptr + h).to(tl.float32)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
@@ -57,29 +106,22 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, sink_ptr, o_ptr, lse_ptr,
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo = tl.maximum((n_k - n_q) + start_m - window + 1, 0)
-    lo = (lo // BLOCK_N) * BLOCK_N
-    hi = tl.minimum((n_k - n_q) + start_m + BLOCK_M, n_k)
+    lo, hi = _key_blocks(start_m, n_q, n_k, window, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_k
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask,
-                    other=0.0).to(DOT_DTYPE)
-        v = tl.load(v_base + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask,
-                    other=0.0).to(DOT_DTYPE)
+        k, v = _load_kv(k_base, v_base, offs_n, sks, offs_d, n_k, d_ok, DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        visible = (offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] > qpos[:, None] - window) & n_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
+        s = tl.where(_visible(qpos, offs_n, n_k, window), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
         m_i = m_new
     l_i = tl.where(l_i > 0, l_i, 1.0)  # only padding rows past the last query see no key
     out = acc / l_i[:, None]
-    tl.store(o_ptr + b.to(tl.int64) * sob + offs_m[:, None] * sos + h * soh + offs_d[None, :],
+    o_base = (bh // n_heads).to(tl.int64) * sob + h * soh
+    tl.store(o_ptr + o_base + offs_m[:, None] * sos + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + bh.to(tl.int64) * n_q + offs_m, m_i + tl.log(l_i), mask=m_ok)
 
@@ -92,43 +134,37 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
-    b = bhk // n_kv_heads
+    b = (bhk // n_kv_heads).to(tl.int64)
     hk = bhk % n_kv_heads
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     n_ok = offs_n < n_k
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    kv_offs = b.to(tl.int64) * skb + offs_n[:, None] * sks + hk * skh + offs_d[None, :]
-    k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-    v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+    kv_base = b * skb + hk * skh
+    k, v = _load_kv(k_ptr + kv_base, v_ptr + kv_base, offs_n, sks, offs_d, n_k, d_ok, DOT_DTYPE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Query indices m that can see these keys: start_n <= pos(m) < start_n + BLOCK_N + window - 1.
     lo = tl.maximum(start_n - (n_k - n_q), 0)
     lo = (lo // BLOCK_M) * BLOCK_M
     hi = tl.minimum(start_n + BLOCK_N - 1 + window - (n_k - n_q), n_q)
-    for r in range(0, rep):
+    for r in range(0, rep):  # the query heads sharing this KV head
         h = hk * rep + r
+        q_base = b * sqb + h * sqh
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < n_q
-            qpos = (n_k - n_q) + offs_m
-            q_offs = b.to(tl.int64) * sqb + offs_m[:, None] * sqs + h * sqh + offs_d[None, :]
-            q_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0).to(DOT_DTYPE)
-            do = tl.load(do_ptr + q_offs, mask=q_mask, other=0.0).to(DOT_DTYPE)
-            row = (b * n_heads + h).to(tl.int64) * n_q + offs_m
+            q = _load_tile(q_ptr + q_base, offs_m, sqs, offs_d, m_ok, d_ok, DOT_DTYPE)
+            do = _load_tile(do_ptr + q_base, offs_m, sqs, offs_d, m_ok, d_ok, DOT_DTYPE)
+            row = (b * n_heads + h) * n_q + offs_m
             lse = tl.load(lse_ptr + row, mask=m_ok, other=0.0)
             delta = tl.load(delta_ptr + row, mask=m_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            visible = (offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] > qpos[:, None] - window) \
-                & n_ok[None, :] & m_ok[:, None]
-            p = tl.exp(tl.where(visible, s - lse[:, None], float("-inf")))
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            p, ds = _tile_probs_and_dscores(q, k, v, do, lse, delta, (n_k - n_q) + offs_m, offs_n,
+                                            n_k, window, scale, PRECISION)
+            dv += tl.dot(tl.trans(p.to(DOT_DTYPE)), do, input_precision=PRECISION)
+            dk += tl.dot(tl.trans(ds.to(DOT_DTYPE)), q, input_precision=PRECISION)
+    kv_offs = kv_base + offs_n[:, None] * sks + offs_d[None, :]
+    kv_mask = n_ok[:, None] & d_ok[None, :]
     tl.store(dk_ptr + kv_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -139,45 +175,25 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                  n_q, n_k, n_heads, rep, window, scale,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    hk = h // rep
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    m_ok = offs_m < n_q
-    qpos = (n_k - n_q) + offs_m
-    q_offs = b.to(tl.int64) * sqb + offs_m[:, None] * sqs + h * sqh + offs_d[None, :]
-    q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0).to(DOT_DTYPE)
-    do = tl.load(do_ptr + q_offs, mask=q_mask, other=0.0).to(DOT_DTYPE)
+    start_m, bh, h, offs_m, offs_d, d_ok, m_ok, q_base, kv_base = _query_block(
+        n_q, n_heads, rep, sqb, sqh, skb, skh, D, BLOCK_D, BLOCK_M)
+    q = _load_tile(q_ptr + q_base, offs_m, sqs, offs_d, m_ok, d_ok, DOT_DTYPE)
+    do = _load_tile(do_ptr + q_base, offs_m, sqs, offs_d, m_ok, d_ok, DOT_DTYPE)
     row = bh.to(tl.int64) * n_q + offs_m
     lse = tl.load(lse_ptr + row, mask=m_ok, other=0.0)
     delta = tl.load(delta_ptr + row, mask=m_ok, other=0.0)
-    k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
-    v_base = v_ptr + b.to(tl.int64) * skb + hk * skh
+    k_base = k_ptr + kv_base
+    v_base = v_ptr + kv_base
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo = tl.maximum((n_k - n_q) + start_m - window + 1, 0)
-    lo = (lo // BLOCK_N) * BLOCK_N
-    hi = tl.minimum((n_k - n_q) + start_m + BLOCK_M, n_k)
+    lo, hi = _key_blocks(start_m, n_q, n_k, window, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_k
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask,
-                    other=0.0).to(DOT_DTYPE)
-        v = tl.load(v_base + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask,
-                    other=0.0).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        visible = (offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] > qpos[:, None] - window) \
-            & n_ok[None, :] & m_ok[:, None]
-        p = tl.exp(tl.where(visible, s - lse[:, None], float("-inf")))
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(dq_ptr + q_offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+        k, v = _load_kv(k_base, v_base, offs_n, sks, offs_d, n_k, d_ok, DOT_DTYPE)
+        _, ds = _tile_probs_and_dscores(q, k, v, do, lse, delta, (n_k - n_q) + offs_m, offs_n,
+                                        n_k, window, scale, PRECISION)
+        dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=PRECISION)
+    tl.store(dq_ptr + q_base + offs_m[:, None] * sqs + offs_d[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
 def _dot_config(t: torch.Tensor) -> dict:

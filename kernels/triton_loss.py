@@ -72,6 +72,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (hidden[start:end].float() @ w.t()).contiguous()
             _ce_fwd[(end - start,)](logits, labels[start:end], losses[start:end], lse[start:end],
                                     vocab, ignore_index, BLOCK_V=BLOCK_V)
+            del logits  # free this chunk before the next one is computed
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
         return losses
@@ -93,6 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                             BLOCK_V=BLOCK_V)
             grad_hidden[start:end] = g @ w
             grad_weight.addmm_(g.t(), h)
+            del g
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None
 
 

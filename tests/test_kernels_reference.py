@@ -4,17 +4,13 @@ and the chunked loss's peak-memory acceptance (each variant in a fresh subproces
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from benchmarks.kernels import available_memory, measure_loss_peak
 from kernels import ops, reference
 
 
@@ -153,49 +149,6 @@ def test_ops_use_reference_on_cpu(monkeypatch):
     assert not ops.triton_available()
 
 
-PEAK_SCRIPT = r"""
-import json, sys, torch, torch.nn.functional as F
-from kernels import reference
-mode, n, vocab, hidden, chunk, out = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
-torch.set_num_threads(1)
-gen = torch.Generator().manual_seed(0)
-h = torch.randn(n, hidden, generator=gen).requires_grad_()
-w = (torch.randn(vocab, hidden, generator=gen) * 0.05).requires_grad_()
-labels = torch.randint(0, vocab, (n,), generator=gen)
-labels[::7] = -100
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS to the current RSS
-base = status("VmRSS:")
-if mode == "naive":
-    loss = F.cross_entropy(h @ w.t(), labels, reduction="none", ignore_index=-100)
-else:
-    loss = reference.linear_cross_entropy(h, w, labels, -100, chunk)
-loss.sum().backward()
-peak = status("VmHWM:") - base
-torch.save({"loss": loss.detach(), "gh": h.grad, "gw": w.grad}, out)
-print(json.dumps({"peak_bytes": peak}))
-"""
-
-
-def measure_loss_peak(mode: str, n: int, vocab: int, hidden: int, chunk: int, out_path) -> int:
-    """Peak RSS above the pre-loss baseline of one fwd+bwd, in a fresh process.
-
-    glibc's malloc is told to mmap every block of 64 KiB or more (for both variants alike), so
-    freed tensors leave the process at once and the peak is the live tensor memory, not heap
-    fragmentation from its adaptive mmap threshold."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, mode, str(n), str(vocab), str(hidden),
-                           str(chunk), str(out_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
-
-
 def _check_peak_ratio(tmp_path, n, vocab, hidden, chunk):
     naive = measure_loss_peak("naive", n, vocab, hidden, chunk, tmp_path / "naive.pt")
     chunked = measure_loss_peak("chunked", n, vocab, hidden, chunk, tmp_path / "chunked.pt")
@@ -211,18 +164,11 @@ def test_chunked_loss_peak_memory_reduced(tmp_path):
     _check_peak_ratio(tmp_path, 2048, 32000, 64, 256)
 
 
-def _available_bytes() -> int:
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 @pytest.mark.long
 def test_chunked_loss_peak_memory_full(tmp_path):
     """Acceptance size: 8,192 tokens x vocab 201,088, hidden 64. The naive run needs ~20 GiB."""
     need = 4 * 8192 * 201088 * 4 + (2 << 30)
-    if _available_bytes() < need:
+    if available_memory() < need:
         pytest.skip(f"naive logits + cross_entropy needs ~{need / 2**30:.0f} GiB free; "
-                    f"{_available_bytes() / 2**30:.1f} GiB available")
+                    f"{available_memory() / 2**30:.1f} GiB available")
     _check_peak_ratio(tmp_path, 8192, 201088, 64, 1024)

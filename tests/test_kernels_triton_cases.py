@@ -38,6 +38,12 @@ def _close(actual, expected, dtype):
     torch.testing.assert_close(actual.float(), expected.float(), **tol)
 
 
+def _close_all(actuals, expecteds, dtype):
+    assert len(actuals) == len(expecteds)
+    for a, e in zip(actuals, expecteds):
+        _close(a, e, dtype)
+
+
 def _grads(fn, inputs, grad_out_seed=0):
     """Output and gradients of ``fn(*inputs)`` (float outputs) for a fixed random cotangent."""
     leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor)
@@ -75,8 +81,7 @@ def test_rms_norm(dtype, shape):
     (y,), grads = _grads(lambda a, b: K["triton_norm"].rms_norm(a, b, 1e-6), [x, w])
     (yr,), ref = _grads(lambda a, b: reference.rms_norm(a, b, 1e-6), [x, w])
     _close(y, yr, dtype)
-    for g, r in zip(grads, ref):
-        _close(g, r, dtype)
+    _close_all(grads, ref, dtype)
 
 
 ROUTE_CASES = [  # tokens, experts, topk, groups, group_topk, score function
@@ -137,8 +142,7 @@ def test_permute_unpermute(dtype, case):
     assert torch.equal(p, pr) and torch.equal(o, orr) and torch.equal(c, cr)
     assert (c[1::2] == 0).all()
     _close(out, outr, dtype)
-    for g, r in zip(grads, ref):
-        _close(g, r, dtype)
+    _close_all(grads, ref, dtype)
 
 
 LOSS_CASES = [  # tokens, hidden, vocab, chunk
@@ -161,8 +165,7 @@ def test_linear_cross_entropy(dtype, case):
     (lossr,), ref = _grads(lambda a, b: reference.linear_cross_entropy(a, b, labels, -100, chunk), [h, w])
     assert loss.dtype == torch.float32 and (loss[::3] == 0).all()
     _close(loss, lossr, dtype)
-    for g, r in zip(grads, ref):
-        _close(g, r, dtype)
+    _close_all(grads, ref, dtype)
 
 
 ATTN_CASES = [  # batch, q len, k len, q heads, kv heads, head dim, window, sink
@@ -191,8 +194,7 @@ def test_attention(dtype, case):
     (orf,), ref = _grads(run(reference), inputs)
     assert o.dtype == dtype
     _close(o, orf, dtype)
-    for g, r in zip(grads, ref):
-        _close(g, r, dtype)
+    _close_all(grads, ref, dtype)
 
 
 def test_ops_dispatch_takes_triton_branch(monkeypatch):
@@ -235,8 +237,7 @@ def test_random_shapes_all_kernels(draw):
     x = torch.randn(r(1, 9), r(1, 70), generator=gen)
     _close(*[_grads(impl.squared_relu, [x])[1][0] for impl in (triton_activation, reference)], torch.float32)
     w = torch.randn(x.shape[-1], generator=gen)
-    for a, b in zip(*[_grads(impl.rms_norm, [x, w])[1] for impl in (triton_norm, reference)]):
-        _close(a, b, torch.float32)
+    _close_all(*[_grads(impl.rms_norm, [x, w])[1] for impl in (triton_norm, reference)], torch.float32)
 
     groups = r(1, 4)
     experts = groups * r(1, 5)
@@ -262,8 +263,7 @@ def test_random_shapes_all_kernels(draw):
         return fn
     (o1,), g1 = _grads(dispatch(triton_dispatch), [h, weights])
     (o2,), g2 = _grads(dispatch(reference), [h, weights])
-    for a, b in zip([o1, *g1], [o2, *g2]):
-        _close(a, b, torch.float32)
+    _close_all([o1, *g1], [o2, *g2], torch.float32)
 
     n, vocab = r(1, 30), r(2, 3000)
     hid = torch.randn(n, r(1, 20), generator=gen)
@@ -272,8 +272,7 @@ def test_random_shapes_all_kernels(draw):
     chunk = r(1, n)
     l1 = _grads(lambda a, b: triton_loss.linear_cross_entropy(a, b, labels, -100, chunk), [hid, wv])
     l2 = _grads(lambda a, b: reference.linear_cross_entropy(a, b, labels, -100, chunk), [hid, wv])
-    for a, b in zip([l1[0][0], *l1[1]], [l2[0][0], *l2[1]]):
-        _close(a, b, torch.float32)
+    _close_all([l1[0][0], *l1[1]], [l2[0][0], *l2[1]], torch.float32)
 
     hkv = r(1, 2)
     hq = hkv * r(1, 3)
@@ -287,8 +286,7 @@ def test_random_shapes_all_kernels(draw):
     sinks = torch.randn(hq, generator=gen)
     a1 = _grads(lambda *t: triton_attention.attention(*t, window), [q, k, v, sinks])
     a2 = _grads(lambda *t: reference.attention(*t, window), [q, k, v, sinks])
-    for a, b in zip([a1[0][0], *a1[1]], [a2[0][0], *a2[1]]):
-        _close(a, b, torch.float32)
+    _close_all([a1[0][0], *a1[1]], [a2[0][0], *a2[1]], torch.float32)
 
 
 @pytest.mark.long
@@ -302,8 +300,7 @@ def test_large_shapes(dtype):
     sinks = torch.randn(4, generator=gen)
     a1 = _grads(lambda *t: triton_attention.attention(*t, 128), [q, k, v, sinks])
     a2 = _grads(lambda *t: reference.attention(*t, 128), [q, k, v, sinks])
-    for a, b in zip([a1[0][0], *a1[1]], [a2[0][0], *a2[1]]):
-        _close(a, b, dtype)
+    _close_all([a1[0][0], *a1[1]], [a2[0][0], *a2[1]], dtype)
     logits = torch.randn(256, 64, generator=gen)
     w1 = K["triton_router"].route(logits, None, 4, 8, 4, 2.5)
     w2 = reference.route(logits, None, 4, 8, 4, 2.5)
@@ -313,5 +310,4 @@ def test_large_shapes(dtype):
     labels = torch.randint(0, 8000, (200,), generator=gen)
     l1 = _grads(lambda a, b: triton_loss.linear_cross_entropy(a, b, labels, -100, 64), [hid, wv])
     l2 = _grads(lambda a, b: reference.linear_cross_entropy(a, b, labels, -100, 64), [hid, wv])
-    for a, b in zip([l1[0][0], *l1[1]], [l2[0][0], *l2[1]]):
-        _close(a, b, dtype)
+    _close_all([l1[0][0], *l1[1]], [l2[0][0], *l2[1]], dtype)
