@@ -1,29 +1,58 @@
-"""Triton kernels run by the Triton interpreter on CPU tensors, against kernels.reference, fwd and bwd.
+"""Triton kernels against kernels.reference, forward and backward.
 
-``triton.jit`` (and Triton's own jitted ``tl.sum``/``tl.max``) pick the interpreter when Triton is
-imported, so these cases only run in a process started with ``TRITON_INTERPRET=1``:
-``tests/test_kernels_triton.py`` starts one; run directly they skip. This keeps the variable out
-of every other test module.
+On CPU the kernels run in the Triton interpreter: ``triton.jit`` (and Triton's own jitted
+``tl.sum``/``tl.max``) pick the interpreter when Triton is imported, so these cases only run in a
+process started with ``TRITON_INTERPRET=1``; ``tests/test_kernels_triton.py`` starts one (run
+directly, this module skips), which keeps the variable out of every other test module. With
+``VPMOE_KERNEL_TEST_DEVICE=cuda`` (also started by ``tests/test_kernels_triton.py`` when a GPU is
+present) the compiled kernels run on the GPU: inputs are copied to it and results back, and the
+reference runs on CPU.
 """
 
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1":
+DEVICE = os.environ.get("VPMOE_KERNEL_TEST_DEVICE", "cpu")
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run by tests/test_kernels_triton.py in a TRITON_INTERPRET=1 subprocess",
                 allow_module_level=True)
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("VPMOE_KERNEL_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
 from kernels import ops, reference  # noqa: E402
 from kernels import (triton_activation, triton_attention, triton_dispatch, triton_loss,  # noqa: E402
                      triton_norm, triton_router)
 
-K = {m.__name__.split(".")[-1]: m for m in (triton_activation, triton_norm, triton_router,
-                                            triton_dispatch, triton_loss, triton_attention)}
+MODULES = {m.__name__.split(".")[-1]: m for m in (triton_activation, triton_norm, triton_router,
+                                                  triton_dispatch, triton_loss, triton_attention)}
+PUBLIC = ("squared_relu", "rms_norm", "route", "permute", "unpermute", "attention",
+          "linear_cross_entropy")
+
+
+def _on_device(fn):
+    """``fn`` with its tensor arguments moved to DEVICE and its outputs back to CPU (differentiable)."""
+    if DEVICE == "cpu":
+        return fn
+
+    def move(a, device):
+        return a.to(device) if isinstance(a, torch.Tensor) else a
+
+    def wrapped(*args, **kwargs):
+        out = fn(*(move(a, DEVICE) for a in args), **{k: move(v, DEVICE) for k, v in kwargs.items()})
+        return tuple(move(o, "cpu") for o in out) if isinstance(out, tuple) else move(out, "cpu")
+    return wrapped
+
+
+K = {name: types.SimpleNamespace(**{f: _on_device(getattr(m, f)) for f in PUBLIC if hasattr(m, f)})
+     for name, m in MODULES.items()}
+(triton_activation, triton_norm, triton_router, triton_dispatch, triton_loss,
+ triton_attention) = (K[n] for n in MODULES)
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -57,8 +86,9 @@ def _grads(fn, inputs, grad_out_seed=0):
     return outs, [x.grad for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
 
 
-def test_kernels_are_interpreted():
-    assert type(triton_norm._rms_norm_fwd).__name__ == "InterpretedFunction"
+def test_kernels_are_interpreted_on_cpu():
+    kind = type(MODULES["triton_norm"]._rms_norm_fwd).__name__
+    assert kind == ("InterpretedFunction" if DEVICE == "cpu" else "JITFunction")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -199,11 +229,12 @@ def test_attention(dtype, case):
 
 def test_ops_dispatch_takes_triton_branch(monkeypatch):
     """With the device check forced, every ops.* call reaches its kernel with the same signature."""
+    if DEVICE != "cpu":
+        pytest.skip("forces the Triton branch for CPU tensors (interpreter only)")
     monkeypatch.setattr(ops, "_use_triton", lambda t: True)
     calls = []
-    for module in K.values():
-        for attr in ("squared_relu", "rms_norm", "route", "permute", "unpermute", "attention",
-                     "linear_cross_entropy"):
+    for module in MODULES.values():
+        for attr in PUBLIC:
             if hasattr(module, attr):
                 original = getattr(module, attr)
                 monkeypatch.setattr(module, attr,
