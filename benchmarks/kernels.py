@@ -68,7 +68,7 @@ def naive_dispatch(hidden, indices, weights, num_experts, expert_fn):
         token, slot = (indices == e).nonzero(as_tuple=True)
         if token.numel():
             y = expert_fn(hidden[token])
-            out = out.index_add(0, token, y * weights[token, slot].unsqueeze(-1))
+            out = out.index_add(0, token, y * weights[token, slot].unsqueeze(-1).to(y.dtype))
     return out
 
 
@@ -77,8 +77,8 @@ def naive_attention(q, k, v, sinks, window, scale):
     rep = q.shape[2] // k.shape[2]
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)))
     sq, sk = q.shape[1], k.shape[1]
-    qpos = torch.arange(sk - sq, sk).unsqueeze(-1)
-    kpos = torch.arange(sk).unsqueeze(0)
+    qpos = torch.arange(sk - sq, sk, device=q.device).unsqueeze(-1)
+    kpos = torch.arange(sk, device=q.device).unsqueeze(0)
     mask = (kpos <= qpos) & (kpos > qpos - window)
     return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale).transpose(1, 2)
 
