@@ -173,21 +173,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        for start in range(0, n, ctx.chunk_size):
-            end = min(start + ctx.chunk_size, n)
-            h = hidden[start:end].float()
-            logits = h @ weight.float().t()
-            lab = labels[start:end]
-            valid = lab != ctx.ignore_index
-            safe = torch.where(valid, lab, torch.zeros_like(lab))
-            # softmax in place: the chunk holds one [chunk, V] buffer at a time
-            probs = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-            probs /= probs.sum(-1, keepdim=True)
-            probs[torch.arange(end - start, device=h.device), safe] -= 1.0
-            probs *= (valid.float() * grad_losses[start:end].float()).unsqueeze(1)
-            grad_hidden[start:end] = probs @ weight.float()
-            grad_weight += probs.t() @ h
-            del logits, probs
+        with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits, as in forward
+            for start in range(0, n, ctx.chunk_size):
+                end = min(start + ctx.chunk_size, n)
+                h = hidden[start:end].float()
+                logits = h @ weight.float().t()
+                lab = labels[start:end]
+                valid = lab != ctx.ignore_index
+                safe = torch.where(valid, lab, torch.zeros_like(lab))
+                # softmax in place: the chunk holds one [chunk, V] buffer at a time
+                probs = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+                probs /= probs.sum(-1, keepdim=True)
+                probs[torch.arange(end - start, device=h.device), safe] -= 1.0
+                probs *= (valid.float() * grad_losses[start:end].float()).unsqueeze(1)
+                grad_hidden[start:end] = probs @ weight.float()
+                grad_weight += probs.t() @ h
+                del logits, probs
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None
 
 
@@ -203,4 +204,5 @@ def linear_cross_entropy(
     Never materialises the ``[N, V]`` logits: forward and backward each recompute one chunk of
     ``chunk_size`` rows at a time. Returns fp32 losses ``[N]`` (0 where ``labels == ignore_index``).
     """
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_size)
+    with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits even under autocast
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_size)

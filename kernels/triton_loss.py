@@ -8,6 +8,7 @@ vocabulary in blocks with an online softmax. The full ``[N, V]`` logits never ex
 - backward: the chunk's logits are recomputed and a kernel overwrites them in place with
   ``(softmax - onehot(label)) * grad_loss * valid`` (using the saved ``lse``, one pass); then
   ``grad_hidden = g @ W`` and ``grad_W += g.T @ h`` (fp32 accumulation).
+The matmuls run in fp32 even under autocast, so forward ``lse`` and backward logits agree.
 """
 
 from __future__ import annotations
@@ -67,12 +68,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         losses = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         w = weight.float()
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            logits = (hidden[start:end].float() @ w.t()).contiguous()
-            _ce_fwd[(end - start,)](logits, labels[start:end], losses[start:end], lse[start:end],
-                                    vocab, ignore_index, BLOCK_V=BLOCK_V)
-            del logits  # free this chunk before the next one is computed
+        with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits, as in backward
+            for start in range(0, n, chunk_size):
+                end = min(start + chunk_size, n)
+                logits = (hidden[start:end].float() @ w.t()).contiguous()
+                _ce_fwd[(end - start,)](logits, labels[start:end], losses[start:end],
+                                        lse[start:end], vocab, ignore_index, BLOCK_V=BLOCK_V)
+                del logits  # free this chunk before the next one is computed
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
         return losses
@@ -85,16 +87,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.float()
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for start in range(0, n, ctx.chunk_size):
-            end = min(start + ctx.chunk_size, n)
-            h = hidden[start:end].float()
-            g = (h @ w.t()).contiguous()
-            _ce_bwd_inplace[(end - start,)](g, labels[start:end], lse[start:end],
-                                            grad_losses[start:end], vocab, ctx.ignore_index,
-                                            BLOCK_V=BLOCK_V)
-            grad_hidden[start:end] = g @ w
-            grad_weight.addmm_(g.t(), h)
-            del g
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, ctx.chunk_size):
+                end = min(start + ctx.chunk_size, n)
+                h = hidden[start:end].float()
+                g = (h @ w.t()).contiguous()
+                _ce_bwd_inplace[(end - start,)](g, labels[start:end], lse[start:end],
+                                                grad_losses[start:end], vocab, ctx.ignore_index,
+                                                BLOCK_V=BLOCK_V)
+                grad_hidden[start:end] = g @ w
+                grad_weight.addmm_(g.t(), h)
+                del g
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None
 
 

@@ -183,3 +183,21 @@ def test_chunked_loss_peak_memory_acceptance_bound(tmp_path):
     chunked_8192 = measure_loss_peak("chunked", 8192, 201088, 64, 1024)
     assert chunked_8192 < 1.2 * chunked_2048  # flat in the token count
     assert naive_2048 >= 4 * chunked_8192, (naive_2048, chunked_8192)
+
+
+def test_linear_cross_entropy_fp32_under_autocast():
+    """Forward and backward both use fp32 logits under autocast, so the gradient is the loss's."""
+    gen = torch.Generator().manual_seed(8)
+    h = torch.randn(9, 16, generator=gen, requires_grad=True)
+    w = (torch.randn(500, 16, generator=gen) * 0.5).requires_grad_()
+    labels = torch.randint(0, 500, (9,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = reference.linear_cross_entropy(h, w, labels, chunk_size=4)
+    loss.sum().backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    naive = F.cross_entropy(h @ w.t(), labels, reduction="none")
+    naive.sum().backward()
+    torch.testing.assert_close(loss, naive.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, h.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-5)

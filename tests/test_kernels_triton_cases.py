@@ -342,3 +342,19 @@ def test_large_shapes(dtype):
     l1 = _grads(lambda a, b: triton_loss.linear_cross_entropy(a, b, labels, -100, 64), [hid, wv])
     l2 = _grads(lambda a, b: reference.linear_cross_entropy(a, b, labels, -100, 64), [hid, wv])
     _close_all([l1[0][0], *l1[1]], [l2[0][0], *l2[1]], dtype)
+
+
+def test_linear_cross_entropy_ignores_autocast():
+    """Under autocast the loss still uses fp32 logits in forward and backward (consistent lse)."""
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(9, 16, generator=gen)
+    w = torch.randn(500, 16, generator=gen) * 0.5
+    labels = torch.randint(0, 500, (9,), generator=gen)
+    device_type = "cuda" if DEVICE == "cuda" else "cpu"
+
+    def under_autocast(a, b):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return triton_loss.linear_cross_entropy(a, b, labels, -100, 4)
+    (loss,), grads = _grads(under_autocast, [h, w])
+    (lossr,), ref = _grads(lambda a, b: reference.linear_cross_entropy(a, b, labels, -100, 4), [h, w])
+    _close_all([loss, *grads], [lossr, *ref], torch.float32)
