@@ -99,6 +99,10 @@ class _Route(torch.autograd.Function):
             raise ValueError(f"unknown score function {score_function!r}")
         if num_groups > 1 and experts % num_groups:
             raise ValueError(f"{experts} experts do not split into {num_groups} groups")
+        eligible = experts if num_groups <= 1 else min(group_topk, num_groups) * (experts // num_groups)
+        if not 1 <= topk <= eligible or (num_groups > 1 and not 1 <= group_topk <= num_groups):
+            raise ValueError(f"cannot choose top-{topk} of {experts} experts in the best {group_topk} "
+                             f"of {num_groups} groups")
         scores = torch.empty_like(logits)
         weights = torch.empty(tokens, topk, dtype=torch.float32, device=logits.device)
         indices = torch.empty(tokens, topk, dtype=torch.int64, device=logits.device)

@@ -358,3 +358,11 @@ def test_linear_cross_entropy_ignores_autocast():
     (loss,), grads = _grads(under_autocast, [h, w])
     (lossr,), ref = _grads(lambda a, b: reference.linear_cross_entropy(a, b, labels, -100, 4), [h, w])
     _close_all([loss, *grads], [lossr, *ref], torch.float32)
+
+
+def test_route_rejects_impossible_selection():
+    logits = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="top-5 of 8 experts in the best 2 of 4 groups"):
+        triton_router.route(logits, None, 5, 4, 2)
+    with pytest.raises(ValueError, match="do not split"):
+        triton_router.route(logits, None, 2, 3, 1)
