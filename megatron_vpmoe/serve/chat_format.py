@@ -9,50 +9,19 @@ chat template.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_vpmoe.utils.errors import InputError
+from megatron_vpmoe.data.chat import _harmony, render_prompt
 
 HARMONY_SPECIALS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>")
 HARMONY_STOPS = ("<|return|>", "<|call|>")
 
 
-@functools.lru_cache(maxsize=1)
-def _harmony():
-    import openai_harmony as oh
-
-    return oh, oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
-
-
 def render_harmony_prompt(messages: list[dict]) -> str:
-    """Messages (OpenAI chat format) -> Harmony prompt text ending in ``<|start|>assistant``.
-
-    A leading ``system`` message becomes the developer instructions, as GPT-OSS serving does.
-    Assistant messages may carry ``reasoning_content`` or ``thinking`` (the analysis channel).
-    """
-    oh, enc = _harmony()
-    out = [oh.Message.from_role_and_content(oh.Role.SYSTEM, oh.SystemContent.new())]
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or "role" not in msg or not isinstance(msg.get("content", ""), str):
-            raise InputError(f"messages[{i}] must be an object with 'role' and string 'content'")
-        role, content = msg["role"], msg.get("content") or ""
-        if role in ("system", "developer"):
-            out.append(oh.Message.from_role_and_content(
-                oh.Role.DEVELOPER, oh.DeveloperContent.new().with_instructions(content)))
-        elif role == "user":
-            out.append(oh.Message.from_role_and_content(oh.Role.USER, content))
-        elif role == "assistant":
-            reasoning = msg.get("reasoning_content") or msg.get("thinking")
-            if reasoning:
-                out.append(oh.Message.from_role_and_content(
-                    oh.Role.ASSISTANT, reasoning).with_channel("analysis"))
-            out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, content).with_channel("final"))
-        else:
-            raise InputError(f"messages[{i}]: unsupported role {role!r}")
-    conv = oh.Conversation.from_messages(out)
-    return enc.decode_utf8(enc.render_conversation_for_completion(conv, oh.Role.ASSISTANT))
+    """Messages (OpenAI chat format) -> Harmony prompt text ending in ``<|start|>assistant``
+    (the one renderer, :func:`megatron_vpmoe.data.chat.render_prompt`, that training data uses too)."""
+    return render_prompt(messages)
 
 
 @dataclass

@@ -1,0 +1,128 @@
+"""Documents -> token ids (and Harmony loss roles) for every tokenizer variant.
+
+A field holding a list of chat messages, or text that starts with ``<|start|>`` (Harmony
+rendered), is segmented by :mod:`megatron_vpmoe.data.chat`: text pieces are encoded with the
+variant's tokenizer (batched), each Harmony special becomes its single id, and every token
+gets the role of its segment. Plain text is encoded as it is and has no roles. ``append_eod``
+adds the tokenizer's end-of-document id (role 0 in chat documents: the model is not taught to
+predict EOD after an assistant turn that already ends in ``<|return|>``; plain text: EOD is
+an ordinary target as in Megatron).
+
+The encoder is built once per worker process from tokenizer directories (cheap to pickle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from megatron_vpmoe.data.chat import ROLE_NONE, Segment, is_harmony_text, render_conversation, segment_harmony
+from megatron_vpmoe.data.sources import Document, Skipped
+from megatron_vpmoe.utils.errors import InputError
+
+ROLE_TEXT = 3  # plain-text documents' tokens in a mixed field's loss-mask dataset
+
+
+@dataclass
+class EncodedDocument:
+    """One document's ids per (variant, key); ``roles`` is None for plain text."""
+
+    where: str
+    nbytes: int
+    ids: Dict[Tuple[str, str], List[int]] = field(default_factory=dict)
+    roles: Dict[Tuple[str, str], Optional[List[int]]] = field(default_factory=dict)
+
+
+class DocumentEncoder:
+    def __init__(self, tokenizer_dirs: Dict[str, str], json_keys: Sequence[str], append_eod: bool):
+        from megatron_vpmoe.tokenizers import load_tokenizer
+
+        self.tokenizers = {name: load_tokenizer(path) for name, path in tokenizer_dirs.items()}
+        self.json_keys = list(json_keys)
+        self.append_eod = append_eod
+        self._special_ids = {}
+        for name, tok in self.tokenizers.items():
+            ids = {}
+            for special in ("<|start|>", "<|channel|>", "<|message|>", "<|constrain|>", "<|end|>",
+                            "<|return|>", "<|call|>"):
+                try:
+                    ids[special] = tok.token_to_id(special)
+                except KeyError:
+                    pass
+            self._special_ids[name] = ids
+
+    def encode_batch(self, items: Sequence[Union[Document, Skipped]]) -> List[Union[EncodedDocument, Skipped]]:
+        """Encode a chunk of records; a record whose chat structure is invalid becomes a Skipped."""
+        out: List[Union[EncodedDocument, Skipped]] = []
+        plain: Dict[str, List[Tuple[int, str]]] = {k: [] for k in self.json_keys}
+        chats: List[Tuple[int, str, List[Segment]]] = []
+        for i, item in enumerate(items):
+            if isinstance(item, Skipped):
+                out.append(item)
+                continue
+            out.append(EncodedDocument(item.where, item.nbytes))
+            try:
+                for key in self.json_keys:
+                    value = item.fields[key]
+                    if isinstance(value, list):
+                        text = render_conversation(value, f"{item.where}: {key}")
+                        chats.append((i, key, segment_harmony(text, f"{item.where}: {key}")))
+                    elif is_harmony_text(value):
+                        chats.append((i, key, segment_harmony(value, f"{item.where}: {key}")))
+                    else:
+                        plain[key].append((i, value))
+            except InputError as err:
+                out[i] = Skipped(item.where, f"bad_chat ({str(err).split(': ', 2)[-1]})", item.nbytes)
+        for name, tok in self.tokenizers.items():
+            for key, docs in plain.items():
+                docs = [(i, t) for i, t in docs if isinstance(out[i], EncodedDocument)]
+                for (i, _), ids in zip(docs, tok.encode_batch([t for _, t in docs]) if docs else []):
+                    if self.append_eod:
+                        ids = list(ids) + [tok.eod_id]
+                    out[i].ids[(name, key)] = list(ids)
+                    out[i].roles[(name, key)] = None
+            self._encode_chats(name, tok, [(i, k, s) for i, k, s in chats if isinstance(out[i], EncodedDocument)],
+                               out)
+        for i, doc in enumerate(out):  # a document that encodes to nothing is skipped
+            if isinstance(doc, EncodedDocument) and any(not ids for ids in doc.ids.values()):
+                out[i] = Skipped(doc.where, "empty", doc.nbytes)
+        return out
+
+    def _encode_chats(self, name: str, tok, chats, out) -> None:
+        specials = self._special_ids[name]
+        texts = [s.text for _, _, segs in chats for s in segs if not s.special]
+        encoded = iter(tok.encode_batch(texts) if texts else [])
+        for i, key, segs in chats:
+            ids: List[int] = []
+            roles: List[int] = []
+            for seg in segs:
+                if seg.special:
+                    if seg.text not in specials:
+                        raise InputError(f"tokenizer {name!r} has no id for {seg.text} (chat records need "
+                                         f"a tokenizer with the Harmony special tokens)")
+                    piece = [specials[seg.text]]
+                else:
+                    piece = list(next(encoded))
+                ids.extend(piece)
+                roles.extend([seg.role] * len(piece))
+            if self.append_eod:
+                ids.append(tok.eod_id)
+                roles.append(ROLE_NONE)
+            out[i].ids[(name, key)] = ids
+            out[i].roles[(name, key)] = roles
+
+
+_WORKER: Optional[DocumentEncoder] = None
+
+
+def init_worker(tokenizer_dirs: Dict[str, str], json_keys: Sequence[str], append_eod: bool) -> None:
+    """Pool initializer: one encoder per worker process."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    global _WORKER
+    _WORKER = DocumentEncoder(tokenizer_dirs, json_keys, append_eod)
+
+
+def encode_in_worker(items):
+    return _WORKER.encode_batch(items)

@@ -1,0 +1,220 @@
+"""Input corpora -> a stream of documents, with bad records counted instead of fatal.
+
+Inputs are files, directories (searched recursively) and globs of ``.jsonl``/``.json`` (one
+object per line), ``.jsonl.gz``, ``.jsonl.zst``, ``.parquet`` and ``.txt`` (a document per
+file, or per blank-line-separated block). :func:`iter_documents` yields, for each record,
+either a :class:`Document` (its ``--json-keys`` values, the bytes read, and ``file:line``) or a
+:class:`Skipped` naming why (``malformed_json``, ``invalid_utf8``, ``missing_key``,
+``not_text``, ``empty``). Reading streams: memory does not grow with the input.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Sequence, Union
+
+from megatron_vpmoe.utils.errors import InputError
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+SUFFIXES = JSONL_SUFFIXES + (".parquet", ".txt", ".txt.gz")
+
+
+@dataclass
+class Document:
+    where: str  # file:line (or file:row / file:block)
+    fields: Dict[str, Union[str, list]]  # --json-keys -> text, or a list of chat messages
+    nbytes: int  # input bytes consumed (progress)
+
+
+@dataclass
+class Skipped:
+    where: str
+    reason: str
+    nbytes: int
+
+
+def _has_suffix(path: Path) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(s) for s in SUFFIXES)
+
+
+def expand_inputs(patterns: Sequence[str]) -> List[Path]:
+    """Files of every pattern (file, directory, glob) in a stable order, each once."""
+    files: List[Path] = []
+    for pattern in patterns:
+        p = Path(pattern)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and _has_suffix(q))
+        elif p.is_file():
+            found = [p]
+        else:
+            found = sorted(Path(q) for q in glob.glob(pattern, recursive=True) if Path(q).is_file())
+        if not found:
+            raise InputError(f"{pattern}: no input files (supported: {', '.join(SUFFIXES)})")
+        for f in found:
+            if not _has_suffix(f):
+                raise InputError(f"{f}: unsupported input type (supported: {', '.join(SUFFIXES)})")
+        files.extend(found)
+    seen, unique = set(), []
+    for f in files:
+        key = os.path.realpath(f)
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def _decompressed(path: Path, raw):
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if name.endswith(".zst"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw)
+    return raw
+
+
+def _lines(path: Path) -> Iterator[tuple]:
+    """``(line number, line bytes, input bytes consumed since the previous line)``; for
+    compressed files the consumed bytes are compressed ones, so progress matches file sizes."""
+    with open(path, "rb") as raw:
+        stream = _decompressed(path, raw)
+        pending, lineno, last_pos = b"", 0, 0
+        while True:
+            chunk = stream.read(1 << 20)
+            if not chunk:
+                break
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            pos = raw.tell()
+            for i, line in enumerate(complete):
+                lineno += 1
+                consumed = pos - last_pos if i == len(complete) - 1 else 0
+                if consumed:
+                    last_pos = pos
+                yield lineno, line, consumed
+        if pending:
+            yield lineno + 1, pending, raw.tell() - last_pos
+
+
+def _pick(record: dict, keys: Sequence[str], where: str, nbytes: int):
+    fields = {}
+    for key in keys:
+        value = record
+        for part in key.split("."):  # dotted paths reach into nested objects
+            if not isinstance(value, dict) or part not in value:
+                return Skipped(where, "missing_key", nbytes)
+            value = value[part]
+        if isinstance(value, str):
+            if not value.strip():
+                return Skipped(where, "empty", nbytes)
+        elif isinstance(value, list):
+            if not value:
+                return Skipped(where, "empty", nbytes)
+        else:
+            return Skipped(where, "not_text", nbytes)
+        fields[key] = value
+    return Document(where, fields, nbytes)
+
+
+def _jsonl(path: Path, keys: Sequence[str]) -> Iterator[Union[Document, Skipped]]:
+    carried = 0
+    for lineno, line, nbytes in _lines(path):
+        where, nbytes, carried = f"{path}:{lineno}", nbytes + carried, 0
+        if not line.strip():
+            carried = nbytes
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            yield Skipped(where, "invalid_utf8", nbytes)
+            continue
+        try:
+            record = json.loads(text)
+        except ValueError:
+            yield Skipped(where, "malformed_json", nbytes)
+            continue
+        if not isinstance(record, dict):
+            yield Skipped(where, "malformed_json", nbytes)
+            continue
+        yield _pick(record, keys, where, nbytes)
+
+
+def _parquet(path: Path, keys: Sequence[str]) -> Iterator[Union[Document, Skipped]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow's own error types
+        raise InputError(f"{path}: not a readable parquet file ({err})") from None
+    top = sorted({k.split(".")[0] for k in keys})
+    missing = [k for k in top if k not in pf.schema_arrow.names]
+    if missing:
+        raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})")
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=top):
+        per_row_bytes = max(1, batch.nbytes // max(batch.num_rows, 1))
+        for record in batch.to_pylist():
+            row += 1
+            yield _pick(record, keys, f"{path}:row{row}", per_row_bytes)
+
+
+def _text(path: Path, key: str, blocks: bool) -> Iterator[Union[Document, Skipped]]:
+    if not blocks:
+        with open(path, "rb") as raw:
+            data = _decompressed(path, raw).read()
+            size = raw.tell()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield Skipped(f"{path}:byte{err.start}", "invalid_utf8", size)
+            return
+        yield Document(f"{path}:1", {key: text}, size) if text.strip() else Skipped(f"{path}:1", "empty", size)
+        return
+    block: List[bytes] = []
+    start = consumed = 0
+    for lineno, line, nbytes in _lines(path):
+        consumed += nbytes
+        if line.strip():
+            if not block:
+                start = lineno
+            block.append(line)
+            continue
+        if block:
+            yield _text_block(path, start, block, key, consumed)
+            block, consumed = [], 0
+    if block:
+        yield _text_block(path, start, block, key, consumed)
+
+
+def _text_block(path: Path, start: int, lines: List[bytes], key: str, nbytes: int):
+    raw = b"\n".join(lines)
+    try:
+        return Document(f"{path}:{start}", {key: raw.decode("utf-8")}, nbytes)
+    except UnicodeDecodeError:
+        return Skipped(f"{path}:{start}", "invalid_utf8", nbytes)
+
+
+def iter_documents(files: Sequence[Path], json_keys: Sequence[str], *,
+                   txt_blocks: bool = False) -> Iterator[Union[Document, Skipped]]:
+    """Every record of ``files`` in order (module docstring). ``.txt`` inputs give their text
+    under the first json key; ``txt_blocks`` splits them at blank lines."""
+    for path in files:
+        name = path.name.lower()
+        if name.endswith(".parquet"):
+            yield from _parquet(path, json_keys)
+        elif name.endswith((".txt", ".txt.gz")):
+            yield from _text(path, json_keys[0], txt_blocks)
+        else:
+            yield from _jsonl(path, json_keys)
+
+
+def total_bytes(files: Sequence[Path]) -> int:
+    """Bytes on disk (compressed inputs count their compressed size; progress is approximate)."""
+    return sum(f.stat().st_size for f in files)
