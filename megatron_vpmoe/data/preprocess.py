@@ -223,6 +223,7 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
                 done = [shards.token_prefix(part, v, k) for v in vocab for k in opts.json_keys]
                 if part_summary.is_file() and all(shards.exists(p) for p in done) and not opts.overwrite:
                     stats = json.loads(part_summary.read_text())
+                    print(f"{part}: already written ({stats['documents']} documents), skipped", flush=True)
                     progress.update(stats["documents"], sum(f.stat().st_size for f in group))
                 else:
                     shards.remove_stale_temporaries(part)

@@ -1,8 +1,8 @@
 """Input corpora -> a stream of documents, with bad records counted instead of fatal.
 
 Inputs are files, directories (searched recursively) and globs of ``.jsonl``/``.json`` (one
-object per line), ``.jsonl.gz``, ``.jsonl.zst``, ``.parquet`` and ``.txt`` (a document per
-file, or per blank-line-separated block). :func:`iter_documents` yields, for each record,
+object per line), ``.jsonl.gz``, ``.jsonl.zst``, ``.parquet`` and text files (``.txt``, ``.md``, source code: a
+document per file, or per blank-line-separated block). :func:`iter_documents` yields, for each record,
 either a :class:`Document` (its ``--json-keys`` values, the bytes read, and ``file:line``) or a
 :class:`Skipped` naming why (``malformed_json``, ``invalid_utf8``, ``missing_key``,
 ``not_text``, ``empty``). Reading streams: memory does not grow with the input.
@@ -21,7 +21,8 @@ from typing import Dict, Iterator, List, Sequence, Union
 from megatron_vpmoe.utils.errors import InputError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
-SUFFIXES = JSONL_SUFFIXES + (".parquet", ".txt", ".txt.gz")
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts")
+SUFFIXES = JSONL_SUFFIXES + (".parquet",) + TEXT_SUFFIXES
 
 
 @dataclass
@@ -209,7 +210,7 @@ def iter_documents(files: Sequence[Path], json_keys: Sequence[str], *,
         name = path.name.lower()
         if name.endswith(".parquet"):
             yield from _parquet(path, json_keys)
-        elif name.endswith((".txt", ".txt.gz")):
+        elif name.endswith(TEXT_SUFFIXES):
             yield from _text(path, json_keys[0], txt_blocks)
         else:
             yield from _jsonl(path, json_keys)

@@ -1,0 +1,221 @@
+"""`vpmoe preprocess`: shards megatron-core reads, every variant from one pass, Harmony loss
+masks aligned token for token, bad records skipped with file:line, atomic outputs, resume."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy
+import pytest
+
+from megatron_vpmoe.cli import main
+from megatron_vpmoe.data.preprocess import PreprocessOptions, merge_shards, run_preprocess
+from megatron_vpmoe.data.shards import read_shard, token_dtype
+from megatron_vpmoe.tokenizers import load_tokenizer, train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def toks(tmp_path_factory, shared_data):
+    """Two small student tokenizers (Harmony specials included) trained on Shakespeare."""
+    out = tmp_path_factory.mktemp("toks")
+    corpus = str(shared_data / "corpora" / "tinyshakespeare.txt")
+    dirs = {}
+    for kind, size in (("bpe", 600), ("unigram", 500)):
+        tok = train_tokenizer(kind, [corpus], size, max_bytes=150_000)
+        dirs[f"{kind}{size}"] = str(tok.save(out / f"{kind}{size}"))
+    return dirs
+
+
+def _opts(inputs, prefix, toks, **kw):
+    kw.setdefault("progress", False)
+    return PreprocessOptions(inputs=[str(i) for i in inputs], output_prefix=str(prefix), tokenizers=toks, **kw)
+
+
+def _docs(prefix):
+    ds = read_shard(prefix)
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+def test_every_variant_round_trips_and_megatron_reads_it(tmp_path, toks, shared_data):
+    text = (shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:30_000]
+    blocks = [b.strip("\n") for b in text.split("\n\n") if b.strip()]
+    src = tmp_path / "in.jsonl.gz"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        for i, b in enumerate(blocks):
+            f.write(json.dumps({"meta": {"body": b}, "id": i}) + "\n")
+    summary = run_preprocess(_opts([src], tmp_path / "out" / "s", toks, json_keys=["meta.body"], workers=2,
+                                   chunk_size=7))
+    assert summary["documents"] == len(blocks) and not summary["skipped"]
+    for variant, path in toks.items():
+        tok = load_tokenizer(path)
+        prefix = str(tmp_path / "out" / f"s.{variant}_meta.body_document")
+        docs = _docs(prefix)
+        assert len(docs) == len(blocks)
+        assert read_shard(prefix).index.dtype == numpy.uint16  # vocab < 65,500
+        for ids, block in zip(docs, blocks):
+            assert ids[-1] == tok.eod_id
+            assert tok.decode(ids[:-1]) == block
+        assert summary["tokens_per_variant"][variant] == sum(map(len, docs))
+        assert not os.path.exists(prefix.replace("_document", "_lossmask_document") + ".bin")
+    # megatron-core's own GPTDataset over a produced shard
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    assert GPTDataset.numel_low_level_dataset(read_shard(str(tmp_path / "out" / "s.bpe600_meta.body_document"))) \
+        == len(blocks)
+    assert token_dtype(201_088) == numpy.int32 and token_dtype(65_000) == numpy.uint16
+    # one worker gives the same bytes as two
+    run_preprocess(_opts([src], tmp_path / "one" / "s", toks, json_keys=["meta.body"], workers=1))
+    for variant in toks:
+        a = (tmp_path / "out" / f"s.{variant}_meta.body_document.bin").read_bytes()
+        assert a == (tmp_path / "one" / f"s.{variant}_meta.body_document.bin").read_bytes()
+
+
+def _expected_roles(text):
+    """An independent reading of the Harmony spec: message bodies of the assistant's analysis
+    channel are 1, other assistant channels 2 (closing token included), everything else 0."""
+    spans = []  # (start, end, role) character spans of bodies+closer
+    for m in re.finditer(r"<\|start\|>(.*?)<\|message\|>(.*?)(<\|end\|>|<\|return\|>|<\|call\|>|$)", text, re.S):
+        header, body_start, end = m.group(1), m.start(2), m.end(3)
+        if header.startswith("assistant"):
+            channel = re.search(r"<\|channel\|>(\w+)", header)
+            spans.append((body_start, end, 1 if channel and channel.group(1) == "analysis" else 2))
+    return spans
+
+
+def test_harmony_fixture_masks_line_up(tmp_path, toks, shared_data):
+    fixtures = sorted((shared_data / "harmony" / "fixtures").glob("*.txt"))
+    texts = [f.read_text() for f in fixtures]
+    texts = [t for t in texts if t.lstrip().startswith("<|start|>")]
+    assert len(texts) >= 10
+    src = tmp_path / "harmony.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    summary = run_preprocess(_opts([src], tmp_path / "h", {"bpe600": toks["bpe600"]}, append_eod=False))
+    assert summary["documents"] == len(texts)
+    tok = load_tokenizer(toks["bpe600"])
+    ids_docs = _docs(str(tmp_path / "h.bpe600_text_document"))
+    mask_docs = _docs(str(tmp_path / "h.bpe600_text_lossmask_document"))
+    supervised = {1: 0, 2: 0}
+    for text, ids, roles in zip(texts, ids_docs, mask_docs):
+        assert len(ids) == len(roles)
+        assert tok.decode(ids) == text
+        # rebuild each role's text from the tokens and compare with the spec's spans
+        for role in (1, 2):
+            got = [tok.decode([i for i, _ in run]) for r, run in itertools.groupby(zip(ids, roles), lambda x: x[1])
+                   if r == role]
+            want = [text[a:b] for a, b, r in _expected_roles(text) if r == role and b > a]
+            assert got == want, (role, got, want)
+            supervised[role] += len(want)
+    assert supervised[1] >= 2 and supervised[2] >= 2  # the fixtures hold analysis and final/commentary turns
+
+
+def test_chat_records_with_reasoning(tmp_path, toks):
+    records = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "thinking": "Add two and two.", "content": "4"}]},
+        {"messages": [{"role": "user", "content": "Name a colour."},
+                      {"role": "assistant", "content": "Blue."}]},
+    ]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["preprocess", "--input", str(src), "--json-keys", "messages", "--output-prefix",
+                 str(tmp_path / "kd"), "--tokenizer", f"student={toks['bpe600']}", "--no-progress"]) == 0
+    tok = load_tokenizer(toks["bpe600"])
+    ids = _docs(str(tmp_path / "kd.student_messages_document"))
+    roles = _docs(str(tmp_path / "kd.student_messages_lossmask_document"))
+    first = dict(zip(("reasoning", "final"), (tok.decode([i for i, r in zip(ids[0], roles[0]) if r == k])
+                                               for k in (1, 2))))
+    assert first == {"reasoning": "Add two and two.<|end|>", "final": "4<|return|>"}
+    assert tok.decode([i for i, r in zip(ids[1], roles[1]) if r == 1]) == ""
+    assert tok.decode([i for i, r in zip(ids[1], roles[1]) if r == 2]) == "Blue.<|return|>"
+    assert roles[0][-1] == 0 and ids[0][-1] == tok.eod_id  # EOD is not supervised after <|return|>
+    assert "Be brief." in tok.decode(ids[0])
+
+
+def test_bad_records_are_skipped_with_positions_and_strict_is_fatal(tmp_path, toks, capsys):
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(b'{"text": "good one"}\n{"text": broken\n{"other": "x"}\n{"text": "caf\xe9"}\n'
+                    b'{"text": "   "}\n{"text": 5}\n[1, 2]\n{"text": "good two"}\n')
+    prefix = tmp_path / "b"
+    assert main(["preprocess", "--input", str(src), "--output-prefix", str(prefix), "--tokenizer",
+                 toks["bpe600"], "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "b.summary.json").read_text())
+    assert summary["documents"] == 2
+    assert summary["skipped"] == {"malformed_json": 2, "missing_key": 1, "invalid_utf8": 1, "empty": 1,
+                                  "not_text": 1}
+    assert summary["first_skipped"]["malformed_json"] == [f"{src}:2", f"{src}:7"]
+    assert f"{src}:4" in out and "invalid_utf8" in out
+    assert len(_docs(str(tmp_path / "b.bpe600_text_document"))) == 2
+    # --strict: the first bad record stops the run, one line naming file:line, nothing published
+    strict = tmp_path / "strict"
+    assert main(["preprocess", "--input", str(src), "--output-prefix", str(strict), "--tokenizer",
+                 toks["bpe600"], "--no-progress", "--strict"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{src}:2" in err and "malformed json" in err
+    assert not list(tmp_path.glob("strict*"))
+
+
+def test_usage_errors_are_one_line(tmp_path, toks, capsys):
+    assert main(["preprocess", "--input", str(tmp_path / "nothing*.jsonl"), "--output-prefix",
+                 str(tmp_path / "x"), "--tokenizer", toks["bpe600"]]) == 2
+    assert "no input files" in capsys.readouterr().err
+    assert main(["preprocess", "--output-prefix", str(tmp_path / "x")]) == 2
+    assert "--input" in capsys.readouterr().err
+
+
+def test_interrupted_run_leaves_no_valid_shards_and_partitions_resume(tmp_path, toks, shared_data):
+    inputs = sorted((shared_data / "corpora" / "code_python").glob("*.py"))[:12]
+    prefix = tmp_path / "p"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "megatron_vpmoe.cli", "preprocess", "--input", *map(str, inputs),
+           "--output-prefix", str(prefix), "--tokenizer", toks["bpe600"], "--no-progress",
+           "--partitions", "3", "--chunk-size", "1"]
+    proc = subprocess.Popen(cmd + ["--workers", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob("p_part000of003*.idx")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    final = [p for p in tmp_path.glob("p.bpe600_text_document.*")]
+    assert final == []  # nothing that looks like a finished dataset
+    done_parts = list(tmp_path.glob("p_part*of003.summary.json"))
+    out = subprocess.run(cmd + ["--workers", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("already written") == len(done_parts)
+    docs = _docs(str(prefix) + ".bpe600_text_document")
+    tok = load_tokenizer(toks["bpe600"])
+    texts = sorted(tok.decode(d[:-1]) for d in docs)
+    assert texts == sorted(p.read_text() for p in inputs)
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("p_part*"))
+    # up to date: a re-run does nothing
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_merge_and_megatron_flags_tool(tmp_path, toks, shared_data):
+    src = tmp_path / "a.txt"
+    src.write_text("first block\n\nsecond block\n\n\nthird block\n")
+    tool = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py")]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run(tool + ["--input", str(src), "--output-prefix", str(tmp_path / "a"), "--tokenizer-model",
+                                 toks["bpe600"], "--txt-blocks", "--workers", "1", "--log-interval", "1",
+                                 "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    docs = _docs(str(tmp_path / "a.bpe600_text_document"))
+    tok = load_tokenizer(toks["bpe600"])
+    assert [tok.decode(d) for d in docs] == ["first block", "second block", "third block"]  # no --append-eod
+    run_preprocess(_opts([src], tmp_path / "b", {"bpe600": toks["bpe600"]}, txt_blocks=True))
+    result = merge_shards([str(tmp_path / "a.bpe600_text_document"), str(tmp_path / "b.bpe600_text_document")],
+                          str(tmp_path / "m_text_document"))
+    assert result[str(tmp_path / "m_text_document")]["documents"] == 6
+    assert _docs(str(tmp_path / "m_text_document"))[:3] == docs
