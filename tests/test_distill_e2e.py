@@ -3,8 +3,8 @@
 toy teacher (trained here) -> `vpmoe serve` subprocess -> `vpmoe distill generate` subprocess
 on GSM8K prompts -> the server is killed mid-generation -> restarted -> the same command resumes
 to exactly one record per prompt x sample -> `vpmoe distill build-corpus` (chat records, blend
-snippet; `vpmoe preprocess` with a student tokenizer once the data package provides it) -> a
-student with a different tokenizer trained by the trainer on the teacher's text: loss falls.
+snippet, `vpmoe preprocess` shards with assistant-only role masks in a student tokenizer) -> a
+student with that different tokenizer trained by `vpmoe train`'s trainer on the shards: loss falls.
 """
 
 from __future__ import annotations
@@ -166,59 +166,34 @@ def test_build_corpus_records_and_blend(generated, corpus):
     assert snippet["distill"] == {"reasoning_loss_weight": 1.0, "final_loss_weight": 1.0}
 
 
-def test_preprocess_with_student_tokenizer(corpus):
+@pytest.fixture(scope="module")
+def kd_shards(corpus):
+    """``build-corpus`` with a student tokenizer: chat records -> ``vpmoe preprocess`` shards with
+    assistant-only role masks."""
     from megatron_vpmoe.cli import main as vpmoe
 
-    try:
-        import megatron_vpmoe.data.chat  # noqa: F401  (issue 3: Harmony chat records + loss masks)
-    except ImportError:
-        pytest.skip("vpmoe preprocess for chat records (issue 3) is not in the tree yet")
     assert vpmoe(["distill", "build-corpus", "--generated", str(corpus["work"] / "gen"),
                   "--out", str(corpus["dir"]), "--tokenizer", str(corpus["tok"])]) == 0
-    assert Path(str(corpus["dir"] / "kd.student_tok_messages_document") + ".bin").is_file()
+    return str(corpus["dir"] / "kd.student_tok_messages_document")
 
 
-def _role_masked_samples(records_path: Path, tok, seq_length: int) -> list:
-    """Stand-in for the preprocess shards until issue 3 lands: each Harmony-rendered chat record
-    in the student tokenizer (its last ``seq_length + 1`` tokens; records whose assistant turn
-    does not fit are left out),
-    labels masked to the assistant's reasoning (1) and final (2) spans."""
-    import torch
+def test_preprocess_with_student_tokenizer(kd_shards):
+    from megatron_vpmoe.data.shards import read_shard
 
-    from megatron_vpmoe.serve.chat_format import render_harmony_prompt
-
-    samples = []
-    for line in records_path.open():
-        rec = json.loads(line)
-        *prompt, answer = rec["messages"]
-        pieces = [(render_harmony_prompt(prompt) + "<|channel|>analysis<|message|>", 0),
-                  (answer["thinking"], 1),
-                  ("<|end|><|start|>assistant<|channel|>final<|message|>", 0),
-                  (answer["content"], 2), ("<|return|>", 2)]
-        ids, roles = [], []
-        for text, role in pieces:
-            t = tok.encode(text, add_special_tokens=False)
-            ids += t
-            roles += [role] * len(t)
-        ids, roles = ids[-(seq_length + 1):], roles[-(seq_length + 1):]
-        if len(ids) < seq_length + 1 or roles[0] != 0:
-            continue  # the whole answer must fit in one sample
-        window = torch.tensor(ids)
-        samples.append({"tokens": window[:-1], "labels": window[1:], "loss_mask": torch.tensor(roles[1:])})
-    return samples
+    tokens, roles = read_shard(kd_shards), read_shard(kd_shards.replace("_document", "_lossmask_document"))
+    assert len(tokens) == len(roles) > 0
+    for i in range(len(tokens)):
+        assert len(tokens[i]) == len(roles[i])
+        assert {1, 2} <= set(roles[i].tolist())  # reasoning and final spans of every teacher answer
 
 
-def test_student_loss_on_teacher_text_falls(corpus):
+def test_student_loss_on_teacher_text_falls(corpus, kd_shards):
     import torch
 
     from megatron_vpmoe.config import load_config
-    from megatron_vpmoe.serve.backends import load_tokenizer_dir
     from megatron_vpmoe.training.trainer import Trainer
 
     work = corpus["work"]
-    tok = load_tokenizer_dir(str(corpus["tok"]))
-    samples = _role_masked_samples(corpus["dir"] / "chat_records.jsonl", tok, 256)
-    assert len(samples) >= 2
     cfg_path = work / "student.yaml"
     cfg_path.write_text(f"""
 run: {{dir: {work}/student, seed: 3}}
@@ -226,7 +201,7 @@ model: {{vocab_size: {corpus["vocab"]}, hidden_size: 64, num_layers: 2, num_atte
   num_query_groups: 2, kv_channels: 16, ffn_hidden_size: 128, window_size: 16, moe_first_k_dense: 1,
   num_moe_experts: 4, moe_router_topk: 2, moe_ffn_hidden_size: 64,
   moe_shared_expert_intermediate_size: 64, moe_router_num_groups: 1, moe_router_group_topk: 1}}
-data: {{mock: true, seq_length: 256}}
+data: {{tokenizer: {corpus["tok"]}, blend: [[1.0, {kd_shards}]], split: "100,0,0", seq_length: 256}}
 train: {{steps: 40, global_batch_size: 4, micro_batch_size: 4, precision: fp32,
   optimizer: {{lr: 0.003, min_lr: 0.0003}}, schedule: {{kind: cosine, warmup_steps: 2}}}}
 checkpoint: {{interval: 0}}
@@ -235,9 +210,11 @@ distill: {{reasoning_loss_weight: 1.0, final_loss_weight: 2.0}}
 """)
     torch.set_num_threads(1)
     cfg = load_config(str(cfg_path))
-    assert Trainer(cfg, datasets=(samples, samples[:2]), quiet=True).run() == 0
+    assert Trainer(cfg, quiet=True).run() == 0
     log = [json.loads(l) for l in (work / "student" / "metrics.jsonl").open()]
     train = [r for r in log if r.get("kind", "train") == "train" and "loss" in r]
-    assert len(train) == 40 and all({"nll_reasoning", "nll_final"} <= set(r) for r in train)
+    assert len(train) == 40 and all({"nll_reasoning", "nll_final"} & set(r) for r in train)
+    # packed 256-token windows: most batches hold both spans, every batch holds one of them
+    assert sum({"nll_reasoning", "nll_final"} <= set(r) for r in train) >= 20
     first, last = sum(r["loss"] for r in train[:5]) / 5, sum(r["loss"] for r in train[-5:]) / 5
     assert last < 0.8 * first, (first, last)
