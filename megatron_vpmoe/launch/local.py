@@ -1,0 +1,96 @@
+"""``vpmoe launch local`` (torchrun on this host) and ``vpmoe launch mpi`` (OpenMPI's mpirun).
+
+Both start ``vpmoe train`` once per rank and pass the exit code through. A run stopped by a
+preemption signal leaves ``{run.dir}/REQUEUE`` (torchrun collapses the ranks' exit code 75);
+the launcher then says so and exits 75, and the same command resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from megatron_vpmoe.utils.errors import EXIT_REQUEUE, UsageError, VpmoeError
+
+
+def _train_args(config: str, overrides: List[str]) -> List[str]:
+    args = ["-m", "megatron_vpmoe.cli", "train", "--config", config]
+    for override in overrides:
+        args += ["--set", override]
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(nproc: int, config: str, overrides: List[str], python: str = sys.executable) -> List[str]:
+    if nproc < 1:
+        raise UsageError("--nproc must be >= 1")
+    return [python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+            *_train_args(config, overrides)]
+
+
+def mpirun_command(np: int, config: str, overrides: List[str], hostfile: Optional[str] = None,
+                   python: str = sys.executable) -> List[str]:
+    if np < 1:
+        raise UsageError("--np must be >= 1")
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        raise VpmoeError("mpirun not found (install OpenMPI: apt-get install openmpi-bin)")
+    cmd = [mpirun, "-np", str(np)]
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    if hostfile:
+        cmd += ["--hostfile", hostfile]
+        master = Path(hostfile).read_text().split()[0]
+    else:
+        cmd.append("--oversubscribe")  # one host: more ranks than cores is fine for CPU runs
+        master = "127.0.0.1"
+    cmd += ["-x", f"MASTER_ADDR={master}", "-x", f"MASTER_PORT={_free_port()}", "-x", "PATH",
+            "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", python, *_train_args(config, overrides)]
+    return cmd
+
+
+def run_launcher(cmd: List[str], config: str, overrides: List[str], usr1_as_term: bool = False) -> int:
+    """Run ``cmd`` forwarding SIGTERM/SIGUSR1/SIGINT to it; map a preemption to exit 75.
+
+    ``usr1_as_term``: torchrun forwards SIGTERM to its workers but dies on SIGUSR1, so USR1 is
+    delivered to it as SIGTERM (the trainer treats both as "checkpoint and stop")."""
+    from megatron_vpmoe.config import load_config
+
+    run_dir = Path(load_config(config, overrides).run.dir)  # also validates before starting ranks
+    marker = run_dir / "REQUEUE"
+    marker.unlink(missing_ok=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    repo = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    print("[vpmoe] " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    previous = {}
+
+    def forward(signum, frame):  # noqa: ARG001 - signal handler signature
+        proc.send_signal(signal.SIGTERM if usr1_as_term and signum == signal.SIGUSR1 else signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        previous[sig] = signal.signal(sig, forward)
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if marker.is_file():
+        print(f"[vpmoe] preempted: the run checkpointed ({marker}); run the same command again to resume",
+              flush=True)
+        return EXIT_REQUEUE
+    return code
