@@ -89,7 +89,7 @@ def _submit(slurm, run_dir, steps, extra=()):
     env_conf = ["--env", f"SLURM_CONF={slurm.env['SLURM_CONF']}"]
     cmd = [sys.executable, "-m", "megatron_vpmoe.cli", "launch", "slurm", "--nodes", "1", "--gpus-per-node", "0",
            "--ntasks-per-node", "2", "--job-name", "tiny", "--signal-seconds", "60", *env_conf, "--config", CONFIG,
-           *_sets(run_dir, steps)]
+           *_sets(run_dir, steps, extra)]
     out = subprocess.run(cmd, cwd=ROOT, env=dict(slurm.env, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
@@ -171,3 +171,13 @@ def test_local_launcher_turns_usr1_into_a_checkpoint_and_exit_75(tmp_path):
     assert proc.returncode == 75, output
     assert "run the same command again to resume" in output
     assert (run / "REQUEUE").is_file() and (run / "checkpoints" / "latest").is_file()
+
+
+@pytest.mark.slurm
+def test_slurm_real_failure_is_not_requeued(slurm, tmp_path):
+    run = tmp_path / "run"
+    job = _submit(slurm, run, 4, extra=["data.mock=false", f"data.blend=[[1.0, {tmp_path}/missing_document]]"])
+    info = slurm.wait(job, timeout=240)
+    log = (run / "logs" / f"tiny-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and int(info.get("Restarts", 0)) == 0, log
+    assert "missing_document" in log and "requeueing" not in log
