@@ -124,6 +124,39 @@ def test_trained_variant_converts_and_evaluates_the_same(experiment, shared_data
     assert hf["bpb"] == pytest.approx(native["bpb"], rel=1e-5)
 
 
+def test_tokenizer_sources(experiment, tmp_path):
+    """{dir: PATH} reuses a directory as it is; {command: ARGS} runs `vpmoe tokenizer train`
+    with {out} substituted and reports a failure naming the command."""
+    from megatron_vpmoe.eval.experiment import Variant, obtain_tokenizer
+    from megatron_vpmoe.utils.errors import InputError
+
+    tmp, _ = experiment
+    existing = tmp / "out" / "bpe-300" / "tokenizer"
+    assert obtain_tokenizer(Variant("d", "dir", existing), tmp_path / "unused", [], []) == existing
+    assert not (tmp_path / "unused").exists()
+    with pytest.raises(InputError, match="not found"):
+        obtain_tokenizer(Variant("d", "dir", tmp_path / "missing"), tmp_path / "t", [], [])
+    # a real (tiny) `vpmoe tokenizer train` through a command variant, {corpus}/{out} substituted
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200
+                      + "pack my box with five dozen liquor jugs. " * 200)
+    args = ["--kind", "bpe", "--vocab-size", "300", "--input", "{corpus}", "--output", "{out}"]
+    made = obtain_tokenizer(Variant("c", "command", args), tmp_path / "tok", [], [corpus])
+    assert made == tmp_path / "tok" and made.is_dir()
+    from megatron_vpmoe.tokenizers import load_tokenizer
+    tok = load_tokenizer(made)
+    ids = tok.encode("the lazy dog")
+    assert ids and max(ids) < 300 and tok.decode(ids) == "the lazy dog"
+    # done earlier: reused, the command does not run again
+    assert obtain_tokenizer(Variant("c", "command", ["--bogus"]), tmp_path / "tok", [], [corpus]) == made
+    # a failing command: the error names the command and the variant
+    with pytest.raises(InputError, match=r"variant bad: 'vpmoe tokenizer train --kind nonsense .*' failed"):
+        obtain_tokenizer(Variant("bad", "command", ["--kind", "nonsense", "--vocab-size", "300",
+                                                     "--input", "{corpus}", "--output", "{out}"]),
+                         tmp_path / "bad", [], [corpus])
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.long
 def test_tiny_preset_end_to_end(tmp_path, repo_root):
     """The shipped tiny preset, full size (about 5 minutes on 2 cores)."""

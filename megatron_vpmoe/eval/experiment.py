@@ -233,9 +233,16 @@ def obtain_tokenizer(variant: Variant, out: Path, corpus_docs: List[str], corpus
     if variant.kind == "command":
         from megatron_vpmoe.cli import main
 
-        corpus = ",".join(str(p) for p in corpus_paths)
-        args = [str(a).format(out=out, corpus=corpus) for a in variant.spec]
-        code = main(["tokenizer", "train", *args])
+        args = []  # "{corpus}" alone becomes one argument per corpus file (--input takes several)
+        for a in variant.spec:
+            if str(a) == "{corpus}":
+                args.extend(str(p) for p in corpus_paths)
+            else:
+                args.append(str(a).format(out=out, corpus=",".join(str(p) for p in corpus_paths)))
+        try:
+            code = main(["tokenizer", "train", *args])
+        except SystemExit as exc:  # argparse rejects bad arguments by exiting
+            code = exc.code if isinstance(exc.code, int) else 2
         if code != 0 or not out.is_dir():
             raise InputError(f"variant {variant.name}: 'vpmoe tokenizer train {' '.join(args)}' failed "
                              f"(exit {code}) or did not write {out}")
