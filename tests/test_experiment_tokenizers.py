@@ -157,6 +157,42 @@ def test_tokenizer_sources(experiment, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_every_tokenizer_kind_end_to_end(tmp_path, shared_data):
+    """The project's real tokenizer kinds through the runner in CI size: the o200k Harmony teacher
+    (a `vpmoe tokenizer get` directory, 201,088 ids), and unigram / Length-MAX / pruned-o200k
+    trained by `vpmoe tokenizer train` command variants; every column filled, the same active
+    non-embedding parameters and the same training bytes for all."""
+    assert main(["tokenizer", "get", "harmony", "--output", str(tmp_path / "harmony")]) == 0
+    train = '[--vocab-size, 600, --input, "{{corpus}}", --output, "{{out}}", --max-bytes, 8000, --kind, '
+    variants = f"""variants:
+  - name: harmony
+    tokenizer: {{{{dir: {tmp_path / "harmony"}}}}}
+    reference: true
+  - name: unigram-600
+    tokenizer: {{{{command: {train}unigram]}}}}
+  - name: lengthmax-600
+    tokenizer: {{{{command: {train}lengthmax]}}}}
+  - name: pruned-600
+    tokenizer: {{{{command: {train}pruned]}}}}
+"""
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text((CONFIG.split("variants:")[0] + variants).format(out=tmp_path / "out"))
+    assert main(["experiment", "tokenizers", "--config", str(cfg)]) == 0
+    rows = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["variant"] for r in rows] == ["harmony", "unigram-600", "lengthmax-600", "pruned-600"]
+    assert rows[0]["vocab_size"] == 201088
+    assert all(r["vocab_size"] == 600 for r in rows[1:])
+    assert len({r["active_non_embedding_params"] for r in rows}) == 1
+    assert {r["train_bytes_budget"] for r in rows} == {8000}
+    for r in rows:  # the same bytes of text, up to the last step (4 x 32 tokens) rounding up
+        assert 8000 <= r["bytes_seen"] <= 8000 + 128 * r["bytes_per_token"] + 1e-6, r["variant"]
+    for r in rows:
+        assert all(v is not None for v in r.values()), r
+        assert r["tokens_per_char"] > 0 and r["eval_bpb"] > 0
+    # the 201k vocabulary packs the most text per token
+    assert rows[0]["tokens_per_char"] < min(r["tokens_per_char"] for r in rows[1:])
+
+
 @pytest.mark.long
 def test_tiny_preset_end_to_end(tmp_path, repo_root):
     """The shipped tiny preset, full size (about 5 minutes on 2 cores)."""
