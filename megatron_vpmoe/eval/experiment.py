@@ -162,15 +162,20 @@ def load_experiment_config(path: str | Path, out: Optional[str] = None,
 
 # ---- documents --------------------------------------------------------------------------
 
+def corpus_files(paths: List[Path]) -> List[Path]:
+    """The corpus files, in order: files as given, directories as their .txt then .py files."""
+    files: List[Path] = []
+    for p in paths:
+        files += sorted(p.rglob("*.txt")) + sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    return files
+
+
 def read_corpus(paths: List[Path], max_bytes: int) -> List[str]:
     """Documents (one per .txt file, or blank-line-separated paragraphs of long files), in order,
     up to ``max_bytes`` UTF-8 bytes in all."""
     docs: List[str] = []
-    files: List[Path] = []
-    for p in paths:
-        files += sorted(p.rglob("*.txt")) + sorted(p.rglob("*.py")) if p.is_dir() else [p]
     total = 0
-    for f in files:
+    for f in corpus_files(paths):
         text = f.read_text(encoding="utf-8", errors="replace")
         for para in (text.split("\n\n") if len(text) > 20_000 else [text]):
             if not para.strip():
@@ -233,10 +238,10 @@ def obtain_tokenizer(variant: Variant, out: Path, corpus_docs: List[str], corpus
     if variant.kind == "command":
         from megatron_vpmoe.cli import main
 
-        args = []  # "{corpus}" alone becomes one argument per corpus file (--input takes several)
+        args = []  # "{corpus}" alone becomes one argument per corpus file (directories expanded)
         for a in variant.spec:
             if str(a) == "{corpus}":
-                args.extend(str(p) for p in corpus_paths)
+                args.extend(str(p) for p in corpus_files(corpus_paths))
             else:
                 args.append(str(a).format(out=out, corpus=",".join(str(p) for p in corpus_paths)))
         try:
