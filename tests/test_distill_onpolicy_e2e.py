@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from test_distill_e2e import PY, ServedTeacher, _env, _free_port, _role_masked_samples, student_tokenizer
+from test_distill_e2e import PY, ServedTeacher, _env, _free_port, student_tokenizer
 from test_serve import toy_teacher_dir
 
 
@@ -122,10 +122,11 @@ def test_data_parallel_ranks_stay_in_sync(setup):
 
 def test_nll_anchor_on_phase1_data(setup, shared_data):
     """With nll_anchor_coeff > 0 the update also fits phase-1 chat data (here GSM8K worked
-    solutions as assistant reasoning + final, role-masked): its NLL is logged and falls."""
+    solutions as assistant reasoning + final, preprocessed into role-masked shards and read through
+    data.blend): its NLL is logged and falls."""
     from megatron_vpmoe.config import load_config
     from megatron_vpmoe.distill.onpolicy import OnPolicyTrainer
-    from megatron_vpmoe.serve.backends import load_tokenizer_dir
+    from megatron_vpmoe.data.preprocess import PreprocessOptions, run_preprocess
 
     work, vocab, port, prompts = setup
     records = work / "phase1_records.jsonl"
@@ -136,13 +137,15 @@ def test_nll_anchor_on_phase1_data(setup, shared_data):
             out.write(json.dumps({"messages": [
                 {"role": "user", "content": rec["question"]},
                 {"role": "assistant", "thinking": work_text.strip(), "content": answer.strip()}]}) + "\n")
-    anchor = _role_masked_samples(records, load_tokenizer_dir(str(work / "student_tok")), 256)
-    assert len(anchor) >= 4
+    run_preprocess(PreprocessOptions([str(records)], str(work / "phase1"), {"student": str(work / "student_tok")},
+                                     json_keys=["messages"], progress=False))
+    shards = f"{work}/phase1.student_messages_document"
     cfg = _config(work, vocab, port, prompts, steps=10)
     cfg.write_text(cfg.read_text().replace(f"{work}/run", f"{work}/anchor")
+                   .replace("mock: true, seq_length: 64", f"blend: [[1.0, {shards}]], split: '100,0,0', seq_length: 256")
                    .replace("kl_coeff: 0.05,", "kl_coeff: 0.05, nll_anchor_coeff: 1.0,"))
     cfg = load_config(str(cfg))
     cfg.train.micro_batch_size = 4
-    history = OnPolicyTrainer(cfg, quiet=True, anchor_dataset=anchor).run()
+    history = OnPolicyTrainer(cfg, quiet=True).run()
     nll = [h["anchor_nll"] for h in history]
     assert len(nll) == 10 and sum(nll[-3:]) < 0.8 * sum(nll[:3]), nll

@@ -182,7 +182,8 @@ class OnPolicyTrainer:
         cfg = self.cfg
         train, _valid, _test = build_datasets(
             cfg.data, seed=cfg.run.seed, num_samples=cfg.train.steps * cfg.train.micro_batch_size
-            * self.world_size, eod_id=self.tok.eos_token_id or 0, pad_id=self.tok.eos_token_id or 0,
+            * self.world_size, eod_id=self.tok.eos_token_id or 0,
+            pad_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0),
             cache_dir=cfg.data.cache_dir or str(Path(cfg.run.dir) / "data_cache"))
         return train
 
