@@ -117,10 +117,16 @@ def start_cluster(directory: Path) -> SlurmCluster:
 
 def stop_cluster(cluster: SlurmCluster) -> None:
     cluster.run("scontrol", "shutdown", check=False)
+    pids = []
     for name in ("slurmd", "slurmctld"):
         pid_file = cluster.dir / f"{name}.pid"
         if pid_file.is_file():
             try:
-                os.kill(int(pid_file.read_text().strip()), 15)
+                pids.append(int(pid_file.read_text().strip()))
+                os.kill(pids[-1], 15)
             except (OSError, ValueError):
                 pass
+    deadline = time.time() + 15  # leave no daemon behind the test session
+    while pids and time.time() < deadline:
+        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+        time.sleep(0.2)

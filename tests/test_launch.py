@@ -126,6 +126,11 @@ def test_slurm_preemption_requeues_and_resumes_exactly(slurm, tmp_path):
     while time.time() < deadline:
         info = slurm.job(job)
         if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) >= 1:
+            # the first run must be gone from the node, and slurmd rejects a launch credential
+            # issued in the same second as the requeue revoked the old one ("credential revoked")
+            while time.time() < deadline and slurm.run("sinfo", "-h", "-o", "%T").stdout.strip() != "idle":
+                time.sleep(0.2)
+            time.sleep(2)
             slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
             break
         if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
