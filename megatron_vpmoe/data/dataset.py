@@ -120,6 +120,8 @@ def build_datasets(data_cfg, *, seed: int, num_samples: Sequence[int], eod_id: i
 
     logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
     os.makedirs(cache_dir, exist_ok=True)
+    if pad_id == eod_id:  # no distinct pad token: megatron-core would reset it to -1 with a warning
+        pad_id = -1
     masked_cls, mock_cls = _dataset_classes()
     blend = None if data_cfg.mock else _blend(data_cfg)
     config = GPTDatasetConfig(
