@@ -34,7 +34,7 @@ def _split(full: torch.Tensor, param, ctx: ParallelContext, num_experts: int) ->
 
 
 def _all_reduce_coalesced(tensors: List[torch.Tensor], group) -> None:
-    if not tensors or dist.get_world_size(group) == 1:
+    if not tensors or group is None or dist.get_world_size(group) == 1:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, group=group)
@@ -44,9 +44,14 @@ def _all_reduce_coalesced(tensors: List[torch.Tensor], group) -> None:
         offset += t.numel()
 
 
-def default_loss_fn(per_token_loss: torch.Tensor, batch: Dict) -> Tuple[torch.Tensor, int]:
-    """Sum of token losses and the number of counted tokens (labels != -100)."""
-    return per_token_loss.sum(), int((batch["labels"] != -100).sum())
+# loss_fn(per_token_loss [b, S], micro_batch) -> (loss to backpropagate, 1-D float64 stats)
+LossFn = Callable[[torch.Tensor, Dict], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 
 
 class ParallelModel:
@@ -67,67 +72,138 @@ class ParallelModel:
         return self
 
     # -- one training step's forward and backward --------------------------------------------
-    def forward_backward(self, micro_batches: List[Dict], loss_fn: Optional[Callable] = None):
-        """Forward+backward over this rank's micro-batches; gradients are those of
-        ``sum(token losses of the global batch) / global token count`` (+ aux loss averaged
-        over micro-batches and DP ranks), already reduced. Returns ``(loss_sum, n_tokens)``
-        over the global batch (floats)."""
-        loss_fn = loss_fn or default_loss_fn
-        ctx = self.ctx
-        local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
-        total = torch.tensor([float(local_tokens)])
-        if ctx.dp > 1:
-            dist.all_reduce(total, group=ctx.dp_group)
-        n_tokens = max(float(total), 1.0)
-        if ctx.pp > 1:
-            loss_sum = self._pipeline_forward_backward(micro_batches, n_tokens)
-            self.reduce_gradients()
-            result = torch.tensor([loss_sum])
-            dist.all_reduce(result, group=ctx.pp_group)  # only the last stage has losses
-            if ctx.dp > 1:
-                dist.all_reduce(result, group=ctx.dp_group)
-            return float(result), n_tokens
-        loss_sum = 0.0
-        aux_scale = 1.0 / (len(micro_batches) * ctx.dp)
-        for mb in micro_batches:
-            per_token = self.module(mb["input_ids"], mb.get("position_ids"), labels=mb["labels"])
-            summed, _ = loss_fn(per_token, mb)
-            loss = summed / n_tokens + self.module.aux_loss() * aux_scale
-            loss.backward()
-            loss_sum += float(summed.detach())
-        self.reduce_gradients()
-        result = torch.tensor([loss_sum])
-        if ctx.dp > 1:
-            dist.all_reduce(result, group=ctx.dp_group)
-        return float(result), n_tokens
+    def forward_backward(self, micro_batches: List[Dict], loss_fn: Optional[LossFn] = None):
+        """Forward+backward over this rank's micro-batches, gradients reduced over the layout.
 
-    def _pipeline_forward_backward(self, micro_batches: List[Dict], n_tokens: float) -> float:
+        Without ``loss_fn``: the token-mean objective ``sum(token losses of the global batch) /
+        global token count`` (+ aux loss averaged over micro-batches and DP ranks); returns
+        ``(loss_sum, n_tokens)`` over the global batch (floats, on every rank).
+
+        With ``loss_fn(per_token_loss [b, S], micro_batch) -> (loss, stats)``: ``loss`` is the
+        micro-batch's complete share of the objective (backpropagated as is; the caller adds
+        ``self.module.aux_loss()`` if it wants it) and ``stats`` a 1-D float64 tensor; returns
+        the stats summed over micro-batches, pipeline stages and data-parallel ranks (the same
+        on every rank). Works in every layout; under PP it runs on the last stage, once per
+        micro-batch in order."""
+        if loss_fn is not None:
+            return self._run(micro_batches, loss_fn, backward=True)
+        n_tokens = self._global_token_count(micro_batches)
+        aux_scale = 1.0 / (len(micro_batches) * self.ctx.dp)
+
+        def token_mean(per_token, mb):
+            summed = per_token.sum()
+            loss = summed / n_tokens
+            if self.ctx.pp == 1:  # the aux loss is rejected with PP (check_pipeline_config)
+                loss = loss + self.module.aux_loss() * aux_scale
+            return loss, summed.detach().double().view(1)
+
+        stats = self._run(micro_batches, token_mean, backward=True)
+        return float(stats[0]), n_tokens
+
+    @torch.no_grad()
+    def forward_only(self, micro_batches: List[Dict], loss_fn: LossFn) -> torch.Tensor:
+        """Like ``forward_backward(micro_batches, loss_fn)`` without gradients (validation)."""
+        return self._run(micro_batches, loss_fn, backward=False)
+
+    def _global_token_count(self, micro_batches: List[Dict]) -> float:
+        total = torch.tensor([float(sum(int((mb["labels"] != -100).sum()) for mb in micro_batches))])
+        if self.ctx.dp > 1:
+            dist.all_reduce(total, group=self.ctx.dp_group)
+        return max(float(total), 1.0)
+
+    def _run(self, micro_batches: List[Dict], loss_fn: LossFn, backward: bool) -> torch.Tensor:
+        ctx = self.ctx
+        if ctx.pp > 1:
+            stats = self._pipeline_run(micro_batches, loss_fn, backward)
+        else:
+            stats = None
+            for mb in micro_batches:
+                per_token = self.module(mb["input_ids"], mb.get("position_ids"), labels=mb["labels"])
+                loss, part = loss_fn(per_token, mb)
+                if backward:
+                    loss.backward()
+                stats = part.detach().double().clone() if stats is None else stats + part.detach().double()
+            if stats is None:
+                stats = torch.zeros(0, dtype=torch.float64)
+        if backward:
+            self.reduce_gradients()
+        stats = stats.to(_device())
+        if ctx.dp > 1:
+            dist.all_reduce(stats, group=ctx.dp_group)
+        return stats
+
+    def _pipeline_run(self, micro_batches: List[Dict], loss_fn: LossFn, backward: bool) -> torch.Tensor:
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
         from megatron_vpmoe.parallel.pipeline import PipelineStageModule
 
         m, ctx = self.module, self.ctx
-        if self._stage is None:
-            self._stage_module = PipelineStageModule(m)
-            self._stage = PipelineStage(self._stage_module, ctx.pp_rank, ctx.pp,
-                                        torch.device("cpu") if not torch.cuda.is_available()
-                                        else torch.device("cuda", torch.cuda.current_device()),
+        # a fresh stage per call: a reused stage's receive buffers from an earlier shape
+        # inference came back non-contiguous on the next step (gloo irecv rejects them)
+        self._stage_module = PipelineStageModule(m)
+        self._stage = PipelineStage(self._stage_module, ctx.pp_rank, ctx.pp, _device(),
                                         group=ctx.pp_group)
+        parts: Dict[int, torch.Tensor] = {}
 
-        def loss_fn(hidden, labels):
-            return m.head(hidden, labels).sum() / n_tokens
+        def stage_loss(hidden, index):
+            # the target is each micro-batch's index, so the loss sees its labels and loss mask
+            if index.device.type == "meta":  # the schedule's shape inference
+                return m.head(hidden, torch.zeros(hidden.shape[:2], dtype=torch.long, device="meta")).sum()
+            i = int(index.reshape(-1)[0])
+            loss, part = loss_fn(m.head(hidden, micro_batches[i]["labels"]), micro_batches[i])
+            parts[i] = part.detach().double()
+            return loss
 
-        schedule = ScheduleGPipe(self._stage, len(micro_batches), loss_fn=loss_fn, scale_grads=False)
-        ids = torch.cat([mb["input_ids"] for mb in micro_batches])
-        labels = torch.cat([mb["labels"] for mb in micro_batches])
-        losses: List[torch.Tensor] = []
+        schedule = ScheduleGPipe(self._stage, len(micro_batches), loss_fn=stage_loss, scale_grads=False)
+        run = schedule.step if backward else schedule.eval
         if m.pre_process:
-            schedule.step(ids)
+            run(torch.cat([mb["input_ids"] for mb in micro_batches]))
         elif m.post_process:
-            schedule.step(target=labels, losses=losses)
+            index = torch.arange(len(micro_batches), device=_device()).repeat_interleave(
+                micro_batches[0]["labels"].shape[0]).view(-1, 1)
+            run(target=index, losses=[])
         else:
-            schedule.step()
-        return float(sum(float(x) for x in losses)) * n_tokens
+            run()
+        # only the last stage has losses: agree on the stats' length, then sum over the stages
+        size = torch.tensor([parts[0].numel() if parts else 0], dtype=torch.long, device=_device())
+        dist.all_reduce(size, op=dist.ReduceOp.MAX, group=ctx.pp_group)
+        stats = (torch.stack([parts[i] for i in sorted(parts)]).sum(0) if parts else
+                 torch.zeros(int(size), dtype=torch.float64)).to(_device())
+        dist.all_reduce(stats, group=ctx.pp_group)
+        return stats
+
+    # -- the global gradient norm (every shard counted once) ----------------------------------
+    def grad_norm(self) -> float:
+        """L2 norm of the full model's gradient (call after the reduction): TP-sharded and
+        expert-sharded gradients are summed over their groups, pipeline stages added,
+        replicated gradients counted once. The same value on every rank."""
+        from torch.nn.utils import get_total_norm
+
+        sharded_tp, experts, replicated = [], [], []
+        for p in self.module.parameters():
+            if p.grad is None:
+                continue
+            if getattr(p, "expert_parallel", False):
+                experts.append(p.grad)
+            elif getattr(p, "tensor_model_parallel", False) and self.ctx.tp > 1:
+                sharded_tp.append(p.grad)
+            else:
+                replicated.append(p.grad)
+
+        def squared(grads):
+            if not grads:
+                return torch.zeros((), dtype=torch.float64, device=_device())
+            return get_total_norm(grads, 2.0, error_if_nonfinite=False).double().to(_device()) ** 2
+
+        tp_sq, ep_sq = squared(sharded_tp).view(1), squared(experts).view(1)
+        if self.ctx.tp > 1:
+            dist.all_reduce(tp_sq, group=self.ctx.tp_group)
+        if self.ctx.ep > 1:
+            dist.all_reduce(ep_sq, group=self.ctx.ep_group)
+        total = tp_sq + ep_sq + squared(replicated)
+        if self.ctx.pp > 1:
+            dist.all_reduce(total, group=self.ctx.pp_group)
+        return float(total.sqrt())
 
     def reduce_gradients(self) -> None:
         dense, experts, partial = [], [], []
@@ -150,13 +226,42 @@ class ParallelModel:
             dist.all_reduce(load, group=self.ctx.dp_group)
         return load
 
-    def update_expert_bias(self) -> None:
-        self.module.update_expert_bias(self.expert_load())
+    def update_expert_bias(self) -> torch.Tensor:
+        """The same bias update on every rank from the DP-reduced load; returns that load."""
+        load = self.expert_load()
+        self.module.update_expert_bias(load)
+        return load
+
+    def reset_expert_counters(self) -> None:
+        """Forget the routing counts since the last update (eval forwards, skipped steps)."""
+        for name, buf in self.module.named_buffers():
+            if name.endswith("tokens_per_expert"):
+                buf.zero_()
 
     # -- state dicts in single-process keys and shapes (reshard across layouts) ---------------
+    def to_full(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """The single-process tensor of parameter ``key`` from this rank's shard ``value``
+        (a weight, or optimizer state of the weight's shape); other tensors as they are."""
+        p = self._params().get(key)
+        if p is not None and value.shape == p.shape:
+            if getattr(p, "expert_parallel", False) and self.ctx.ep > 1:
+                return _gather(value, 0, self.ctx.ep, self.ctx.ep_group)
+            if getattr(p, "tensor_model_parallel", False) and self.ctx.tp > 1:
+                return _gather(value, p.partition_dim, self.ctx.tp, self.ctx.tp_group)
+        return value.clone()
+
+    def to_local(self, key: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the single-process tensor ``full`` of parameter ``key``."""
+        p = self._params().get(key)
+        if p is None or full.dim() == 0:
+            return full
+        return _split(full, p, self.ctx, self.cfg.num_moe_experts)
+
+    def _params(self) -> Dict[str, torch.Tensor]:
+        return dict(self.module.named_parameters())
+
     @torch.no_grad()
     def load_full_state_dict(self, full: Dict[str, torch.Tensor]) -> None:
-        params = dict(self.module.named_parameters())
         local = {}
         for key, value in self.module.state_dict().items():
             if key.endswith("_extra_state"):  # megatron-core layers' (empty) extra state
@@ -164,24 +269,13 @@ class ParallelModel:
                 continue
             if key not in full:
                 raise ConfigError(f"checkpoint has no {key!r}", key="state_dict")
-            local[key] = _split(full[key], params.get(key), self.ctx, self.cfg.num_moe_experts)
+            local[key] = self.to_local(key, full[key])
         self.module.load_state_dict(local)
 
     @torch.no_grad()
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
-        params = dict(self.module.named_parameters())
-        out = {}
-        for key, value in self.module.state_dict().items():
-            p = params.get(key)
-            if key.endswith("_extra_state"):
-                continue
-            if getattr(p, "expert_parallel", False) and self.ctx.ep > 1:
-                out[key] = _gather(value, 0, self.ctx.ep, self.ctx.ep_group)
-            elif getattr(p, "tensor_model_parallel", False) and self.ctx.tp > 1:
-                out[key] = _gather(value, p.partition_dim, self.ctx.tp, self.ctx.tp_group)
-            else:
-                out[key] = value.clone()
-        return out
+        return {key: self.to_full(key, value) for key, value in self.module.state_dict().items()
+                if not key.endswith("_extra_state")}
 
 
 def _gather(t: torch.Tensor, dim: int, size: int, group) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from megatron_vpmoe.config.schema import ModelConfig
+from megatron_vpmoe.model.moe import _ContiguousGrad
 
 
 def stage_layers(num_layers: int, pp: int, rank: int) -> List[int]:
@@ -30,15 +31,34 @@ class PipelineStageModule(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        # the schedule's shape inference runs one forward on placeholder tensors before the
+        # micro-batches; it must not feed the routers' load counters (expert-bias balancing)
+        self.shape_inference_pending = True
 
     def forward(self, first, v_first=None):
+        if not self.shape_inference_pending:
+            return self._forward(first, v_first)
+        self.shape_inference_pending = False
+        counters = [m.router.tokens_per_expert for m in self.model.moe_layers()]
+        saved = [c.clone() for c in counters]
+        try:
+            return self._forward(first, v_first)
+        finally:
+            for c, value in zip(counters, saved):
+                c.copy_(value)
+
+    def _forward(self, first, v_first=None):
         m = self.model
         if m.pre_process:
             ids = first
             hidden = m.embed(ids)
             positions = m.default_positions(ids)
         else:
-            hidden = first
+            # gradients sent back to the previous stage must be dense (p2p buffers), whatever
+            # strides the layers' backward produced
+            hidden = _ContiguousGrad.apply(first)
+            if v_first is not None:
+                v_first = _ContiguousGrad.apply(v_first)
             b, s = hidden.shape[:2]
             positions = torch.arange(s, device=hidden.device).unsqueeze(0).expand(b, s)
             if not m.cfg.value_residual:

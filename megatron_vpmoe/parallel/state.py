@@ -34,10 +34,16 @@ class ParallelContext:
 
 
 def init_parallel(cfg: ParallelConfig) -> ParallelContext:
-    """Create TP/EP/PP/DP groups (call after ``torch.distributed.init_process_group``)."""
+    """Create TP/EP/PP/DP groups (call after ``torch.distributed.init_process_group``).
+
+    A single process without a process group gets the trivial layout (every size 1, no groups)."""
     if not dist.is_initialized():
-        raise ConfigError("call torch.distributed.init_process_group before init_parallel",
-                          key="parallel")
+        if cfg.tensor * cfg.expert * cfg.pipeline > 1 or cfg.data > 1:
+            raise ConfigError("call torch.distributed.init_process_group before init_parallel",
+                              key="parallel")
+        return ParallelContext(world_size=1, rank=0, tp=1, ep=1, pp=1, dp=1, tp_rank=0, ep_rank=0,
+                               pp_rank=0, dp_rank=0, tp_group=None, ep_group=None, pp_group=None,
+                               dp_group=None, expert_dp_group=None, config=cfg)
     world = dist.get_world_size()
     dp = cfg.resolve_data(world)
     from megatron_vpmoe.parallel import cpu_compat

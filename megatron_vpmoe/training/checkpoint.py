@@ -12,9 +12,11 @@ On-disk layout (``checkpoint.dir``, default ``{run.dir}/checkpoints``)::
     .tmp-step_00000030/         a save in progress (or killed): never read, removed by the next save
 
 DCP keys are ``model.<fqn>`` (unsharded parameter names of the plain model, buffers included)
-and ``optim.state.<fqn>.{exp_avg,exp_avg_sq,step}`` / ``optim.param_groups.*``. Tensors are
-stored with their global shapes, so a checkpoint loads under any parallel layout (DP=2 ->
-DP=1, and TP=2 -> TP=1 with the parallel engine's DTensor state dicts), and on CPU without a
+and ``optim.state.<fqn>.{exp_avg,exp_avg_sq,step}`` / ``optim.param_groups.<fqn>.<hyper>``
+(flattened per parameter). Tensors are stored with their global shapes (the parallel engine's
+TP/EP shards are gathered to single-process tensors, pipeline stages write their own layers),
+so a checkpoint loads under any parallel layout (TP, EP, PP, DP changed in any direction;
+torch DTensor state dicts as well), and on CPU without a
 process group (:func:`load_model_state_dict`, used by the Hugging Face converter).
 
 A save writes into ``.tmp-<name>``, renames it to ``<name>`` when every rank has finished and
@@ -43,6 +45,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 from torch.utils._pytree import tree_map
@@ -51,7 +54,7 @@ from megatron_vpmoe.training.distributed import barrier, world
 from megatron_vpmoe.utils.atomic import atomic_write_text
 from megatron_vpmoe.utils.errors import InputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer state flattened per parameter (layout-independent)
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -166,11 +169,53 @@ def _quiet_single_process():
         yield
 
 
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _is_sharded(model) -> bool:
+    """A parallel-engine model (``megatron_vpmoe.parallel.ParallelModel``): its shards are
+    stored at single-process keys and global shapes through ``to_full``/``to_local``."""
+    return hasattr(model, "to_full") and hasattr(model, "to_local")
+
+
+def _param_key(optim_key: str) -> str:
+    """``state.<fqn>.exp_avg`` / ``param_groups.<fqn>.lr`` -> ``<fqn>``."""
+    return optim_key.split(".", 1)[1].rsplit(".", 1)[0]
+
+
 def _state(model, optimizer, *, with_optimizer: bool = True) -> Dict[str, Any]:
+    """The state to save (or the template to load into) at single-process keys and global shapes.
+
+    The optimizer state is flattened per parameter (``state.<fqn>.<name>``,
+    ``param_groups.<fqn>.<name>``), so it does not depend on how parameters are split
+    into ranks or pipeline stages."""
+    if not _is_sharded(model):
+        if with_optimizer:
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=_FLAT)
+            return {"model": model_sd, "optim": optim_sd}
+        return {"model": get_state_dict(model, [])[0]}
+    state = {"model": model.full_state_dict()}
     if with_optimizer:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        return {"model": model_sd, "optim": optim_sd}
-    return {"model": get_state_dict(model, [])[0]}
+        _, optim_sd = get_state_dict(model.module, optimizer, options=_FLAT)
+        state["optim"] = {k: model.to_full(_param_key(k), v) if isinstance(v, torch.Tensor) else v
+                          for k, v in optim_sd.items()}
+    return state
+
+
+def _apply_state(model, optimizer, state: Dict[str, Any], *, with_optimizer: bool) -> None:
+    if not _is_sharded(model):
+        if with_optimizer:
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"], options=_FLAT)
+        else:
+            set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={},
+                           options=StateDictOptions(strict=True))
+        return
+    model.load_full_state_dict(state["model"])
+    if with_optimizer:
+        local = {k: model.to_local(_param_key(k), v) if isinstance(v, torch.Tensor) else v
+                 for k, v in state["optim"].items()}
+        set_optimizer_state_dict(model.module, optimizer, local, options=_FLAT)
 
 
 class CheckpointManager:
@@ -271,12 +316,7 @@ class CheckpointManager:
         state = _state(model, optimizer, with_optimizer=load_optimizer)
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(ckpt), no_dist=_no_dist())
-        if load_optimizer:
-            set_state_dict(model, optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
-        else:
-            set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={},
-                           options=StateDictOptions(strict=True))
+        _apply_state(model, optimizer, state, with_optimizer=load_optimizer)
         if restore_rng_state:
             rank, _ = world()
             rng_file = ckpt / "rng" / f"rank_{rank:05d}.pt"

@@ -10,7 +10,7 @@ rate multiplied by ``embedding_lr_mult``. Each group carries ``lr_mult``; the sc
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -57,14 +57,19 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
         group["lr"] = base_lr * group.get("lr_mult", 1.0)
 
 
-def clip_gradients(parameters, max_norm: float) -> float:
+def clip_gradients(parameters, max_norm: float, total_norm: Optional[float] = None) -> float:
     """Total L2 norm of the gradients (before clipping); clips to ``max_norm`` when > 0.
 
-    Non-finite norms are returned as they are and nothing is scaled (the step is skipped).
+    ``total_norm``: the norm when the caller computed it (the parallel engine's global norm
+    over every shard); default the norm of these gradients. Non-finite norms are returned as
+    they are and nothing is scaled (the step is skipped).
     """
     params = [p for p in parameters if p.grad is not None]
     if not params:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf,
-                                          error_if_nonfinite=False, foreach=None)
-    return float(norm)
+        return 0.0 if total_norm is None else float(total_norm)
+    if total_norm is None:
+        total_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params], 2.0,
+                                                         error_if_nonfinite=False))
+    if max_norm > 0 and math.isfinite(total_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(total_norm))
+    return float(total_norm)

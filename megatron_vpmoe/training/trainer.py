@@ -1,9 +1,13 @@
 """The pretraining loop: builds model, optimizer, data and checkpoints from a config and runs it.
 
-One optimizer step = one global batch: the rank's micro-batches are run with gradient
-accumulation (DDP gradient sync only on the last one), gradients are clipped, a non-finite
-loss or gradient norm skips the update, the learning rate follows the schedule, and the MoE
-routers' expert biases are updated from the data-parallel all-reduced expert load. Checkpoints
+Every layout runs through the parallel engine (``megatron_vpmoe.parallel``): ``init_parallel``
+makes the TP/EP/PP/DP groups, ``build_parallel_model`` this rank's shard. One optimizer step =
+one global batch: this data-parallel rank's micro-batches go through
+``ParallelModel.forward_backward`` with the role-aware objective as its loss hook (on the last
+pipeline stage under PP), gradients are reduced over the layout and clipped by the global norm
+(every shard counted once), a non-finite loss or gradient norm skips the update, the learning
+rate follows the schedule, and the MoE routers' expert biases are updated from the
+data-parallel all-reduced expert load. Checkpoints
 (``checkpoint.py``) capture everything the next step depends on, so a resumed run reproduces
 an uninterrupted one bit for bit.
 
@@ -21,11 +25,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from megatron_vpmoe.training import batches as batching
 from megatron_vpmoe.training.checkpoint import CheckpointManager, latest_checkpoint, resolve_checkpoint
-from megatron_vpmoe.training.distributed import RankInfo, barrier, init_distributed
+from megatron_vpmoe.training.distributed import RankInfo, init_distributed
 from megatron_vpmoe.training.loss import (
     LossWeights,
     Objective,
@@ -59,16 +62,20 @@ class NonFiniteError(VpmoeError):
     """Too many non-finite steps in a row."""
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+def check_layout(parallel) -> None:
+    """Layouts the trainer drives: DP with at most one of TP, EP, PP > 1 (each tested on
+    2 processes); combinations are refused until they are tested."""
+    from megatron_vpmoe.utils.errors import ConfigError
+
+    split = [name for name in ("tensor", "expert", "pipeline") if getattr(parallel, name) > 1]
+    if len(split) > 1:
+        raise ConfigError(f"combining {' and '.join(split)} parallelism is not supported by the "
+                          f"trainer yet (each alone is, with data parallelism); set all but one to 1",
+                          key=f"parallel.{split[1]}")
 
 
-def _default_model_factory(model_cfg) -> nn.Module:
-    from megatron_vpmoe.model import VpmoeModel
-
-    return VpmoeModel(model_cfg)
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _nan_hook_steps() -> set:
@@ -79,7 +86,7 @@ def _nan_hook_steps() -> set:
 class Trainer:
     """``Trainer(cfg).run()`` trains per ``cfg`` and returns the process exit code.
 
-    ``model_factory(model_cfg) -> nn.Module`` and ``datasets = (train, valid)`` replace the
+    ``model_factory(model_cfg) -> torch.nn.Module`` (data parallel only) and ``datasets = (train, valid)`` replace the
     defaults (``VpmoeModel`` and the data package's ``build_datasets``); ``tokenizer`` provides
     bytes per token for bits per byte.
     """
@@ -92,22 +99,24 @@ class Trainer:
         self.is_main = self.rank == 0
         self.quiet = quiet
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-        self.dp_size = cfg.parallel.resolve_data(self.world_size)
-        if cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.expert > 1:
-            raise VpmoeError("tensor/pipeline/expert parallelism needs the parallel engine "
-                             "(megatron_vpmoe.parallel), which this trainer does not drive yet; "
-                             "use parallel.tensor=pipeline=expert=1 (data parallel)")
-        self.dp_rank = self.rank
+        from megatron_vpmoe.parallel import ParallelModel, build_parallel_model, init_parallel
+
+        cfg.parallel.validate(cfg.model)
+        check_layout(cfg.parallel)
+        self.ctx = init_parallel(cfg.parallel)
+        self.dp_size, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
         self.accum = cfg.train.check_batch_layout(self.dp_size)
         self._setup_precision()
 
-        torch.manual_seed(cfg.run.seed)
-        self.raw_model = (model_factory or _default_model_factory)(cfg.model).to(self.device)
-        self.model = self.raw_model
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.model = DDP(self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if model_factory is not None:  # any nn.Module with VpmoeModel's interface, DP only
+            if self.ctx.tp * self.ctx.ep * self.ctx.pp > 1:
+                raise VpmoeError("a custom model_factory runs data-parallel only")
+            torch.manual_seed(cfg.run.seed)
+            self.pm = ParallelModel(cfg.model, self.ctx, model_factory(cfg.model).to(self.device))
+        else:
+            self.pm = build_parallel_model(cfg.model, self.ctx, seed=cfg.run.seed)
+            self.pm.module.to(self.device)
+        self.raw_model = self.pm.module  # this rank's shard (the whole model without TP/EP/PP)
         self.optimizer = build_optimizer(self.raw_model, cfg.train.optimizer)
         self.weights = LossWeights.from_config(cfg.distill)
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
@@ -158,14 +167,11 @@ class Trainer:
         eod = getattr(tok, "eod_id", 0) if tok is not None else 0
         pad = getattr(tok, "pad_id", eod) if tok is not None else 0
         cache = self.cfg.data.cache_dir or os.path.join(self.cfg.run.dir, "data_cache")
-        result = None
-        for turn in (0, 1):  # rank 0 builds the index cache first, the others then read it
-            if (turn == 0) == self.is_main:
-                result = build_datasets(self.cfg.data, seed=self.cfg.run.seed,
-                                        num_samples=self._num_samples(), eod_id=eod, pad_id=pad,
-                                        cache_dir=cache)
-            barrier()
-        train, valid, _test = result
+        # every rank at once: megatron-core's builder lets rank 0 build the index cache first
+        # and the other ranks read it (its own barriers)
+        train, valid, _test = build_datasets(self.cfg.data, seed=self.cfg.run.seed,
+                                             num_samples=self._num_samples(), eod_id=eod, pad_id=pad,
+                                             cache_dir=cache, vocab_size=self.cfg.model.vocab_size)
         return train, valid
 
     def _byte_lengths(self) -> Optional[torch.Tensor]:
@@ -186,7 +192,7 @@ class Trainer:
                 return
         else:
             path = resolve_checkpoint(ck.load)
-        state = self.checkpoints.load(path, self.raw_model, self.optimizer, load_optimizer=ck.load_optimizer,
+        state = self.checkpoints.load(path, self.pm, self.optimizer, load_optimizer=ck.load_optimizer,
                                       restore_rng_state=ck.load_optimizer)
         self.loaded_from = state["path"]
         if ck.load_optimizer:  # a full resume; weights only starts a fresh run from them
@@ -212,61 +218,82 @@ class Trainer:
     def save_checkpoint(self) -> str:
         from megatron_vpmoe.config import dump_config
 
-        path = self.checkpoints.save(self.step, self.model, self.optimizer, self._trainer_state(),
+        path = self.checkpoints.save(self.step, self.pm, self.optimizer, self._trainer_state(),
                                      config_text=dump_config(self.cfg))
         return str(path)
 
     # ---- one step ------------------------------------------------------------------------
-    def _forward_losses(self, micro: Dict[str, torch.Tensor]) -> torch.Tensor:
-        with self._autocast():
-            per_token = self.model(micro["tokens"], position_ids=micro.get("position_ids"),
-                                   labels=micro["labels"])
-        return per_token.float()
+    def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel replicas (TP/PP peers hold the same batch)."""
+        if self.ctx.dp > 1:
+            dist.all_reduce(t, group=self.ctx.dp_group)
+        return t
 
-    def _aux_loss(self):
-        fn = getattr(self.raw_model, "aux_loss", None)
-        return fn() if fn is not None else None
+    def _engine_batches(self, micro_batches: List[Dict[str, torch.Tensor]]) -> List[Dict]:
+        """The data's micro-batches as the engine takes them, with label roles attached."""
+        out = []
+        for mb in micro_batches:
+            positions = mb.get("position_ids")
+            if self.ctx.pp > 1 and positions is not None:
+                default = self.raw_model.default_positions(mb["tokens"])
+                if not torch.equal(positions, default):
+                    raise VpmoeError("pipeline parallelism uses positions 0..S-1; this data has "
+                                     "other position_ids (documents reset positions)")
+                positions = None
+            out.append({"input_ids": mb["tokens"], "labels": mb["labels"], "position_ids": positions,
+                        "roles": roles_from_loss_mask(mb["loss_mask"])})
+        return out
+
+    def _objective_hook(self, objective: Objective, aux_share: float, inject_nan: bool = False):
+        """The engine's loss hook: ``(loss to backpropagate, stats)`` per micro-batch, stats =
+        ``[L_nll part, aux part, nll per role (4), bytes]``."""
+        use_aux = self.ctx.pp == 1  # the aux loss is refused with PP (check_pipeline_config)
+
+        def loss_fn(per_token: torch.Tensor, mb: Dict) -> tuple:
+            per_token = per_token.float()
+            if inject_nan:
+                per_token = per_token * float("nan")
+            aux = self.raw_model.aux_loss() if use_aux and objective is not None else None
+            stats = torch.zeros(7, dtype=torch.float64, device=per_token.device)
+            if objective is not None:
+                loss, stats[0] = objective(per_token, mb["roles"], aux)
+            else:  # validation: no objective needed
+                loss = per_token.sum()
+            if aux is not None:
+                stats[1] = float(aux.detach()) * aux_share
+            stats[2:6] = role_nll_sums(per_token, mb["roles"])
+            if self.byte_lengths is not None:
+                stats[6] = counted_bytes(mb["labels"], mb["roles"], self.byte_lengths)
+            return loss, stats
+
+        return loss_fn
 
     def train_step(self, micro_batches: List[Dict[str, torch.Tensor]], inject_nan: bool = False) -> Dict:
-        roles = [roles_from_loss_mask(mb["loss_mask"]) for mb in micro_batches]
-        counts = _all_reduce_sum(sum(role_counts(r) for r in roles).to(self.device))
-        objective = Objective(counts, self.weights, grad_scale=float(self.dp_size),
-                              aux_scale=1.0 / len(micro_batches))
-        # [L_nll, aux sum, nll per role (4), bytes]
-        stats = torch.zeros(7, dtype=torch.float64, device=self.device)
-        last = len(micro_batches) - 1
-        for i, (mb, r) in enumerate(zip(micro_batches, roles)):
-            sync = self.model.no_sync() if (i < last and hasattr(self.model, "no_sync")) else contextlib.nullcontext()
-            with sync:
-                per_token = self._forward_losses(mb)
-                if inject_nan:
-                    per_token = per_token * float("nan")
-                aux = self._aux_loss()
-                loss, nll_part = objective(per_token, r, aux)
-                loss.backward()
-            stats[0] += nll_part.double()
-            if aux is not None:
-                stats[1] += float(aux.detach()) / len(micro_batches) / self.dp_size
-            stats[2:6] += role_nll_sums(per_token, r)
-            if self.byte_lengths is not None:
-                stats[6] += counted_bytes(mb["labels"], r, self.byte_lengths)
-        _all_reduce_sum(stats)
-        grad_norm = clip_gradients(self.raw_model.parameters(), self.cfg.train.optimizer.clip_grad)
+        batches = self._engine_batches(micro_batches)
+        counts = self._dp_sum(sum(role_counts(mb["roles"]) for mb in batches).to(self.device))
+        aux_share = 1.0 / (len(batches) * self.dp_size)  # aux averaged over micro-batches and DP
+        objective = Objective(counts, self.weights, grad_scale=1.0, aux_scale=aux_share)
+        with self._autocast():
+            stats = self.pm.forward_backward(batches, self._objective_hook(objective, aux_share, inject_nan))
+        grad_norm = clip_gradients(self.raw_model.parameters(), self.cfg.train.optimizer.clip_grad,
+                                   total_norm=self.pm.grad_norm())
         lr = learning_rate(self.step, self.cfg.train)
+        tokens = float(counts[1:].sum())
         loss_value = float(stats[0] + stats[1])
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        # a global batch without supervised tokens has no loss to learn from: skip it
+        finite = tokens > 0 and math.isfinite(loss_value) and math.isfinite(grad_norm)
         load = None
         if finite:
             set_learning_rate(self.optimizer, lr)
             self.optimizer.step()
-            load = self._update_expert_bias()
+            load = self.pm.update_expert_bias().cpu() if self.cfg.model.num_moe_experts else None
         else:
-            self._reset_expert_counters()
+            self.pm.reset_expert_counters()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = float(counts[1:].sum())
         out = {
-            "loss": loss_value, "nll": float(stats[0]), "aux_loss": float(stats[1]),
-            "lm_loss": float(stats[2:6].sum()) / max(tokens, 1.0),
+            "loss": loss_value if tokens > 0 else None, "nll": float(stats[0]) if tokens > 0 else None,
+            "aux_loss": float(stats[1]),
+            "lm_loss": float(stats[2:6].sum()) / tokens if tokens > 0 else None,
             "grad_norm": grad_norm, "lr": lr, "skipped": not finite, "loss_tokens": int(tokens),
         }
         for role, name in ROLE_NAMES.items():
@@ -279,48 +306,26 @@ class Trainer:
             out["expert_load_max_over_mean"] = [round(float(x), 4) for x in ratios]
         return out
 
-    def _update_expert_bias(self) -> Optional[torch.Tensor]:
-        if not hasattr(self.raw_model, "expert_load"):
-            return None
-        load = self.raw_model.expert_load().to(self.device).float()
-        _all_reduce_sum(load)
-        self.raw_model.update_expert_bias(load)
-        return load.cpu()
-
-    def _reset_expert_counters(self) -> None:
-        # Eval forwards and skipped steps must not feed the routers' balancing counters.
-        for name, buf in self.raw_model.named_buffers():
-            if name.endswith("tokens_per_expert"):
-                buf.zero_()
-
     # ---- validation -----------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, dataset) -> Dict:
         t = self.cfg.train
         n = t.eval_iters * t.global_batch_size
         sampler = batching.GlobalBatchSampler(len(dataset), n, t.micro_batch_size, self.dp_rank, self.dp_size)
-        micro = batching.load_micro_batches(dataset, sampler.micro_batches(0), self.device)
-        self.model.eval()
-        stats = torch.zeros(9, dtype=torch.float64, device=self.device)  # nll(4), count(4), bytes
+        batches = self._engine_batches(batching.load_micro_batches(dataset, sampler.micro_batches(0), self.device))
+        counts = self._dp_sum(sum(role_counts(mb["roles"]) for mb in batches).to(self.device))
+        self.pm.train(False)
         try:
-            for mb in micro:
-                r = roles_from_loss_mask(mb["loss_mask"])
-                with self._autocast():
-                    per_token = self.raw_model(mb["tokens"], position_ids=mb.get("position_ids"),
-                                               labels=mb["labels"]).float()
-                stats[0:4] += role_nll_sums(per_token, r)
-                stats[4:8] += role_counts(r).to(self.device)
-                if self.byte_lengths is not None:
-                    stats[8] += counted_bytes(mb["labels"], r, self.byte_lengths)
+            with self._autocast():
+                stats = self.pm.forward_only(batches, self._objective_hook(None, 0.0))
         finally:
-            self.model.train()
-            self._reset_expert_counters()
-        _all_reduce_sum(stats)
-        coef = Objective(stats[4:8], self.weights).coefficients.to(self.device)
-        out = {"loss": float((stats[0:4] * coef).sum()),
-               "lm_loss": float(stats[0:4].sum() / stats[5:8].sum().clamp(min=1))}
+            self.pm.train(True)
+            self.pm.reset_expert_counters()
+        coef = Objective(counts, self.weights).coefficients.to(stats.device)
+        out = {"loss": float((stats[2:6] * coef).sum()),
+               "lm_loss": float(stats[2:6].sum() / counts[1:].sum().clamp(min=1))}
         if self.byte_lengths is not None:
-            out["bits_per_byte"] = bits_per_byte(float(stats[0:4].sum()), float(stats[8]))
+            out["bits_per_byte"] = bits_per_byte(float(stats[2:6].sum()), float(stats[6]))
         return out
 
     # ---- the loop -------------------------------------------------------------------------
@@ -368,7 +373,7 @@ class Trainer:
         batches = iter(batching.micro_batch_loader(train_set, sampler, self.step, end, cfg.data.num_workers))
         exit_code = EXIT_OK
         try:
-            self.model.train()
+            self.pm.train(True)
             while self.step < end:
                 if preemption.requested():
                     path = self.save_checkpoint()
@@ -390,7 +395,9 @@ class Trainer:
                 out.update(memory_stats())
                 out.update(router_bias_stats(self.raw_model))
                 logger.log(out, scalars=self.step % cfg.log.interval == 0)
-                if out["skipped"]:
+                if out["loss_tokens"] == 0:  # nothing supervised in this global batch
+                    self._print(f"step {self.step}: no supervised tokens (loss_mask all 0); update skipped")
+                elif out["skipped"]:
                     self.nonfinite_in_a_row += 1
                     self._print(f"step {self.step}: non-finite loss {out['loss']} or grad norm "
                                 f"{out['grad_norm']}; update skipped ({self.nonfinite_in_a_row} in a row)")
@@ -406,10 +413,10 @@ class Trainer:
                     self.summary["last"] = dict(out)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}",
+                    bar.set_postfix(loss=_fmt(out["loss"]), lr=f"{out['lr']:.2e}",
                                     tok_s=f"{out['tokens_per_s']:.0f}")
                 elif self.step % cfg.log.interval == 0:
-                    self._print(f"step {self.step}/{t.steps} loss {out['loss']:.4f} lr {out['lr']:.2e} "
+                    self._print(f"step {self.step}/{t.steps} loss {_fmt(out['loss'])} lr {out['lr']:.2e} "
                                 f"tokens/s {out['tokens_per_s']:.0f}")
                 if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
                     valid = self.evaluate(valid_set)
