@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from distributed import free_port
 from test_train_support import ROOT
 
 TINY = ["--set", "model.vocab_size=512", "--set", "model.hidden_size=32", "--set", "model.num_layers=2",
@@ -43,7 +44,7 @@ def test_help_and_config_errors(tmp_path):
 def test_torchrun_two_processes_end_to_end(tmp_path):
     pytest.importorskip("megatron_vpmoe.data.dataset", reason="data package (issue 3) not landed")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "megatron_vpmoe.cli", "train", "--config", "examples/configs/tiny-cpu.yaml", *TINY,
            "--set", f"run.dir={tmp_path}", "--set", "train.steps=8", "--set", "checkpoint.interval=4"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -131,6 +131,9 @@ def test_rank_discovery_for_each_launcher():
         discover_ranks({"RANK": "4", "WORLD_SIZE": "2"})
     with pytest.raises(VpmoeError, match="SLURM_NTASKS"):
         discover_ranks({"SLURM_PROCID": "0", "SLURM_NTASKS": "x"})
+    # torchrun --master-port 0 exports MASTER_PORT=0, on which the ranks would wait forever
+    with pytest.raises(VpmoeError, match="MASTER_PORT=0"):
+        rendezvous_env(discover_ranks({"RANK": "0", "WORLD_SIZE": "2"}), {"MASTER_PORT": "0"})
 
 
 def test_global_batch_sampler_partitions_each_step():

@@ -97,6 +97,9 @@ def rendezvous_env(info: RankInfo, env: Optional[Mapping[str, str]] = None) -> d
         addr = addr or _slurm_master_addr(env)
         if not port and env.get("SLURM_JOB_ID", "").isdigit():
             port = str(20000 + int(env["SLURM_JOB_ID"]) % 10000)
+    if port is not None and port.strip() == "0" and info.world_size > 1:
+        raise VpmoeError("MASTER_PORT=0: the ranks cannot meet on port 0 (torchrun --master-port 0 "
+                         "exports it as is); pass a free port, e.g. --master-port 29511")
     return {
         "MASTER_ADDR": addr or "127.0.0.1",
         "MASTER_PORT": port or str(DEFAULT_MASTER_PORT),
