@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -189,38 +189,32 @@ def read_corpus(paths: List[Path], max_bytes: int) -> List[str]:
     return docs
 
 
-class PackedTextDataset:
-    """Documents tokenized, joined with the end-of-document token and cut into samples of
-    ``seq_length + 1`` tokens: ``tokens`` = the first ``seq_length``, ``labels`` = shifted by one.
-    The trainer's dataset protocol (``len``, ``__getitem__`` -> dict of tensors)."""
+def write_documents(out: Path, train_docs: List[str], valid_docs: List[str]) -> Dict[str, Path]:
+    """The experiment's documents as ``documents/{train,valid}.jsonl`` (``text``), written once."""
+    from megatron_vpmoe.utils.atomic import atomic_write_text
 
-    def __init__(self, ids: List[int], seq_length: int):
-        import torch
-
-        n = (len(ids) - 1) // seq_length
-        if n < 1:
-            raise InputError(f"{len(ids)} tokens: fewer than one sample of {seq_length + 1}")
-        self.data = torch.tensor(ids[: n * seq_length + 1], dtype=torch.long)
-        self.seq_length = seq_length
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        s = i * self.seq_length
-        chunk = self.data[s : s + self.seq_length + 1]
-        return {"tokens": chunk[:-1], "labels": chunk[1:]}
+    paths = {}
+    for split, docs in (("train", train_docs), ("valid", valid_docs)):
+        path = out / "documents" / f"{split}.jsonl"
+        if not path.is_file():
+            atomic_write_text(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+        paths[split] = path
+    return paths
 
 
-def tokenize_documents(tokenizer, docs: List[str]) -> List[int]:
-    eod = tokenizer.eos_token_id
-    if eod is None:
-        raise InputError("the tokenizer has no end-of-document (eos) token")
-    out: List[int] = []
-    for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-        out += ids + [eod]
-    return out
+def preprocess_documents(out: Path, documents: Dict[str, Path], tokenizers: Dict[str, Path]) -> Dict[str, dict]:
+    """One ``vpmoe preprocess`` pass per split over the same documents for every variant;
+    returns ``{split: summary}`` (shards ``shards/{split}.{variant}_text_document``)."""
+    from megatron_vpmoe.data.preprocess import PreprocessOptions, run_preprocess
+
+    return {split: run_preprocess(PreprocessOptions([str(path)], str(out / "shards" / split),
+                                                    {k: str(v) for k, v in tokenizers.items()},
+                                                    json_keys=["text"], progress=False))
+            for split, path in documents.items()}
+
+
+def shard_prefix(out: Path, split: str, variant: str) -> str:
+    return str(out / "shards" / f"{split}.{variant}_text_document")
 
 
 # ---- stages -----------------------------------------------------------------------------
@@ -287,16 +281,16 @@ def spike_count(losses: List[float], window: int = 10, factor: float = 1.2) -> i
     return spikes
 
 
-def run_variant(exp: ExperimentConfig, variant: Variant, docs: List[str], valid_docs: List[str],
-                progress: bool = True) -> Dict[str, object]:
+def run_variant(exp: ExperimentConfig, variant: Variant, docs: List[str], tok_dir: Path, shards: Dict[str, dict],
+                times: Dict[str, float], progress: bool = True) -> Dict[str, object]:
     """All stages of one variant; returns its summary row (also saved as ``summary.json``)."""
-    import torch
-
     from megatron_vpmoe.config import load_config
+    from megatron_vpmoe.data.dataset import build_datasets
     from megatron_vpmoe.eval.harness import EvalOptions, run_eval
     from megatron_vpmoe.eval.native import NativeBackend, load_hf_tokenizer
     from megatron_vpmoe.eval.report import write_results
     from megatron_vpmoe.model.params import count_parameters
+    from megatron_vpmoe.tokenizers import load_tokenizer
     from megatron_vpmoe.training.checkpoint import latest_checkpoint, read_trainer_state
     from megatron_vpmoe.training.trainer import Trainer
     from megatron_vpmoe.utils.atomic import atomic_write_text
@@ -306,25 +300,18 @@ def run_variant(exp: ExperimentConfig, variant: Variant, docs: List[str], valid_
     if summary_file.is_file():
         return json.loads(summary_file.read_text())
     vdir.mkdir(parents=True, exist_ok=True)
-    times: Dict[str, float] = {}
-
-    t0 = time.perf_counter()
-    tok_dir = obtain_tokenizer(variant, vdir / "tokenizer", docs[: _docs_for(docs, exp.tokenizer_train_bytes)],
-                               exp.corpus)
+    times = dict(times)
     tokenizer = load_hf_tokenizer(tok_dir)
-    times["tokenizer_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    train_ids = tokenize_documents(tokenizer, docs)
-    valid_ids = tokenize_documents(tokenizer, valid_docs)
+    project_tok = load_tokenizer(tok_dir)
     train_chars = sum(len(d) for d in docs)
     train_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    n_tokens = len(train_ids) - len(docs)  # without the end-of-document tokens
-    times["preprocess_s"] = time.perf_counter() - t0
+    n_tokens = shards["train"]["tokens_per_variant"][variant.name] - len(docs)  # without the EOD tokens
 
     cfg = load_config(str(exp.base_config), exp.overrides + [
         f"model.vocab_size={_round_up(len(tokenizer))}", f"run.dir={vdir / 'run'}", f"run.name={variant.name}",
-        f"data.tokenizer={tok_dir.resolve()}", "data.mock=true", "data.blend=[]", "log.progress_bar=false",
+        f"data.tokenizer={tok_dir.resolve()}", "data.mock=false",
+        f"data.blend=[[1.0, {shard_prefix(exp.out, 'train', variant.name)}]]", "data.split=100,0,0",
+        "log.progress_bar=false",
         "checkpoint.dir=null", "checkpoint.load=auto"])
     t = cfg.train
     bytes_per_token = train_bytes / max(n_tokens, 1)
@@ -338,8 +325,15 @@ def run_variant(exp: ExperimentConfig, variant: Variant, docs: List[str], valid_
     t0 = time.perf_counter()
     done = latest_checkpoint(cfg.checkpoint_dir)
     if done is None or read_trainer_state(done)["step"] < steps:
-        train_set = PackedTextDataset(train_ids, cfg.data.seq_length)
-        valid_set = PackedTextDataset(valid_ids, cfg.data.seq_length)
+        # megatron-core GPT datasets over the variant's shards (the trainer's normal data path);
+        # validation reads the held-out split's shards
+        samples = {"train": steps * t.global_batch_size, "valid": max(1, t.eval_iters) * t.global_batch_size}
+        train_set, valid_set = (
+            build_datasets(replace(cfg.data, blend=[[1.0, shard_prefix(exp.out, split, variant.name)]]),
+                           seed=cfg.run.seed, num_samples=(samples[split], 0, 0), eod_id=project_tok.eod_id,
+                           pad_id=project_tok.pad_id, cache_dir=str(vdir / "data_cache"),
+                           vocab_size=cfg.model.vocab_size)[0]
+            for split in ("train", "valid"))
         trainer = Trainer(cfg, datasets=(train_set, valid_set), tokenizer=tokenizer, quiet=not progress)
         code = trainer.run()
         if code != 0:
@@ -418,6 +412,18 @@ def run_tokenizer_experiment(config: str, out: Optional[str] = None, overrides: 
     train_docs, valid_docs = docs[:split], docs[split:]
     if not valid_docs:
         raise InputError(f"{exp.source}: the corpus has no text left for validation after train_bytes")
+    # every variant's tokenizer first, then one preprocessing pass over the same documents
+    documents = write_documents(exp.out, train_docs, valid_docs)
+    tok_dirs: Dict[str, Path] = {}
+    tok_times: Dict[str, float] = {}
+    tok_docs = train_docs[: _docs_for(train_docs, exp.tokenizer_train_bytes)]
+    for variant in exp.variants:
+        t0 = time.perf_counter()
+        tok_dirs[variant.name] = obtain_tokenizer(variant, exp.out / variant.name / "tokenizer", tok_docs, exp.corpus)
+        tok_times[variant.name] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    shards = preprocess_documents(exp.out, documents, tok_dirs)
+    preprocess_s = (time.perf_counter() - t0) / len(exp.variants)  # one shared pass, split evenly
     rows = []
     iterator = exp.variants
     if progress:
@@ -427,7 +433,8 @@ def run_tokenizer_experiment(config: str, out: Optional[str] = None, overrides: 
     for variant in iterator:
         if progress:
             iterator.set_postfix_str(variant.name)  # type: ignore[union-attr]
-        rows.append(run_variant(exp, variant, train_docs, valid_docs, progress=False))
+        times = {"tokenizer_s": tok_times[variant.name], "preprocess_s": preprocess_s}
+        rows.append(run_variant(exp, variant, train_docs, tok_dirs[variant.name], shards, times, progress=False))
     report = write_experiment_report(rows, exp.out)
     if progress:
         print(report.read_text())
