@@ -173,9 +173,14 @@ def test_lm_evaluation_harness_runs_converted_model(hf_dir, shared_data, tmp_pat
     import subprocess
 
     pytest.importorskip("lm_eval")
-    exe = shutil.which("lm_eval")
+    import sys
+    from pathlib import Path
+
+    # the console script sits next to this interpreter in a venv that is not on PATH (make test)
+    beside = Path(sys.executable).parent / "lm_eval"
+    exe = str(beside) if beside.is_file() else shutil.which("lm_eval")
     if exe is None:
-        pytest.skip("lm_eval command not on PATH")
+        pytest.skip("lm_eval command not found next to the interpreter or on PATH")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "vpmoe_copa_local.yaml").write_text(
