@@ -1,5 +1,6 @@
-"""The trainer on the parallel engine: TP=2, EP=2 and PP=2 (2 gloo processes) give the
-single-process loss curve; a TP=2 checkpoint resumes at TP=1; a global batch without
+"""The trainer on the parallel engine: TP=2, EP=2 and PP=2 (2 gloo processes) and their
+combinations (4 processes; all three on 8 in the long run) give the single-process loss curve;
+checkpoints move between layouts (TP=2 -> TP=1, TP=2 x EP=2 -> PP=2); a global batch without
 supervised tokens is skipped instead of logging a fake loss."""
 
 from __future__ import annotations
@@ -54,6 +55,34 @@ def test_layout_loss_curve_equals_single_process(tmp_path, layout):
     assert run_distributed(_train, 2, str(tmp_path / "par"), layout, roles) == [0, 0]
     _close(_losses(tmp_path / "par"), _losses(ref), 1e-5)
     _close(_losses(tmp_path / "par", "valid"), _losses(ref, "valid"), 1e-5)
+
+
+@pytest.fixture(scope="module")
+def role_masked_reference(tmp_path_factory):
+    ref = tmp_path_factory.mktemp("ref")
+    assert _train(0, 1, str(ref), {}, ROLES) == 0
+    return ref
+
+
+# Combined layouts on 4 processes: TP=2 x EP=2 leaves dense parameters data parallel over 2
+# ranks (experts over the EP group, replicated across TP); TP=2 x PP=2 has no data parallelism.
+@pytest.mark.parametrize("layout,world", [
+    ({"tensor": 2, "expert": 2}, 4),
+    ({"tensor": 2, "pipeline": 2}, 4),
+    pytest.param({"tensor": 2, "expert": 2, "pipeline": 2}, 8, marks=pytest.mark.long),
+], ids=["tp2-ep2", "tp2-pp2", "tp2-ep2-pp2"])
+def test_combined_layout_loss_curve_equals_single_process(tmp_path, role_masked_reference, layout, world):
+    assert run_distributed(_train, world, str(tmp_path), layout, ROLES) == [0] * world
+    _close(_losses(tmp_path), _losses(role_masked_reference), 1e-5)
+    _close(_losses(tmp_path, "valid"), _losses(role_masked_reference, "valid"), 1e-5)
+
+
+def test_checkpoint_moves_from_tp2_ep2_to_pp2(tmp_path, role_masked_reference):
+    """2 steps on 4 ranks as TP=2 x EP=2, the rest on 2 ranks as PP=2: the same curve."""
+    assert run_distributed(_train, 4, str(tmp_path), {"tensor": 2, "expert": 2}, ROLES, 2) == [0] * 4
+    assert run_distributed(_train, 2, str(tmp_path), {"pipeline": 2}, ROLES) == [0, 0]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    _close(_losses(tmp_path), _losses(role_masked_reference), 1e-5)
 
 
 def test_tp2_checkpoint_resumes_at_tp1(tmp_path):

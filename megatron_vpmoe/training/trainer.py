@@ -62,18 +62,6 @@ class NonFiniteError(VpmoeError):
     """Too many non-finite steps in a row."""
 
 
-def check_layout(parallel) -> None:
-    """Layouts the trainer drives: DP with at most one of TP, EP, PP > 1 (each tested on
-    2 processes); combinations are refused until they are tested."""
-    from megatron_vpmoe.utils.errors import ConfigError
-
-    split = [name for name in ("tensor", "expert", "pipeline") if getattr(parallel, name) > 1]
-    if len(split) > 1:
-        raise ConfigError(f"combining {' and '.join(split)} parallelism is not supported by the "
-                          f"trainer yet (each alone is, with data parallelism); set all but one to 1",
-                          key=f"parallel.{split[1]}")
-
-
 def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -102,7 +90,6 @@ class Trainer:
         from megatron_vpmoe.parallel import ParallelModel, build_parallel_model, init_parallel
 
         cfg.parallel.validate(cfg.model)
-        check_layout(cfg.parallel)
         self.ctx = init_parallel(cfg.parallel)
         self.dp_size, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
         self.accum = cfg.train.check_batch_layout(self.dp_size)
