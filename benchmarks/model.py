@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# benchmarks/ must not be on the path: its kernels.py / tokenizers.py would shadow the packages
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
 from megatron_vpmoe.config.schema import ModelConfig  # noqa: E402

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)  # not benchmarks/ (its tokenizers.py would shadow the library)
+# benchmarks/ must not be on the path: its kernels.py / tokenizers.py would shadow the packages
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
 
 from megatron_vpmoe.data.preprocess import PreprocessOptions, run_preprocess  # noqa: E402
 from megatron_vpmoe.data.shards import ShardWriter, token_dtype  # noqa: E402

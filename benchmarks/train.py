@@ -25,8 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-if str(ROOT) not in sys.path:  # run as a script from any directory
-    sys.path.insert(0, str(ROOT))
+# benchmarks/ must not be on the path: its kernels.py / tokenizers.py would shadow the packages
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
 CONFIGS = {
     "tiny": ("examples/configs/tiny-cpu.yaml", {"data.seq_length": 128, "train.global_batch_size": 8,
                                                 "train.micro_batch_size": 4}),
