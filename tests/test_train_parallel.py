@@ -108,3 +108,40 @@ def test_batch_without_supervised_tokens_is_skipped_not_logged_as_zero(tmp_path)
     assert [r["loss_tokens"] for r in records] == [0, 0]
     assert all(r["loss"] is None and r["lm_loss"] is None and r["skipped"] for r in records)
     assert all((v == trainer.raw_model.state_dict()[k]).all() for k, v in before.items())
+
+
+def _train_zero(rank, world, run_dir, layout, roles, stop_at=None):
+    """Like ``_train`` with ``parallel.distributed_optimizer``; also returns how many optimizer-
+    state elements this rank holds and how many parameter elements its shard has."""
+    from megatron_vpmoe.training.trainer import Trainer
+
+    cfg = _cfg(run_dir, dict(layout, distributed_optimizer=True))
+    trainer = Trainer(cfg, datasets=_datasets(cfg, roles), tokenizer=ByteTokenizer(), quiet=True)
+    code = trainer.run(stop_at_step=stop_at)
+    return code, trainer.optimizer.owned_state_numel(), sum(p.numel() for p in trainer.raw_model.parameters())
+
+
+def test_distributed_optimizer_shards_state_and_keeps_the_curve(tmp_path, role_masked_reference):
+    """ZeRO-1 on 2 DP ranks: 2 steps, a checkpoint (state gathered from the owners), a resume
+    (state dropped again where not owned), 2 more: the single-process curve, and each rank
+    holds about half of AdamW's two moments, every parameter's exactly once over the ranks."""
+    first = run_distributed(_train_zero, 2, str(tmp_path), {}, ROLES, 2)
+    second = run_distributed(_train_zero, 2, str(tmp_path), {}, ROLES)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    _close(_losses(tmp_path), _losses(role_masked_reference), 1e-5)
+    for results in (first, second):
+        assert [code for code, _, _ in results] == [0, 0]
+        numel = results[0][2]
+        held = [state for _, state, _ in results]
+        assert sum(held) == 2 * numel  # exp_avg + exp_avg_sq of every parameter, once
+        assert max(held) < 0.6 * 2 * numel, held  # balanced: about half each
+
+
+def test_distributed_optimizer_checkpoint_resumes_on_one_process(tmp_path, role_masked_reference):
+    """EP=2 with ZeRO on 4 ranks (dense state over the DP group, experts' over the expert-DP
+    group) for 2 steps; the checkpoint resumes on one process without ZeRO on the same curve."""
+    results = run_distributed(_train_zero, 4, str(tmp_path), {"expert": 2}, ROLES, 2)
+    assert [code for code, _, _ in results] == [0] * 4
+    assert _train(0, 1, str(tmp_path), {}, ROLES) == 0
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    _close(_losses(tmp_path), _losses(role_masked_reference), 1e-5)

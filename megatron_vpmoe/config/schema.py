@@ -146,7 +146,7 @@ class ParallelConfig:
     pipeline: int = 1  # pipeline-parallel stages (layers split)
     data: int = 0  # data-parallel size; 0 = world size / (tensor x pipeline)
     sequence_parallel: bool = False  # not implemented yet (rejected)
-    distributed_optimizer: bool = False  # not implemented yet (rejected)
+    distributed_optimizer: bool = False  # ZeRO-1: AdamW state sharded over data-parallel ranks (same updates, same checkpoints)
 
     def validate(self, model: ModelConfig) -> None:
         for name in ("tensor", "expert", "pipeline"):
@@ -197,9 +197,6 @@ class ParallelConfig:
             raise ConfigError("sequence parallelism is not implemented yet (tensor parallelism "
                               "replicates activations over the TP group); set it to false",
                               key="parallel.sequence_parallel")
-        if self.distributed_optimizer:
-            raise ConfigError("the distributed (sharded) optimizer is not implemented yet; "
-                              "set it to false", key="parallel.distributed_optimizer")
 
     def resolve_data(self, world_size: int) -> int:
         """Data-parallel size for ``world_size`` ranks; raises if the layout does not fit."""

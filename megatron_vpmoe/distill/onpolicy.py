@@ -105,6 +105,9 @@ class OnPolicyTrainer:
         if cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.expert > 1:
             raise ConfigError("on-policy distillation runs data parallel only; set parallel.tensor, "
                               "pipeline and expert to 1", key="parallel")
+        if cfg.parallel.distributed_optimizer:
+            raise ConfigError("on-policy distillation keeps the full optimizer on every rank; set it "
+                              "to false", key="parallel.distributed_optimizer")
         cfg.parallel.resolve_data(self.world_size)
         if op.prompts_per_step % self.world_size:
             raise ConfigError(f"must be divisible by the data-parallel size ({self.world_size})",

@@ -196,10 +196,18 @@ def _state(model, optimizer, *, with_optimizer: bool = True) -> Dict[str, Any]:
         return {"model": get_state_dict(model, [])[0]}
     state = {"model": model.full_state_dict()}
     if with_optimizer:
-        _, optim_sd = get_state_dict(model.module, optimizer, options=_FLAT)
-        state["optim"] = {k: model.to_full(_param_key(k), v) if isinstance(v, torch.Tensor) else v
-                          for k, v in optim_sd.items()}
+        # the distributed optimizer (ZeRO-1) gathers every parameter's state for the save
+        full = optimizer.full_state() if hasattr(optimizer, "full_state") else contextlib.nullcontext()
+        with full:
+            _, optim_sd = get_state_dict(model.module, _torch_optimizer(optimizer), options=_FLAT)
+            state["optim"] = {k: model.to_full(_param_key(k), v) if isinstance(v, torch.Tensor) else v
+                              for k, v in optim_sd.items()}
     return state
+
+
+def _torch_optimizer(optimizer):
+    """The torch optimizer inside a :class:`~megatron_vpmoe.parallel.zero.DistributedOptimizer`."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _apply_state(model, optimizer, state: Dict[str, Any], *, with_optimizer: bool) -> None:
@@ -215,7 +223,9 @@ def _apply_state(model, optimizer, state: Dict[str, Any], *, with_optimizer: boo
     if with_optimizer:
         local = {k: model.to_local(_param_key(k), v) if isinstance(v, torch.Tensor) else v
                  for k, v in state["optim"].items()}
-        set_optimizer_state_dict(model.module, optimizer, local, options=_FLAT)
+        set_optimizer_state_dict(model.module, _torch_optimizer(optimizer), local, options=_FLAT)
+        if hasattr(optimizer, "release_state"):  # ZeRO-1: keep only the parameters this rank owns
+            optimizer.release_state()
 
 
 class CheckpointManager:

@@ -105,6 +105,11 @@ class Trainer:
             self.pm.module.to(self.device)
         self.raw_model = self.pm.module  # this rank's shard (the whole model without TP/EP/PP)
         self.optimizer = build_optimizer(self.raw_model, cfg.train.optimizer)
+        if cfg.parallel.distributed_optimizer:  # ZeRO-1: AdamW state sharded over DP ranks
+            from megatron_vpmoe.parallel.zero import DistributedOptimizer
+
+            self.optimizer = DistributedOptimizer(self.optimizer, self.raw_model, self.ctx.dp_group,
+                                                  self.ctx.expert_dp_group)
         self.weights = LossWeights.from_config(cfg.distill)
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
                                              async_save=cfg.checkpoint.async_save)
