@@ -140,6 +140,23 @@ def test_chat_records_with_reasoning(tmp_path, toks):
     assert "Be brief." in tok.decode(ids[0])
 
 
+def test_plain_documents_before_and_after_a_chat_get_text_masks(tmp_path, toks):
+    """The mask shard opens at the first chat document of a field; the plain documents before
+    it are back-filled with role 3, so masks stay aligned document for document."""
+    chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    records = [{"messages": "Plain text one."}, {"messages": "Plain two, a bit longer."}, chat,
+               {"messages": "Plain three."}]
+    src = tmp_path / "mixed.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_preprocess(_opts([src], tmp_path / "mx", {"s": toks["bpe600"]}, json_keys=["messages"]))
+    ids = _docs(str(tmp_path / "mx.s_messages_document"))
+    roles = _docs(str(tmp_path / "mx.s_messages_lossmask_document"))
+    assert [len(r) for r in roles] == [len(i) for i in ids] and len(ids) == 4
+    for k in (0, 1, 3):
+        assert set(roles[k]) == {3}
+    assert 2 in roles[2] and 3 not in roles[2]
+
+
 def test_bad_records_are_skipped_with_positions_and_strict_is_fatal(tmp_path, toks, capsys):
     src = tmp_path / "bad.jsonl"
     src.write_bytes(b'{"text": "good one"}\n{"text": broken\n{"other": "x"}\n{"text": "caf\xe9"}\n'

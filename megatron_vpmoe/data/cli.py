@@ -22,7 +22,7 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser, *, required: bool)
                              "chat messages (or Harmony text) also gets a loss-mask dataset (default: text)")
     parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                         help="end every document with the tokenizer's EOD id (default: on)")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes, one thread each (default 1: encode in this process with the tokenizer's own threads)")
     parser.add_argument("--partitions", type=int, default=1,
                         help="split the input files into N groups written separately and merged; "
                              "a re-run skips finished groups (resume)")

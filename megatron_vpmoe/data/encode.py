@@ -13,6 +13,7 @@ The encoder is built once per worker process from tokenizer directories (cheap t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -120,6 +121,9 @@ def init_worker(tokenizer_dirs: Dict[str, str], json_keys: Sequence[str], append
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    # one process per worker already: the Rust tokenizers' own thread pool in every worker
+    # would oversubscribe the cores (measured ~10% slower on 2 cores with 2 workers)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _WORKER
     _WORKER = DocumentEncoder(tokenizer_dirs, json_keys, append_eod)
 

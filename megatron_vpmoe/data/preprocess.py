@@ -158,9 +158,7 @@ def _write_partition(files: List[Path], prefix: str, opts: PreprocessOptions, vo
             tally.bytes += nbytes
             progress.update(len(encoded), nbytes)
         stats = shard_set.stats()
-        if keep_masks:
-            shard_set.has_chat = {k: True for k in shard_set.has_chat}
-        shard_set.commit()
+        shard_set.commit(keep_masks=keep_masks)
     except BaseException:
         shard_set.abort()
         raise

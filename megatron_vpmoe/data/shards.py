@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy
 
@@ -103,14 +103,32 @@ class ShardSet:
     def __init__(self, prefix: str, variants: Dict[str, int], json_keys: Sequence[str]):
         self.prefix = prefix
         self.tokens: Dict[tuple, ShardWriter] = {}
-        self.masks: Dict[tuple, ShardWriter] = {}
-        self.has_chat: Dict[tuple, bool] = {}
+        # a mask shard is opened at the first chat document of its field; until then only the
+        # plain documents' lengths are kept (their masks are constant) and written on opening
+        self.masks: Dict[tuple, Optional[ShardWriter]] = {}
+        self._plain_lengths: Dict[tuple, List[int]] = {}
         for variant, vocab_size in variants.items():
             for key in json_keys:
                 k = (variant, key)
                 self.tokens[k] = ShardWriter(token_prefix(prefix, variant, key), token_dtype(vocab_size))
-                self.masks[k] = ShardWriter(mask_prefix(prefix, variant, key), numpy.uint8)
-                self.has_chat[k] = False
+                self.masks[k] = None
+                self._plain_lengths[k] = []
+
+    @property
+    def has_chat(self) -> Dict[tuple, bool]:
+        return {k: w is not None for k, w in self.masks.items()}
+
+    def _open_mask(self, k: tuple) -> ShardWriter:
+        from megatron_vpmoe.data.encode import ROLE_TEXT
+
+        if self.masks[k] is None:
+            variant, key = k
+            writer = ShardWriter(mask_prefix(self.prefix, variant, key), numpy.uint8)
+            for n in self._plain_lengths[k]:
+                writer.add(numpy.full(n, ROLE_TEXT, dtype=numpy.uint8))
+            self._plain_lengths[k] = []
+            self.masks[k] = writer
+        return self.masks[k]
 
     def add(self, doc) -> None:
         """An :class:`~megatron_vpmoe.data.encode.EncodedDocument`."""
@@ -119,27 +137,29 @@ class ShardSet:
         for k, ids in doc.ids.items():
             self.tokens[k].add(ids)
             roles = doc.roles[k]
-            if roles is None:
-                roles = [ROLE_TEXT] * len(ids)
+            if roles is not None:
+                self._open_mask(k).add(roles)
+            elif self.masks[k] is not None:
+                self.masks[k].add(numpy.full(len(ids), ROLE_TEXT, dtype=numpy.uint8))
             else:
-                self.has_chat[k] = True
-            self.masks[k].add(roles)
+                self._plain_lengths[k].append(len(ids))
 
-    def commit(self) -> List[str]:
-        """Publish every shard; returns the prefixes written."""
+    def commit(self, keep_masks: bool = False) -> List[str]:
+        """Publish every shard; returns the prefixes written. ``keep_masks``: write the mask
+        shards even for fields without chat documents (partitions merged with ones that have)."""
         written = []
         for k, writer in self.tokens.items():
             writer.commit()
             written.append(writer.prefix)
-            if self.has_chat[k]:
+            if keep_masks:
+                self._open_mask(k)
+            if self.masks[k] is not None:
                 self.masks[k].commit()
                 written.append(self.masks[k].prefix)
-            else:
-                self.masks[k].abort()
         return written
 
     def abort(self) -> None:
-        for writer in list(self.tokens.values()) + list(self.masks.values()):
+        for writer in list(self.tokens.values()) + [w for w in self.masks.values() if w is not None]:
             writer.abort()
 
     def stats(self) -> Dict[tuple, dict]:
