@@ -121,20 +121,24 @@ def _train_zero(rank, world, run_dir, layout, roles, stop_at=None):
     return code, trainer.optimizer.owned_state_numel(), sum(p.numel() for p in trainer.raw_model.parameters())
 
 
-def test_distributed_optimizer_shards_state_and_keeps_the_curve(tmp_path, role_masked_reference):
-    """ZeRO-1 on 2 DP ranks: 2 steps, a checkpoint (state gathered from the owners), a resume
-    (state dropped again where not owned), 2 more: the single-process curve, and each rank
-    holds about half of AdamW's two moments, every parameter's exactly once over the ranks."""
-    first = run_distributed(_train_zero, 2, str(tmp_path), {}, ROLES, 2)
-    second = run_distributed(_train_zero, 2, str(tmp_path), {}, ROLES)
+@pytest.mark.parametrize("layout,world", [({}, 2), ({"tensor": 2}, 4)], ids=["dp2", "tp2-dp2"])
+def test_distributed_optimizer_shards_state_and_keeps_the_curve(tmp_path, role_masked_reference, layout, world):
+    """ZeRO-1 over 2 DP ranks (alone, and beside TP=2): 2 steps, a checkpoint (state gathered
+    from the owners), a resume (state dropped again where not owned), 2 more: the single-process
+    curve, and each rank holds about half of its shard's AdamW moments, every parameter's exactly
+    once over the DP ranks."""
+    first = run_distributed(_train_zero, world, str(tmp_path), layout, ROLES, 2)
+    second = run_distributed(_train_zero, world, str(tmp_path), layout, ROLES)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
     _close(_losses(tmp_path), _losses(role_masked_reference), 1e-5)
+    dp = 2
     for results in (first, second):
-        assert [code for code, _, _ in results] == [0, 0]
-        numel = results[0][2]
+        assert [code for code, _, _ in results] == [0] * world
         held = [state for _, state, _ in results]
-        assert sum(held) == 2 * numel  # exp_avg + exp_avg_sq of every parameter, once
-        assert max(held) < 0.6 * 2 * numel, held  # balanced: about half each
+        # exp_avg + exp_avg_sq of every parameter of every shard, once per DP group
+        assert sum(held) == 2 * sum(numel for _, _, numel in results) // dp
+        for state, (_, _, numel) in zip(held, results):
+            assert state < 0.6 * 2 * numel, held  # balanced: about half each
 
 
 def test_distributed_optimizer_checkpoint_resumes_on_one_process(tmp_path, role_masked_reference):
