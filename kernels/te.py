@@ -69,10 +69,15 @@ def _te_pytorch():
 
 
 def linear(in_features: int, out_features: int, bias: bool = True, *,
-           use_te: Optional[bool] = None) -> nn.Module:
-    """``te.pytorch.Linear`` (FP8-capable) or ``nn.Linear``; parameters ``weight [out, in]`` and ``bias``."""
+           use_te: Optional[bool] = None, **te_options) -> nn.Module:
+    """``te.pytorch.Linear`` (FP8-capable) or ``nn.Linear``; parameters ``weight [out, in]`` and ``bias``.
+
+    ``te_options`` go to TE's ``Linear`` (e.g. ``parallel_mode="column"``, ``tp_group``,
+    ``tp_size`` for tensor parallelism); they need TE."""
     if _use(use_te):
-        return _te_pytorch().Linear(in_features, out_features, bias=bias)
+        return _te_pytorch().Linear(in_features, out_features, bias=bias, **te_options)
+    if te_options:
+        raise VpmoeError(f"{', '.join(sorted(te_options))}: Transformer Engine options, but TE is not used")
     return nn.Linear(in_features, out_features, bias=bias)
 
 

@@ -49,8 +49,14 @@ def fake_te(monkeypatch):
     calls = []
 
     class Linear(nn.Linear):
-        def __init__(self, i, o, bias=True):
-            calls.append(("Linear", i, o, bias))
+        """Like TE's: ``parallel_mode`` column/row keeps the local shard of the weight."""
+
+        def __init__(self, i, o, bias=True, parallel_mode=None, tp_group=None, tp_size=1):
+            calls.append(("Linear", i, o, bias) + ((parallel_mode, tp_size) if parallel_mode else ()))
+            if parallel_mode == "column":
+                o //= tp_size
+            elif parallel_mode == "row":
+                i //= tp_size
             super().__init__(i, o, bias=bias)
 
     class LayerNormLinear(nn.Module):
@@ -128,3 +134,56 @@ def test_factories_plug_into_the_model_linear_spec():
     hooked = VpmoeModel(cfg, spec=LinearSpec(column=te.linear, row=te.linear))
     ids = torch.randint(0, 64, (1, 6))
     torch.testing.assert_close(hooked(ids), plain(ids))
+
+
+def _tiny_model_config():
+    from megatron_vpmoe.config.schema import ModelConfig
+
+    return ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=2,
+                       num_query_groups=2, kv_channels=16, ffn_hidden_size=64, window_size=4,
+                       num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16,
+                       moe_shared_expert_intermediate_size=16, moe_router_num_groups=2,
+                       moe_router_group_topk=1)
+
+
+def test_engine_builds_te_linears_when_asked(fake_te):
+    """``train.transformer_impl: transformer_engine``: the engine's model has TE linears (here
+    the fake's) and computes what the local model computes; at TP > 1 the TE layers are asked
+    for column/row parallelism over the TP group and tagged as TP shards."""
+    from megatron_vpmoe.config.schema import ParallelConfig
+    from megatron_vpmoe.model import VpmoeModel
+    from megatron_vpmoe.parallel import build_parallel_model, init_parallel
+    from megatron_vpmoe.parallel.tensor import te_linear_spec
+
+    cfg = _tiny_model_config()
+    pm = build_parallel_model(cfg, init_parallel(ParallelConfig()), seed=3, transformer_impl="transformer_engine")
+    te_layers = [m for m in pm.module.modules() if type(m).__name__ == "Linear" and type(m) is not nn.Linear]
+    # every projection of the layers; the LM head stays a plain weight for the chunked loss
+    assert len(te_layers) == 8
+    assert [n for n, m in pm.module.named_modules() if type(m) is nn.Linear] == ["output_layer"]
+    torch.manual_seed(3)
+    local = VpmoeModel(cfg)  # what build_parallel_model initialises from
+    ids = torch.randint(0, 64, (2, 7))
+    torch.testing.assert_close(pm.module(ids), local(ids))
+
+    spec = te_linear_spec(2, tp_group="tp-group")
+    col, row = spec.column(32, 64, True), spec.row(64, 32, True)
+    assert fake_te[-2:] == [("Linear", 32, 64, True, "column", 2), ("Linear", 64, 32, True, "row", 2)]
+    assert col.weight.shape == (32, 32) and col.weight.partition_dim == 0 and col.bias.tensor_model_parallel
+    assert row.weight.shape == (32, 32) and row.weight.partition_dim == 1
+    assert not getattr(row.bias, "tensor_model_parallel", False)  # added after the reduction
+
+
+def test_trainer_refuses_transformer_engine_where_it_cannot_run(tmp_path):
+    from test_train_support import tiny_config
+
+    from megatron_vpmoe.training.trainer import Trainer
+    from megatron_vpmoe.utils.errors import ConfigError
+
+    cfg = tiny_config(tmp_path, train={"transformer_impl": "transformer_engine"})
+    with pytest.raises(ConfigError, match="no CUDA") as err:
+        Trainer(cfg, quiet=True)
+    assert err.value.key == "train.transformer_impl"
+    with pytest.raises(ConfigError, match="Transformer Engine") as err:
+        tiny_config(tmp_path, train={"fp8": "delayed"})
+    assert err.value.key == "train.fp8"

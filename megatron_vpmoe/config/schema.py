@@ -286,6 +286,8 @@ class TrainConfig:
     global_batch_size: int = 8  # samples per step over all data-parallel ranks
     micro_batch_size: int = 1  # samples per forward; accumulation = global / (micro x DP)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    transformer_impl: Literal["local", "transformer_engine"] = "local"  # linears: megatron-core/PyTorch, or Transformer Engine (GPU host with TE; not yet run on a GPU here)
+    fp8: Optional[Literal["delayed", "current", "mxfp8"]] = None  # FP8 recipe for the TE linears; needs transformer_impl: transformer_engine
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # see train.optimizer.*
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # see train.schedule.*
     eval_interval: int = 0  # 0 disables validation
@@ -293,6 +295,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # this many non-finite steps in a row stop the run
 
     def validate(self) -> None:
+        if self.fp8 is not None and self.transformer_impl != "transformer_engine":
+            raise ConfigError("FP8 runs in Transformer Engine linears; set train.transformer_impl: "
+                              "transformer_engine", key="train.fp8")
         for name in ("steps", "global_batch_size", "micro_batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be > 0, got {getattr(self, name)}", key=f"train.{name}")

@@ -284,16 +284,21 @@ def _gather(t: torch.Tensor, dim: int, size: int, group) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 1234) -> ParallelModel:
-    """This rank's shard, initialised exactly as ``VpmoeModel(cfg)`` under ``torch.manual_seed(seed)``."""
+def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 1234,
+                         transformer_impl: str = "local") -> ParallelModel:
+    """This rank's shard, initialised exactly as ``VpmoeModel(cfg)`` under ``torch.manual_seed(seed)``;
+    ``transformer_impl="transformer_engine"``: its linears are Transformer Engine's."""
     ctx.config.validate(cfg)
     from megatron_vpmoe.parallel.expert import AllToAllDispatcher
     from megatron_vpmoe.parallel.pipeline import check_pipeline_config, stage_layers
-    from megatron_vpmoe.parallel.tensor import tensor_parallel_spec
+    from megatron_vpmoe.parallel.tensor import te_linear_spec, tensor_parallel_spec
 
     torch.manual_seed(seed)
     full = VpmoeModel(cfg).state_dict()
-    spec = tensor_parallel_spec(ctx.tp, ctx.tp_group) if ctx.tp > 1 else None
+    if transformer_impl == "transformer_engine":
+        spec = te_linear_spec(ctx.tp, ctx.tp_group)
+    else:
+        spec = tensor_parallel_spec(ctx.tp, ctx.tp_group) if ctx.tp > 1 else None
     dispatcher = AllToAllDispatcher(ctx.ep, ctx.ep_group) if ctx.ep > 1 else None
     local_experts = cfg.num_moe_experts // ctx.ep if cfg.num_moe_experts else None
     layers, first, last = None, True, True

@@ -1,4 +1,4 @@
-"""Tensor-parallel linear layers for the model's :class:`LinearSpec` (megatron-core, or TE on GPU).
+"""Tensor-parallel linear layers for the model's :class:`LinearSpec`: megatron-core's, or Transformer Engine's.
 
 The wrappers return only the output (bias added inside) and keep the parameter names
 ``weight``/``bias``, so state-dict keys match the single-process model. Shards are tagged
@@ -10,16 +10,6 @@ from __future__ import annotations
 import torch
 
 from megatron_vpmoe.model.layers import LinearSpec, mark_tensor_parallel
-
-
-def _transformer_engine_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def tensor_parallel_spec(tp_size: int, tp_group, params_dtype=torch.float32) -> LinearSpec:
@@ -53,5 +43,30 @@ def tensor_parallel_spec(tp_size: int, tp_group, params_dtype=torch.float32) -> 
         def forward(self, x):
             return super().forward(x)[0]
 
-    # Transformer Engine on a GPU host would slot in here; it is not exercised on CPU.
     return LinearSpec(column=Column, row=Row, tp_size=tp_size)
+
+
+def te_linear_spec(tp_size: int, tp_group) -> LinearSpec:
+    """Transformer Engine ``Linear`` layers (``train.transformer_impl: transformer_engine``):
+    plain at TP=1, column/row-parallel over ``tp_group`` otherwise (TE splits the weight the
+    same way as megatron-core: column on the output dim, row on the input dim, bias of a row
+    layer added after the reduction). Requires TE (a clear error otherwise)."""
+    from kernels import te
+
+    if tp_size == 1:
+        return LinearSpec(column=lambda i, o, b: te.linear(i, o, b, use_te=True),
+                          row=lambda i, o, b: te.linear(i, o, b, use_te=True), tp_size=1)
+
+    def column(i, o, bias):
+        layer = te.linear(i, o, bias, use_te=True, parallel_mode="column", tp_group=tp_group, tp_size=tp_size)
+        mark_tensor_parallel(layer.weight, 0)
+        if bias:
+            mark_tensor_parallel(layer.bias, 0)
+        return layer
+
+    def row(i, o, bias):
+        layer = te.linear(i, o, bias, use_te=True, parallel_mode="row", tp_group=tp_group, tp_size=tp_size)
+        mark_tensor_parallel(layer.weight, 1)
+        return layer
+
+    return LinearSpec(column=column, row=row, tp_size=tp_size)

@@ -53,7 +53,7 @@ from megatron_vpmoe.training.preemption import (
     write_requeue_marker,
 )
 from megatron_vpmoe.training.schedule import learning_rate
-from megatron_vpmoe.utils.errors import EXIT_OK, EXIT_REQUEUE, VpmoeError
+from megatron_vpmoe.utils.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, VpmoeError
 
 NAN_HOOK_ENV = "VPMOE_TEST_NAN_STEPS"
 
@@ -101,7 +101,15 @@ class Trainer:
             torch.manual_seed(cfg.run.seed)
             self.pm = ParallelModel(cfg.model, self.ctx, model_factory(cfg.model).to(self.device))
         else:
-            self.pm = build_parallel_model(cfg.model, self.ctx, seed=cfg.run.seed)
+            if cfg.train.transformer_impl == "transformer_engine":
+                from kernels.te import te_status
+
+                status = te_status()
+                if not status.available:
+                    raise ConfigError(f"Transformer Engine is not usable here: {status.reason}",
+                                      key="train.transformer_impl")
+            self.pm = build_parallel_model(cfg.model, self.ctx, seed=cfg.run.seed,
+                                           transformer_impl=cfg.train.transformer_impl)
             self.pm.module.to(self.device)
         self.raw_model = self.pm.module  # this rank's shard (the whole model without TP/EP/PP)
         self.optimizer = build_optimizer(self.raw_model, cfg.train.optimizer)
@@ -124,11 +132,22 @@ class Trainer:
         p = self.cfg.train.precision
         use_bf16 = p == "bf16" or (p == "auto" and torch.cuda.is_available())
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.fp8_recipe = None
+        if self.cfg.train.fp8:  # checked against TE when the model is built
+            from kernels import te
+
+            if te.te_status().available:
+                self.fp8_recipe = te.fp8_recipe(self.cfg.train.fp8)
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        if self.fp8_recipe is not None:  # TE linears compute in FP8 under the recipe
+            from kernels import te
+
+            stack.enter_context(te.fp8_autocast(True, self.fp8_recipe))
+        return stack
 
     def _load_tokenizer(self):
         if self.tokenizer is None and self.cfg.data.tokenizer:
