@@ -114,6 +114,18 @@ def test_deterministic_per_seed(shards, tmp_path):
     assert not all(torch.equal(x, c[i]["tokens"]) for i, x in enumerate(first))
 
 
+def test_one_process_writes_its_index_cache_to_cache_dir(shards, tmp_path):
+    """Not into ``<shard prefix>/cache`` beside the shards (megatron-core's fallback without a
+    cache path), which fails for read-only data and litters the corpus directory."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shards["dir"], data, ignore=shutil.ignore_patterns("cache", "*_document"))
+    _build(shards, [[1.0, str(data / "text.tok_text_document")]], tmp=tmp_path / "cache")
+    assert list((tmp_path / "cache").rglob("*.npy"))
+    assert not (data / "text.tok_text_document").exists()  # megatron's <prefix>/cache fallback
+
+
 def test_errors_name_the_problem(shards, tmp_path):
     with pytest.raises(InputError, match=r"data.blend\[0\].*not found"):
         _build(shards, [[1.0, str(tmp_path / "missing_document")]])

@@ -45,7 +45,13 @@ def _dataset_classes():
     class RoleMaskedGPTDataset(GPTDataset):
         """``GPTDataset`` whose ``loss_mask`` carries roles from a parallel mask dataset."""
 
+        index_cache_dir = None  # set by build_datasets: where the index cache goes in one process
+
         def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
+            if config.path_to_cache is None and self.index_cache_dir:
+                # without it megatron-core writes <shard prefix>/cache next to the shards
+                config = copy.copy(config)
+                config.path_to_cache = self.index_cache_dir
             super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
             self._mask_view = None
             mask = mask_prefix_of(dataset_path) if dataset_path else None
@@ -123,13 +129,15 @@ def build_datasets(data_cfg, *, seed: int, num_samples: Sequence[int], eod_id: i
     if pad_id == eod_id:  # no distinct pad token: megatron-core would reset it to -1 with a warning
         pad_id = -1
     masked_cls, mock_cls = _dataset_classes()
+    masked_cls.index_cache_dir = cache_dir
     blend = None if data_cfg.mock else _blend(data_cfg)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=data_cfg.seq_length,
         blend=blend,
         split=data_cfg.split,
-        # megatron-core's blended index cache needs torch.distributed; one process builds in memory
+        # megatron-core's blended index cache needs torch.distributed; one process builds it in
+        # memory (the GPT index cache still goes to cache_dir, see RoleMaskedGPTDataset)
         path_to_cache=cache_dir if torch.distributed.is_initialized() else None,
         tokenizer=_TokenizerInfo(eod_id, pad_id, vocab_size),
         reset_position_ids=False,
