@@ -20,10 +20,9 @@ from megatron_vpmoe.utils.errors import VpmoeError
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_preprocess_arguments(parser, required=True)
+    add_preprocess_arguments(parser, required=True, append_eod=False)  # off, as in Megatron-LM
     parser.add_argument("--tokenizer-model", action="append", default=[], metavar="DIR",
                         help="tokenizer directory (Megatron-LM's flag name; same as --tokenizer)")
-    parser.set_defaults(append_eod=False)
     args = parser.parse_args(argv)
     tokenizers = args.tokenizer + args.tokenizer_model
     if not tokenizers:

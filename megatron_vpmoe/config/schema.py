@@ -260,6 +260,8 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
+    """AdamW hyper-parameters, weight-decay groups and gradient clipping."""
+
     name: Literal["adamw"] = "adamw"  # AdamW with decoupled weight decay
     lr: float = 3e-4  # peak learning rate
     min_lr: float = 3e-5  # floor of the cosine / WSD decay
@@ -275,6 +277,8 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then cosine, warmup-stable-decay or constant."""
+
     kind: Literal["cosine", "wsd", "constant"] = "cosine"  # cosine, wsd (warmup-stable-decay) or constant after warmup
     warmup_steps: int = 0  # linear warmup from 0
     wsd_decay_fraction: float = 0.1  # WSD: last fraction of the steps decays to min_lr
@@ -282,6 +286,8 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
+    """The training loop: steps, batch sizes, precision, linear-layer implementation, validation and guards."""
+
     steps: int = 1000  # optimizer steps
     global_batch_size: int = 8  # samples per step over all data-parallel ranks
     micro_batch_size: int = 1  # samples per forward; accumulation = global / (micro x DP)
@@ -330,6 +336,8 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Where and how often checkpoints are written, how many are kept, and what a run loads."""
+
     dir: Optional[str] = None  # default {run.dir}/checkpoints
     interval: int = 0  # steps between saves; 0 = only at the end / on preemption
     keep_last: int = 3  # older checkpoints are deleted; 0 keeps all
@@ -340,6 +348,8 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
+    """Metrics and progress output: the JSON-lines interval, progress bar, TensorBoard, W&B."""
+
     interval: int = 1  # steps between metric lines
     progress_bar: bool = True  # tqdm bar on rank 0
     tensorboard: bool = False  # TensorBoard scalars under {run.dir}/tensorboard
@@ -356,6 +366,8 @@ class ScorerConfig:
 
 @dataclass
 class OnPolicyConfig:
+    """Phase 2, on-policy distillation: rollouts, teacher scoring and the GRPO-style update."""
+
     prompts: List[str] = field(default_factory=list)  # prompt files (jsonl: prompt / messages / question)
     samples_per_prompt: int = 4  # k rollouts per prompt (the GRPO group)
     prompts_per_step: int = 4  # prompts per optimizer step
@@ -376,6 +388,8 @@ class OnPolicyConfig:
 
 @dataclass
 class DistillConfig:
+    """Distillation: the teacher server and the weights of the reasoning and final spans."""
+
     teacher_url: Optional[str] = None  # OpenAI-compatible teacher server (vpmoe serve, vLLM, SGLang)
     reasoning_loss_weight: float = 1.0  # span-normalised NLL on the reasoning channel
     final_loss_weight: float = 1.0  # span-normalised NLL on the final channel

@@ -8,7 +8,7 @@ EXAMPLE = ("Example: vpmoe preprocess --input '../shared/data/corpora/gutenberg_
            "--output-prefix runs/shards/gutenberg --tokenizer runs/tok/bpe-32k runs/tok/lm-32k --workers 2")
 
 
-def add_preprocess_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+def add_preprocess_arguments(parser: argparse.ArgumentParser, *, required: bool, append_eod: bool = True) -> None:
     """The preprocessing flags (Megatron-LM's names where it has them); shared with tools/preprocess_data.py."""
     parser.add_argument("--input", nargs="+", required=required, metavar="FILE_DIR_OR_GLOB",
                         help=".jsonl[.gz|.zst], .parquet, .txt files, directories or globs")
@@ -20,9 +20,12 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser, *, required: bool)
     parser.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
                         help="fields to tokenize (dotted paths reach nested objects); a field holding "
                              "chat messages (or Harmony text) also gets a loss-mask dataset (default: text)")
-    parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
-                        help="end every document with the tokenizer's EOD id (default: on)")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes, one thread each (default 1: encode in this process with the tokenizer's own threads)")
+    parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=append_eod,
+                        help="end every document with the tokenizer's EOD id "
+                             f"(default: {'on' if append_eod else 'off'})")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="tokenizer processes, one thread each (default 1: encode in this process "
+                             "with the tokenizer's own threads)")
     parser.add_argument("--partitions", type=int, default=1,
                         help="split the input files into N groups written separately and merged; "
                              "a re-run skips finished groups (resume)")

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--output", required=True, metavar="DIR")
     train.add_argument("--max-bytes", type=int, default=None, help="train on the first N bytes only")
     train.add_argument("--superword", action="store_true", help="bpe: no pre-tokenization regex (tokens cross spaces)")
-    train.add_argument("--max-token-chars", type=int, default=None, help="lengthmax: cap on characters per token")
+    train.add_argument("--max-token-chars", type=int, default=None, help="lengthmax: cap on UTF-8 bytes per token")
     train.add_argument("--max-token-words", type=int, default=None, help="lengthmax: cap on words per token")
     train.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     train.set_defaults(func=_train)
