@@ -38,20 +38,20 @@ class _TokenizerInfo:
         self.unique_identifiers = {"class": "vpmoe", "eod": eod, "pad": pad}
 
 
-def _dataset_classes():
+def _dataset_classes(index_cache_dir: Optional[str]):
+    """The dataset classes; ``index_cache_dir`` is where a GPT dataset's index cache goes when
+    the config has no cache path (one process)."""
     gpt = import_megatron("megatron.core.datasets.gpt_dataset")
     GPTDataset, MockGPTDataset = gpt.GPTDataset, gpt.MockGPTDataset
 
     class RoleMaskedGPTDataset(GPTDataset):
         """``GPTDataset`` whose ``loss_mask`` carries roles from a parallel mask dataset."""
 
-        index_cache_dir = None  # set by build_datasets: where the index cache goes in one process
-
         def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
-            if config.path_to_cache is None and self.index_cache_dir:
+            if config.path_to_cache is None and index_cache_dir:
                 # without it megatron-core writes <shard prefix>/cache next to the shards
                 config = copy.copy(config)
-                config.path_to_cache = self.index_cache_dir
+                config.path_to_cache = index_cache_dir
             super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
             self._mask_view = None
             mask = mask_prefix_of(dataset_path) if dataset_path else None
@@ -128,8 +128,7 @@ def build_datasets(data_cfg, *, seed: int, num_samples: Sequence[int], eod_id: i
     os.makedirs(cache_dir, exist_ok=True)
     if pad_id == eod_id:  # no distinct pad token: megatron-core would reset it to -1 with a warning
         pad_id = -1
-    masked_cls, mock_cls = _dataset_classes()
-    masked_cls.index_cache_dir = cache_dir
+    masked_cls, mock_cls = _dataset_classes(cache_dir)
     blend = None if data_cfg.mock else _blend(data_cfg)
     config = GPTDatasetConfig(
         random_seed=seed,

@@ -118,29 +118,32 @@ class ShardSet:
     def has_chat(self) -> Dict[tuple, bool]:
         return {k: w is not None for k, w in self.masks.items()}
 
-    def _open_mask(self, k: tuple) -> ShardWriter:
+    @staticmethod
+    def _text_roles(n: int) -> numpy.ndarray:
+        """The mask of a plain document of ``n`` tokens: role 3 (text) everywhere."""
         from megatron_vpmoe.data.encode import ROLE_TEXT
 
+        return numpy.full(n, ROLE_TEXT, dtype=numpy.uint8)
+
+    def _open_mask(self, k: tuple) -> ShardWriter:
         if self.masks[k] is None:
             variant, key = k
             writer = ShardWriter(mask_prefix(self.prefix, variant, key), numpy.uint8)
             for n in self._plain_lengths[k]:
-                writer.add(numpy.full(n, ROLE_TEXT, dtype=numpy.uint8))
+                writer.add(self._text_roles(n))
             self._plain_lengths[k] = []
             self.masks[k] = writer
         return self.masks[k]
 
     def add(self, doc) -> None:
         """An :class:`~megatron_vpmoe.data.encode.EncodedDocument`."""
-        from megatron_vpmoe.data.encode import ROLE_TEXT
-
         for k, ids in doc.ids.items():
             self.tokens[k].add(ids)
             roles = doc.roles[k]
             if roles is not None:
                 self._open_mask(k).add(roles)
             elif self.masks[k] is not None:
-                self.masks[k].add(numpy.full(len(ids), ROLE_TEXT, dtype=numpy.uint8))
+                self.masks[k].add(self._text_roles(len(ids)))
             else:
                 self._plain_lengths[k].append(len(ids))
 

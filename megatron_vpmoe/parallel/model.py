@@ -33,22 +33,29 @@ def _split(full: torch.Tensor, param, ctx: ParallelContext, num_experts: int) ->
     return full
 
 
-def _all_reduce_coalesced(tensors: List[torch.Tensor], group) -> None:
-    if not tensors or group is None or dist.get_world_size(group) == 1:
-        return
+def coalesced(tensors: List[torch.Tensor], collective: Callable[[torch.Tensor], None]) -> None:
+    """Run the in-place ``collective(flat)`` once on a flat buffer holding ``tensors`` (one
+    dtype), then copy the result back into them."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=group)
+    collective(flat)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
 
 
+def _all_reduce_coalesced(tensors: List[torch.Tensor], group) -> None:
+    if not tensors or group is None or dist.get_world_size(group) == 1:
+        return
+    coalesced(tensors, lambda flat: dist.all_reduce(flat, group=group))
+
+
 # loss_fn(per_token_loss [b, S], micro_batch) -> (loss to backpropagate, 1-D float64 stats)
 LossFn = Callable[[torch.Tensor, Dict], Tuple[torch.Tensor, torch.Tensor]]
 
 
-def _device() -> torch.device:
+def engine_device() -> torch.device:
+    """Where collectives' buffers live: this rank's GPU, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -127,7 +134,7 @@ class ParallelModel:
                 stats = torch.zeros(0, dtype=torch.float64)
         if backward:
             self.reduce_gradients()
-        stats = stats.to(_device())
+        stats = stats.to(engine_device())
         if ctx.dp > 1:
             dist.all_reduce(stats, group=ctx.dp_group)
         return stats
@@ -141,7 +148,7 @@ class ParallelModel:
         # a fresh stage per call: a reused stage's receive buffers from an earlier shape
         # inference came back non-contiguous on the next step (gloo irecv rejects them)
         self._stage_module = PipelineStageModule(m)
-        self._stage = PipelineStage(self._stage_module, ctx.pp_rank, ctx.pp, _device(),
+        self._stage = PipelineStage(self._stage_module, ctx.pp_rank, ctx.pp, engine_device(),
                                         group=ctx.pp_group)
         parts: Dict[int, torch.Tensor] = {}
 
@@ -159,16 +166,16 @@ class ParallelModel:
         if m.pre_process:
             run(torch.cat([mb["input_ids"] for mb in micro_batches]))
         elif m.post_process:
-            index = torch.arange(len(micro_batches), device=_device()).repeat_interleave(
+            index = torch.arange(len(micro_batches), device=engine_device()).repeat_interleave(
                 micro_batches[0]["labels"].shape[0]).view(-1, 1)
             run(target=index, losses=[])
         else:
             run()
         # only the last stage has losses: agree on the stats' length, then sum over the stages
-        size = torch.tensor([parts[0].numel() if parts else 0], dtype=torch.long, device=_device())
+        size = torch.tensor([parts[0].numel() if parts else 0], dtype=torch.long, device=engine_device())
         dist.all_reduce(size, op=dist.ReduceOp.MAX, group=ctx.pp_group)
         stats = (torch.stack([parts[i] for i in sorted(parts)]).sum(0) if parts else
-                 torch.zeros(int(size), dtype=torch.float64)).to(_device())
+                 torch.zeros(int(size), dtype=torch.float64)).to(engine_device())
         dist.all_reduce(stats, group=ctx.pp_group)
         return stats
 
@@ -192,8 +199,8 @@ class ParallelModel:
 
         def squared(grads):
             if not grads:
-                return torch.zeros((), dtype=torch.float64, device=_device())
-            return get_total_norm(grads, 2.0, error_if_nonfinite=False).double().to(_device()) ** 2
+                return torch.zeros((), dtype=torch.float64, device=engine_device())
+            return get_total_norm(grads, 2.0, error_if_nonfinite=False).double().to(engine_device()) ** 2
 
         tp_sq, ep_sq = squared(sharded_tp).view(1), squared(experts).view(1)
         if self.ctx.tp > 1:

@@ -23,6 +23,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_vpmoe.parallel.model import coalesced, engine_device
+
 
 def _group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
@@ -69,10 +71,6 @@ class DistributedOptimizer:
     def param_groups(self):
         return self.optimizer.param_groups
 
-    @property
-    def state(self):
-        return self.optimizer.state
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -102,9 +100,7 @@ class DistributedOptimizer:
                 continue
             for owner, params in enumerate(by_owner):
                 for bucket in _by_dtype(params):
-                    flat = torch.cat([p.detach().reshape(-1) for p in bucket])
-                    dist.broadcast(flat, group_src=owner, group=group)
-                    _unflatten_into(flat, bucket)
+                    coalesced(bucket, lambda flat: dist.broadcast(flat, group_src=owner, group=group))
 
     @contextlib.contextmanager
     def full_state(self) -> Iterator[None]:
@@ -127,8 +123,8 @@ class DistributedOptimizer:
                 header: List[Optional[object]] = [None]
                 if me == owner:
                     present = [i for i, p in enumerate(params) if state.get(p)]
-                    keys = sorted(state[params[present[0]]]) if present else []
                     first = state[params[present[0]]] if present else {}
+                    keys = sorted(first)
                     header = [(present, keys, {k: (first[k].dtype, first[k].dim() == 0, first[k].device.type)
                                                for k in keys})]
                 dist.broadcast_object_list(header, group_src=owner, group=group)
@@ -142,7 +138,7 @@ class DistributedOptimizer:
                     else:
                         parts = [torch.zeros(1 if scalar else params[i].numel(), dtype=dtype)
                                  for i in present]
-                    device = params[present[0]].device if not scalar else _comm_device()
+                    device = params[present[0]].device if not scalar else engine_device()
                     flat = torch.cat([t.to(device) for t in parts])
                     dist.broadcast(flat, group_src=owner, group=group)
                     if me == owner:
@@ -165,19 +161,8 @@ class DistributedOptimizer:
                 del self.optimizer.state[p]
 
 
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _by_dtype(params: List[torch.Tensor]) -> List[List[torch.Tensor]]:
     buckets: Dict[torch.dtype, List[torch.Tensor]] = {}
     for p in params:
         buckets.setdefault(p.dtype, []).append(p)
     return list(buckets.values())
-
-
-def _unflatten_into(flat: torch.Tensor, params: List[torch.Tensor]) -> None:
-    offset = 0
-    for p in params:
-        p.data.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()

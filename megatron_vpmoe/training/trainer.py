@@ -93,6 +93,13 @@ class Trainer:
         self.ctx = init_parallel(cfg.parallel)
         self.dp_size, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
         self.accum = cfg.train.check_batch_layout(self.dp_size)
+        if cfg.train.transformer_impl == "transformer_engine":
+            from kernels.te import te_status
+
+            status = te_status()
+            if not status.available:
+                raise ConfigError(f"Transformer Engine is not usable here: {status.reason}",
+                                  key="train.transformer_impl")
         self._setup_precision()
 
         if model_factory is not None:  # any nn.Module with VpmoeModel's interface, DP only
@@ -101,13 +108,6 @@ class Trainer:
             torch.manual_seed(cfg.run.seed)
             self.pm = ParallelModel(cfg.model, self.ctx, model_factory(cfg.model).to(self.device))
         else:
-            if cfg.train.transformer_impl == "transformer_engine":
-                from kernels.te import te_status
-
-                status = te_status()
-                if not status.available:
-                    raise ConfigError(f"Transformer Engine is not usable here: {status.reason}",
-                                      key="train.transformer_impl")
             self.pm = build_parallel_model(cfg.model, self.ctx, seed=cfg.run.seed,
                                            transformer_impl=cfg.train.transformer_impl)
             self.pm.module.to(self.device)
@@ -133,11 +133,10 @@ class Trainer:
         use_bf16 = p == "bf16" or (p == "auto" and torch.cuda.is_available())
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.fp8_recipe = None
-        if self.cfg.train.fp8:  # checked against TE when the model is built
+        if self.cfg.train.fp8:  # implies transformer_engine, whose availability is checked above
             from kernels import te
 
-            if te.te_status().available:
-                self.fp8_recipe = te.fp8_recipe(self.cfg.train.fp8)
+            self.fp8_recipe = te.fp8_recipe(self.cfg.train.fp8)
 
     def _autocast(self):
         stack = contextlib.ExitStack()
