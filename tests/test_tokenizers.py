@@ -158,9 +158,11 @@ def test_jsonl_field_input(tmp_path):
         train_tokenizer("bpe", [f"{path}:nope"], 400)
 
 
-def test_lengthmax(corpus, tmp_path):
-    """Length-MAX: lossless on any input, multi-word tokens, caps respected, native HF export
-    encodes identically, and fewer tokens per char than byte-level BPE of the same size."""
+@pytest.mark.parametrize("encoder", ["merges", "min-tokens"])
+def test_lengthmax(corpus, tmp_path, encoder):
+    """Length-MAX with either encoder: lossless on any input, multi-word tokens, caps respected,
+    native HF export encodes identically, and fewer tokens per char than byte-level BPE of the
+    same size."""
     from megatron_vpmoe.tokenizers.lengthmax import split_segments, split_units
 
     text = corpus.read_text()
@@ -170,9 +172,10 @@ def test_lengthmax(corpus, tmp_path):
     train_file = tmp_path / "train.txt"
     train_file.write_text(train)
     tok = train_tokenizer("lengthmax", [str(train_file)], 1500, output=str(tmp_path / "lm"),
-                          max_token_chars=16, max_token_words=3)
+                          max_token_chars=16, max_token_words=3, encoder=encoder)
     loaded = load_tokenizer(tmp_path / "lm")
     assert loaded.kind == "lengthmax" and loaded.vocab_size == 1500
+    assert loaded.metadata["encoder"] == {"merges": "bpe-merges", "min-tokens": "unigram-min-tokens"}[encoder]
     _check_interface(loaded, held[:5000])
     assert loaded.encode(held) == tok.encode(held)
     pieces = [loaded.token_bytes(i) for i in range(loaded.vocab_size)]
@@ -180,7 +183,60 @@ def test_lengthmax(corpus, tmp_path):
     assert loaded.metadata["multiword_tokens"] > 0
     assert any(b" " in p.strip(b" ") for p in pieces)  # tokens span whitespace
     bpe = train_tokenizer("bpe", [str(train_file)], 1500)
-    assert len(loaded.encode(held)) < 0.95 * len(bpe.encode(held))
+    assert len(loaded.encode(held)) < 0.97 * len(bpe.encode(held))
+
+
+def _replay_merges(vocab, text: str):
+    """Reference for the merges encoder: apply every learned merge, in order, to each
+    blank-line segment's bytes (a plain Python loop; left to right, never overlapping)."""
+    from megatron_vpmoe.tokenizers.lengthmax import split_segments
+
+    ids = []
+    for segment in split_segments(text):
+        seq = list(segment.encode("utf-8"))
+        for a, b in vocab.merges:
+            new = vocab._ids[vocab.pieces[a] + vocab.pieces[b]]
+            out, k = [], 0
+            while k < len(seq):
+                if k + 1 < len(seq) and seq[k] == a and seq[k + 1] == b:
+                    out.append(new)
+                    k += 2
+                else:
+                    out.append(seq[k])
+                    k += 1
+            seq = out
+        ids.extend(seq)
+    return ids
+
+
+def test_lengthmax_merges_encoder_replays_training(corpus):
+    """The merges encoder is exactly the learned merges applied in order: on held-out text it
+    equals a plain-Python replay; on the training text it reproduces the segmentation training
+    ended with (bytes minus the merged occurrences counted while learning); the minimum-token
+    encoder never needs more tokens than it on the same vocabulary."""
+    from megatron_vpmoe.tokenizers.lengthmax import build_lengthmax_vocab, lengthmax_backend
+
+    text = corpus.read_text()
+    train, held = text[:120_000], text[120_000:126_000] + "\n\nnaïve café — 東京 🙂\n\n\nend"
+    vocab = build_lengthmax_vocab([train], 700, max_token_chars=16, max_token_words=3)
+    assert sum(1 for w in vocab.words if w > 1) > 0  # phase 2 (across units) ran
+    merges = lengthmax_backend(vocab, "merges", with_specials=False)
+    assert merges.encode(held, add_special_tokens=False).ids == _replay_merges(vocab, held)
+    trained = len(merges.encode(train, add_special_tokens=False).ids)
+    assert trained == len(train.encode("utf-8")) - sum(vocab.counts[256:])
+    fewest = lengthmax_backend(vocab, "min-tokens", with_specials=False)
+    assert len(fewest.encode(train, add_special_tokens=False).ids) <= trained
+    assert merges.decode(merges.encode(held, add_special_tokens=False).ids) == held
+
+
+def test_lengthmax_encoder_errors(corpus):
+    from megatron_vpmoe.tokenizers.lengthmax import train_lengthmax
+
+    docs = [corpus.read_text()[:20_000]]
+    with pytest.raises(InputError, match="overshoot .* needs encoder='min-tokens'"):
+        train_lengthmax(docs, 600, overshoot=1.25)
+    with pytest.raises(InputError, match="unknown encoder 'viterbi'"):
+        train_lengthmax(docs, 600, encoder="viterbi")
 
 
 def test_pruned(corpus, tmp_path):
@@ -218,7 +274,7 @@ def test_eval_report(trained, corpus, tmp_path):
     rows = json.loads((report / "report.json").read_text())
     assert [r["name"] for r in rows] == ["bpe", "unigram"]
     for r in rows:
-        for key in ("name", "kind", "vocab_size", "tokens_per_char", "tokens_per_byte", "embedding_head_params",
+        for key in ("name", "kind", "encoder", "vocab_size", "tokens_per_char", "tokens_per_byte", "embedding_head_params",
                     "roundtrip_exact", "encode_mb_per_s", "bytes_per_token", "byte_fallback_rate",
                     "doc_length_percentiles"):
             assert key in r
@@ -266,6 +322,12 @@ def test_cli_lengthmax_options(corpus, tmp_path, capsys):
     assert "trained lengthmax tokenizer" in capsys.readouterr().out
     assert main(["tokenizer", "train", "--kind", "unigram", "--vocab-size", "600", "--input", str(corpus),
                  "--output", str(tmp_path / "u"), "--max-token-words", "2"]) == 2
+    assert main(["tokenizer", "train", "--kind", "bpe", "--vocab-size", "600", "--input", str(corpus),
+                 "--output", str(tmp_path / "b"), "--lengthmax-encoder", "min-tokens"]) == 2
+    assert main(["tokenizer", "train", "--kind", "lengthmax", "--vocab-size", "600", "--input", str(corpus),
+                 "--output", str(tmp_path / "mt"), "--lengthmax-encoder", "min-tokens"]) == 0
+    assert load_tokenizer(tmp_path / "mt").metadata["encoder"] == "unigram-min-tokens"
+    assert tok.metadata["encoder"] == "bpe-merges"
     assert main(["tokenizer", "train", "--kind", "lengthmax", "--vocab-size", "600", "--input", str(corpus),
                  "--output", str(out)]) == 2  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err

@@ -26,6 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--superword", action="store_true", help="bpe: no pre-tokenization regex (tokens cross spaces)")
     train.add_argument("--max-token-chars", type=int, default=None, help="lengthmax: cap on UTF-8 bytes per token")
     train.add_argument("--max-token-words", type=int, default=None, help="lengthmax: cap on words per token")
+    train.add_argument("--lengthmax-encoder", choices=("merges", "min-tokens"), default=None,
+                       help="lengthmax: 'merges' (default) replays the learned merges as a BPE model, at BPE "
+                            "speed; 'min-tokens' is the minimum-token Unigram segmentation (a little fewer "
+                            "tokens, slower encoding)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     train.set_defaults(func=_train)
 
@@ -68,11 +72,12 @@ def _train(args: argparse.Namespace) -> int:
         if args.kind != "bpe":
             raise InputError("--superword applies to --kind bpe only")
         options["superword"] = True
-    for flag in ("max_token_chars", "max_token_words"):
+    for flag, option in (("max_token_chars", "max_token_chars"), ("max_token_words", "max_token_words"),
+                         ("lengthmax_encoder", "encoder")):
         if getattr(args, flag) is not None:
             if args.kind != "lengthmax":
                 raise InputError(f"--{flag.replace('_', '-')} applies to --kind lengthmax only")
-            options[flag] = getattr(args, flag)
+            options[option] = getattr(args, flag)
     tok = train_tokenizer(args.kind, args.input, args.vocab_size, output=args.output,
                           max_bytes=args.max_bytes, show_progress=True, **options)
     print(f"trained {tok.kind} tokenizer: vocab_size {tok.vocab_size} (padded {tok.padded_vocab_size()}) "

@@ -52,7 +52,8 @@ def evaluate_tokenizer(tok: Tokenizer, docs: Sequence[str], *, hidden_size: int 
                                         [np.zeros(0, dtype=np.int64)]), minlength=tok.vocab_size)
     padded = tok.padded_vocab_size()
     return {
-        "name": tok.name, "kind": tok.kind, "vocab_size": tok.vocab_size, "padded_vocab_size": padded,
+        "name": tok.name, "kind": tok.kind, "encoder": tok.metadata.get("encoder"),
+        "vocab_size": tok.vocab_size, "padded_vocab_size": padded,
         "tokens": int(n_tokens), "chars": n_chars, "bytes": n_bytes,
         "tokens_per_char": n_tokens / max(1, n_chars), "tokens_per_byte": n_tokens / max(1, n_bytes),
         "bytes_per_token": n_bytes / max(1, n_tokens),
@@ -129,7 +130,8 @@ def _markdown(rows: List[dict], inputs: Sequence[str], plots: List[str]) -> str:
     for r in rows:
         p = r["doc_length_percentiles"]
         lines.append(
-            f"| {r['name']} | {r['kind']} | {r['vocab_size']:,} | {r['tokens_per_char']:.4f} | "
+            f"| {r['name']} | {r['kind']}{' (' + r['encoder'] + ')' if r['encoder'] else ''} | {r['vocab_size']:,} | "
+            f"{r['tokens_per_char']:.4f} | "
             f"{100 * (r['tokens_per_char'] / base['tokens_per_char'] - 1):+.1f}% | {r['tokens_per_byte']:.4f} | "
             f"{r['bytes_per_token']:.2f} | {r['embedding_head_params'] / 1e6:.1f}M | "
             f"{100 * r['byte_fallback_rate']:.3f}% | {'yes' if r['roundtrip_exact'] else 'NO'} | "

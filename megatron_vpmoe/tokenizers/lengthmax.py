@@ -1,5 +1,5 @@
 """Length-MAX vocabulary builder (after Dong & Su, arXiv 2511.20849) and its export to a
-native ``tokenizers`` Unigram model that segments with the minimum number of tokens.
+native ``tokenizers`` model.
 
 The vocabulary is grown greedily by the length-weighted objective *frequency x length* of a
 candidate (the bytes it covers, i.e. what choosing it saves), not by frequency alone:
@@ -16,13 +16,20 @@ candidate (the bytes it covers, i.e. what choosing it saves), not by frequency a
    bigram of current tokens, so longer n-grams arise by merging merged tokens); after each
    merge only the pairs at the merged positions are recounted (numpy). Merged-away positions
    become tombstones in a linked array, compacted only now and then.
-3. **Pruning**: ``overshoot`` x the requested tokens are learned; those covering the most
-   bytes under the minimum-token segmentation of the training text are kept.
+
+Every learned token is the merge of two earlier ones, recorded in order. Two encoders:
+
+- ``merges`` (default): a ``tokenizers`` BPE model whose merge ranks are the learning order.
+  It replays on new text exactly the segmentation the training text ended with, and runs at
+  BPE speed (no per-word cache needed: no pre-tokenization regex).
+- ``min-tokens``: a ``tokenizers`` Unigram with (almost) uniform scores, whose Viterbi search
+  is the minimum-token segmentation (ties go to more frequent tokens). It compresses a little
+  more, and with it ``overshoot`` x the requested tokens are learned and those covering the
+  most bytes under that segmentation are kept (no merge graph to keep closed); its lattice
+  search is slower than the merges encoder.
 
 ``max_token_chars`` caps a token's UTF-8 bytes and ``max_token_words`` its words. All 256
-bytes are tokens (byte fallback: any UTF-8 input round-trips). The exported model is a
-``tokenizers`` Unigram with (almost) uniform scores over byte-level characters, whose Viterbi
-search is exactly the minimum-token segmentation; ties go to more frequent tokens.
+bytes are tokens (byte fallback: any UTF-8 input round-trips).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import heapq
 import math
 import re
 from collections import Counter
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -71,20 +78,32 @@ def _unit_words(raw: bytes) -> int:
 
 
 class _Vocab:
+    """Byte tokens, then learned tokens, each the merge of two earlier ones (``merges`` keeps
+    every rule in learning order; two rules may spell the same token, which is stored once)."""
+
     def __init__(self):
         self.pieces: List[bytes] = [bytes([b]) for b in range(256)]
         self.words: List[int] = [_unit_words(p) for p in self.pieces]
         self.counts: List[int] = [0] * 256
+        self.lengths: List[int] = [1] * 256
+        self.merges: Optional[List[Tuple[int, int]]] = []
+        self._ids: Dict[bytes, int] = {p: i for i, p in enumerate(self.pieces)}
 
-    def add(self, a: int, b: int, count: int) -> int:
+    def add(self, a: int, b: int) -> int:
+        """The token for merging ``a`` and ``b`` (an existing id if the bytes are known)."""
         piece = self.pieces[a] + self.pieces[b]
+        self.merges.append((a, b))
+        if piece in self._ids:
+            return self._ids[piece]
+        self._ids[piece] = len(self.pieces)
         self.pieces.append(piece)
         self.words.append(_unit_words(piece))
-        self.counts.append(count)
+        self.counts.append(0)
+        self.lengths.append(len(piece))
         return len(self.pieces) - 1
 
     def fits(self, a: int, b: int, max_chars: int, max_words: int | None) -> bool:
-        return (len(self.pieces[a]) + len(self.pieces[b]) <= max_chars
+        return (self.lengths[a] + self.lengths[b] <= max_chars
                 and (max_words is None or self.words[a] + self.words[b] <= max_words))
 
 
@@ -99,11 +118,11 @@ def _merge_within_units(vocab: _Vocab, unit_freq: Dict[str, int], budget: int, m
         for pair in zip(syms, syms[1:]):
             pair_count[pair] += freq[i]
             where.setdefault(pair, set()).add(i)
-    plen = [len(p) for p in vocab.pieces]
+    plen = vocab.lengths
     heap = [(-c * (plen[a] + plen[b]), a, b) for (a, b), c in pair_count.items()]
     heapq.heapify(heap)
-    done = 0
-    while done < budget and heap:
+    target = len(vocab.pieces) + budget
+    while len(vocab.pieces) < target and heap:
         neg, a, b = heapq.heappop(heap)
         count = pair_count.get((a, b), 0)
         if count < min_count:
@@ -114,8 +133,8 @@ def _merge_within_units(vocab: _Vocab, unit_freq: Dict[str, int], budget: int, m
             continue
         if not vocab.fits(a, b, max_chars, max_words):
             continue
-        new = vocab.add(a, b, count)
-        plen.append(plen[a] + plen[b])
+        before = len(vocab.pieces)
+        new = vocab.add(a, b)
         changed = set()
         for i in list(where.get((a, b), ())):
             syms, f = symbols[i], freq[i]
@@ -123,6 +142,7 @@ def _merge_within_units(vocab: _Vocab, unit_freq: Dict[str, int], budget: int, m
             while k < len(syms):
                 if k + 1 < len(syms) and syms[k] == a and syms[k + 1] == b:
                     out.append(new)
+                    vocab.counts[new] += f
                     k += 2
                 else:
                     out.append(syms[k])
@@ -142,8 +162,7 @@ def _merge_within_units(vocab: _Vocab, unit_freq: Dict[str, int], budget: int, m
             c = pair_count.get(pair, 0)
             if c >= min_count:
                 heapq.heappush(heap, (-c * (plen[pair[0]] + plen[pair[1]]), pair[0], pair[1]))
-        done += 1
-        progress.update(1)
+        progress.update(len(vocab.pieces) - before)
     return symbols
 
 
@@ -165,15 +184,15 @@ def _merge_across_units(vocab: _Vocab, seq: np.ndarray, budget: int, max_chars: 
     tombstones = 0
     keys, counts = np.unique(_pair_keys(seq, nxt, np.arange(n - 1)), return_counts=True)
     pair_count: Dict[int, int] = dict(zip(keys.tolist(), counts.tolist()))
-    plen = [len(p) for p in vocab.pieces]
+    plen = vocab.lengths
 
     def score(key: int, count: int) -> int:
         return count * (plen[key // PAIR_KEY] + plen[key % PAIR_KEY])
 
     heap = [(-score(k, c), k) for k, c in pair_count.items() if c >= min_count]
     heapq.heapify(heap)
-    done = 0
-    while done < budget and heap:
+    target = len(vocab.pieces) + budget
+    while len(vocab.pieces) < target and heap:
         neg, key = heapq.heappop(heap)
         count = pair_count.get(key, 0)
         if count < min_count:
@@ -200,8 +219,9 @@ def _merge_across_units(vocab: _Vocab, seq: np.ndarray, budget: int, max_chars: 
         if len(pos) == 0:
             pair_count.pop(key, None)
             continue
-        new = vocab.add(a, b, len(pos))
-        plen.append(plen[a] + plen[b])
+        before = len(vocab.pieces)
+        new = vocab.add(a, b)
+        vocab.counts[new] += len(pos)
         delta = Counter()
         old = np.unique(np.concatenate([prv[pos], pos, nb]))
         k, c = np.unique(_pair_keys(seq, nxt, old), return_counts=True)
@@ -231,8 +251,7 @@ def _merge_across_units(vocab: _Vocab, seq: np.ndarray, budget: int, max_chars: 
             nxt = np.minimum(np.arange(1, n + 1), n - 1)
             prv = np.maximum(np.arange(-1, n - 1), 0)
             tombstones = 0
-        done += 1
-        progress.update(1)
+        progress.update(len(vocab.pieces) - before)
 
 
 def _token_sequence(symbols: List[List[int]], occ: np.ndarray) -> np.ndarray:
@@ -285,7 +304,8 @@ def prune_by_usage(vocab: _Vocab, docs: Sequence[str], target: int, rounds: int 
                    sample_chars: int = 8_000_000) -> _Vocab:
     """Keep the ``target`` learned tokens that cover the most characters (usage x length) when
     the corpus is segmented with the minimum-token encoder; bytes are always kept. Each round
-    re-segments with the survivors (no merge graph to keep closed: the encoder is not BPE)."""
+    re-segments with the survivors. The result has no merge rules (only ``min-tokens`` can
+    encode with it)."""
     sample, total = [], 0
     for doc in docs:
         sample.append(doc[: sample_chars - total])
@@ -298,33 +318,50 @@ def prune_by_usage(vocab: _Vocab, docs: Sequence[str], target: int, rounds: int 
         keep_n = target if r == rounds - 1 else target + (learned - target) // 2
         if learned <= keep_n:
             break
-        backend = lengthmax_backend(vocab, with_specials=False)
+        backend = lengthmax_backend(vocab, encoder="min-tokens", with_specials=False)
         usage = np.zeros(len(vocab.pieces), dtype=np.int64)
         for enc in backend.encode_batch(lines, add_special_tokens=False):
             np.add.at(usage, enc.ids, 1)
-        covered = usage * np.array([len(p) for p in vocab.pieces])
+        covered = usage * np.array(vocab.lengths)
         order = np.argsort(-covered[256:], kind="stable")[:keep_n] + 256
-        kept = np.sort(order)
         pruned = _Vocab()
-        for i in kept.tolist():
+        for i in np.sort(order).tolist():
+            pruned._ids[vocab.pieces[i]] = len(pruned.pieces)
             pruned.pieces.append(vocab.pieces[i])
             pruned.words.append(vocab.words[i])
+            pruned.lengths.append(vocab.lengths[i])
             pruned.counts.append(int(usage[i]))
         pruned.counts[:256] = usage[:256].tolist()
+        pruned.merges = None  # the merge graph is not closed any more
         vocab = pruned
     return vocab
 
 
-def lengthmax_backend(vocab: _Vocab, with_specials: bool = True):
-    """The vocabulary as a ``tokenizers`` Unigram over byte-level characters: every token costs
-    1 (minimum-token Viterbi); a tiny frequency bonus breaks ties; specials appended."""
+ENCODERS = {"merges": "bpe-merges", "min-tokens": "unigram-min-tokens"}
+
+
+def lengthmax_backend(vocab: _Vocab, encoder: str = "merges", with_specials: bool = True):
+    """The vocabulary as a ``tokenizers`` model over byte-level characters, split only at blank
+    lines: a BPE replaying the learned merges in order (``merges``) or a Unigram where every
+    token costs 1 and a tiny frequency bonus breaks ties (``min-tokens``); specials appended."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RustTokenizer
 
-    top = max(vocab.counts) or 1
-    scores = [-1.0 + 1e-6 * math.log1p(c) / math.log1p(top) for c in vocab.counts]
-    pieces = [(bytes_to_piece(p), s) for p, s in zip(vocab.pieces, scores)]
-    backend = RustTokenizer(models.Unigram(pieces, unk_id=None, byte_fallback=False))
+    if encoder == "merges":
+        if vocab.merges is None:
+            raise InputError("lengthmax: a pruned vocabulary has no closed merge graph; encode it "
+                             "with encoder='min-tokens'")
+        model = models.BPE({bytes_to_piece(p): i for i, p in enumerate(vocab.pieces)},
+                           [(bytes_to_piece(vocab.pieces[a]), bytes_to_piece(vocab.pieces[b]))
+                            for a, b in vocab.merges])
+    elif encoder == "min-tokens":
+        top = max(vocab.counts) or 1
+        scores = [-1.0 + 1e-6 * math.log1p(c) / math.log1p(top) for c in vocab.counts]
+        model = models.Unigram([(bytes_to_piece(p), s) for p, s in zip(vocab.pieces, scores)],
+                               unk_id=None, byte_fallback=False)
+    else:
+        raise InputError(f"lengthmax: unknown encoder {encoder!r} (choose from {', '.join(ENCODERS)})")
+    backend = RustTokenizer(model)
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(SEGMENT_END), behavior="merged_with_previous"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -336,12 +373,22 @@ def lengthmax_backend(vocab: _Vocab, with_specials: bool = True):
 
 
 def train_lengthmax(docs: Sequence[str], vocab_size: int, *, show_progress: bool = False,
-                    name: str = "lengthmax", max_token_chars: int = DEFAULT_MAX_CHARS,
+                    name: str = "lengthmax", encoder: str = "merges", max_token_chars: int = DEFAULT_MAX_CHARS,
                     max_token_words: int = DEFAULT_MAX_WORDS, word_fraction: float = DEFAULT_WORD_FRACTION,
-                    min_count: int = 2, overshoot: float = 1.25, prune_rounds: int = 1) -> HFTokenizer:
+                    min_count: int = 2, overshoot: float | None = None, prune_rounds: int = 1) -> HFTokenizer:
+    """Train a Length-MAX tokenizer of ``vocab_size`` ids (bytes, learned tokens, specials).
+    ``overshoot`` (``min-tokens`` only, default 1.25) learns that many times the tokens and
+    prunes back by usage."""
     from megatron_vpmoe.tokenizers.train import MIN_STUDENT_VOCAB, check_vocab_size
 
     check_vocab_size("lengthmax", vocab_size, MIN_STUDENT_VOCAB)
+    if encoder not in ENCODERS:
+        raise InputError(f"lengthmax: unknown encoder {encoder!r} (choose from {', '.join(ENCODERS)})")
+    if overshoot is None:
+        overshoot = 1.25 if encoder == "min-tokens" else 1.0
+    if encoder == "merges" and overshoot != 1:
+        raise InputError("lengthmax: overshoot (learn more, prune back) needs encoder='min-tokens'; "
+                         "pruning would break the merges encoder's merge graph")
     n_learned = vocab_size - 256 - len(STUDENT_SPECIALS)
     vocab = build_lengthmax_vocab(docs, int(n_learned * overshoot),
                                   max_token_chars=max_token_chars, max_token_words=max_token_words,
@@ -350,7 +397,7 @@ def train_lengthmax(docs: Sequence[str], vocab_size: int, *, show_progress: bool
     if overshoot > 1:
         vocab = prune_by_usage(vocab, docs, n_learned, rounds=prune_rounds)
     multiword = sum(1 for w in vocab.words if w > 1)
-    return HFTokenizer("lengthmax", name, lengthmax_backend(vocab), {
+    return HFTokenizer("lengthmax", name, lengthmax_backend(vocab, encoder), {
         "max_token_chars": max_token_chars, "max_token_words": max_token_words,
         "word_fraction": word_fraction, "multiword_tokens": multiword,
-        "requested_vocab_size": vocab_size, "encoder": "unigram-min-tokens"})
+        "requested_vocab_size": vocab_size, "encoder": ENCODERS[encoder]})
