@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from megatron_vpmoe.data.shards import ShardWriter, token_dtype  # noqa: E402
+from megatron_vpmoe.data.shards import token_dtype  # noqa: E402
 from megatron_vpmoe.data.sources import iter_documents  # noqa: E402
 from megatron_vpmoe.tokenizers import load_tokenizer, train_tokenizer  # noqa: E402
 
@@ -53,15 +53,21 @@ def _encode_one(text):
 
 
 def peer(jsonl, tok_dir, prefix, workers):
+    import numpy
+
+    from megatron_vpmoe.utils.megatron_import import import_megatron
+
     tok = load_tokenizer(tok_dir)
-    writer = ShardWriter(prefix, token_dtype(tok.vocab_size))
+    dtype = token_dtype(tok.vocab_size)
+    builder = import_megatron("megatron.core.datasets.indexed_dataset").IndexedDatasetBuilder(
+        prefix + ".bin", dtype=dtype)
     texts = (d.fields["text"] for d in iter_documents([Path(jsonl)], ["text"]) if hasattr(d, "fields"))
     tokens = 0
     with mp.get_context("fork").Pool(workers, initializer=_init, initargs=(tok_dir,)) as pool:
         for ids in pool.imap(_encode_one, texts, 25):
-            writer.add(ids)
+            builder.add_document(numpy.array(ids, dtype=dtype), [len(ids)])
             tokens += len(ids)
-    writer.commit()
+    builder.finalize(prefix + ".idx")
     return tokens
 
 

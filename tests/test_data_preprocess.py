@@ -236,3 +236,58 @@ def test_merge_and_megatron_flags_tool(tmp_path, toks, shared_data):
                           str(tmp_path / "m_text_document"))
     assert result[str(tmp_path / "m_text_document")]["documents"] == 6
     assert _docs(str(tmp_path / "m_text_document"))[:3] == docs
+
+
+def test_shard_writer_matches_megatron_core_builder_byte_for_byte(tmp_path):
+    """The native .bin/.idx writer against megatron-core's IndexedDatasetBuilder, token and mask
+    dtypes, appended pieces and merged multi-sequence documents included."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from megatron_vpmoe.data.shards import ShardWriter
+
+    rng = numpy.random.default_rng(0)
+    for vocab in (600, 65_499, 65_500, 201_088):
+        assert token_dtype(vocab) == DType.optimal_dtype(vocab)
+    docs = [rng.integers(0, 60_000, size=n).tolist() for n in (1, 7, 300, 2, 0, 45)]
+    for dtype in (numpy.uint16, numpy.int32, numpy.uint8):
+        docs_d = [[x % 256 for x in d] if dtype == numpy.uint8 else d for d in docs]
+        ref = IndexedDatasetBuilder(str(tmp_path / f"ref{dtype.__name__}.bin"), dtype=dtype)
+        for d in docs_d:
+            ref.add_document(numpy.array(d, dtype=dtype), [len(d)])
+        ref.finalize(str(tmp_path / f"ref{dtype.__name__}.idx"))
+        # the same documents: two added, a piece of two appended from a raw file, two constant
+        piece = ShardWriter(str(tmp_path / f"piece{dtype.__name__}"), dtype)
+        for d in docs_d[2:4]:
+            piece.add(d)
+        piece_bin, piece_lengths = piece.finish_data()
+        ours = ShardWriter(str(tmp_path / f"ours{dtype.__name__}"), dtype)
+        for d in docs_d[:2]:
+            ours.add(d)
+        ours.append_data(piece_bin, piece_lengths)
+        ours.add(docs_d[4])
+        ours.add(docs_d[5])
+        ours.commit()
+        for ext in (".bin", ".idx"):
+            assert (tmp_path / f"ref{dtype.__name__}{ext}").read_bytes() == \
+                (tmp_path / f"ours{dtype.__name__}{ext}").read_bytes(), (dtype, ext)
+        assert _docs(str(tmp_path / f"ours{dtype.__name__}")) == docs_d
+    const = ShardWriter(str(tmp_path / "const"), numpy.uint8)
+    const.append_constant(3, [4, 0, 2])
+    const.commit()
+    assert _docs(str(tmp_path / "const")) == [[3] * 4, [], [3] * 2]
+    # a Megatron shard with several sequences per document merges with its document indices
+    multi = IndexedDatasetBuilder(str(tmp_path / "multi.bin"), dtype=numpy.uint16)
+    multi.add_document(numpy.array([1, 2, 3, 4, 5], dtype=numpy.uint16), [2, 3])
+    multi.add_document(numpy.array([6], dtype=numpy.uint16), [1])
+    multi.finalize(str(tmp_path / "multi.idx"))
+    ref = IndexedDatasetBuilder(str(tmp_path / "mref.bin"), dtype=numpy.uint16)
+    ref.add_document(numpy.array([9, 9], dtype=numpy.uint16), [2])
+    ref.add_index(str(tmp_path / "multi"))
+    ref.finalize(str(tmp_path / "mref.idx"))
+    ours = ShardWriter(str(tmp_path / "mours"), numpy.uint16)
+    ours.add([9, 9])
+    ours.merge(str(tmp_path / "multi"))
+    ours.commit()
+    assert ours.documents == 3 and ours.tokens == 8
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"mref{ext}").read_bytes() == (tmp_path / f"mours{ext}").read_bytes()

@@ -1,16 +1,24 @@
-"""Megatron indexed-dataset shards (.bin/.idx), written atomically with megatron-core's builder.
+"""Megatron indexed-dataset shards (.bin/.idx): written natively, read with megatron-core.
 
 Names follow Megatron-LM: ``{prefix}.{variant}_{key}_document`` for tokens and
 ``{prefix}.{variant}_{key}_lossmask_document`` (uint8 roles, aligned token for token) for
-chat fields. The format is megatron-core's own (:class:`IndexedDatasetBuilder`), so its
-``IndexedDataset``/``GPTDataset`` read these and this stack reads existing Megatron shards.
+chat fields. The format is megatron-core's ``MMIDIDX`` (what its ``IndexedDatasetBuilder``
+writes and its ``IndexedDataset``/``GPTDataset`` read; tests check the bytes are identical to
+the builder's). Writing needs only numpy: importing megatron-core pulls in torch and costs
+~5 s of CPU per run, a third of a 20 MB preprocessing job on 2 cores. Reading (:func:`read_shard`,
+:func:`read_index`, merging existing shards) goes through megatron-core.
 Files are written under ``.tmp`` names and renamed when complete (``.bin`` first, ``.idx``
-last), so an interrupted run never leaves a pair that looks valid.
+last), so an interrupted run never leaves a pair that looks valid. Worker processes write
+pieces of a dataset (:meth:`ShardSet.finish_piece`, ``.tmp`` files only) that the parent
+appends in input order (:meth:`ShardSet.append_piece`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import struct
+from array import array
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -20,6 +28,11 @@ from megatron_vpmoe.utils.errors import InputError
 from megatron_vpmoe.utils.megatron_import import import_megatron
 
 TMP_SUFFIX = ".tmp"
+INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron-core's _INDEX_HEADER, then version 1 (<Q)
+# megatron-core's DType codes (the byte after the version in every .idx)
+DTYPE_CODES = {numpy.uint8: 1, numpy.int8: 2, numpy.int16: 3, numpy.int32: 4, numpy.int64: 5,
+               numpy.float64: 6, numpy.float32: 7, numpy.uint16: 8}
+_COPY_BLOCK = 1 << 22  # elements per block when writing constant masks
 
 
 def _indexed_dataset_module():
@@ -47,25 +60,86 @@ def exists(prefix: str) -> bool:
 
 def token_dtype(vocab_size: int):
     """uint16 below 65,500 ids, else int32 (megatron-core's ``DType.optimal_dtype``)."""
-    return _indexed_dataset_module().DType.optimal_dtype(vocab_size)
+    return numpy.uint16 if vocab_size < 65500 else numpy.int32
+
+
+def write_index(path: str, dtype, sequence_lengths, document_indices) -> None:
+    """An ``MMIDIDX`` index: header, version 1, dtype code, sequence and document counts, then
+    int32 sequence lengths, int64 byte offsets of the sequences and int64 document indices."""
+    lengths = numpy.asarray(sequence_lengths, dtype=numpy.int32)
+    documents = numpy.asarray(document_indices, dtype=numpy.int64)
+    pointers = numpy.zeros(len(lengths), dtype=numpy.int64)
+    numpy.cumsum(lengths[:-1], dtype=numpy.int64, out=pointers[1:])
+    pointers *= numpy.dtype(dtype).itemsize
+    with open(path, "wb") as f:
+        f.write(INDEX_HEADER)
+        f.write(struct.pack("<Q", 1))
+        f.write(struct.pack("<B", DTYPE_CODES[numpy.dtype(dtype).type]))
+        f.write(struct.pack("<Q", len(lengths)))
+        f.write(struct.pack("<Q", len(documents)))
+        f.write(lengths.tobytes(order="C"))
+        f.write(pointers.tobytes(order="C"))
+        f.write(documents.tobytes(order="C"))
 
 
 class ShardWriter:
     """One indexed dataset written under temporary names; :meth:`commit` publishes it."""
 
     def __init__(self, prefix: str, dtype):
-        self.prefix, self.dtype = prefix, dtype
+        self.prefix, self.dtype = prefix, numpy.dtype(dtype).type
+        if self.dtype not in DTYPE_CODES:
+            raise ValueError(f"{prefix}: dtype {self.dtype.__name__} has no indexed-dataset code")
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
         self._tmp_bin = prefix + ".bin" + TMP_SUFFIX
         self._tmp_idx = prefix + ".idx" + TMP_SUFFIX
-        self.builder = _indexed_dataset_module().IndexedDatasetBuilder(self._tmp_bin, dtype=dtype)
+        self._file = open(self._tmp_bin, "wb")
+        self._lengths = array("q")  # one per sequence
+        self._document_indices = array("q", [0])  # sequence index after each document
         self.documents = 0
         self.tokens = 0
 
     def add(self, ids: Sequence[int]) -> None:
-        self.builder.add_document(numpy.asarray(ids, dtype=self.dtype), [len(ids)])
+        """One document of one sequence."""
+        data = numpy.asarray(ids, dtype=self.dtype)
+        self._file.write(data.tobytes(order="C"))
+        self._lengths.append(len(data))
+        self._document_indices.append(len(self._lengths))
         self.documents += 1
-        self.tokens += len(ids)
+        self.tokens += len(data)
+
+    def _extend_index(self, lengths: numpy.ndarray, document_indices: Optional[numpy.ndarray]) -> None:
+        offset = len(self._lengths)
+        self._lengths.frombytes(numpy.ascontiguousarray(lengths, dtype=numpy.int64).tobytes())
+        if document_indices is None:  # one sequence per document
+            ends = numpy.arange(offset + 1, offset + len(lengths) + 1, dtype=numpy.int64)
+        else:
+            ends = numpy.asarray(document_indices[1:], dtype=numpy.int64) + offset
+        self._document_indices.frombytes(ends.tobytes())
+        self.documents += len(ends)
+        self.tokens += int(numpy.sum(lengths, dtype=numpy.int64))
+
+    def append_data(self, bin_path: str, lengths, document_indices=None) -> None:
+        """Append the raw token file ``bin_path`` holding sequences of ``lengths`` (one document
+        each unless ``document_indices``, as in an ``.idx``, say otherwise)."""
+        lengths = numpy.asarray(lengths, dtype=numpy.int64)
+        expected = int(lengths.sum()) * numpy.dtype(self.dtype).itemsize
+        size = os.path.getsize(bin_path)
+        if size != expected:
+            raise InputError(f"{bin_path}: {size} bytes, its index says {expected}")
+        with open(bin_path, "rb") as src:
+            shutil.copyfileobj(src, self._file, 1 << 20)
+        self._extend_index(lengths, document_indices)
+
+    def append_constant(self, value: int, lengths) -> None:
+        """Append documents of ``lengths`` whose every element is ``value``."""
+        lengths = numpy.asarray(lengths, dtype=numpy.int64)
+        remaining = int(lengths.sum())
+        block = numpy.full(min(remaining, _COPY_BLOCK), value, dtype=self.dtype).tobytes()
+        while remaining > 0:
+            n = min(remaining, _COPY_BLOCK)
+            self._file.write(block[: n * numpy.dtype(self.dtype).itemsize])
+            remaining -= n
+        self._extend_index(lengths, None)
 
     def merge(self, other_prefix: str) -> None:
         """Append an existing shard (its dtype must match)."""
@@ -73,19 +147,25 @@ class ShardWriter:
         if index.dtype != self.dtype:
             raise InputError(f"{other_prefix}.idx: dtype {index.dtype.__name__} differs from "
                              f"{self.dtype.__name__} of the other shards")
-        self.documents += len(index.document_indices) - 1
-        self.tokens += int(index.sequence_lengths.sum())
+        lengths, documents = numpy.array(index.sequence_lengths), numpy.array(index.document_indices)
         del index
-        self.builder.add_index(other_prefix)
+        self.append_data(other_prefix + ".bin", lengths, documents)
+
+    def finish_data(self) -> tuple:
+        """Close the data file without publishing it: ``(temporary .bin path, lengths)``, for
+        :meth:`append_data` (pieces written by workers have one sequence per document)."""
+        self._file.close()
+        return self._tmp_bin, numpy.frombuffer(self._lengths, dtype=numpy.int64).copy()
 
     def commit(self) -> None:
-        self.builder.finalize(self._tmp_idx)
+        self._file.close()
+        write_index(self._tmp_idx, self.dtype, self._lengths, self._document_indices)
         os.replace(self._tmp_bin, self.prefix + ".bin")
         os.replace(self._tmp_idx, self.prefix + ".idx")
 
     def abort(self) -> None:
         try:
-            self.builder.data_file.close()
+            self._file.close()
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
         for path in (self._tmp_bin, self._tmp_idx):
@@ -106,13 +186,17 @@ class ShardSet:
         # a mask shard is opened at the first chat document of its field; until then only the
         # plain documents' lengths are kept (their masks are constant) and written on opening
         self.masks: Dict[tuple, Optional[ShardWriter]] = {}
-        self._plain_lengths: Dict[tuple, List[int]] = {}
-        for variant, vocab_size in variants.items():
-            for key in json_keys:
-                k = (variant, key)
-                self.tokens[k] = ShardWriter(token_prefix(prefix, variant, key), token_dtype(vocab_size))
-                self.masks[k] = None
-                self._plain_lengths[k] = []
+        self._plain_lengths: Dict[tuple, array] = {}
+        try:
+            for variant, vocab_size in variants.items():
+                for key in json_keys:
+                    k = (variant, key)
+                    self.masks[k] = None
+                    self._plain_lengths[k] = array("q")
+                    self.tokens[k] = ShardWriter(token_prefix(prefix, variant, key), token_dtype(vocab_size))
+        except BaseException:
+            self.abort()
+            raise
 
     @property
     def has_chat(self) -> Dict[tuple, bool]:
@@ -127,12 +211,13 @@ class ShardSet:
 
     def _open_mask(self, k: tuple) -> ShardWriter:
         if self.masks[k] is None:
+            from megatron_vpmoe.data.encode import ROLE_TEXT
+
             variant, key = k
             writer = ShardWriter(mask_prefix(self.prefix, variant, key), numpy.uint8)
-            for n in self._plain_lengths[k]:
-                writer.add(self._text_roles(n))
-            self._plain_lengths[k] = []
             self.masks[k] = writer
+            writer.append_constant(ROLE_TEXT, numpy.frombuffer(self._plain_lengths[k], dtype=numpy.int64))
+            self._plain_lengths[k] = array("q")
         return self.masks[k]
 
     def add(self, doc) -> None:
@@ -146,6 +231,33 @@ class ShardSet:
                 self.masks[k].add(self._text_roles(len(ids)))
             else:
                 self._plain_lengths[k].append(len(ids))
+
+    def finish_piece(self) -> Dict[tuple, dict]:
+        """Close a piece written by a worker without publishing it: per (variant, key), the
+        temporary token file, its lengths, and the mask file (None without chat documents)."""
+        out = {}
+        for k, writer in self.tokens.items():
+            bin_path, lengths = writer.finish_data()
+            mask = self.masks[k].finish_data()[0] if self.masks[k] is not None else None
+            out[k] = {"bin": bin_path, "lengths": lengths, "mask": mask}
+        return out
+
+    def append_piece(self, piece: Dict[tuple, dict]) -> None:
+        """Append a worker's piece (:meth:`finish_piece`) and delete its files."""
+        from megatron_vpmoe.data.encode import ROLE_TEXT
+
+        for k, part in piece.items():
+            lengths = part["lengths"]
+            self.tokens[k].append_data(part["bin"], lengths)
+            if part["mask"] is not None:
+                self._open_mask(k).append_data(part["mask"], lengths)
+            elif self.masks[k] is not None:
+                self.masks[k].append_constant(ROLE_TEXT, lengths)
+            else:
+                self._plain_lengths[k].frombytes(numpy.asarray(lengths, dtype=numpy.int64).tobytes())
+            for path in (part["bin"], part["mask"]):
+                if path is not None:
+                    os.remove(path)
 
     def commit(self, keep_masks: bool = False) -> List[str]:
         """Publish every shard; returns the prefixes written. ``keep_masks``: write the mask
