@@ -175,7 +175,9 @@ class HFTokenizer(Tokenizer):
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def _encode_plain(self, texts: List[str]) -> List[List[int]]:
-        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21): the same ids without character offsets, ~15% less CPU
+        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def encode_batch(self, texts: List[str]) -> List[List[int]]:
         return self._encode_plain(list(texts))
