@@ -3,7 +3,7 @@
 All pipelines read the same JSONL (the gutenberg_en blank-line documents) with the same
 byte-level BPE (a ``tokenizers`` directory that ``transformers.AutoTokenizer`` also loads) and
 the same worker count, and are timed end to end as the commands a user runs (process start
-included), best of 2 alternating runs:
+included), best of ``--trials`` (3) alternating runs:
 
 - ``megatron-lm``: Megatron-LM's ``tools/preprocess_data.py`` at the tag matching the installed
   megatron-core (``core_v0.16.1``), ``--tokenizer-type HuggingFaceTokenizer``, run from a
@@ -12,11 +12,14 @@ included), best of 2 alternating runs:
 - ``peer``: what that script does per document, written here (a ``multiprocessing.Pool`` maps
   encode over single documents, ``imap`` chunksize 25, the parent appends to megatron-core's
   ``IndexedDatasetBuilder``), for hosts without a Megatron-LM checkout.
-- ``ours``: ``vpmoe preprocess`` (batched ``encode_batch`` per worker task, bounded read-ahead).
+- ``ours``: ``vpmoe preprocess``: the JSONL is cut into byte ranges at line starts (8 per worker);
+  each worker process reads, parses, encodes (``encode_batch_fast``, one thread) and writes its
+  ranges' shard files itself, and the parent only appends them in input order and writes the
+  ``.idx`` (numpy only: no megatron-core/torch import, ~5 s of CPU in the other two).
 
 The ``.bin`` files are compared byte for byte. Writes ``benchmarks/results/preprocess.{json,md}``.
 
-    python benchmarks/preprocess.py [--mb 20] [--workers 2] [--megatron-lm DIR]
+    python benchmarks/preprocess.py [--mb 20] [--workers 2] [--trials 3] [--megatron-lm DIR]
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ def main() -> int:
     ap.add_argument("--mb", type=float, default=20.0, help="MB of gutenberg_en text to process")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--trials", type=int, default=3, help="alternating runs per pipeline; the best counts")
     ap.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"),
                     help="a Megatron-LM checkout at core_v0.16.1 (tools/preprocess_data.py), run as the peer")
     ap.add_argument("--_peer", nargs=4, metavar=("JSONL", "TOK", "PREFIX", "WORKERS"), help=argparse.SUPPRESS)
@@ -130,7 +134,8 @@ def main() -> int:
             outputs["megatron-lm"] = lambda pre: pre + "_text_document.bin"
             env["megatron-lm"] = dict(os.environ, PYTHONPATH=str(mlm))
         seconds = {name: [] for name in commands}
-        for trial in range(2):  # alternate, keep the best of each
+        load_before = os.getloadavg()[0]
+        for trial in range(args.trials):  # alternate, keep the best of each
             for name, command in commands.items():
                 seconds[name].append(_timed(command(str(tmp / f"{name}{trial}")), env[name]))
         ours_bin = Path(outputs["ours"](str(tmp / "ours0"))).read_bytes()
@@ -140,7 +145,9 @@ def main() -> int:
     best = {name: min(values) for name, values in seconds.items()}
     rate = {name: round(tokens / best[name]) for name in best}
     result = {"input_mb": round(size / 1e6, 2), "files": len(files), "workers": args.workers, "vocab": args.vocab,
-              "tokens": tokens, "seconds": seconds, "tokens_per_s": rate,
+              "trials": args.trials, "tokens": tokens, "seconds": seconds, "tokens_per_s": rate,
+              # other work on the host skews every pipeline (1-minute load averages around the timing)
+              "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
               "identical_bin_to_ours": identical,
               "megatron_lm": str(mlm) if mlm else "not run (no --megatron-lm checkout given)",
               "speedup_vs_megatron_lm": round(best["megatron-lm"] / best["ours"], 2) if mlm else None,
@@ -153,7 +160,7 @@ def main() -> int:
     lines = ["# Preprocessing throughput (`benchmarks/preprocess.py`)", "",
              f"{result['input_mb']} MB of gutenberg_en ({len(files)} files, blank-line documents as one JSONL), "
              f"byte-level BPE {args.vocab}, {args.workers} workers, 2 CPU cores; each pipeline timed end to end as "
-             "a command (process start included), best of 2 alternating runs.", "",
+             f"a command (process start included), best of {args.trials} alternating runs.", "",
              "| pipeline | seconds | tokens/s | .bin identical to ours |", "|---|---|---|---|"]
     for name in ("megatron-lm", "peer", "ours"):
         if name in best:

@@ -20,6 +20,7 @@ from megatron_vpmoe.cli import main
 from megatron_vpmoe.data.preprocess import PreprocessOptions, merge_shards, run_preprocess
 from megatron_vpmoe.data.shards import read_shard, token_dtype
 from megatron_vpmoe.tokenizers import load_tokenizer, train_tokenizer
+from megatron_vpmoe.utils.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,6 +237,140 @@ def test_merge_and_megatron_flags_tool(tmp_path, toks, shared_data):
                           str(tmp_path / "m_text_document"))
     assert result[str(tmp_path / "m_text_document")]["documents"] == 6
     assert _docs(str(tmp_path / "m_text_document"))[:3] == docs
+
+
+# ---- parallel pieces: workers read, encode and write byte ranges; the output is the serial one ----
+
+def _outputs(prefix):
+    """Every .bin/.idx of an output prefix, by suffix, as bytes."""
+    folder, stem = os.path.split(str(prefix))
+    return {name[len(stem):]: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))
+            if name.startswith(stem + ".") and name.endswith((".bin", ".idx"))}
+
+
+def _serial_and_pieces(tmp_path, inputs, toks, piece_bytes, **kw):
+    """The same inputs as one in-process piece (serial) and as many small pieces in 2 workers."""
+    serial = run_preprocess(_opts(inputs, tmp_path / "serial" / "s", toks, workers=1, piece_bytes=1 << 40, **kw))
+    pieces = run_preprocess(_opts(inputs, tmp_path / "pieces" / "s", toks, workers=2, piece_bytes=piece_bytes,
+                                  chunk_size=3, **kw))
+    a, b = _outputs(tmp_path / "serial" / "s"), _outputs(tmp_path / "pieces" / "s")
+    assert a and a.keys() == b.keys()
+    for name in a:
+        assert a[name] == b[name], name
+    for key in ("documents", "bytes", "skipped", "first_skipped", "tokens_per_variant", "shards"):
+        assert serial[key] == pieces[key], key
+    assert not list(tmp_path.rglob("*.tmp"))
+    return serial
+
+
+def test_split_file_cuts_at_line_starts_with_absolute_line_numbers(tmp_path):
+    from megatron_vpmoe.data.sources import plan_pieces, split_file
+
+    data = b"".join(b'{"text": "%s"}\n' % (b"x" * (5000 if i == 3 else i)) for i in range(40))
+    src = tmp_path / "a.jsonl"
+    src.write_bytes(data)
+    segments = split_file(src, 50)
+    assert 1 < len(segments) < 50  # targets inside the long line collapse into one boundary
+    assert segments[0].start == 0 and segments[-1].end == len(data)
+    for seg, nxt in zip(segments, segments[1:]):
+        assert seg.end == nxt.start and data[nxt.start - 1:nxt.start] == b"\n"
+        assert nxt.first_line == data[:nxt.start].count(b"\n") + 1
+    long_line = data.index(b"x" * 5000)
+    assert any(s.start <= long_line < s.end and s.end - s.start > 5000 for s in segments)
+    # text blocks: a piece starts only after a blank (or whitespace-only) line
+    text = b"a\nb\n\nc\n \t\nd\ne\nf\n\n\ng\n" * 20
+    (tmp_path / "t.txt").write_bytes(text)
+    for seg in split_file(tmp_path / "t.txt", 30, after_blank=True)[1:]:
+        assert text[:seg.start].split(b"\n")[-2].strip() == b""
+    # small files are grouped, compressed ones never split, empty files kept
+    (tmp_path / "e.jsonl").write_bytes(b"")
+    with gzip.open(tmp_path / "z.jsonl.gz", "wb") as f:
+        f.write(data)
+    pieces = plan_pieces([tmp_path / "e.jsonl", tmp_path / "t.txt", tmp_path / "z.jsonl.gz", src], 1000)
+    kinds = [[(s.path.name, s.end is None) for s in p.segments] for p in pieces]
+    # .txt without --txt-blocks and .gz are whole files, grouped while under the piece size
+    assert kinds[0] == [("e.jsonl", True), ("t.txt", True), ("z.jsonl.gz", True)]
+    assert all(k == [("a.jsonl", False)] for k in kinds[1:]) and len(kinds) == 4  # the long line: 3 pieces
+    assert [p.index for p in pieces] == list(range(len(pieces)))
+
+
+def test_byte_range_pieces_give_the_serial_output_jsonl(tmp_path, toks, shared_data):
+    text = (shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:40_000]
+    blocks = [b.strip("\n") for b in text.split("\n\n") if b.strip()]
+    lines = [json.dumps({"text": b}).encode() for b in blocks]
+    lines.insert(3, json.dumps({"text": "\n\n".join(blocks[:40])}).encode())  # one line over many pieces
+    bad_at = [len(lines) - 7, len(lines) - 2]  # bad records deep in later pieces (0-based)
+    lines[bad_at[0]] = b'{"text": broken'
+    lines[bad_at[1]] = b'{"text": "caf\xe9"}'
+    lines[10] = b"   "  # blank lines are not records
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"\n".join(lines))  # no newline at the end
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "tiny.jsonl").write_bytes(b'{"text": "hi"}\n')  # smaller than the piece count
+    inputs = [tmp_path / "tiny.jsonl", big, tmp_path / "empty.jsonl"]
+    summary = _serial_and_pieces(tmp_path, inputs, toks, piece_bytes=700)
+    assert summary["first_skipped"] == {"malformed_json": [f"{big}:{bad_at[0] + 1}"],
+                                        "invalid_utf8": [f"{big}:{bad_at[1] + 1}"]}
+    assert summary["bytes"] == sum(os.path.getsize(p) for p in inputs)
+    # independently of the serial run: each record is its text's ids + EOD, in input order
+    tok = load_tokenizer(toks["bpe600"])
+    want = ["hi"] + [json.loads(line)["text"] for i, line in enumerate(lines) if i not in bad_at and line.strip()]
+    docs = _docs(str(tmp_path / "pieces" / "s.bpe600_text_document"))
+    assert [tok.decode(d[:-1]) for d in docs] == want and {d[-1] for d in docs} == {tok.eod_id}
+
+
+def test_byte_range_pieces_give_the_serial_output_txt_blocks(tmp_path, toks, shared_data):
+    text = (shared_data / "corpora" / "tinyshakespeare.txt").read_bytes()[:30_000]
+    text = text.replace(b"\n\n", b"\n  \t\n", 20).replace(b"\n\n", b"\r\n\r\n", 10)  # blank-ish lines
+    bad = text.index(b"\n\n", 25_000) + 2  # an invalid-UTF-8 block in a later piece
+    text = text[:bad] + b"caf\xe9 au lait\n" + text[bad:]
+    src = tmp_path / "play.txt"
+    src.write_bytes(text + b"\n\n\nlast block, no newline")
+    summary = _serial_and_pieces(tmp_path, [src], toks, piece_bytes=500, txt_blocks=True)
+    bad_line = text[:bad].count(b"\n") + 1
+    assert summary["first_skipped"] == {"invalid_utf8": [f"{src}:{bad_line}"]}
+    tok = load_tokenizer(toks["bpe600"])
+    docs = _docs(str(tmp_path / "pieces" / "s.bpe600_text_document"))
+    assert tok.decode(docs[-1][:-1]) == "last block, no newline" and len(docs) == summary["documents"] > 100
+
+
+def test_chat_loss_masks_from_pieces_match_the_serial_run(tmp_path, toks):
+    chat = {"messages": [{"role": "user", "content": "Hi?"},
+                         {"role": "assistant", "thinking": "Greet back.", "content": "Hello."}]}
+    plain = [{"messages": f"Plain document number {i}, " + "words " * (i % 7)} for i in range(60)]
+    # plain pieces before the first chat (the parent back-fills their masks), chat in the middle,
+    # plain pieces after it, and a bad chat record
+    records = plain[:30] + [chat] + plain[30:45] + [{"messages": [{"role": "bogus"}]}] + plain[45:] + [chat]
+    src = tmp_path / "mixed.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    plain_only = tmp_path / "plain_only.jsonl"  # a field without chat: no mask dataset at all
+    plain_only.write_text("".join(json.dumps(r) + "\n" for r in plain))
+    summary = _serial_and_pieces(tmp_path, [src], toks, piece_bytes=200, json_keys=["messages"])
+    assert summary["shards"]["bpe600/messages"]["loss_mask"] and summary["documents"] == len(records) - 1
+    assert list(summary["skipped"]) == ["bad_chat (unsupported role 'bogus' (system, developer, user, assistant))"]
+    roles = _docs(str(tmp_path / "pieces" / "s.bpe600_messages_lossmask_document"))
+    assert set(roles[0]) == {3} and 2 in roles[30] and set(roles[31]) == {3} and 1 in roles[-1]
+    out = _serial_and_pieces(tmp_path / "p", [plain_only], toks, piece_bytes=200, json_keys=["messages"])
+    assert not out["shards"]["bpe600/messages"]["loss_mask"]
+    assert not list((tmp_path / "p" / "pieces").glob("*lossmask*"))
+
+
+def test_strict_from_a_worker_names_the_first_bad_record_and_publishes_nothing(tmp_path, toks, capsys):
+    lines = [json.dumps({"text": f"record {i} " + "and more " * 20}) for i in range(200)]
+    lines[150] = '{"other": 1}'  # the first bad record, in a later piece
+    lines[190] = '{"text": broken'
+    src = tmp_path / "s.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=re.escape(f"{src}:151: missing key (--strict)")):
+        run_preprocess(_opts([src], tmp_path / "out" / "s", toks, workers=2, piece_bytes=500, strict=True))
+    assert not list((tmp_path / "out").iterdir())
+    # progress from the workers' counters reaches every document and byte (log lines without a bar)
+    lines[150] = lines[190] = lines[0]
+    src.write_text("\n".join(lines) + "\n")
+    summary = run_preprocess(_opts([src], tmp_path / "ok" / "s", {"bpe600": toks["bpe600"]}, workers=2,
+                                   piece_bytes=500, log_interval=1))
+    assert f"preprocess: {len(lines)} documents" in capsys.readouterr().out
+    assert summary["bytes"] == os.path.getsize(src)
 
 
 def test_shard_writer_matches_megatron_core_builder_byte_for_byte(tmp_path):

@@ -24,12 +24,13 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser, *, required: bool,
                         help="end every document with the tokenizer's EOD id "
                              f"(default: {'on' if append_eod else 'off'})")
     parser.add_argument("--workers", type=int, default=1,
-                        help="tokenizer processes, one thread each (default 1: encode in this process "
-                             "with the tokenizer's own threads)")
+                        help="worker processes that each read, tokenize (one thread) and write pieces "
+                             "of the input (default 1: all in this process, the tokenizer using its own "
+                             "threads)")
     parser.add_argument("--partitions", type=int, default=1,
                         help="split the input files into N groups written separately and merged; "
                              "a re-run skips finished groups (resume)")
-    parser.add_argument("--chunk-size", type=int, default=64, help="documents per worker task")
+    parser.add_argument("--chunk-size", type=int, default=64, help="documents per tokenizer batch")
     parser.add_argument("--txt-blocks", action="store_true",
                         help=".txt inputs: one document per blank-line-separated block (default: per file)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")

@@ -8,12 +8,12 @@ adds the tokenizer's end-of-document id (role 0 in chat documents: the model is 
 predict EOD after an assistant turn that already ends in ``<|return|>``; plain text: EOD is
 an ordinary target as in Megatron).
 
-The encoder is built once per worker process from tokenizer directories (cheap to pickle).
+One encoder is built in the parent from the tokenizer directories; forked worker processes
+(:mod:`preprocess`) inherit it.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -78,9 +78,10 @@ class DocumentEncoder:
             for key, docs in plain.items():
                 docs = [(i, t) for i, t in docs if isinstance(out[i], EncodedDocument)]
                 for (i, _), ids in zip(docs, tok.encode_batch([t for _, t in docs]) if docs else []):
+                    ids = list(ids)  # one copy: the tokenizer's list is not ours to extend
                     if self.append_eod:
-                        ids = list(ids) + [tok.eod_id]
-                    out[i].ids[(name, key)] = list(ids)
+                        ids.append(tok.eod_id)
+                    out[i].ids[(name, key)] = ids
                     out[i].roles[(name, key)] = None
             self._encode_chats(name, tok, [(i, k, s) for i, k, s in chats if isinstance(out[i], EncodedDocument)],
                                out)
@@ -111,22 +112,3 @@ class DocumentEncoder:
                 roles.append(ROLE_NONE)
             out[i].ids[(name, key)] = ids
             out[i].roles[(name, key)] = roles
-
-
-_WORKER: Optional[DocumentEncoder] = None
-
-
-def init_worker(tokenizer_dirs: Dict[str, str], json_keys: Sequence[str], append_eod: bool) -> None:
-    """Pool initializer: one encoder per worker process."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-    # one process per worker already: the Rust tokenizers' own thread pool in every worker
-    # would oversubscribe the cores (measured ~10% slower on 2 cores with 2 workers)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    global _WORKER
-    _WORKER = DocumentEncoder(tokenizer_dirs, json_keys, append_eod)
-
-
-def encode_in_worker(items):
-    return _WORKER.encode_batch(items)

@@ -1,31 +1,40 @@
 """``vpmoe preprocess``: one pass over the inputs -> one shard set per tokenizer variant.
 
-Records stream from :mod:`sources` in chunks to worker processes (:mod:`encode`), come back in
-input order and are appended to the shards (:mod:`shards`). At most ``2 x workers`` chunks are
-in flight, so memory stays bounded whatever the input size. Bad records are skipped and
-counted by reason with their first positions (``--strict`` makes the first one fatal). With
-``--partitions N`` the input files are split into N groups written as separate shard sets and
-merged at the end; a re-run skips the partitions already written, so a long job resumes.
+The inputs are cut into ordered pieces (:func:`sources.plan_pieces`: byte ranges of large
+JSONL/text files aligned to record starts, small files grouped, compressed and parquet files
+whole), several per worker for load balance. Each worker process reads, parses, encodes
+(:mod:`encode`) and writes its piece to temporary shard files of its own (:mod:`shards`) and
+returns only their lengths and its tally; the parent appends the pieces in input order, so
+the output is the one a serial pass writes, and meanwhile shows progress from counters the
+workers update. ``--workers 1`` runs the same code in this process (the tokenizer then uses its
+own threads). Memory stays bounded: a worker holds one chunk of documents, the parent one
+length per document. Bad records are skipped and counted by reason with their first
+positions (``file:line``, absolute within the file); ``--strict`` makes the first one fatal.
+With ``--partitions N`` the input files are split into N groups written as separate shard sets
+and merged at the end; a re-run skips the partitions already written, so a long job resumes.
 The final summary is printed and saved as ``{prefix}.summary.json``.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Sequence
 
 from megatron_vpmoe.data import shards
-from megatron_vpmoe.data.encode import DocumentEncoder, EncodedDocument, encode_in_worker, init_worker
-from megatron_vpmoe.data.sources import Skipped, expand_inputs, iter_documents, total_bytes
+from megatron_vpmoe.data.encode import DocumentEncoder, EncodedDocument
+from megatron_vpmoe.data.sources import Piece, Skipped, expand_inputs, iter_piece, plan_pieces, total_bytes
 from megatron_vpmoe.utils.atomic import atomic_write_text
 from megatron_vpmoe.utils.errors import InputError
 
 FIRST_POSITIONS = 5
+PIECES_PER_WORKER = 8  # load balance: the last pieces finish close together
+MIN_PIECE_BYTES = 256 << 10
+MAX_PIECE_BYTES = 64 << 20  # bounds a piece's temporary files and the latency of --strict
 
 
 @dataclass
@@ -43,6 +52,7 @@ class PreprocessOptions:
     log_interval: int = 0  # documents between log lines when there is no progress bar
     progress: bool = True
     overwrite: bool = False
+    piece_bytes: int = 0  # input bytes per worker piece; 0: chosen from the input size and workers
 
 
 @dataclass
@@ -93,16 +103,82 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _ordered_bounded(pool, chunks: Iterator[list], in_flight: int) -> Iterator[list]:
-    """``pool.imap`` in order, but reading ahead at most ``in_flight`` chunks (imap would read
-    the whole input into its task queue)."""
-    pending: collections.deque = collections.deque()
-    for chunk in chunks:
-        pending.append(pool.apply_async(encode_in_worker, (chunk,)))
-        if len(pending) >= in_flight:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+def write_piece(piece: Piece, shard_set: shards.ShardSet, encoder: DocumentEncoder, json_keys: Sequence[str],
+                txt_blocks: bool, chunk_size: int, strict: bool, report: Callable[[int, int], None]) -> dict:
+    """Read, encode and append one piece's records to ``shard_set``; returns the piece's tally.
+    ``report(documents, bytes)`` is called per chunk; the bytes reported add up to the piece's."""
+    tally = Tally()
+    left = piece.nbytes
+    for chunk in _chunks(iter_piece(piece, json_keys, txt_blocks=txt_blocks), chunk_size):
+        nbytes = 0
+        for doc in encoder.encode_batch(chunk):
+            nbytes += doc.nbytes
+            if isinstance(doc, Skipped):
+                if strict:
+                    raise InputError(f"{doc.where}: {doc.reason.replace('_', ' ')} (--strict)")
+                tally.skip(doc)
+                continue
+            assert isinstance(doc, EncodedDocument)
+            shard_set.add(doc)
+            tally.documents += 1
+        nbytes = min(nbytes, left)  # compressed/parquet sizes are estimates
+        left -= nbytes
+        report(len(chunk), nbytes)
+    report(0, left)
+    tally.bytes = piece.nbytes
+    return asdict(tally)
+
+
+# ---- worker processes ----------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(encoder: DocumentEncoder, config: dict, counters) -> None:
+    """Pool initializer (fork: the parent's encoder is inherited, not reloaded)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    _die_with_parent()
+    # one process per worker already: the Rust tokenizers' own thread pool in every worker
+    # would oversubscribe the cores (measured ~10% slower on 2 cores with 2 workers)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(encoder=encoder, counters=counters, **config)
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGKILL when the parent dies (even by SIGKILL), instead of writing
+    piece files no one will collect."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _report_shared(docs: int, nbytes: int) -> None:
+    counters = _WORKER["counters"]
+    with counters.get_lock():
+        counters[0] += docs
+        counters[1] += nbytes
+
+
+def _piece_in_worker(task) -> dict:
+    """Write one piece to temporary shards named after it; return their files and the tally."""
+    prefix, piece = task
+    w = _WORKER
+    shard_set = shards.ShardSet(f"{prefix}.piece{piece.index:06d}", w["vocab"], w["json_keys"])
+    try:
+        tally = write_piece(piece, shard_set, w["encoder"], w["json_keys"], w["txt_blocks"], w["chunk_size"],
+                            w["strict"], _report_shared)
+        return {"tally": tally, "files": shard_set.finish_piece()}
+    except BaseException:
+        shard_set.abort()
+        raise
 
 
 class _Progress:
@@ -135,36 +211,83 @@ class _Progress:
             self.bar.close()
 
 
-def _write_partition(files: List[Path], prefix: str, opts: PreprocessOptions, vocab: Dict[str, int],
-                     pool, encoder: Optional[DocumentEncoder], progress: _Progress, keep_masks: bool) -> dict:
-    shard_set = shards.ShardSet(prefix, vocab, opts.json_keys)
-    tally = Tally()
-    try:
-        chunks = _chunks(iter_documents(files, opts.json_keys, txt_blocks=opts.txt_blocks), opts.chunk_size)
-        results = (_ordered_bounded(pool, chunks, 2 * opts.workers) if pool is not None
-                   else (encoder.encode_batch(c) for c in chunks))
-        for encoded in results:
-            nbytes = 0
-            for doc in encoded:
-                nbytes += doc.nbytes
-                if isinstance(doc, Skipped):
-                    if opts.strict:
-                        raise InputError(f"{doc.where}: {doc.reason.replace('_', ' ')} (--strict)")
-                    tally.skip(doc)
-                    continue
-                assert isinstance(doc, EncodedDocument)
-                shard_set.add(doc)
-                tally.documents += 1
-            tally.bytes += nbytes
-            progress.update(len(encoded), nbytes)
-        stats = shard_set.stats()
-        shard_set.commit(keep_masks=keep_masks)
-    except BaseException:
-        shard_set.abort()
-        raise
-    out = asdict(tally)
-    out["shards"] = {f"{v}/{k}": s for (v, k), s in stats.items()}
-    return out
+class _Runner:
+    """Runs pieces in worker processes (or in this process for one worker)."""
+
+    def __init__(self, opts: PreprocessOptions, encoder: DocumentEncoder, vocab: Dict[str, int],
+                 progress: _Progress):
+        self.opts, self.encoder, self.vocab, self.progress = opts, encoder, vocab, progress
+        self.pool = self.counters = None
+        self._seen = (0, 0)
+
+    def _pool(self):
+        import multiprocessing as mp
+
+        if self.pool is None:
+            ctx = mp.get_context("spawn" if os.name != "posix" else "fork")
+            self.counters = ctx.Array("q", 2)
+            self._seen = (0, 0)
+            config = {"vocab": self.vocab, "json_keys": list(self.opts.json_keys),
+                      "txt_blocks": self.opts.txt_blocks, "chunk_size": self.opts.chunk_size,
+                      "strict": self.opts.strict}
+            self.pool = ctx.Pool(self.opts.workers, initializer=_init_worker,
+                                 initargs=(self.encoder, config, self.counters))
+        return self.pool
+
+    def _poll(self) -> None:
+        with self.counters.get_lock():
+            docs, nbytes = self.counters[0], self.counters[1]
+        self.progress.update(docs - self._seen[0], nbytes - self._seen[1])
+        self._seen = (docs, nbytes)
+
+    def write(self, pieces: List[Piece], prefix: str, keep_masks: bool) -> dict:
+        """All pieces into the shard set ``prefix``, committed; returns the tally and shard stats."""
+        opts = self.opts
+        shard_set = shards.ShardSet(prefix, self.vocab, opts.json_keys)
+        tally = Tally()
+        try:
+            if opts.workers == 1:
+                for piece in pieces:
+                    tally.add(write_piece(piece, shard_set, self.encoder, opts.json_keys, opts.txt_blocks,
+                                          opts.chunk_size, opts.strict, self.progress.update))
+            else:
+                import multiprocessing as mp
+
+                # in input order, one piece a task; pieces are small records, so queueing all is fine
+                results = self._pool().imap(_piece_in_worker, [(prefix, p) for p in pieces])
+                while True:
+                    try:
+                        result = results.next(timeout=0.25)
+                    except mp.TimeoutError:
+                        self._poll()
+                        continue
+                    except StopIteration:
+                        break
+                    shard_set.append_piece(result["files"])
+                    tally.add(result["tally"])
+                    self._poll()
+            stats = shard_set.stats()
+            shard_set.commit(keep_masks=keep_masks)
+        except BaseException:
+            self.close()  # no worker writes any more
+            shard_set.abort()
+            shards.remove_stale_temporaries(prefix)  # the pieces' files
+            raise
+        out = asdict(tally)
+        out["shards"] = {f"{v}/{k}": s for (v, k), s in stats.items()}
+        return out
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+def _piece_bytes(opts: PreprocessOptions, size: int) -> int:
+    if opts.piece_bytes:
+        return opts.piece_bytes
+    return max(MIN_PIECE_BYTES, min(MAX_PIECE_BYTES, size // (opts.workers * PIECES_PER_WORKER) + 1))
 
 
 def _split_files(files: List[Path], partitions: int) -> List[List[Path]]:
@@ -185,9 +308,8 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
     if opts.workers < 1 or opts.partitions < 1 or opts.chunk_size < 1:
         raise InputError("--workers, --partitions and --chunk-size must be >= 1")
     files = expand_inputs(opts.inputs)
-    from megatron_vpmoe.tokenizers import load_tokenizer
-
-    vocab = {name: load_tokenizer(path).vocab_size for name, path in opts.tokenizers.items()}
+    encoder = DocumentEncoder(opts.tokenizers, opts.json_keys, opts.append_eod)
+    vocab = {name: tok.vocab_size for name, tok in encoder.tokenizers.items()}
     prefix = opts.output_prefix
     finals = [shards.token_prefix(prefix, v, k) for v in vocab for k in opts.json_keys]
     summary_path = Path(prefix + ".summary.json")
@@ -201,19 +323,13 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
     groups = [g for g in groups if g]
     start = time.perf_counter()
     progress = _Progress(total_bytes(files), opts.progress, opts.log_interval)
-    pool = encoder = None
-    if opts.workers > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("spawn" if os.name != "posix" else "fork").Pool(
-            opts.workers, initializer=init_worker, initargs=(opts.tokenizers, opts.json_keys, opts.append_eod))
-    else:
-        encoder = DocumentEncoder(opts.tokenizers, opts.json_keys, opts.append_eod)
+    runner = _Runner(opts, encoder, vocab, progress)
     tally = Tally()
     part_stats: List[dict] = []
     try:
-        if len(groups) == 1:
-            part_stats.append(_write_partition(groups[0], prefix, opts, vocab, pool, encoder, progress, False))
+        if len(groups) <= 1:
+            pieces = plan_pieces(files, _piece_bytes(opts, total_bytes(files)), txt_blocks=opts.txt_blocks)
+            part_stats.append(runner.write(pieces, prefix, False))
         else:
             for i, group in enumerate(groups):
                 part = f"{prefix}_part{i:03d}of{len(groups):03d}"
@@ -225,16 +341,15 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
                     progress.update(stats["documents"], sum(f.stat().st_size for f in group))
                 else:
                     shards.remove_stale_temporaries(part)
-                    stats = _write_partition(group, part, opts, vocab, pool, encoder, progress, True)
+                    pieces = plan_pieces(group, _piece_bytes(opts, total_bytes(group)), txt_blocks=opts.txt_blocks)
+                    stats = runner.write(pieces, part, True)
                     atomic_write_text(part_summary, json.dumps(stats))
                 part_stats.append(stats)
             _merge_partitions(prefix, [f"{prefix}_part{i:03d}of{len(groups):03d}" for i in range(len(groups))],
                               part_stats, vocab, opts.json_keys)
     finally:
         progress.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        runner.close()
     for stats in part_stats:
         tally.add(stats)
     seconds = time.perf_counter() - start
