@@ -25,7 +25,9 @@ from typing import List, Optional
 
 from megatron_vpmoe.utils.errors import InputError
 
-ROLE_NONE, ROLE_REASONING, ROLE_FINAL = 0, 1, 2
+# loss-mask roles, one uint8 per token in a field's mask dataset (the trainer's loss reads them);
+# ROLE_TEXT marks plain-text documents' tokens in a field that also holds chats
+ROLE_NONE, ROLE_REASONING, ROLE_FINAL, ROLE_TEXT = 0, 1, 2, 3
 START, CHANNEL, MESSAGE, CONSTRAIN = "<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"
 END, RETURN, CALL = "<|end|>", "<|return|>", "<|call|>"
 CLOSERS = (END, RETURN, CALL)

@@ -23,11 +23,11 @@ from typing import Optional, Sequence, Tuple
 import numpy
 import torch
 
+from megatron_vpmoe.data.chat import ROLE_TEXT
 from megatron_vpmoe.data.shards import exists, mask_prefix_of
 from megatron_vpmoe.utils.errors import InputError
 from megatron_vpmoe.utils.megatron_import import import_megatron
 
-ROLE_TEXT = 3
 
 
 class _TokenizerInfo:

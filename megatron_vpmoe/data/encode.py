@@ -21,7 +21,6 @@ from megatron_vpmoe.data.chat import ROLE_NONE, Segment, is_harmony_text, render
 from megatron_vpmoe.data.sources import Document, Skipped
 from megatron_vpmoe.utils.errors import InputError
 
-ROLE_TEXT = 3  # plain-text documents' tokens in a mixed field's loss-mask dataset
 
 
 @dataclass

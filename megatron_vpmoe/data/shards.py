@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy
 
+from megatron_vpmoe.data.chat import ROLE_TEXT
 from megatron_vpmoe.utils.errors import InputError
 from megatron_vpmoe.utils.megatron_import import import_megatron
 
@@ -202,17 +203,8 @@ class ShardSet:
     def has_chat(self) -> Dict[tuple, bool]:
         return {k: w is not None for k, w in self.masks.items()}
 
-    @staticmethod
-    def _text_roles(n: int) -> numpy.ndarray:
-        """The mask of a plain document of ``n`` tokens: role 3 (text) everywhere."""
-        from megatron_vpmoe.data.encode import ROLE_TEXT
-
-        return numpy.full(n, ROLE_TEXT, dtype=numpy.uint8)
-
     def _open_mask(self, k: tuple) -> ShardWriter:
         if self.masks[k] is None:
-            from megatron_vpmoe.data.encode import ROLE_TEXT
-
             variant, key = k
             writer = ShardWriter(mask_prefix(self.prefix, variant, key), numpy.uint8)
             self.masks[k] = writer
@@ -227,8 +219,8 @@ class ShardSet:
             roles = doc.roles[k]
             if roles is not None:
                 self._open_mask(k).add(roles)
-            elif self.masks[k] is not None:
-                self.masks[k].add(self._text_roles(len(ids)))
+            elif self.masks[k] is not None:  # one document: cheaper than append_constant
+                self.masks[k].add(numpy.full(len(ids), ROLE_TEXT, dtype=numpy.uint8))
             else:
                 self._plain_lengths[k].append(len(ids))
 
@@ -244,8 +236,6 @@ class ShardSet:
 
     def append_piece(self, piece: Dict[tuple, dict]) -> None:
         """Append a worker's piece (:meth:`finish_piece`) and delete its files."""
-        from megatron_vpmoe.data.encode import ROLE_TEXT
-
         for k, part in piece.items():
             lengths = part["lengths"]
             self.tokens[k].append_data(part["bin"], lengths)

@@ -95,10 +95,14 @@ class _Vocab:
         self.merges.append((a, b))
         if piece in self._ids:
             return self._ids[piece]
+        return self.append(piece, _unit_words(piece), 0)
+
+    def append(self, piece: bytes, words: int, count: int) -> int:
+        """A new token (no merge rule recorded); returns its id."""
         self._ids[piece] = len(self.pieces)
         self.pieces.append(piece)
-        self.words.append(_unit_words(piece))
-        self.counts.append(0)
+        self.words.append(words)
+        self.counts.append(count)
         self.lengths.append(len(piece))
         return len(self.pieces) - 1
 
@@ -326,11 +330,7 @@ def prune_by_usage(vocab: _Vocab, docs: Sequence[str], target: int, rounds: int 
         order = np.argsort(-covered[256:], kind="stable")[:keep_n] + 256
         pruned = _Vocab()
         for i in np.sort(order).tolist():
-            pruned._ids[vocab.pieces[i]] = len(pruned.pieces)
-            pruned.pieces.append(vocab.pieces[i])
-            pruned.words.append(vocab.words[i])
-            pruned.lengths.append(vocab.lengths[i])
-            pruned.counts.append(int(usage[i]))
+            pruned.append(vocab.pieces[i], vocab.words[i], int(usage[i]))
         pruned.counts[:256] = usage[:256].tolist()
         pruned.merges = None  # the merge graph is not closed any more
         vocab = pruned

@@ -31,7 +31,8 @@ from typing import Optional
 
 import torch
 
-ROLE_NONE, ROLE_REASONING, ROLE_FINAL, ROLE_TEXT = 0, 1, 2, 3
+from megatron_vpmoe.data.chat import ROLE_FINAL, ROLE_NONE, ROLE_REASONING, ROLE_TEXT
+
 NUM_ROLES = 4
 ROLE_NAMES = {ROLE_REASONING: "reasoning", ROLE_FINAL: "final", ROLE_TEXT: "text"}
 
