@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from kernels import ops
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model.layers import MLP, LinearSpec, activation_fn
+from megatron_vpmoe.model.recompute import is_recomputing, recomputed
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -87,9 +88,10 @@ class Router(nn.Module):
             logits, bias, cfg.moe_router_topk, cfg.moe_router_num_groups,
             cfg.moe_router_group_topk, cfg.moe_router_topk_scaling_factor,
             cfg.moe_router_score_function)
-        with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(
-                indices.reshape(-1), minlength=cfg.num_moe_experts).float()
+        if not is_recomputing():  # a recompute replays a forward already counted
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(
+                    indices.reshape(-1), minlength=cfg.num_moe_experts).float()
         return weights, indices, scores
 
     @torch.no_grad()
@@ -127,8 +129,15 @@ class GroupedExperts(nn.Module):
     def _bias_rows(self, bias: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         return bias.repeat_interleave(tokens_per_expert.to(torch.long), dim=0)
 
+    recompute = False  # selective recompute: the experts' MLP is recomputed in backward
+
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """``x [N, H]`` sorted by local expert, ``tokens_per_expert [E_local]`` -> ``[N, H]``."""
+        if self.recompute and torch.is_grad_enabled():
+            return recomputed(self._mlp, x, tokens_per_expert)
+        return self._mlp(x, tokens_per_expert)
+
+    def _mlp(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         hidden = grouped_matmul(x, self.fc1_weight.to(x.dtype), tokens_per_expert)
         if self.params_with_bias:
             hidden = hidden + self._bias_rows(self.fc1_bias, tokens_per_expert).to(x.dtype)
