@@ -5,6 +5,7 @@ master weights and gradients), expert-group padding, and the bf16 loss curve aga
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,27 +17,16 @@ from megatron_vpmoe.config.schema import ModelConfig, ParallelConfig
 from megatron_vpmoe.model import VpmoeModel
 from megatron_vpmoe.model import moe as moe_mod
 from megatron_vpmoe.model.moe import GroupedExperts, pad_expert_groups
+from test_parallel import global_batch as batch
+from test_parallel import tiny_cfg as parallel_cfg
 
 BF16 = torch.bfloat16
 
 
 def tiny_cfg(**over) -> ModelConfig:
-    # sliding + global layers, 1 dense + 2 MoE layers, shared expert, value residual, biases on
-    base = dict(vocab_size=61, hidden_size=16, num_layers=3, num_attention_heads=4, num_query_groups=2,
-                kv_channels=8, ffn_hidden_size=32, window_size=3, local_global_pattern=[1, 1],
-                num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=8,
-                moe_shared_expert_intermediate_size=8, moe_router_num_groups=2, moe_router_group_topk=2,
-                add_bias_linear=True, init_method_std=0.2)
-    base.update(over)
-    return ModelConfig(**base)
-
-
-def batch(cfg, n_seq=4, seq=6):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (n_seq, seq), generator=g)
-    labels = torch.randint(0, cfg.vocab_size, (n_seq, seq), generator=g)
-    labels[0, :2] = -100
-    return ids, labels
+    """test_parallel's model (sliding + global layers, 1 dense + 2 MoE layers, shared expert, value
+    residual, biases), aux loss off unless asked (pipeline parallelism rejects it)."""
+    return replace(parallel_cfg(), **{"moe_aux_loss_coeff": 0.0, **over})
 
 
 class Spy:
@@ -74,7 +64,7 @@ def _values(calls, key):
 
 
 def test_bf16_autocast_dtypes_through_the_model(monkeypatch):
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(moe_aux_loss_coeff=0.01)
     torch.manual_seed(0)
     model = VpmoeModel(cfg)
     ids, labels = batch(cfg)
@@ -251,7 +241,7 @@ def _pipeline_bf16(cfg):
 
 
 def _parallel_body(rank, world):
-    cfg = tiny_cfg()  # aux loss off (PP rejects it)
+    cfg = tiny_cfg()
     return _expert_parallel_bf16(cfg), _pipeline_bf16(cfg)
 
 
