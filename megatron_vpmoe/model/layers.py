@@ -66,8 +66,9 @@ class RMSNorm(nn.Module):
             self.bias = nn.Parameter(torch.zeros(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Output in ``x``'s dtype (CUDA autocast would return LayerNorm in fp32)."""
         if self.layer_norm:
-            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps).to(x.dtype)
         return ops.rms_norm(x, self.weight, self.eps)
 
 

@@ -25,6 +25,15 @@ from megatron_vpmoe.model.recompute import recomputed
 from megatron_vpmoe.utils.errors import ConfigError
 
 
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The residual stream's dtype: autocast's (bf16 under ``train.precision: bf16``) when
+    autocast is on for ``x``'s device, else ``x``'s own."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 class TransformerLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))`` (dense MLP or MoE)."""
 
@@ -54,8 +63,10 @@ class VpmoeModel(nn.Module):
     """VPMoE language model. See docs/model_api.md for the interface other packages use.
 
     ``forward(input_ids [B, S], position_ids=None, labels=None)`` returns fp32 logits
-    ``[B, S, V]`` without labels, else the per-token loss ``[B, S]`` (``labels[b, t]`` is the
-    target at position ``t``; ``-100`` is ignored) computed without full logits.
+    ``[B, S, V]`` without labels, else the per-token fp32 loss ``[B, S]`` (``labels[b, t]`` is the
+    target at position ``t``; ``-100`` is ignored) computed without full logits. Under autocast
+    the activations are in the autocast dtype from the embedding on (see docs/model.md,
+    "Precision"); parameters keep their own dtype.
     """
 
     def __init__(
@@ -120,7 +131,10 @@ class VpmoeModel(nn.Module):
 
     # -- the three pieces of a forward (pipeline stages run a subset) --------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(input_ids)
+        """Token embeddings in the activation dtype (:func:`activation_dtype`), which every
+        later residual add, MoE dispatch and pipeline send then keeps."""
+        hidden = self.embedding(input_ids)
+        return hidden.to(activation_dtype(hidden))
 
     def run_layers(self, hidden, positions, v_first=None, cache: Optional[KVCache] = None,
                    layer_numbers: Optional[Sequence[int]] = None):
@@ -146,8 +160,9 @@ class VpmoeModel(nn.Module):
     def head(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         hidden = self.final_layernorm(hidden)
         weight = self.head_weight()
-        if labels is None:
-            return F.linear(hidden.float(), weight.float())
+        if labels is None:  # the GEMM in the activation dtype, as the loss's; logits fp32
+            with torch.autocast(hidden.device.type, enabled=False):
+                return F.linear(hidden, weight.to(hidden.dtype)).float()
         b, s, h = hidden.shape
         losses = ops.linear_cross_entropy(hidden.reshape(b * s, h), weight, labels.reshape(b * s))
         return losses.view(b, s)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model.init import draw_base_seed
-from megatron_vpmoe.model.vpmoe import VpmoeModel
+from megatron_vpmoe.model.vpmoe import VpmoeModel, activation_dtype
 from megatron_vpmoe.parallel.state import ParallelContext
 from megatron_vpmoe.utils.errors import ConfigError
 
@@ -68,11 +68,6 @@ class ParallelModel:
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, module: VpmoeModel):
         self.cfg, self.ctx, self.module = cfg, ctx, module
         self._pipeline = None  # the pipeline runner (PP > 1), built at the first step
-        self.activation_dtype = torch.float32  # what travels between pipeline stages
-
-    def set_precision(self, dtype: torch.dtype) -> None:
-        """The activation dtype of the step (bf16 under ``precision: bf16``): pipeline sends use it."""
-        self.activation_dtype = dtype
 
     def set_recompute(self, mode: str) -> None:
         """Activation recompute (``train.recompute``) for this rank's layers."""
@@ -155,7 +150,8 @@ class ParallelModel:
         m, ctx = self.module, self.ctx
         if self._pipeline is None:  # stages and schedules are built once and reused
             self._pipeline = PipelineRunner(m, ctx, engine_device())
-        self._pipeline.set_dtype(self.activation_dtype)
+        # what travels between stages: the residual stream's dtype (bf16 under bf16 autocast)
+        self._pipeline.set_dtype(activation_dtype(torch.empty(0, device=engine_device())))
         parts: Dict[int, torch.Tensor] = {}
 
         def stage_loss(hidden, index):

@@ -113,7 +113,6 @@ class Trainer:
             self.pm.module.to(self.device)
         self.raw_model = self.pm.module  # this rank's shard (the whole model without TP/EP/PP)
         self.pm.set_recompute(cfg.train.recompute)
-        self.pm.set_precision(self.autocast_dtype or torch.float32)
         self.optimizer = build_optimizer(self.raw_model, cfg.train.optimizer)
         if cfg.parallel.distributed_optimizer:  # ZeRO-1: AdamW state sharded over DP ranks
             from megatron_vpmoe.parallel.zero import DistributedOptimizer
