@@ -366,6 +366,7 @@ class LogConfig:
     progress_bar: bool = True  # tqdm bar on rank 0
     tensorboard: bool = False  # TensorBoard scalars under {run.dir}/tensorboard
     wandb_project: Optional[str] = None  # log to Weights & Biases (needs pip install wandb)
+    memory_report: bool = False  # every rank writes {run.dir}/memory/rank_N.json: measured peak RSS per phase (construction, steps, saves) beside its shard's bytes
 
 
 @dataclass

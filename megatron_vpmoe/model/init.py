@@ -55,9 +55,13 @@ def _fill(out: torch.Tensor, name: str, std: float, base_seed: int, expert: Opti
     elif leaf == "sinks" or "bias" in leaf:
         out.zero_()
     elif len(full_shape) >= 2:
-        values = torch.empty(full_shape, dtype=torch.float32).normal_(
-            0.0, std, generator=_generator(base_seed, name, expert))
-        if narrow is not None and narrow.split_dim is not None:
+        generator = _generator(base_seed, name, expert)
+        whole = narrow is None or narrow.split_dim is None
+        if whole and out.is_contiguous() and out.dtype == torch.float32 and out.device.type == "cpu":
+            out.normal_(0.0, std, generator=generator)  # in place: no second copy of a large matrix
+            return
+        values = torch.empty(full_shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+        if not whole:
             size = full_shape[narrow.split_dim] // narrow.split_size
             values = values.narrow(narrow.split_dim, narrow.split_rank * size, size)
         out.copy_(values)

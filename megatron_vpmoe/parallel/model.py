@@ -306,7 +306,8 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 123
     the parameter's own generator (``model/init.py``), so no rank holds the full model."""
     ctx.config.validate(cfg)
     from megatron_vpmoe.parallel.expert import AllToAllDispatcher
-    from megatron_vpmoe.parallel.pipeline import check_pipeline_config, rank_layers
+    from megatron_vpmoe.parallel.layout import rank_layers
+    from megatron_vpmoe.parallel.pipeline import check_pipeline_config
     from megatron_vpmoe.parallel.tensor import te_linear_spec, tensor_parallel_spec
 
     torch.manual_seed(seed)

@@ -24,25 +24,9 @@ import torch.nn as nn
 
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model.moe import _ContiguousGrad
+from megatron_vpmoe.parallel.layout import rank_stages, stage_layers
 
 STAGES_BUILT = [0]  # PipelineStage objects constructed in this process (a test counts them)
-
-
-def stage_layers(num_layers: int, num_stages: int, stage: int) -> List[int]:
-    """Contiguous, balanced layer numbers of pipeline stage ``stage`` of ``num_stages``."""
-    per, extra = divmod(num_layers, num_stages)
-    start = stage * per + min(stage, extra)
-    return list(range(start, start + per + (1 if stage < extra else 0)))
-
-
-def rank_stages(pp: int, vpp: int, rank: int) -> List[int]:
-    """The stage indices pipeline rank ``rank`` holds (its model chunks, in order)."""
-    return [chunk * pp + rank for chunk in range(vpp)]
-
-
-def rank_layers(num_layers: int, pp: int, vpp: int, rank: int) -> List[int]:
-    """Every layer number held by pipeline rank ``rank`` (the union of its chunks)."""
-    return [i for s in rank_stages(pp, vpp, rank) for i in stage_layers(num_layers, pp * vpp, s)]
 
 
 class PipelineStageModule(nn.Module):
