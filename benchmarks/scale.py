@@ -1,0 +1,321 @@
+"""Scale on CPU processes: per-rank memory of the sharded engine, measured, against the single process.
+
+Sections (each in fresh processes, so every peak is its own):
+
+* ``memory``: ``examples/configs/medium-cpu.yaml`` (277M params) trained 2 steps with a checkpoint
+  save, once in one process and once as 8 gloo ranks (EP=4 x PP=2, ``vpmoe launch local``),
+  with ``log.memory_report`` on: each rank's measured peak RSS over the whole run, the RSS growth
+  while building its model against its shard's parameter bytes, and the rise during a checkpoint
+  save against its shard's state (parameters + optimizer state).
+* ``pipeline``: PP=2 over 2 ranks (torchrun) on the medium config, saved-activation peak per stage
+  at 2 and 8 micro-batches under 1F1B, and under GPipe as the peer.
+* ``recompute``: one process, one micro-batch of the medium config under ``train.recompute``
+  none / selective / full: saved-activation peak, the step's RSS rise, time, loss and gradients.
+* ``shard``: ``vpmoe-6b.yaml`` (EP=8 x PP=4 of 32 ranks) under a fake process group: one process
+  builds rank 0's shard and the last stage's (rank 31), parameter count against
+  ``parallel/layout.py``'s arithmetic. ``--shard-6b --rank R`` runs one rank and ends with
+  ``shard-6b rank R: params P, peak_rss_mb M, build_s S``.
+
+Writes benchmarks/results/scale.json and scale.md. Run: ``python benchmarks/scale.py``
+(``--only memory pipeline recompute shard``). Takes about 15-25 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+# benchmarks/ must not be on the path: its kernels.py / tokenizers.py would shadow the packages
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
+MEDIUM = ROOT / "examples" / "configs" / "medium-cpu.yaml"
+SIXB = ROOT / "examples" / "configs" / "vpmoe-6b.yaml"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+
+
+def _run(cmd, **kw) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, **kw)
+    if out.returncode != 0:
+        raise SystemExit(f"failed ({out.returncode}): {' '.join(map(str, cmd))}\n{out.stderr[-3000:]}")
+    return out
+
+
+def _memory_records(run_dir: Path) -> list:
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "memory").glob("rank_*.json"))]
+
+
+# -- memory: one process vs EP=4 x PP=2 ------------------------------------------------------------
+def bench_memory(tmp: Path) -> dict:
+    common = ["--set", "train.steps=2", "--set", "checkpoint.interval=1", "--set", "log.memory_report=true"]
+    single_dir, multi_dir = tmp / "single", tmp / "ep4pp2"
+    t0 = time.perf_counter()
+    _run([sys.executable, "-m", "megatron_vpmoe.cli", "train", "--config", str(MEDIUM), "--quiet",
+          "--set", f"run.dir={single_dir}", *common])
+    single_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _run([sys.executable, "-m", "megatron_vpmoe.cli", "launch", "local", "--nproc", "8", "--config", str(MEDIUM),
+          "--set", f"run.dir={multi_dir}", "--set", "parallel.expert=4", "--set", "parallel.pipeline=2", *common])
+    multi_s = time.perf_counter() - t0
+    idle = _run([sys.executable, "-c", "import megatron_vpmoe.training.trainer, megatron.core.parallel_state;"
+                 "from megatron_vpmoe.utils.memory import rss_bytes; print(rss_bytes() / 2**20)"])
+    single = _memory_records(single_dir)[0]
+    ranks = []
+    for r in _memory_records(multi_dir):
+        shard, phases = r["shard"], r["phases"]
+        state = shard["params_mb"] + shard["optimizer_state_mb"]
+        ranks.append({
+            "rank": r["rank"], "peak_mb": r["process_peak_mb"], "params": shard["params"],
+            "params_mb": shard["params_mb"], "state_mb": state,
+            "construction_rise_mb": phases["construction"]["rise_mb"],
+            "construction_over_params": phases["construction"]["rise_mb"] / shard["params_mb"],
+            "save_rise_mb": phases["checkpoint_save"]["rise_mb"],
+            "save_over_state": phases["checkpoint_save"]["rise_mb"] / state,
+        })
+    worst = max(ranks, key=lambda r: r["peak_mb"])
+    return {
+        "config": str(MEDIUM.relative_to(ROOT)), "params": single["shard"]["params"],
+        "idle_process_mb": float(idle.stdout.strip()),
+        "single_peak_mb": single["process_peak_mb"], "single_phases": single["phases"], "single_s": single_s,
+        "ranks": ranks, "max_rank_peak_mb": worst["peak_mb"], "argmax_rank": worst["rank"],
+        "max_over_single": worst["peak_mb"] / single["process_peak_mb"],
+        "max_construction_over_params": max(r["construction_over_params"] for r in ranks),
+        "max_save_over_state": max(r["save_over_state"] for r in ranks), "multi_s": multi_s,
+    }
+
+
+# -- pipeline: activations in flight under 1F1B vs GPipe -----------------------------------------
+def _pipeline_child(out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.pipelining as pipelining
+
+    from megatron_vpmoe.config.loader import load_config
+    from megatron_vpmoe.parallel import build_parallel_model, init_parallel
+    from megatron_vpmoe.utils.memory import SavedActivationMeter, peak_rss_bytes, reset_peak_rss, rss_bytes
+
+    dist.init_process_group("gloo")
+    cfg = load_config(MEDIUM, ["parallel.pipeline=2"])
+    ctx = init_parallel(cfg.parallel)
+    seq = cfg.data.seq_length
+    result = {}
+    for schedule in ("1f1b", "gpipe"):
+        if schedule == "gpipe":
+            pipelining.Schedule1F1B = pipelining.ScheduleGPipe
+        pm = build_parallel_model(cfg.model, ctx, seed=1)
+        for n_micro in (2, 8):
+            g = torch.Generator().manual_seed(n_micro)
+            mbs = [{"input_ids": torch.randint(0, cfg.model.vocab_size, (1, seq), generator=g),
+                    "labels": torch.randint(0, cfg.model.vocab_size, (1, seq), generator=g)}
+                   for _ in range(n_micro)]
+            before = rss_bytes()
+            reset_peak_rss()
+            t0 = time.perf_counter()
+            with SavedActivationMeter(exclude=pm.parameters()) as meter:
+                pm.forward_backward(mbs)
+            result[f"{schedule}_{n_micro}"] = {"activation_peak_mb": meter.peak / 2**20,
+                                               "rss_rise_mb": (peak_rss_bytes() - before) / 2**20,
+                                               "step_s": time.perf_counter() - t0}
+            for p in pm.parameters():
+                p.grad = None
+        del pm
+    Path(out_dir, f"rank_{dist.get_rank()}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def bench_pipeline(tmp: Path) -> dict:
+    out = tmp / "pipeline"
+    out.mkdir()
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+          "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", str(Path(__file__)), "--_child", "pipeline", str(out)])
+    stages = [json.loads((out / f"rank_{r}.json").read_text()) for r in range(2)]
+    return {"stages": stages,
+            "ratio_8_over_2_1f1b": [s["1f1b_8"]["activation_peak_mb"] / s["1f1b_2"]["activation_peak_mb"] for s in stages],
+            "ratio_8_over_2_gpipe": [s["gpipe_8"]["activation_peak_mb"] / s["gpipe_2"]["activation_peak_mb"] for s in stages]}
+
+
+# -- recompute -------------------------------------------------------------------------------------
+def _recompute_child(mode: str, out_file: str) -> None:
+    import torch
+
+    from megatron_vpmoe.config.loader import load_config
+    from megatron_vpmoe.model import VpmoeModel
+    from megatron_vpmoe.utils.memory import SavedActivationMeter, peak_rss_bytes, reset_peak_rss, rss_bytes
+
+    torch.set_num_threads(1)
+    cfg = load_config(MEDIUM, [])
+    torch.manual_seed(1)
+    model = VpmoeModel(cfg.model)
+    model.set_recompute(mode)
+    g = torch.Generator().manual_seed(0)
+    seq = cfg.data.seq_length
+    ids = torch.randint(0, cfg.model.vocab_size, (2, seq), generator=g)
+    labels = torch.randint(0, cfg.model.vocab_size, (2, seq), generator=g)
+    before = rss_bytes()
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    with SavedActivationMeter(exclude=model.parameters()) as meter:
+        loss = model(ids, labels=labels).mean()
+    loss.backward()
+    elapsed = time.perf_counter() - t0
+    grad_norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())))
+    Path(out_file).write_text(json.dumps({
+        "activation_peak_mb": meter.peak / 2**20, "rss_rise_mb": (peak_rss_bytes() - before) / 2**20,
+        "step_s": elapsed, "loss": float(loss.detach()), "grad_norm": grad_norm}))
+
+
+def bench_recompute(tmp: Path) -> dict:
+    out = {}
+    for mode in ("none", "selective", "full"):
+        path = tmp / f"recompute_{mode}.json"
+        _run([sys.executable, str(Path(__file__)), "--_child", "recompute", mode, str(path)])
+        out[mode] = json.loads(path.read_text())
+    base = out["none"]
+    for mode, r in out.items():
+        r["activation_over_none"] = r["activation_peak_mb"] / base["activation_peak_mb"]
+        r["loss_rel_diff"] = abs(r["loss"] - base["loss"]) / abs(base["loss"])
+        r["grad_norm_rel_diff"] = abs(r["grad_norm"] - base["grad_norm"]) / base["grad_norm"]
+        r["time_over_none"] = r["step_s"] / base["step_s"]
+    return out
+
+
+# -- the 6B shard under a fake process group --------------------------------------------------------
+def shard_6b(rank: int) -> dict:
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from megatron_vpmoe.config.loader import load_config
+    from megatron_vpmoe.model.params import count_parameters
+    from megatron_vpmoe.parallel import build_parallel_model, init_parallel
+    from megatron_vpmoe.parallel.layout import shard_parameter_count
+    from megatron_vpmoe.utils.memory import peak_rss_bytes, rss_bytes
+
+    cfg = load_config(SIXB, [])
+    world = 32  # the design's 4 nodes x 8 GPUs
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    ctx = init_parallel(cfg.parallel)
+    before = rss_bytes()
+    t0 = time.perf_counter()
+    pm = build_parallel_model(cfg.model, ctx, seed=cfg.run.seed)
+    build_s = time.perf_counter() - t0
+    params = sum(t.numel() for t in pm.parameters())
+    expected = shard_parameter_count(cfg.model, tp=ctx.tp, ep=ctx.ep, pp=ctx.pp, vpp=ctx.vpp, pp_rank=ctx.pp_rank)
+    result = {"rank": rank, "world_size": world, "pp_rank": ctx.pp_rank, "ep_rank": ctx.ep_rank,
+              "dp": ctx.dp, "params": params, "expected_params": expected,
+              "total_params": count_parameters(cfg.model).total,
+              "params_mb": params * 4 / 2**20, "rss_before_mb": before / 2**20,
+              "peak_rss_mb": peak_rss_bytes() / 2**20, "build_s": build_s}
+    dist.destroy_process_group()
+    return result
+
+
+def bench_shards() -> dict:
+    out = {}
+    for rank in (0, 31):
+        run = _run([sys.executable, str(Path(__file__)), "--shard-6b", "--rank", str(rank), "--json"])
+        out[rank] = json.loads(run.stdout.strip().splitlines()[-1])
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------------
+def _markdown(res: dict) -> str:
+    lines = ["# Scale on CPU processes (benchmarks/scale.py)", "",
+             f"Host: {platform.machine()}, {os.cpu_count()} cores; gloo; fp32; peaks are the kernel's "
+             "own peak-RSS mark per phase (`/proc/self/status` VmHWM, reset between phases).", ""]
+    m = res.get("memory")
+    if m:
+        lines += [f"## Per-rank memory: {m['config']} ({m['params'] / 1e6:.0f}M params), 2 steps + a checkpoint save", "",
+                  f"- one process: peak **{m['single_peak_mb']:.0f} MB** "
+                  f"(construction {m['single_phases']['construction']['peak_mb']:.0f}, "
+                  f"step {m['single_phases']['step']['peak_mb']:.0f}, save {m['single_phases']['checkpoint_save']['peak_mb']:.0f})",
+                  f"- 8 ranks EP=4 x PP=2: largest rank peak **{m['max_rank_peak_mb']:.0f} MB** (rank {m['argmax_rank']}) = "
+                  f"**{m['max_over_single']:.3f} x** the single process (target <= 0.30)",
+                  f"- an idle process (python + torch + megatron-core imported): {m['idle_process_mb']:.0f} MB of every rank's peak", "",
+                  "| rank | shard params | params MB | peak MB | construction rise MB | / params | save rise MB | / (params + optimizer) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in m["ranks"]:
+            lines.append(f"| {r['rank']} | {r['params'] / 1e6:.1f}M | {r['params_mb']:.0f} | {r['peak_mb']:.0f} | "
+                         f"{r['construction_rise_mb']:.0f} | {r['construction_over_params']:.2f} | "
+                         f"{r['save_rise_mb']:.0f} | {r['save_over_state']:.2f} |")
+        lines += ["", f"Worst construction rise / shard params: **{m['max_construction_over_params']:.2f}** (target <= 1.3); "
+                  f"worst save rise / shard state: **{m['max_save_over_state']:.2f}** (target <= 1.3).", ""]
+    p = res.get("pipeline")
+    if p:
+        lines += ["## Pipeline: saved activations per stage, PP=2, medium config, micro-batch 1 x 128", "",
+                  "| stage | 1F1B 2 mb MB | 1F1B 8 mb MB | 8/2 | GPipe 2 mb MB | GPipe 8 mb MB | 8/2 |", "|---|---|---|---|---|---|---|"]
+        for i, s in enumerate(p["stages"]):
+            lines.append(f"| {i} | {s['1f1b_2']['activation_peak_mb']:.1f} | {s['1f1b_8']['activation_peak_mb']:.1f} | "
+                         f"{p['ratio_8_over_2_1f1b'][i]:.2f} | {s['gpipe_2']['activation_peak_mb']:.1f} | "
+                         f"{s['gpipe_8']['activation_peak_mb']:.1f} | {p['ratio_8_over_2_gpipe'][i]:.2f} |")
+        lines += ["", "Target: 1F1B 8/2 <= 1.25.", ""]
+    r = res.get("recompute")
+    if r:
+        lines += ["## Activation recompute: medium config, one process, micro-batch 2 x 128", "",
+                  "| mode | saved activations MB | / none | step RSS rise MB | step s | / none | loss rel. diff | grad-norm rel. diff |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for mode, x in r.items():
+            lines.append(f"| {mode} | {x['activation_peak_mb']:.0f} | {x['activation_over_none']:.2f} | {x['rss_rise_mb']:.0f} | "
+                         f"{x['step_s']:.1f} | {x['time_over_none']:.2f} | {x['loss_rel_diff']:.1e} | {x['grad_norm_rel_diff']:.1e} |")
+        lines += ["", "Target: full <= 0.5 x none at the same loss (1e-6); selective in between.", ""]
+    s = res.get("shard")
+    if s:
+        lines += ["## VPMoE-6B shards under a fake process group (EP=8 x PP=4, 32 ranks)", "",
+                  "| rank | pp rank | ep rank | params | expected (layout arithmetic) | shard MB (fp32) | peak RSS MB | build s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for x in s.values():
+            lines.append(f"| {x['rank']} | {x['pp_rank']} | {x['ep_rank']} | {x['params']:,} | {x['expected_params']:,} | "
+                         f"{x['params_mb']:.0f} | {x['peak_rss_mb']:.0f} | {x['build_s']:.1f} |")
+        total = next(iter(s.values()))["total_params"]
+        lines += ["", f"Whole model: {total:,} params ({total * 4 / 2**30:.1f} GiB in fp32), which no rank allocates.", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", nargs="+", choices=["memory", "pipeline", "recompute", "shard"])
+    ap.add_argument("--shard-6b", action="store_true", help="build one rank's shard of vpmoe-6b.yaml (fake process group)")
+    ap.add_argument("--rank", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="with --shard-6b: print the result as JSON too")
+    ap.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:
+        kind, *rest = args._child
+        if kind == "pipeline":
+            _pipeline_child(*rest)
+        else:
+            _recompute_child(*rest)
+        return 0
+    if args.shard_6b:
+        r = shard_6b(args.rank)
+        print(f"shard-6b rank {r['rank']}: params {r['params']}, peak_rss_mb {r['peak_rss_mb']:.0f}, "
+              f"build_s {r['build_s']:.1f}")
+        if args.json:
+            print(json.dumps(r))
+        return 0
+    sections = args.only or ["shard", "recompute", "pipeline", "memory"]
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in sections:
+            t0 = time.perf_counter()
+            res[name] = {"shard": lambda: bench_shards(), "recompute": lambda: bench_recompute(Path(tmp)),
+                         "pipeline": lambda: bench_pipeline(Path(tmp)), "memory": lambda: bench_memory(Path(tmp))}[name]()
+            print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    old = json.loads((RESULTS / "scale.json").read_text()) if (RESULTS / "scale.json").is_file() else {}
+    old.update(res)  # --only re-measures some sections and keeps the others
+    (RESULTS / "scale.json").write_text(json.dumps(old, indent=1) + "\n")
+    (RESULTS / "scale.md").write_text(_markdown(old) + "\n")
+    print(_markdown(old))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
