@@ -106,7 +106,7 @@ def _check_budget(rows: int, params: SampleParams, limits: ServeLimits) -> None:
     if rows * params.max_new_tokens > limits.max_request_tokens:
         raise BadRequest(f"{rows} sequences (prompts x n) x max_tokens {params.max_new_tokens} = "
                          f"{rows * params.max_new_tokens} tokens is over this server's "
-                         f"{limits.max_request_tokens} per request")
+                         f"{limits.max_request_tokens} per request (--max-request-tokens)")
 
 
 class OpenAIServer:
