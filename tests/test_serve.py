@@ -289,13 +289,20 @@ def test_bad_fields_are_json_400_and_oversized_requests_are_refused_before_token
         out.append(("300 kB body", big.status, big.content_type, await big.text()))
         ok = await _post(client, "/v1/completions", {"prompt": "Weng earns", "max_tokens": 4, "temperature": 0,
                                                      "seed": 2**63 - 1})
+        real = backend.generate
+        backend.generate = lambda *a, **k: 1 / 0  # a bug inside the server: still a JSON answer
+        try:
+            crash = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            out.append(("crash", crash.status, crash.content_type, await crash.text()))
+        finally:
+            backend.generate = real
         return out, ok
 
     (results, ok), server = _with_server(backend, body, limits=limits)
     encoded = len(backend.encode(long_text))
     assert encoded > 300  # so the refusals below are right, not just early
     for what, status, ctype, text in results:
-        expect = 413 if what == "300 kB body" else 400
+        expect = {"300 kB body": 413, "crash": 500}.get(what, 400)
         assert (status, ctype) == (expect, "application/json"), (what, status, text)
         assert json.loads(text)["error"]["code"] == expect and json.loads(text)["error"]["message"]
     messages = {what: json.loads(text)["error"]["message"] for what, _, _, text in results}
