@@ -12,7 +12,9 @@ length per document. Bad records are skipped and counted by reason with their fi
 positions (``file:line``, absolute within the file); ``--strict`` makes the first one fatal.
 With ``--partitions N`` the input files are split into N groups written as separate shard sets
 and merged at the end; a re-run skips the partitions already written, so a long job resumes.
-The final summary is printed and saved as ``{prefix}.summary.json``.
+The final summary is printed and saved as ``{prefix}.summary.json``, last, with the fingerprint
+(:mod:`fingerprint`) that makes a re-run "up to date"; it is removed before anything is
+published. A run that would publish no documents is an error naming the input.
 """
 
 from __future__ import annotations
