@@ -426,3 +426,176 @@ def test_shard_writer_matches_megatron_core_builder_byte_for_byte(tmp_path):
     assert ours.documents == 3 and ours.tokens == 8
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"mref{ext}").read_bytes() == (tmp_path / f"mours{ext}").read_bytes()
+
+
+# ---- hardening (issue 20, item 4): truncated and stale inputs, mixed pairs, empty results, huge lines ----
+
+def _jsonl_bytes(n):
+    return b"".join(json.dumps({"text": f"document {i} " + "word " * (i % 13)}).encode() + b"\n" for i in range(n))
+
+
+def _published(tmp_path, stem):
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(stem))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_truncated_or_fake_compressed_input_is_one_line_and_publishes_nothing(tmp_path, toks, capsys, workers):
+    import zstandard
+
+    data = _jsonl_bytes(7222)
+    z = zstandard.ZstdCompressor().compress(data)
+    g = gzip.compress(data)
+    cases = {"half.jsonl.zst": z[: len(z) // 2], "half.jsonl.gz": g[: len(g) // 2], "fake.jsonl.gz": b"not gzip",
+             "fake.jsonl.zst": b"not zstd at all"}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        stem = name.split(".")[0] + name.split(".")[-1]
+        assert main(["preprocess", "--input", str(tmp_path / name), "--output-prefix", str(tmp_path / stem),
+                     "--tokenizer", toks["bpe600"], "--no-progress", "--workers", str(workers)]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(tmp_path / name) in err and "corrupt or truncated" in err, err
+        assert _published(tmp_path, stem) == [], name
+    # whole files still read completely, several zstd frames included (the old reader stopped at the first)
+    (tmp_path / "two.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data[:5000])
+                                             + zstandard.ZstdCompressor().compress(data[5000:]))
+    summary = run_preprocess(_opts([tmp_path / "two.jsonl.zst"], tmp_path / "two", toks, workers=workers))
+    assert summary["documents"] == 7222 and not summary["skipped"]
+
+
+def test_up_to_date_means_same_inputs_tokenizers_and_flags(tmp_path, toks, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "first version"}\n')
+    prefix = str(tmp_path / "s")
+    cmd = ["preprocess", "--input", str(src), "--output-prefix", prefix, "--no-progress"]
+    tok_a = ["--tokenizer", f"t={toks['bpe600']}"]
+    tok_b = ["--tokenizer", f"t={toks['unigram500']}"]
+    shard = prefix + ".t_text_document"
+
+    def text():
+        return load_tokenizer(toks["bpe600"]).decode(_docs(shard)[0][:-1])
+
+    assert main(cmd + tok_a) == 0 and text() == "first version"
+    capsys.readouterr()
+    assert main(cmd + tok_a) == 0 and "up to date" in capsys.readouterr().out
+    src.write_text('{"text": "second version, longer"}\n')  # same name, new content
+    assert main(cmd + tok_a) == 0
+    out = capsys.readouterr().out
+    assert "inputs changed" in out and "up to date" not in out and text() == "second version, longer"
+    assert main(cmd + tok_b) == 0  # same variant name, another tokenizer
+    assert "tokenizers changed" in capsys.readouterr().out
+    assert _docs(shard)[0] == list(load_tokenizer(toks["unigram500"]).encode("second version, longer")) + [
+        load_tokenizer(toks["unigram500"]).eod_id]
+    assert main(cmd + tok_b + ["--no-append-eod"]) == 0
+    assert "flags changed" in capsys.readouterr().out and len(_docs(shard)[0]) == len(
+        load_tokenizer(toks["unigram500"]).encode("second version, longer"))
+    summary = json.loads((tmp_path / "s.summary.json").read_text())
+    assert set(summary["fingerprint"]) >= {"inputs", "tokenizers", "flags"}
+    assert summary["files"] == {n: os.path.getsize(tmp_path / n) for n in
+                                ("s.t_text_document.bin", "s.t_text_document.idx")}
+
+
+def test_kill_between_bin_and_idx_renames_of_an_overwrite_is_never_up_to_date(tmp_path, toks, monkeypatch):
+    from megatron_vpmoe.data import shards
+
+    old, new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    old.write_text("".join(json.dumps({"text": f"old text number {i}"}) + "\n" for i in range(5)))
+    new.write_text("".join(json.dumps({"text": f"a new and rather longer text {i}"}) + "\n" for i in range(9)))
+    prefix = tmp_path / "s"
+    shard = str(prefix) + ".bpe600_text_document"
+    tok = {"bpe600": toks["bpe600"]}
+    run_preprocess(_opts([old], prefix, tok))
+    real_replace, seen = os.replace, []
+
+    def killed_after_bin(src, dst):  # the process dies right after the new .bin took its name
+        real_replace(src, dst)
+        seen.append(str(dst))
+        if str(dst).endswith(".bin"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards.os, "replace", killed_after_bin)
+    with pytest.raises(KeyboardInterrupt):
+        run_preprocess(_opts([new], prefix, tok, overwrite=True))
+    monkeypatch.setattr(shards.os, "replace", real_replace)
+    assert seen == [shard + ".bin"]
+    # no new .bin beside the old .idx: the pair is incomplete, and no summary calls it finished
+    assert not os.path.exists(shard + ".idx") and not (tmp_path / "s.summary.json").exists()
+    with pytest.raises(InputError, match="missing"):
+        read_shard(shard)
+    again = run_preprocess(_opts([old], prefix, tok))  # the rerun rebuilds instead of "up to date"
+    assert not again.get("up_to_date") and again["documents"] == 5
+    tokenizer = load_tokenizer(toks["bpe600"])
+    assert [tokenizer.decode(d[:-1]) for d in _docs(shard)] == [f"old text number {i}" for i in range(5)]
+
+
+def test_a_bin_that_does_not_match_its_index_fails_inspect_and_the_up_to_date_check(tmp_path, toks, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"some text {i}"}) + "\n" for i in range(20)))
+    prefix = tmp_path / "s"
+    run_preprocess(_opts([src], prefix, {"bpe600": toks["bpe600"]}))
+    shard = str(prefix) + ".bpe600_text_document"
+    assert main(["preprocess", "inspect", shard]) == 0
+    capsys.readouterr()
+    size = os.path.getsize(shard + ".bin")
+    with open(shard + ".bin", "r+b") as f:
+        f.truncate(size - 6)
+    assert main(["preprocess", "inspect", shard]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{shard}.bin: {size - 6} bytes" in err and "truncated" in err
+    summary = run_preprocess(_opts([src], prefix, {"bpe600": toks["bpe600"]}))  # rebuilt, not "up to date"
+    assert not summary.get("up_to_date") and os.path.getsize(shard + ".bin") == size
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_empty_or_all_skipped_input_exits_2_and_publishes_nothing(tmp_path, toks, capsys, partitions):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": broken\n{"other": 1}\n{"text": "  "}\n')
+    for name, inputs, expect in (("e", [empty], "no documents in the input"),
+                                 ("b", [bad], "all 3 records were skipped"),
+                                 ("eb", [empty, bad], "all 3 records were skipped")):
+        assert main(["preprocess", "--input", *map(str, inputs), "--output-prefix", str(tmp_path / name),
+                     "--tokenizer", toks["bpe600"], "--no-progress", "--partitions", str(partitions)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(inputs[0]) in err and expect in err, err
+        assert [p for p in _published(tmp_path, name + ".") + _published(tmp_path, name + "_")] == []
+
+
+def _max_rss_mb_of(cmd, env):
+    """(exit code, stderr, peak RSS in MB of the command's largest process) - measured in a fresh
+    wrapper process, so no earlier child of this test run counts."""
+    wrapper = ("import resource, subprocess, sys\n"
+               "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+               "sys.stderr.write(p.stderr)\n"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+               "sys.exit(p.returncode)\n")
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], env=env, capture_output=True, text=True,
+                         timeout=120)
+    return out.returncode, out.stderr, int(out.stdout.split()[-1]) / 1024
+
+
+def test_a_53_mb_single_line_is_refused_in_bounded_memory(tmp_path, toks):
+    """Issue 20: a 53 MB single-line .txt took 7.4 GB RSS. Now a record over --max-doc-bytes
+    (8 MiB by default) is dropped while it is read: skipped as too_large, peak RSS of the run
+    stays under 400 MB (tokenizing it took ~130 bytes of RSS per input byte)."""
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        for _ in range(53):
+            f.write(b"word " * 200_000)  # 1 MB, no newline
+    line = tmp_path / "line.jsonl"
+    with open(line, "wb") as f:
+        f.write(b'{"text": "' + b"x" * (20 << 20) + b'"}\n{"text": "a small document"}\n')
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    base = [sys.executable, "-m", "megatron_vpmoe.cli", "preprocess", "--tokenizer", toks["bpe600"], "--no-progress"]
+    rc, err, rss = _max_rss_mb_of(base + ["--input", str(big), str(line), "--output-prefix", str(tmp_path / "o")], env)
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "o.summary.json").read_text())
+    assert summary["documents"] == 1 and summary["skipped"] == {"too_large": 2}
+    assert summary["first_skipped"]["too_large"] == [f"{big}:1", f"{line}:1"]
+    assert rss < 400, rss
+    # --txt-blocks reads the same line through the line reader; --strict makes it fatal, in one line
+    rc, err, rss = _max_rss_mb_of(base + ["--input", str(big), "--txt-blocks", "--strict", "--output-prefix",
+                                          str(tmp_path / "s")], env)
+    assert rc == 2 and err.strip().count("\n") == 0 and f"{big}:1: too large (over --max-doc-bytes" in err, err
+    assert rss < 400, rss
+    assert _published(tmp_path, "s.") == []

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
             json_keys=args.json_keys, append_eod=args.append_eod, workers=args.workers,
             chunk_size=args.chunk_size, partitions=args.partitions, txt_blocks=args.txt_blocks,
             strict=args.strict, log_interval=args.log_interval, progress=not args.no_progress,
-            overwrite=args.overwrite)
+            overwrite=args.overwrite, max_doc_bytes=args.max_doc_bytes)
         print_summary(run_preprocess(opts))
     except VpmoeError as err:
         print(f"preprocess_data.py: error: {err}", file=sys.stderr)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_vpmoe.data.sources import DEFAULT_MAX_DOC_BYTES
+
 EXAMPLE = ("Example: vpmoe preprocess --input '../shared/data/corpora/gutenberg_en/*.txt' "
            "--output-prefix runs/shards/gutenberg --tokenizer runs/tok/bpe-32k runs/tok/lm-32k --workers 2")
 
@@ -34,6 +36,11 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser, *, required: bool,
     parser.add_argument("--txt-blocks", action="store_true",
                         help=".txt inputs: one document per blank-line-separated block (default: per file)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    parser.add_argument("--max-doc-bytes", type=int, default=DEFAULT_MAX_DOC_BYTES, metavar="N",
+                        help="skip (count as too_large) a record - line, text block or text file - of more "
+                             "than N input bytes, dropping its bytes as they are read: tokenizing one "
+                             "huge document takes ~100x its size in memory "
+                             f"(default {DEFAULT_MAX_DOC_BYTES >> 20} MiB)")
     parser.add_argument("--log-interval", type=int, default=10000,
                         help="documents between log lines when no progress bar is shown")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -76,7 +83,8 @@ def _run(args: argparse.Namespace) -> int:
         inputs=args.input, output_prefix=args.output_prefix, tokenizers=parse_tokenizer_args(args.tokenizer),
         json_keys=args.json_keys, append_eod=args.append_eod, workers=args.workers, chunk_size=args.chunk_size,
         partitions=args.partitions, txt_blocks=args.txt_blocks, strict=args.strict,
-        log_interval=args.log_interval, progress=not args.no_progress, overwrite=args.overwrite)
+        log_interval=args.log_interval, progress=not args.no_progress, overwrite=args.overwrite,
+        max_doc_bytes=args.max_doc_bytes)
     summary = run_preprocess(opts)
     print_summary(summary)
     return 0
@@ -115,6 +123,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from megatron_vpmoe.data.shards import exists, mask_prefix_of, read_shard
 
+    # read_shard verifies the .bin size against the .idx (a truncated .bin: one line, exit 2)
     ds = read_shard(args.prefix)
     lengths = ds.sequence_lengths
     print(f"{args.prefix}: {len(ds.document_indices) - 1} documents, {len(lengths)} sequences, "

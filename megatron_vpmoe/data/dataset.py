@@ -24,7 +24,7 @@ import numpy
 import torch
 
 from megatron_vpmoe.data.chat import ROLE_TEXT
-from megatron_vpmoe.data.shards import exists, mask_prefix_of
+from megatron_vpmoe.data.shards import exists, mask_prefix_of, verify
 from megatron_vpmoe.utils.errors import InputError
 from megatron_vpmoe.utils.megatron_import import import_megatron
 
@@ -91,6 +91,12 @@ def _blend(data_cfg) -> Tuple[list, list]:
     for i, (weight, prefix) in enumerate(data_cfg.blend):
         if not exists(prefix):
             raise InputError(f"data.blend[{i}]: {prefix}.bin/.idx not found (run 'vpmoe preprocess' first)")
+        for shard in (prefix, mask_prefix_of(prefix)):
+            if shard == prefix or exists(shard):
+                try:  # a truncated or mismatched .bin fails here, not as garbage samples
+                    verify(shard)
+                except InputError as err:
+                    raise InputError(f"data.blend[{i}]: {err}") from None
         prefixes.append(prefix)
         weights.append(float(weight))
     return prefixes, weights

@@ -12,7 +12,9 @@ length per document. Bad records are skipped and counted by reason with their fi
 positions (``file:line``, absolute within the file); ``--strict`` makes the first one fatal.
 With ``--partitions N`` the input files are split into N groups written as separate shard sets
 and merged at the end; a re-run skips the partitions already written, so a long job resumes.
-The final summary is printed and saved as ``{prefix}.summary.json``.
+The final summary is printed and saved as ``{prefix}.summary.json``, last, with the fingerprint
+(:mod:`fingerprint`) that makes a re-run "up to date"; it is removed before anything is
+published. A run that would publish no documents is an error naming the input.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Sequence
 
 from megatron_vpmoe.data import shards
+from megatron_vpmoe.data.fingerprint import (
+    fingerprint, published_sizes, read_summary, stale_reason, tokenizer_digests)
 from megatron_vpmoe.data.encode import DocumentEncoder, EncodedDocument
-from megatron_vpmoe.data.sources import Piece, Skipped, expand_inputs, iter_piece, plan_pieces, total_bytes
+from megatron_vpmoe.data.sources import (
+    DEFAULT_MAX_DOC_BYTES, Piece, Skipped, expand_inputs, iter_piece, plan_pieces, total_bytes)
 from megatron_vpmoe.utils.atomic import atomic_write_text
 from megatron_vpmoe.utils.errors import InputError
 
@@ -53,6 +58,7 @@ class PreprocessOptions:
     progress: bool = True
     overwrite: bool = False
     piece_bytes: int = 0  # input bytes per worker piece; 0: chosen from the input size and workers
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES  # a longer record is skipped as too_large
 
 
 @dataclass
@@ -104,18 +110,21 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
 
 
 def write_piece(piece: Piece, shard_set: shards.ShardSet, encoder: DocumentEncoder, json_keys: Sequence[str],
-                txt_blocks: bool, chunk_size: int, strict: bool, report: Callable[[int, int], None]) -> dict:
+                txt_blocks: bool, chunk_size: int, strict: bool, report: Callable[[int, int], None],
+                max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> dict:
     """Read, encode and append one piece's records to ``shard_set``; returns the piece's tally.
     ``report(documents, bytes)`` is called per chunk; the bytes reported add up to the piece's."""
     tally = Tally()
     left = piece.nbytes
-    for chunk in _chunks(iter_piece(piece, json_keys, txt_blocks=txt_blocks), chunk_size):
+    records = iter_piece(piece, json_keys, txt_blocks=txt_blocks, max_doc_bytes=max_doc_bytes)
+    for chunk in _chunks(records, chunk_size):
         nbytes = 0
         for doc in encoder.encode_batch(chunk):
             nbytes += doc.nbytes
             if isinstance(doc, Skipped):
                 if strict:
-                    raise InputError(f"{doc.where}: {doc.reason.replace('_', ' ')} (--strict)")
+                    limit = f" (over --max-doc-bytes {max_doc_bytes})" if doc.reason == "too_large" else ""
+                    raise InputError(f"{doc.where}: {doc.reason.replace('_', ' ')}{limit} (--strict)")
                 tally.skip(doc)
                 continue
             assert isinstance(doc, EncodedDocument)
@@ -174,7 +183,7 @@ def _piece_in_worker(task) -> dict:
     shard_set = shards.ShardSet(f"{prefix}.piece{piece.index:06d}", w["vocab"], w["json_keys"])
     try:
         tally = write_piece(piece, shard_set, w["encoder"], w["json_keys"], w["txt_blocks"], w["chunk_size"],
-                            w["strict"], _report_shared)
+                            w["strict"], _report_shared, w["max_doc_bytes"])
         return {"tally": tally, "files": shard_set.finish_piece()}
     except BaseException:
         shard_set.abort()
@@ -229,7 +238,7 @@ class _Runner:
             self._seen = (0, 0)
             config = {"vocab": self.vocab, "json_keys": list(self.opts.json_keys),
                       "txt_blocks": self.opts.txt_blocks, "chunk_size": self.opts.chunk_size,
-                      "strict": self.opts.strict}
+                      "strict": self.opts.strict, "max_doc_bytes": self.opts.max_doc_bytes}
             self.pool = ctx.Pool(self.opts.workers, initializer=_init_worker,
                                  initargs=(self.encoder, config, self.counters))
         return self.pool
@@ -240,8 +249,10 @@ class _Runner:
         self.progress.update(docs - self._seen[0], nbytes - self._seen[1])
         self._seen = (docs, nbytes)
 
-    def write(self, pieces: List[Piece], prefix: str, keep_masks: bool) -> dict:
-        """All pieces into the shard set ``prefix``, committed; returns the tally and shard stats."""
+    def write(self, pieces: List[Piece], prefix: str, keep_masks: bool,
+              before_commit: Callable[[Tally], None]) -> dict:
+        """All pieces into the shard set ``prefix``, committed; returns the tally and shard stats.
+        ``before_commit(tally)`` runs before anything is published (it may raise to publish nothing)."""
         opts = self.opts
         shard_set = shards.ShardSet(prefix, self.vocab, opts.json_keys)
         tally = Tally()
@@ -249,7 +260,7 @@ class _Runner:
             if opts.workers == 1:
                 for piece in pieces:
                     tally.add(write_piece(piece, shard_set, self.encoder, opts.json_keys, opts.txt_blocks,
-                                          opts.chunk_size, opts.strict, self.progress.update))
+                                          opts.chunk_size, opts.strict, self.progress.update, opts.max_doc_bytes))
             else:
                 import multiprocessing as mp
 
@@ -267,6 +278,7 @@ class _Runner:
                     tally.add(result["tally"])
                     self._poll()
             stats = shard_set.stats()
+            before_commit(tally)
             shard_set.commit(keep_masks=keep_masks)
         except BaseException:
             self.close()  # no worker writes any more
@@ -311,13 +323,29 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
     encoder = DocumentEncoder(opts.tokenizers, opts.json_keys, opts.append_eod)
     vocab = {name: tok.vocab_size for name, tok in encoder.tokenizers.items()}
     prefix = opts.output_prefix
+    if opts.max_doc_bytes < 1:
+        raise InputError("--max-doc-bytes must be >= 1")
+    flags = {"json_keys": list(opts.json_keys), "append_eod": opts.append_eod, "txt_blocks": opts.txt_blocks,
+             "max_doc_bytes": opts.max_doc_bytes}
+    toks = tokenizer_digests(opts.tokenizers)
+    current = fingerprint(files, toks, flags)
     finals = [shards.token_prefix(prefix, v, k) for v in vocab for k in opts.json_keys]
     summary_path = Path(prefix + ".summary.json")
-    if all(shards.exists(p) for p in finals) and summary_path.is_file() and not opts.overwrite:
-        summary = json.loads(summary_path.read_text())
-        summary["up_to_date"] = True
-        return summary
+    old = read_summary(summary_path)
+    reason = stale_reason(old, current, os.path.dirname(prefix) or ".", _names(finals))
+    if reason is None and not opts.overwrite:
+        old["up_to_date"] = True
+        return old
+    if old is not None and reason is not None:
+        print(f"{prefix}: {reason}; rebuilding", flush=True)
     shards.remove_stale_temporaries(prefix)
+
+    def publishing(tally: Tally) -> None:
+        """Before the final shards replace anything: refuse an empty result; drop the old
+        summary, so a run killed while publishing is never taken for a finished one."""
+        if tally.documents == 0:
+            raise _nothing_to_write(files, tally)
+        summary_path.unlink(missing_ok=True)
 
     groups = _split_files(files, opts.partitions) if opts.partitions > 1 else [files]
     groups = [g for g in groups if g]
@@ -329,24 +357,35 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
     try:
         if len(groups) <= 1:
             pieces = plan_pieces(files, _piece_bytes(opts, total_bytes(files)), txt_blocks=opts.txt_blocks)
-            part_stats.append(runner.write(pieces, prefix, False))
+            part_stats.append(runner.write(pieces, prefix, False, publishing))
         else:
             for i, group in enumerate(groups):
                 part = f"{prefix}_part{i:03d}of{len(groups):03d}"
                 part_summary = Path(part + ".summary.json")
                 done = [shards.token_prefix(part, v, k) for v in vocab for k in opts.json_keys]
-                if part_summary.is_file() and all(shards.exists(p) for p in done) and not opts.overwrite:
-                    stats = json.loads(part_summary.read_text())
+                part_print = fingerprint(group, toks, flags)
+                stats = read_summary(part_summary)
+                if stale_reason(stats, part_print, os.path.dirname(part) or ".", _names(done)) is None \
+                        and not opts.overwrite:
                     print(f"{part}: already written ({stats['documents']} documents), skipped", flush=True)
                     progress.update(stats["documents"], sum(f.stat().st_size for f in group))
                 else:
+                    part_summary.unlink(missing_ok=True)
                     shards.remove_stale_temporaries(part)
                     pieces = plan_pieces(group, _piece_bytes(opts, total_bytes(group)), txt_blocks=opts.txt_blocks)
-                    stats = runner.write(pieces, part, True)
+                    stats = runner.write(pieces, part, True, lambda tally: None)
+                    stats["fingerprint"] = part_print
+                    stats["files"] = published_sizes(_with_masks(done))
                     atomic_write_text(part_summary, json.dumps(stats))
                 part_stats.append(stats)
-            _merge_partitions(prefix, [f"{prefix}_part{i:03d}of{len(groups):03d}" for i in range(len(groups))],
-                              part_stats, vocab, opts.json_keys)
+            parts = [f"{prefix}_part{i:03d}of{len(groups):03d}" for i in range(len(groups))]
+            total = Tally()
+            for stats in part_stats:
+                total.add(stats)
+            if total.documents == 0:
+                _remove_parts(parts, vocab, opts.json_keys)
+            publishing(total)
+            _merge_partitions(prefix, parts, part_stats, vocab, opts.json_keys)
     finally:
         progress.close()
         runner.close()
@@ -370,9 +409,30 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
         "mb_per_s": round(tally.bytes / 1e6 / max(seconds, 1e-9), 3),
         "tokens_per_s": round(sum(tokens_per_variant.values()) / max(seconds, 1e-9), 1),
         "workers": opts.workers, "partitions": len(groups),
+        "fingerprint": current, "files": published_sizes(_with_masks(finals)),
     }
     atomic_write_text(summary_path, json.dumps(summary, indent=2))
     return summary
+
+
+def _names(prefixes: Sequence[str]) -> List[str]:
+    """The ``.bin``/``.idx`` file names of dataset prefixes."""
+    return [os.path.basename(p) + ext for p in prefixes for ext in (".bin", ".idx")]
+
+
+def _with_masks(prefixes: Sequence[str]) -> List[str]:
+    return [q for p in prefixes for q in (p, shards.mask_prefix_of(p))]
+
+
+def _nothing_to_write(files: Sequence[Path], tally: Tally) -> InputError:
+    where = str(files[0]) if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more inputs)"
+    skipped = sum(tally.skipped.values())
+    if not skipped:
+        return InputError(f"{where}: no documents in the input; nothing was published")
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted(tally.skipped.items()))
+    first = next(iter(tally.first_skipped.values()))[0]
+    return InputError(f"{where}: all {skipped} records were skipped ({reasons}; first at {first}); "
+                      f"nothing was published")
 
 
 def _merge_partitions(prefix: str, parts: List[str], part_stats: List[dict], vocab: Dict[str, int],
@@ -395,7 +455,11 @@ def _merge_partitions(prefix: str, parts: List[str], part_stats: List[dict], voc
                 except BaseException:
                     writer.abort()
                     raise
-    for part in parts:  # the merged set is complete: drop the parts
+    _remove_parts(parts, vocab, json_keys)  # the merged set is complete
+
+
+def _remove_parts(parts: List[str], vocab: Dict[str, int], json_keys: Sequence[str]) -> None:
+    for part in parts:
         for variant in vocab:
             for key in json_keys:
                 for naming in (shards.token_prefix, shards.mask_prefix):

@@ -5,7 +5,10 @@ object per line), ``.jsonl.gz``, ``.jsonl.zst``, ``.parquet`` and text files (``
 document per file, or per blank-line-separated block). :func:`iter_documents` yields, for each record,
 either a :class:`Document` (its ``--json-keys`` values, the bytes read, and ``file:line``) or a
 :class:`Skipped` naming why (``malformed_json``, ``invalid_utf8``, ``missing_key``,
-``not_text``, ``empty``). Reading streams: memory does not grow with the input.
+``not_text``, ``empty``, ``too_large``). Reading streams: memory does not grow with the input,
+and a record (line, text block or text file) over ``max_doc_bytes`` is dropped while it is read.
+A truncated or corrupt ``.gz``/``.zst`` is an :class:`InputError` naming the file, not a
+shorter corpus.
 
 For parallel preprocessing, :func:`plan_pieces` cuts the inputs into ordered :class:`Piece` s
 (:func:`iter_piece` reads one): uncompressed JSONL at line starts and text blocks after blank
@@ -75,45 +78,114 @@ def expand_inputs(patterns: Sequence[str]) -> List[Path]:
     return unique
 
 
-def _decompressed(path: Path, raw):
+DEFAULT_MAX_DOC_BYTES = 8 << 20  # --max-doc-bytes: one record's input bytes (docs/data.md)
+_READ = 1 << 20  # bytes per read
+_ZSTD_INPUT = 64 << 10  # compressed bytes fed at a time: bounds one zstd output burst
+TOO_LARGE = None  # a line longer than the limit: its bytes were dropped while reading
+
+
+def _corrupt(path: Path, err: BaseException) -> InputError:
+    kind = "zstd" if path.name.lower().endswith(".zst") else "gzip"
+    detail = str(err) or type(err).__name__
+    return InputError(f"{path}: corrupt or truncated {kind} data ({detail}); nothing was published")
+
+
+def _gzip_chunks(path: Path, raw) -> Iterator[bytes]:
+    import zlib
+
+    try:
+        with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+            while True:
+                chunk = stream.read(_READ)
+                if not chunk:
+                    return
+                yield chunk
+    except (EOFError, OSError, zlib.error) as err:  # truncated, not gzip, bad CRC
+        raise _corrupt(path, err) from None
+
+
+def _zstd_chunks(path: Path, raw) -> Iterator[bytes]:
+    """Every frame of a zstd file; a frame cut short is an error (zstandard's stream reader
+    ends quietly at a truncated frame, and reads only the first of several frames)."""
+    import zstandard
+
+    decompressor = zstandard.ZstdDecompressor()
+    frame, started = decompressor.decompressobj(), False
+    try:
+        while True:
+            data = raw.read(_ZSTD_INPUT)
+            if not data:
+                break
+            while data:
+                if frame.eof:  # the next frame (concatenated files, pzstd)
+                    frame, started = decompressor.decompressobj(), False
+                started = True
+                out = frame.decompress(data)
+                data = frame.unused_data if frame.eof else b""
+                if out:
+                    yield out
+    except zstandard.ZstdError as err:
+        raise _corrupt(path, err) from None
+    if started and not frame.eof:
+        raise _corrupt(path, EOFError("the last frame ends early"))
+
+
+def _raw_chunks(raw, start: int, end: Optional[int]) -> Iterator[bytes]:
+    raw.seek(start)
+    pos = start
+    while True:
+        want = _READ if end is None else min(_READ, end - pos)
+        chunk = raw.read(want) if want > 0 else b""
+        if not chunk:
+            return
+        pos += len(chunk)
+        yield chunk
+
+
+def _chunks_of(path: Path, raw, start: int = 0, end: Optional[int] = None) -> Iterator[bytes]:
+    """The (decompressed) bytes of ``path`` in chunks; byte ranges of uncompressed files only."""
     name = path.name.lower()
+    compressed = name.endswith((".gz", ".zst"))
+    if compressed and (start or end is not None):
+        raise ValueError(f"{path}: a compressed file cannot be read by byte range")
     if name.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        return _gzip_chunks(path, raw)
     if name.endswith(".zst"):
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(raw)
-    return raw
+        return _zstd_chunks(path, raw)
+    return _raw_chunks(raw, start, end)
 
 
-def _lines(path: Path, start: int = 0, end: Optional[int] = None, first_line: int = 1) -> Iterator[tuple]:
+def _lines(path: Path, start: int = 0, end: Optional[int] = None, first_line: int = 1,
+           max_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[tuple]:
     """``(line number, line bytes, input bytes consumed since the previous line)`` of the byte
     range ``[start, end)`` (uncompressed files only; ``start`` is a line start numbered
     ``first_line``); for compressed files the consumed bytes are compressed ones, so progress
-    matches file sizes."""
+    matches file sizes. A line longer than ``max_bytes`` comes as :data:`TOO_LARGE`: its bytes
+    are dropped as they are read, so memory stays bounded by ``max_bytes`` plus one read."""
     with open(path, "rb") as raw:
-        stream = _decompressed(path, raw)
-        if start or end is not None:
-            if stream is not raw:
-                raise ValueError(f"{path}: a compressed file cannot be read by byte range")
-            raw.seek(start)
-        pending, lineno, last_pos, pos = b"", first_line - 1, start, start
-        while True:
-            want = 1 << 20 if end is None else min(1 << 20, end - pos)
-            chunk = stream.read(want) if want > 0 else b""
-            if not chunk:
-                break
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
+        pending, oversize = b"", False  # the line so far; oversize: it passed max_bytes
+        lineno, last_pos = first_line - 1, start
+        for chunk in _chunks_of(path, raw, start, end):
+            parts = chunk.split(b"\n")
+            if len(parts) == 1:  # no line ends in this chunk
+                if not oversize:
+                    pending += chunk
+                    if len(pending) > max_bytes:
+                        pending, oversize = b"", True
+                continue
             pos = raw.tell()
-            for i, line in enumerate(complete):
+            lines = [TOO_LARGE if oversize else pending + parts[0]] + parts[1:-1]
+            pending, oversize = parts[-1], False
+            for i, line in enumerate(lines):
                 lineno += 1
-                consumed = pos - last_pos if i == len(complete) - 1 else 0
+                consumed = pos - last_pos if i == len(lines) - 1 else 0
                 if consumed:
                     last_pos = pos
-                yield lineno, line, consumed
-        if pending:
-            yield lineno + 1, pending, raw.tell() - last_pos
+                yield lineno, (TOO_LARGE if line is not TOO_LARGE and len(line) > max_bytes else line), consumed
+            if len(pending) > max_bytes:
+                pending, oversize = b"", True
+        if pending or oversize:
+            yield lineno + 1, TOO_LARGE if oversize else pending, raw.tell() - last_pos
 
 
 def _pick(record: dict, keys: Sequence[str], where: str, nbytes: int):
@@ -136,10 +208,14 @@ def _pick(record: dict, keys: Sequence[str], where: str, nbytes: int):
     return Document(where, fields, nbytes)
 
 
-def _jsonl(path: Path, keys: Sequence[str], span: tuple = (0, None, 1)) -> Iterator[Union[Document, Skipped]]:
+def _jsonl(path: Path, keys: Sequence[str], span: tuple = (0, None, 1),
+           max_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Union[Document, Skipped]]:
     carried = 0
-    for lineno, line, nbytes in _lines(path, *span):
+    for lineno, line, nbytes in _lines(path, *span, max_bytes=max_bytes):
         where, nbytes, carried = f"{path}:{lineno}", nbytes + carried, 0
+        if line is TOO_LARGE:
+            yield Skipped(where, "too_large", nbytes)
+            continue
         if not line.strip():
             carried = nbytes
             continue
@@ -178,11 +254,21 @@ def _parquet(path: Path, keys: Sequence[str]) -> Iterator[Union[Document, Skippe
             yield _pick(record, keys, f"{path}:row{row}", per_row_bytes)
 
 
-def _text(path: Path, key: str, blocks: bool, span: tuple = (0, None, 1)) -> Iterator[Union[Document, Skipped]]:
+def _text(path: Path, key: str, blocks: bool, span: tuple = (0, None, 1),
+          max_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Union[Document, Skipped]]:
     if not blocks:
         with open(path, "rb") as raw:
-            data = _decompressed(path, raw).read()
+            parts, held, oversize = [], 0, False
+            for chunk in _chunks_of(path, raw):  # read to the end even when too large: a
+                held += len(chunk)              # corrupt .gz is an error, not a skip
+                oversize = oversize or held > max_bytes
+                if not oversize:
+                    parts.append(chunk)
             size = raw.tell()
+        if oversize:
+            yield Skipped(f"{path}:1", "too_large", size)
+            return
+        data = b"".join(parts)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -191,44 +277,50 @@ def _text(path: Path, key: str, blocks: bool, span: tuple = (0, None, 1)) -> Ite
         yield Document(f"{path}:1", {key: text}, size) if text.strip() else Skipped(f"{path}:1", "empty", size)
         return
     block: List[bytes] = []
-    start = consumed = 0
-    for lineno, line, nbytes in _lines(path, *span):
+    start = consumed = held = 0  # held: the block's bytes; over max_bytes it is dropped
+    for lineno, line, nbytes in _lines(path, *span, max_bytes=max_bytes):
         consumed += nbytes
-        if line.strip():
+        if line is TOO_LARGE or line.strip():
             if not block:
-                start = lineno
-            block.append(line)
+                start, held = lineno, 0
+                block.append(b"")  # a block is open (its lines may be dropped)
+            held += max_bytes + 1 if line is TOO_LARGE else len(line) + 1
+            if held <= max_bytes:
+                block.append(line)
             continue
         if block:
-            yield _text_block(path, start, block, key, consumed)
+            yield _text_block(path, start, block, key, consumed, held > max_bytes)
             block, consumed = [], 0
     if block:
-        yield _text_block(path, start, block, key, consumed)
+        yield _text_block(path, start, block, key, consumed, held > max_bytes)
 
 
-def _text_block(path: Path, start: int, lines: List[bytes], key: str, nbytes: int):
-    raw = b"\n".join(lines)
+def _text_block(path: Path, start: int, lines: List[bytes], key: str, nbytes: int, too_large: bool):
+    if too_large:
+        return Skipped(f"{path}:{start}", "too_large", nbytes)
+    raw = b"\n".join(lines[1:])
     try:
         return Document(f"{path}:{start}", {key: raw.decode("utf-8")}, nbytes)
     except UnicodeDecodeError:
         return Skipped(f"{path}:{start}", "invalid_utf8", nbytes)
 
 
-def iter_documents(files: Sequence[Path], json_keys: Sequence[str], *,
-                   txt_blocks: bool = False) -> Iterator[Union[Document, Skipped]]:
+def iter_documents(files: Sequence[Path], json_keys: Sequence[str], *, txt_blocks: bool = False,
+                   max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Union[Document, Skipped]]:
     """Every record of ``files`` in order (module docstring). ``.txt`` inputs give their text
-    under the first json key; ``txt_blocks`` splits them at blank lines."""
+    under the first json key; ``txt_blocks`` splits them at blank lines. A record of more than
+    ``max_doc_bytes`` input bytes is skipped as ``too_large`` without being held in memory."""
     for path in files:
-        yield from _file_records(Path(path), json_keys, txt_blocks, (0, None, 1))
+        yield from _file_records(Path(path), json_keys, txt_blocks, (0, None, 1), max_doc_bytes)
 
 
-def _file_records(path: Path, json_keys: Sequence[str], txt_blocks: bool, span: tuple):
+def _file_records(path: Path, json_keys: Sequence[str], txt_blocks: bool, span: tuple, max_bytes: int):
     name = path.name.lower()
     if name.endswith(".parquet"):
         return _parquet(path, json_keys)
     if name.endswith(TEXT_SUFFIXES):
-        return _text(path, json_keys[0], txt_blocks, span)
-    return _jsonl(path, json_keys, span)
+        return _text(path, json_keys[0], txt_blocks, span, max_bytes)
+    return _jsonl(path, json_keys, span, max_bytes)
 
 
 # ---- pieces: the inputs cut for parallel workers ------------------------------------------
@@ -253,11 +345,12 @@ class Piece:
     nbytes: int  # bytes on disk (progress)
 
 
-def iter_piece(piece: Piece, json_keys: Sequence[str], *,
-               txt_blocks: bool = False) -> Iterator[Union[Document, Skipped]]:
+def iter_piece(piece: Piece, json_keys: Sequence[str], *, txt_blocks: bool = False,
+               max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Union[Document, Skipped]]:
     """The records of one piece, positions numbered as in the whole file."""
     for seg in piece.segments:
-        yield from _file_records(seg.path, json_keys, txt_blocks, (seg.start, seg.end, seg.first_line))
+        yield from _file_records(seg.path, json_keys, txt_blocks, (seg.start, seg.end, seg.first_line),
+                                 max_doc_bytes)
 
 
 def _splittable(path: Path, txt_blocks: bool) -> bool:

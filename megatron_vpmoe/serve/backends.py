@@ -11,6 +11,7 @@ A backend wraps one model and its tokenizer and answers two batched calls, both 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
@@ -33,6 +34,30 @@ class SampleParams:
 
     def key(self) -> tuple:
         return (self.max_new_tokens, self.temperature, self.top_p, self.seed, self.stop_ids)
+
+
+class Cancelled(Exception):
+    """Every request of a backend call went away; the call stopped at a forward step."""
+
+
+@contextlib.contextmanager
+def stop_when(model, cancelled: Optional[threading.Event]):
+    """Stop ``model``'s work (raise :class:`Cancelled` at its next forward call) once
+    ``cancelled`` is set; sampling loops call the model once per token, so a generation ends
+    within one step of its last client leaving."""
+    if cancelled is None:
+        yield
+        return
+
+    def check(*_):
+        if cancelled.is_set():
+            raise Cancelled("every request of this batch was cancelled")
+
+    handle = model.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -68,6 +93,11 @@ class Backend:
         """Character offset where each token starts in ``decode(ids)``."""
         return [len(self.decode(ids[:i])) for i in range(len(ids))]
 
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters one token stands for: a text of more than
+        ``n * max_token_chars()`` characters has more than ``n`` tokens, known without encoding it."""
+        raise NotImplementedError
+
     @property
     def is_harmony(self) -> bool:
         return all(self.token_id(t) is not None for t in HARMONY_SPECIALS)
@@ -86,11 +116,12 @@ class Backend:
         return self.eos_ids
 
     # model ----------------------------------------------------------------------------------
-    def generate(self, prompts: list, params: SampleParams) -> list:
-        """One batched call; ``prompts`` are token-id lists; returns one :class:`Sampled` each."""
+    def generate(self, prompts: list, params: SampleParams, cancelled: Optional[threading.Event] = None) -> list:
+        """One batched call; ``prompts`` are token-id lists; returns one :class:`Sampled` each.
+        Raises :class:`Cancelled` soon after ``cancelled`` is set."""
         raise NotImplementedError
 
-    def score(self, sequences: list) -> list:
+    def score(self, sequences: list, cancelled: Optional[threading.Event] = None) -> list:
         """Per-token log-probs of each sequence given its prefix (first entry None)."""
         raise NotImplementedError
 
@@ -120,6 +151,14 @@ class HFTokenizerBackend(Backend):
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False,
                                      clean_up_tokenization_spaces=False)
+
+    def max_token_chars(self) -> int:
+        if getattr(self, "_max_token_chars", None) is None:
+            # vocabulary strings spell a token with at least one character per decoded
+            # character (byte-level BPE: one per byte; SentencePiece: one per piece character)
+            vocab = self.tokenizer.get_vocab()
+            self._max_token_chars = max([len(t) for t in vocab] + [1])
+        return self._max_token_chars
 
     def token_id(self, token: str):
         tid = self.tokenizer.convert_tokens_to_ids(token)
@@ -160,7 +199,7 @@ class HFBackend(HFTokenizerBackend):
         if self.max_positions and n > self.max_positions:
             raise InputError(f"sequence of {n} tokens exceeds the model's {self.max_positions} positions")
 
-    def generate(self, prompts, params: SampleParams):
+    def generate(self, prompts, params: SampleParams, cancelled=None):
         import torch
 
         width = max(len(p) for p in prompts)
@@ -172,7 +211,7 @@ class HFBackend(HFTokenizerBackend):
             mask[i, width - len(p):] = 1
         greedy = params.temperature <= 0
         stop = list(params.stop_ids) or None
-        with self._lock, torch.no_grad():
+        with self._lock, torch.no_grad(), stop_when(self.model, cancelled):
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             out = self.model.generate(
@@ -190,7 +229,7 @@ class HFBackend(HFTokenizerBackend):
                                              set(params.stop_ids), params.max_new_tokens))
         return results
 
-    def score(self, sequences):
+    def score(self, sequences, cancelled=None):
         import torch
 
         width = max(len(s) for s in sequences)
@@ -200,7 +239,7 @@ class HFBackend(HFTokenizerBackend):
         for i, s in enumerate(sequences):  # right padding: positions need no shifting
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = 1
-        with torch.no_grad():
+        with torch.no_grad(), stop_when(self.model, cancelled):
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
         lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         return [[None] + lp[i, : len(s) - 1].tolist() for i, s in enumerate(sequences)]

@@ -4,11 +4,18 @@ Requests are queued with a batch key (the sampling parameters for ``generate``; 
 ``score``). A collector waits ``window_ms`` after the first request of a round (or until
 ``max_batch`` rows are waiting), groups the queue by key, and runs each group as one batched
 backend call on a single worker thread, so the event loop keeps accepting requests meanwhile.
+
+A request whose caller goes away (the HTTP client disconnected, so aiohttp cancelled its
+handler) is dropped from the queue; once every request of a running call is gone, the call's
+``cancelled`` event is set and the backend stops at its next forward step
+(:func:`megatron_vpmoe.serve.backends.stop_when`), so a dropped ``n=64, max_tokens=1000``
+request does not hold the model for the requests behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 class _Pending:
     key: tuple
     rows: list
-    fn: object  # callable(rows) -> results, same length as rows
+    fn: object  # callable(rows, cancelled: threading.Event) -> results, same length as rows
     future: asyncio.Future
 
 
@@ -29,6 +36,7 @@ class BatchStats:
     rows: int = 0
     max_rows: int = 0
     busy_s: float = 0.0
+    cancelled: int = 0  # calls stopped early because every request of the call went away
 
 
 class BatchQueue:
@@ -55,7 +63,8 @@ class BatchQueue:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, key: tuple, rows: list, fn) -> list:
-        """Queue ``rows`` for ``fn`` under ``key``; resolves to their results in order."""
+        """Queue ``rows`` for ``fn(rows, cancelled)`` under ``key``; resolves to their results in
+        order. Cancelling the awaiting task withdraws the request (see the module docstring)."""
         fut = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(key, rows, fn, fut))
         self._wake.set()
@@ -80,10 +89,20 @@ class BatchQueue:
 
     async def _run(self, loop, members: list[_Pending]) -> None:
         rows = [r for p in members for r in p.rows]
+        cancelled = threading.Event()  # read by the worker thread
+
+        def on_done(_fut) -> None:
+            if all(p.future.cancelled() for p in members):
+                cancelled.set()
+
+        for p in members:
+            p.future.add_done_callback(on_done)
         start = time.perf_counter()
         try:
-            results = await loop.run_in_executor(self._executor, members[0].fn, rows)
+            results = await loop.run_in_executor(self._executor, members[0].fn, rows, cancelled)
         except Exception as err:  # noqa: BLE001 - the error goes to every waiting request
+            if cancelled.is_set():
+                self.stats.cancelled += 1
             for p in members:
                 if not p.future.done():
                     p.future.set_exception(err)

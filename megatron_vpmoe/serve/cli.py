@@ -24,13 +24,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="how long to gather concurrent requests into one batch")
     parser.add_argument("--max-batch", type=int, default=32, help="most sequences per forward call")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    limits = parser.add_argument_group("bounds (docs/distill.md)")
+    defaults = _limit_defaults()
+    limits.add_argument("--max-request-bytes", type=int, default=defaults["max_request_bytes"], metavar="N",
+                        help="largest request body; a larger one gets 413 before it is read (default 1 MiB)")
+    limits.add_argument("--max-prompt-tokens", type=int, default=defaults["max_prompt_tokens"], metavar="N",
+                        help="longest prompt in tokens; longer gets 400, before tokenising when its "
+                             "length proves it (default %(default)s)")
+    limits.add_argument("--max-request-tokens", type=int, default=defaults["max_request_tokens"], metavar="N",
+                        help="most tokens one request may ask to generate: prompts x n x max_tokens "
+                             "(default %(default)s)")
+    limits.add_argument("--max-pending", type=int, default=defaults["max_pending"], metavar="N",
+                        help="requests in progress at once (reading, tokenising, queued, generating); more "
+                             "get 503 with Retry-After (default %(default)s)")
     parser.set_defaults(func=_run)
+
+
+def _limit_defaults() -> dict:
+    from dataclasses import fields
+
+    from megatron_vpmoe.serve.limits import ServeLimits  # no aiohttp: every vpmoe command builds this parser
+
+    return {f.name: f.default for f in fields(ServeLimits)}
 
 
 def _run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from megatron_vpmoe.serve.app import OpenAIServer
+    from megatron_vpmoe.serve.limits import ServeLimits
     from megatron_vpmoe.serve.backends import load_backend, set_threads
     from megatron_vpmoe.utils.errors import UsageError, VpmoeError
 
@@ -38,13 +60,20 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_batch < 1:
         raise UsageError("--max-batch must be >= 1")
+    limits = ServeLimits(args.max_request_bytes, args.max_prompt_tokens, args.max_request_tokens, args.max_pending)
+    try:
+        limits.check()
+    except ValueError as err:
+        raise UsageError(f"--{str(err).replace('_', '-')}") from None
     set_threads(args.threads)
     backend = load_backend(args.model, args.served_model_name, args.tokenizer)
-    server = OpenAIServer(backend, window_ms=args.batch_window_ms, max_batch=args.max_batch)
+    server = OpenAIServer(backend, window_ms=args.batch_window_ms, max_batch=args.max_batch, limits=limits)
     print(f"vpmoe serve: {backend.model_id} ({'Harmony' if backend.is_harmony else 'plain'} chat) "
           f"on http://{args.host}:{args.port}/v1", flush=True)
     try:
-        web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
+        # handler_cancellation: a client that disconnects cancels its request (and its generation)
+        web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None,
+                    handler_cancellation=True)
     except OSError as err:  # port taken, address not available
         raise VpmoeError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
     return 0

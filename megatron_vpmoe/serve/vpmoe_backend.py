@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_vpmoe.serve.backends import (
-    HFTokenizerBackend, SampleParams, load_tokenizer_dir, truncate_at_stop)
+    HFTokenizerBackend, SampleParams, load_tokenizer_dir, stop_when, truncate_at_stop)
 from megatron_vpmoe.utils.errors import InputError
 
 
@@ -47,12 +47,12 @@ class VpmoeBackend(HFTokenizerBackend):
         self._lock = threading.Lock()
         self._torch = torch
 
-    def generate(self, prompts, params: SampleParams):
+    def generate(self, prompts, params: SampleParams, cancelled=None):
         from megatron_vpmoe.model.generation import generate, sequence_logprobs
 
         torch = self._torch
         stop = set(params.stop_ids)
-        with self._lock:
+        with self._lock, stop_when(self.model, cancelled):
             gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
             outs = generate(self.model, prompts, params.max_new_tokens, temperature=params.temperature,
                             top_p=params.top_p, eos_id=next(iter(params.stop_ids), None),
@@ -61,10 +61,10 @@ class VpmoeBackend(HFTokenizerBackend):
             lps = sequence_logprobs(self.model, seqs, [len(p) for p in prompts])
         return [truncate_at_stop(o, lp, stop, params.max_new_tokens) for o, lp in zip(outs, lps)]
 
-    def score(self, sequences):
+    def score(self, sequences, cancelled=None):
         from megatron_vpmoe.model.generation import sequence_logprobs
 
-        with self._lock:
+        with self._lock, stop_when(self.model, cancelled):
             lps = sequence_logprobs(self.model, sequences, [1] * len(sequences))
         return [[None] + lp for lp in lps]
 
