@@ -92,22 +92,22 @@ class ParallelModel:
         ``(loss_sum, n_tokens)`` over the global batch (floats, on every rank).
 
         With ``loss_fn(per_token_loss [b, S], micro_batch) -> (loss, stats)``: ``loss`` is the
-        micro-batch's complete share of the objective (backpropagated as is; the caller adds
-        ``self.module.aux_loss()`` if it wants it) and ``stats`` a 1-D float64 tensor; returns
+        micro-batch's share of the language-model objective (backpropagated as is) and ``stats``
+        a 1-D float64 tensor; returns
         the stats summed over micro-batches, pipeline stages and data-parallel ranks (the same
         on every rank). Works in every layout; under PP it runs on the last stage, once per
-        micro-batch in order."""
+        micro-batch in order.
+
+        The MoE aux loss (``moe_aux_loss_coeff > 0``) is added in every layout by the MoE layers
+        themselves, averaged over micro-batches and DP ranks, through backward (so it reaches
+        every pipeline stage); :meth:`aux_loss_added` reads what was added."""
         if loss_fn is not None:
             return self._run(micro_batches, loss_fn, backward=True)
         n_tokens = self._global_token_count(micro_batches)
-        aux_scale = 1.0 / (len(micro_batches) * self.ctx.dp)
 
         def token_mean(per_token, mb):
             summed = per_token.sum()
-            loss = summed / n_tokens
-            if self.ctx.pp == 1:  # the aux loss is rejected with PP (check_pipeline_config)
-                loss = loss + self.module.aux_loss() * aux_scale
-            return loss, summed.detach().double().view(1)
+            return summed / n_tokens, summed.detach().double().view(1)
 
         stats = self._run(micro_batches, token_mean, backward=True)
         return float(stats[0]), n_tokens
@@ -125,6 +125,8 @@ class ParallelModel:
 
     def _run(self, micro_batches: List[Dict], loss_fn: LossFn, backward: bool) -> torch.Tensor:
         ctx = self.ctx
+        # each MoE layer adds its aux loss, averaged over micro-batches and DP ranks, in backward
+        self.module.set_aux_loss_scale(1.0 / (len(micro_batches) * ctx.dp) if backward else 0.0)
         if ctx.pp > 1:
             stats = self._pipeline_run(micro_batches, loss_fn, backward)
         else:
@@ -218,6 +220,16 @@ class ParallelModel:
         _all_reduce_coalesced(experts, self.ctx.expert_dp_group)
 
     # -- expert balancing -------------------------------------------------------------------
+    def aux_loss_added(self) -> torch.Tensor:
+        """The MoE aux loss the last training step added to the objective, summed over pipeline
+        stages and DP ranks (a device tensor; 0 when the aux loss is off)."""
+        total = self.module.aux_loss_added().reshape(1).to(engine_device(), torch.float64)
+        if self.ctx.pp > 1:
+            dist.all_reduce(total, group=self.ctx.pp_group)
+        if self.ctx.dp > 1:
+            dist.all_reduce(total, group=self.ctx.dp_group)
+        return total[0]
+
     def expert_load(self) -> torch.Tensor:
         load = self.module.expert_load()
         if self.ctx.dp > 1 and load.numel():
@@ -307,7 +319,6 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 123
     ctx.config.validate(cfg)
     from megatron_vpmoe.parallel.expert import AllToAllDispatcher
     from megatron_vpmoe.parallel.layout import rank_layers
-    from megatron_vpmoe.parallel.pipeline import check_pipeline_config
     from megatron_vpmoe.parallel.tensor import te_linear_spec, tensor_parallel_spec
 
     torch.manual_seed(seed)
@@ -320,7 +331,6 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 123
     local_experts = cfg.num_moe_experts // ctx.ep if cfg.num_moe_experts else None
     layers, first, last = None, True, True
     if ctx.pp > 1:
-        check_pipeline_config(cfg)
         layers = rank_layers(cfg.num_layers, ctx.pp, ctx.vpp, ctx.pp_rank)
         first, last = ctx.pp_rank == 0, ctx.pp_rank == ctx.pp - 1
     module = VpmoeModel(cfg, spec, layer_numbers=layers, pre_process=first, post_process=last,

@@ -160,11 +160,3 @@ class PipelineRunner:
             run(*args, **kwargs)
         finally:
             self._loss = None
-
-
-def check_pipeline_config(cfg: ModelConfig) -> None:
-    from megatron_vpmoe.utils.errors import ConfigError
-    if cfg.moe_aux_loss_coeff > 0:
-        raise ConfigError("the MoE aux loss is not supported with pipeline parallelism yet; "
-                          "use aux-loss-free balancing (moe_aux_loss_coeff: 0)",
-                          key="model.moe_aux_loss_coeff")

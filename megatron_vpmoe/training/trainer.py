@@ -264,23 +264,19 @@ class Trainer:
                         "roles": roles_from_loss_mask(mb["loss_mask"])})
         return out
 
-    def _objective_hook(self, objective: Objective, aux_share: float, inject_nan: bool = False):
+    def _objective_hook(self, objective: Objective, inject_nan: bool = False):
         """The engine's loss hook: ``(loss to backpropagate, stats)`` per micro-batch, stats =
-        ``[L_nll part, aux part, nll per role (4), bytes]``."""
-        use_aux = self.ctx.pp == 1  # the aux loss is refused with PP (check_pipeline_config)
+        ``[L_nll part, 0 (the aux slot, filled by the step), nll per role (4), bytes]``."""
 
         def loss_fn(per_token: torch.Tensor, mb: Dict) -> tuple:
             per_token = per_token.float()
             if inject_nan:
                 per_token = per_token * float("nan")
-            aux = self.raw_model.aux_loss() if use_aux and objective is not None else None
             stats = torch.zeros(7, dtype=torch.float64, device=per_token.device)
             if objective is not None:
-                loss, stats[0] = objective(per_token, mb["roles"], aux)
+                loss, stats[0] = objective(per_token, mb["roles"])
             else:  # validation: no objective needed
                 loss = per_token.sum()
-            if aux is not None:
-                stats[1] = float(aux.detach()) * aux_share
             stats[2:6] = role_nll_sums(per_token, mb["roles"])
             if self.byte_lengths is not None:
                 stats[6] = counted_bytes(mb["labels"], mb["roles"], self.byte_lengths)
@@ -291,10 +287,11 @@ class Trainer:
     def train_step(self, micro_batches: List[Dict[str, torch.Tensor]], inject_nan: bool = False) -> Dict:
         batches = self._engine_batches(micro_batches)
         counts = self._dp_sum(sum(role_counts(mb["roles"]) for mb in batches).to(self.device))
-        aux_share = 1.0 / (len(batches) * self.dp_size)  # aux averaged over micro-batches and DP
-        objective = Objective(counts, self.weights, grad_scale=1.0, aux_scale=aux_share)
+        objective = Objective(counts, self.weights, grad_scale=1.0)
         with self._autocast():
-            stats = self.pm.forward_backward(batches, self._objective_hook(objective, aux_share, inject_nan))
+            stats = self.pm.forward_backward(batches, self._objective_hook(objective, inject_nan))
+        # the MoE layers added the aux loss themselves (every stage; averaged over micro-batches and DP)
+        stats[1] = self.pm.aux_loss_added()
         grad_norm = clip_gradients(self.raw_model.parameters(), self.cfg.train.optimizer.clip_grad,
                                    total_norm=self.pm.grad_norm())
         lr = learning_rate(self.step, self.cfg.train)
@@ -337,7 +334,7 @@ class Trainer:
         self.pm.train(False)
         try:
             with self._autocast():
-                stats = self.pm.forward_only(batches, self._objective_hook(None, 0.0))
+                stats = self.pm.forward_only(batches, self._objective_hook(None))
         finally:
             self.pm.train(True)
             self.pm.reset_expert_counters()
