@@ -49,10 +49,10 @@ def _weight_files(hf_dir: Path) -> list[Path]:
 
 def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> Path:
     import torch
-    import yaml
     from safetensors import safe_open
 
     from megatron_vpmoe.config import config_from_dict, config_to_dict, dump_config
+    from megatron_vpmoe.config.loader import read_yaml
     from megatron_vpmoe.convert.checkpoint_io import write_native_checkpoint
     from megatron_vpmoe.convert.to_hf import RUN_CONFIG_FILE
     from megatron_vpmoe.eval.native import load_hf_tokenizer
@@ -74,7 +74,7 @@ def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> P
 
     # the run config: the one to-hf saved, else a minimal one; its model section from config.json
     run_file = src / RUN_CONFIG_FILE
-    run = yaml.safe_load(run_file.read_text()) if run_file.is_file() else {"data": {"mock": True}}
+    run = read_yaml(run_file) if run_file.is_file() else {"data": {"mock": True}}
     run = config_to_dict(config_from_dict(run, file=str(run_file)))
     run["model"] = dataclasses.asdict(model_cfg)
     run["data"]["tokenizer"] = "../tokenizer"  # relative to the checkpoint (see resolve_tokenizer_dir)

@@ -155,6 +155,10 @@ class Trainer:
             except ImportError as err:
                 raise VpmoeError(f"cannot load data.tokenizer: the tokenizer package has no loader ({err})") from None
             self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+            size, vocab = self.tokenizer.vocab_size, self.cfg.model.vocab_size
+            if size > vocab:  # its ids would index past the embedding at step 1
+                raise ConfigError(f"data.tokenizer {self.cfg.data.tokenizer} has {size} tokens, more than "
+                                  f"model.vocab_size {vocab}", key="model.vocab_size")
         return self.tokenizer
 
     def _num_samples(self) -> tuple:
