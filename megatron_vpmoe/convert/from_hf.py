@@ -49,7 +49,7 @@ def _weight_files(hf_dir: Path) -> list[Path]:
 
 def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> Path:
     import torch
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from megatron_vpmoe.config import config_from_dict, config_to_dict, dump_config
     from megatron_vpmoe.config.loader import read_yaml
@@ -71,6 +71,7 @@ def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> P
     out = Path(ckpt_dir)
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)  # an unusable output path fails now, before any work
 
     # the run config: the one to-hf saved, else a minimal one; its model section from config.json
     run_file = src / RUN_CONFIG_FILE
@@ -88,17 +89,20 @@ def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> P
     expected = model.state_dict()
     seen = set()
     for path in _weight_files(src):
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                if key not in expected:
-                    raise InputError(f"{path}: unexpected tensor {key!r} for this config")
-                tensor = fh.get_tensor(key)
-                if tuple(tensor.shape) != tuple(expected[key].shape):
-                    raise InputError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected "
-                                     f"{tuple(expected[key].shape)}")
-                with torch.no_grad():
-                    expected[key].copy_(tensor)
-                seen.add(key)
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():
+                    if key not in expected:
+                        raise InputError(f"{path}: unexpected tensor {key!r} for this config")
+                    tensor = fh.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(expected[key].shape):
+                        raise InputError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected "
+                                         f"{tuple(expected[key].shape)}")
+                    with torch.no_grad():
+                        expected[key].copy_(tensor)
+                    seen.add(key)
+        except SafetensorError as err:  # truncated or not safetensors at all
+            raise InputError(f"{path}: not a complete safetensors file ({err})") from None
     missing = sorted(set(expected) - seen)
     if missing:
         raise InputError(f"{src}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")

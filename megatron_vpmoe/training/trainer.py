@@ -90,6 +90,7 @@ class Trainer:
         from megatron_vpmoe.parallel import ParallelModel, build_parallel_model, init_parallel
 
         cfg.parallel.validate(cfg.model)
+        cfg.parallel.resolve_data(self.world_size)  # e.g. tensor=2 in one process: one line naming the key
         self.ctx = init_parallel(cfg.parallel)
         self.dp_size, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
         self.accum = cfg.train.check_batch_layout(self.dp_size)
