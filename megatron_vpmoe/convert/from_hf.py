@@ -64,9 +64,13 @@ def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> P
     if not config_file.is_file():
         raise InputError(f"{src}: no config.json (not a Hugging Face model directory)")
     try:
-        hf_config = json.loads(config_file.read_text())
+        hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputError(f"{config_file}: not UTF-8 text (byte offset {err.start})") from None
     except json.JSONDecodeError as err:
         raise InputError(f"{config_file}:{err.lineno}: not valid JSON: {err.msg}") from None
+    if not isinstance(hf_config, dict):
+        raise InputError(f"{config_file}: expected a JSON object")
     model_cfg = model_config_from_hf(hf_config, str(config_file))
     out = Path(ckpt_dir)
     if out.exists() and not overwrite:

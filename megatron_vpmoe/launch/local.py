@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from megatron_vpmoe.utils.errors import EXIT_REQUEUE, UsageError, VpmoeError
 
@@ -63,10 +63,11 @@ def mpirun_command(np: int, config: str, overrides: List[str], hostfile: Optiona
     return cmd
 
 
-def run_launcher(cmd: List[str], config: str, overrides: List[str], world_size: int,
+def run_launcher(build_cmd: Callable[[], List[str]], config: str, overrides: List[str], world_size: int,
                  usr1_as_term: bool = False) -> int:
-    """Run ``cmd`` (``world_size`` ranks) forwarding SIGTERM/SIGUSR1/SIGINT to it; map a
-    preemption to exit 75.
+    """Run ``build_cmd()`` (``world_size`` ranks) forwarding SIGTERM/SIGUSR1/SIGINT to it; map a
+    preemption to exit 75. The config is validated before the command is built (so a bad config
+    is reported before, say, a missing mpirun).
 
     ``usr1_as_term``: torchrun forwards SIGTERM to its workers but dies on SIGUSR1, so USR1 is
     delivered to it as SIGTERM (the trainer treats both as "checkpoint and stop")."""
@@ -75,6 +76,7 @@ def run_launcher(cmd: List[str], config: str, overrides: List[str], world_size: 
     cfg = load_config(config, overrides)  # validates before starting ranks
     cfg.parallel.resolve_data(world_size)  # the layout must fit the ranks: one line now, not one per rank
     run_dir = Path(cfg.run.dir)
+    cmd = build_cmd()
     marker = run_dir / "REQUEUE"
     marker.unlink(missing_ok=True)
     env = dict(os.environ)
@@ -105,6 +107,7 @@ def run_launcher(cmd: List[str], config: str, overrides: List[str], world_size: 
 def torchrun(argv: List[str]) -> int:
     """torchrun (same flags), but a failed rank's exit code is the result, without torchrun's
     traceback: a rank that exits 2 after its one-line error makes the launcher exit 2, not 1."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -113,6 +116,8 @@ def torchrun(argv: List[str]) -> int:
     except ChildFailedError as err:
         codes = [f.exitcode for _rank, f in sorted(err.failures.items())]
         return next((c for c in codes if c > 0), 1)  # killed by a signal (negative): a failure
+    except SignalException as err:  # SIGTERM/SIGINT reached torchrun: the workers were stopped
+        return 128 + int(err.sigval)
     return 0
 
 
