@@ -56,6 +56,14 @@ def tok(tmp_path_factory):
     return out
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _file(tmp_path, kind, name):
     path = tmp_path / name
     path.write_bytes(HOSTILE[kind])
@@ -67,6 +75,15 @@ def _dir_of(tmp_path, kind, names):
     d.mkdir()
     for name in names:
         (d / name).write_bytes(HOSTILE[kind])
+    return d
+
+
+def _hf_dir_with_hostile_weights(tmp_path, kind):
+    """A plausible GPT-2 directory (valid config.json) whose model.safetensors is hostile."""
+    d = _dir_of(tmp_path, kind, ["model.safetensors"])
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 1,
+                                               "vocab_size": 16, "n_positions": 16, "bos_token_id": 0,
+                                               "eos_token_id": 0}))
     return d
 
 
@@ -114,6 +131,12 @@ CASES = {
                                            t / "out"], t / "out"),
     "eval hf": lambda t, k, tok: (["eval", _dir_of(t, k, ["config.json", "model.safetensors", "tokenizer.json"]),
                                    "--tasks", "bpb", "--limit", "1", "--out", t / "out"], t / "out"),
+    # a hostile directory can never load, so serve fails before it binds (a free port regardless)
+    "serve": lambda t, k, tok: (["serve", _dir_of(t, k, ["config.json", "model.safetensors", "tokenizer.json"]),
+                                 "--port", _free_port()], None),
+    "serve weights": lambda t, k, tok: (["serve", _hf_dir_with_hostile_weights(t, k), "--port", _free_port()], None),
+    "eval hf weights": lambda t, k, tok: (["eval", _hf_dir_with_hostile_weights(t, k), "--tasks", "bpb", "--limit",
+                                           "1", "--out", t / "out"], t / "out"),
     "eval native": lambda t, k, tok: (["eval", _dir_of(t, k, ["latest", "config.yaml"]), "--tasks", "bpb",
                                        "--limit", "1", "--out", t / "out"], t / "out"),
 }
@@ -125,6 +148,8 @@ _INDEX = ("megatron-core's IndexedDataset asserts 'bad header' (or numpy 'cannot
 KNOWN = {
     **{("preprocess inspect", k): _INDEX for k in HOSTILE},
     **{("preprocess merge", k): _INDEX for k in HOSTILE},
+    **{("serve weights", k): "serve/backends.py HFBackend does not catch safetensors' SafetensorError "
+                             "(a truncated or fake model.safetensors)" for k in HOSTILE},
     **{("eval native", k): "training/checkpoint.py latest_checkpoint() reads a non-UTF-8 'latest' pointer "
                            "without catching UnicodeDecodeError" for k in ("binary", "truncated")},
 }

@@ -323,3 +323,18 @@ def test_eval_needs_trust_remote_code_for_unknown_remote_code(hf_dir, tmp_path, 
     backend = open_backend(str(planted), trust_remote_code=True)
     assert type(backend.model).__module__ != "megatron_vpmoe.convert.hf_template.modeling_vpmoe"
     assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize("cut", ["half", "header"])
+def test_from_hf_truncated_safetensors_is_one_line(hf_dir, tmp_path, capsys, cut):
+    import shutil
+
+    broken = tmp_path / "hf"
+    shutil.copytree(hf_dir, broken)
+    shard = sorted(broken.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] if cut == "half" else data[:6])
+    rc = main(["convert", "from-hf", str(broken), str(tmp_path / "ckpt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and shard.name in err, err
+    assert not (tmp_path / "ckpt").exists()

@@ -243,15 +243,22 @@ class HFBackend(TokenizerBackend):
             if needs:
                 raise InputError(f"{path}: loading it runs Python code shipped in the directory "
                                  f"({'; '.join(needs)}); pass --trust-remote-code only if you trust its source")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code,
-                                                       local_files_only=True)
+        from safetensors import SafetensorError
+
         if ours:
             from megatron_vpmoe.convert.hf_template.modeling_vpmoe import VpmoeForCausalLM as model_class
         else:
             model_class = AutoModelForCausalLM
-        self.model = model_class.from_pretrained(
-            self.path, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype), local_files_only=True
-        ).to(self.device).eval()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code,
+                                                           local_files_only=True)
+            self.model = model_class.from_pretrained(
+                self.path, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype), local_files_only=True
+            ).to(self.device).eval()
+        except (OSError, ValueError, KeyError, SafetensorError) as err:  # missing/corrupt files, unknown model type
+            reason = " ".join(str(err).split())
+            raise InputError(f"{path}: not a loadable Hugging Face causal LM directory ({type(err).__name__}: "
+                             f"{reason[:300]})") from None
         cfg = self.model.config
         self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", None)
                               or getattr(cfg, "n_positions", None) or 2048)
