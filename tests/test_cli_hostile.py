@@ -112,6 +112,9 @@ CASES = {
                                               ROOT / "README.md", "--report", t / "out"], t / "out"),
     "preprocess": lambda t, k, tok: (["preprocess", "--input", _file(t, k, "c.jsonl"), "--output-prefix", t / "out",
                                       "--tokenizer", tok, "--no-progress"], t / "out.bpe_text_document.bin"),
+    "preprocess gz": lambda t, k, tok: (["preprocess", "--input", _file(t, k, "c.jsonl.gz"), "--output-prefix",
+                                         t / "out", "--tokenizer", tok, "--no-progress"],
+                                        t / "out.bpe_text_document.bin"),
     "preprocess inspect": lambda t, k, tok: (["preprocess", "inspect", _dir_of(t, k, ["p.bin", "p.idx"]) / "p"],
                                              None),
     "preprocess merge": lambda t, k, tok: (["preprocess", "merge", "--inputs", _dir_of(t, k, ["p.bin", "p.idx"]) / "p",
@@ -148,6 +151,9 @@ _INDEX = ("megatron-core's IndexedDataset asserts 'bad header' (or numpy 'cannot
 KNOWN = {
     **{("preprocess inspect", k): _INDEX for k in HOSTILE},
     **{("preprocess merge", k): _INDEX for k in HOSTILE},
+    **{("preprocess gz", k): "data/ reads a fake or truncated .gz into gzip.BadGzipFile / EOFError "
+                             "(decompression errors are the preprocessing owner's, issue 20 item 4)"
+       for k in ("binary", "control", "huge", "nan", "truncated")},
     **{("serve weights", k): "serve/backends.py HFBackend does not catch safetensors' SafetensorError "
                              "(a truncated or fake model.safetensors)" for k in HOSTILE},
     **{("eval native", k): "training/checkpoint.py latest_checkpoint() reads a non-UTF-8 'latest' pointer "
