@@ -117,8 +117,15 @@ def attention(
 
     ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA). Queries are
     the last ``Sq`` positions of the ``Sk`` keys (``Sq == Sk`` in training; ``Sq < Sk`` when
-    decoding against a cache). ``window=None`` is full causal attention. Returns ``[B, Sq, Hq, D]``.
+    decoding against a cache). ``window=None`` is full causal attention. Returns ``[B, Sq, Hq, D]``
+    in ``q``'s dtype; scores, softmax and the weighted sum are fp32 even under autocast (as the
+    fused kernel's fp32 accumulators).
     """
+    with torch.autocast(q.device.type, enabled=False):
+        return _attention_fp32(q, k, v, sinks, window, scale)
+
+
+def _attention_fp32(q, k, v, sinks, window, scale):
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
@@ -150,10 +157,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_size):
         n = hidden.shape[0]
         losses = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        w = weight.float()
+        w = weight.to(hidden.dtype)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logits = hidden[start:end].float() @ w.t()
+            logits = (hidden[start:end] @ w.t()).float()  # matmul in hidden's dtype, softmax in fp32
             lab = labels[start:end]
             valid = lab != ignore_index
             safe = torch.where(valid, lab, torch.zeros_like(lab))
@@ -173,11 +180,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits, as in forward
+        w = weight.to(hidden.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):  # the forward's logits, recomputed
             for start in range(0, n, ctx.chunk_size):
                 end = min(start + ctx.chunk_size, n)
-                h = hidden[start:end].float()
-                logits = h @ weight.float().t()
+                h = hidden[start:end]
+                logits = (h @ w.t()).float()
                 lab = labels[start:end]
                 valid = lab != ctx.ignore_index
                 safe = torch.where(valid, lab, torch.zeros_like(lab))
@@ -186,9 +194,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 probs /= probs.sum(-1, keepdim=True)
                 probs[torch.arange(end - start, device=h.device), safe] -= 1.0
                 probs *= (valid.float() * grad_losses[start:end].float()).unsqueeze(1)
-                grad_hidden[start:end] = probs @ weight.float()
-                grad_weight += probs.t() @ h
-                del logits, probs
+                g = probs.to(hidden.dtype)  # the logits' gradient feeds matmuls in hidden's dtype
+                grad_hidden[start:end] = g @ w
+                grad_weight += (g.t() @ h).float()  # accumulated over chunks in fp32
+                del logits, probs, g
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None
 
 
@@ -201,8 +210,14 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Per-token cross-entropy of the LM head ``hidden [N, H] @ weight [V, H].T`` against ``labels [N]``.
 
+    The matmul runs in ``hidden``'s dtype (``weight`` cast to it: bf16 activations give a bf16
+    head GEMM, fp32 ones an fp32 GEMM), whatever autocast says; the logits are then upcast and
+    the log-softmax, loss and the logits' gradient are fp32. The gradient's two matmuls run in
+    ``hidden``'s dtype too; the weight gradient is accumulated over chunks in fp32 and returned in
+    ``weight``'s dtype (fp32 master weights get fp32 gradients).
+
     Never materialises the ``[N, V]`` logits: forward and backward each recompute one chunk of
     ``chunk_size`` rows at a time. Returns fp32 losses ``[N]`` (0 where ``labels == ignore_index``).
     """
-    with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits even under autocast
+    with torch.autocast(hidden.device.type, enabled=False):  # the GEMM dtype is hidden's alone
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_size)

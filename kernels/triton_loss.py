@@ -8,7 +8,9 @@ vocabulary in blocks with an online softmax. The full ``[N, V]`` logits never ex
 - backward: the chunk's logits are recomputed and a kernel overwrites them in place with
   ``(softmax - onehot(label)) * grad_loss * valid`` (using the saved ``lse``, one pass); then
   ``grad_hidden = g @ W`` and ``grad_W += g.T @ h`` (fp32 accumulation).
-The matmuls run in fp32 even under autocast, so forward ``lse`` and backward logits agree.
+As in the reference, the matmuls run in ``hidden``'s dtype whatever autocast says (bf16
+activations: bf16 GEMMs; the logits are upcast to fp32 before the kernels), so forward ``lse``
+and backward logits agree.
 """
 
 from __future__ import annotations
@@ -67,11 +69,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         labels = labels.contiguous()
         losses = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        w = weight.float()
-        with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits, as in backward
+        w = weight.to(hidden.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):  # GEMM in hidden's dtype, as in backward
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
-                logits = (hidden[start:end].float() @ w.t()).contiguous()
+                logits = (hidden[start:end] @ w.t()).float().contiguous()
                 _ce_fwd[(end - start,)](logits, labels[start:end], losses[start:end],
                                         lse[start:end], vocab, ignore_index, BLOCK_V=BLOCK_V)
                 del logits  # free this chunk before the next one is computed
@@ -84,19 +86,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, labels, lse = ctx.saved_tensors
         n, vocab = hidden.shape[0], weight.shape[0]
         grad_losses = grad_losses.float().contiguous()
-        w = weight.float()
+        w = weight.to(hidden.dtype)
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, ctx.chunk_size):
                 end = min(start + ctx.chunk_size, n)
-                h = hidden[start:end].float()
-                g = (h @ w.t()).contiguous()
+                h = hidden[start:end]
+                g = (h @ w.t()).float().contiguous()
                 _ce_bwd_inplace[(end - start,)](g, labels[start:end], lse[start:end],
                                                 grad_losses[start:end], vocab, ctx.ignore_index,
                                                 BLOCK_V=BLOCK_V)
+                g = g.to(hidden.dtype)  # the logits' gradient feeds GEMMs in hidden's dtype
                 grad_hidden[start:end] = g @ w
-                grad_weight.addmm_(g.t(), h)
+                if g.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(g.t(), h)
+                else:  # accumulated over chunks in fp32
+                    grad_weight += (g.t() @ h).float()
                 del g
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None
 

@@ -344,8 +344,23 @@ def test_large_shapes(dtype):
     _close_all([l1[0][0], *l1[1]], [l2[0][0], *l2[1]], dtype)
 
 
+def test_linear_cross_entropy_bf16_hidden_fp32_weight():
+    """The bf16 training case: bf16 activations, fp32 master weight (bf16 GEMMs, fp32 softmax);
+    the weight gradient comes back fp32, the hidden gradient bf16."""
+    gen = torch.Generator().manual_seed(13)
+    h = torch.randn(13, 16, generator=gen).to(torch.bfloat16)
+    w = torch.randn(2500, 16, generator=gen) * 0.5
+    labels = torch.randint(0, 2500, (13,), generator=gen)
+    labels[::4] = -100
+    (loss,), grads = _grads(lambda a, b: triton_loss.linear_cross_entropy(a, b, labels, -100, 5), [h, w])
+    (lossr,), ref = _grads(lambda a, b: reference.linear_cross_entropy(a, b, labels, -100, 5), [h, w])
+    assert loss.dtype == torch.float32 and grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
+    _close_all([loss, *grads], [lossr, *ref], torch.bfloat16)
+
+
 def test_linear_cross_entropy_ignores_autocast():
-    """Under autocast the loss still uses fp32 logits in forward and backward (consistent lse)."""
+    """Under autocast the GEMMs follow the inputs' dtype (fp32 here), not autocast's, in forward
+    and backward (consistent lse)."""
     gen = torch.Generator().manual_seed(11)
     h = torch.randn(9, 16, generator=gen)
     w = torch.randn(500, 16, generator=gen) * 0.5

@@ -145,6 +145,7 @@ class ParallelConfig:
     tensor: int = 1  # tensor-parallel size (heads and MLP split)
     expert: int = 1  # expert-parallel size (routed experts sharded, all-to-all dispatch)
     pipeline: int = 1  # pipeline-parallel stages (layers split)
+    virtual_pipeline: int = 1  # model chunks per pipeline rank; > 1 runs interleaved 1F1B
     data: int = 0  # data-parallel size; 0 = world size / (tensor x pipeline)
     sequence_parallel: bool = False  # not implemented yet (rejected)
     distributed_optimizer: bool = False  # ZeRO-1: AdamW state sharded over data-parallel ranks (same updates, same checkpoints)
@@ -194,6 +195,16 @@ class ParallelConfig:
                 f"pipeline size ({self.pipeline}) exceeds model.num_layers ({model.num_layers})",
                 key="parallel.pipeline",
             )
+        if self.virtual_pipeline < 1:
+            raise ConfigError(f"must be >= 1, got {self.virtual_pipeline}", key="parallel.virtual_pipeline")
+        if self.virtual_pipeline > 1 and self.pipeline == 1:
+            raise ConfigError("a virtual pipeline needs parallel.pipeline > 1",
+                              key="parallel.virtual_pipeline")
+        if self.pipeline * self.virtual_pipeline > model.num_layers:
+            raise ConfigError(
+                f"pipeline x virtual_pipeline ({self.pipeline * self.virtual_pipeline}) exceeds "
+                f"model.num_layers ({model.num_layers}): every model chunk needs a layer",
+                key="parallel.virtual_pipeline")
         if self.sequence_parallel:
             raise ConfigError("sequence parallelism is not implemented yet (tensor parallelism "
                               "replicates activations over the TP group); set it to false",
@@ -294,6 +305,7 @@ class TrainConfig:
     micro_batch_size: int = 1  # samples per forward; accumulation = global / (micro x DP)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     transformer_impl: Literal["local", "transformer_engine"] = "local"  # linears: megatron-core/PyTorch, or Transformer Engine (GPU host with TE; not yet run on a GPU here)
+    recompute: Literal["none", "selective", "full"] = "none"  # activation recompute in backward: selective = attention core + routed experts' MLP, full = whole layers
     fp8: Optional[Literal["delayed", "current", "mxfp8"]] = None  # FP8 recipe for the TE linears; needs transformer_impl: transformer_engine
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # see train.optimizer.*
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # see train.schedule.*
@@ -355,6 +367,7 @@ class LogConfig:
     progress_bar: bool = True  # tqdm bar on rank 0
     tensorboard: bool = False  # TensorBoard scalars under {run.dir}/tensorboard
     wandb_project: Optional[str] = None  # log to Weights & Biases (needs pip install wandb)
+    memory_report: bool = False  # every rank writes {run.dir}/memory/rank_N.json: measured peak RSS per phase (construction, steps, saves) beside its shard's bytes
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from kernels import ops
 from megatron_vpmoe.config.schema import ModelConfig
+from megatron_vpmoe.model.recompute import recomputed
 
 
 def mark_tensor_parallel(param: torch.Tensor, dim: int) -> None:
@@ -65,8 +66,9 @@ class RMSNorm(nn.Module):
             self.bias = nn.Parameter(torch.zeros(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Output in ``x``'s dtype (CUDA autocast would return LayerNorm in fp32)."""
         if self.layer_norm:
-            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps).to(x.dtype)
         return ops.rms_norm(x, self.weight, self.eps)
 
 
@@ -166,6 +168,11 @@ class SelfAttention(nn.Module):
         self.use_rope = cfg.position_embedding_type == "rope" and not (
             self.is_global and cfg.nope_on_global)
 
+    recompute_core = False  # selective recompute: the attention core is recomputed in backward
+
+    def _core(self, q, k, v, sinks):
+        return ops.attention(q, k, v, sinks=sinks, window=self.window, scale=1.0 / math.sqrt(self.head_dim))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -194,7 +201,10 @@ class SelfAttention(nn.Module):
             k, v = cache.append(self.layer_number, k, v)
             cache.store(self.layer_number, k, v, self.window)
         sinks = self.sinks if self.cfg.softmax_offset else None
-        out = ops.attention(q, k, v, sinks=sinks, window=self.window, scale=1.0 / math.sqrt(d))
+        if self.recompute_core and cache is None and torch.is_grad_enabled():
+            out = recomputed(self._core, q, k, v, sinks)
+        else:
+            out = self._core(q, k, v, sinks)
         return self.linear_proj(out.reshape(b, s, self.heads * d)), raw_v
 
 

@@ -6,6 +6,11 @@ come from the kernels package. Routed experts run as one grouped GEMM
 a padded batched matmul is used instead, never a Python loop over experts (the loop exists
 only as :meth:`GroupedExperts.forward_loop`, the benchmark's peer).
 
+Precision: the router always computes in fp32 with autocast off; the experts compute in the
+dtype of the tokens they receive (the activation dtype: bf16 under bf16 autocast, whose
+rules do not cover ``grouped_mm``), and the fp32 routing weights are cast to it where they
+scale the expert outputs (``unpermute``).
+
 Where tokens go to be computed is a *dispatcher*: :class:`LocalDispatcher` runs every expert
 in this process; ``megatron_vpmoe.parallel.expert`` supplies an all-to-all one for expert
 parallelism. Both share the same router and expert modules.
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from kernels import ops
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model.layers import MLP, LinearSpec, activation_fn
+from megatron_vpmoe.model.recompute import is_recomputing, recomputed
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -48,6 +54,31 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: tor
         offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
         return _ContiguousGrad.apply(F.grouped_mm(x.contiguous(), weight, offs=offs))
     return _padded_bmm(x, weight, tokens_per_expert)
+
+
+def group_row_alignment(x: torch.Tensor) -> int:
+    """Rows each expert's group must be a multiple of for ``x``'s grouped GEMM: on CUDA, the
+    kernel (and its weight-gradient GEMM, whose reduction runs over the groups' rows) needs
+    every group to start on a 16-byte boundary, i.e. ``16 / element_size`` rows (8 for bf16);
+    the CPU kernel and the batched fallback need nothing (1)."""
+    return 16 // x.element_size() if x.is_cuda and _HAS_GROUPED_MM else 1
+
+
+def pad_expert_groups(x: torch.Tensor, tokens_per_expert: torch.Tensor, multiple: int):
+    """Pad each expert's group of rows (``x`` sorted by expert) with zero rows to a multiple of
+    ``multiple`` rows. Returns ``(padded_x, padded_tokens_per_expert, rows)``: ``rows[i]`` is
+    where row ``i`` of ``x`` sits in ``padded_x``, so ``y.index_select(0, rows)`` strips the
+    padding from a result ``y``; ``rows`` is None (nothing padded) when ``multiple <= 1``."""
+    if multiple <= 1:
+        return x, tokens_per_expert, None
+    counts = tokens_per_expert.to(torch.long)
+    padded = (counts + multiple - 1) // multiple * multiple
+    expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts,
+                                            output_size=x.shape[0])
+    shift = (torch.cumsum(padded, 0) - padded) - (torch.cumsum(counts, 0) - counts)
+    rows = torch.arange(x.shape[0], device=x.device) + shift[expert_of_row]
+    out = x.new_zeros(int(padded.sum()), x.shape[1]).index_copy(0, rows, x)
+    return out, padded.to(tokens_per_expert.dtype), rows
 
 
 def _padded_bmm(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -80,16 +111,19 @@ class Router(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(e, dtype=torch.float32), persistent=False)
 
     def forward(self, tokens: torch.Tensor):
+        """``tokens [T, H]`` (any dtype) -> fp32 ``(weights [T, K], indices [T, K], scores [T, E])``."""
         cfg = self.cfg
-        logits = F.linear(tokens.float(), self.weight.float())
         bias = self.expert_bias if cfg.moe_router_enable_expert_bias else None
-        weights, indices, scores = ops.route(
-            logits, bias, cfg.moe_router_topk, cfg.moe_router_num_groups,
-            cfg.moe_router_group_topk, cfg.moe_router_topk_scaling_factor,
-            cfg.moe_router_score_function)
-        with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(
-                indices.reshape(-1), minlength=cfg.num_moe_experts).float()
+        with torch.autocast(tokens.device.type, enabled=False):  # logits and top-k in fp32
+            logits = F.linear(tokens.float(), self.weight.float())
+            weights, indices, scores = ops.route(
+                logits, bias, cfg.moe_router_topk, cfg.moe_router_num_groups,
+                cfg.moe_router_group_topk, cfg.moe_router_topk_scaling_factor,
+                cfg.moe_router_score_function)
+        if not is_recomputing():  # a recompute replays a forward already counted
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(
+                    indices.reshape(-1), minlength=cfg.num_moe_experts).float()
         return weights, indices, scores
 
     @torch.no_grad()
@@ -127,15 +161,24 @@ class GroupedExperts(nn.Module):
     def _bias_rows(self, bias: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         return bias.repeat_interleave(tokens_per_expert.to(torch.long), dim=0)
 
+    recompute = False  # selective recompute: the experts' MLP is recomputed in backward
+
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """``x [N, H]`` sorted by local expert, ``tokens_per_expert [E_local]`` -> ``[N, H]``."""
+        """``x [N, H]`` sorted by local expert, ``tokens_per_expert [E_local]`` -> ``[N, H]``,
+        computed in ``x``'s dtype (fp32 weights cast to it; their gradients stay fp32)."""
+        if self.recompute and torch.is_grad_enabled():
+            return recomputed(self._mlp, x, tokens_per_expert)
+        return self._mlp(x, tokens_per_expert)
+
+    def _mlp(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        x, tokens_per_expert, rows = pad_expert_groups(x, tokens_per_expert, group_row_alignment(x))
         hidden = grouped_matmul(x, self.fc1_weight.to(x.dtype), tokens_per_expert)
         if self.params_with_bias:
             hidden = hidden + self._bias_rows(self.fc1_bias, tokens_per_expert).to(x.dtype)
         out = grouped_matmul(self.act(hidden), self.fc2_weight.to(x.dtype), tokens_per_expert)
         if self.params_with_bias:
             out = out + self._bias_rows(self.fc2_bias, tokens_per_expert).to(x.dtype)
-        return out
+        return out if rows is None else out.index_select(0, rows)
 
     def forward_loop(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Same result with a Python loop over experts (benchmark peer and test reference)."""

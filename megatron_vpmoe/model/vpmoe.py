@@ -18,9 +18,20 @@ import torch.nn.functional as F
 
 from kernels import ops
 from megatron_vpmoe.config.schema import ModelConfig
+from megatron_vpmoe.model.init import ShardOf, draw_base_seed, initialize_parameters
 from megatron_vpmoe.model.layers import MLP, KVCache, LinearSpec, RMSNorm, SelfAttention, local_linear_spec
 from megatron_vpmoe.model.moe import MoELayer
+from megatron_vpmoe.model.recompute import recomputed
 from megatron_vpmoe.utils.errors import ConfigError
+
+
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The residual stream's dtype: autocast's (bf16 under ``train.precision: bf16``) when
+    autocast is on for ``x``'s device, else ``x``'s own."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 class TransformerLayer(nn.Module):
@@ -52,8 +63,10 @@ class VpmoeModel(nn.Module):
     """VPMoE language model. See docs/model_api.md for the interface other packages use.
 
     ``forward(input_ids [B, S], position_ids=None, labels=None)`` returns fp32 logits
-    ``[B, S, V]`` without labels, else the per-token loss ``[B, S]`` (``labels[b, t]`` is the
-    target at position ``t``; ``-100`` is ignored) computed without full logits.
+    ``[B, S, V]`` without labels, else the per-token fp32 loss ``[B, S]`` (``labels[b, t]`` is the
+    target at position ``t``; ``-100`` is ignored) computed without full logits. Under autocast
+    the activations are in the autocast dtype from the embedding on (see docs/model.md,
+    "Precision"); parameters keep their own dtype.
     """
 
     def __init__(
@@ -66,9 +79,12 @@ class VpmoeModel(nn.Module):
         post_process: bool = True,
         num_local_experts: Optional[int] = None,
         dispatcher=None,
+        initialize: bool = True,
     ):
         super().__init__()
         cfg.validate()
+        # drawn before any submodule exists: their constructors' default inits use the RNG too
+        base_seed = draw_base_seed() if initialize else None
         if cfg.attention_dropout > 0:
             raise ConfigError("attention dropout is not supported by kernels.ops.attention",
                               key="model.attention_dropout")
@@ -88,33 +104,50 @@ class VpmoeModel(nn.Module):
             elif not pre_process:
                 raise ConfigError("tied embeddings need the embedding and the head on one stage",
                                   key="model.untie_embeddings_and_output_weights")
-        self.reset_parameters()
+        self.recompute = "none"  # activation recompute: none | selective | full (set_recompute)
+        if initialize:
+            self.reset_parameters(base_seed)
 
     # -- initialisation -------------------------------------------------------------------
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Deterministic under ``torch.manual_seed``: matrices ~ N(0, init_method_std), norms 1,
-        biases and sinks 0, value-residual lambdas 0.5."""
-        std = self.cfg.init_method_std
-        for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "value_lambda":
-                p.fill_(0.5)
-            elif leaf == "sinks" or "bias" in leaf:
-                p.zero_()
-            elif p.dim() >= 2:
-                p.normal_(0.0, std)
-            else:  # norm weights
-                p.fill_(1.0)
+    def reset_parameters(self, base_seed: Optional[int] = None, shard_of: Optional[ShardOf] = None) -> None:
+        """Deterministic under ``torch.manual_seed`` (one draw gives the base seed): matrices
+        ~ N(0, init_method_std), norms 1, biases and sinks 0, value-residual lambdas 0.5, each
+        parameter from its own generator (``model/init.py``), so a shard built alone under the
+        parallel engine (``shard_of`` names its slices) gets the single-process values."""
+        seed = draw_base_seed() if base_seed is None else base_seed
+        initialize_parameters(self, seed, self.cfg.init_method_std, shard_of)
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation recompute in backward: ``selective`` recomputes the attention core and the
+        routed experts' MLP, ``full`` whole layers; ``none`` keeps every activation."""
+        if mode not in ("none", "selective", "full"):
+            raise ConfigError(f"unknown recompute mode {mode!r} (none | selective | full)",
+                              key="train.recompute")
+        self.recompute = mode
+        for layer in self.layers.values():
+            layer.self_attention.recompute_core = mode == "selective"
+            if layer.is_moe:
+                layer.mlp.experts.recompute = mode == "selective"
 
     # -- the three pieces of a forward (pipeline stages run a subset) --------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(input_ids)
+        """Token embeddings in the activation dtype (:func:`activation_dtype`), which every
+        later residual add, MoE dispatch and pipeline send then keeps."""
+        hidden = self.embedding(input_ids)
+        return hidden.to(activation_dtype(hidden))
 
-    def run_layers(self, hidden, positions, v_first=None, cache: Optional[KVCache] = None):
-        """Run this module's layers; returns ``(hidden, v_first)`` (layer 0's values)."""
-        for key in self.layers:
-            hidden, values = self.layers[key](hidden, positions, v_first, cache)
+    def run_layers(self, hidden, positions, v_first=None, cache: Optional[KVCache] = None,
+                   layer_numbers: Optional[Sequence[int]] = None):
+        """Run this module's layers (or only ``layer_numbers``, a pipeline chunk); returns
+        ``(hidden, v_first)`` (layer 0's values). With ``recompute == "full"`` each layer's
+        activations are recomputed in backward (only its inputs are kept)."""
+        keys = list(self.layers) if layer_numbers is None else [str(i) for i in layer_numbers]
+        for key in keys:
+            layer = self.layers[key]
+            if self.recompute == "full" and cache is None and torch.is_grad_enabled():
+                hidden, values = recomputed(layer, hidden, positions, v_first)
+            else:
+                hidden, values = layer(hidden, positions, v_first, cache)
             if int(key) == 0:
                 v_first = values
         return hidden, v_first
@@ -127,8 +160,9 @@ class VpmoeModel(nn.Module):
     def head(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         hidden = self.final_layernorm(hidden)
         weight = self.head_weight()
-        if labels is None:
-            return F.linear(hidden.float(), weight.float())
+        if labels is None:  # the GEMM in the activation dtype, as the loss's; logits fp32
+            with torch.autocast(hidden.device.type, enabled=False):
+                return F.linear(hidden, weight.to(hidden.dtype)).float()
         b, s, h = hidden.shape
         losses = ops.linear_cross_entropy(hidden.reshape(b * s, h), weight, labels.reshape(b * s))
         return losses.view(b, s)

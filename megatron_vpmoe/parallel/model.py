@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_vpmoe.config.schema import ModelConfig
-from megatron_vpmoe.model.vpmoe import VpmoeModel
+from megatron_vpmoe.model.init import draw_base_seed
+from megatron_vpmoe.model.vpmoe import VpmoeModel, activation_dtype
 from megatron_vpmoe.parallel.state import ParallelContext
 from megatron_vpmoe.utils.errors import ConfigError
 
@@ -66,7 +67,11 @@ class ParallelModel:
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, module: VpmoeModel):
         self.cfg, self.ctx, self.module = cfg, ctx, module
-        self._stage = None
+        self._pipeline = None  # the pipeline runner (PP > 1), built at the first step
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation recompute (``train.recompute``) for this rank's layers."""
+        self.module.set_recompute(mode)
 
     def parameters(self):
         return self.module.parameters()
@@ -140,37 +145,23 @@ class ParallelModel:
         return stats
 
     def _pipeline_run(self, micro_batches: List[Dict], loss_fn: LossFn, backward: bool) -> torch.Tensor:
-        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
-
-        from megatron_vpmoe.parallel.pipeline import PipelineStageModule
+        from megatron_vpmoe.parallel.pipeline import PipelineRunner
 
         m, ctx = self.module, self.ctx
-        # a fresh stage per call: a reused stage's receive buffers from an earlier shape
-        # inference came back non-contiguous on the next step (gloo irecv rejects them)
-        self._stage_module = PipelineStageModule(m)
-        self._stage = PipelineStage(self._stage_module, ctx.pp_rank, ctx.pp, engine_device(),
-                                        group=ctx.pp_group)
+        if self._pipeline is None:  # stages and schedules are built once and reused
+            self._pipeline = PipelineRunner(m, ctx, engine_device())
+        # what travels between stages: the residual stream's dtype (bf16 under bf16 autocast)
+        self._pipeline.set_dtype(activation_dtype(torch.empty(0, device=engine_device())))
         parts: Dict[int, torch.Tensor] = {}
 
         def stage_loss(hidden, index):
             # the target is each micro-batch's index, so the loss sees its labels and loss mask
-            if index.device.type == "meta":  # the schedule's shape inference
-                return m.head(hidden, torch.zeros(hidden.shape[:2], dtype=torch.long, device="meta")).sum()
             i = int(index.reshape(-1)[0])
             loss, part = loss_fn(m.head(hidden, micro_batches[i]["labels"]), micro_batches[i])
             parts[i] = part.detach().double()
             return loss
 
-        schedule = ScheduleGPipe(self._stage, len(micro_batches), loss_fn=stage_loss, scale_grads=False)
-        run = schedule.step if backward else schedule.eval
-        if m.pre_process:
-            run(torch.cat([mb["input_ids"] for mb in micro_batches]))
-        elif m.post_process:
-            index = torch.arange(len(micro_batches), device=engine_device()).repeat_interleave(
-                micro_batches[0]["labels"].shape[0]).view(-1, 1)
-            run(target=index, losses=[])
-        else:
-            run()
+        self._pipeline.run(micro_batches, stage_loss, backward)
         # only the last stage has losses: agree on the stats' length, then sum over the stages
         size = torch.tensor([parts[0].numel() if parts else 0], dtype=torch.long, device=engine_device())
         dist.all_reduce(size, op=dist.ReduceOp.MAX, group=ctx.pp_group)
@@ -291,17 +282,36 @@ def _gather(t: torch.Tensor, dim: int, size: int, group) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def _shard_of(ctx: ParallelContext, local_experts: int):
+    """Which slice of its single-process parameter each local tensor is (see ``model/init.py``)."""
+    from megatron_vpmoe.model.init import ShardSlice
+
+    def shard_of(name: str, p: torch.Tensor):
+        if getattr(p, "expert_parallel", False) and ctx.ep > 1:
+            return ShardSlice(expert_offset=ctx.ep_rank * local_experts)
+        if getattr(p, "tensor_model_parallel", False) and ctx.tp > 1:
+            return ShardSlice(split_dim=p.partition_dim, split_rank=ctx.tp_rank, split_size=ctx.tp)
+        return None
+
+    return shard_of
+
+
 def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 1234,
                          transformer_impl: str = "local") -> ParallelModel:
     """This rank's shard, initialised exactly as ``VpmoeModel(cfg)`` under ``torch.manual_seed(seed)``;
-    ``transformer_impl="transformer_engine"``: its linears are Transformer Engine's."""
+    ``transformer_impl="transformer_engine"``: its linears are Transformer Engine's.
+
+    Only this rank's parameters are ever allocated: its pipeline stage's layers (its chunks
+    under a virtual pipeline), its TP slices, its EP experts. Each is initialised in place from
+    the parameter's own generator (``model/init.py``), so no rank holds the full model."""
     ctx.config.validate(cfg)
     from megatron_vpmoe.parallel.expert import AllToAllDispatcher
-    from megatron_vpmoe.parallel.pipeline import check_pipeline_config, stage_layers
+    from megatron_vpmoe.parallel.layout import rank_layers
+    from megatron_vpmoe.parallel.pipeline import check_pipeline_config
     from megatron_vpmoe.parallel.tensor import te_linear_spec, tensor_parallel_spec
 
     torch.manual_seed(seed)
-    full = VpmoeModel(cfg).state_dict()
+    base_seed = draw_base_seed()
     if transformer_impl == "transformer_engine":
         spec = te_linear_spec(ctx.tp, ctx.tp_group)
     else:
@@ -311,10 +321,9 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 123
     layers, first, last = None, True, True
     if ctx.pp > 1:
         check_pipeline_config(cfg)
-        layers = stage_layers(cfg.num_layers, ctx.pp, ctx.pp_rank)
+        layers = rank_layers(cfg.num_layers, ctx.pp, ctx.vpp, ctx.pp_rank)
         first, last = ctx.pp_rank == 0, ctx.pp_rank == ctx.pp - 1
     module = VpmoeModel(cfg, spec, layer_numbers=layers, pre_process=first, post_process=last,
-                        num_local_experts=local_experts, dispatcher=dispatcher)
-    pm = ParallelModel(cfg, ctx, module)
-    pm.load_full_state_dict(full)
-    return pm
+                        num_local_experts=local_experts, dispatcher=dispatcher, initialize=False)
+    module.reset_parameters(base_seed, _shard_of(ctx, local_experts or 0))
+    return ParallelModel(cfg, ctx, module)

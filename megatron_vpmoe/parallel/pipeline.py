@@ -1,55 +1,50 @@
-"""Pipeline parallelism with ``torch.distributed.pipelining`` (GPipe schedule).
+"""Pipeline parallelism with ``torch.distributed.pipelining``: 1F1B, or interleaved 1F1B with model chunks.
 
-Layers are split into contiguous blocks, one per pipeline rank (state-dict keys keep global
-layer numbers). Every stage passes ``(hidden, v_first)`` on: value residual needs layer 0's
-values on later stages, so they are carried with the activations (a zero placeholder when
-value residual is off). The last stage's output goes to a loss function that applies the
-final norm and ``kernels.ops.linear_cross_entropy``. Positions are the default ``0..S-1``.
+Layers are split into ``pp x vpp`` contiguous, balanced blocks (pipeline *stages*); rank ``r``
+holds stages ``r, r + pp, r + 2 pp, ...`` (one with ``vpp = 1``). State-dict keys keep global
+layer numbers. Every stage passes ``(hidden, v_first)`` on: value residual needs layer 0's
+values on later stages, so they travel with the activations (a one-element placeholder when
+value residual is off). The last stage's output goes to the schedule's loss function, which
+applies the final norm and the head. Positions are the default ``0..S-1``.
+
+Stages are built once per micro-batch shape with *static* shapes and dtypes (no shape-
+inference pass through the pipeline), and one schedule per (shape, micro-batch count) is kept
+for the run: ``Schedule1F1B`` (``ScheduleInterleaved1F1B`` with chunks), so at most about
+``pp`` micro-batches' activations are alive on a stage, however many micro-batches a step has.
+With fewer micro-batches than stages 1F1B is not defined and ``ScheduleGPipe`` runs instead
+(its in-flight activations are then at most the micro-batch count, below ``pp``).
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model.moe import _ContiguousGrad
+from megatron_vpmoe.parallel.layout import rank_stages, stage_layers
 
-
-def stage_layers(num_layers: int, pp: int, rank: int) -> List[int]:
-    """Contiguous, balanced layer numbers of pipeline stage ``rank``."""
-    per, extra = divmod(num_layers, pp)
-    start = rank * per + min(rank, extra)
-    return list(range(start, start + per + (1 if rank < extra else 0)))
+STAGES_BUILT = [0]  # PipelineStage objects constructed in this process (a test counts them)
 
 
 class PipelineStageModule(nn.Module):
-    """Adapts a stage's ``VpmoeModel`` to the pipelining API: tensors in, tensors out."""
+    """One stage (model chunk) of a rank's ``VpmoeModel`` as the pipelining API wants it:
+    tensors in, tensors out. Registers only its own layers (and the embedding on stage 0)."""
 
-    def __init__(self, model):
+    def __init__(self, model, layer_numbers: List[int], first: bool, last: bool, dtype: torch.dtype):
         super().__init__()
-        self.model = model
-        # the schedule's shape inference runs one forward on placeholder tensors before the
-        # micro-batches; it must not feed the routers' load counters (expert-bias balancing)
-        self.shape_inference_pending = True
+        object.__setattr__(self, "_model", model)  # not a submodule: stages share the model
+        self.layer_numbers = list(layer_numbers)
+        self.chunk = nn.ModuleList([model.layers[str(i)] for i in layer_numbers])
+        if first:
+            self.embedding = model.embedding
+        self.first, self.last, self.dtype = first, last, dtype
 
     def forward(self, first, v_first=None):
-        if not self.shape_inference_pending:
-            return self._forward(first, v_first)
-        self.shape_inference_pending = False
-        counters = [m.router.tokens_per_expert for m in self.model.moe_layers()]
-        saved = [c.clone() for c in counters]
-        try:
-            return self._forward(first, v_first)
-        finally:
-            for c, value in zip(counters, saved):
-                c.copy_(value)
-
-    def _forward(self, first, v_first=None):
-        m = self.model
-        if m.pre_process:
+        m = self._model
+        if self.first:
             ids = first
             hidden = m.embed(ids)
             positions = m.default_positions(ids)
@@ -57,18 +52,114 @@ class PipelineStageModule(nn.Module):
             # gradients sent back to the previous stage must be dense (p2p buffers), whatever
             # strides the layers' backward produced
             hidden = _ContiguousGrad.apply(first)
-            if v_first is not None:
-                v_first = _ContiguousGrad.apply(v_first)
+            v_first = _ContiguousGrad.apply(v_first) if m.cfg.value_residual else None
             b, s = hidden.shape[:2]
             positions = torch.arange(s, device=hidden.device).unsqueeze(0).expand(b, s)
-            if not m.cfg.value_residual:
-                v_first = None
-        hidden, v_first = m.run_layers(hidden, positions, v_first)
-        if m.post_process:
+        hidden, v_first = m.run_layers(hidden, positions, v_first, layer_numbers=self.layer_numbers)
+        if self.last:
             return hidden
         if v_first is None:
             v_first = hidden.new_zeros(1)
-        return hidden.contiguous(), v_first.contiguous()  # p2p buffers must be dense
+        # p2p buffers must be dense and of the dtype the receiving stage was built with
+        return hidden.to(self.dtype).contiguous(), v_first.to(self.dtype).contiguous()
+
+
+def _metas(cfg: ModelConfig, tp: int, batch: int, seq: int, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+    """Meta tensors of what travels between stages: ``(hidden, v_first)``."""
+    # requires_grad marks what sends a gradient back (static mode derives grad buffers from it)
+    hidden = torch.empty(batch, seq, cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True)
+    if cfg.value_residual:
+        v_first = torch.empty(batch, seq, cfg.num_query_groups // tp, cfg.kv_channels, dtype=dtype,
+                              device="meta", requires_grad=True)
+    else:
+        v_first = torch.empty(1, dtype=dtype, device="meta")
+    return hidden, v_first
+
+
+class PipelineRunner:
+    """A rank's pipeline stages and schedules, built once and reused for every step."""
+
+    def __init__(self, model, ctx, device: torch.device):
+        self.model, self.ctx, self.device = model, ctx, device
+        self.dtype = torch.float32  # activation dtype between stages (set_dtype)
+        self._stages: Dict[tuple, list] = {}
+        self._schedules: Dict[tuple, object] = {}
+        self._loss = None  # the current step's loss function (the schedules call through it)
+
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        if dtype != self.dtype:
+            self.dtype = dtype
+            self._stages.clear()
+            self._schedules.clear()
+
+    def _build_stages(self, batch: int, seq: int) -> list:
+        from torch.distributed.pipelining import PipelineStage
+
+        m, ctx = self.model, self.ctx
+        cfg, n_stages = m.cfg, ctx.pp * ctx.vpp
+        stages = []
+        for s in rank_stages(ctx.pp, ctx.vpp, ctx.pp_rank):
+            first, last = s == 0, s == n_stages - 1
+            module = PipelineStageModule(m, stage_layers(cfg.num_layers, n_stages, s), first, last, self.dtype)
+            carried = _metas(cfg, ctx.tp, batch, seq, self.dtype)
+            inputs = (torch.empty(batch, seq, dtype=torch.long, device="meta"),) if first else carried
+            outputs = (carried[0],) if last else carried
+            stages.append(PipelineStage(module, s, n_stages, self.device, input_args=inputs,
+                                        output_args=outputs, group=ctx.pp_group))
+            STAGES_BUILT[0] += 1
+        return stages
+
+    def schedule(self, batch: int, seq: int, n_micro: int):
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+        key = (batch, seq)
+        if key not in self._stages:
+            self._stages[key] = self._build_stages(batch, seq)
+        skey = (batch, seq, n_micro)
+        if skey not in self._schedules:
+            stages = self._stages[key]
+            loss = self._call_loss
+            if self.ctx.vpp > 1:
+                sched = ScheduleInterleaved1F1B(stages, n_micro, loss_fn=loss, scale_grads=False)
+            elif n_micro >= self.ctx.pp:
+                sched = Schedule1F1B(stages[0], n_micro, loss_fn=loss, scale_grads=False)
+            else:
+                sched = ScheduleGPipe(stages[0], n_micro, loss_fn=loss, scale_grads=False)
+            self._schedules[skey] = sched
+        return self._schedules[skey]
+
+    def _call_loss(self, output, target):
+        return self._loss(output, target)
+
+    @property
+    def holds_first(self) -> bool:
+        return self.ctx.pp_rank == 0
+
+    @property
+    def holds_last(self) -> bool:
+        return self.ctx.pp_rank == self.ctx.pp - 1
+
+    def run(self, micro_batches: List[Dict], stage_loss, backward: bool) -> None:
+        """Run one schedule step over ``micro_batches``; ``stage_loss(hidden, index)`` on the last stage."""
+        batch, seq = micro_batches[0]["input_ids"].shape
+        for mb in micro_batches:
+            if tuple(mb["input_ids"].shape) != (batch, seq):
+                raise ValueError("pipeline micro-batches must share one shape "
+                                 f"({batch}x{seq}); got {tuple(mb['input_ids'].shape)}")
+        sched = self.schedule(batch, seq, len(micro_batches))
+        self._loss = stage_loss
+        run = sched.step if backward else sched.eval
+        args: Tuple = ()
+        kwargs: Dict = {}
+        if self.holds_first:
+            args = (torch.cat([mb["input_ids"] for mb in micro_batches]).to(self.device),)
+        if self.holds_last:
+            index = torch.arange(len(micro_batches), device=self.device).repeat_interleave(batch).view(-1, 1)
+            kwargs = {"target": index, "losses": []}
+        try:
+            run(*args, **kwargs)
+        finally:
+            self._loss = None
 
 
 def check_pipeline_config(cfg: ModelConfig) -> None:

@@ -32,6 +32,11 @@ class ParallelContext:
     expert_dp_group: Any  # routed experts' gradient all-reduce
     config: ParallelConfig
 
+    @property
+    def vpp(self) -> int:
+        """Model chunks per pipeline rank (interleaved schedule when > 1)."""
+        return self.config.virtual_pipeline if self.pp > 1 else 1
+
 
 def init_parallel(cfg: ParallelConfig) -> ParallelContext:
     """Create TP/EP/PP/DP groups (call after ``torch.distributed.init_process_group``).

@@ -46,6 +46,7 @@ from megatron_vpmoe.training.metrics import (
     peak_flops_per_device,
     router_bias_stats,
 )
+from megatron_vpmoe.training.memory_report import RankMemoryReport
 from megatron_vpmoe.training.optimizer import build_optimizer, clip_gradients, set_learning_rate
 from megatron_vpmoe.training.preemption import (
     PreemptionHandler,
@@ -102,6 +103,7 @@ class Trainer:
                 raise ConfigError(f"Transformer Engine is not usable here: {status.reason}",
                                   key="train.transformer_impl")
         self._setup_precision()
+        self.memory = RankMemoryReport(cfg.log.memory_report, self.rank)
 
         if model_factory is not None:  # any nn.Module with VpmoeModel's interface, DP only
             if self.ctx.tp * self.ctx.ep * self.ctx.pp > 1:
@@ -109,10 +111,12 @@ class Trainer:
             torch.manual_seed(cfg.run.seed)
             self.pm = ParallelModel(cfg.model, self.ctx, model_factory(cfg.model).to(self.device))
         else:
-            self.pm = build_parallel_model(cfg.model, self.ctx, seed=cfg.run.seed,
-                                           transformer_impl=cfg.train.transformer_impl)
+            with self.memory.phase("construction"):
+                self.pm = build_parallel_model(cfg.model, self.ctx, seed=cfg.run.seed,
+                                               transformer_impl=cfg.train.transformer_impl)
             self.pm.module.to(self.device)
         self.raw_model = self.pm.module  # this rank's shard (the whole model without TP/EP/PP)
+        self.pm.set_recompute(cfg.train.recompute)
         self.optimizer = build_optimizer(self.raw_model, cfg.train.optimizer)
         if cfg.parallel.distributed_optimizer:  # ZeRO-1: AdamW state sharded over DP ranks
             from megatron_vpmoe.parallel.zero import DistributedOptimizer
@@ -236,6 +240,12 @@ class Trainer:
         path = self.checkpoints.save(self.step, self.pm, self.optimizer, self._trainer_state(),
                                      config_text=dump_config(self.cfg))
         return str(path)
+
+    @staticmethod
+    def _gather_objects(obj) -> list:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
 
     # ---- one step ------------------------------------------------------------------------
     def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -401,7 +411,10 @@ class Trainer:
                 t0 = time.perf_counter()
                 micro = [{k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
                          for _ in range(sampler.accumulation_steps)]
-                out = self.train_step(micro, inject_nan=(self.step + 1) in nan_steps)
+                with self.memory.phase("first_step" if self.step == start_step else "step"):
+                    out = self.train_step(micro, inject_nan=(self.step + 1) in nan_steps)
+                if self.step == start_step:
+                    self.memory.record_sizes(self.raw_model, self.optimizer)
                 self.step += 1
                 dt = time.perf_counter() - t0
                 out.update(kind="train", step=self.step, consumed_samples=sampler.consumed_samples(self.step),
@@ -443,8 +456,10 @@ class Trainer:
                                 + (f" bits/byte {bpb:.4f}" if bpb is not None else ""))
                 interval = cfg.checkpoint.interval
                 if (interval and self.step % interval == 0) or self.step == end:
-                    self.save_checkpoint()
-            self.checkpoints.finalize()
+                    with self.memory.phase("checkpoint_save"):
+                        self.save_checkpoint()
+            with self.memory.phase("checkpoint_finalize"):
+                self.checkpoints.finalize()
         except NonFiniteError:
             self.checkpoints.finalize()  # a pending async save holds good weights: publish it
             raise
@@ -454,6 +469,7 @@ class Trainer:
                 bar.close()
             logger.close()
         elapsed = time.perf_counter() - start_time
+        self.memory.write(cfg.run.dir, self.world_size, self._gather_objects if self.world_size > 1 else None)
         self.summary.update(steps_run=self.step - start_step, elapsed_s=elapsed,
                             tokens_per_s=(self.step - start_step) * tokens_per_step / max(elapsed, 1e-9))
         self._print_summary()
