@@ -94,6 +94,7 @@ RANGES = {
     "parallel.expert": _ints(1, 1 << 16),
     "parallel.pipeline": _ints(1, 10_000),
     "parallel.data": _ints(0, 1 << 20),
+    "parallel.virtual_pipeline": _ints(1, 10_000),  # model chunks per pipeline rank (at most one layer each)
     "data.blend": NON_NEGATIVE,  # the weights
     "data.seq_length": _ints(1, 1 << 24),
     "data.num_workers": _ints(0, 1024),
