@@ -86,9 +86,8 @@ def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> P
     run["checkpoint"]["dir"] = None
     cfg = config_from_dict(run, file=str(run_file))
 
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = VpmoeModel(model_cfg)
+    with torch.device("meta"):  # every tensor comes from the files: no init (it cannot draw on meta)
+        model = VpmoeModel(model_cfg, initialize=False)
     model = model.to_empty(device="cpu")
     expected = model.state_dict()
     seen = set()
