@@ -69,7 +69,9 @@ HOSTILE = ["$(touch {d}/INJ_a)", "`touch {d}/INJ_b`", "x; touch {d}/INJ_c", "x' 
 def test_hostile_values_in_every_field_execute_nothing(tmp_path, pattern):
     evil = pattern.format(d=tmp_path)
     run_dir = tmp_path / f"run dir {evil}"
-    job = SlurmJob(config=CONFIG, overrides=[f"run.dir={json.dumps(str(run_dir))}",  # YAML-quoted: ' #' starts a comment
+    config = tmp_path / f"cfg {evil.replace('/', '_')}.yaml"  # the config's path reaches the script too
+    config.write_text(Path(CONFIG).read_text())
+    job = SlurmJob(config=str(config), overrides=[f"run.dir={json.dumps(str(run_dir))}",  # YAML-quoted: ' #' starts a comment
                                              f"run.name={json.dumps('n' + evil.replace('/', '_'))}",
                                              "train.steps=50"],
                    nodes=1, gpus_per_node=0, partition=evil, account=evil, qos=evil, time=evil,
@@ -85,10 +87,10 @@ def test_hostile_values_in_every_field_execute_nothing(tmp_path, pattern):
     env = _stubs(tmp_path)
     res = _run_script(script, tmp_path, env)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert not list(tmp_path.rglob("INJ_*")), (script, res.stdout, res.stderr)
+    assert not [p for p in tmp_path.rglob("*INJ_*") if not p.name.startswith("cfg ")], (script, res.stdout)
     # the values reach srun verbatim, as single arguments
     args = (tmp_path / "stub-log" / "srun.args").read_bytes().decode().split("\0")[:-1]
-    assert f"--container-image={evil}" in args
+    assert f"--container-image={evil}" in args and str(config) in args
     assert args[args.index("--set", args.index("--config")) + 1] == f"run.dir={json.dumps(str(run_dir))}"
     assert "scontrol ran" in (tmp_path / "stub-log" / "calls").read_text()  # the rendezvous lookup
 
