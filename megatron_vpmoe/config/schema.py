@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
+from megatron_vpmoe.config.ranges import check_ranges
 from megatron_vpmoe.utils.errors import ConfigError
 
 
@@ -423,6 +424,7 @@ class VpmoeConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> None:
+        check_ranges(self)  # finite, in-range numbers first: the rules below may size things from them
         self.model.validate()
         self.parallel.validate(self.model)
         self.data.validate()

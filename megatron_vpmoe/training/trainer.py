@@ -91,6 +91,7 @@ class Trainer:
         from megatron_vpmoe.parallel import ParallelModel, build_parallel_model, init_parallel
 
         cfg.parallel.validate(cfg.model)
+        cfg.parallel.resolve_data(self.world_size)  # e.g. tensor=2 in one process: one line naming the key
         self.ctx = init_parallel(cfg.parallel)
         self.dp_size, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
         self.accum = cfg.train.check_batch_layout(self.dp_size)
@@ -159,6 +160,10 @@ class Trainer:
             except ImportError as err:
                 raise VpmoeError(f"cannot load data.tokenizer: the tokenizer package has no loader ({err})") from None
             self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+            size, vocab = self.tokenizer.vocab_size, self.cfg.model.vocab_size
+            if size > vocab:  # its ids would index past the embedding at step 1
+                raise ConfigError(f"data.tokenizer {self.cfg.data.tokenizer} has {size} tokens, more than "
+                                  f"model.vocab_size {vocab}", key="model.vocab_size")
         return self.tokenizer
 
     def _num_samples(self) -> tuple:
