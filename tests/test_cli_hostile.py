@@ -149,11 +149,7 @@ CASES = {
 _INDEX = ("megatron-core's IndexedDataset asserts 'bad header' (or numpy 'cannot mmap an empty file') "
           "on a .idx that is not an index; data/ should check it and raise InputError")
 KNOWN = {
-    **{("preprocess inspect", k): _INDEX for k in HOSTILE},
     **{("preprocess merge", k): _INDEX for k in HOSTILE},
-    **{("preprocess gz", k): "data/ reads a fake or truncated .gz into gzip.BadGzipFile / EOFError "
-                             "(decompression errors are the preprocessing owner's, issue 20 item 4)"
-       for k in ("binary", "control", "huge", "nan", "truncated")},
     **{("serve weights", k): "serve/backends.py HFBackend does not catch safetensors' SafetensorError "
                              "(a truncated or fake model.safetensors)" for k in HOSTILE},
     **{("eval native", k): "training/checkpoint.py latest_checkpoint() reads a non-UTF-8 'latest' pointer "
