@@ -95,6 +95,7 @@ RANGES = {
     "parallel.pipeline": _ints(1, 10_000),
     "parallel.data": _ints(0, 1 << 20),
     "parallel.virtual_pipeline": _ints(1, 10_000),  # model chunks per pipeline rank (at most one layer each)
+    "parallel.bucket_mb": Range(0.0, 1 << 20, lo_open=True),  # gradient-reduction bucket size bound
     "data.blend": NON_NEGATIVE,  # the weights
     "data.seq_length": _ints(1, 1 << 24),
     "data.num_workers": _ints(0, 1024),

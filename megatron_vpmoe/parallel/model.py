@@ -68,6 +68,7 @@ class ParallelModel:
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, module: VpmoeModel):
         self.cfg, self.ctx, self.module = cfg, ctx, module
         self._pipeline = None  # the pipeline runner (PP > 1), built at the first step
+        self._grad_sync = None  # bucketed DP gradient reduction overlapped with backward (first step)
 
     def set_recompute(self, mode: str) -> None:
         """Activation recompute (``train.recompute``) for this rank's layers."""
@@ -127,6 +128,9 @@ class ParallelModel:
         ctx = self.ctx
         # each MoE layer adds its aux loss, averaged over micro-batches and DP ranks, in backward
         self.module.set_aux_loss_scale(1.0 / (len(micro_batches) * ctx.dp) if backward else 0.0)
+        sync = self._overlapped_sync() if backward else None
+        if sync is not None:
+            sync.start(len(micro_batches))
         if ctx.pp > 1:
             stats = self._pipeline_run(micro_batches, loss_fn, backward)
         else:
@@ -140,7 +144,10 @@ class ParallelModel:
             if stats is None:
                 stats = torch.zeros(0, dtype=torch.float64)
         if backward:
-            self.reduce_gradients()
+            if sync is not None:
+                sync.trace.append(("backward_done", -1))
+                sync.finish()
+            self.reduce_gradients(data_parallel=sync is None)
         stats = stats.to(engine_device())
         if ctx.dp > 1:
             dist.all_reduce(stats, group=ctx.dp_group)
@@ -205,7 +212,20 @@ class ParallelModel:
             dist.all_reduce(total, group=self.ctx.pp_group)
         return float(total.sqrt())
 
-    def reduce_gradients(self) -> None:
+    def _overlapped_sync(self):
+        """The bucketed, backward-overlapped DP reduction (``parallel.overlap_grad_reduce``), or None."""
+        if not self.ctx.config.overlap_grad_reduce:
+            return None
+        if self._grad_sync is None:
+            from megatron_vpmoe.parallel.grad_sync import build_grad_sync
+
+            self._grad_sync = build_grad_sync(self.module, self.ctx.dp_group, self.ctx.expert_dp_group,
+                                              self.ctx.config.bucket_mb) or False
+        return self._grad_sync or None
+
+    def reduce_gradients(self, data_parallel: bool = True) -> None:
+        """Sum TP-partial gradients over the TP group and (``data_parallel``; off when the
+        overlapped buckets already did it) every gradient over its data-parallel group."""
         dense, experts, partial = [], [], []
         for p in self.module.parameters():
             if p.grad is None:
@@ -215,6 +235,8 @@ class ParallelModel:
                 partial.append(p.grad)
         if self.ctx.tp > 1:
             _all_reduce_coalesced(partial, self.ctx.tp_group)
+        if not data_parallel:
+            return
         if self.ctx.dp > 1:
             _all_reduce_coalesced(dense, self.ctx.dp_group)
         _all_reduce_coalesced(experts, self.ctx.expert_dp_group)
