@@ -154,7 +154,8 @@ class PipelineRunner:
         if self.holds_first:
             args = (torch.cat([mb["input_ids"] for mb in micro_batches]).to(self.device),)
         if self.holds_last:
-            index = torch.arange(len(micro_batches), device=self.device).repeat_interleave(batch).view(-1, 1)
+            # on the host: the loss reads the micro-batch number without a device sync
+            index = torch.arange(len(micro_batches)).repeat_interleave(batch).view(-1, 1)
             kwargs = {"target": index, "losses": []}
         try:
             run(*args, **kwargs)
