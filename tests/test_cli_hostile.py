@@ -146,12 +146,7 @@ CASES = {
 
 # Found by this test in code other engineers own (data/, training/checkpoint.py): recorded here,
 # not fixed on this branch. strict: once fixed, the XPASS fails and the entry must go.
-_INDEX = ("megatron-core's IndexedDataset asserts 'bad header' (or numpy 'cannot mmap an empty file') "
-          "on a .idx that is not an index; data/ should check it and raise InputError")
 KNOWN = {
-    **{("preprocess merge", k): _INDEX for k in HOSTILE},
-    **{("serve weights", k): "serve/backends.py HFBackend does not catch safetensors' SafetensorError "
-                             "(a truncated or fake model.safetensors)" for k in HOSTILE},
     **{("eval native", k): "training/checkpoint.py latest_checkpoint() reads a non-UTF-8 'latest' pointer "
                            "without catching UnicodeDecodeError" for k in ("binary", "truncated")},
 }
