@@ -259,8 +259,14 @@ def load_model_state_dict(ckpt: str | os.PathLike) -> Dict[str, torch.Tensor]:
             template[key[len("model."):]] = torch.empty(meta.size, dtype=meta.properties.dtype)
     if not template:
         raise InputError(f"{ckpt}: holds no model tensors")
+    return load_tensors(ckpt, template)
+
+
+def load_tensors(ckpt: Path, template: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Fill ``template`` (``{model key: tensor of its global shape}``) from ``ckpt`` in this
+    process alone (no process group; the caller verified the checkpoint)."""
     state = {"model": template}
-    _dcp_load(state, ckpt, no_dist=True)
+    _dcp_load(state, Path(ckpt), no_dist=True)
     return state["model"]
 
 
