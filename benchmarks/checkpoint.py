@@ -1,6 +1,6 @@
 """Checkpoint cost inside the training loop on CPU: synchronous vs asynchronous saves.
 
-One process, one thread (``BENCH_THREADS``). The trainer runs a config on random tokens and
+One process, one thread (``BENCH_THREADS``). The trainer runs a config on megatron-core's mock data and
 saves every ``--interval`` steps, once with ``checkpoint.async_save: false`` and once with
 ``true`` (fresh subprocesses, alternated ``--repeats`` times, best kept). Reported per mode:
 the median step time of steps that do not follow a save, the median step time of the step
@@ -9,7 +9,7 @@ and how long ``save_checkpoint`` blocks the loop (the async save's first call al
 staging buffers; later calls only copy into them).
 
 Writes benchmarks/results/checkpoint.json and checkpoint.md. Run: ``python benchmarks/checkpoint.py``
-(``--config tiny|small``, ``--steps N``, ``--interval K``).
+(``--config tiny|small`` at sequence 128 x batch 8, ``--steps N``, ``--interval K``).
 """
 
 from __future__ import annotations
@@ -27,15 +27,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-# benchmarks/ must not be on the path: its kernels.py / tokenizers.py would shadow the packages
+# like every benchmark: benchmarks/ off the path (its kernels.py / tokenizers.py shadow packages)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
-CONFIGS = {
-    "tiny": ("examples/configs/tiny-cpu.yaml", {"data.seq_length": 128, "train.global_batch_size": 8,
-                                                "train.micro_batch_size": 4}),
-    "small": ("examples/configs/small.yaml", {"data.seq_length": 256, "train.global_batch_size": 4,
-                                              "train.micro_batch_size": 2}),
-}
+CONFIGS = {"tiny": "examples/configs/tiny-cpu.yaml", "small": "examples/configs/small.yaml"}
+BATCH = ["data.seq_length=128", "train.global_batch_size=8", "train.micro_batch_size=4"]
 
 
 def _measure(async_save: bool, name: str, steps: int, interval: int, run_dir: str) -> dict:
@@ -46,25 +42,13 @@ def _measure(async_save: bool, name: str, steps: int, interval: int, run_dir: st
     from megatron_vpmoe.training.trainer import Trainer
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    path, overrides = CONFIGS[name]
-    sets = [f"{k}={v}" for k, v in overrides.items()] + [
+    sets = BATCH + [
         f"run.dir={run_dir}", "data.mock=true", "data.tokenizer=null", f"train.steps={steps}",
         "train.precision=fp32", "train.eval_interval=0", f"checkpoint.interval={interval}",
         f"checkpoint.async_save={str(async_save).lower()}", "checkpoint.keep_last=2",
         "log.progress_bar=false", "train.schedule.warmup_steps=0"]
-    cfg = load_config(ROOT / path, sets)
-    seq, gbs = cfg.data.seq_length, cfg.train.global_batch_size
-    data = torch.randint(0, cfg.model.vocab_size, (gbs * steps, seq + 1), generator=torch.Generator().manual_seed(0))
-
-    class RandomTokens(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(data)
-
-        def __getitem__(self, i):
-            return {"tokens": data[i, :-1], "labels": data[i, 1:],
-                    "loss_mask": torch.full((seq,), 3, dtype=torch.uint8), "position_ids": torch.arange(seq)}
-
-    trainer = Trainer(cfg, datasets=(RandomTokens(), RandomTokens()), quiet=True)
+    cfg = load_config(ROOT / CONFIGS[name], sets)
+    trainer = Trainer(cfg, quiet=True)  # megatron-core's mock dataset (data.mock)
     blocking = []
     save = trainer.save_checkpoint
 

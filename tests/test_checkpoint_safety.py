@@ -189,6 +189,26 @@ def test_missing_rng_file_is_an_error(source, tmp_path):
     assert "rank_00000.safetensors: missing" in message
 
 
+def test_ranks_beyond_the_saved_world_reuse_rank0_rng(tmp_path, monkeypatch, capsys):
+    """Loading a 1-process checkpoint as rank 1 of 2 (the rank lookup, without spawning ranks)."""
+    import megatron_vpmoe.training.checkpoint as checkpoint
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    torch.manual_seed(5)
+    checkpoint.CheckpointManager(tmp_path).save(1, model, opt, {})
+    expected = torch.rand(4)
+    monkeypatch.setattr(checkpoint, "world", lambda: (1, 2))
+    path = checkpoint.CheckpointManager._rng_file(tmp_path / "step_00000001", {"format": 3, "world_size": 1})
+    assert path.name == "rank_00000.safetensors"
+    monkeypatch.setattr(checkpoint, "world", lambda: (0, 2))  # rank 0 prints the warning
+    checkpoint.CheckpointManager(tmp_path).load(tmp_path, model, opt)
+    assert torch.equal(torch.rand(4), expected)
+    assert "saved by 1 processes; ranks 1 and up reuse rank 0's RNG streams" in capsys.readouterr().err
+
+
 def test_format2_checkpoint_still_loads(tmp_path):
     """Format 2 (full tensors written by every rank, no manifest, torch.save RNG files)."""
     import random

@@ -484,6 +484,9 @@ class CheckpointManager:
         if self.async_save:
             if self._stager is None:
                 self._stager = CpuBufferStager()
+                # DCP's background thread warns about a single process where _quiet_single_process
+                # cannot reach it; a single process is intended
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 self._hasher = ThreadPoolExecutor(1, thread_name_prefix="vpmoe-ckpt-hash")
             with _quiet_single_process():
                 written = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(str(tmp)),
@@ -587,15 +590,14 @@ class CheckpointManager:
     def _rng_file(ckpt: Path, trainer_state: Dict[str, Any]) -> Path:
         """This rank's RNG file; a rank beyond the saved world size reuses rank 0's streams (with
         a warning); a missing file of a rank that saved one is an error."""
-        rank, _ = world()
-        legacy = trainer_state["format"] == 2
-        find = legacy_rng_file if legacy else rng_file
+        rank, world_size = world()
+        find = legacy_rng_file if trainer_state["format"] == 2 else rng_file
         saved_world = trainer_state.get("world_size")
-        if saved_world is not None and rank >= int(saved_world):
-            if rank == int(saved_world):
-                _warn(f"{ckpt} was saved by {saved_world} processes; ranks {saved_world} and up reuse "
-                      f"rank 0's RNG streams")
-            rank = 0
+        if saved_world is not None and world_size > int(saved_world):
+            _warn(f"{ckpt} was saved by {saved_world} processes; ranks {saved_world} and up reuse "
+                  f"rank 0's RNG streams")
+            if rank >= int(saved_world):
+                rank = 0
         path = find(ckpt, rank)
         if not path.is_file():
             raise InputError(f"{path}: missing; cannot restore this rank's RNG state "
