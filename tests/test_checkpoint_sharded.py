@@ -11,7 +11,6 @@ import os
 import threading
 import time
 
-import pytest
 import torch
 
 from distributed import run_distributed

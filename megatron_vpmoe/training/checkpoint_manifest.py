@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
+from megatron_vpmoe.utils.atomic import atomic_write_text
 from megatron_vpmoe.utils.errors import InputError
 
 MANIFEST = "manifest.json"
@@ -51,8 +52,6 @@ def config_digest(model_section: Optional[Dict[str, Any]]) -> Optional[str]:
 
 
 def write_manifest(ckpt: Path, files: Dict[str, Dict[str, Any]], model_section: Optional[Dict[str, Any]]) -> None:
-    from megatron_vpmoe.utils.atomic import atomic_write_text
-
     manifest = {"hash": "sha256", "model_config_sha256": config_digest(model_section),
                 "files": dict(sorted(files.items()))}
     atomic_write_text(Path(ckpt) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
