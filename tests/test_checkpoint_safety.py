@@ -141,6 +141,12 @@ def test_cli_refuses_payloads_and_model_changes_with_one_line(source, tmp_path):
     assert out.returncode == 2, out.stdout + out.stderr
     assert out.stderr.strip().count("\n") == 0
     assert "model.num_layers (2 -> 3)" in out.stderr and "model.rotary_base" in out.stderr
+    (ckpt / ".metadata").write_bytes(__import__("pickle").dumps(_Payload(marker)))
+    _reseal(ckpt)
+    out = _vpmoe_train(config)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip().count("\n") == 0 and ".metadata: not valid DCP metadata" in out.stderr
+    assert not marker.exists()
 
 
 def test_damage_is_detected_and_auto_falls_back(source, tmp_path, capsys):
