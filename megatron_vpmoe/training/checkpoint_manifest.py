@@ -107,9 +107,10 @@ def verify_checkpoint(ckpt: Path, *, distributed: bool = True) -> None:
 
 
 def model_config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
-    """``model.<key> (saved -> current)`` for every key other than the training-only ones that differs."""
+    """``model.<key> (saved -> current)`` for every key both sections have, other than the
+    training-only ones, that differs (a key a config of an older version lacks is not compared)."""
     out = []
-    for key in sorted(set(saved) | set(current)):
+    for key in sorted(set(saved) & set(current)):
         if key in TRAINING_ONLY_MODEL_KEYS:
             continue
         a, b = saved.get(key), current.get(key)
