@@ -83,7 +83,7 @@ def test_keep_last_and_trainer_state(tmp_path):
     state = read_trainer_state(tmp_path / "checkpoints" / "step_00000008")
     assert state["step"] == 8 and state["consumed_samples"] == 8 * 4
     assert state["layout"]["data"] == 1
-    assert (tmp_path / "checkpoints" / "step_00000008" / "rng" / "rank_00000.pt").is_file()
+    assert (tmp_path / "checkpoints" / "step_00000008" / "rng" / "rank_00000.safetensors").is_file()
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000008"
 
 

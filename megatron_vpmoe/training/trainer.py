@@ -18,6 +18,7 @@ Test hook: ``VPMOE_TEST_NAN_STEPS="3,7"`` multiplies the loss of those 1-based s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -27,7 +28,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_vpmoe.training import batches as batching
-from megatron_vpmoe.training.checkpoint import CheckpointManager, latest_checkpoint, resolve_checkpoint
+from megatron_vpmoe.training.checkpoint import (
+    CheckpointManager,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+    resolve_checkpoint,
+)
 from megatron_vpmoe.training.distributed import RankInfo, init_distributed
 from megatron_vpmoe.training.loss import (
     LossWeights,
@@ -205,14 +211,15 @@ class Trainer:
         ck = self.cfg.checkpoint
         if ck.load is None:
             return
-        if ck.load == "auto":
-            path = latest_checkpoint(self.cfg.checkpoint_dir)
+        if ck.load == "auto":  # the newest intact checkpoint (damaged ones skipped with a warning)
+            path = latest_intact_checkpoint(self.cfg.checkpoint_dir)
             if path is None:
                 return
         else:
             path = resolve_checkpoint(ck.load)
         state = self.checkpoints.load(path, self.pm, self.optimizer, load_optimizer=ck.load_optimizer,
-                                      restore_rng_state=ck.load_optimizer)
+                                      restore_rng_state=ck.load_optimizer,
+                                      model_config=dataclasses.asdict(self.cfg.model), verify=ck.load != "auto")
         self.loaded_from = state["path"]
         if ck.load_optimizer:  # a full resume; weights only starts a fresh run from them
             self.step = int(state["step"])
