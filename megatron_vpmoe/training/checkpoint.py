@@ -128,9 +128,12 @@ def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     pointer = Path(root) / LATEST
     if not pointer.is_file():
         return None
-    name = pointer.read_text(encoding="utf-8").strip()
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise InputError(f"{pointer}: not a checkpoint pointer (binary content)") from None
     target = Path(root) / name
-    if not (target / ".metadata").is_file():
+    if not _NAME.match(name) or not (target / ".metadata").is_file():
         raise InputError(f"{pointer}: points to {name!r}, which is not a complete checkpoint")
     return target
 
