@@ -226,6 +226,11 @@ def bench_shards() -> dict:
 
 
 # -- report ----------------------------------------------------------------------------------------
+def _table(header: list, rows: list) -> list:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
 def _markdown(res: dict) -> str:
     lines = ["# Scale on CPU processes (benchmarks/scale.py)", "",
              f"Host: {platform.machine()}, {os.cpu_count()} cores; gloo; fp32; peaks are the kernel's "
@@ -238,41 +243,39 @@ def _markdown(res: dict) -> str:
                   f"step {m['single_phases']['step']['peak_mb']:.0f}, save {m['single_phases']['checkpoint_save']['peak_mb']:.0f})",
                   f"- 8 ranks EP=4 x PP=2: largest rank peak **{m['max_rank_peak_mb']:.0f} MB** (rank {m['argmax_rank']}) = "
                   f"**{m['max_over_single']:.3f} x** the single process (target <= 0.30)",
-                  f"- an idle process (python + torch + megatron-core imported): {m['idle_process_mb']:.0f} MB of every rank's peak", "",
-                  "| rank | shard params | params MB | peak MB | construction rise MB | / params | save rise MB | / (params + optimizer) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in m["ranks"]:
-            lines.append(f"| {r['rank']} | {r['params'] / 1e6:.1f}M | {r['params_mb']:.0f} | {r['peak_mb']:.0f} | "
-                         f"{r['construction_rise_mb']:.0f} | {r['construction_over_params']:.2f} | "
-                         f"{r['save_rise_mb']:.0f} | {r['save_over_state']:.2f} |")
+                  f"- an idle process (python + torch + megatron-core imported): {m['idle_process_mb']:.0f} MB of every rank's peak", ""]
+        lines += _table(["rank", "shard params", "params MB", "peak MB", "construction rise MB", "/ params",
+                         "save rise MB", "/ (params + optimizer)"], [
+            [r["rank"], f"{r['params'] / 1e6:.1f}M", f"{r['params_mb']:.0f}", f"{r['peak_mb']:.0f}",
+             f"{r['construction_rise_mb']:.0f}", f"{r['construction_over_params']:.2f}",
+             f"{r['save_rise_mb']:.0f}", f"{r['save_over_state']:.2f}"] for r in m["ranks"]])
         lines += ["", f"Worst construction rise / shard params: **{m['max_construction_over_params']:.2f}** (target <= 1.3); "
                   f"worst save rise / shard state: **{m['max_save_over_state']:.2f}** (target <= 1.3).", ""]
     p = res.get("pipeline")
     if p:
-        lines += ["## Pipeline: saved activations per stage, PP=2, medium config, micro-batch 1 x 128", "",
-                  "| stage | 1F1B 2 mb MB | 1F1B 8 mb MB | 8/2 | GPipe 2 mb MB | GPipe 8 mb MB | 8/2 |", "|---|---|---|---|---|---|---|"]
-        for i, s in enumerate(p["stages"]):
-            lines.append(f"| {i} | {s['1f1b_2']['activation_peak_mb']:.1f} | {s['1f1b_8']['activation_peak_mb']:.1f} | "
-                         f"{p['ratio_8_over_2_1f1b'][i]:.2f} | {s['gpipe_2']['activation_peak_mb']:.1f} | "
-                         f"{s['gpipe_8']['activation_peak_mb']:.1f} | {p['ratio_8_over_2_gpipe'][i]:.2f} |")
+        lines += ["## Pipeline: saved activations per stage, PP=2, medium config, micro-batch 1 x 128", ""]
+        lines += _table(["stage", "1F1B 2 mb MB", "1F1B 8 mb MB", "8/2", "GPipe 2 mb MB", "GPipe 8 mb MB", "8/2"], [
+            [i, f"{st['1f1b_2']['activation_peak_mb']:.1f}", f"{st['1f1b_8']['activation_peak_mb']:.1f}",
+             f"{p['ratio_8_over_2_1f1b'][i]:.2f}", f"{st['gpipe_2']['activation_peak_mb']:.1f}",
+             f"{st['gpipe_8']['activation_peak_mb']:.1f}", f"{p['ratio_8_over_2_gpipe'][i]:.2f}"]
+            for i, st in enumerate(p["stages"])])
         lines += ["", "Target: 1F1B 8/2 <= 1.25.", ""]
     r = res.get("recompute")
     if r:
-        lines += ["## Activation recompute: medium config, one process, micro-batch 2 x 128", "",
-                  "| mode | saved activations MB | / none | step RSS rise MB | step s | / none | loss rel. diff | grad-norm rel. diff |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for mode, x in r.items():
-            lines.append(f"| {mode} | {x['activation_peak_mb']:.0f} | {x['activation_over_none']:.2f} | {x['rss_rise_mb']:.0f} | "
-                         f"{x['step_s']:.1f} | {x['time_over_none']:.2f} | {x['loss_rel_diff']:.1e} | {x['grad_norm_rel_diff']:.1e} |")
+        lines += ["## Activation recompute: medium config, one process, micro-batch 2 x 128", ""]
+        lines += _table(["mode", "saved activations MB", "/ none", "step RSS rise MB", "step s", "/ none",
+                         "loss rel. diff", "grad-norm rel. diff"], [
+            [mode, f"{x['activation_peak_mb']:.0f}", f"{x['activation_over_none']:.2f}", f"{x['rss_rise_mb']:.0f}",
+             f"{x['step_s']:.1f}", f"{x['time_over_none']:.2f}", f"{x['loss_rel_diff']:.1e}",
+             f"{x['grad_norm_rel_diff']:.1e}"] for mode, x in r.items()])
         lines += ["", "Target: full <= 0.5 x none at the same loss (1e-6); selective in between.", ""]
     s = res.get("shard")
     if s:
-        lines += ["## VPMoE-6B shards under a fake process group (EP=8 x PP=4, 32 ranks)", "",
-                  "| rank | pp rank | ep rank | params | expected (layout arithmetic) | shard MB (fp32) | peak RSS MB | build s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for x in s.values():
-            lines.append(f"| {x['rank']} | {x['pp_rank']} | {x['ep_rank']} | {x['params']:,} | {x['expected_params']:,} | "
-                         f"{x['params_mb']:.0f} | {x['peak_rss_mb']:.0f} | {x['build_s']:.1f} |")
+        lines += ["## VPMoE-6B shards under a fake process group (EP=8 x PP=4, 32 ranks)", ""]
+        lines += _table(["rank", "pp rank", "ep rank", "params", "expected (layout arithmetic)", "shard MB (fp32)",
+                         "peak RSS MB", "build s"], [
+            [x["rank"], x["pp_rank"], x["ep_rank"], f"{x['params']:,}", f"{x['expected_params']:,}",
+             f"{x['params_mb']:.0f}", f"{x['peak_rss_mb']:.0f}", f"{x['build_s']:.1f}"] for x in s.values()])
         total = next(iter(s.values()))["total_params"]
         lines += ["", f"Whole model: {total:,} params ({total * 4 / 2**30:.1f} GiB in fp32), which no rank allocates.", ""]
     return "\n".join(lines)
