@@ -1,12 +1,12 @@
 """On-policy distillation on the parallel engine: the first step's policy loss and gradients
-under EP=2 and PP=2 match one process (DP only) within 1e-5 on fixed completions and scores;
+under EP=2, PP=2 and DP=2 with ZeRO-1 match one process within 1e-5 on fixed completions and scores;
 rollouts run in lockstep under EP (and stage to stage under PP) and give the single-process
 samples; a resumed run continues bit for bit."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
+import json
 
 import pytest
 import torch
@@ -105,27 +105,6 @@ def _first_step(rank, world_size, cfg_path):
     return record["policy_loss"], record["grad_norm"], record["kl"], grads
 
 
-@pytest.mark.parametrize("layout", ["{expert: 2}", "{pipeline: 2}"])
-def test_first_step_matches_data_parallel(tmp_path, layout, monkeypatch):
-    import megatron_vpmoe.distill.onpolicy as onpolicy
-
-    monkeypatch.setattr(onpolicy, "score_groups", _stub_scores)  # restored after the test
-    base_loss, base_norm, base_kl, base = _first_step(0, 1, _write_config(tmp_path, "single", ppo_epochs=2))
-    assert abs(base_loss) > 1e-4 and base_norm > 0  # a real update (advantages, not just KL)
-    results = run_distributed(_first_step, 2, _write_config(tmp_path, "par", ppo_epochs=2,
-                                                                parallel=layout))
-    merged = {}
-    for loss, norm, kl, grads in results:
-        assert abs(loss - base_loss) < 1e-5 and abs(norm - base_norm) < 1e-5 and abs(kl - base_kl) < 1e-6
-        merged.update(grads)
-    assert sorted(merged) == sorted(base)
-    for name, per_epoch in base.items():
-        assert len(per_epoch) == len(merged[name]) == 2
-        for g, m in zip(per_epoch, merged[name]):
-            diff = float(abs(torch.from_numpy(m) - torch.from_numpy(g)).max())
-            assert diff < 1e-5, (name, diff)
-
-
 def _rollouts(rank, world_size, layout):
     """Greedy and sampled rollouts through the engine (ranks hold different prompts under EP, so
     they decode for different lengths) against ``model.generation.generate`` on the full model."""
@@ -159,13 +138,36 @@ def _rollouts(rank, world_size, layout):
     return out
 
 
-@pytest.mark.parametrize("layout", [{"expert": 2}, {"pipeline": 2}])
-def test_rollouts_lockstep_match_one_process(layout):
-    results = run_distributed(_rollouts, 2, layout)
-    for per_rank in results:
-        for got, want in per_rank:
+def _layout_worker(rank, world_size, cfg_path, layout):
+    return _first_step(rank, world_size, cfg_path), _rollouts(rank, world_size, layout)
+
+
+@pytest.mark.parametrize("layout", [{"expert": 2}, {"pipeline": 2}, {"distributed_optimizer": True}],
+                         ids=["ep2", "pp2", "dp2-zero1"])
+def test_layout_matches_one_process(tmp_path, layout, monkeypatch):
+    """In one 2-process run: the first step's update equals one process's, and the rollouts
+    (in lockstep under EP, stage to stage under PP) equal one process's samples."""
+    import megatron_vpmoe.distill.onpolicy as onpolicy
+
+    monkeypatch.setattr(onpolicy, "score_groups", _stub_scores)  # restored after the test
+    base_loss, base_norm, base_kl, base = _first_step(0, 1, _write_config(tmp_path, "single", ppo_epochs=2))
+    assert abs(base_loss) > 1e-4 and base_norm > 0  # a real update (advantages, not just KL)
+    cfg = _write_config(tmp_path, "par", ppo_epochs=2, parallel=json.dumps(layout))
+    results = run_distributed(_layout_worker, 2, cfg, layout)
+    merged = {}
+    for (loss, norm, kl, grads), _ in results:
+        assert abs(loss - base_loss) < 1e-5 and abs(norm - base_norm) < 1e-5 and abs(kl - base_kl) < 1e-6
+        merged.update(grads)
+    assert sorted(merged) == sorted(base)
+    for name, per_epoch in base.items():
+        assert len(per_epoch) == len(merged[name]) == 2
+        for g, m in zip(per_epoch, merged[name]):
+            diff = float(abs(torch.from_numpy(m) - torch.from_numpy(g)).max())
+            assert diff < 1e-5, (name, diff)
+    for _, rollouts in results:
+        for got, want in rollouts:  # greedy, then sampled
             assert got == want
-    assert len(results[0][0][0][0]) < 8  # eos stopped a row early while other rows kept decoding
+    assert len(results[0][1][0][0][0]) < 8  # eos stopped a row early while other rows kept decoding
 
 
 def _resume(rank, world_size, tmp):
