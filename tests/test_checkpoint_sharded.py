@@ -14,6 +14,7 @@ import time
 import torch
 
 from distributed import run_distributed
+from engine_loss import token_mean_step
 
 LAYOUT = {"tensor": 2, "expert": 2, "distributed_optimizer": True}
 
@@ -74,7 +75,7 @@ def _build(ctx, seed):
 def _step(pm, opt, ctx):
     g = torch.Generator().manual_seed(ctx.dp_rank)
     ids = torch.randint(0, 8192, (2, 17), generator=g)
-    pm.forward_backward([{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}])
+    token_mean_step(pm, [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}])
     opt.step()
     opt.zero_grad()
 

@@ -7,6 +7,7 @@ import torch
 
 from distributed import run_distributed
 from megatron_vpmoe.config.schema import ModelConfig, ParallelConfig
+from engine_loss import token_mean_step
 
 SEED = 7
 
@@ -70,7 +71,7 @@ def _rank_body(rank, world, layout):
     gathered = _gathered(pm)  # shards gathered back equal the single-process weights
     assert set(gathered) == set(initial)
     assert all(torch.equal(gathered[k], initial[k]) for k in initial)
-    loss_sum, n_tokens = pm.forward_backward(mbs)
+    loss_sum, n_tokens = token_mean_step(pm, mbs)
     for p in pm.parameters():
         p.data = p.grad  # gather gradients through the state-dict path
     # numpy arrays: tensors would travel through shared memory that dies with this process
@@ -127,7 +128,7 @@ def _pipeline_body(rank, world):
     pm = build_parallel_model(cfg, ctx, seed=SEED)
     ids, labels = global_batch(cfg)
     mbs = [{"input_ids": ids[:2], "labels": labels[:2]}, {"input_ids": ids[2:], "labels": labels[2:]}]
-    loss_sum, n_tokens = pm.forward_backward(mbs)
+    loss_sum, n_tokens = token_mean_step(pm, mbs)
     grads = {k: p.grad.numpy().copy() for k, p in pm.named_parameters()}
     return loss_sum, n_tokens, grads, pm.module.layer_numbers
 

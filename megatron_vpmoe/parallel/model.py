@@ -86,44 +86,25 @@ class ParallelModel:
         return self
 
     # -- one training step's forward and backward --------------------------------------------
-    def forward_backward(self, micro_batches: List[Dict], loss_fn: Optional[LossFn] = None):
+    def forward_backward(self, micro_batches: List[Dict], loss_fn: LossFn):
         """Forward+backward over this rank's micro-batches, gradients reduced over the layout.
 
-        Without ``loss_fn``: the token-mean objective ``sum(token losses of the global batch) /
-        global token count`` (+ aux loss averaged over micro-batches and DP ranks); returns
-        ``(loss_sum, n_tokens)`` over the global batch (floats, on every rank).
-
-        With ``loss_fn(per_token_loss [b, S], micro_batch) -> (loss, stats)``: ``loss`` is the
-        micro-batch's share of the language-model objective (backpropagated as is) and ``stats``
-        a 1-D float64 tensor; returns
-        the stats summed over micro-batches, pipeline stages and data-parallel ranks (the same
-        on every rank). Works in every layout; under PP it runs on the last stage, once per
-        micro-batch in order.
+        ``loss_fn(per_token_loss [b, S], micro_batch) -> (loss, stats)``: ``loss`` is the
+        micro-batch's share of the caller's objective (backpropagated as is; the trainer's
+        role-aware objective, the on-policy update's policy loss) and ``stats`` a 1-D float64
+        tensor; returns the stats summed over micro-batches, pipeline stages and data-parallel
+        ranks (the same on every rank). Works in every layout; under PP it runs on the last
+        stage, once per micro-batch in order.
 
         The MoE aux loss (``moe_aux_loss_coeff > 0``) is added in every layout by the MoE layers
         themselves, averaged over micro-batches and DP ranks, through backward (so it reaches
         every pipeline stage); :meth:`aux_loss_added` reads what was added."""
-        if loss_fn is not None:
-            return self._run(micro_batches, loss_fn, backward=True)
-        n_tokens = self._global_token_count(micro_batches)
-
-        def token_mean(per_token, mb):
-            summed = per_token.sum()
-            return summed / n_tokens, summed.detach().double().view(1)
-
-        stats = self._run(micro_batches, token_mean, backward=True)
-        return float(stats[0]), n_tokens
+        return self._run(micro_batches, loss_fn, backward=True)
 
     @torch.no_grad()
     def forward_only(self, micro_batches: List[Dict], loss_fn: LossFn) -> torch.Tensor:
         """Like ``forward_backward(micro_batches, loss_fn)`` without gradients (validation)."""
         return self._run(micro_batches, loss_fn, backward=False)
-
-    def _global_token_count(self, micro_batches: List[Dict]) -> float:
-        total = torch.tensor([float(sum(int((mb["labels"] != -100).sum()) for mb in micro_batches))])
-        if self.ctx.dp > 1:
-            dist.all_reduce(total, group=self.ctx.dp_group)
-        return max(float(total), 1.0)
 
     def _run(self, micro_batches: List[Dict], loss_fn: LossFn, backward: bool) -> torch.Tensor:
         ctx = self.ctx
