@@ -184,12 +184,15 @@ def latest_intact_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     candidates = list(reversed(list_checkpoints(root)))
     pointer = root / LATEST
     if pointer.is_file():
-        named = root / pointer.read_text(encoding="utf-8").strip()
+        try:
+            named = root / pointer.read_bytes().decode("utf-8").strip()
+        except UnicodeDecodeError:
+            named = None
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
         else:
-            _warn(f"{pointer} names {named.name!r}, which is not a checkpoint; looking for an older one")
+            _warn(f"{pointer} does not name a checkpoint; using the newest intact one")
     for ckpt in candidates:
         try:
             check_integrity(ckpt)
