@@ -62,6 +62,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from megatron_vpmoe.training.checkpoint_files import (
     SafeFileSystemReader,
     SafeLoadPlanner,
+    capture_rng,  # noqa: F401 - public here: the state a resume restores (restore_rng below)
     legacy_rng_file,
     load_rng,
     read_metadata,
