@@ -154,6 +154,12 @@ def test_damage_is_detected_and_auto_falls_back(source, tmp_path, capsys):
     from megatron_vpmoe.training.checkpoint_manifest import DamagedCheckpointError
 
     ckpts = _copy(source, tmp_path)
+    # a binary 'latest' pointer: auto resume says so and takes the newest intact checkpoint
+    (ckpts / "latest").write_bytes(b"\xff\xfe\x00garbage")
+    trainer = _trainer(tmp_path)
+    trainer._maybe_resume()
+    assert trainer.step == 4 and "does not name a checkpoint" in capsys.readouterr().err
+    (ckpts / "latest").write_text("step_00000004\n")
     shard = ckpts / "step_00000004" / "__0_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01

@@ -22,8 +22,8 @@ LAYOUT = {"tensor": 2, "expert": 2, "distributed_optimizer": True}
 def _model_cfg():
     from megatron_vpmoe.config.schema import ModelConfig
 
-    # ~7.5M parameters (30 MB fp32): big enough that a gathered copy stands out of the noise
-    return ModelConfig(vocab_size=8192, hidden_size=256, num_layers=2, num_attention_heads=4,
+    # ~5.4M parameters (22 MB fp32): big enough that a gathered copy stands out of the noise
+    return ModelConfig(vocab_size=4096, hidden_size=256, num_layers=2, num_attention_heads=4,
                        num_query_groups=2, kv_channels=64, ffn_hidden_size=1024, window_size=8,
                        num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=512,
                        moe_shared_expert_intermediate_size=512, moe_router_num_groups=2,
@@ -31,7 +31,7 @@ def _model_cfg():
 
 
 class _RssPeak:
-    """Resident set size sampled every 0.2 ms in a thread (/proc/self/statm): the peak over a block."""
+    """Resident set size sampled every 0.5 ms in a thread (/proc/self/statm): the peak over a block."""
 
     def __enter__(self):
         self._page = os.sysconf("SC_PAGE_SIZE")
@@ -48,7 +48,7 @@ class _RssPeak:
     def _sample(self):
         while not self._stop.is_set():
             self.peak = max(self.peak, self._rss())
-            time.sleep(0.0002)
+            time.sleep(0.0005)
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -74,7 +74,7 @@ def _build(ctx, seed):
 
 def _step(pm, opt, ctx):
     g = torch.Generator().manual_seed(ctx.dp_rank)
-    ids = torch.randint(0, 8192, (2, 17), generator=g)
+    ids = torch.randint(0, 4096, (2, 17), generator=g)
     token_mean_step(pm, [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}])
     opt.step()
     opt.zero_grad()

@@ -62,6 +62,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from megatron_vpmoe.training.checkpoint_files import (
     SafeFileSystemReader,
     SafeLoadPlanner,
+    capture_rng,  # noqa: F401 - public here: the state a resume restores (restore_rng below)
     legacy_rng_file,
     load_rng,
     read_metadata,
@@ -187,12 +188,15 @@ def latest_intact_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     candidates = list(reversed(list_checkpoints(root)))
     pointer = root / LATEST
     if pointer.is_file():
-        named = root / pointer.read_text(encoding="utf-8").strip()
+        try:
+            named = root / pointer.read_bytes().decode("utf-8").strip()
+        except UnicodeDecodeError:
+            named = None
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
         else:
-            _warn(f"{pointer} names {named.name!r}, which is not a checkpoint; looking for an older one")
+            _warn(f"{pointer} does not name a checkpoint; using the newest intact one")
     for ckpt in candidates:
         try:
             check_integrity(ckpt)

@@ -128,16 +128,24 @@ def legacy_rng_file(ckpt: Path, rank: int) -> Path:
     return Path(ckpt) / RNG_DIR / f"rank_{rank:05d}.pt"
 
 
+def capture_rng() -> Dict[str, Any]:
+    """This process's python/numpy/torch(/cuda) RNG state (what :func:`restore_rng` takes)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
 def save_rng(path: Path) -> None:
-    """This process's python/numpy/torch(/cuda) RNG state as safetensors + JSON metadata."""
+    """:func:`capture_rng`'s state as safetensors (generator states) + JSON metadata (python/numpy)."""
     from safetensors.torch import save_file
 
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = state
+    state = capture_rng()
+    version, mt, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    tensors = {"torch": state["torch"]}
+    for i, cuda in enumerate(state.get("cuda", [])):
+        tensors[f"cuda.{i}"] = cuda
     metadata = {"python": json.dumps([version, list(mt), gauss]),
                 "numpy": json.dumps([name, keys.tolist(), int(pos), int(has_gauss), float(cached)])}
     save_file(tensors, str(path), metadata=metadata)
