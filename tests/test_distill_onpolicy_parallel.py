@@ -97,7 +97,9 @@ def _first_step(rank, world_size, cfg_path):
 
     def capture():
         for name, p in pm.named_parameters():
-            grads[name] = grads.get(name, []) + [pm.to_full(name, p.grad).numpy().copy()]
+            full = pm.as_sharded(name, p.grad)  # a DTensor over its TP/EP group, gathered whole
+            full = full.full_tensor() if hasattr(full, "full_tensor") else full
+            grads[name] = grads.get(name, []) + [full.numpy().copy()]
         step()
 
     trainer.optimizer.step = capture
