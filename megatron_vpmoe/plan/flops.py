@@ -57,13 +57,3 @@ def training_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
     """Model FLOPs of one trained token (forward + backward), the numerator of MFU."""
     return 3.0 * forward_flops_per_token(cfg, seq_length)
 
-
-def recompute_forward_flops_per_token(cfg: ModelConfig, seq_length: int, mode: str) -> float:
-    """Extra forward FLOPs per token that activation recompute re-runs in backward."""
-    if mode == "none":
-        return 0.0
-    total = 0.0
-    for i in range(cfg.num_layers):
-        f = layer_forward_flops(cfg, i, seq_length)
-        total += sum(f.values()) if mode == "full" else f["attention_core"] + f.get("routed_experts", 0.0)
-    return total
