@@ -1,0 +1,139 @@
+"""Validate the planner on CPU: predicted per-rank peak memory vs measured peak RSS minus an idle process.
+
+For each (config, layout), ``vpmoe train`` (1 process) or ``vpmoe launch local`` (gloo ranks)
+runs 2 steps with ``log.memory_report: true``; every rank's measured peak RSS (VmHWM over the
+whole run) minus the measured idle-process baseline (python + torch + megatron-core imported,
+a gloo process group made) is set beside ``vpmoe plan``'s prediction for its pipeline rank
+(``--gpu cpu``: reference kernels, no framework overhead), and the parameter / gradient /
+optimizer bytes of the live shard beside the planner's. Target: within +-15%, bytes exact.
+
+Writes benchmarks/results/plan.json and plan.md. Run: ``python benchmarks/plan.py``
+(``--quick`` runs the tiny config only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+TINY = ROOT / "examples" / "configs" / "tiny-cpu.yaml"
+MEDIUM = ROOT / "examples" / "configs" / "medium-cpu.yaml"
+MB = 2**20
+# (name, config, processes, layout overrides)
+CASES = [
+    ("tiny 1 process", TINY, 1, {}),
+    ("tiny 1 process, recompute full", TINY, 1, {"train.recompute": "full"}),
+    ("tiny TP=2", TINY, 2, {"parallel.tensor": 2}),
+    ("tiny EP=2", TINY, 2, {"parallel.expert": 2}),
+    ("tiny PP=2", TINY, 2, {"parallel.pipeline": 2}),
+    ("tiny PP=2, recompute selective", TINY, 2, {"parallel.pipeline": 2, "train.recompute": "selective"}),
+    ("medium 1 process", MEDIUM, 1, {}),
+    ("medium 1 process, recompute full", MEDIUM, 1, {"train.recompute": "full"}),
+    ("medium PP=2", MEDIUM, 2, {"parallel.pipeline": 2}),
+    ("medium EP=4 x PP=2", MEDIUM, 8, {"parallel.expert": 4, "parallel.pipeline": 2}),
+]
+COMMON = {"train.steps": 2, "train.global_batch_size": 8, "train.micro_batch_size": 2, "data.mock": "true",
+          "data.seq_length": 128, "log.memory_report": "true", "checkpoint.interval": 0, "train.eval_interval": 0,
+          "train.precision": "fp32", "log.progress_bar": "false", "train.schedule.warmup_steps": 1}
+
+
+def idle_baseline_mb() -> float:
+    code = ("import os, torch.distributed as dist, megatron_vpmoe.training.trainer, megatron.core.parallel_state;"
+            "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29533');"
+            "dist.init_process_group('gloo', rank=0, world_size=1);"
+            "from megatron_vpmoe.utils.memory import peak_rss_bytes; print(peak_rss_bytes() / 2**20)")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def run_case(name, config, nproc, overrides, tmp: Path) -> dict:
+    from megatron_vpmoe.config.loader import load_config
+    from megatron_vpmoe.plan.layouts import from_config
+    from megatron_vpmoe.plan.memory import rank_memory
+
+    sets = {**COMMON, **overrides, "run.dir": str(tmp / name.replace(" ", "_").replace(",", ""))}
+    flags = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_vpmoe.cli", "train", "--config", str(config), "--quiet", *flags]
+    else:
+        cmd = [sys.executable, "-m", "megatron_vpmoe.cli", "launch", "local", "--nproc", str(nproc),
+               "--config", str(config), *flags]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{name} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    wall = time.perf_counter() - t0
+    cfg = load_config(config, [f"{k}={v}" for k, v in sets.items()])
+    layout = from_config(cfg, nproc)
+    ranks = []
+    for path in sorted((Path(sets["run.dir"]) / "memory").glob("rank_*.json")):
+        rec = json.loads(path.read_text())
+        pp_rank = rec["rank"] // (nproc // layout.pp)
+        pred = rank_memory(cfg, layout, pp_rank, "reference")
+        shard = rec["shard"]
+        ranks.append({"rank": rec["rank"], "pp_rank": pp_rank, "measured_peak_mb": rec["process_peak_mb"],
+                      "phases": {k: v["peak_mb"] for k, v in rec["phases"].items()},
+                      "predicted_mb": pred.peak / MB, "predicted_moment": pred.peak_moment,
+                      "predicted_components_mb": {k: v / MB for k, v in pred.components().items()},
+                      "params_mb": shard["params_mb"], "predicted_params_mb": pred.parameters / MB,
+                      "grads_mb": shard["grads_mb"], "predicted_grads_mb": pred.gradients / MB,
+                      "optimizer_mb": shard["optimizer_state_mb"], "predicted_optimizer_mb": pred.optimizer / MB})
+    return {"name": name, "config": str(config.relative_to(ROOT)), "processes": nproc, "layout": layout.short(),
+            "ranks": ranks, "wall_s": wall}
+
+
+def _markdown(res: dict) -> str:
+    lines = ["# Capacity planner vs measurement on CPU (benchmarks/plan.py)", "",
+             f"Host: {platform.machine()}, {os.cpu_count()} cores; gloo; fp32; 2 steps, global batch 8, micro-batch 2, "
+             f"sequence 128, mock data. Measured = the rank's peak RSS over the whole run (VmHWM) minus an idle "
+             f"process ({res['idle_mb']:.0f} MB: python + torch + megatron-core imported, gloo group made). "
+             "Predicted = `vpmoe plan --gpu cpu` for the rank's pipeline stage. Target: within +-15%; "
+             "parameter / gradient / optimizer bytes equal to the live shard's.", "",
+             "| case | layout | rank (pp) | measured - idle MB | predicted MB (moment) | error | params/grads/optim exact |",
+             "|---|---|---|---|---|---|---|"]
+    for case in res["cases"]:
+        for r in case["ranks"]:
+            meas = r["measured_peak_mb"] - res["idle_mb"]
+            exact = all(abs(r[k] - r["predicted_" + k]) < 1e-9 for k in ("params_mb", "grads_mb", "optimizer_mb"))
+            lines.append(f"| {case['name']} | {case['layout']} | {r['rank']} ({r['pp_rank']}) | {meas:.0f} | "
+                         f"{r['predicted_mb']:.0f} ({r['predicted_moment']}) | {(r['predicted_mb'] - meas) / meas:+.1%} | "
+                         f"{'yes' if exact else 'NO'} |")
+    errs = [abs(r["predicted_mb"] - (r["measured_peak_mb"] - res["idle_mb"])) / (r["measured_peak_mb"] - res["idle_mb"])
+            for c in res["cases"] for r in c["ranks"]]
+    within = sum(e <= 0.15 for e in errs)
+    lines += ["", f"{within} of {len(errs)} ranks within +-15% (largest error {max(errs):.1%})."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the tiny config only")
+    ap.add_argument("--only", nargs="+", help="case names to run (default all)")
+    args = ap.parse_args()
+    cases = [c for c in CASES if (not args.quick or c[1] == TINY) and (not args.only or c[0] in args.only)]
+    res = {"idle_mb": idle_baseline_mb(), "cases": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            res["cases"].append(run_case(*case, Path(tmp)))
+            print(f"{case[0]}: {res['cases'][-1]['wall_s']:.0f} s", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "plan.json").write_text(json.dumps(res, indent=1) + "\n")
+    (RESULTS / "plan.md").write_text(_markdown(res) + "\n")
+    print(_markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
