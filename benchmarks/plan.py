@@ -46,7 +46,8 @@ CASES = [
 ]
 COMMON = {"train.steps": 2, "train.global_batch_size": 8, "train.micro_batch_size": 2, "data.mock": "true",
           "data.seq_length": 128, "log.memory_report": "true", "checkpoint.interval": 0, "train.eval_interval": 0,
-          "train.precision": "fp32", "log.progress_bar": "false", "train.schedule.warmup_steps": 1}
+          "train.precision": "fp32", "log.progress_bar": "false", "train.schedule.warmup_steps": 1,
+          "data.tokenizer": "null", "data.blend": "[]"}
 
 
 def idle_baseline_mb() -> float:
