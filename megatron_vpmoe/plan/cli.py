@@ -44,7 +44,7 @@ def plan_table(plan) -> List[str]:
     short = {"parameters": "params", "gradients": "grads", "optimizer": "optim", "activations": "activ",
              "working": "layer_bwd", "head_loss": "head", "embedding_grad": "emb_grad", "all_to_all": "a2a",
              "pipeline_buffers": "p2p", "optimizer_step": "opt_step", "grad_reduce": "grad_red",
-             "checkpoint_staging": "ckpt", "autocast_weights": "bf16_w", "framework": "framework"}
+             "checkpoint_staging": "ckpt_host", "autocast_weights": "bf16_w", "framework": "framework"}
     lines.append("| pp rank | " + " | ".join(short[c] for c in comps) + " | in flight | peak GB (moment) |")
     lines.append("|---" * (len(comps) + 3) + "|")
     for r in plan.ranks:

@@ -70,7 +70,11 @@ def _bandwidth(gpu: GpuSpec, span: int) -> float:
 def plan_layout(cfg, layout: Layout, gpu: GpuSpec, efficiency: float = DEFAULT_EFFICIENCY) -> Plan:
     m = cfg.model
     seq, gbs = cfg.data.seq_length, cfg.train.global_batch_size
-    ranks = plan_memory(cfg, layout, gpu.kernels, int(gpu.framework_overhead_gb * 1e9))
+    # reference kernels = the CPU device: its memory is the host's (checkpoint staging included) and
+    # AdamW updates its tensors one at a time; GPUs run foreach kernels
+    on_host = gpu.kernels == "reference"
+    ranks = plan_memory(cfg, layout, gpu.kernels, int(gpu.framework_overhead_gb * 1e9),
+                        staging_on_device=on_host, foreach_optimizer=not on_host)
     micro = layout.micro_batches(gbs)
     t = layout.mb * seq
     a = act_bytes(cfg.train.precision)

@@ -13,7 +13,7 @@ the moment each is alive; the rank's peak is the largest of those moments.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List
 
 from megatron_vpmoe.config.schema import ModelConfig
@@ -63,14 +63,37 @@ def expert_parameter_count(cfg: ModelConfig, ep: int, pp: int, vpp: int, pp_rank
     return sum(cfg.num_moe_experts // ep * expert_params(cfg) for i in layers if cfg.is_moe_layer(i))
 
 
+def largest_tensor(cfg: ModelConfig, tp: int, ep: int, pp: int, vpp: int, pp_rank: int) -> int:
+    """Elements of the largest parameter tensor on the rank (a per-tensor optimizer's temporary)."""
+    h = cfg.hidden_size
+    up = 2 if cfg.activation == "swiglu" else 1
+    sizes = [0]
+    if pp_rank == 0 or (pp_rank == pp - 1 and cfg.untie_embeddings_and_output_weights):
+        sizes.append(cfg.vocab_size * h)
+    layers = rank_layers(cfg.num_layers, pp, vpp if pp > 1 else 1, pp_rank)
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels // tp * h
+    sizes.append(qkv if layers else 0)
+    if any(not cfg.is_moe_layer(i) for i in layers):
+        sizes.append(h * cfg.ffn_hidden_size * up // tp)
+    if any(cfg.is_moe_layer(i) for i in layers):
+        sizes.append(cfg.num_moe_experts // ep * h * cfg.moe_ffn_hidden_size * up)
+    return max(sizes)
+
+
 # -- activations ------------------------------------------------------------------------------------
-def _norm_saved(rows: int, width: int, a: int, input_counted: bool, output_saved: bool) -> int:
-    """RMSNorm of ``rows`` vectors, computed in fp32: its fp32 input (a new copy unless it is an
-    fp32 tensor already counted), ``x * rsqrt``, ``rsqrt`` itself and, if a linear consumes it,
-    the output in the activation dtype."""
-    n = rows * width * F32 + rows * F32
-    if a != F32 or not input_counted:
+def _norm_saved(rows: int, width: int, a: int, input_counted: bool, output_saved: bool,
+                kernels: str = "reference") -> int:
+    """RMSNorm of ``rows`` vectors. Reference (computed in fp32 by PyTorch ops): its fp32 input (a
+    new copy unless it is an fp32 tensor already counted), ``x * rsqrt`` and ``rsqrt``; fused:
+    the input (unless counted) and ``rsqrt``. Either way, if a linear consumes it, the output in
+    the activation dtype."""
+    n = rows * F32
+    if kernels == "reference":
         n += rows * width * F32
+        if a != F32 or not input_counted:
+            n += rows * width * F32
+    elif not input_counted:
+        n += rows * width * a
     if output_saved:
         n += rows * width * a
     return n
@@ -87,16 +110,14 @@ def layer_activation_bytes(cfg: ModelConfig, layer: int, layout: Layout, seq: in
     qkvd = qd + 2 * kvd
     rope = cfg.position_embedding_type == "rope" and not (cfg.is_global_layer(layer) and cfg.nope_on_global)
     rc = layout.recompute
-    out: Dict[str, int] = {}
-    if rc == "full":
-        out["layer_input"] = t * h * a
+    out: Dict[str, int] = {"layer_input": t * h * a}
+    if rc == "full":  # only the layer's input is kept; the rest is recomputed in backward
         return out
-    out["layer_input"] = t * h * a
     # attention block
-    attn = _norm_saved(t, h, a, True, True) + t * qkvd * a
+    attn = _norm_saved(t, h, a, True, True, kernels) + t * qkvd * a
     if cfg.qk_layernorm:
         # q is a reshaped copy of its QKV slice; k a view of the QKV output (counted in fp32)
-        attn += _norm_saved(t * nh, d, a, False, False) + _norm_saved(t * ng, d, a, True, False)
+        attn += _norm_saved(t * nh, d, a, False, False, kernels) + _norm_saved(t * ng, d, a, True, False, kernels)
     if rope:
         attn += 4 * t * d * F32  # cos and sin, for q and for k
     if kernels == "reference":
@@ -114,7 +135,7 @@ def layer_activation_bytes(cfg: ModelConfig, layer: int, layout: Layout, seq: in
     attn += t * qd * a  # the output projection's input
     out["attention"] = attn
     # MLP block
-    mlp = t * h * a + _norm_saved(t, h, a, True, True)  # the residual after attention, the norm
+    mlp = t * h * a + _norm_saved(t, h, a, True, True, kernels)  # the residual after attention, the norm
     if cfg.is_moe_layer(layer):
         e, k = cfg.num_moe_experts, cfg.moe_router_topk
         tk = t * k
@@ -162,8 +183,8 @@ def chunk_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, a: int, k
         n += t * I64  # positions
     if first:
         n += t * I64  # token ids (embedding)
-    if last:
-        n += _norm_saved(t, cfg.hidden_size, a, False, True) + t * I64  # final norm of the last output, labels
+    if last:  # final norm of the last layer's output, labels
+        n += _norm_saved(t, cfg.hidden_size, a, False, True, kernels) + t * I64
     return n
 
 
@@ -217,14 +238,23 @@ class RankMemory:
         return max(self.moments, key=self.moments.get)
 
     def components(self) -> Dict[str, int]:
+        """Bytes by component (transients are alive only at their moment; see ``moments``)."""
         keys = ("parameters", "gradients", "optimizer", "activations", "working", "head_loss", "embedding_grad",
                 "all_to_all", "pipeline_buffers", "optimizer_step", "grad_reduce", "checkpoint_staging",
                 "autocast_weights", "framework")
         return {k: getattr(self, k) for k in keys}
 
 
-def rank_memory(cfg, layout: Layout, pp_rank: int, kernels: str, framework_bytes: int = 0) -> RankMemory:
-    """Predicted memory of one rank of pipeline rank ``pp_rank`` for run config ``cfg`` under ``layout``."""
+def rank_memory(cfg, layout: Layout, pp_rank: int, kernels: str, framework_bytes: int = 0,
+                staging_on_device: bool = False, foreach_optimizer: bool = False) -> RankMemory:
+    """Predicted memory of one rank of pipeline rank ``pp_rank`` for run config ``cfg`` under ``layout``.
+
+    A checkpoint save stages one copy of the rank's parameters and optimizer state (``async_save``
+    copies them to CPU; a synchronous save's serialisation copies them too, as measured in
+    ``benchmarks/plan.py``): in host memory, so it counts toward the device's peak only when the
+    device is the host (``staging_on_device``, CPU runs). ``torch.optim.AdamW`` updates CUDA
+    tensors with ``foreach`` kernels (temporaries the size of the rank's parameters) and CPU
+    tensors one at a time (``foreach_optimizer`` False: the largest tensor)."""
     m = cfg.model
     seq, gbs = cfg.data.seq_length, cfg.train.global_batch_size
     a = act_bytes(cfg.train.precision)
@@ -249,29 +279,34 @@ def rank_memory(cfg, layout: Layout, pp_rank: int, kernels: str, framework_bytes
     activations = per_mb * flight if vpp == 1 else int(sum(chunks) / len(chunks) * flight)
     t = layout.mb * seq
     h = m.hidden_size
-    # one layer's backward: gradients of its saved activations, plus (reference attention) the
-    # forward's score temporaries
+    # one layer's backward: the gradients of its saved activations; under recompute, the layer's
+    # forward is replayed first (full: the whole layer, selective: its attention core and experts),
+    # so its activations as without recompute exist again beside them
     layers = rank_layers(m.num_layers, pp, vpp, pp_rank)
+    no_recompute = replace(layout, recompute="none")
     one_layer = max(sum(layer_activation_bytes(m, i, layout, seq, a, kernels).values()) for i in layers)
-    working = one_layer
-    if layout.recompute == "full":  # backward replays the layer: its activations exist again
-        working += max(sum(layer_activation_bytes(m, i, Layout(**{**layout.__dict__, "recompute": "none"}),
-                                                  seq, a, kernels).values()) for i in layers)
+    replayed = max(sum(layer_activation_bytes(m, i, no_recompute, seq, a, kernels).values()) for i in layers)
+    working = one_layer + (replayed if layout.recompute != "none" else 0)
     head_loss = 0
     if last:
         rows = min(t, LOSS_CHUNK)
-        head_loss = 2 * rows * m.vocab_size * F32 + m.vocab_size * h * F32 + 2 * t * h * F32
+        # one chunk's fp32 logits (softmax in place; a bf16 copy of it under bf16), the fp32 weight
+        # gradient accumulator and the hidden gradient
+        head_loss = rows * m.vocab_size * (F32 + (a if a != F32 else 0)) + m.vocab_size * h * F32 + 2 * t * h * F32
     embedding_grad = m.vocab_size * h * F32 if first else 0
     all_to_all = 2 * t * m.moe_router_topk * h * a if ep > 1 and m.num_moe_experts else 0
     pipeline_buffers = 0
     if pp > 1:
         kvd = m.num_query_groups // tp * m.kv_channels
         pipeline_buffers = 2 * vpp * t * (h + (kvd if m.value_residual else 0)) * a
-    optimizer_step = F32 * (params if not layout.zero else int(dense / layout.dp + experts / max(layout.expert_dp, 1)))
+    if foreach_optimizer:
+        optimizer_step = F32 * (params if not layout.zero else int(dense / layout.dp + experts / max(layout.expert_dp, 1)))
+    else:
+        optimizer_step = F32 * largest_tensor(m, tp, ep, pp, vpp, pp_rank)
     grad_reduce = F32 * max(dense if layout.dp > 1 else 0, experts if layout.expert_dp > 1 else 0)
-    staging = (params * F32 + optimizer) if cfg.checkpoint.async_save else 0
+    staging = params * F32 + optimizer
     autocast_weights = (params - experts - (m.vocab_size * h if first else 0)) * 2 if a != F32 else 0
-    base = F32 * params * 2 + optimizer + framework_bytes
+    base = F32 * params * 2 + optimizer + framework_bytes  # gradients are freed after each step's update
     mem = RankMemory(pp_rank=pp_rank, params=params, parameters=F32 * params, gradients=F32 * params,
                      optimizer=optimizer, activations=activations, activations_per_microbatch=per_mb,
                      in_flight=flight, working=working, head_loss=head_loss, embedding_grad=embedding_grad,
@@ -283,11 +318,13 @@ def rank_memory(cfg, layout: Layout, pp_rank: int, kernels: str, framework_bytes
         "backward": base + fwd_bwd + max(head_loss, embedding_grad),
         "grad_reduce": base + grad_reduce,
         "optimizer_step": base + optimizer_step,
-        "checkpoint_save": base + staging,
+        "checkpoint_save": base - F32 * params + (staging if staging_on_device else 0),
     }
     return mem
 
 
-def plan_memory(cfg, layout: Layout, kernels: str, framework_bytes: int = 0) -> List[RankMemory]:
+def plan_memory(cfg, layout: Layout, kernels: str, framework_bytes: int = 0,
+                staging_on_device: bool = False, foreach_optimizer: bool = False) -> List[RankMemory]:
     """Every pipeline rank's memory (ranks of one pipeline rank are alike up to routing balance)."""
-    return [rank_memory(cfg, layout, r, kernels, framework_bytes) for r in range(layout.pp)]
+    return [rank_memory(cfg, layout, r, kernels, framework_bytes, staging_on_device, foreach_optimizer)
+            for r in range(layout.pp)]
