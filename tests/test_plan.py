@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,9 +23,29 @@ def _tiny(*overrides):
     return load_config(TINY, ["data.mock=true", *overrides])
 
 
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _run_main(*argv):
+    """``vpmoe ARGV`` in this process (no interpreter start-up per call): exit code, stdout, stderr."""
+    import contextlib
+    import io
+
+    from megatron_vpmoe.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:  # argparse usage errors
+            code = exc.code
+    return _Result(code, out.getvalue(), err.getvalue())
+
+
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "megatron_vpmoe.cli", "plan", *args], capture_output=True, text=True,
-                          cwd=ROOT)
+    return _run_main("plan", *args)
 
 
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
@@ -187,3 +205,18 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
                         .replace("memory_gb: 24", "memory_gb: 0.001"))
     out = _cli("--config", str(TINY), "--gpus-per-node", "2", "--gpu", str(tiny_gpu))
     assert out.returncode == 2 and "no layout" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_launch_slurm_refuses_a_predicted_non_fit_unless_forced(tmp_path):
+    small = tmp_path / "small.yaml"
+    small.write_text((ROOT / "megatron_vpmoe" / "plan" / "gpus" / "cpu.yaml").read_text()
+                     .replace("memory_gb: 24", "memory_gb: 0.01"))
+    base = ["launch", "slurm", "--nodes", "1", "--gpus-per-node", "2",
+            "--config", str(TINY), "--set", f"run.dir={tmp_path / 'run'}", "--dry-run"]
+    out = _run_main(*base, "--gpu", str(small))
+    assert out.returncode == 2 and "predicted not to fit" in out.stderr and "#!/bin/bash" not in out.stdout
+    forced = _run_main(*base, "--gpu", str(small), "--force")
+    assert forced.returncode == 0 and "#!/bin/bash" in forced.stdout and "DOES NOT FIT" in forced.stderr
+    fits = _run_main(*base, "--gpu", "cpu")
+    assert fits.returncode == 0 and "fits" in fits.stderr
+    assert "vpmoe plan (estimate)" in (tmp_path / "run" / "launch" / "plan.txt").read_text()

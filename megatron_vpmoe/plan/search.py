@@ -35,7 +35,7 @@ def search(cfg, world: int, gpus_per_node: int, gpu: GpuSpec, efficiency: float 
     for layout, reason in enumerate_layouts(cfg, world, gpus_per_node):
         considered += 1
         if reason is not None:
-            invalid.setdefault(reason.split(":")[0] if ":" in reason else reason, reason)
+            invalid.setdefault(reason.split(":")[0], f"invalid, e.g. {layout.short()}: {reason}")
             continue
         plan = plan_layout(cfg, layout, gpu, efficiency)
         if plan.fits:
