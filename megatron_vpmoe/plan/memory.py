@@ -313,9 +313,15 @@ def rank_memory(cfg, layout: Layout, pp_rank: int, kernels: str, framework_bytes
                      all_to_all=all_to_all, pipeline_buffers=pipeline_buffers, optimizer_step=optimizer_step,
                      grad_reduce=grad_reduce, checkpoint_staging=staging, autocast_weights=autocast_weights,
                      framework=framework_bytes)
-    fwd_bwd = activations + working + pipeline_buffers + all_to_all + autocast_weights
+    # Gradients are freed after every update, so they exist beside the peak of activations only if
+    # a backward has run before that peak in the step: when more micro-batches pass through the
+    # rank than are in flight (steady 1F1B, gradient accumulation). With every micro-batch in
+    # flight at once (one micro-batch, GPipe) backward frees activations as it makes gradients.
+    micro_chunks = layout.micro_batches(gbs) * vpp
+    held = activations + F32 * params if micro_chunks > flight else max(activations, F32 * params)
+    transient = working + pipeline_buffers + all_to_all + autocast_weights + max(head_loss, embedding_grad)
     mem.moments = {
-        "backward": base + fwd_bwd + max(head_loss, embedding_grad),
+        "backward": base - F32 * params + held + transient,
         "grad_reduce": base + grad_reduce,
         "optimizer_step": base + optimizer_step,
         "checkpoint_save": base - F32 * params + (staging if staging_on_device else 0),
