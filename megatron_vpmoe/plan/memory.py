@@ -167,11 +167,25 @@ def layer_activation_bytes(cfg: ModelConfig, layer: int, layout: Layout, seq: in
     return out
 
 
+def _layer_total(cfg: ModelConfig, layer: int, layout: Layout, seq: int, a: int, kernels: str) -> int:
+    """Sum of :func:`layer_activation_bytes`, shared by layers of one kind (a search plans many)."""
+    key = (id(cfg), cfg.is_moe_layer(layer), cfg.is_global_layer(layer), layer > 0, layout.tp, layout.ep,
+           layout.mb, layout.recompute, seq, a, kernels)
+    if key not in _LAYER_CACHE:
+        if len(_LAYER_CACHE) > 4096:
+            _LAYER_CACHE.clear()
+        _LAYER_CACHE[key] = (cfg, sum(layer_activation_bytes(cfg, layer, layout, seq, a, kernels).values()))
+    return _LAYER_CACHE[key][1]
+
+
+_LAYER_CACHE: Dict[tuple, tuple] = {}  # values keep cfg alive, so its id is not reused while cached
+
+
 def chunk_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, a: int, kernels: str,
                            layers: List[int], first: bool, last: bool, has_layer0: bool) -> int:
     """Saved bytes of one micro-batch through one model chunk (a pipeline stage's layers)."""
     t = layout.mb * seq
-    n = sum(sum(layer_activation_bytes(cfg, i, layout, seq, a, kernels).values()) for i in layers)
+    n = sum(_layer_total(cfg, i, layout, seq, a, kernels) for i in layers)
     kvd = cfg.num_query_groups // layout.tp * cfg.kv_channels
     qkvd = (cfg.num_attention_heads + 2 * cfg.num_query_groups) // layout.tp * cfg.kv_channels
     if cfg.value_residual and layers:
@@ -284,8 +298,8 @@ def rank_memory(cfg, layout: Layout, pp_rank: int, kernels: str, framework_bytes
     # so its activations as without recompute exist again beside them
     layers = rank_layers(m.num_layers, pp, vpp, pp_rank)
     no_recompute = replace(layout, recompute="none")
-    one_layer = max(sum(layer_activation_bytes(m, i, layout, seq, a, kernels).values()) for i in layers)
-    replayed = max(sum(layer_activation_bytes(m, i, no_recompute, seq, a, kernels).values()) for i in layers)
+    one_layer = max(_layer_total(m, i, layout, seq, a, kernels) for i in layers)
+    replayed = max(_layer_total(m, i, no_recompute, seq, a, kernels) for i in layers)
     working = one_layer + (replayed if layout.recompute != "none" else 0)
     head_loss = 0
     if last:
