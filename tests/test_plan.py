@@ -219,4 +219,5 @@ def test_launch_slurm_refuses_a_predicted_non_fit_unless_forced(tmp_path):
     assert forced.returncode == 0 and "#!/bin/bash" in forced.stdout and "DOES NOT FIT" in forced.stderr
     fits = _run_main(*base, "--gpu", "cpu")
     assert fits.returncode == 0 and "fits" in fits.stderr
-    assert "vpmoe plan (estimate)" in (tmp_path / "run" / "launch" / "plan.txt").read_text()
+    assert not (tmp_path / "run" / "launch").exists()  # a dry run writes nothing
+    assert "layout tp=1,ep=1,pp=1,mb=4" in fits.stderr
