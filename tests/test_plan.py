@@ -48,10 +48,13 @@ def _cli(*args):
     return _run_main("plan", *args)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
-def test_activation_formula_matches_saved_tensors(mode):
+def test_activation_formula_matches_saved_tensors(mode, precision):
     """Per micro-batch saved bytes of the whole tiny model (dense + MoE layers, sliding-window + global
-    attention, value residual, sinks) as derived from shapes == what autograd keeps, within 1%."""
+    attention, value residual, sinks) as derived from shapes == what autograd keeps: within 1% in fp32;
+    within 5% under bf16 autocast (the meter also holds autocast's bf16 weight copies, under 1 MB here,
+    which the planner counts apart)."""
     from megatron_vpmoe.model import VpmoeModel
     from megatron_vpmoe.plan.layouts import Layout
     from megatron_vpmoe.plan.memory import chunk_activation_bytes
@@ -64,11 +67,14 @@ def test_activation_formula_matches_saved_tensors(mode):
     model.set_recompute(mode)
     ids = torch.randint(0, cfg.vocab_size, (b, s))
     labels = torch.randint(0, cfg.vocab_size, (b, s))
-    with SavedActivationMeter(exclude=model.parameters()) as meter:
+    with SavedActivationMeter(exclude=model.parameters()) as meter, \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         model(ids, labels=labels).mean()
-    predicted = chunk_activation_bytes(cfg, Layout(world=1, mb=b, recompute=mode), s, 4, "reference",
+    a = 2 if precision == "bf16" else 4
+    predicted = chunk_activation_bytes(cfg, Layout(world=1, mb=b, recompute=mode), s, a, "reference",
                                        list(range(cfg.num_layers)), True, True, True)
-    assert abs(predicted - meter.peak) / meter.peak < 0.01, (predicted, meter.peak)
+    tolerance = 0.01 if precision == "fp32" else 0.05
+    assert abs(predicted - meter.peak) / meter.peak < tolerance, (predicted, meter.peak)
 
 
 def _module_flops_per_token(model, cfg, seq) -> float:

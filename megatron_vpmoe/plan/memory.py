@@ -154,7 +154,8 @@ def layer_activation_bytes(cfg: ModelConfig, layer: int, layout: Layout, seq: in
             routed += 2 * tk * I64 + e * I64
         else:
             routed += 3 * tk * I64 + 2 * e * 4 + 2 * tk * f * a  # + activation input/output inside the experts
-        if a != F32:  # grouped_mm takes bf16 copies of the expert weights, saved per micro-batch
+        if a != F32 and rc != "selective":  # grouped_mm's bf16 copies of the expert weights, saved
+            # per micro-batch (made inside the recomputed region under selective recompute)
             from megatron_vpmoe.model.params import expert_params
             routed += e // layout.ep * expert_params(cfg) * a
         mlp += routed
