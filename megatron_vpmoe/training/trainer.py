@@ -50,6 +50,7 @@ from megatron_vpmoe.training.metrics import (
     flops_per_token,
     memory_stats,
     peak_flops_per_device,
+    peak_memory_over_ranks,
     router_bias_stats,
 )
 from megatron_vpmoe.training.memory_report import RankMemoryReport
@@ -424,7 +425,9 @@ class Trainer:
                 out.update(kind="train", step=self.step, consumed_samples=sampler.consumed_samples(self.step),
                            step_time_s=dt, tokens_per_s=tokens_per_step / dt)
                 out["mfu"] = (flops_tok * tokens_per_step / dt / (peak * self.world_size)) if peak else None
+                out["tflops_per_gpu"] = flops_tok * tokens_per_step / dt / self.world_size / 1e12
                 out.update(memory_stats())
+                out.update(peak_memory_over_ranks(self.world_size))
                 out.update(router_bias_stats(self.raw_model))
                 logger.log(out, scalars=self.step % cfg.log.interval == 0)
                 if out["loss_tokens"] == 0:  # nothing supervised in this global batch
