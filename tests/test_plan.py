@@ -227,3 +227,5 @@ def test_launch_slurm_refuses_a_predicted_non_fit_unless_forced(tmp_path):
     assert fits.returncode == 0 and "fits" in fits.stderr
     assert not (tmp_path / "run" / "launch").exists()  # a dry run writes nothing
     assert "layout tp=1,ep=1,pp=1,mb=4" in fits.stderr
+    # the job prints the plan into its own log (the file a real submission writes)
+    assert f"cat {tmp_path / 'run' / 'launch' / 'plan.txt'}" in fits.stdout
