@@ -103,14 +103,18 @@ def main() -> int:
             if best is None or got["after_save_ratio"] < best["after_save_ratio"]:
                 results["modes"][mode] = got
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "checkpoint.json").write_text(json.dumps(results, indent=1) + "\n")
-    rows = [f"| {m} | {r['state_mb']:.0f} | {r['normal_step_s']:.3f} | {r['after_save_step_s']:.3f} | "
+    path = RESULTS / "checkpoint.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    by_config = old.get("configs", {})  # each --config keeps its own row set
+    by_config[args.config] = results
+    path.write_text(json.dumps({"configs": by_config}, indent=1) + "\n")
+    rows = [f"| {name} | {m} | {r['state_mb']:.0f} | {r['normal_step_s']:.3f} | {r['after_save_step_s']:.3f} | "
             f"{r['after_save_ratio']:.2f}x | {r['save_blocking_s_first']:.3f} | {r['save_blocking_s_later']:.3f} |"
-            for m, r in results["modes"].items()]
+            for name, res in by_config.items() for m, r in res["modes"].items()]
     (RESULTS / "checkpoint.md").write_text(
-        f"# Checkpoint saves in the training loop ({args.config}, 1 process, 1 thread, every {args.interval} "
-        f"steps)\n\n| mode | state MB | step s | step after a save s | ratio | save blocks s (first) | "
-        f"save blocks s (later) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+        "# Checkpoint saves in the training loop (1 process, 1 thread; interval per config in checkpoint.json)\n\n"
+        "| config | mode | state MB | step s | step after a save s | ratio | save blocks s (first) | "
+        "save blocks s (later) |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     return 0
 
 
