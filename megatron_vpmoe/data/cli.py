@@ -97,6 +97,8 @@ def print_summary(summary: dict) -> None:
     print(f"preprocessed {summary['documents']} documents, {summary['bytes'] / 1e6:.2f} MB in "
           f"{summary['seconds']:.1f} s ({summary['docs_per_s']:.0f} docs/s, {summary['mb_per_s']:.2f} MB/s, "
           f"{summary['workers']} workers)")
+    for variant, engine in summary.get("engines", {}).items():
+        print(f"  {variant}: encoded with {engine}")
     for name, s in summary["shards"].items():
         variant, key = name.split("/", 1)
         mask = " + loss mask" if s["loss_mask"] else ""

@@ -8,8 +8,9 @@ adds the tokenizer's end-of-document id (role 0 in chat documents: the model is 
 predict EOD after an assistant turn that already ends in ``<|return|>``; plain text: EOD is
 an ordinary target as in Megatron).
 
-One encoder is built in the parent from the tokenizer directories; forked worker processes
-(:mod:`preprocess`) inherit it.
+One encoder is built in the parent from the tokenizer directories (each HF-backed variant's
+gigatoken engine is checked there, :mod:`megatron_vpmoe.tokenizers.fast`); forked worker
+processes (:mod:`preprocess`) inherit it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ class DocumentEncoder:
         self.json_keys = list(json_keys)
         self.append_eod = append_eod
         self._special_ids = {}
+        self.engines = {}  # variant -> "gigatoken" or why the HF tokenizers encoder is used
         for name, tok in self.tokenizers.items():
+            engine, reason = tok.fast_engine() if hasattr(tok, "fast_engine") else (None, f"kind {tok.kind}")
+            self.engines[name] = "gigatoken" if engine is not None else f"tokenizers ({reason})"
             ids = {}
             for special in ("<|start|>", "<|channel|>", "<|message|>", "<|constrain|>", "<|end|>",
                             "<|return|>", "<|call|>"):

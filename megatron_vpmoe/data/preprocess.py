@@ -408,7 +408,7 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
         "seconds": round(seconds, 3), "docs_per_s": round(tally.documents / max(seconds, 1e-9), 1),
         "mb_per_s": round(tally.bytes / 1e6 / max(seconds, 1e-9), 3),
         "tokens_per_s": round(sum(tokens_per_variant.values()) / max(seconds, 1e-9), 1),
-        "workers": opts.workers, "partitions": len(groups),
+        "workers": opts.workers, "partitions": len(groups), "engines": encoder.engines,
         "fingerprint": current, "files": published_sizes(_with_masks(finals)),
     }
     atomic_write_text(summary_path, json.dumps(summary, indent=2))

@@ -166,6 +166,7 @@ class HFTokenizer(Tokenizer):
             super().__init__(name, specials, metadata, required_specials=(eod_token,))
         self._vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
         self._id_to_bytes = None
+        self._fast = None  # (engine or None, reason): built on the first encode_batch
 
     @property
     def vocab_size(self) -> int:
@@ -180,7 +181,18 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def encode_batch(self, texts: List[str]) -> List[List[int]]:
-        return self._encode_plain(list(texts))
+        engine = self.fast_engine()[0]
+        return engine.encode_batch(list(texts)) if engine is not None else self._encode_plain(list(texts))
+
+    def fast_engine(self):
+        """``(engine, reason)``: the gigatoken engine when it reproduces this tokenizer's ids on
+        the built-in sample (checked once, :mod:`megatron_vpmoe.tokenizers.fast`), else ``(None,
+        why not)``; batches then use the HF ``tokenizers`` encoder."""
+        if self._fast is None:
+            from megatron_vpmoe.tokenizers.fast import build_engine
+
+            self._fast = build_engine(self._backend.to_str(), self._encode_plain, list(self._special))
+        return self._fast
 
     def decode(self, ids: List[int]) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=False)
