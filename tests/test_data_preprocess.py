@@ -389,28 +389,31 @@ def test_shard_writer_matches_megatron_core_builder_byte_for_byte(tmp_path):
         docs_d = [[x % 256 for x in d] if dtype == numpy.uint8 else d for d in docs]
         ref = IndexedDatasetBuilder(str(tmp_path / f"ref{dtype.__name__}.bin"), dtype=dtype)
         for d in docs_d:
-            ref.add_document(numpy.array(d, dtype=dtype), [len(d)])
+            # an empty document has no sequence, as Megatron-LM's preprocess_data.py adds it
+            ref.add_document(numpy.array(d, dtype=dtype), [len(d)] if d else [])
         ref.finalize(str(tmp_path / f"ref{dtype.__name__}.idx"))
         # the same documents: two added, a piece of two appended from a raw file, two constant
         piece = ShardWriter(str(tmp_path / f"piece{dtype.__name__}"), dtype)
         for d in docs_d[2:4]:
             piece.add(d)
-        piece_bin, piece_lengths = piece.finish_data()
+        piece_bin, piece_lengths, piece_documents = piece.finish_data()
         ours = ShardWriter(str(tmp_path / f"ours{dtype.__name__}"), dtype)
         for d in docs_d[:2]:
             ours.add(d)
-        ours.append_data(piece_bin, piece_lengths)
+        ours.append_data(piece_bin, piece_lengths, piece_documents)
         ours.add(docs_d[4])
         ours.add(docs_d[5])
         ours.commit()
         for ext in (".bin", ".idx"):
             assert (tmp_path / f"ref{dtype.__name__}{ext}").read_bytes() == \
                 (tmp_path / f"ours{dtype.__name__}{ext}").read_bytes(), (dtype, ext)
-        assert _docs(str(tmp_path / f"ours{dtype.__name__}")) == docs_d
+        assert _docs(str(tmp_path / f"ours{dtype.__name__}")) == [d for d in docs_d if d]  # sequences
+        assert len(read_shard(str(tmp_path / f"ours{dtype.__name__}")).document_indices) == len(docs_d) + 1
     const = ShardWriter(str(tmp_path / "const"), numpy.uint8)
     const.append_constant(3, [4, 0, 2])
     const.commit()
-    assert _docs(str(tmp_path / "const")) == [[3] * 4, [], [3] * 2]
+    assert _docs(str(tmp_path / "const")) == [[3] * 4, [3] * 2]  # the empty document has no sequence
+    assert read_shard(str(tmp_path / "const")).document_indices.tolist() == [0, 1, 1, 2]
     # a Megatron shard with several sequences per document merges with its document indices
     multi = IndexedDatasetBuilder(str(tmp_path / "multi.bin"), dtype=numpy.uint16)
     multi.add_document(numpy.array([1, 2, 3, 4, 5], dtype=numpy.uint16), [2, 3])
