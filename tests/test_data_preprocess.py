@@ -226,15 +226,19 @@ def test_merge_and_megatron_flags_tool(tmp_path, toks, shared_data):
     src.write_text("first block\n\nsecond block\n\n\nthird block\n")
     tool = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py")]
     env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run(tool + ["--input", str(src), "--output-prefix", str(tmp_path / "a"), "--tokenizer-model",
-                                 toks["bpe600"], "--txt-blocks", "--workers", "1", "--log-interval", "1",
-                                 "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(tool + ["--input", str(src), "--output-prefix", str(tmp_path / "out" / "a"),
+                                 "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", toks["bpe600"],
+                                 "--txt-blocks", "--workers", "1", "--log-interval", "1", "--no-progress"],
+                         env=dict(env, VPMOE_CACHE=str(tmp_path / "cache")), capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
-    docs = _docs(str(tmp_path / "a.bpe600_text_document"))
+    # Megatron-LM's names, and nothing else in the output folder
+    assert sorted(os.listdir(tmp_path / "out")) == ["a_text_document.bin", "a_text_document.idx"]
+    docs = _docs(str(tmp_path / "out" / "a_text_document"))
     tok = load_tokenizer(toks["bpe600"])
     assert [tok.decode(d) for d in docs] == ["first block", "second block", "third block"]  # no --append-eod
     run_preprocess(_opts([src], tmp_path / "b", {"bpe600": toks["bpe600"]}, txt_blocks=True))
-    result = merge_shards([str(tmp_path / "a.bpe600_text_document"), str(tmp_path / "b.bpe600_text_document")],
+    result = merge_shards([str(tmp_path / "out" / "a_text_document"), str(tmp_path / "b.bpe600_text_document")],
                           str(tmp_path / "m_text_document"))
     assert result[str(tmp_path / "m_text_document")]["documents"] == 6
     assert _docs(str(tmp_path / "m_text_document"))[:3] == docs
