@@ -4,6 +4,11 @@
 A tokenizer directory holds ``vpmoe_tokenizer.json`` (kind + metadata), the variant's own
 artefacts, and ``tokenizer.json`` (HF ``tokenizers`` format) so that
 ``transformers.PreTrainedTokenizerFast(tokenizer_file=...)`` loads every variant.
+
+One rule for special-token strings inside text (``<|endoftext|>``, ``<|start|>``...): they
+become their special ids, in :meth:`Tokenizer.encode`, in the exported HF tokenizer
+(``to_hf``/``AutoTokenizer``) and in Megatron-LM's own ``HuggingFaceTokenizer``, so the ids a
+model is trained on are the ids it sees through transformers.
 """
 
 from __future__ import annotations
@@ -154,8 +159,8 @@ class HFTokenizer(Tokenizer):
                  eod_token: Optional[str] = None):
         self.kind = kind
         self._backend = backend
-        # special-token strings inside text are encoded as plain text, never as specials
-        backend.encode_special_tokens = True
+        # special-token strings inside text are their special ids (the module's one rule)
+        backend.encode_special_tokens = False
         specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         if eod_token is None:
             super().__init__(name, specials, metadata)
@@ -191,7 +196,8 @@ class HFTokenizer(Tokenizer):
         if self._fast is None:
             from megatron_vpmoe.tokenizers.fast import build_engine
 
-            self._fast = build_engine(self._backend.to_str(), self._encode_plain, list(self._special))
+            self._fast = build_engine(self._backend.to_str(), self._encode_plain,
+                                      [f"x {s}{s} y" for s in self._special])
         return self._fast
 
     def decode(self, ids: List[int]) -> str:
@@ -205,8 +211,7 @@ class HFTokenizer(Tokenizer):
         return self._id_to_bytes[token_id]
 
     def hf_tokenizer(self):
-        """A copy of the backend that parses special-token strings (chat rendering), unlike
-        :meth:`encode`, which treats them as text."""
+        """A copy of the backend (it parses special-token strings, as :meth:`encode` does)."""
         from tokenizers import Tokenizer as RustTokenizer
 
         copy = RustTokenizer.from_str(self._backend.to_str())

@@ -4,17 +4,16 @@
 than HF ``tokenizers``. It is not assumed to agree: :func:`build_engine` loads it from the
 reference tokenizer's own ``tokenizer.json`` text and compares ids on :data:`SAMPLE`
 (multilingual text, code, emoji, U+FFFD from invalid UTF-8, long whitespace runs, special-token
-strings); any difference, a load failure or a missing library refuses the engine with a
-one-line reason, and the caller keeps the reference encoder. Documents that contain a
-special-token string always go to the reference encoder: vpmoe encodes such strings as plain
-text, gigatoken as the special ids. The engine's encode caches are bounded
-(:data:`CACHE_BYTES` per worker) so memory does not grow with the corpus.
+strings, which both encode as their special ids); any difference, a load failure or a missing
+library refuses the engine with a one-line reason, and the caller keeps the reference encoder.
+The engine's encode caches are bounded (:data:`CACHE_BYTES` per worker) so memory does not grow
+with the corpus.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
 from typing import Callable, List, Optional, Sequence, Tuple
 
 CACHE_BYTES = 64 << 20  # gigatoken's per-worker encode-cache budget (its default is 512 MiB)
@@ -40,36 +39,21 @@ SAMPLE: Tuple[str, ...] = (
 
 
 class FastEngine:
-    """Encodes batches with gigatoken, sending documents with special-token strings to ``reference``."""
+    """Encodes batches with gigatoken (checked by :func:`build_engine` to give the reference ids)."""
 
-    def __init__(self, gigatoken_tokenizer, reference_batch: Callable[[List[str]], List[List[int]]],
-                 specials: Sequence[str]):
+    def __init__(self, gigatoken_tokenizer):
         self._gt = gigatoken_tokenizer
-        self._reference_batch = reference_batch
-        self._specials = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))) \
-            if specials else None
 
     def encode_batch(self, texts: List[str]) -> List[List[int]]:
-        if self._specials is None:
-            return self._gt.encode_batch_list(texts)
-        search = self._specials.search
-        slow = [i for i, t in enumerate(texts) if search(t)]
-        if not slow:
-            return self._gt.encode_batch_list(texts)
-        out: List[Optional[List[int]]] = [None] * len(texts)
-        routed = set(slow)
-        fast = [i for i in range(len(texts)) if i not in routed]
-        for i, ids in zip(fast, self._gt.encode_batch_list([texts[i] for i in fast]) if fast else []):
-            out[i] = ids
-        for i, ids in zip(slow, self._reference_batch([texts[i] for i in slow])):
-            out[i] = ids
-        return out  # type: ignore[return-value]
+        # parallel=None: gigatoken's thread pool in a single process, the calling thread in a
+        # (forked) worker process, where workers already use the cores
+        return self._gt.encode_batch_list(texts)
 
 
 def build_engine(tokenizer_json: str, reference_batch: Callable[[List[str]], List[List[int]]],
-                 specials: Sequence[str]) -> Tuple[Optional[FastEngine], str]:
+                 extra_texts: Sequence[str] = ()) -> Tuple[Optional[FastEngine], str]:
     """``(engine, "")`` when gigatoken built from ``tokenizer_json`` gives ``reference_batch``'s ids
-    on every :data:`SAMPLE` text, else ``(None, reason)``."""
+    on every :data:`SAMPLE` text (and ``extra_texts``), else ``(None, reason)``."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None, f"{DISABLE_ENV}=0"
     try:
@@ -82,19 +66,22 @@ def build_engine(tokenizer_json: str, reference_batch: Callable[[List[str]], Lis
         candidate = gigatoken.Tokenizer.from_json(tokenizer_json)
     except Exception as err:  # noqa: BLE001 - a format gigatoken cannot load: keep the reference
         return None, f"gigatoken cannot load this tokenizer.json ({str(err).splitlines()[0]})"
-    engine = FastEngine(candidate, reference_batch, specials)
-    texts = list(SAMPLE) + [s.join(("a ", " b")) for s in specials]
+    texts = list(SAMPLE) + list(extra_texts)
+    try:
+        specials = json.loads(tokenizer_json).get("added_tokens") or []
+    except ValueError:
+        specials = []
+    # every special-token string inside text, and all of them in one text
+    texts += [f"a {t['content']} b" for t in specials] + ["".join(t["content"] for t in specials)]
     expected = reference_batch(texts)
     try:
-        # the gate checks gigatoken itself, not the special-string routing, on every text
+        # parallel=False: no thread pool is started in a process that may fork workers next
         got = candidate.encode_batch_list(texts, parallel=False)
     except Exception as err:  # noqa: BLE001
         return None, f"gigatoken failed on the sample ({str(err).splitlines()[0]})"
     for i, (want, have) in enumerate(zip(expected, got)):
-        if engine._specials is not None and engine._specials.search(texts[i]):
-            continue  # routed to the reference encoder by the engine
         if list(want) != list(have):
             at = next((j for j, (a, b) in enumerate(zip(want, have)) if a != b), min(len(want), len(have)))
             return None, (f"ids differ from the reference on sample text {i} ({texts[i][:24]!r}...) at token "
                           f"{at} ({len(want)} vs {len(have)} tokens)")
-    return engine, ""
+    return FastEngine(candidate), ""
