@@ -4,13 +4,15 @@ Each subcommand's parser and handler live with the code they drive (``<area>/cli
 exposes ``register(subparsers)``); this module only wires them together, so ``vpmoe --help``
 stays fast (area modules import torch lazily, inside their handlers).
 
-Exit codes: 0 ok, 1 failure, 2 usage / config / input error (one line on stderr),
-75 checkpoint saved on preemption (requeue).
+Exit codes: 0 ok, 1 failure, 2 usage / config / input error (one line on stderr; an OS error
+about a path, such as an unwritable output directory, counts as one), 75 checkpoint saved on
+preemption (requeue).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -68,6 +70,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout closed early (e.g. `vpmoe config show X | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:
+        if err.filename is None:  # not about a path the user named: a bug, keep the traceback
+            raise
+        print(f"vpmoe {args.command}: error: {_describe_os_error(err)}", file=sys.stderr)
+        return EXIT_USAGE if err.errno in _PATH_ERRNOS else EXIT_FAILURE
+
+
+# a path that cannot be read or written as given: fix the path or its permissions and re-run
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _describe_os_error(err: OSError) -> str:
+    """``path: reason`` on one line (an output directory under a file, a read-only or full disk)."""
+    path = err.filename
+    if isinstance(err, FileExistsError) and not os.path.isdir(path):
+        return f"{path}: exists and is not a directory (cannot create an output under it)"
+    reason = err.strerror or str(err)
+    return f"{path}: {reason}" + (f" ({err.filename2})" if err.filename2 else "")
 
 
 if __name__ == "__main__":

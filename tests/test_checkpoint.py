@@ -155,3 +155,26 @@ def test_load_weights_only_starts_a_fresh_run(tmp_path):
     assert trainer.step == 0 and not trainer.optimizer.state
     saved = load_model_state_dict(source)
     assert all(torch.equal(v, saved[k]) for k, v in trainer.raw_model.state_dict().items() if k in saved)
+
+
+def test_rng_capture_and_restore_draw_identical_numbers():
+    """What a resume relies on: after restore_rng, python, numpy and torch draw what they drew
+    right after capture_rng (used through the public functions only, whatever the storage)."""
+    import random
+
+    import numpy as np
+
+    from megatron_vpmoe.training.checkpoint import capture_rng, restore_rng
+
+    def draw():
+        return (random.random(), float(np.random.rand()), torch.rand(4).tolist(),
+                torch.nn.functional.dropout(torch.ones(16), 0.5).tolist())
+
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    state = capture_rng()
+    first = draw()
+    draw()  # move every generator on
+    restore_rng(state)
+    assert draw() == first

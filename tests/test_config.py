@@ -209,3 +209,73 @@ def test_readme_config_reference_is_current(repo_root):
     assert begin in readme and end in readme
     current = readme.split(begin, 1)[1].split(end, 1)[0]
     assert current == reference_markdown(), "README config reference is stale: run tools/update_readme_reference.py"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.optimizer.lr=nan", "train.optimizer.lr"), ("train.optimizer.lr=.inf", "train.optimizer.lr"),
+    ("train.optimizer.lr=-.inf", "train.optimizer.lr"), ("train.optimizer.beta1=1.5", "train.optimizer.beta1"),
+    ("model.hidden_dropout=2.0", "model.hidden_dropout"), ("data.num_workers=-3", "data.num_workers"),
+    ("checkpoint.interval=-1", "checkpoint.interval"), ("checkpoint.keep_last=-1", "checkpoint.keep_last"),
+    ("model.norm_epsilon=-1", "model.norm_epsilon"), ("model.norm_epsilon=0", "model.norm_epsilon"),
+    ("model.num_layers=100000000000", "model.num_layers"), ("run.seed=-1", "run.seed"),
+    ("model.vocab_size=99999999999999999999999", "model.vocab_size"),
+    ("train.optimizer.eps=0", "train.optimizer.eps"), ("distill.onpolicy.top_p=nan", "distill.onpolicy.top_p"),
+    ("distill.onpolicy.scorers=[{kind: loglik, weight: .nan}]", "distill.onpolicy.scorers[0].weight"),
+    ("data.blend=[[.nan, some/prefix]]", "data.blend[0][0]"), ("log.interval=0", "log.interval"),
+])
+def test_non_finite_and_out_of_range_numbers_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "tiny-cpu.yaml", [override])
+    assert err.value.key == key and str(err.value).startswith("--set:"), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_huge_structure_is_refused_before_counting(capsys):
+    import time
+
+    from megatron_vpmoe.cli import main
+
+    start = time.perf_counter()
+    rc = main(["config", "show", str(CONFIGS / "tiny-cpu.yaml"), "--set", "model.num_layers=100000000000"])
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "model.num_layers" in err and "10_000" in err, err
+
+
+def test_every_numeric_key_has_a_range_and_its_default_is_inside():
+    import dataclasses
+    import typing
+
+    from megatron_vpmoe.config.ranges import RANGES
+    from megatron_vpmoe.config.reference import iter_keys
+    from megatron_vpmoe.config.schema import ScorerConfig
+
+    numeric = [key for key, tp, _d, _m in iter_keys() if "int" in tp or "float" in tp or key == "data.blend"]
+    numeric += [f"distill.onpolicy.scorers.{f.name}" for f in dataclasses.fields(ScorerConfig)
+                if typing.get_type_hints(ScorerConfig)[f.name] in (int, float)]
+    assert sorted(numeric) == sorted(RANGES), set(numeric) ^ set(RANGES)
+    from megatron_vpmoe.config.ranges import check_ranges
+    from megatron_vpmoe.config.schema import VpmoeConfig
+
+    check_ranges(VpmoeConfig())  # the defaults are inside their own ranges
+
+
+def test_duplicate_yaml_key_names_key_and_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  optimizer:\n    lr: 0.1\n    beta1: 0.9\n    lr: 0.2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg and "'lr'" in msg and "line 5" in msg and "line 3" in msg, msg
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b"\x89PNG\r\n\x1a\n\x00\x00", b"a: [\x00\n",
+                                     b"train: {steps: 3\n", b"\xff\xfe" + "run: {}".encode("utf-16-le")])
+def test_binary_or_broken_config_is_one_line(tmp_path, capsys, content):
+    from megatron_vpmoe.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    rc = main(["config", "validate", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and str(path) in err, err

@@ -1,5 +1,5 @@
-"""Conversion to and from Hugging Face format: the converted tiny model loads with
-``trust_remote_code`` and matches the native model (logits, greedy generation, tokenizer), and
+"""Conversion to and from Hugging Face format: the converted tiny model loads (with
+``trust_remote_code``, or with this package's model code without it) and matches the native model (logits, greedy generation, tokenizer), and
 native -> HF -> native is bit-exact."""
 
 from __future__ import annotations
@@ -263,3 +263,78 @@ def test_sharded_checkpoint_converts_like_unsharded(native_ckpt, hf_dir, tmp_pat
     a, b = tensors(hf_dir), tensors(out)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_published_hf_directory_gets_the_umask(hf_dir):
+    """mkdtemp's 0700 and safetensors' 0600 must not reach the published directory."""
+    import os
+    import stat
+
+    from megatron_vpmoe.utils.atomic import current_umask
+
+    mask = current_umask()
+    assert stat.S_IMODE(os.stat(hf_dir).st_mode) == 0o777 & ~mask
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in hf_dir.iterdir()}
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert modes == {name: 0o666 & ~mask for name in modes}, modes
+
+
+def _plant_payload(src, dst, marker, model_type=None):
+    """Copy an HF directory, append code that creates ``marker`` to each of its .py files and
+    optionally change config.json's model_type (a directory from an unknown source)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for py in dst.glob("*.py"):
+        py.write_text(py.read_text() + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    if model_type:
+        config = json.loads((dst / "config.json").read_text())
+        config["model_type"] = model_type
+        (dst / "config.json").write_text(json.dumps(config))
+
+
+def test_eval_runs_no_code_from_the_directory_without_trust_remote_code(hf_dir, tmp_path, capsys):
+    """A VPMoE directory loads with this package's model code; its own .py files never run."""
+    from megatron_vpmoe.eval.backends import open_backend
+
+    marker = tmp_path / "PAYLOAD_RAN"
+    planted = tmp_path / "planted"
+    _plant_payload(hf_dir, planted, marker)
+    backend = open_backend(str(planted))
+    assert type(backend.model).__module__ == "megatron_vpmoe.convert.hf_template.modeling_vpmoe"
+    ids = torch.tensor([[1, 2, 3, 4]])
+    clean = open_backend(str(hf_dir))
+    assert torch.equal(backend.forward_logits(ids, torch.tensor([4])), clean.forward_logits(ids, torch.tensor([4])))
+    assert not marker.exists()
+
+
+def test_eval_needs_trust_remote_code_for_unknown_remote_code(hf_dir, tmp_path, capsys):
+    marker = tmp_path / "PAYLOAD_RAN"
+    planted = tmp_path / "planted"
+    _plant_payload(hf_dir, planted, marker, model_type="vpmoe_fork")
+    out = tmp_path / "eval"
+    rc = main(["eval", str(planted), "--tasks", "bpb", "--limit", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--trust-remote-code" in err and "auto_map" in err, err
+    assert not marker.exists() and not out.exists()
+    # the explicit opt-in runs the directory's code, as transformers does
+    from megatron_vpmoe.eval.backends import open_backend
+
+    backend = open_backend(str(planted), trust_remote_code=True)
+    assert type(backend.model).__module__ != "megatron_vpmoe.convert.hf_template.modeling_vpmoe"
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize("cut", ["half", "header"])
+def test_from_hf_truncated_safetensors_is_one_line(hf_dir, tmp_path, capsys, cut):
+    import shutil
+
+    broken = tmp_path / "hf"
+    shutil.copytree(hf_dir, broken)
+    shard = sorted(broken.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] if cut == "half" else data[:6])
+    rc = main(["convert", "from-hf", str(broken), str(tmp_path / "ckpt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and shard.name in err, err
+    assert not (tmp_path / "ckpt").exists()

@@ -289,3 +289,80 @@ def test_bf16_forward_backward_and_generation():
     loss.mean().backward()
     assert model.layers["1"].mlp.experts.fc1_weight.grad.dtype == torch.bfloat16
     assert len(generate(model, [[1, 2, 3]], 3)[0]) == 3
+
+
+def _hand_sequence_aux(scores, indices, batch, e, k):
+    """sum_i f_i * P_i per sequence, averaged (DeepSeek-V3), written out with loops."""
+    t = scores.shape[0]
+    s = t // batch
+    total = 0.0
+    for b in range(batch):
+        rows = range(b * s, (b + 1) * s)
+        for i in range(e):
+            chosen = sum(1 for r in rows if i in indices[r].tolist())
+            f = e / (k * s) * chosen
+            p = sum(float(scores[r, i] / scores[r].sum()) for r in rows) / s
+            total += f * p
+    return total / batch
+
+
+@pytest.mark.parametrize("coeff", [0.01, 0.3])
+def test_aux_loss_is_the_coefficient_times_the_sequence_loss(coeff):
+    cfg = tiny_cfg(moe_aux_loss_coeff=coeff)
+    torch.manual_seed(0)
+    model = VpmoeModel(cfg).train()
+    routed = []
+    hooks = [moe.router.register_forward_hook(lambda mod, inp, out: routed.append(out)) for moe in model.moe_layers()]
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    model(ids)
+    for h in hooks:
+        h.remove()
+    assert len(routed) == len(model.moe_layers()) == 3
+    expected = sum(_hand_sequence_aux(scores.detach(), indices, 2, cfg.num_moe_experts, cfg.moe_router_topk)
+                   for _w, indices, scores in routed)
+    assert expected > 0
+    assert float(model.aux_loss()) == pytest.approx(coeff * expected, rel=1e-5)
+
+
+def test_value_residual_mixes_layer_0_values_at_every_layer():
+    """Layers 1.. mix their values with layer 0's (not the previous layer's): a hand-run of the
+    layers with layer 0's values equals the model, and one with the previous layer's does not."""
+    cfg = tiny_cfg(num_layers=5, num_moe_experts=0, local_global_pattern=[3, 1])
+    torch.manual_seed(0)
+    model = VpmoeModel(cfg).eval()
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers.values()):  # distinct mixing weights per layer
+            if i:
+                layer.self_attention.value_lambda.fill_(0.2 + 0.1 * i)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    positions = model.default_positions(ids)
+
+    def hand(source):
+        hidden, first, prev = model.embed(ids), None, None
+        for i, layer in enumerate(model.layers.values()):
+            hidden, values = layer(hidden, positions, first if source == "first" else prev, None)
+            first = values if i == 0 else first
+            prev = values
+        return model.head(hidden)
+
+    with torch.no_grad():
+        out = model(ids)
+        assert torch.equal(out, hand("first"))
+        assert not torch.allclose(out, hand("previous"), atol=1e-4)
+
+
+@pytest.mark.parametrize("eps", [10.0, 0.5])
+def test_rms_norm_at_a_large_epsilon_matches_the_closed_form(eps):
+    """Epsilon inside the root: x / sqrt(mean(x^2) + eps) * w (at eps 10, outside differs a lot)."""
+    from megatron_vpmoe.convert.hf_template.modeling_vpmoe import VpmoeNorm
+    from megatron_vpmoe.model.layers import RMSNorm
+
+    cfg = tiny_cfg(norm_epsilon=eps)
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16) * 0.7
+    w = torch.rand(16) + 0.5
+    expected = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+    for norm in (RMSNorm(16, cfg), VpmoeNorm(16, cfg)):
+        with torch.no_grad():
+            norm.weight.copy_(w)
+            assert torch.allclose(norm(x), expected, atol=1e-6, rtol=1e-5), type(norm)

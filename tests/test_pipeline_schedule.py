@@ -29,29 +29,31 @@ def _reference(cfg, ids, labels, size):
     model = VpmoeModel(cfg)
     n = float((labels != -100).sum())
     total = 0.0
-    for mb in _micro_batches(ids, labels, size):
+    mbs = _micro_batches(ids, labels, size)
+    for mb in mbs:
         per_token = model(mb["input_ids"], labels=mb["labels"])
-        (per_token.sum() / n).backward()
+        (per_token.sum() / n + model.aux_loss() / len(mbs)).backward()  # aux: averaged over micro-batches
         total += float(per_token.detach().sum())
     return total, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
-CASES = {  # name: (layout, layers, recompute)
-    "1f1b": ({"pipeline": 2}, 3, "none"),
-    "interleaved-recompute": ({"pipeline": 2, "virtual_pipeline": 2}, 4, "full"),
+CASES = {  # name: (layout, layers, recompute, aux loss coefficient)
+    "1f1b": ({"pipeline": 2}, 3, "none", 0.0),
+    "1f1b-aux-loss": ({"pipeline": 2}, 4, "none", 0.01),  # each stage backpropagates its own aux loss
+    "interleaved-recompute": ({"pipeline": 2, "virtual_pipeline": 2}, 4, "full", 0.01),
 }
 
 
-def _case_cfg(layers):
-    return replace(tiny_cfg(), num_layers=layers, moe_aux_loss_coeff=0.0)
+def _case_cfg(layers, aux=0.0):
+    return replace(tiny_cfg(), num_layers=layers, moe_aux_loss_coeff=aux)
 
 
 def _pp_body(rank, world):
     from megatron_vpmoe.parallel import build_parallel_model, init_parallel
     from megatron_vpmoe.parallel import pipeline
     out = {}
-    for name, (layout, layers, recompute) in CASES.items():
-        cfg = _case_cfg(layers)
+    for name, (layout, layers, recompute, aux) in CASES.items():
+        cfg = _case_cfg(layers, aux)
         ctx = init_parallel(ParallelConfig(**layout))
         pm = build_parallel_model(cfg, ctx, seed=SEED)
         pm.set_recompute(recompute)
@@ -59,19 +61,20 @@ def _pp_body(rank, world):
         before = pipeline.STAGES_BUILT[0]
         loss, _ = pm.forward_backward(_micro_batches(ids, labels, 1))
         grads = {k: p.grad.numpy().copy() for k, p in pm.named_parameters()}
-        out[name] = (loss, grads, pipeline.STAGES_BUILT[0] - before)
+        out[name] = (loss, grads, pipeline.STAGES_BUILT[0] - before, float(pm.aux_loss_added()))
     return out
 
 
 def test_pipeline_schedules_match_single_process():
     results = run_distributed(_pp_body, 2)
-    for name, (layout, layers, _) in CASES.items():
-        cfg = _case_cfg(layers)
+    for name, (layout, layers, _, aux) in CASES.items():
+        cfg = _case_cfg(layers, aux)
         ids, labels = _batch(cfg, 4)
         ref_loss, ref_grads = _reference(cfg, ids, labels, 1)
         merged = {}
         for rank_out in results:
-            loss, grads, built = rank_out[name]
+            loss, grads, built, aux_added = rank_out[name]
+            assert (aux_added > 0) == (aux > 0), name
             assert abs(loss - ref_loss) / abs(ref_loss) < 1e-5, name
             assert built == layout.get("virtual_pipeline", 1), name  # one stage per model chunk
             merged.update({k: torch.from_numpy(v) for k, v in grads.items()})

@@ -333,3 +333,35 @@ def test_cli_lengthmax_options(corpus, tmp_path, capsys):
     assert main(["tokenizer", "train", "--kind", "lengthmax", "--vocab-size", "600", "--input", str(corpus),
                  "--output", str(out)]) == 2  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+# "ab" x4, "abc" x5, "ef" x7: after ab (count 9) the next candidates are (ab)c, count 5 x 3 bytes
+# = 15, and ef, count 7 x 2 bytes = 14. Length-MAX (count x bytes) takes abc before ef; a
+# frequency-only score (BPE) would take ef first.
+LENGTHMAX_UNITS = ["ab"] * 4 + ["abc"] * 5 + ["ef"] * 7
+
+
+def _learned(vocab):
+    return [vocab.pieces[a] + vocab.pieces[b] for a, b in vocab.merges]
+
+
+def test_lengthmax_within_units_scores_count_times_bytes():
+    from megatron_vpmoe.tokenizers.lengthmax import build_lengthmax_vocab
+
+    vocab = build_lengthmax_vocab(["\n".join(LENGTHMAX_UNITS)], 3, word_fraction=1.0)  # all 3 within units
+    assert _learned(vocab) == [b"ab", b"abc", b"ef"]
+
+
+def test_lengthmax_across_units_scores_count_times_bytes():
+    import numpy as np
+    from tqdm import tqdm
+
+    from megatron_vpmoe.tokenizers.lengthmax import _merge_across_units, _Vocab
+
+    seq = [-1]
+    for unit in LENGTHMAX_UNITS:  # one token array, -1 between segments
+        seq += [*unit.encode(), -1]
+    vocab = _Vocab()
+    with tqdm(disable=True) as bar:
+        _merge_across_units(vocab, np.array(seq), 3, 32, 4, 2, bar)
+    assert _learned(vocab) == [b"ab", b"abc", b"ef"]

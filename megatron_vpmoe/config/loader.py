@@ -107,6 +107,32 @@ def config_from_dict(values: Mapping[str, Any] | None, *, file: str | None = Non
     return cfg
 
 
+def _one_line(err: Exception) -> str:
+    """A YAML error (several lines with a caret drawing) as one line."""
+    return " ".join(str(err).split())
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error (PyYAML keeps
+    the last silently, so a config that sets ``lr`` twice trains with whichever came last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.setdefault(key, line)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first != line:
+                    raise ConfigError(f"line {line}: duplicate key {key!r} (first set at line {first})")
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``section.key=value`` → (path, YAML-parsed value)."""
     if "=" not in text:
@@ -118,7 +144,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse value {raw!r}: {err}", key=dotted) from None
+        raise ConfigError(f"cannot parse value {raw!r}: {_one_line(err)}", key=dotted) from None
     return path, value
 
 
@@ -143,9 +169,18 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError("config file not found", file=str(p))
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"not a UTF-8 text file (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          f"a config is YAML text", file=str(p)) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read: {err.strerror}", file=str(p)) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise ConfigError(f"not valid YAML: {err}", file=str(p)) from None
+        raise ConfigError(f"not valid YAML: {_one_line(err)}", file=str(p)) from None
+    except ConfigError as err:
+        raise err.with_file(str(p)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -163,7 +198,7 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Vpmoe
     except ConfigError as err:
         overridden = {o.split("=", 1)[0].strip() for o in overrides}
         if err.key is None and "--set" in str(err) or (
-            err.key and any(err.key == k or err.key.startswith(k + ".") for k in overridden)
+            err.key and any(err.key == k or err.key.startswith((k + ".", k + "[")) for k in overridden)
         ):
             raise err.with_file("--set") from None
         raise err.with_file(str(path) if path else "<defaults>") from None

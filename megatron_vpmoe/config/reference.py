@@ -1,4 +1,4 @@
-"""The config reference: every key of the schema with its type, default and meaning.
+"""The config reference: every key of the schema with its type, default, allowed range and meaning.
 
 Generated from the dataclasses in ``schema.py`` (types and defaults from the fields, meanings
 from each field's trailing ``# comment``), so the table in the README cannot drift from the
@@ -14,6 +14,7 @@ import typing
 from typing import Dict, Iterator, List, Tuple
 
 from megatron_vpmoe.config import schema
+from megatron_vpmoe.config.ranges import RANGES
 
 _FIELD_COMMENT = re.compile(r"^\s+([a-z_0-9]+):[^#]*#\s*(.+)$")
 
@@ -72,7 +73,7 @@ def iter_keys(cls=schema.VpmoeConfig, prefix: str = "") -> Iterator[Tuple[str, s
 
 
 def reference_markdown() -> str:
-    """One Markdown table per top-level section."""
+    """One Markdown table per top-level section (numeric keys show their range from ``ranges.py``)."""
     parts: List[str] = []
     section = None
     for key, tp, default, meaning in iter_keys():
@@ -81,7 +82,9 @@ def reference_markdown() -> str:
             section = top
             doc = inspect.getdoc(typing.get_type_hints(schema.VpmoeConfig)[top]) or ""
             parts.append(f"\n**`{top}`** — {doc.splitlines()[0] if doc else ''}\n")
-            parts.append("| key | type | default | meaning |\n|---|---|---|---|")
+            parts.append("| key | type | default | range | meaning |\n|---|---|---|---|---|")
         default_cell = f"`{default}`" if default else ""
-        parts.append(f"| `{key}` | {tp} | {default_cell} | {meaning} |")
+        allowed = RANGES.get(key)
+        range_cell = f"{allowed}".replace("|", "\\|") if allowed else ""
+        parts.append(f"| `{key}` | {tp} | {default_cell} | {range_cell} | {meaning} |")
     return "\n".join(parts).strip() + "\n"

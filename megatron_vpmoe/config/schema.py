@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
+from megatron_vpmoe.config.ranges import check_ranges
 from megatron_vpmoe.utils.errors import ConfigError
 
 
@@ -147,6 +148,8 @@ class ParallelConfig:
     virtual_pipeline: int = 1  # model chunks per pipeline rank; > 1 runs interleaved 1F1B
     data: int = 0  # data-parallel size; 0 = world size / (tensor x pipeline)
     sequence_parallel: bool = False  # not implemented yet (rejected)
+    overlap_grad_reduce: bool = True  # data-parallel gradient all-reduce in buckets launched during backward (False: one reduction after it)
+    bucket_mb: float = 25.0  # size bound of one gradient-reduction bucket (MB of gradients)
     distributed_optimizer: bool = False  # ZeRO-1: AdamW state sharded over data-parallel ranks (same updates, same checkpoints)
 
     def validate(self, model: ModelConfig) -> None:
@@ -423,6 +426,7 @@ class VpmoeConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> None:
+        check_ranges(self)  # finite, in-range numbers first: the rules below may size things from them
         self.model.validate()
         self.parallel.validate(self.model)
         self.data.validate()

@@ -34,8 +34,8 @@ def _to_hf(args: argparse.Namespace) -> int:
     from megatron_vpmoe.convert.to_hf import convert_to_hf
     from megatron_vpmoe.utils.errors import UsageError
 
-    if args.max_shard_size <= 0:
-        raise UsageError("--max-shard-size must be > 0")
+    if not 0 < args.max_shard_size < 1 << 20:  # also false for nan
+        raise UsageError(f"--max-shard-size must be a positive number of GB, got {args.max_shard_size}")
     out = convert_to_hf(args.ckpt, args.out, dtype=args.dtype, tokenizer_dir=args.tokenizer,
                         max_shard_bytes=int(args.max_shard_size * (1 << 30)), overwrite=args.overwrite)
     print(f"wrote Hugging Face model to {out} (load with trust_remote_code=True)")

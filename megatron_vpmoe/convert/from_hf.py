@@ -49,10 +49,10 @@ def _weight_files(hf_dir: Path) -> list[Path]:
 
 def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> Path:
     import torch
-    import yaml
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from megatron_vpmoe.config import config_from_dict, config_to_dict, dump_config
+    from megatron_vpmoe.config.loader import read_yaml
     from megatron_vpmoe.convert.checkpoint_io import write_native_checkpoint
     from megatron_vpmoe.convert.to_hf import RUN_CONFIG_FILE
     from megatron_vpmoe.eval.native import load_hf_tokenizer
@@ -64,41 +64,48 @@ def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> P
     if not config_file.is_file():
         raise InputError(f"{src}: no config.json (not a Hugging Face model directory)")
     try:
-        hf_config = json.loads(config_file.read_text())
+        hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputError(f"{config_file}: not UTF-8 text (byte offset {err.start})") from None
     except json.JSONDecodeError as err:
         raise InputError(f"{config_file}:{err.lineno}: not valid JSON: {err.msg}") from None
+    if not isinstance(hf_config, dict):
+        raise InputError(f"{config_file}: expected a JSON object")
     model_cfg = model_config_from_hf(hf_config, str(config_file))
     out = Path(ckpt_dir)
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)  # an unusable output path fails now, before any work
 
     # the run config: the one to-hf saved, else a minimal one; its model section from config.json
     run_file = src / RUN_CONFIG_FILE
-    run = yaml.safe_load(run_file.read_text()) if run_file.is_file() else {"data": {"mock": True}}
+    run = read_yaml(run_file) if run_file.is_file() else {"data": {"mock": True}}
     run = config_to_dict(config_from_dict(run, file=str(run_file)))
     run["model"] = dataclasses.asdict(model_cfg)
     run["data"]["tokenizer"] = "../tokenizer"  # relative to the checkpoint (see resolve_tokenizer_dir)
     run["checkpoint"]["dir"] = None
     cfg = config_from_dict(run, file=str(run_file))
 
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = VpmoeModel(model_cfg)
+    with torch.device("meta"):  # every tensor comes from the files: no init (it cannot draw on meta)
+        model = VpmoeModel(model_cfg, initialize=False)
     model = model.to_empty(device="cpu")
     expected = model.state_dict()
     seen = set()
     for path in _weight_files(src):
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                if key not in expected:
-                    raise InputError(f"{path}: unexpected tensor {key!r} for this config")
-                tensor = fh.get_tensor(key)
-                if tuple(tensor.shape) != tuple(expected[key].shape):
-                    raise InputError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected "
-                                     f"{tuple(expected[key].shape)}")
-                with torch.no_grad():
-                    expected[key].copy_(tensor)
-                seen.add(key)
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():
+                    if key not in expected:
+                        raise InputError(f"{path}: unexpected tensor {key!r} for this config")
+                    tensor = fh.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(expected[key].shape):
+                        raise InputError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected "
+                                         f"{tuple(expected[key].shape)}")
+                    with torch.no_grad():
+                        expected[key].copy_(tensor)
+                    seen.add(key)
+        except SafetensorError as err:  # truncated or not safetensors at all
+            raise InputError(f"{path}: not a complete safetensors file ({err})") from None
     missing = sorted(set(expected) - seen)
     if missing:
         raise InputError(f"{src}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -120,6 +120,7 @@ def convert_to_hf(ckpt_path: str, out_dir: str, *, dtype: str = "fp32", tokenize
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)  # an unusable output path fails now, before any work
     ckpt = resolve_checkpoint(ckpt_path)
     config_file = ckpt / "config.yaml"
     if not config_file.is_file():

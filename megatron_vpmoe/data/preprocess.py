@@ -485,9 +485,8 @@ def merge_shards(inputs: Sequence[str], output: str) -> dict:
     """Concatenate token datasets (and their loss masks when every input has one) into ``output``."""
     if not inputs:
         raise InputError("merge: give at least one input prefix")
-    for p in inputs:
-        if not shards.exists(p):
-            raise InputError(f"{p}: no indexed dataset here (.bin/.idx missing)")
+    for p in inputs:  # an .idx that is no index, or a .bin it does not describe: one line
+        shards.verify(p)
     dtype = shards.read_index(inputs[0]).dtype
     masks = [shards.mask_prefix_of(p) for p in inputs]
     with_masks = all(shards.exists(m) for m in masks)

@@ -86,7 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "toy-teacher", help="train a tiny Harmony teacher (HF format) on GSM8K for CPU runs",
         description="Train a tiny GPT-2 with its own BPE on Harmony-rendered GSM8K solutions; "
                     "serve the result with 'vpmoe serve'.")
-    toy.add_argument("--gsm8k", default="../shared/data/kd/gsm8k_train.jsonl", metavar="FILE")
+    toy.add_argument("--gsm8k", default=None, metavar="FILE",
+                     help="GSM8K jsonl (default: ../shared/data/kd/gsm8k_train.jsonl beside the checkout)")
     toy.add_argument("--out", required=True, metavar="DIR")
     toy.add_argument("--examples", type=int, default=4)
     toy.add_argument("--steps", type=int, default=80)
@@ -112,8 +113,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _toy_teacher(args: argparse.Namespace) -> int:
     from megatron_vpmoe.distill.toy_teacher import build_toy_teacher
+    from megatron_vpmoe.eval.tasks import DEFAULT_FEWSHOT_FILE
 
-    path = build_toy_teacher(args.gsm8k, args.out, examples=args.examples, steps=args.steps,
+    path = build_toy_teacher(args.gsm8k or str(DEFAULT_FEWSHOT_FILE), args.out, examples=args.examples, steps=args.steps,
                              overwrite=args.overwrite)
     print(f"toy teacher written to {path}; serve it with: vpmoe serve {path} --port 8000")
     return 0

@@ -19,6 +19,7 @@ from typing import Optional
 
 from megatron_vpmoe.utils.atomic import atomic_file, atomic_write_text
 from megatron_vpmoe.utils.errors import InputError, VpmoeError
+from megatron_vpmoe.utils.jsonl import read_jsonl
 
 CHAT_RECORDS = "chat_records.jsonl"
 
@@ -29,14 +30,12 @@ def accepted_samples(generated_dir: str):
     if not shards:
         raise InputError(f"{generated_dir}: no shard-*.jsonl (run 'vpmoe distill generate' first)")
     for path in shards:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                try:
-                    rec = json.loads(line)
-                    rec["prompt_id"], rec["messages"], rec["final"]
-                except (ValueError, KeyError, TypeError) as err:
-                    raise InputError(f"{path}:{lineno}: not a generation record ({err})") from err
-                yield rec
+        for lineno, rec in read_jsonl(path):  # one line for bad UTF-8 / JSON
+            try:
+                rec["prompt_id"], rec["messages"], rec["final"]
+            except KeyError as err:
+                raise InputError(f"{path}:{lineno}: not a generation record (no {err})") from None
+            yield rec
 
 
 def chat_record(rec: dict) -> dict:
@@ -56,8 +55,8 @@ def write_chat_records(generated_dirs: list, out_dir: str) -> tuple[Path, int]:
             for rec in accepted_samples(d):
                 f.write(json.dumps(chat_record(rec), ensure_ascii=False) + "\n")
                 count += 1
-    if not count:
-        raise InputError(f"no accepted samples in {', '.join(map(str, generated_dirs))}")
+        if not count:  # inside the block: nothing is published
+            raise InputError(f"no accepted samples in {', '.join(map(str, generated_dirs))}")
     return path, count
 
 
@@ -129,8 +128,16 @@ def preprocess_variants(records: Path, out_dir: str, tokenizers: list) -> None:
 def build_corpus(generated: list, out_dir: str, *, tokenizers: list, distill_weight: float = 1.0,
                  mid_training: Optional[list] = None, reasoning_weight: float = 1.0,
                  final_weight: float = 1.0, run_preprocess: bool = True) -> dict:
-    """Steps 1-3 of the module docstring; returns the paths it wrote."""
-    records, count = write_chat_records(generated, out_dir)
+    """Steps 1-3 of the module docstring; returns the paths it wrote. A failure before the
+    records are written leaves no ``out_dir`` behind (unless it existed before)."""
+    out = Path(out_dir)
+    existed = out.exists()
+    try:
+        records, count = write_chat_records(generated, out_dir)
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     if run_preprocess and tokenizers:
         preprocess_variants(records, out_dir, tokenizers)
     prefixes, snippets = {}, {}

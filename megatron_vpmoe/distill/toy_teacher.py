@@ -39,16 +39,22 @@ def build_toy_teacher(gsm8k_path: str, out_dir: str, *, examples: int = 4, steps
 
     if Path(out_dir).exists() and not overwrite:
         raise InputError(f"{out_dir} already exists (pass --overwrite to replace it)")
+    if not Path(gsm8k_path).is_file():
+        raise InputError(f"{gsm8k_path}: no such file (pass --gsm8k FILE, a GSM8K jsonl)")
     texts = []
     with open(gsm8k_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if len(texts) >= examples:
-                break
-            try:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):
+                if len(texts) >= examples:
+                    break
                 rec = json.loads(line)
                 texts.append(gsm8k_conversation(rec["question"], rec["answer"]))
-            except (ValueError, KeyError, InputError) as err:
-                raise InputError(f"{gsm8k_path}:{lineno}: not a GSM8K record ({err})") from err
+        except (ValueError, KeyError, TypeError, InputError) as err:  # UnicodeDecodeError is a ValueError
+            raise InputError(f"{gsm8k_path}:{lineno + 1 if isinstance(err, UnicodeDecodeError) else lineno}: "
+                             f"not a GSM8K record ({type(err).__name__}: {err})") from None
+    if not texts:
+        raise InputError(f"{gsm8k_path}: no GSM8K records")
     specials = list(dict.fromkeys(HARMONY_SPECIALS + HARMONY_STOPS + ("<|endoftext|>",)))
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -6,7 +6,7 @@ Subclasses supply only the primitives (``encode``, ``decode``, ``forward_logits`
 scoring, batching, truncation and greedy decoding live once, in :class:`LMBackend`.
 
 Implementations: :class:`HFBackend` (a local Hugging Face causal-LM directory, including
-this project's converted checkpoints via ``trust_remote_code``) and ``NativeBackend`` in
+this project's converted checkpoints, loaded with this package's model code) and ``NativeBackend`` in
 ``native.py`` (this project's ``VpmoeModel`` with its tokenizer). :func:`open_backend` picks
 one for a path.
 """
@@ -203,21 +203,62 @@ class TokenizerBackend(LMBackend):
         raise InputError(f"{self.path}: the tokenizer has neither a BOS nor an EOS token to start documents")
 
 
+def _json_object(file: Path) -> dict:
+    """``file``'s JSON object, or {} when there is no such file."""
+    import json
+
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise InputError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{file}: expected a JSON object")
+    return data
+
+
 class HFBackend(TokenizerBackend):
-    """A Hugging Face causal LM from a local directory (``AutoModelForCausalLM``)."""
+    """A Hugging Face causal LM from a local directory (``AutoModelForCausalLM``).
+
+    Code shipped in the directory (``auto_map``) runs only with ``trust_remote_code``. A VPMoE
+    directory written by ``vpmoe convert to-hf`` loads without it: the model classes come from
+    this package (``convert/hf_template``), never from the directory's copies."""
 
     name = "hf"
 
     def __init__(self, path: str, *, batch_size: int = 8, max_length: Optional[int] = None,
-                 device: str = "cpu", dtype: str = "float32"):
+                 device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.path = str(path)
         self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=True)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.path, trust_remote_code=True, dtype=getattr(torch, dtype)
-        ).to(self.device).eval()
+        config = _json_object(Path(path) / "config.json")
+        ours = config.get("model_type") == "vpmoe" and not trust_remote_code
+        if not trust_remote_code:  # auto_map names classes whose code the directory ships
+            needs = [f"config.json auto_map {sorted(config['auto_map'])}"] if config.get("auto_map") and not ours else []
+            tok_map = _json_object(Path(path) / "tokenizer_config.json").get("auto_map")
+            if tok_map:
+                needs.append(f"tokenizer_config.json auto_map {sorted(tok_map)}")
+            if needs:
+                raise InputError(f"{path}: loading it runs Python code shipped in the directory "
+                                 f"({'; '.join(needs)}); pass --trust-remote-code only if you trust its source")
+        from safetensors import SafetensorError
+
+        if ours:
+            from megatron_vpmoe.convert.hf_template.modeling_vpmoe import VpmoeForCausalLM as model_class
+        else:
+            model_class = AutoModelForCausalLM
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code,
+                                                           local_files_only=True)
+            self.model = model_class.from_pretrained(
+                self.path, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype), local_files_only=True
+            ).to(self.device).eval()
+        except (OSError, ValueError, KeyError, SafetensorError) as err:  # missing/corrupt files, unknown model type
+            reason = " ".join(str(err).split())
+            raise InputError(f"{path}: not a loadable Hugging Face causal LM directory ({type(err).__name__}: "
+                             f"{reason[:300]})") from None
         cfg = self.model.config
         self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", None)
                               or getattr(cfg, "n_positions", None) or 2048)
@@ -261,13 +302,15 @@ def is_hf_directory(path: str | Path) -> bool:
 
 
 def open_backend(path: str, *, batch_size: int = 8, max_length: Optional[int] = None,
-                 device: str = "cpu") -> LMBackend:
-    """A backend for ``path``: a Hugging Face model directory or a native checkpoint."""
+                 device: str = "cpu", trust_remote_code: bool = False) -> LMBackend:
+    """A backend for ``path``: a Hugging Face model directory or a native checkpoint
+    (``trust_remote_code``: let a Hugging Face directory run the Python code it ships)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{path}: no such checkpoint or model directory")
     if is_hf_directory(p):
-        return HFBackend(path, batch_size=batch_size, max_length=max_length, device=device)
+        return HFBackend(path, batch_size=batch_size, max_length=max_length, device=device,
+                         trust_remote_code=trust_remote_code)
     from megatron_vpmoe.eval.native import NativeBackend
 
     return NativeBackend(path, batch_size=batch_size, max_length=max_length, device=device)

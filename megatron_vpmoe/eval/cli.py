@@ -27,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=None, help="longest input (default: the model's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let a Hugging Face directory run the Python code it ships (auto_map); only for "
+                             "directories from a trusted source (VPMoE directories from 'vpmoe convert to-hf' "
+                             "load without it, with this package's model code)")
     parser.set_defaults(func=_run_eval)
 
     exp = subparsers.add_parser("experiment", help="end-to-end experiments (tokenizer comparison)",
@@ -56,7 +60,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     tasks = resolve_tasks(args.tasks)
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be >= 1")
-    backend = open_backend(args.model, batch_size=args.batch_size, max_length=args.max_length, device=args.device)
+    backend = open_backend(args.model, batch_size=args.batch_size, max_length=args.max_length, device=args.device,
+                           trust_remote_code=args.trust_remote_code)
     options = EvalOptions(
         tasks=tasks, limit=args.limit, eval_dir=Path(args.eval_dir) if args.eval_dir else DEFAULT_EVAL_DIR,
         bpb_text=Path(args.bpb_text) if args.bpb_text else None,

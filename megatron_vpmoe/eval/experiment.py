@@ -65,16 +65,13 @@ def load_experiment_config(path: str | Path, out: Optional[str] = None,
     ``eval.limit=10``; values parsed as YAML)."""
     import yaml
 
+    from megatron_vpmoe.config.loader import read_yaml
+
     path = Path(path)
     src = str(path)
     if not path.is_file():
         raise InputError(f"{path}: no such experiment config")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError("expected a mapping at the top level", file=src)
+    raw = read_yaml(path)  # one line for bad YAML, duplicate keys, binary files
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -72,12 +72,12 @@ def _slurm(args: argparse.Namespace) -> int:
 def _local(args: argparse.Namespace) -> int:
     from megatron_vpmoe.launch.local import run_launcher, torchrun_command
 
-    return run_launcher(torchrun_command(args.nproc, args.config, args.overrides), args.config, args.overrides,
-                        usr1_as_term=True)
+    return run_launcher(lambda: torchrun_command(args.nproc, args.config, args.overrides), args.config,
+                        args.overrides, args.nproc, usr1_as_term=True)
 
 
 def _mpi(args: argparse.Namespace) -> int:
     from megatron_vpmoe.launch.local import mpirun_command, run_launcher
 
-    return run_launcher(mpirun_command(args.np, args.config, args.overrides, args.hostfile), args.config,
-                        args.overrides)
+    return run_launcher(lambda: mpirun_command(args.np, args.config, args.overrides, args.hostfile), args.config,
+                        args.overrides, args.np)

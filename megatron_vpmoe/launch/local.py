@@ -1,6 +1,8 @@
 """``vpmoe launch local`` (torchrun on this host) and ``vpmoe launch mpi`` (OpenMPI's mpirun).
 
-Both start ``vpmoe train`` once per rank and pass the exit code through. A run stopped by a
+Both start ``vpmoe train`` once per rank and pass the exit code through (torchrun through
+:func:`torchrun`, which returns the failed rank's own code instead of torchrun's 1 and
+traceback). The layout is checked against the number of ranks before any starts. A run stopped by a
 preemption signal leaves ``{run.dir}/REQUEUE`` (torchrun collapses the ranks' exit code 75);
 the launcher then says so and exits 75, and the same command resumes from the checkpoint.
 """
@@ -14,7 +16,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from megatron_vpmoe.utils.errors import EXIT_REQUEUE, UsageError, VpmoeError
 
@@ -35,7 +37,7 @@ def _free_port() -> int:
 def torchrun_command(nproc: int, config: str, overrides: List[str], python: str = sys.executable) -> List[str]:
     if nproc < 1:
         raise UsageError("--nproc must be >= 1")
-    return [python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+    return [python, "-m", "megatron_vpmoe.launch.local", "--nnodes", "1", "--nproc-per-node", str(nproc),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
             *_train_args(config, overrides)]
 
@@ -61,14 +63,20 @@ def mpirun_command(np: int, config: str, overrides: List[str], hostfile: Optiona
     return cmd
 
 
-def run_launcher(cmd: List[str], config: str, overrides: List[str], usr1_as_term: bool = False) -> int:
-    """Run ``cmd`` forwarding SIGTERM/SIGUSR1/SIGINT to it; map a preemption to exit 75.
+def run_launcher(build_cmd: Callable[[], List[str]], config: str, overrides: List[str], world_size: int,
+                 usr1_as_term: bool = False) -> int:
+    """Run ``build_cmd()`` (``world_size`` ranks) forwarding SIGTERM/SIGUSR1/SIGINT to it; map a
+    preemption to exit 75. The config is validated before the command is built (so a bad config
+    is reported before, say, a missing mpirun).
 
     ``usr1_as_term``: torchrun forwards SIGTERM to its workers but dies on SIGUSR1, so USR1 is
     delivered to it as SIGTERM (the trainer treats both as "checkpoint and stop")."""
     from megatron_vpmoe.config import load_config
 
-    run_dir = Path(load_config(config, overrides).run.dir)  # also validates before starting ranks
+    cfg = load_config(config, overrides)  # validates before starting ranks
+    cfg.parallel.resolve_data(world_size)  # the layout must fit the ranks: one line now, not one per rank
+    run_dir = Path(cfg.run.dir)
+    cmd = build_cmd()
     marker = run_dir / "REQUEUE"
     marker.unlink(missing_ok=True)
     env = dict(os.environ)
@@ -94,3 +102,24 @@ def run_launcher(cmd: List[str], config: str, overrides: List[str], usr1_as_term
               flush=True)
         return EXIT_REQUEUE
     return code
+
+
+def torchrun(argv: List[str]) -> int:
+    """torchrun (same flags), but a failed rank's exit code is the result, without torchrun's
+    traceback: a rank that exits 2 after its one-line error makes the launcher exit 2, not 1."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    try:
+        run(get_args_parser().parse_args(argv))
+    except ChildFailedError as err:
+        codes = [f.exitcode for _rank, f in sorted(err.failures.items())]
+        return next((c for c in codes if c > 0), 1)  # killed by a signal (negative): a failure
+    except SignalException as err:  # SIGTERM/SIGINT reached torchrun: the workers were stopped
+        return 128 + int(err.sigval)
+    return 0
+
+
+if __name__ == "__main__":  # what torchrun_command runs
+    sys.exit(torchrun(sys.argv[1:]))

@@ -221,8 +221,31 @@ def sequence_aux_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, c
     return (frac.detach() * probs).sum(-1).mean()
 
 
+class _AddAuxLossGrad(torch.autograd.Function):
+    """Identity on ``out``; in backward ``aux`` gets gradient 1, as if it were added to the loss.
+
+    So each MoE layer backpropagates its own aux loss wherever its output's gradient flows,
+    also on pipeline stages that never see the loss (the last stage's loss cannot reach them)."""
+
+    @staticmethod
+    def forward(ctx, out, aux):
+        ctx.aux_shape = aux.shape
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones(ctx.aux_shape, dtype=torch.float32, device=grad.device)
+
+
 class MoELayer(nn.Module):
-    """Router + routed experts (via a dispatcher) + always-on shared expert(s)."""
+    """Router + routed experts (via a dispatcher) + always-on shared expert(s).
+
+    With ``aux_grad_scale > 0`` (set by the training engine per step: ``1 / (micro-batches x DP)``)
+    the layer adds ``moe_aux_loss_coeff x aux_grad_scale x`` its sequence aux loss to the objective
+    through the backward pass (:class:`_AddAuxLossGrad`) and accumulates that value, detached,
+    in ``aux_loss_sum`` for logging (read once per step, no host sync in the layer)."""
+
+    aux_grad_scale = 0.0
 
     def __init__(self, cfg: ModelConfig, spec: LinearSpec, num_local_experts: Optional[int] = None,
                  dispatcher=None):
@@ -238,6 +261,7 @@ class MoELayer(nn.Module):
             self.shared_experts = None
         self.dispatcher = dispatcher or LocalDispatcher()
         self.last_aux_loss: Optional[torch.Tensor] = None
+        self.aux_loss_sum: Optional[torch.Tensor] = None  # what the objective got since the last reset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
@@ -251,4 +275,10 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             for shared in self.shared_experts:
                 out = out + shared(tokens)
+        if self.last_aux_loss is not None and self.aux_grad_scale > 0 and torch.is_grad_enabled():
+            scaled = self.last_aux_loss * (self.cfg.moe_aux_loss_coeff * self.aux_grad_scale)
+            out = _AddAuxLossGrad.apply(out, scaled)
+            if not is_recomputing():
+                self.aux_loss_sum = self.aux_loss_sum + scaled.detach() if self.aux_loss_sum is not None \
+                    else scaled.detach()
         return out.view(b, s, h)

@@ -193,6 +193,22 @@ class VpmoeModel(nn.Module):
                 total = total + moe.last_aux_loss
         return total * self.cfg.moe_aux_loss_coeff
 
+    def set_aux_loss_scale(self, scale: float) -> None:
+        """Each MoE layer adds ``coeff x scale x`` its aux loss to the objective through backward
+        (0: off; the engine sets ``1 / (micro-batches x DP)`` for a training step) and the
+        accumulated values restart from zero."""
+        for moe in self.moe_layers():
+            moe.aux_grad_scale = scale
+            moe.aux_loss_sum = None
+
+    def aux_loss_added(self) -> torch.Tensor:
+        """The aux loss this module's layers added to the objective since ``set_aux_loss_scale``."""
+        total = torch.zeros((), device=next(self.parameters()).device)
+        for moe in self.moe_layers():
+            if moe.aux_loss_sum is not None:
+                total = total + moe.aux_loss_sum
+        return total
+
     def expert_load(self) -> torch.Tensor:
         """Tokens routed per expert since the last bias update, ``[num_moe_layers, num_experts]``."""
         layers = self.moe_layers()

@@ -16,6 +16,9 @@ from kernels import ops
 
 
 class AllToAllDispatcher:
+    """Routes a MoE layer's tokens to the EP rank holding their expert and back (one host read of
+    the split sizes per call: ``all_to_all_single`` takes them as Python lists)."""
+
     def __init__(self, ep_size: int, ep_group):
         self.ep_size, self.group = ep_size, ep_group
 
@@ -25,15 +28,17 @@ class AllToAllDispatcher:
         # how many rows go to each (rank, local expert), and how many come back from each rank
         recv_counts = torch.empty_like(tokens_per_expert)
         dist.all_to_all_single(recv_counts, tokens_per_expert.contiguous(), group=self.group)
-        send_splits = tokens_per_expert.view(ep, local).sum(1).tolist()
         recv_by_rank = recv_counts.view(ep, local)  # [source rank, local expert]
-        recv_splits = recv_by_rank.sum(1).tolist()
+        # the one host read of the layer call: both split lists in one transfer
+        send_splits, recv_splits = torch.stack(
+            [tokens_per_expert.view(ep, local).sum(1), recv_by_rank.sum(1)]).tolist()
+        received_rows = sum(recv_splits)
         received = all_to_all_single(
-            permuted.new_empty(sum(recv_splits), permuted.shape[1]), permuted,
+            permuted.new_empty(received_rows, permuted.shape[1]), permuted,
             recv_splits, send_splits, group=self.group)
         # rows arrive grouped by source rank then local expert: regroup by local expert
         expert_of_row = torch.arange(local, device=tokens.device).repeat(ep).repeat_interleave(
-            recv_by_rank.reshape(-1))
+            recv_by_rank.reshape(-1), output_size=received_rows)
         order = torch.argsort(expert_of_row, stable=True)
         out_sorted = experts(received.index_select(0, order), recv_by_rank.sum(0))
         inverse = torch.empty_like(order)

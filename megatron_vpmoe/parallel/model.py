@@ -68,6 +68,7 @@ class ParallelModel:
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, module: VpmoeModel):
         self.cfg, self.ctx, self.module = cfg, ctx, module
         self._pipeline = None  # the pipeline runner (PP > 1), built at the first step
+        self._grad_sync = None  # bucketed DP gradient reduction overlapped with backward (first step)
 
     def set_recompute(self, mode: str) -> None:
         """Activation recompute (``train.recompute``) for this rank's layers."""
@@ -92,22 +93,22 @@ class ParallelModel:
         ``(loss_sum, n_tokens)`` over the global batch (floats, on every rank).
 
         With ``loss_fn(per_token_loss [b, S], micro_batch) -> (loss, stats)``: ``loss`` is the
-        micro-batch's complete share of the objective (backpropagated as is; the caller adds
-        ``self.module.aux_loss()`` if it wants it) and ``stats`` a 1-D float64 tensor; returns
+        micro-batch's share of the language-model objective (backpropagated as is) and ``stats``
+        a 1-D float64 tensor; returns
         the stats summed over micro-batches, pipeline stages and data-parallel ranks (the same
         on every rank). Works in every layout; under PP it runs on the last stage, once per
-        micro-batch in order."""
+        micro-batch in order.
+
+        The MoE aux loss (``moe_aux_loss_coeff > 0``) is added in every layout by the MoE layers
+        themselves, averaged over micro-batches and DP ranks, through backward (so it reaches
+        every pipeline stage); :meth:`aux_loss_added` reads what was added."""
         if loss_fn is not None:
             return self._run(micro_batches, loss_fn, backward=True)
         n_tokens = self._global_token_count(micro_batches)
-        aux_scale = 1.0 / (len(micro_batches) * self.ctx.dp)
 
         def token_mean(per_token, mb):
             summed = per_token.sum()
-            loss = summed / n_tokens
-            if self.ctx.pp == 1:  # the aux loss is rejected with PP (check_pipeline_config)
-                loss = loss + self.module.aux_loss() * aux_scale
-            return loss, summed.detach().double().view(1)
+            return summed / n_tokens, summed.detach().double().view(1)
 
         stats = self._run(micro_batches, token_mean, backward=True)
         return float(stats[0]), n_tokens
@@ -125,6 +126,11 @@ class ParallelModel:
 
     def _run(self, micro_batches: List[Dict], loss_fn: LossFn, backward: bool) -> torch.Tensor:
         ctx = self.ctx
+        # each MoE layer adds its aux loss, averaged over micro-batches and DP ranks, in backward
+        self.module.set_aux_loss_scale(1.0 / (len(micro_batches) * ctx.dp) if backward else 0.0)
+        sync = self._overlapped_sync() if backward else None
+        if sync is not None:
+            sync.start(len(micro_batches))
         if ctx.pp > 1:
             stats = self._pipeline_run(micro_batches, loss_fn, backward)
         else:
@@ -138,7 +144,10 @@ class ParallelModel:
             if stats is None:
                 stats = torch.zeros(0, dtype=torch.float64)
         if backward:
-            self.reduce_gradients()
+            if sync is not None:
+                sync.trace.append(("backward_done", -1))
+                sync.finish()
+            self.reduce_gradients(data_parallel=sync is None)
         stats = stats.to(engine_device())
         if ctx.dp > 1:
             dist.all_reduce(stats, group=ctx.dp_group)
@@ -203,7 +212,20 @@ class ParallelModel:
             dist.all_reduce(total, group=self.ctx.pp_group)
         return float(total.sqrt())
 
-    def reduce_gradients(self) -> None:
+    def _overlapped_sync(self):
+        """The bucketed, backward-overlapped DP reduction (``parallel.overlap_grad_reduce``), or None."""
+        if not self.ctx.config.overlap_grad_reduce:
+            return None
+        if self._grad_sync is None:
+            from megatron_vpmoe.parallel.grad_sync import build_grad_sync
+
+            self._grad_sync = build_grad_sync(self.module, self.ctx.dp_group, self.ctx.expert_dp_group,
+                                              self.ctx.config.bucket_mb) or False
+        return self._grad_sync or None
+
+    def reduce_gradients(self, data_parallel: bool = True) -> None:
+        """Sum TP-partial gradients over the TP group and (``data_parallel``; off when the
+        overlapped buckets already did it) every gradient over its data-parallel group."""
         dense, experts, partial = [], [], []
         for p in self.module.parameters():
             if p.grad is None:
@@ -213,11 +235,23 @@ class ParallelModel:
                 partial.append(p.grad)
         if self.ctx.tp > 1:
             _all_reduce_coalesced(partial, self.ctx.tp_group)
+        if not data_parallel:
+            return
         if self.ctx.dp > 1:
             _all_reduce_coalesced(dense, self.ctx.dp_group)
         _all_reduce_coalesced(experts, self.ctx.expert_dp_group)
 
     # -- expert balancing -------------------------------------------------------------------
+    def aux_loss_added(self) -> torch.Tensor:
+        """The MoE aux loss the last training step added to the objective, summed over pipeline
+        stages and DP ranks (a device tensor; 0 when the aux loss is off)."""
+        total = self.module.aux_loss_added().reshape(1).to(engine_device(), torch.float64)
+        if self.ctx.pp > 1:
+            dist.all_reduce(total, group=self.ctx.pp_group)
+        if self.ctx.dp > 1:
+            dist.all_reduce(total, group=self.ctx.dp_group)
+        return total[0]
+
     def expert_load(self) -> torch.Tensor:
         load = self.module.expert_load()
         if self.ctx.dp > 1 and load.numel():
@@ -307,7 +341,6 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 123
     ctx.config.validate(cfg)
     from megatron_vpmoe.parallel.expert import AllToAllDispatcher
     from megatron_vpmoe.parallel.layout import rank_layers
-    from megatron_vpmoe.parallel.pipeline import check_pipeline_config
     from megatron_vpmoe.parallel.tensor import te_linear_spec, tensor_parallel_spec
 
     torch.manual_seed(seed)
@@ -320,7 +353,6 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 123
     local_experts = cfg.num_moe_experts // ctx.ep if cfg.num_moe_experts else None
     layers, first, last = None, True, True
     if ctx.pp > 1:
-        check_pipeline_config(cfg)
         layers = rank_layers(cfg.num_layers, ctx.pp, ctx.vpp, ctx.pp_rank)
         first, last = ctx.pp_rank == 0, ctx.pp_rank == ctx.pp - 1
     module = VpmoeModel(cfg, spec, layer_numbers=layers, pre_process=first, post_process=last,

@@ -154,17 +154,10 @@ class PipelineRunner:
         if self.holds_first:
             args = (torch.cat([mb["input_ids"] for mb in micro_batches]).to(self.device),)
         if self.holds_last:
-            index = torch.arange(len(micro_batches), device=self.device).repeat_interleave(batch).view(-1, 1)
+            # on the host: the loss reads the micro-batch number without a device sync
+            index = torch.arange(len(micro_batches)).repeat_interleave(batch).view(-1, 1)
             kwargs = {"target": index, "losses": []}
         try:
             run(*args, **kwargs)
         finally:
             self._loss = None
-
-
-def check_pipeline_config(cfg: ModelConfig) -> None:
-    from megatron_vpmoe.utils.errors import ConfigError
-    if cfg.moe_aux_loss_coeff > 0:
-        raise ConfigError("the MoE aux loss is not supported with pipeline parallelism yet; "
-                          "use aux-loss-free balancing (moe_aux_loss_coeff: 0)",
-                          key="model.moe_aux_loss_coeff")

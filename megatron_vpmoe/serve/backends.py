@@ -179,12 +179,15 @@ class HFBackend(HFTokenizerBackend):
 
         self.path = Path(path)
         self.model_id = model_id or self.path.name
+        from safetensors import SafetensorError
+
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.model = AutoModelForCausalLM.from_pretrained(
                 path, local_files_only=True, dtype=getattr(torch, dtype))
-        except (OSError, ValueError) as err:
-            raise InputError(f"{path}: not a loadable Hugging Face causal LM directory ({err})") from err
+        except (OSError, ValueError, SafetensorError) as err:  # truncated or fake weights too
+            raise InputError(f"{path}: not a loadable Hugging Face causal LM directory "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
         self.model.eval()
         self.vocab_size = self.model.config.vocab_size
         eos = self.tokenizer.eos_token_id

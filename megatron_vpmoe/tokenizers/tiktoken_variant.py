@@ -35,9 +35,12 @@ def load_ranks(path) -> Dict[bytes, int]:
     if not path.is_file():
         raise InputError(f"{path}: o200k ranks file not found (set TIKTOKEN_ENCODINGS_BASE)")
     try:
-        return tiktoken.load.load_tiktoken_bpe(str(path))
+        ranks = tiktoken.load.load_tiktoken_bpe(str(path))
     except Exception as err:  # noqa: BLE001
         raise InputError(f"{path}: not a tiktoken ranks file ({err})") from None
+    if not ranks:
+        raise InputError(f"{path}: empty tiktoken ranks file")
+    return ranks
 
 
 def o200k_harmony_spec(ranks_path=None) -> dict:

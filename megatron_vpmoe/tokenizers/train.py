@@ -14,6 +14,7 @@ from megatron_vpmoe.utils.errors import InputError
 
 TRAINABLE = ("bpe", "unigram", "lengthmax", "pruned")
 MIN_STUDENT_VOCAB = 256 + len(STUDENT_SPECIALS)
+MAX_STUDENT_VOCAB = 1 << 21  # Length-MAX keys token pairs as a * 2**21 + b; far above any student vocabulary
 
 
 def check_vocab_size(kind: str, vocab_size: int, minimum: int = MIN_STUDENT_VOCAB) -> None:
@@ -92,6 +93,10 @@ def train_tokenizer(kind: str, inputs: Sequence[str], vocab_size: int, *,
     atomically when given (an interrupted run leaves no directory)."""
     if kind not in TRAINABLE:
         raise InputError(f"unknown tokenizer kind {kind!r} (trainable: {', '.join(TRAINABLE)})")
+    if vocab_size > MAX_STUDENT_VOCAB:
+        raise InputError(f"--vocab-size {vocab_size} is larger than {MAX_STUDENT_VOCAB:,}")
+    if max_bytes is not None and max_bytes < 1:
+        raise InputError(f"--max-bytes must be >= 1, got {max_bytes}")
     name = name or (Path(output).name if output else kind)
     docs = load_documents(inputs, max_bytes)
     start = time.perf_counter()

@@ -89,11 +89,15 @@ def _ignore_preemption_signals(worker_id: int) -> None:  # noqa: ARG001 - worker
 
 def micro_batch_loader(dataset, sampler: GlobalBatchSampler, start: int, end: int, num_workers: int = 0):
     """A ``DataLoader`` yielding this rank's collated micro-batches for steps ``[start, end)``;
-    ``num_workers`` > 0 reads ahead in worker processes (the order stays deterministic)."""
+    ``num_workers`` > 0 reads ahead in worker processes (the order stays deterministic).
+
+    The loader gets its own generator: creating its iterator draws a base seed, and drawing it
+    from the global torch RNG would shift dropout after a resume (the RNG is restored first)."""
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=StepMicroBatches(sampler, start, end), collate_fn=collate,
         num_workers=num_workers, persistent_workers=False, prefetch_factor=4 if num_workers else None,
-        worker_init_fn=_ignore_preemption_signals if num_workers else None)
+        worker_init_fn=_ignore_preemption_signals if num_workers else None,
+        generator=torch.Generator().manual_seed(start))
 
 
 def load_micro_batches(dataset, indices: List[List[int]], device=None) -> List[Dict[str, torch.Tensor]]:

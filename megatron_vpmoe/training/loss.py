@@ -9,7 +9,7 @@ How the terms combine, over one **global batch** (all micro-batches on all data-
     mean_k = (sum of NLL over tokens of role k) / N_k          for k in {text, reasoning, final}
     L_nll  = (w_text * mean_text + w_r * mean_reasoning + w_f * mean_final)
              / (w_text * [N_text > 0] + w_r * [N_r > 0] + w_f * [N_f > 0])
-    L      = L_nll + aux                                        (aux: the model's MoE aux loss)
+    L      = L_nll + aux      (aux: the MoE layers' aux loss, added by the layers themselves in backward)
 
 with ``w_text = 1``, ``w_r = distill.reasoning_loss_weight``, ``w_f = distill.final_loss_weight``
 and empty roles dropped. So a pure pretraining batch gives exactly the token-mean NLL, and an
@@ -84,20 +84,15 @@ class Objective:
     divides by the replica count) still yields the gradient of the global ``L_nll``.
     """
 
-    def __init__(self, global_counts: torch.Tensor, weights: LossWeights, *, grad_scale: float = 1.0,
-                 aux_scale: float = 1.0):
+    def __init__(self, global_counts: torch.Tensor, weights: LossWeights, *, grad_scale: float = 1.0):
         self.coefficients = role_coefficients(global_counts, weights)
         self.grad_scale = grad_scale
-        self.aux_scale = aux_scale
 
-    def __call__(self, per_token_nll: torch.Tensor, roles: torch.Tensor,
-                 aux: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, per_token_nll: torch.Tensor, roles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(loss to backpropagate, nll_part)``; ``nll_part`` (detached) sums to L_nll."""
         coef = self.coefficients.to(per_token_nll.device)[roles].to(per_token_nll.dtype)
         nll_part = torch.where(coef > 0, per_token_nll * coef, 0.0).sum()  # no-loss positions drop out
         loss = nll_part * self.grad_scale
-        if aux is not None:
-            loss = loss + aux * self.aux_scale
         return loss, nll_part.detach()
 
 

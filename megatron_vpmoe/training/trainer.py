@@ -91,6 +91,7 @@ class Trainer:
         from megatron_vpmoe.parallel import ParallelModel, build_parallel_model, init_parallel
 
         cfg.parallel.validate(cfg.model)
+        cfg.parallel.resolve_data(self.world_size)  # e.g. tensor=2 in one process: one line naming the key
         self.ctx = init_parallel(cfg.parallel)
         self.dp_size, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
         self.accum = cfg.train.check_batch_layout(self.dp_size)
@@ -159,6 +160,10 @@ class Trainer:
             except ImportError as err:
                 raise VpmoeError(f"cannot load data.tokenizer: the tokenizer package has no loader ({err})") from None
             self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+            size, vocab = self.tokenizer.vocab_size, self.cfg.model.vocab_size
+            if size > vocab:  # its ids would index past the embedding at step 1
+                raise ConfigError(f"data.tokenizer {self.cfg.data.tokenizer} has {size} tokens, more than "
+                                  f"model.vocab_size {vocab}", key="model.vocab_size")
         return self.tokenizer
 
     def _num_samples(self) -> tuple:
@@ -264,23 +269,19 @@ class Trainer:
                         "roles": roles_from_loss_mask(mb["loss_mask"])})
         return out
 
-    def _objective_hook(self, objective: Objective, aux_share: float, inject_nan: bool = False):
+    def _objective_hook(self, objective: Objective, inject_nan: bool = False):
         """The engine's loss hook: ``(loss to backpropagate, stats)`` per micro-batch, stats =
-        ``[L_nll part, aux part, nll per role (4), bytes]``."""
-        use_aux = self.ctx.pp == 1  # the aux loss is refused with PP (check_pipeline_config)
+        ``[L_nll part, 0 (the aux slot, filled by the step), nll per role (4), bytes]``."""
 
         def loss_fn(per_token: torch.Tensor, mb: Dict) -> tuple:
             per_token = per_token.float()
             if inject_nan:
                 per_token = per_token * float("nan")
-            aux = self.raw_model.aux_loss() if use_aux and objective is not None else None
             stats = torch.zeros(7, dtype=torch.float64, device=per_token.device)
             if objective is not None:
-                loss, stats[0] = objective(per_token, mb["roles"], aux)
+                loss, stats[0] = objective(per_token, mb["roles"])
             else:  # validation: no objective needed
                 loss = per_token.sum()
-            if aux is not None:
-                stats[1] = float(aux.detach()) * aux_share
             stats[2:6] = role_nll_sums(per_token, mb["roles"])
             if self.byte_lengths is not None:
                 stats[6] = counted_bytes(mb["labels"], mb["roles"], self.byte_lengths)
@@ -291,10 +292,11 @@ class Trainer:
     def train_step(self, micro_batches: List[Dict[str, torch.Tensor]], inject_nan: bool = False) -> Dict:
         batches = self._engine_batches(micro_batches)
         counts = self._dp_sum(sum(role_counts(mb["roles"]) for mb in batches).to(self.device))
-        aux_share = 1.0 / (len(batches) * self.dp_size)  # aux averaged over micro-batches and DP
-        objective = Objective(counts, self.weights, grad_scale=1.0, aux_scale=aux_share)
+        objective = Objective(counts, self.weights, grad_scale=1.0)
         with self._autocast():
-            stats = self.pm.forward_backward(batches, self._objective_hook(objective, aux_share, inject_nan))
+            stats = self.pm.forward_backward(batches, self._objective_hook(objective, inject_nan))
+        # the MoE layers added the aux loss themselves (every stage; averaged over micro-batches and DP)
+        stats[1] = self.pm.aux_loss_added()
         grad_norm = clip_gradients(self.raw_model.parameters(), self.cfg.train.optimizer.clip_grad,
                                    total_norm=self.pm.grad_norm())
         lr = learning_rate(self.step, self.cfg.train)
@@ -337,7 +339,7 @@ class Trainer:
         self.pm.train(False)
         try:
             with self._autocast():
-                stats = self.pm.forward_only(batches, self._objective_hook(None, 0.0))
+                stats = self.pm.forward_only(batches, self._objective_hook(None))
         finally:
             self.pm.train(True)
             self.pm.reset_expert_counters()

@@ -41,12 +41,41 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         handle.write(text)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: swap and restore
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_modes(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a plain ``mkdir``/``open`` would have:
+    ``mkdtemp`` makes 0700 directories and some writers (safetensors) 0600 files, which a
+    published result must not keep (a model directory shared on a cluster filesystem)."""
+    mask = current_umask()
+    for dirpath, _dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            executable = os.stat(path).st_mode & 0o100
+            os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; move it to ``path`` when the block succeeds.
 
     With ``overwrite`` an existing ``path`` is replaced (the old one is removed only after the
-    new one is complete); without it an existing ``path`` is an error.
+    new one is complete); without it an existing ``path`` is an error. The published directory
+    and its files get the user's umask (see :func:`apply_umask_modes`).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +84,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        apply_umask_modes(tmp)  # published like any other output, not private like a temp dir
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

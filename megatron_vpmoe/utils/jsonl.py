@@ -19,10 +19,14 @@ def read_jsonl(path, limit: Optional[int] = None) -> Iterator[tuple[int, dict]]:
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     count = 0
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
             if limit is not None and count >= limit:
                 return
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(f"{path}:{lineno}: not UTF-8 ({err.reason} at byte {err.start} of the line)") from None
             if not line.strip():
                 continue
             try:
