@@ -193,13 +193,13 @@ def test_usage_errors_are_one_line(tmp_path, toks, capsys):
 def test_interrupted_run_leaves_no_valid_shards_and_partitions_resume(tmp_path, toks, shared_data):
     inputs = sorted((shared_data / "corpora" / "code_python").glob("*.py"))[:12]
     prefix = tmp_path / "p"
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    # the HF encoder (not gigatoken, ~25x faster) keeps the run long enough to be killed midway
+    env = dict(os.environ, PYTHONPATH=ROOT, VPMOE_FAST_TOKENIZER="0")
     cmd = [sys.executable, "-m", "megatron_vpmoe.cli", "preprocess", "--input", *map(str, inputs),
            "--output-prefix", str(prefix), "--tokenizer", toks["bpe600"], "--no-progress",
            "--partitions", "3", "--chunk-size", "1"]
-    # the HF encoder (not gigatoken, ~25x faster) keeps the run long enough to be killed midway
-    proc = subprocess.Popen(cmd + ["--workers", "1"], cwd=ROOT, env=dict(env, VPMOE_FAST_TOKENIZER="0"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd + ["--workers", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline and not list(tmp_path.glob("p_part000of003*.idx")):
         time.sleep(0.05)

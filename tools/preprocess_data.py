@@ -99,7 +99,8 @@ def main(argv=None) -> int:
             json_keys=args.json_keys, append_eod=args.append_eod, workers=args.workers,
             chunk_size=args.chunk_size, partitions=args.partitions, txt_blocks=args.txt_blocks,
             strict=args.strict, log_interval=args.log_interval, progress=not args.no_progress,
-            overwrite=args.overwrite, max_doc_bytes=args.max_doc_bytes, keep_empty=args.keep_empty,
+            overwrite=args.overwrite, max_doc_bytes=args.max_doc_bytes, max_memory_mb=args.max_memory,
+            keep_empty=args.keep_empty,
             megatron_names=megatron, summary_path=_summary_path(args.output_prefix) if megatron else None)
         print_summary(run_preprocess(opts))
     except VpmoeError as err:

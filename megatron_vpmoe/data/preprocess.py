@@ -19,6 +19,7 @@ published. A run that would publish no documents is an error naming the input.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ from megatron_vpmoe.data import shards
 from megatron_vpmoe.data.fingerprint import (
     fingerprint, published_sizes, read_summary, stale_reason, tokenizer_digests)
 from megatron_vpmoe.data.encode import DocumentEncoder, EncodedDocument
+from megatron_vpmoe.data.memory_plan import CHUNK_BYTES, DEFAULT_MAX_MEMORY_MB, plan
 from megatron_vpmoe.data.sources import (
     DEFAULT_MAX_DOC_BYTES, Piece, Skipped, expand_inputs, iter_piece, plan_pieces, total_bytes)
 from megatron_vpmoe.utils.atomic import atomic_write_text
@@ -62,6 +64,7 @@ class PreprocessOptions:
     keep_empty: bool = False  # Megatron-LM's rule: empty/whitespace-only documents are kept, not skipped
     megatron_names: bool = False  # one variant, named {prefix}_{key}_document as Megatron-LM names it
     summary_path: Optional[str] = None  # default {prefix}.summary.json
+    max_memory_mb: int = DEFAULT_MAX_MEMORY_MB  # each worker's budget (memory_plan.py)
 
 
 @dataclass
@@ -102,12 +105,14 @@ def parse_tokenizer_args(values: Sequence[str]) -> Dict[str, str]:
 
 
 def _chunks(items: Iterator, size: int) -> Iterator[list]:
-    chunk = []
+    """Batches of ``size`` records or :data:`CHUNK_BYTES` of input, whichever comes first."""
+    chunk, nbytes = [], 0
     for item in items:
         chunk.append(item)
-        if len(chunk) >= size:
+        nbytes += item.nbytes
+        if len(chunk) >= size or nbytes >= CHUNK_BYTES:
             yield chunk
-            chunk = []
+            chunk, nbytes = [], 0
     if chunk:
         yield chunk
 
@@ -333,6 +338,10 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
     prefix = opts.output_prefix
     if opts.max_doc_bytes < 1:
         raise InputError("--max-doc-bytes must be >= 1")
+    doc_limit, note = plan(opts.max_memory_mb, opts.max_doc_bytes, encoder.engines)
+    if note:
+        print(f"preprocess: {note}", flush=True)
+    opts = dataclasses.replace(opts, max_doc_bytes=doc_limit)
     flags = {"json_keys": list(opts.json_keys), "append_eod": opts.append_eod, "txt_blocks": opts.txt_blocks,
              "max_doc_bytes": opts.max_doc_bytes, "keep_empty": opts.keep_empty}
     toks = tokenizer_digests(opts.tokenizers)
@@ -418,6 +427,7 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
         "mb_per_s": round(tally.bytes / 1e6 / max(seconds, 1e-9), 3),
         "tokens_per_s": round(sum(tokens_per_variant.values()) / max(seconds, 1e-9), 1),
         "workers": opts.workers, "partitions": len(groups), "engines": encoder.engines,
+        "max_memory_mb": opts.max_memory_mb, "max_doc_bytes": opts.max_doc_bytes,
         "fingerprint": current, "files": published_sizes(_with_masks(finals)),
     }
     atomic_write_text(summary_path, json.dumps(summary, indent=2))
