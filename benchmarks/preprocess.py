@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -180,7 +181,12 @@ def main() -> int:
                     seconds, peak, out = run_measured(cmd, env=env, cwd=str(ROOT))
                     if out.returncode != 0:
                         raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
-                    runs[(name, inp)].append({"seconds": round(seconds, 2), "peak_rss_mb": round(peak / 2**20)})
+                    record = {"seconds": round(seconds, 2), "peak_rss_mb": round(peak / 2**20)}
+                    # each tool's own processing time, start-up excluded (steady state without the noise of imports)
+                    own = re.search(r"Elapsed time: ([0-9.]+)|preprocessed .* in ([0-9.]+) s", out.stdout)
+                    if own:
+                        record["own_seconds"] = float(own.group(1) or own.group(2))
+                    runs[(name, inp)].append(record)
                     print(name, inp, trial, runs[(name, inp)][-1], flush=True)
         load.append(os.getloadavg()[0])
         identical = {}
