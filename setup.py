@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_vpmoe", "megatron_vpmoe.*", "kernels", "kernels.*"]),
-    package_data={"megatron_vpmoe": ["convert/hf_template/*.py", "**/*.yaml", "**/*.j2"]},
+    package_data={"megatron_vpmoe": ["convert/hf_template/*.py", "plan/gpus/*.yaml", "**/*.yaml", "**/*.j2"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16.1,<0.17",

@@ -11,6 +11,8 @@ Sections (each in fresh processes, so every peak is its own):
   at 2 and 8 micro-batches under 1F1B, and under GPipe as the peer.
 * ``recompute``: one process, one micro-batch of the medium config under ``train.recompute``
   none / selective / full: saved-activation peak, the step's RSS rise, time, loss and gradients.
+* ``overlap``: DP=2 step time of the tiny and medium configs with the bucketed reduction launched
+  during backward vs one reduction after it (alternating, best step).
 * ``shard``: ``vpmoe-6b.yaml`` (EP=8 x PP=4 of 32 ranks) under a fake process group: one process
   builds rank 0's shard and the last stage's (rank 31), parameter count against
   ``parallel/layout.py``'s arithmetic. ``--shard-6b --rank R`` runs one rank and ends with
@@ -103,6 +105,10 @@ def _pipeline_child(out_dir: str) -> None:
     from megatron_vpmoe.utils.memory import SavedActivationMeter, peak_rss_bytes, reset_peak_rss, rss_bytes
 
     dist.init_process_group("gloo")
+
+    def _mean_loss(per_token, mb):  # the engine takes the objective from its caller
+        return per_token.mean(), per_token.detach().sum().double().view(1)
+
     cfg = load_config(MEDIUM, ["parallel.pipeline=2"])
     ctx = init_parallel(cfg.parallel)
     seq = cfg.data.seq_length
@@ -120,7 +126,7 @@ def _pipeline_child(out_dir: str) -> None:
             reset_peak_rss()
             t0 = time.perf_counter()
             with SavedActivationMeter(exclude=pm.parameters()) as meter:
-                pm.forward_backward(mbs)
+                pm.forward_backward(mbs, _mean_loss)
             result[f"{schedule}_{n_micro}"] = {"activation_peak_mb": meter.peak / 2**20,
                                                "rss_rise_mb": (peak_rss_bytes() - before) / 2**20,
                                                "step_s": time.perf_counter() - t0}
@@ -140,6 +146,64 @@ def bench_pipeline(tmp: Path) -> dict:
     return {"stages": stages,
             "ratio_8_over_2_1f1b": [s["1f1b_8"]["activation_peak_mb"] / s["1f1b_2"]["activation_peak_mb"] for s in stages],
             "ratio_8_over_2_gpipe": [s["gpipe_8"]["activation_peak_mb"] / s["gpipe_2"]["activation_peak_mb"] for s in stages]}
+
+
+# -- data-parallel gradient reduction: overlapped buckets vs one reduction after backward ------------
+TINY = ROOT / "examples" / "configs" / "tiny-cpu.yaml"
+
+
+def _overlap_child(out_dir: str, config: str, steps: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from megatron_vpmoe.config.loader import load_config
+    from megatron_vpmoe.parallel import build_parallel_model, init_parallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+
+    def mean_loss(per_token, mb):
+        return per_token.mean(), per_token.detach().sum().double().view(1)
+
+    cfg = load_config(config, [])
+    seq, mb = cfg.data.seq_length, cfg.train.micro_batch_size
+    models = {}
+    for overlap in (True, False):
+        ctx = init_parallel(type(cfg.parallel)(overlap_grad_reduce=overlap))
+        models[overlap] = build_parallel_model(cfg.model, ctx, seed=1)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    batch = [{"input_ids": torch.randint(0, cfg.model.vocab_size, (mb, seq), generator=g),
+              "labels": torch.randint(0, cfg.model.vocab_size, (mb, seq), generator=g)} for _ in range(2)]
+    times = {True: [], False: []}
+    for step in range(int(steps) + 1):  # alternate, first round is warm-up
+        for overlap in (True, False):
+            pm = models[overlap]
+            dist.barrier()
+            t0 = time.perf_counter()
+            pm.forward_backward(batch, mean_loss)
+            elapsed = time.perf_counter() - t0
+            if step:
+                times[overlap].append(elapsed)
+            for p in pm.parameters():
+                p.grad = None
+    Path(out_dir, f"rank_{dist.get_rank()}.json").write_text(json.dumps(
+        {"overlapped_s": min(times[True]), "after_backward_s": min(times[False]),
+         "grad_mb": sum(p.numel() for p in models[True].parameters()) * 4 / 2**20}))
+    dist.destroy_process_group()
+
+
+def bench_overlap(tmp: Path) -> dict:
+    out = {}
+    for name, config, steps in (("tiny", TINY, 5), ("medium", MEDIUM, 2)):
+        d = tmp / f"overlap_{name}"
+        d.mkdir()
+        _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", "127.0.0.1:0", str(Path(__file__)), "--_child", "overlap", str(d), str(config),
+              str(steps)])
+        r = json.loads((d / "rank_0.json").read_text())
+        r["overlapped_over_after"] = r["overlapped_s"] / r["after_backward_s"]
+        out[name] = r
+    return out
 
 
 # -- recompute -------------------------------------------------------------------------------------
@@ -226,6 +290,11 @@ def bench_shards() -> dict:
 
 
 # -- report ----------------------------------------------------------------------------------------
+def _table(header: list, rows: list) -> list:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
 def _markdown(res: dict) -> str:
     lines = ["# Scale on CPU processes (benchmarks/scale.py)", "",
              f"Host: {platform.machine()}, {os.cpu_count()} cores; gloo; fp32; peaks are the kernel's "
@@ -238,41 +307,46 @@ def _markdown(res: dict) -> str:
                   f"step {m['single_phases']['step']['peak_mb']:.0f}, save {m['single_phases']['checkpoint_save']['peak_mb']:.0f})",
                   f"- 8 ranks EP=4 x PP=2: largest rank peak **{m['max_rank_peak_mb']:.0f} MB** (rank {m['argmax_rank']}) = "
                   f"**{m['max_over_single']:.3f} x** the single process (target <= 0.30)",
-                  f"- an idle process (python + torch + megatron-core imported): {m['idle_process_mb']:.0f} MB of every rank's peak", "",
-                  "| rank | shard params | params MB | peak MB | construction rise MB | / params | save rise MB | / (params + optimizer) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in m["ranks"]:
-            lines.append(f"| {r['rank']} | {r['params'] / 1e6:.1f}M | {r['params_mb']:.0f} | {r['peak_mb']:.0f} | "
-                         f"{r['construction_rise_mb']:.0f} | {r['construction_over_params']:.2f} | "
-                         f"{r['save_rise_mb']:.0f} | {r['save_over_state']:.2f} |")
+                  f"- an idle process (python + torch + megatron-core imported): {m['idle_process_mb']:.0f} MB of every rank's peak", ""]
+        lines += _table(["rank", "shard params", "params MB", "peak MB", "construction rise MB", "/ params",
+                         "save rise MB", "/ (params + optimizer)"], [
+            [r["rank"], f"{r['params'] / 1e6:.1f}M", f"{r['params_mb']:.0f}", f"{r['peak_mb']:.0f}",
+             f"{r['construction_rise_mb']:.0f}", f"{r['construction_over_params']:.2f}",
+             f"{r['save_rise_mb']:.0f}", f"{r['save_over_state']:.2f}"] for r in m["ranks"]])
         lines += ["", f"Worst construction rise / shard params: **{m['max_construction_over_params']:.2f}** (target <= 1.3); "
                   f"worst save rise / shard state: **{m['max_save_over_state']:.2f}** (target <= 1.3).", ""]
     p = res.get("pipeline")
     if p:
-        lines += ["## Pipeline: saved activations per stage, PP=2, medium config, micro-batch 1 x 128", "",
-                  "| stage | 1F1B 2 mb MB | 1F1B 8 mb MB | 8/2 | GPipe 2 mb MB | GPipe 8 mb MB | 8/2 |", "|---|---|---|---|---|---|---|"]
-        for i, s in enumerate(p["stages"]):
-            lines.append(f"| {i} | {s['1f1b_2']['activation_peak_mb']:.1f} | {s['1f1b_8']['activation_peak_mb']:.1f} | "
-                         f"{p['ratio_8_over_2_1f1b'][i]:.2f} | {s['gpipe_2']['activation_peak_mb']:.1f} | "
-                         f"{s['gpipe_8']['activation_peak_mb']:.1f} | {p['ratio_8_over_2_gpipe'][i]:.2f} |")
+        lines += ["## Pipeline: saved activations per stage, PP=2, medium config, micro-batch 1 x 128", ""]
+        lines += _table(["stage", "1F1B 2 mb MB", "1F1B 8 mb MB", "8/2", "GPipe 2 mb MB", "GPipe 8 mb MB", "8/2"], [
+            [i, f"{st['1f1b_2']['activation_peak_mb']:.1f}", f"{st['1f1b_8']['activation_peak_mb']:.1f}",
+             f"{p['ratio_8_over_2_1f1b'][i]:.2f}", f"{st['gpipe_2']['activation_peak_mb']:.1f}",
+             f"{st['gpipe_8']['activation_peak_mb']:.1f}", f"{p['ratio_8_over_2_gpipe'][i]:.2f}"]
+            for i, st in enumerate(p["stages"])])
         lines += ["", "Target: 1F1B 8/2 <= 1.25.", ""]
     r = res.get("recompute")
     if r:
-        lines += ["## Activation recompute: medium config, one process, micro-batch 2 x 128", "",
-                  "| mode | saved activations MB | / none | step RSS rise MB | step s | / none | loss rel. diff | grad-norm rel. diff |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for mode, x in r.items():
-            lines.append(f"| {mode} | {x['activation_peak_mb']:.0f} | {x['activation_over_none']:.2f} | {x['rss_rise_mb']:.0f} | "
-                         f"{x['step_s']:.1f} | {x['time_over_none']:.2f} | {x['loss_rel_diff']:.1e} | {x['grad_norm_rel_diff']:.1e} |")
+        lines += ["## Activation recompute: medium config, one process, micro-batch 2 x 128", ""]
+        lines += _table(["mode", "saved activations MB", "/ none", "step RSS rise MB", "step s", "/ none",
+                         "loss rel. diff", "grad-norm rel. diff"], [
+            [mode, f"{x['activation_peak_mb']:.0f}", f"{x['activation_over_none']:.2f}", f"{x['rss_rise_mb']:.0f}",
+             f"{x['step_s']:.1f}", f"{x['time_over_none']:.2f}", f"{x['loss_rel_diff']:.1e}",
+             f"{x['grad_norm_rel_diff']:.1e}"] for mode, x in r.items()])
         lines += ["", "Target: full <= 0.5 x none at the same loss (1e-6); selective in between.", ""]
+    o = res.get("overlap")
+    if o:
+        lines += ["## Data-parallel gradient reduction, DP=2 (2 gloo ranks, 2 micro-batches, best step)", ""]
+        lines += _table(["config", "gradients MB", "overlapped buckets s", "one reduction after backward s", "ratio"], [
+            [name, f"{x['grad_mb']:.0f}", f"{x['overlapped_s']:.3f}", f"{x['after_backward_s']:.3f}",
+             f"{x['overlapped_over_after']:.3f}"] for name, x in o.items()])
+        lines += [""]
     s = res.get("shard")
     if s:
-        lines += ["## VPMoE-6B shards under a fake process group (EP=8 x PP=4, 32 ranks)", "",
-                  "| rank | pp rank | ep rank | params | expected (layout arithmetic) | shard MB (fp32) | peak RSS MB | build s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for x in s.values():
-            lines.append(f"| {x['rank']} | {x['pp_rank']} | {x['ep_rank']} | {x['params']:,} | {x['expected_params']:,} | "
-                         f"{x['params_mb']:.0f} | {x['peak_rss_mb']:.0f} | {x['build_s']:.1f} |")
+        lines += ["## VPMoE-6B shards under a fake process group (EP=8 x PP=4, 32 ranks)", ""]
+        lines += _table(["rank", "pp rank", "ep rank", "params", "expected (layout arithmetic)", "shard MB (fp32)",
+                         "peak RSS MB", "build s"], [
+            [x["rank"], x["pp_rank"], x["ep_rank"], f"{x['params']:,}", f"{x['expected_params']:,}",
+             f"{x['params_mb']:.0f}", f"{x['peak_rss_mb']:.0f}", f"{x['build_s']:.1f}"] for x in s.values()])
         total = next(iter(s.values()))["total_params"]
         lines += ["", f"Whole model: {total:,} params ({total * 4 / 2**30:.1f} GiB in fp32), which no rank allocates.", ""]
     return "\n".join(lines)
@@ -280,7 +354,7 @@ def _markdown(res: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", nargs="+", choices=["memory", "pipeline", "recompute", "shard"])
+    ap.add_argument("--only", nargs="+", choices=["memory", "pipeline", "recompute", "shard", "overlap"])
     ap.add_argument("--shard-6b", action="store_true", help="build one rank's shard of vpmoe-6b.yaml (fake process group)")
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="with --shard-6b: print the result as JSON too")
@@ -290,6 +364,8 @@ def main() -> int:
         kind, *rest = args._child
         if kind == "pipeline":
             _pipeline_child(*rest)
+        elif kind == "overlap":
+            _overlap_child(*rest)
         else:
             _recompute_child(*rest)
         return 0
@@ -300,13 +376,14 @@ def main() -> int:
         if args.json:
             print(json.dumps(r))
         return 0
-    sections = args.only or ["shard", "recompute", "pipeline", "memory"]
+    sections = args.only or ["shard", "recompute", "pipeline", "overlap", "memory"]
     res: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in sections:
             t0 = time.perf_counter()
             res[name] = {"shard": lambda: bench_shards(), "recompute": lambda: bench_recompute(Path(tmp)),
-                         "pipeline": lambda: bench_pipeline(Path(tmp)), "memory": lambda: bench_memory(Path(tmp))}[name]()
+                         "pipeline": lambda: bench_pipeline(Path(tmp)), "memory": lambda: bench_memory(Path(tmp)),
+                         "overlap": lambda: bench_overlap(Path(tmp))}[name]()
             print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     old = json.loads((RESULTS / "scale.json").read_text()) if (RESULTS / "scale.json").is_file() else {}

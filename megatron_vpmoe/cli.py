@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES = [
     "megatron_vpmoe.data.cli",  # preprocess
     "megatron_vpmoe.training.cli",  # train
     "megatron_vpmoe.distill.cli",  # distill
+    "megatron_vpmoe.plan.cli",  # plan
     "megatron_vpmoe.launch.cli",  # launch
     "megatron_vpmoe.convert.cli",  # convert
     "megatron_vpmoe.eval.cli",  # eval, experiment

@@ -83,7 +83,7 @@ def test_keep_last_and_trainer_state(tmp_path):
     state = read_trainer_state(tmp_path / "checkpoints" / "step_00000008")
     assert state["step"] == 8 and state["consumed_samples"] == 8 * 4
     assert state["layout"]["data"] == 1
-    assert (tmp_path / "checkpoints" / "step_00000008" / "rng" / "rank_00000.pt").is_file()
+    assert (tmp_path / "checkpoints" / "step_00000008" / "rng" / "rank_00000.safetensors").is_file()
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000008"
 
 
@@ -157,14 +157,14 @@ def test_load_weights_only_starts_a_fresh_run(tmp_path):
     assert all(torch.equal(v, saved[k]) for k, v in trainer.raw_model.state_dict().items() if k in saved)
 
 
-def test_rng_capture_and_restore_draw_identical_numbers():
-    """What a resume relies on: after restore_rng, python, numpy and torch draw what they drew
-    right after capture_rng (used through the public functions only, whatever the storage)."""
+def test_rng_capture_and_restore_draw_identical_numbers(tmp_path):
+    """What a resume relies on: after the RNG file is saved, read back and restored, python,
+    numpy and torch draw what they drew right after the save (through the file format)."""
     import random
 
     import numpy as np
 
-    from megatron_vpmoe.training.checkpoint import capture_rng, restore_rng
+    from megatron_vpmoe.training.checkpoint_files import load_rng, restore_rng, save_rng
 
     def draw():
         return (random.random(), float(np.random.rand()), torch.rand(4).tolist(),
@@ -173,8 +173,8 @@ def test_rng_capture_and_restore_draw_identical_numbers():
     torch.manual_seed(3)
     random.seed(3)
     np.random.seed(3)
-    state = capture_rng()
+    save_rng(tmp_path / "rng.safetensors")
     first = draw()
     draw()  # move every generator on
-    restore_rng(state)
+    restore_rng(load_rng(tmp_path / "rng.safetensors"))
     assert draw() == first

@@ -144,20 +144,11 @@ CASES = {
                                        "--limit", "1", "--out", t / "out"], t / "out"),
 }
 
-# Found by this test in code other engineers own (data/, training/checkpoint.py): recorded here,
-# not fixed on this branch. strict: once fixed, the XPASS fails and the entry must go.
-KNOWN = {
-    **{("eval native", k): "training/checkpoint.py latest_checkpoint() reads a non-UTF-8 'latest' pointer "
-                           "without catching UnicodeDecodeError" for k in ("binary", "truncated")},
-}
 
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
 @pytest.mark.parametrize("command", sorted(CASES))
-def test_cli_on_hostile_input(command, kind, tmp_path, tok, capsys, monkeypatch, request):
-    reason = KNOWN.get((command, kind))
-    if reason:
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
+def test_cli_on_hostile_input(command, kind, tmp_path, tok, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv, output = CASES[command](tmp_path, kind, tok)
     code, err, error = _call(argv, capsys)

@@ -216,7 +216,7 @@ def _save_sharded(rank, world_size, cfg_text, model_cfg, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from megatron_vpmoe.training.checkpoint import FORMAT_VERSION, checkpoint_name
+    from megatron_vpmoe.training.checkpoint import checkpoint_name
 
     mesh = init_device_mesh("cpu", (world_size,))
     state = {}
@@ -233,7 +233,8 @@ def _save_sharded(rank, world_size, cfg_text, model_cfg, out):
     ckpt = out / checkpoint_name(7)
     if rank == 0:
         ckpt.mkdir(parents=True)
-        (ckpt / "trainer_state.json").write_text(json.dumps({"format": FORMAT_VERSION, "step": 7}))
+        # format 2: a hand-made DCP checkpoint has no manifest.json to verify
+        (ckpt / "trainer_state.json").write_text(json.dumps({"format": 2, "step": 7}))
         (ckpt / "config.yaml").write_text(cfg_text)
         (out / "latest").write_text(ckpt.name + "\n")
     torch.distributed.barrier()

@@ -99,7 +99,7 @@ def _dp_worker(rank, world_size, cfg_path):
 
     trainer = OnPolicyTrainer(load_config(cfg_path), quiet=True)
     history = trainer.run()
-    flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    flat = torch.cat([p.detach().flatten() for p in trainer.pm.parameters()])
     return [h["teacher_score"] for h in history], flat.tolist()  # no tensors through the queue
 
 

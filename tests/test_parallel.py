@@ -7,6 +7,7 @@ import torch
 
 from distributed import run_distributed
 from megatron_vpmoe.config.schema import ModelConfig, ParallelConfig
+from engine_loss import token_mean_step
 
 SEED = 7
 
@@ -45,6 +46,13 @@ def single_process_reference(cfg):
     return loss_sum, grads
 
 
+def _gathered(pm):
+    """The full tensors of the shards (DTensor's all-gather of the sharded state dict)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in pm.sharded_state_dict().items()}
+
+
 def _rank_body(rank, world, layout):
     torch.manual_seed(0)
     from megatron_vpmoe.parallel import build_parallel_model, init_parallel
@@ -60,14 +68,14 @@ def _rank_body(rank, world, layout):
     from megatron_vpmoe.model import VpmoeModel
     torch.manual_seed(SEED)
     initial = VpmoeModel(cfg).state_dict()
-    gathered = pm.full_state_dict()  # shards gathered back equal the single-process weights
+    gathered = _gathered(pm)  # shards gathered back equal the single-process weights
     assert set(gathered) == set(initial)
     assert all(torch.equal(gathered[k], initial[k]) for k in initial)
-    loss_sum, n_tokens = pm.forward_backward(mbs)
+    loss_sum, n_tokens = token_mean_step(pm, mbs)
     for p in pm.parameters():
         p.data = p.grad  # gather gradients through the state-dict path
     # numpy arrays: tensors would travel through shared memory that dies with this process
-    grads = {k: v.numpy().copy() for k, v in pm.full_state_dict().items() if not k.endswith("expert_bias")}
+    grads = {k: v.numpy().copy() for k, v in _gathered(pm).items() if not k.endswith("expert_bias")}
     load = pm.expert_load()
     pm.update_expert_bias()
     return loss_sum, n_tokens, grads, load.sum().item()
@@ -120,7 +128,7 @@ def _pipeline_body(rank, world):
     pm = build_parallel_model(cfg, ctx, seed=SEED)
     ids, labels = global_batch(cfg)
     mbs = [{"input_ids": ids[:2], "labels": labels[:2]}, {"input_ids": ids[2:], "labels": labels[2:]}]
-    loss_sum, n_tokens = pm.forward_backward(mbs)
+    loss_sum, n_tokens = token_mean_step(pm, mbs)
     grads = {k: p.grad.numpy().copy() for k, p in pm.named_parameters()}
     return loss_sum, n_tokens, grads, pm.module.layer_numbers
 

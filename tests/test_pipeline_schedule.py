@@ -10,6 +10,7 @@ import torch
 from distributed import run_distributed
 from megatron_vpmoe.config.schema import ModelConfig, ParallelConfig
 from test_parallel import SEED, tiny_cfg
+from engine_loss import token_mean_step
 
 
 def _batch(cfg: ModelConfig, n_seq: int, seq: int = 6, seed: int = 0):
@@ -59,7 +60,7 @@ def _pp_body(rank, world):
         pm.set_recompute(recompute)
         ids, labels = _batch(cfg, 4)
         before = pipeline.STAGES_BUILT[0]
-        loss, _ = pm.forward_backward(_micro_batches(ids, labels, 1))
+        loss, _ = token_mean_step(pm, _micro_batches(ids, labels, 1))
         grads = {k: p.grad.numpy().copy() for k, p in pm.named_parameters()}
         out[name] = (loss, grads, pipeline.STAGES_BUILT[0] - before, float(pm.aux_loss_added()))
     return out
@@ -100,7 +101,7 @@ def _memory_body(rank, world, cfg):
         for n_micro in (2, 8, 8):
             ids, labels = _batch(cfg, n_micro * 2, seq=16, seed=n_micro)
             with SavedActivationMeter(exclude=pm.parameters()) as meter:
-                pm.forward_backward(_micro_batches(ids, labels, 2))
+                token_mean_step(pm, _micro_batches(ids, labels, 2))
             peaks[n_micro] = meter.peak
         out[schedule] = (peaks, pipeline.STAGES_BUILT[0] - before)
     return out

@@ -19,6 +19,7 @@ from megatron_vpmoe.model import moe as moe_mod
 from megatron_vpmoe.model.moe import GroupedExperts, pad_expert_groups
 from test_parallel import global_batch as batch
 from test_parallel import tiny_cfg as parallel_cfg
+from engine_loss import token_mean_step
 
 BF16 = torch.bfloat16
 
@@ -213,7 +214,7 @@ def _expert_parallel_bf16(cfg):
     expert_mod.all_to_all_single = spy
     try:
         with torch.autocast("cpu", dtype=BF16):
-            loss_sum, _ = pm.forward_backward([{"input_ids": ids[half], "labels": labels[half]}])
+            loss_sum, _ = token_mean_step(pm, [{"input_ids": ids[half], "labels": labels[half]}])
     finally:
         expert_mod.all_to_all_single = original
     return {"loss": loss_sum, "sent": sent, "grads_back": grads_back, "grads": _grad_dtypes(pm)}
@@ -228,15 +229,15 @@ def _pipeline_bf16(cfg):
     m, seen = pm.module, []
     original = m.run_layers
 
-    def spy(hidden, positions, v_first=None, cache=None):
-        out = original(hidden, positions, v_first, cache)
+    def spy(hidden, positions, v_first=None, cache=None, layer_numbers=None):
+        out = original(hidden, positions, v_first, cache, layer_numbers=layer_numbers)
         if hidden.device.type != "meta":
             seen.append((str(hidden.dtype), str(v_first.dtype) if v_first is not None else None,
                          str(out[0].dtype), str(out[1].dtype)))
         return out
     m.run_layers = spy
     with torch.autocast("cpu", dtype=BF16):
-        loss_sum, _ = pm.forward_backward(_halves(*batch(cfg)))
+        loss_sum, _ = token_mean_step(pm, _halves(*batch(cfg)))
     return {"loss": loss_sum, "seen": seen, "grads": _grad_dtypes(pm)}
 
 

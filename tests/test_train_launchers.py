@@ -30,6 +30,10 @@ def _check(run_dir, world):
     state = (Path(run_dir) / "checkpoints" / "step_00000004" / "trainer_state.json").read_text()
     assert f'"world_size": {world}' in state
     assert len(list((Path(run_dir) / "checkpoints" / "step_00000004" / "rng").iterdir())) == world
+    for r in records:  # peak memory reduced over every rank: at least rank 0's own, held by a real rank
+        assert 0 <= r["peak_memory_rank_argmax"] < world
+        assert r["peak_memory_mb_max"] >= 0.99 * r["cpu_max_rss_mb"]
+        assert r["tflops_per_gpu"] > 0  # the planner's FLOPs formula over the step time
 
 
 def test_torchrun(tmp_path):

@@ -220,15 +220,18 @@ def test_validation_counts_only_loss_positions(tmp_path):
 
 
 def test_flops_per_token_and_peak_override(monkeypatch):
+    from dataclasses import replace
+
     from megatron_vpmoe.config import ModelConfig
-    from megatron_vpmoe.model.params import count_parameters
+    from megatron_vpmoe.plan.flops import training_flops_per_token
     from megatron_vpmoe.training.metrics import flops_per_token, peak_flops_per_device
 
     cfg = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
                       window_size=8, local_global_pattern=[3, 1], num_moe_experts=8, moe_router_num_groups=1,
                       moe_router_group_topk=1, moe_router_topk=2, vocab_size=100)
-    d_attn = 4 * 16
-    expected = 6 * count_parameters(cfg).active + 6 * d_attn * (8 + 8 + 8 + 32)  # 3 local + 1 global
-    assert flops_per_token(cfg, 32) == expected
+    assert flops_per_token(cfg, 32) == training_flops_per_token(cfg, 32)  # one formula: the planner's
+    untied = replace(cfg, untie_embeddings_and_output_weights=True)
+    # untying adds a head matrix of V x H parameters, but only the head is a matmul: +6 V H, not +12
+    assert flops_per_token(untied, 32) == flops_per_token(cfg, 32)
     monkeypatch.setenv("VPMOE_PEAK_FLOPS", "1e12")
     assert peak_flops_per_device() == 1e12

@@ -356,8 +356,8 @@ class CheckpointConfig:
     dir: Optional[str] = None  # default {run.dir}/checkpoints
     interval: int = 0  # steps between saves; 0 = only at the end / on preemption
     keep_last: int = 3  # older checkpoints are deleted; 0 keeps all
-    async_save: bool = False  # write checkpoints in a background thread
-    load: Optional[str] = "auto"  # "auto" = latest under dir if any; a path; null = never
+    async_save: bool = False  # stage into reused CPU buffers, write in a background thread
+    load: Optional[str] = "auto"  # "auto" = newest intact checkpoint under dir if any; a path; null = never
     load_optimizer: bool = True  # false: load weights only and start a fresh run
 
 

@@ -1,8 +1,9 @@
 """Native checkpoint access for conversion: stream model tensors out of a DCP checkpoint in
 groups, and write a native checkpoint from tensors.
 
-Reading needs no process group and no particular world size: DCP stores every tensor with its
-global shape, so a checkpoint saved at any TP/EP/PP/DP layout reads the same here. Tensors are
+Reading needs no process group and no particular world size: DCP stores every shard with its
+global offset, so a checkpoint saved at any TP/EP/PP/DP layout reads the same here; the
+manifest is verified and nothing is unpickled beyond DCP metadata's allow-list. Tensors are
 loaded a group at a time (``max_bytes`` each), so converting never holds the whole model twice.
 Writing goes through the trainer's :class:`CheckpointManager`, so the result has exactly the
 layout ``vpmoe train`` resumes from and ``vpmoe eval`` reads.
@@ -22,11 +23,13 @@ PREFIX = "model."
 
 def model_tensor_metadata(ckpt: Path) -> Dict[str, Tuple[torch.Size, torch.dtype]]:
     """``{state-dict key: (global shape, dtype)}`` of the model tensors of a DCP checkpoint."""
-    import torch.distributed.checkpoint as dcp
+    from megatron_vpmoe.training.checkpoint import check_integrity
+    from megatron_vpmoe.training.checkpoint_files import read_metadata
 
+    check_integrity(ckpt, distributed=False)
     try:
-        metadata = dcp.FileSystemReader(str(ckpt)).read_metadata()
-    except (OSError, ValueError) as err:
+        metadata = read_metadata(ckpt)
+    except OSError as err:
         raise InputError(f"{ckpt}: cannot read DCP metadata ({err})") from None
     out = {}
     for key, meta in metadata.state_dict_metadata.items():
@@ -54,14 +57,11 @@ def group_by_bytes(meta: Dict[str, Tuple[torch.Size, torch.dtype]], max_bytes: i
 
 def iter_tensor_groups(ckpt: Path, groups: List[List[str]]) -> Iterator[Dict[str, torch.Tensor]]:
     """Load each group of keys from the checkpoint (CPU, no process group), one at a time."""
-    import torch.distributed.checkpoint as dcp
+    from megatron_vpmoe.training.checkpoint import load_tensors
 
     meta = model_tensor_metadata(ckpt)
     for keys in groups:
-        template = {k: torch.empty(meta[k][0], dtype=meta[k][1]) for k in keys}
-        state = {"model": template}
-        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-        yield state["model"]
+        yield load_tensors(ckpt, {k: torch.empty(meta[k][0], dtype=meta[k][1]) for k in keys})
 
 
 def write_native_checkpoint(root: Path, model, step: int, config_text: str, source: str) -> Path:

@@ -1,35 +1,43 @@
 """On-policy distillation (``vpmoe distill onpolicy --config X.yaml``): GRPO-style updates of the
-student from string-level teacher scores.
+student from string-level teacher scores, on the parallel engine.
 
 One step: take ``prompts_per_step`` prompts; sample ``samples_per_prompt`` completions each from
-the current student (KV-cache generation, its own tokenizer); record the sampled tokens'
-log-probs under the sampling policy (old) and the frozen reference; decode to text and have the
-served teacher score the strings (:mod:`scorers`, weighted); turn each group's scores into
+the current student (KV-cache generation through the engine, :mod:`megatron_vpmoe.parallel.generation`,
+its own tokenizer); record the sampled tokens' log-probs under the sampling policy (old) and the
+frozen reference (``forward_only`` through the engine); decode to text and have the served
+teacher score the strings (:mod:`scorers`, weighted); turn each group's scores into
 group-relative advantages; then ``ppo_epochs`` passes of the clipped policy gradient + k3 KL to
-the reference (+ optional NLL anchor on the phase-1 corpus).
+the reference (+ optional NLL anchor on the phase-1 corpus), each one
+``ParallelModel.forward_backward`` with the loss hook below: the engine reduces the gradients
+over the layout and ``grad_norm()`` is the global norm.
+
+Any layout of ``vpmoe train`` (TP/EP/PP/DP; torchrun / SLURM / mpirun, gloo or NCCL; the model
+on the rank's device): each data-parallel replica takes its share of the step's prompts;
+the ranks of one replica (TP/PP peers) sample the same completions, one of them asks the
+teacher and broadcasts the scores. The policy loss is normalised by the global number of
+scored samples, so every layout computes the same loss and gradients. Metrics are reduced over
+the data-parallel replicas and written by rank 0.
 
 The reference is ``distill.onpolicy.reference`` (a checkpoint, normally the phase-1 student)
-or, when unset, the student's weights at the start of the run. Checkpoints (model, optimizer,
-step, RNG) use the trainer's :class:`CheckpointManager`, so a run resumes from
-``checkpoint.dir``. Metrics go to ``{run.dir}/metrics.jsonl`` (mean teacher score, reward
-spread, KL, response length, samples/s, dropped samples) and a sample table of prompts,
-completions and scores to ``{run.dir}/samples.jsonl`` every ``sample_table_interval`` steps.
-Data parallel like ``vpmoe train`` (torchrun / SLURM / mpirun, gloo or NCCL): each rank takes its
-share of the step's prompts, samples and asks the teacher on its own, and the gradients are
-averaged over ranks (one flat all-reduce per update); metrics are reduced over ranks and written by rank 0. No tensor/expert/pipeline split.
+or, when unset, the student's weights at the start of the run (``checkpoint.load``'s weights,
+else the seed's initialisation); it is a second engine model of the same layout, rebuilt the
+same way on resume. Checkpoints (model, optimizer, step, RNG) use the trainer's
+:class:`CheckpointManager`, so a run resumes from ``checkpoint.dir`` (in any layout). Metrics go
+to ``{run.dir}/metrics.jsonl`` (mean teacher score, reward spread, policy loss, KL, response
+length, samples/s, dropped samples) and a sample table of prompts, completions and scores to
+``{run.dir}/samples.jsonl`` every ``sample_table_interval`` steps.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import math
 import time
 from pathlib import Path
 from typing import Optional
 
-from megatron_vpmoe.distill.policy_loss import group_advantages, policy_loss
+from megatron_vpmoe.distill.policy_loss import group_advantages
 from megatron_vpmoe.distill.prompts import load_prompts
 from megatron_vpmoe.distill.scorers import SCORERS, combine
 from megatron_vpmoe.utils.errors import ConfigError
@@ -78,9 +86,10 @@ async def score_groups(cfg_onpolicy, teacher_url: str, groups: list, teacher_tem
 
 
 class OnPolicyTrainer:
-    def __init__(self, cfg, *, quiet: bool = False, anchor_dataset=None):
+    def __init__(self, cfg, *, quiet: bool = False, anchor_dataset=None, tokenizer=None):
         """``anchor_dataset``: items ``{tokens, labels, loss_mask}`` for the NLL anchor (default:
-        the ``data.blend`` shards through the data package) - used when ``nll_anchor_coeff > 0``."""
+        the ``data.blend`` shards through the data package) - used when ``nll_anchor_coeff > 0``.
+        ``tokenizer``: the student's tokenizer (default: loaded from ``data.tokenizer``)."""
         import torch
 
         self.cfg = cfg
@@ -89,7 +98,7 @@ class OnPolicyTrainer:
             raise ConfigError("on-policy distillation needs a teacher server", key="distill.teacher_url")
         if not op.prompts:
             raise ConfigError("give prompt files (jsonl)", key="distill.onpolicy.prompts")
-        if not cfg.data.tokenizer:
+        if tokenizer is None and not cfg.data.tokenizer:
             raise ConfigError("the student's tokenizer directory is needed", key="data.tokenizer")
         if op.samples_per_prompt < 2:
             raise ConfigError("group-relative advantages need >= 2 samples",
@@ -97,83 +106,77 @@ class OnPolicyTrainer:
         for i, s in enumerate(op.scorers):
             if s.kind not in SCORERS:
                 raise ConfigError(f"unknown scorer {s.kind!r}", key=f"distill.onpolicy.scorers[{i}].kind")
+        if op.nll_anchor_coeff < 0:
+            raise ConfigError("must be >= 0", key="distill.onpolicy.nll_anchor_coeff")
         self.quiet = quiet
+        from megatron_vpmoe.parallel import build_parallel_model, init_parallel
+        from megatron_vpmoe.parallel.model import engine_device
         from megatron_vpmoe.training.distributed import init_distributed
 
         info = init_distributed()
         self.rank, self.world_size = info.rank, info.world_size
-        if cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.expert > 1:
-            raise ConfigError("on-policy distillation runs data parallel only; set parallel.tensor, "
-                              "pipeline and expert to 1", key="parallel")
-        if cfg.parallel.distributed_optimizer:
-            raise ConfigError("on-policy distillation keeps the full optimizer on every rank; set it "
-                              "to false", key="parallel.distributed_optimizer")
+        cfg.parallel.validate(cfg.model)
         cfg.parallel.resolve_data(self.world_size)
-        if op.prompts_per_step % self.world_size:
-            raise ConfigError(f"must be divisible by the data-parallel size ({self.world_size})",
+        self.ctx = init_parallel(cfg.parallel)
+        self.dp, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
+        if op.prompts_per_step % self.dp:
+            raise ConfigError(f"must be divisible by the data-parallel size ({self.dp})",
                               key="distill.onpolicy.prompts_per_step")
-        if op.nll_anchor_coeff < 0:
-            raise ConfigError("must be >= 0", key="distill.onpolicy.nll_anchor_coeff")
         self.prompts = load_prompts(op.prompts)
-        from megatron_vpmoe.serve.backends import load_tokenizer_dir
+        if tokenizer is None:
+            from megatron_vpmoe.serve.backends import load_tokenizer_dir
 
-        self.tok = load_tokenizer_dir(cfg.data.tokenizer)
+            tokenizer = load_tokenizer_dir(cfg.data.tokenizer)
+        self.tok = tokenizer
         specials = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")
         unk = self.tok.unk_token_id
         self.harmony = all(self.tok.convert_tokens_to_ids(t) not in (None, unk) for t in specials)
         stops = ["<|return|>"] if self.harmony else []
         stop_ids = [self.tok.convert_tokens_to_ids(t) for t in stops]
-        eos = stop_ids[0] if stop_ids else self.tok.eos_token_id
-        self.eos_id = eos
-        torch.manual_seed(cfg.run.seed)
-        from megatron_vpmoe.model import VpmoeModel
+        self.eos_id = stop_ids[0] if stop_ids else self.tok.eos_token_id
         from megatron_vpmoe.training.checkpoint import CheckpointManager, latest_checkpoint
         from megatron_vpmoe.training.optimizer import build_optimizer
 
-        self.model = VpmoeModel(cfg.model)  # the plain module (generation, checkpoints)
-        self.optimizer = build_optimizer(self.model, cfg.train.optimizer)
+        self.device = engine_device()
+        # the student and the frozen reference: engine models of one layout, both initialised
+        # from the seed (the reference is the student's start unless loaded below)
+        self.pm = build_parallel_model(cfg.model, self.ctx, seed=cfg.run.seed)
+        self.pm.module.to(self.device)
+        self.reference = build_parallel_model(cfg.model, self.ctx, seed=cfg.run.seed)
+        self.reference.module.to(self.device)
+        self.reference.train(False)
+        self.reference.module.requires_grad_(False)
+        self.optimizer = build_optimizer(self.pm.module, cfg.train.optimizer)
+        if cfg.parallel.distributed_optimizer:  # ZeRO-1, as in `vpmoe train`
+            from megatron_vpmoe.parallel.zero import DistributedOptimizer
+
+            self.optimizer = DistributedOptimizer(self.optimizer, self.pm.module, self.ctx.dp_group,
+                                                  self.ctx.expert_dp_group)
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
         self.step = 0
         load = cfg.checkpoint.load
+        start = load if load not in (None, "auto") else None  # the phase-1 student
         # this run's own latest checkpoint wins (resume); else ``checkpoint.load`` names the
-        # phase-1 student to start from
+        # phase-1 student to start from (weights only)
         resume = latest_checkpoint(cfg.checkpoint_dir) if load is not None else None
+        ref_path = op.reference or start
+        if ref_path:
+            self.ckpt.load(ref_path, self.reference, None, load_optimizer=False, restore_rng_state=False)
         if resume is not None:  # our own run: model, optimizer, step, RNG
-            state = self.ckpt.load(resume, self.model, self.optimizer)
+            state = self.ckpt.load(resume, self.pm, self.optimizer)
             self.step = int(state["step"])
-        elif load not in (None, "auto"):  # the phase-1 student: weights only
-            self._load_weights(self.model, load)
-        self.reference = copy.deepcopy(self.model)
-        if op.reference:
-            self._load_weights(self.reference, op.reference)
-        elif resume is not None:
-            ref_path = Path(cfg.checkpoint_dir) / "reference.pt"
-            self.reference.load_state_dict(torch.load(ref_path, weights_only=True))
-        self.reference.eval().requires_grad_(False)
-        if resume is None and not op.reference and self.rank == 0:
-            from megatron_vpmoe.utils.atomic import atomic_file
-
-            with atomic_file(Path(cfg.checkpoint_dir) / "reference.pt", "wb") as f:
-                torch.save(self.reference.state_dict(), f)
-        if self.world_size > 1:  # every rank starts from rank 0's weights
-            import torch.distributed as dist
-
-            for t in self.model.state_dict().values():
-                dist.broadcast(t, src=0)
+        elif start is not None:
+            self.ckpt.load(start, self.pm, self.optimizer, load_optimizer=False, restore_rng_state=False)
         self.anchor = None
         if op.nll_anchor_coeff > 0:
             self.anchor = anchor_dataset if anchor_dataset is not None else self._phase1_dataset()
             from megatron_vpmoe.training.batches import GlobalBatchSampler
+            from megatron_vpmoe.training.loss import LossWeights
 
-            self.anchor_sampler = GlobalBatchSampler(
-                len(self.anchor), cfg.train.micro_batch_size * self.world_size,
-                cfg.train.micro_batch_size, self.rank, self.world_size)
-
-    @staticmethod
-    def _load_weights(model, path: str) -> None:
-        from megatron_vpmoe.training.checkpoint import load_model_state_dict
-
-        model.load_state_dict(load_model_state_dict(path))
+            mbs = cfg.train.micro_batch_size
+            self.anchor_sampler = GlobalBatchSampler(len(self.anchor), mbs * self.dp, mbs,
+                                                     self.dp_rank, self.dp)
+            self.loss_weights = LossWeights.from_config(cfg.distill)
 
     def _phase1_dataset(self):
         try:
@@ -185,79 +188,165 @@ class OnPolicyTrainer:
         cfg = self.cfg
         train, _valid, _test = build_datasets(
             cfg.data, seed=cfg.run.seed, num_samples=cfg.train.steps * cfg.train.micro_batch_size
-            * self.world_size, eod_id=self.tok.eos_token_id or 0,
+            * self.dp, eod_id=self.tok.eos_token_id or 0,
             pad_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0),
             cache_dir=cfg.data.cache_dir or str(Path(cfg.run.dir) / "data_cache"))
         return train
 
-    def _anchor_loss(self):
-        """Role-aware NLL (the trainer's objective: span-normalised assistant spans, plain text)
-        on this rank's micro-batch of phase-1 data for the current step."""
-        from megatron_vpmoe.training.batches import collate
-        from megatron_vpmoe.training.loss import (
-            LossWeights, role_coefficients, role_counts, roles_from_loss_mask)
+    # -- collectives over this layout ------------------------------------------------------
+    def _dp_sum(self, t):
+        """Sum over the data-parallel replicas (TP/PP peers hold the same samples)."""
+        if self.dp > 1:
+            import torch.distributed as dist
 
-        idx = self.anchor_sampler.micro_batches(self.step)[0]
-        mb = collate([self.anchor[i] for i in idx])
-        roles = roles_from_loss_mask(mb["loss_mask"])
-        coef = role_coefficients(role_counts(roles), LossWeights.from_config(self.cfg.distill))
-        labels = mb["labels"].masked_fill(roles == 0, -100)
-        per_token = self.model(mb["tokens"], labels=labels)
-        return (per_token.double() * coef[roles]).sum().float()
+            dist.all_reduce(t, group=self.ctx.dp_group)
+        return t
 
-    def _average_gradients(self) -> None:
-        if self.world_size == 1:
-            return
+    def _all_reduce(self, values: list) -> list:
+        """Sums over data-parallel replicas (the values themselves in one replica)."""
         import torch
+
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        return self._dp_sum(t).tolist()
+
+    def _share_in_replica(self, obj):
+        """``obj`` of the replica's first rank (tp_rank 0 on pipeline stage 0) on every TP/PP peer."""
         import torch.distributed as dist
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for size, group in ((self.ctx.pp, self.ctx.pp_group), (self.ctx.tp, self.ctx.tp_group)):
+            if size > 1:
+                box = [obj]
+                dist.broadcast_object_list(box, group=group, group_src=0)
+                obj = box[0]
+        return obj
 
     # one step -----------------------------------------------------------------------------
-    def _rollouts(self, batch):
+    def _generate(self, rows):
+        """This replica's completions of ``rows`` (token ids), sampled through the engine."""
         import torch
 
-        from megatron_vpmoe.model.generation import generate, sequence_logprobs
+        from megatron_vpmoe.parallel.generation import generate
 
         op = self.cfg.distill.onpolicy
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 100_003 + self.step)
+        return generate(self.pm, rows, op.max_new_tokens, temperature=op.temperature,
+                        top_p=op.top_p, eos_id=self.eos_id, generator=gen)
+
+    def _rollouts(self, batch):
+        op = self.cfg.distill.onpolicy
         prompt_ids = [self.tok.encode(student_prompt(p.messages, self.harmony), add_special_tokens=False)
                       for p in batch]
         rows = [ids for ids in prompt_ids for _ in range(op.samples_per_prompt)]
-        outs = generate(self.model, rows, op.max_new_tokens, temperature=op.temperature,
-                        top_p=op.top_p, eos_id=self.eos_id, generator=gen)
-        outs = [o if o else [self.eos_id] for o in outs]  # at least one token to score
+        outs = [o if o else [self.eos_id] for o in self._generate(rows)]  # at least one token to score
         seqs = [p + o for p, o in zip(rows, outs)]
         starts = [len(p) for p in rows]
-        old = sequence_logprobs(self.model, seqs, starts)
-        ref = sequence_logprobs(self.reference, seqs, starts)
         texts = [self.tok.decode([t for t in o if t != self.eos_id], skip_special_tokens=False)
                  for o in outs]
-        return seqs, starts, old, ref, texts
+        return seqs, starts, texts
 
-    def _pad(self, seqs, starts, *values):
+    def _score(self, batch, texts):
+        """Teacher scores per group (asked once per replica) and the per-scorer means."""
+        cfg, op = self.cfg, self.cfg.distill.onpolicy
+        result = None
+        if self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0:
+            k = op.samples_per_prompt
+            groups = [(p.messages, p.reference,
+                       [student_answer(t, self.harmony) for t in texts[g * k:(g + 1) * k]])
+                      for g, p in enumerate(batch)]
+            result = asyncio.run(score_groups(op, cfg.distill.teacher_url, groups, op.teacher_prompt))
+        return self._share_in_replica(result)
+
+    def _micro_batches(self, seqs, starts, advantages) -> tuple:
+        """The samples as engine micro-batches of ``train.micro_batch_size`` rows, all of one
+        shape (the pipeline's requirement): ``input_ids``/``labels`` (the sampled tokens, -100
+        outside completions), ``mask``, ``adv`` and ``weight`` (0: a dropped sample or padding);
+        and their sequence length."""
         import torch
 
+        mbs = self.cfg.train.micro_batch_size
         width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width - 1)
-        out = [torch.zeros(len(seqs), width - 1) for _ in values]
+        if self.anchor is not None:
+            width = max(width, self.cfg.data.seq_length + 1)
+        width = -(-width // 16) * 16 + 1  # few distinct shapes (the pipeline builds one per shape)
+        n = -(-len(seqs) // mbs) * mbs
+        ids = torch.zeros(n, width, dtype=torch.long)
+        mask = torch.zeros(n, width - 1)
+        adv = torch.zeros(n)
+        weight = torch.zeros(n)
         for i, (s, st) in enumerate(zip(seqs, starts)):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, st - 1: len(s) - 1] = 1
-            for v, t in zip(values, out):
-                t[i, st - 1: len(s) - 1] = torch.tensor(v[i])
-        return ids, mask, out
+            if advantages[i] is not None:
+                adv[i], weight[i] = advantages[i], 1.0
+        labels = ids[:, 1:].masked_fill(mask == 0, -100)
+        out = []
+        for j in range(0, n, mbs):
+            part = slice(j, j + mbs)
+            out.append({k: v.to(self.device) for k, v in {
+                "input_ids": ids[part, :-1], "labels": labels[part], "mask": mask[part],
+                "adv": adv[part], "weight": weight[part]}.items()})
+        return out, width - 1
+
+    def _anchor_batch(self, width: int) -> dict:
+        """This rank's micro-batch of phase-1 data for the current step, padded to ``width``."""
+        import torch
+
+        from megatron_vpmoe.training.batches import collate
+        from megatron_vpmoe.training.loss import roles_from_loss_mask
+
+        idx = self.anchor_sampler.micro_batches(self.step)[0]
+        mb = collate([self.anchor[i] for i in idx])
+        pad = width - mb["tokens"].shape[1]
+        roles = roles_from_loss_mask(mb["loss_mask"])
+        labels = mb["labels"].masked_fill(roles == 0, -100)
+        ids = torch.nn.functional.pad(mb["tokens"], (0, pad))
+        labels = torch.nn.functional.pad(labels, (0, pad), value=-100)
+        roles = torch.nn.functional.pad(roles, (0, pad))
+        return {"input_ids": ids.to(self.device), "labels": labels.to(self.device),
+                "roles": roles.to(self.device), "anchor": True}
+
+    def _logprobs(self, pm, micro_batches, key: str) -> None:
+        """Puts the sampled tokens' log-probs under ``pm`` into ``mb[key]`` (on the last stage)."""
+        import torch
+
+        def capture(per_token, mb):
+            mb[key] = -per_token.detach().float()
+            return per_token.sum(), torch.zeros(1, dtype=torch.float64, device=per_token.device)
+
+        was_training = pm.module.training
+        pm.train(False)
+        try:
+            pm.forward_only(micro_batches, capture)
+        finally:
+            pm.train(was_training)
+
+    def _loss_hook(self, n_scored: float, anchor_objective):
+        """The engine's loss hook: the policy loss of a micro-batch's share of the global batch
+        (sum over its scored samples / ``n_scored``), or ``nll_anchor_coeff`` x the role-aware
+        NLL (the trainer's :class:`Objective`) for the anchor micro-batch. Stats (summed over
+        micro-batches and ranks): ``[policy loss, pg, kl, clipped tokens, tokens, anchor nll]``."""
+        import torch
+
+        from megatron_vpmoe.distill.policy_loss import sequence_terms
+
+        op = self.cfg.distill.onpolicy
+
+        def hook(per_token, mb):
+            stats = torch.zeros(6, dtype=torch.float64, device=per_token.device)
+            if mb.get("anchor"):
+                loss, nll = anchor_objective(per_token.float(), mb["roles"])
+                stats[5] = nll
+                return op.nll_anchor_coeff * loss, stats
+            terms = sequence_terms(-per_token.float(), mb["old"], mb["ref"], mb["adv"], mb["mask"],
+                                   clip_eps=op.clip_eps, kl_coeff=op.kl_coeff)
+            w = mb["weight"]
+            loss = (terms["loss"] * w).sum() / max(n_scored, 1.0)
+            stats[0] = loss.detach()
+            for i, name in enumerate(("pg", "kl", "clipped", "tokens"), start=1):
+                stats[i] = (terms[name] * w).sum()
+            return loss, stats
+
+        return hook
 
     def train_step(self) -> dict:
         import torch
@@ -268,77 +357,60 @@ class OnPolicyTrainer:
         cfg, op = self.cfg, self.cfg.distill.onpolicy
         t0 = time.perf_counter()
         n = len(self.prompts)
-        per_rank = op.prompts_per_step // self.world_size
-        first = self.step * op.prompts_per_step + self.rank * per_rank
+        per_rank = op.prompts_per_step // self.dp
+        first = self.step * op.prompts_per_step + self.dp_rank * per_rank
         batch = [self.prompts[(first + i) % n] for i in range(per_rank)]
-        seqs, starts, old, ref, texts = self._rollouts(batch)
-        k = op.samples_per_prompt
-        groups = [(p.messages, p.reference,
-                   [student_answer(t, self.harmony) for t in texts[g * k:(g + 1) * k]])
-                  for g, p in enumerate(batch)]
-        scores, by_kind = asyncio.run(score_groups(op, cfg.distill.teacher_url, groups,
-                                                   op.teacher_prompt))
+        seqs, starts, texts = self._rollouts(batch)
+        scores, by_kind = self._score(batch, texts)
         adv = [a for group in scores for a in group_advantages(group)]
-        keep = [i for i, a in enumerate(adv) if a is not None]
-        dropped = len(adv) - len(keep)
-        stats = {"pg": 0.0, "kl": 0.0, "clip_fraction": 0.0}
+        micro, width = self._micro_batches(seqs, starts, adv)
+        self._logprobs(self.pm, micro, "old")
+        self._logprobs(self.reference, micro, "ref")
+        n_scored = float(self._dp_sum(torch.tensor([float(sum(a is not None for a in adv))],
+                                                   dtype=torch.float64, device=self.device))[0])
+        anchor_objective = None
+        if self.anchor is not None:
+            from megatron_vpmoe.training.loss import Objective, role_counts
+
+            anchor_mb = self._anchor_batch(width)
+            micro = micro + [anchor_mb]
+            anchor_objective = Objective(self._dp_sum(role_counts(anchor_mb["roles"]).to(self.device)),
+                                         self.loss_weights)
+        stats = torch.zeros(6, dtype=torch.float64)
         grad_norm = 0.0
-        # every rank runs the update (gradients are averaged over ranks); a rank whose samples
-        # were all dropped contributes a zero policy loss over its rows
-        rows = keep or list(range(len(adv)))
-        ids, mask, (old_t, ref_t) = self._pad([seqs[i] for i in rows], [starts[i] for i in rows],
-                                              [old[i] for i in rows], [ref[i] for i in rows])
-        advantages = torch.tensor([adv[i] if adv[i] is not None else 0.0 for i in rows])
         set_learning_rate(self.optimizer, learning_rate(self.step, cfg.train))
-        self.model.train()
-        for _ in range(max(1, op.ppo_epochs)):
-            logits = self.model(ids[:, :-1]).float()
-            new = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            loss, stats = policy_loss(new, old_t, ref_t, advantages, mask,
-                                      clip_eps=op.clip_eps, kl_coeff=op.kl_coeff)
-            total = loss if keep else loss * 0.0
-            if self.anchor is not None:
-                anchor = self._anchor_loss()
-                stats["anchor_nll"] = float(anchor.detach())
-                total = total + op.nll_anchor_coeff * anchor
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self._average_gradients()
-            grad_norm = clip_gradients(self.model.parameters(), cfg.train.optimizer.clip_grad)
-            if math.isfinite(grad_norm):
-                self.optimizer.step()
+        self.pm.train(True)
+        # nothing scored and no anchor: no loss to learn from (every rank agrees: n_scored is global)
+        if n_scored > 0 or self.anchor is not None:
+            for _ in range(max(1, op.ppo_epochs)):
+                stats = self.pm.forward_backward(micro, self._loss_hook(n_scored, anchor_objective)).cpu()
+                grad_norm = clip_gradients(self.pm.parameters(), cfg.train.optimizer.clip_grad,
+                                           total_norm=self.pm.grad_norm())
+                if math.isfinite(grad_norm):
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.pm.reset_expert_counters()
         self.step += 1
         valid = [s for group in scores for s in group if s is not None]
         spreads = [_std([s for s in g if s is not None]) for g in scores]
-        has = 1.0 if keep else 0.0
-        totals = self._all_reduce([
-            sum(valid), len(valid), sum(spreads), len(spreads), has * stats["kl"],
-            has * stats["pg"], has * stats["clip_fraction"], has, dropped,
-            sum(len(s) - st for s, st in zip(seqs, starts)), len(seqs)])
-        (score_sum, n_valid, spread_sum, n_groups, kl_sum, pg_sum, clip_sum, n_upd, dropped_all,
-         resp_tokens, n_seqs) = totals
+        dropped = len(adv) - sum(a is not None for a in adv)
+        totals = self._all_reduce([sum(valid), len(valid), sum(spreads), len(spreads), dropped,
+                                   sum(len(s) - st for s, st in zip(seqs, starts)), len(seqs)])
+        score_sum, n_valid, spread_sum, n_groups, dropped_all, resp_tokens, n_seqs = totals
         secs = time.perf_counter() - t0
+        per_sample = max(n_scored, 1.0)
         record = {"step": self.step, "kind": "onpolicy",
                   "teacher_score": score_sum / n_valid if n_valid else float("nan"),
-                  "reward_spread": spread_sum / max(n_groups, 1), "kl": kl_sum / max(n_upd, 1),
-                  "pg": pg_sum / max(n_upd, 1), "clip_fraction": clip_sum / max(n_upd, 1),
+                  "reward_spread": spread_sum / max(n_groups, 1),
+                  "policy_loss": float(stats[0]), "pg": float(stats[1]) / per_sample,
+                  "kl": float(stats[2]) / per_sample,
+                  "clip_fraction": float(stats[3]) / max(float(stats[4]), 1.0),
                   "grad_norm": grad_norm, "response_tokens": resp_tokens / n_seqs,
                   "samples_per_s": n_seqs / secs, "dropped": int(dropped_all), **by_kind}
-        if "anchor_nll" in stats:
-            record["anchor_nll"] = self._all_reduce([stats["anchor_nll"]])[0] / self.world_size
+        if self.anchor is not None:
+            record["anchor_nll"] = float(stats[5])
         self._last = (batch, texts, scores)
         return record
-
-    def _all_reduce(self, values: list) -> list:
-        """Sums over data-parallel ranks (the values themselves in one process)."""
-        if self.world_size == 1:
-            return [float(v) for v in values]
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.tolist()
 
     def _sample_table(self) -> list:
         batch, texts, scores = self._last
@@ -373,7 +445,7 @@ class OnPolicyTrainer:
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
             last = self.step == cfg.train.steps
             if last or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
-                self.ckpt.save(self.step, self.model, self.optimizer, {"kind": "onpolicy"},
+                self.ckpt.save(self.step, self.pm, self.optimizer, {"kind": "onpolicy"},
                                config_text=dump_config(cfg))
         bar.close()
         return history

@@ -57,25 +57,35 @@ def clipped_pg(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch
     return -torch.minimum(unclipped, clipped)
 
 
+def sequence_terms(logp_new: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor,
+                   advantages: torch.Tensor, mask: torch.Tensor, *, clip_eps: float,
+                   kl_coeff: float) -> dict:
+    """Per-sample ``[B]`` terms: ``loss`` (token mean of ``pg + beta kl``), ``pg``, ``kl`` (token
+    means), ``clipped`` (count of tokens whose ratio left the clip range) and ``tokens``. The
+    engine's loss hook weights and sums them over micro-batches and ranks."""
+    mask = mask.to(logp_new.dtype)
+    tokens = mask.sum(1)
+    per_seq_tokens = tokens.clamp(min=1)
+    pg = clipped_pg(logp_new, logp_old, advantages[:, None], clip_eps)
+    kl = k3_kl(logp_new, logp_ref)
+    loss = ((pg + kl_coeff * kl) * mask).sum(1) / per_seq_tokens
+    with torch.no_grad():
+        ratio = torch.exp(logp_new - logp_old)
+        clipped = (((ratio - 1).abs() > clip_eps).to(mask.dtype) * mask).sum(1)
+        return {"loss": loss, "pg": (pg * mask).sum(1) / per_seq_tokens,
+                "kl": (kl * mask).sum(1) / per_seq_tokens, "clipped": clipped, "tokens": tokens}
+
+
 def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor,
                 advantages: torch.Tensor, mask: torch.Tensor, *, clip_eps: float,
                 kl_coeff: float) -> tuple[torch.Tensor, dict]:
     """``[B, T]`` per-token log-probs of the sampled tokens, ``advantages [B]``, ``mask [B, T]``
-    (1 on completion tokens). Returns the loss and detached statistics."""
-    mask = mask.to(logp_new.dtype)
-    per_seq_tokens = mask.sum(1).clamp(min=1)
-    pg = clipped_pg(logp_new, logp_old, advantages[:, None], clip_eps)
-    kl = k3_kl(logp_new, logp_ref)
-    per_token = pg + kl_coeff * kl
-    loss = ((per_token * mask).sum(1) / per_seq_tokens).mean()
-    with torch.no_grad():
-        ratio = torch.exp(logp_new - logp_old)
-        clipped = ((ratio - 1).abs() > clip_eps).to(mask.dtype)
-        n = mask.sum().clamp(min=1)
-        stats = {"pg": float(((pg * mask).sum(1) / per_seq_tokens).mean()),
-                 "kl": float(((kl * mask).sum(1) / per_seq_tokens).mean()),
-                 "clip_fraction": float((clipped * mask).sum() / n)}
-    return loss, stats
+    (1 on completion tokens). Returns the loss (mean over samples) and detached statistics."""
+    t = sequence_terms(logp_new, logp_old, logp_ref, advantages, mask, clip_eps=clip_eps,
+                       kl_coeff=kl_coeff)
+    stats = {"pg": float(t["pg"].mean()), "kl": float(t["kl"].mean()),
+             "clip_fraction": float(t["clipped"].sum() / t["tokens"].sum().clamp(min=1))}
+    return t["loss"].mean(), stats
 
 
 def per_byte(total_logprob: float, text: str) -> float:

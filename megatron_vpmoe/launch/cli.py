@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slurm.add_argument("--signal-seconds", type=int, default=120,
                        help="SLURM sends USR1 this long before the time limit (checkpoint + requeue)")
     slurm.add_argument("--dry-run", action="store_true", help="print the script, do not submit")
+    slurm.add_argument("--gpu", default="h100-80gb", help="GPU spec for the pre-submit plan (see vpmoe plan)")
+    slurm.add_argument("--force", action="store_true", help="submit even if the plan predicts it does not fit")
     slurm.set_defaults(func=_slurm)
 
     local = sub.add_parser("local", help="torchrun on this host",
@@ -58,14 +61,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _slurm(args: argparse.Namespace) -> int:
+    from megatron_vpmoe.launch.plan_gate import plan_gate
     from megatron_vpmoe.launch.slurm import SlurmJob, write_and_submit
 
+    summary = plan_gate(args.config, args.overrides, args.nodes, args.gpus_per_node, args.gpu, args.force,
+                        write=not args.dry_run)
     job = SlurmJob(config=args.config, overrides=args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                    ntasks_per_node=args.ntasks_per_node, cpus_per_task=args.cpus_per_task,
                    partition=args.partition, account=args.account, qos=args.qos, time=args.time,
                    job_name=args.job_name, container_image=args.container_image, env=args.env,
                    signal_seconds=args.signal_seconds)
-    write_and_submit(job, dry_run=args.dry_run)
+    planned = summary and not summary[0].startswith("vpmoe plan: not planned")
+    out = sys.stderr if args.dry_run else sys.stdout
+    if planned:
+        print("\n".join(summary), file=out, flush=True)
+    write_and_submit(job, dry_run=args.dry_run)  # reports its own layout errors first
+    if summary and not planned:
+        print(summary[0], file=out, flush=True)
     return 0
 
 

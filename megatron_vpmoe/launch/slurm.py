@@ -132,6 +132,7 @@ def render_sbatch(job: SlurmJob) -> tuple[str, str, str]:
         log_file=_q(f"{run_dir / 'logs'}/%x-%j.out"), signal_seconds=job.signal_seconds,
         workdir=_q(workdir), env_exports="\n".join(exports), omp_threads=cpus,
         requeue_marker=_q(run_dir / "REQUEUE"), requeue_exit_code=EXIT_REQUEUE, srun_extra=srun_extra,
+        plan_file=_q(run_dir / "launch" / "plan.txt"),
         train_command=" ".join(_q(a) for a in train))
     try:
         return template.substitute(values), str(run_dir), name

@@ -19,7 +19,7 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float,
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
             generator: Optional[torch.Generator]) -> torch.Tensor:
     """``logits [B, V]`` -> token ids ``[B]``; greedy when ``temperature == 0``."""
     if temperature <= 0:
@@ -35,14 +35,14 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float,
     return choice.squeeze(1).to(logits.device)
 
 
-def _by_length(items: List[List[int]]) -> Dict[int, List[int]]:
+def by_length(items: List[List[int]]) -> Dict[int, List[int]]:
     groups: Dict[int, List[int]] = defaultdict(list)
     for i, seq in enumerate(items):
         groups[len(seq)].append(i)
     return groups
 
 
-def _check_tokens(seqs: List[List[int]], vocab: int, what: str) -> None:
+def check_tokens(seqs: List[List[int]], vocab: int, what: str) -> None:
     for i, seq in enumerate(seqs):
         if not seq:
             raise ValueError(f"{what}[{i}] is empty")
@@ -62,7 +62,7 @@ def _generate_group(model, prompts: List[List[int]], max_new_tokens, temperature
     alive = torch.arange(len(prompts), device=device)  # original row of each cache row
     outputs: List[List[int]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
-        nxt = _sample(logits, temperature, top_p, generator)
+        nxt = sample_tokens(logits, temperature, top_p, generator)
         for row, tok in zip(alive.tolist(), nxt.tolist()):
             outputs[row].append(tok)
         if eos_id is not None:
@@ -84,14 +84,14 @@ def generate(model, prompts: List[List[int]], max_new_tokens: int, temperature: 
              generator: Optional[torch.Generator] = None) -> List[List[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns the new tokens only
     (a sequence stops after emitting ``eos_id``, which is included)."""
-    _check_tokens(prompts, model.cfg.vocab_size, "prompts")
+    check_tokens(prompts, model.cfg.vocab_size, "prompts")
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     was_training = model.training
     model.eval()
     try:
         results: List[List[int]] = [[] for _ in prompts]
-        for _, rows in sorted(_by_length(prompts).items()):
+        for _, rows in sorted(by_length(prompts).items()):
             outs = _generate_group(model, [prompts[r] for r in rows], max_new_tokens, temperature,
                                    top_p, eos_id, generator)
             for r, out in zip(rows, outs):
@@ -106,7 +106,7 @@ def sequence_logprobs(model, sequences: List[List[int]], starts: List[int]) -> L
     """``log p(seq[t] | seq[:t])`` for ``t`` in ``[starts[i], len(seq))`` (``starts[i] >= 1``)."""
     if len(sequences) != len(starts):
         raise ValueError(f"{len(sequences)} sequences but {len(starts)} starts")
-    _check_tokens(sequences, model.cfg.vocab_size, "sequences")
+    check_tokens(sequences, model.cfg.vocab_size, "sequences")
     for i, (seq, start) in enumerate(zip(sequences, starts)):
         if not 1 <= start <= len(seq):
             raise ValueError(f"starts[{i}] = {start} must be between 1 and len(sequence) = {len(seq)}")
@@ -115,7 +115,7 @@ def sequence_logprobs(model, sequences: List[List[int]], starts: List[int]) -> L
     try:
         device = _device(model)
         results: List[List[float]] = [[] for _ in sequences]
-        for length, rows in _by_length(sequences).items():
+        for length, rows in by_length(sequences).items():
             if length == 1:
                 continue  # nothing to score
             ids = torch.tensor([sequences[r] for r in rows], dtype=torch.long, device=device)

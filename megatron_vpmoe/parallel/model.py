@@ -11,7 +11,8 @@ to a rank's own heads (``tensor_parallel_partial_grad``), summed over the TP gro
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+import functools
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -85,44 +86,25 @@ class ParallelModel:
         return self
 
     # -- one training step's forward and backward --------------------------------------------
-    def forward_backward(self, micro_batches: List[Dict], loss_fn: Optional[LossFn] = None):
+    def forward_backward(self, micro_batches: List[Dict], loss_fn: LossFn):
         """Forward+backward over this rank's micro-batches, gradients reduced over the layout.
 
-        Without ``loss_fn``: the token-mean objective ``sum(token losses of the global batch) /
-        global token count`` (+ aux loss averaged over micro-batches and DP ranks); returns
-        ``(loss_sum, n_tokens)`` over the global batch (floats, on every rank).
-
-        With ``loss_fn(per_token_loss [b, S], micro_batch) -> (loss, stats)``: ``loss`` is the
-        micro-batch's share of the language-model objective (backpropagated as is) and ``stats``
-        a 1-D float64 tensor; returns
-        the stats summed over micro-batches, pipeline stages and data-parallel ranks (the same
-        on every rank). Works in every layout; under PP it runs on the last stage, once per
-        micro-batch in order.
+        ``loss_fn(per_token_loss [b, S], micro_batch) -> (loss, stats)``: ``loss`` is the
+        micro-batch's share of the caller's objective (backpropagated as is; the trainer's
+        role-aware objective, the on-policy update's policy loss) and ``stats`` a 1-D float64
+        tensor; returns the stats summed over micro-batches, pipeline stages and data-parallel
+        ranks (the same on every rank). Works in every layout; under PP it runs on the last
+        stage, once per micro-batch in order.
 
         The MoE aux loss (``moe_aux_loss_coeff > 0``) is added in every layout by the MoE layers
         themselves, averaged over micro-batches and DP ranks, through backward (so it reaches
         every pipeline stage); :meth:`aux_loss_added` reads what was added."""
-        if loss_fn is not None:
-            return self._run(micro_batches, loss_fn, backward=True)
-        n_tokens = self._global_token_count(micro_batches)
-
-        def token_mean(per_token, mb):
-            summed = per_token.sum()
-            return summed / n_tokens, summed.detach().double().view(1)
-
-        stats = self._run(micro_batches, token_mean, backward=True)
-        return float(stats[0]), n_tokens
+        return self._run(micro_batches, loss_fn, backward=True)
 
     @torch.no_grad()
     def forward_only(self, micro_batches: List[Dict], loss_fn: LossFn) -> torch.Tensor:
         """Like ``forward_backward(micro_batches, loss_fn)`` without gradients (validation)."""
         return self._run(micro_batches, loss_fn, backward=False)
-
-    def _global_token_count(self, micro_batches: List[Dict]) -> float:
-        total = torch.tensor([float(sum(int((mb["labels"] != -100).sum()) for mb in micro_batches))])
-        if self.ctx.dp > 1:
-            dist.all_reduce(total, group=self.ctx.dp_group)
-        return max(float(total), 1.0)
 
     def _run(self, micro_batches: List[Dict], loss_fn: LossFn, backward: bool) -> torch.Tensor:
         ctx = self.ctx
@@ -271,26 +253,58 @@ class ParallelModel:
                 buf.zero_()
 
     # -- state dicts in single-process keys and shapes (reshard across layouts) ---------------
-    def to_full(self, key: str, value: torch.Tensor) -> torch.Tensor:
-        """The single-process tensor of parameter ``key`` from this rank's shard ``value``
-        (a weight, or optimizer state of the weight's shape); other tensors as they are."""
-        p = self._params().get(key)
-        if p is not None and value.shape == p.shape:
-            if getattr(p, "expert_parallel", False) and self.ctx.ep > 1:
-                return _gather(value, 0, self.ctx.ep, self.ctx.ep_group)
-            if getattr(p, "tensor_model_parallel", False) and self.ctx.tp > 1:
-                return _gather(value, p.partition_dim, self.ctx.tp, self.ctx.tp_group)
-        return value.clone()
+    def shard_spec(self, key: str) -> Optional[Tuple[int, Any]]:
+        """How this rank's parameter ``key`` (and optimizer state of its shape) is split:
+        ``(dim, group)`` when it is one of ``group``'s equal slices along ``dim`` (routed experts
+        over the EP group along dim 0, TP-split weights over the TP group along their
+        ``partition_dim``); None when this rank holds the whole tensor."""
+        p = self._params.get(key)
+        if p is None:
+            return None
+        if getattr(p, "expert_parallel", False) and self.ctx.ep > 1:
+            return 0, self.ctx.ep_group
+        if getattr(p, "tensor_model_parallel", False) and self.ctx.tp > 1:
+            return p.partition_dim, self.ctx.tp_group
+        return None
+
+    def as_sharded(self, key: str, local: torch.Tensor) -> torch.Tensor:
+        """``local`` (this rank's shard of parameter ``key``, or optimizer state of its shape)
+        as a DTensor with the global shape, sharing ``local``'s storage (no copy, no
+        communication); other tensors as they are."""
+        spec = self.shard_spec(key)
+        if spec is None or local.shape != self._params[key].shape:
+            return local
+        from torch.distributed.tensor import DTensor, Shard
+
+        dim, group = spec
+        shape = list(local.shape)
+        shape[dim] *= dist.get_world_size(group)
+        return DTensor.from_local(local, self._mesh(group, local.device.type), [Shard(dim)], run_check=False,
+                                  shape=torch.Size(shape), stride=_contiguous_stride(shape))
+
+    def sharded_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The module's state at single-process keys: sharded tensors as DTensors (:meth:`as_sharded`)."""
+        return {key: self.as_sharded(key, value) for key, value in self.module.state_dict().items()
+                if not key.endswith("_extra_state")}
 
     def to_local(self, key: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the single-process tensor ``full`` of parameter ``key``."""
-        p = self._params().get(key)
+        p = self._params.get(key)
         if p is None or full.dim() == 0:
             return full
         return _split(full, p, self.ctx, self.cfg.num_moe_experts)
 
+    @functools.cached_property
     def _params(self) -> Dict[str, torch.Tensor]:
         return dict(self.module.named_parameters())
+
+    def _mesh(self, group, device_type: str):
+        from torch.distributed.device_mesh import DeviceMesh
+
+        meshes = self.__dict__.setdefault("_meshes", {})
+        if (group, device_type) not in meshes:
+            meshes[group, device_type] = DeviceMesh.from_group(group, device_type)
+        return meshes[group, device_type]
 
     @torch.no_grad()
     def load_full_state_dict(self, full: Dict[str, torch.Tensor]) -> None:
@@ -304,16 +318,13 @@ class ParallelModel:
             local[key] = self.to_local(key, full[key])
         self.module.load_state_dict(local)
 
-    @torch.no_grad()
-    def full_state_dict(self) -> Dict[str, torch.Tensor]:
-        return {key: self.to_full(key, value) for key, value in self.module.state_dict().items()
-                if not key.endswith("_extra_state")}
 
-
-def _gather(t: torch.Tensor, dim: int, size: int, group) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+def _contiguous_stride(shape: List[int]) -> Tuple[int, ...]:
+    stride, step = [], 1
+    for size in reversed(shape):
+        stride.append(step)
+        step *= size
+    return tuple(reversed(stride))
 
 
 def _shard_of(ctx: ParallelContext, local_experts: int):

@@ -9,21 +9,20 @@ it neither creates state nor updates the weight), then each owner broadcasts its
 parameters to the group in one coalesced buffer. The update is the same arithmetic as the
 unsharded optimizer, so runs agree with it bit for bit.
 
-Checkpoints keep the layout-independent format: :meth:`DistributedOptimizer.full_state`
-gathers the state from the owners for the duration of a save (each rank briefly holds the full
-state of its shard, as without ZeRO) and :meth:`release_state` drops what a rank does not own
-after a save or a load.
+Checkpoints keep the layout-independent format without gathering anything: each owner writes
+the state it owns at the parameter's single-process key, and a load creates and reads only the
+state of the parameters this rank owns (:meth:`DistributedOptimizer.owns`), whatever layout the
+checkpoint was saved with (``megatron_vpmoe.training.checkpoint``).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 
-from megatron_vpmoe.parallel.model import coalesced, engine_device
+from megatron_vpmoe.parallel.model import coalesced
 
 
 def _group_size(group) -> int:
@@ -88,6 +87,10 @@ class DistributedOptimizer:
                 p.grad = grad
         self._broadcast_parameters()
 
+    def owns(self, param: torch.Tensor) -> bool:
+        """Whether this rank holds (steps, saves and loads) ``param``'s optimizer state."""
+        return param in self._owned
+
     def owned_state_numel(self) -> int:
         """Elements of optimizer-state tensors held by this rank (what ZeRO shards)."""
         return sum(t.numel() for s in self.optimizer.state.values() for key, t in s.items()
@@ -101,64 +104,6 @@ class DistributedOptimizer:
             for owner, params in enumerate(by_owner):
                 for bucket in _by_dtype(params):
                     coalesced(bucket, lambda flat: dist.broadcast(flat, group_src=owner, group=group))
-
-    @contextlib.contextmanager
-    def full_state(self) -> Iterator[None]:
-        """Inside: every parameter's state on every rank (gathered from its owner)."""
-        self.gather_state()
-        try:
-            yield
-        finally:
-            self.release_state()
-
-    @torch.no_grad()
-    def gather_state(self) -> None:
-        state = self.optimizer.state
-        for group, by_owner in self._groups:
-            if _group_size(group) == 1:
-                continue
-            me = dist.get_rank(group)
-            for owner, params in enumerate(by_owner):
-                # which of the owner's parameters have state yet, and its keys
-                header: List[Optional[object]] = [None]
-                if me == owner:
-                    present = [i for i, p in enumerate(params) if state.get(p)]
-                    first = state[params[present[0]]] if present else {}
-                    keys = sorted(first)
-                    header = [(present, keys, {k: (first[k].dtype, first[k].dim() == 0, first[k].device.type)
-                                               for k in keys})]
-                dist.broadcast_object_list(header, group_src=owner, group=group)
-                present, keys, kinds = header[0]
-                if not present:
-                    continue
-                for key in keys:
-                    dtype, scalar, kept_on = kinds[key]
-                    if me == owner:
-                        parts = [state[params[i]][key].reshape(-1) for i in present]
-                    else:
-                        parts = [torch.zeros(1 if scalar else params[i].numel(), dtype=dtype)
-                                 for i in present]
-                    device = params[present[0]].device if not scalar else engine_device()
-                    flat = torch.cat([t.to(device) for t in parts])
-                    dist.broadcast(flat, group_src=owner, group=group)
-                    if me == owner:
-                        continue
-                    offset = 0
-                    for i in present:
-                        p = params[i]
-                        n = 1 if scalar else p.numel()
-                        value = flat[offset:offset + n]
-                        offset += n
-                        entry = state.setdefault(p, {})
-                        home = "cpu" if kept_on == "cpu" else p.device  # AdamW keeps `step` on the CPU
-                        entry[key] = (value.reshape(()).to(home, dtype).clone() if scalar
-                                      else value.view_as(p).to(dtype).clone())
-
-    def release_state(self) -> None:
-        """Drop the state of parameters this rank does not own."""
-        for p in list(self.optimizer.state):
-            if p not in self._owned:
-                del self.optimizer.state[p]
 
 
 def _by_dtype(params: List[torch.Tensor]) -> List[List[torch.Tensor]]:

@@ -1,4 +1,4 @@
-"""Run logging on rank 0: metrics.jsonl, TensorBoard, W&B, the progress bar, MFU and memory.
+"""Run logging on rank 0: metrics.jsonl, TensorBoard, W&B, the progress bar, MFU and memory over ranks.
 
 ``{run.dir}/metrics.jsonl`` has one JSON object per optimizer step (``kind: "train"``) and per
 validation (``kind: "valid"``). On resume, records after the resumed step are dropped first so
@@ -18,38 +18,52 @@ import torch
 
 from megatron_vpmoe.utils.atomic import atomic_write_text
 
-# Dense bf16 peak FLOP/s per GPU (no sparsity), for the MFU estimate.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 PEAK_FLOPS_ENV = "VPMOE_PEAK_FLOPS"
+# device-name fragment -> the planner's GPU spec file (megatron_vpmoe/plan/gpus/)
+GPU_SPECS = {"GB200": "gb200", "H200": "h200", "H100": "h100-80gb", "A100": "a100-80gb"}
 
 
 def flops_per_token(model_cfg, seq_length: int) -> float:
-    """Training FLOPs per token: ``6 * active params`` plus attention scores and values.
+    """Training model FLOPs per token: the planner's count (``plan/flops.py``: matmuls only,
+    embedding lookup excluded, LM head included, sliding windows counted as windows)."""
+    from megatron_vpmoe.plan.flops import training_flops_per_token
 
-    Attention adds ``6 * d_attn * S_eff`` per layer (forward 2 matmuls x 2 FLOPs x causal half,
-    backward twice the forward), with ``S_eff = min(S, window)`` on sliding-window layers.
-    """
-    from megatron_vpmoe.model.params import count_parameters
-
-    active = count_parameters(model_cfg).active
-    d_attn = model_cfg.num_attention_heads * model_cfg.kv_channels
-    attn = 0.0
-    for layer in range(model_cfg.num_layers):
-        span = seq_length if model_cfg.is_global_layer(layer) else min(seq_length, model_cfg.window_size)
-        attn += 6.0 * d_attn * span
-    return 6.0 * active + attn
+    return training_flops_per_token(model_cfg, seq_length)
 
 
 def peak_flops_per_device() -> Optional[float]:
-    """Peak FLOP/s of one device: ``$VPMOE_PEAK_FLOPS`` if set, a known GPU, else None (CPU)."""
+    """Dense bf16 peak FLOP/s of one device: ``$VPMOE_PEAK_FLOPS`` if set, else the planner's
+    spec of a known GPU, else None (CPU, unknown GPU: no MFU)."""
     if os.environ.get(PEAK_FLOPS_ENV):
         return float(os.environ[PEAK_FLOPS_ENV])
     if torch.cuda.is_available():
+        from megatron_vpmoe.plan.gpu import load_gpu
+
         name = torch.cuda.get_device_name()
-        for key, value in GPU_PEAK_FLOPS.items():
+        for key, spec in GPU_SPECS.items():
             if key in name:
-                return value
+                return load_gpu(spec).peak_flops
     return None
+
+
+def peak_memory_over_ranks(world_size: int) -> Dict[str, float]:
+    """This step's per-rank peak memory reduced over all ranks (a collective: every rank calls
+    it): the max and the rank holding it, so a log names the tight rank. GPU: max allocated;
+    CPU: peak RSS."""
+    if torch.cuda.is_available():
+        mine = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        from megatron_vpmoe.utils.memory import peak_rss_bytes
+
+        mine = peak_rss_bytes() / 2**20
+    if world_size == 1:
+        return {"peak_memory_mb_max": mine, "peak_memory_rank_argmax": 0}
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    gathered = torch.zeros(world_size, dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(gathered, torch.tensor([mine], dtype=torch.float64, device=device))
+    return {"peak_memory_mb_max": float(gathered.max()), "peak_memory_rank_argmax": int(gathered.argmax())}
 
 
 def memory_stats() -> Dict[str, float]:

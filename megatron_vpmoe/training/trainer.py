@@ -18,6 +18,7 @@ Test hook: ``VPMOE_TEST_NAN_STEPS="3,7"`` multiplies the loss of those 1-based s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -27,7 +28,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_vpmoe.training import batches as batching
-from megatron_vpmoe.training.checkpoint import CheckpointManager, latest_checkpoint, resolve_checkpoint
+from megatron_vpmoe.training.checkpoint import (
+    CheckpointManager,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+    resolve_checkpoint,
+)
 from megatron_vpmoe.training.distributed import RankInfo, init_distributed
 from megatron_vpmoe.training.loss import (
     LossWeights,
@@ -44,6 +50,7 @@ from megatron_vpmoe.training.metrics import (
     flops_per_token,
     memory_stats,
     peak_flops_per_device,
+    peak_memory_over_ranks,
     router_bias_stats,
 )
 from megatron_vpmoe.training.memory_report import RankMemoryReport
@@ -205,14 +212,15 @@ class Trainer:
         ck = self.cfg.checkpoint
         if ck.load is None:
             return
-        if ck.load == "auto":
-            path = latest_checkpoint(self.cfg.checkpoint_dir)
+        if ck.load == "auto":  # the newest intact checkpoint (damaged ones skipped with a warning)
+            path = latest_intact_checkpoint(self.cfg.checkpoint_dir)
             if path is None:
                 return
         else:
             path = resolve_checkpoint(ck.load)
         state = self.checkpoints.load(path, self.pm, self.optimizer, load_optimizer=ck.load_optimizer,
-                                      restore_rng_state=ck.load_optimizer)
+                                      restore_rng_state=ck.load_optimizer,
+                                      model_config=dataclasses.asdict(self.cfg.model), verify=ck.load != "auto")
         self.loaded_from = state["path"]
         if ck.load_optimizer:  # a full resume; weights only starts a fresh run from them
             self.step = int(state["step"])
@@ -417,7 +425,9 @@ class Trainer:
                 out.update(kind="train", step=self.step, consumed_samples=sampler.consumed_samples(self.step),
                            step_time_s=dt, tokens_per_s=tokens_per_step / dt)
                 out["mfu"] = (flops_tok * tokens_per_step / dt / (peak * self.world_size)) if peak else None
+                out["tflops_per_gpu"] = flops_tok * tokens_per_step / dt / self.world_size / 1e12
                 out.update(memory_stats())
+                out.update(peak_memory_over_ranks(self.world_size))
                 out.update(router_bias_stats(self.raw_model))
                 logger.log(out, scalars=self.step % cfg.log.interval == 0)
                 if out["loss_tokens"] == 0:  # nothing supervised in this global batch

@@ -1,0 +1,105 @@
+"""``vpmoe plan``: whether and how a config fits N nodes x G GPUs (per-rank memory, tokens/s/GPU, MFU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import List
+
+GB = 1e9
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from megatron_vpmoe.utils.cli_args import add_config_args
+
+    parser = subparsers.add_parser(
+        "plan", help="capacity planner: per-rank memory, step time and the best layouts for N x G GPUs",
+        description="Predict per-rank memory (by component, per pipeline stage), tokens/s/GPU and MFU of a config "
+                    "on N nodes x G GPUs. With --layout: that layout (exit 1 if it is predicted not to fit); "
+                    "without: search the valid layouts and print the fastest that fit and why the others do "
+                    "not (exit 2 if none fits). Estimates until a GPU run exists; see docs/plan.md.")
+    add_config_args(parser)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu", default="h100-80gb", help="h100-80gb | h200 | a100-80gb | gb200 | cpu | a spec YAML")
+    parser.add_argument("--layout", help="tp=..,ep=..,pp=..,vpp=..,mb=..,recompute=none|selective|full[,zero=1] "
+                                         "(unnamed keys from the config)")
+    parser.add_argument("--efficiency", type=float, default=None,
+                        help="achieved fraction of the dense bf16 peak (default 0.4)")
+    parser.add_argument("--top", type=int, default=5, help="layouts to print in a search")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.set_defaults(func=_plan)
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f}"
+
+
+def plan_table(plan) -> List[str]:
+    """The human summary of one plan: layout, per-stage memory by component, time and throughput."""
+    lay = plan.layout
+    lines = [f"layout {lay.short()} on {lay.world} x {plan.gpu.name}: dp={lay.dp}, "
+             f"{plan.micro_batches} micro-batches per step, schedule {plan.schedule}"]
+    comps = list(plan.ranks[0].components())
+    short = {"parameters": "params", "gradients": "grads", "optimizer": "optim", "activations": "activ",
+             "working": "layer_bwd", "head_loss": "head", "embedding_grad": "emb_grad", "all_to_all": "a2a",
+             "pipeline_buffers": "p2p", "optimizer_step": "opt_step", "grad_reduce": "grad_red",
+             "checkpoint_staging": "ckpt_host", "autocast_weights": "bf16_w", "framework": "framework"}
+    lines.append("| pp rank | " + " | ".join(short[c] for c in comps) + " | in flight | peak GB (moment) |")
+    lines.append("|---" * (len(comps) + 3) + "|")
+    for r in plan.ranks:
+        c = r.components()
+        lines.append(f"| {r.pp_rank} | " + " | ".join(_gb(c[k]) for k in comps) +
+                     f" | {r.in_flight} | **{_gb(r.peak)}** ({r.peak_moment}) |")
+    verdict = "fits" if plan.fits else "DOES NOT FIT"
+    lines.append(f"peak {_gb(plan.peak)} GB on pipeline rank {plan.tight_rank.pp_rank} of {plan.gpu.memory_gb:g} GB: {verdict}")
+    parts = ", ".join(f"{k} {v:.3g}" for k, v in plan.time_parts.items())
+    lines.append(f"step {plan.step_s:.3g} s ({parts}); {plan.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, "
+                 f"{plan.tflops_per_gpu:.0f} TFLOP/s/GPU, MFU {plan.mfu:.1%} (estimates)")
+    return lines
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from megatron_vpmoe.plan.estimate import DEFAULT_EFFICIENCY, plan_layout
+    from megatron_vpmoe.plan.gpu import load_gpu
+    from megatron_vpmoe.plan.layouts import check_layout, from_config, parse_layout
+    from megatron_vpmoe.plan.search import require_fit, search
+    from megatron_vpmoe.utils.cli_args import config_from_args
+    from megatron_vpmoe.utils.errors import UsageError
+
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise UsageError("--nodes and --gpus-per-node must be >= 1")
+    eff = DEFAULT_EFFICIENCY if args.efficiency is None else args.efficiency
+    if not 0 < eff <= 1:
+        raise UsageError(f"--efficiency must be in (0, 1], got {eff}")
+    gpu = load_gpu(args.gpu)
+    cfg = config_from_args(args)
+    world = args.nodes * args.gpus_per_node
+    if args.layout is not None:
+        layout = parse_layout(args.layout, replace(from_config(cfg, world), world=world))
+        check_layout(cfg, layout)
+        plan = plan_layout(cfg, layout, gpu, eff)
+        print(json.dumps(plan.as_dict(), indent=1) if args.json else "\n".join(plan_table(plan)))
+        return 0 if plan.fits else 1
+    result = search(cfg, world, args.gpus_per_node, gpu, eff)
+    require_fit(result, world, gpu)
+    if args.json:
+        print(json.dumps({"considered": result.considered, "top": [p.as_dict() for p in result.fitting[:args.top]],
+                          "rejected": result.rejected}, indent=1))
+        return 0
+    print(f"{result.considered} layouts considered on {world} x {gpu.name}; {len(result.fitting)} fit. "
+          f"Top {min(args.top, len(result.fitting))} by estimated tokens/s/GPU:")
+    print("| # | layout | peak GB (pp rank) | tokens/s/GPU | MFU | step s |")
+    print("|---|---|---|---|---|---|")
+    for i, p in enumerate(result.fitting[:args.top], 1):
+        print(f"| {i} | {p.layout.short()} | {_gb(p.peak)} ({p.tight_rank.pp_rank}) | "
+              f"{p.tokens_per_s_per_gpu:,.0f} | {p.mfu:.1%} | {p.step_s:.3g} |")
+    print("\nBest layout:")
+    print("\n".join(plan_table(result.fitting[0])))
+    if result.rejected:
+        print("\nRejected:")
+        for text in result.rejected.values():
+            print(f"- {text}")
+    return 0
