@@ -22,6 +22,7 @@ setup(
         "pyyaml>=6",
         "safetensors>=0.4",
         "tokenizers>=0.20",
+        "gigatoken-cachefix>=0.10.1",  # the fast encoding engine (bounded encode caches); checked per tokenizer
         "sentencepiece>=0.2",
         "tiktoken>=0.8",
         "openai-harmony>=0.0.4",

@@ -1,37 +1,41 @@
-"""Preprocessing throughput: `vpmoe preprocess` vs Megatron-LM's own ``tools/preprocess_data.py``.
+"""Preprocessing: `vpmoe preprocess` against Megatron-LM's ``preprocess_data.py`` and ``preprocess_data_fast.py``.
 
-All pipelines read the same JSONL (the gutenberg_en blank-line documents) with the same
-byte-level BPE (a ``tokenizers`` directory that ``transformers.AutoTokenizer`` also loads) and
-the same worker count, and are timed end to end as the commands a user runs (process start
-included), best of ``--trials`` (3) alternating runs:
+Every pipeline is timed end to end as the command a user runs (process start included), best of
+``--trials`` (3) runs alternating between pipelines, with the peak resident memory of its whole
+process tree (sampled every 20 ms, :mod:`megatron_vpmoe.utils.proc_tree`). Inputs:
 
-- ``megatron-lm``: Megatron-LM's ``tools/preprocess_data.py`` at the tag matching the installed
-  megatron-core (``core_v0.16.1``), ``--tokenizer-type HuggingFaceTokenizer``, run from a
-  checkout given by ``--megatron-lm DIR`` (or ``$MEGATRON_LM``; nothing of it is in this
-  project). Skipped, and said so in the results, without one.
-- ``peer``: what that script does per document, written here (a ``multiprocessing.Pool`` maps
-  encode over single documents, ``imap`` chunksize 25, the parent appends to megatron-core's
-  ``IndexedDatasetBuilder``), for hosts without a Megatron-LM checkout.
-- ``ours``: ``vpmoe preprocess``: the JSONL is cut into byte ranges at line starts (8 per worker);
-  each worker process reads, parses, encodes (``encode_batch_fast``, one thread) and writes its
-  ranges' shard files itself, and the parent only appends them in input order and writes the
-  ``.idx`` (numpy only: no megatron-core/torch import, ~5 s of CPU in the other two).
+- ``gutenberg``: the gutenberg_en books' blank-line blocks as one JSONL (~20 MB, 2 KB documents);
+- ``distinct``: >= ``--distinct-mb`` (62) MB of distinct documents (no repeats: encode caches
+  would flatter every pipeline): every text under ``../shared/data`` except ``eval/``
+  (gutenberg_en and multilingual blocks, tinyshakespeare blocks, the CPython stdlib files of
+  code_python, the kd/ records' fields, the Harmony fixtures; ~52 MB as JSONL) topped up with
+  the test modules of the local CPython install (``Lib/test``, one document per file);
+- ``synthetic`` (``--synthetic-gb``, memory only): the distinct corpus repeated, each copy's
+  documents prefixed with its number, through ``vpmoe preprocess`` alone.
 
-The ``.bin`` files are compared byte for byte. Writes ``benchmarks/results/preprocess.{json,md}``.
+Tokenizers: byte-level BPE-32k and Length-MAX-32k trained here on gutenberg_en (5 MB), the same
+``tokenizer.json`` directory for all pipelines. Pipelines: ``vpmoe preprocess --workers N``;
+Megatron-LM ``tools/preprocess_data.py --tokenizer-type HuggingFaceTokenizer --workers N`` from
+``--megatron-lm DIR`` (a release checkout); Megatron-LM ``tools/preprocess_data_fast.py
+--use-gigatoken`` from ``--megatron-lm-fast DIR`` (the tool is on Megatron-LM's main branch
+only), with ``--gigatoken-path DIR`` (the upstream ``gigatoken`` package, installed with ``pip
+install --target DIR gigatoken``) first on its path. Megatron-LM requires Python >= 3.12; on an
+older interpreter a ``sitecustomize`` here adds ``typing.override`` from typing_extensions, its
+only 3.12 need on these paths. Multi-variant: BPE and Length-MAX in one pass against each alone.
+``.bin``/``.idx`` are compared byte for byte. Writes ``benchmarks/results/preprocess.{json,md}``.
 
-    python benchmarks/preprocess.py [--mb 20] [--workers 2] [--trials 3] [--megatron-lm DIR]
+    python benchmarks/preprocess.py --megatron-lm DIR --megatron-lm-fast DIR --gigatoken-path DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import multiprocessing as mp
 import os
-import subprocess
+import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,143 +43,206 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from megatron_vpmoe.data.shards import token_dtype  # noqa: E402
 from megatron_vpmoe.data.sources import iter_documents  # noqa: E402
-from megatron_vpmoe.tokenizers import load_tokenizer, train_tokenizer  # noqa: E402
+from megatron_vpmoe.tokenizers import train_tokenizer  # noqa: E402
+from megatron_vpmoe.utils.proc_tree import run_measured  # noqa: E402
 
-_TOK = None
-
-
-def _init(path):
-    global _TOK
-    _TOK = load_tokenizer(path)
+SHARED = ROOT.parent / "shared" / "data"
+SHIM = ("import typing\nimport typing_extensions\n"
+        "if not hasattr(typing, 'override'):\n    typing.override = typing_extensions.override\n")
 
 
-def _encode_one(text):
-    return _TOK.encode(text) + [_TOK.eod_id]
+def _blocks(files):
+    for doc in iter_documents(files, ["text"], txt_blocks=True):
+        if hasattr(doc, "fields"):
+            yield doc.fields["text"]
 
 
-def peer(jsonl, tok_dir, prefix, workers):
-    import numpy
-
-    from megatron_vpmoe.utils.megatron_import import import_megatron
-
-    tok = load_tokenizer(tok_dir)
-    dtype = token_dtype(tok.vocab_size)
-    builder = import_megatron("megatron.core.datasets.indexed_dataset").IndexedDatasetBuilder(
-        prefix + ".bin", dtype=dtype)
-    texts = (d.fields["text"] for d in iter_documents([Path(jsonl)], ["text"]) if hasattr(d, "fields"))
-    tokens = 0
-    with mp.get_context("fork").Pool(workers, initializer=_init, initargs=(tok_dir,)) as pool:
-        for ids in pool.imap(_encode_one, texts, 25):
-            builder.add_document(numpy.array(ids, dtype=dtype), [len(ids)])
-            tokens += len(ids)
-    builder.finalize(prefix + ".idx")
-    return tokens
+def gutenberg(path: Path, mb: float) -> int:
+    files, size = [], 0
+    for f in sorted((SHARED / "corpora" / "gutenberg_en").glob("*.txt")):
+        if size >= mb * 1e6:
+            break
+        files.append(f)
+        size += f.stat().st_size
+    with open(path, "w", encoding="utf-8") as out:
+        for text in _blocks(files):
+            out.write(json.dumps({"text": text}) + "\n")
+    return path.stat().st_size
 
 
-def _timed(cmd, env=None) -> float:
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{out.stderr[-3000:]}")
-    return time.perf_counter() - t0
+def _distinct_texts():
+    yield from _blocks(sorted((SHARED / "corpora" / "gutenberg_en").glob("*.txt")))
+    yield from _blocks(sorted((SHARED / "corpora" / "multilingual").glob("*.txt")))
+    yield from _blocks([SHARED / "corpora" / "tinyshakespeare.txt"])
+    for f in sorted((SHARED / "corpora" / "code_python").rglob("*.py")):
+        yield f.read_text(encoding="utf-8", errors="replace")
+    for f in sorted((SHARED / "kd").glob("*.jsonl")):
+        for line in open(f, encoding="utf-8"):
+            record = json.loads(line)
+            yield "\n\n".join(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in record.values())
+    for f in sorted((SHARED / "harmony" / "fixtures").glob("*")):
+        if f.is_file():
+            yield f.read_text(encoding="utf-8", errors="replace")
+    import sysconfig
+
+    for f in sorted((Path(sysconfig.get_paths()["stdlib"]) / "test").rglob("*.py")):
+        yield f.read_text(encoding="utf-8", errors="replace")
+
+
+def distinct(path: Path, mb: float) -> dict:
+    seen, docs, shared_bytes = set(), 0, 0
+    with open(path, "w", encoding="utf-8") as out:
+        for text in _distinct_texts():
+            digest = hashlib.sha1(text.encode("utf-8", errors="replace")).digest()
+            if digest in seen or not text.strip():
+                continue
+            seen.add(digest)
+            out.write(json.dumps({"text": text}) + "\n")
+            docs += 1
+            if out.tell() >= mb * 1e6:
+                break
+    size = path.stat().st_size
+    if size < mb * 1e6:
+        raise SystemExit(f"only {size / 1e6:.1f} MB of distinct documents found (wanted {mb})")
+    return {"bytes": size, "documents": docs}
+
+
+def synthetic(path: Path, source: Path, gb: float) -> int:
+    copy = 0
+    with open(path, "w", encoding="utf-8") as out:
+        while out.tell() < gb * 1e9:
+            with open(source, encoding="utf-8") as f:
+                for line in f:
+                    text = json.loads(line)["text"]
+                    out.write(json.dumps({"text": f"copy {copy}\n{text}"}) + "\n")
+            copy += 1
+    return path.stat().st_size
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mb", type=float, default=20.0, help="MB of gutenberg_en text to process")
+    ap.add_argument("--gutenberg-mb", type=float, default=20.0)
+    ap.add_argument("--distinct-mb", type=float, default=62.0)
+    ap.add_argument("--synthetic-gb", type=float, default=1.0, help="0: skip the memory run")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--trials", type=int, default=3, help="alternating runs per pipeline; the best counts")
-    ap.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"),
-                    help="a Megatron-LM checkout at core_v0.16.1 (tools/preprocess_data.py), run as the peer")
-    ap.add_argument("--_peer", nargs=4, metavar=("JSONL", "TOK", "PREFIX", "WORKERS"), help=argparse.SUPPRESS)
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"), help="release checkout")
+    ap.add_argument("--megatron-lm-fast", default=os.environ.get("MEGATRON_LM_FAST"),
+                    help="checkout with tools/preprocess_data_fast.py (main branch)")
+    ap.add_argument("--gigatoken-path", default=None, help="upstream gigatoken (pip install --target DIR)")
     args = ap.parse_args()
-    if args._peer:
-        jsonl, tok_dir, prefix, workers = args._peer
-        peer(jsonl, tok_dir, prefix, int(workers))
-        return 0
-    mlm = Path(args.megatron_lm).resolve() if args.megatron_lm else None
-    if mlm is not None and not (mlm / "tools" / "preprocess_data.py").is_file():
-        raise SystemExit(f"--megatron-lm {mlm}: no tools/preprocess_data.py there")
-    corpus = sorted((ROOT.parent / "shared" / "data" / "corpora" / "gutenberg_en").glob("*.txt"))
-    files, size = [], 0
-    for f in corpus:
-        if size >= args.mb * 1e6:
-            break
-        files.append(f)
-        size += f.stat().st_size
+    py = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tok = train_tokenizer("bpe", [str(f) for f in files], args.vocab, max_bytes=5_000_000)
-        tok_dir = str(tok.save(tmp / "tok"))
-        jsonl = tmp / "docs.jsonl"
-        with open(jsonl, "w", encoding="utf-8") as f:
-            for doc in iter_documents(files, ["text"], txt_blocks=True):
-                if not hasattr(doc, "fields"):  # a skipped record (empty block)
-                    continue
-                f.write(json.dumps({"text": doc.fields["text"]}) + "\n")
-        py = sys.executable
-        commands = {
-            "ours": lambda pre: [py, "-m", "megatron_vpmoe.cli", "preprocess", "--input", str(jsonl),
-                                 "--output-prefix", pre, "--tokenizer", tok_dir, "--workers", str(args.workers),
-                                 "--no-progress"],
-            "peer": lambda pre: [py, str(Path(__file__).resolve()), "--_peer", str(jsonl), tok_dir,
-                                 pre + "_text_document", str(args.workers)],
-        }
-        outputs = {"ours": lambda pre: pre + ".tok_text_document.bin", "peer": lambda pre: pre + "_text_document.bin"}
-        env = {"ours": None, "peer": None}
-        if mlm is not None:
-            commands["megatron-lm"] = lambda pre: [
-                py, str(mlm / "tools" / "preprocess_data.py"), "--input", str(jsonl), "--output-prefix", pre,
-                "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tok_dir,
-                "--workers", str(args.workers), "--append-eod", "--log-interval", "1000000"]
-            outputs["megatron-lm"] = lambda pre: pre + "_text_document.bin"
-            env["megatron-lm"] = dict(os.environ, PYTHONPATH=str(mlm))
-        seconds = {name: [] for name in commands}
-        load_before = os.getloadavg()[0]
-        for trial in range(args.trials):  # alternate, keep the best of each
-            for name, command in commands.items():
-                seconds[name].append(_timed(command(str(tmp / f"{name}{trial}")), env[name]))
-        ours_bin = Path(outputs["ours"](str(tmp / "ours0"))).read_bytes()
-        identical = {name: Path(outputs[name](str(tmp / f"{name}0"))).read_bytes() == ours_bin
-                     for name in commands if name != "ours"}
-        tokens = len(ours_bin) // token_dtype(tok.vocab_size)().itemsize
-    best = {name: min(values) for name, values in seconds.items()}
-    rate = {name: round(tokens / best[name]) for name in best}
-    result = {"input_mb": round(size / 1e6, 2), "files": len(files), "workers": args.workers, "vocab": args.vocab,
-              "trials": args.trials, "tokens": tokens, "seconds": seconds, "tokens_per_s": rate,
-              # other work on the host skews every pipeline (1-minute load averages around the timing)
-              "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-              "identical_bin_to_ours": identical,
-              "megatron_lm": str(mlm) if mlm else "not run (no --megatron-lm checkout given)",
-              "speedup_vs_megatron_lm": round(best["megatron-lm"] / best["ours"], 2) if mlm else None,
-              "speedup_vs_peer": round(best["peer"] / best["ours"], 2)}
+        corpus = [str(f) for f in sorted((SHARED / "corpora" / "gutenberg_en").glob("*.txt"))]
+        toks = {kind: str(train_tokenizer(kind, corpus, 32000, max_bytes=5_000_000).save(tmp / f"{kind}-32k"))
+                for kind in ("bpe", "lengthmax")}
+        inputs = {"gutenberg": tmp / "gutenberg.jsonl", "distinct": tmp / "distinct.jsonl"}
+        sizes = {"gutenberg": gutenberg(inputs["gutenberg"], args.gutenberg_mb)}
+        meta = distinct(inputs["distinct"], args.distinct_mb)
+        sizes["distinct"] = meta["bytes"]
+        shim = tmp / "shim"
+        shim.mkdir()
+        (shim / "sitecustomize.py").write_text(SHIM)
+
+        def ours(variants):
+            return lambda src, pre: ([py, "-m", "megatron_vpmoe.cli", "preprocess", "--input", str(src),
+                                      "--output-prefix", pre, "--workers", str(args.workers), "--no-progress",
+                                      "--tokenizer", *[f"{v}={toks[v]}" for v in variants]], None)
+
+        pipelines = {"ours": ours(["bpe"])}
+        outputs = {"ours": lambda pre: pre + ".bpe_text_document"}
+        for name, checkout, tool, extra in (
+                ("megatron-lm", args.megatron_lm, "preprocess_data.py", ["--workers", str(args.workers),
+                                                                          "--log-interval", "100000000"]),
+                ("megatron-lm-fast", args.megatron_lm_fast, "preprocess_data_fast.py", ["--use-gigatoken"])):
+            if not checkout:
+                continue
+            path = [str(shim)] + ([args.gigatoken_path] if name.endswith("fast") and args.gigatoken_path else []) \
+                + [str(Path(checkout).resolve())]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+            script = str(Path(checkout).resolve() / "tools" / tool)
+            pipelines[name] = (lambda script, env, extra: lambda src, pre: (
+                [py, script, "--input", str(src), "--output-prefix", pre, "--tokenizer-type", "HuggingFaceTokenizer",
+                 "--tokenizer-model", toks["bpe"], "--append-eod"] + extra, env))(script, env, extra)
+            outputs[name] = lambda pre: pre + "_text_document"
+        runs = {(p, i): [] for p in pipelines for i in inputs}
+        runs.update({("ours-bpe+lengthmax", "distinct"): [], ("ours-lengthmax", "distinct"): []})
+        extra_runs = {"ours-bpe+lengthmax": ours(["bpe", "lengthmax"]), "ours-lengthmax": ours(["lengthmax"])}
+        load = [os.getloadavg()[0]]
+        for trial in range(args.trials):
+            for inp in inputs:
+                todo = dict(pipelines)
+                if inp == "distinct":
+                    todo.update(extra_runs)
+                for name, make in todo.items():
+                    cmd, env = make(inputs[inp], str(tmp / f"{name}-{inp}-{trial}"))
+                    seconds, peak, out = run_measured(cmd, env=env, cwd=str(ROOT))
+                    if out.returncode != 0:
+                        raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+                    record = {"seconds": round(seconds, 2), "peak_rss_mb": round(peak / 2**20)}
+                    # each tool's own processing time, start-up excluded (steady state without the noise of imports)
+                    own = re.search(r"Elapsed time: ([0-9.]+)|preprocessed .* in ([0-9.]+) s", out.stdout)
+                    if own:
+                        record["own_seconds"] = float(own.group(1) or own.group(2))
+                    runs[(name, inp)].append(record)
+                    print(name, inp, trial, runs[(name, inp)][-1], flush=True)
+        load.append(os.getloadavg()[0])
+        identical = {}
+        for inp in inputs:
+            ref = outputs["ours"](str(tmp / f"ours-{inp}-0"))
+            for name in pipelines:
+                if name != "ours":
+                    other = outputs[name](str(tmp / f"{name}-{inp}-0"))
+                    identical[f"{name}/{inp}"] = all(Path(ref + e).read_bytes() == Path(other + e).read_bytes()
+                                                     for e in (".bin", ".idx"))
+        memory = None
+        if args.synthetic_gb > 0:
+            big = tmp / "synthetic.jsonl"
+            size = synthetic(big, inputs["distinct"], args.synthetic_gb)
+            for f in tmp.glob("*-*-[0-9]*"):
+                f.unlink()
+            cmd, env = pipelines["ours"](big, str(tmp / "synthetic"))
+            seconds, peak, out = run_measured(cmd, env=env, cwd=str(ROOT))
+            if out.returncode != 0:
+                raise SystemExit(f"synthetic run failed:\n{out.stderr[-3000:]}")
+            memory = {"bytes": size, "seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2**20)}
+            big.unlink()
+    best = {f"{p}/{i}": min(r, key=lambda x: x["seconds"]) for (p, i), r in runs.items()}
+    steady = {}
+    for p in pipelines:
+        dt = best[f"{p}/distinct"]["seconds"] - best[f"{p}/gutenberg"]["seconds"]
+        steady[p] = round((sizes["distinct"] - sizes["gutenberg"]) / 1e6 / dt, 1) if dt > 0 else None
+    result = {"sizes": sizes, "distinct_documents": meta["documents"], "workers": args.workers,
+              "trials": args.trials, "runs": {f"{p}/{i}": r for (p, i), r in runs.items()}, "best": best,
+              "steady_mb_per_s": steady, "identical_bin_idx_to_ours": identical, "synthetic": memory,
+              "load_average_before_after": [round(x, 2) for x in load],
+              "megatron_lm": args.megatron_lm, "megatron_lm_fast": args.megatron_lm_fast,
+              "multi_variant_ratio": round(best["ours-bpe+lengthmax/distinct"]["seconds"] / max(
+                  best["ours-lengthmax/distinct"]["seconds"], best["ours/distinct"]["seconds"]), 2)}
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    labels = {"megatron-lm": "Megatron-LM `tools/preprocess_data.py` (core_v0.16.1, HuggingFaceTokenizer)",
-              "peer": "Megatron-LM-style peer written here (Pool.imap per document + IndexedDatasetBuilder)",
-              "ours": "`vpmoe preprocess`"}
-    lines = ["# Preprocessing throughput (`benchmarks/preprocess.py`)", "",
-             f"{result['input_mb']} MB of gutenberg_en ({len(files)} files, blank-line documents as one JSONL), "
-             f"byte-level BPE {args.vocab}, {args.workers} workers, 2 CPU cores; each pipeline timed end to end as "
-             f"a command (process start included), best of {args.trials} alternating runs.", "",
-             "| pipeline | seconds | tokens/s | .bin identical to ours |", "|---|---|---|---|"]
-    for name in ("megatron-lm", "peer", "ours"):
-        if name in best:
-            same = "-" if name == "ours" else str(identical[name])
-            lines.append(f"| {labels[name]} | {best[name]:.1f} | {rate[name]:,} | {same} |")
-    lines.append("")
-    if mlm:
-        lines.append(f"Speed-up over Megatron-LM: {result['speedup_vs_megatron_lm']}x (target 2x); over the "
-                     f"per-document peer: {result['speedup_vs_peer']}x.")
-    else:
-        lines.append(f"Megatron-LM itself not run (no checkout given); speed-up over the per-document peer: "
-                     f"{result['speedup_vs_peer']}x (target 2x against Megatron-LM).")
-    lines.append("")
-    (out / "preprocess.json").write_text(json.dumps(result, indent=2))
-    (out / "preprocess.md").write_text("\n".join(lines))
+    (out / "preprocess.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["# Preprocessing (`benchmarks/preprocess.py`)", "",
+             f"{args.workers} workers, 2 shared CPU cores, best of {args.trials} alternating runs, wall time of the "
+             f"command (start-up included) and peak RSS of its process tree; load average {load[0]:.1f} -> "
+             f"{load[1]:.1f} (other work on the host: noisy).", "",
+             "| pipeline | gutenberg s | distinct s | steady MB/s | peak RSS MB (distinct) | .bin/.idx = ours |",
+             "|---|---|---|---|---|---|"]
+    for p in pipelines:
+        same = "-" if p == "ours" else f"{identical[f'{p}/gutenberg']} / {identical[f'{p}/distinct']}"
+        lines.append(f"| {p} | {best[f'{p}/gutenberg']['seconds']} | {best[f'{p}/distinct']['seconds']} | "
+                     f"{steady[p]} | {best[f'{p}/distinct']['peak_rss_mb']} | {same} |")
+    lines += ["", f"Inputs: gutenberg {sizes['gutenberg'] / 1e6:.1f} MB, distinct {sizes['distinct'] / 1e6:.1f} MB "
+              f"({meta['documents']} documents).",
+              f"Multi-variant (distinct): BPE+Length-MAX in one pass {best['ours-bpe+lengthmax/distinct']['seconds']} s, "
+              f"Length-MAX alone {best['ours-lengthmax/distinct']['seconds']} s, BPE alone "
+              f"{best['ours/distinct']['seconds']} s: {result['multi_variant_ratio']}x the slower one alone."]
+    if memory:
+        lines.append(f"Synthetic {memory['bytes'] / 1e9:.2f} GB through `vpmoe preprocess` (BPE): {memory['seconds']} s, "
+                     f"peak RSS of the process tree {memory['peak_rss_mb']} MB.")
+    (out / "preprocess.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -193,7 +193,8 @@ def test_usage_errors_are_one_line(tmp_path, toks, capsys):
 def test_interrupted_run_leaves_no_valid_shards_and_partitions_resume(tmp_path, toks, shared_data):
     inputs = sorted((shared_data / "corpora" / "code_python").glob("*.py"))[:12]
     prefix = tmp_path / "p"
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    # the HF encoder (not gigatoken, ~25x faster) keeps the run long enough to be killed midway
+    env = dict(os.environ, PYTHONPATH=ROOT, VPMOE_FAST_TOKENIZER="0")
     cmd = [sys.executable, "-m", "megatron_vpmoe.cli", "preprocess", "--input", *map(str, inputs),
            "--output-prefix", str(prefix), "--tokenizer", toks["bpe600"], "--no-progress",
            "--partitions", "3", "--chunk-size", "1"]
@@ -204,7 +205,7 @@ def test_interrupted_run_leaves_no_valid_shards_and_partitions_resume(tmp_path, 
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    final = [p for p in tmp_path.glob("p.bpe600_text_document.*")]
+    final = [p for p in tmp_path.glob("p.bpe600_text_document.*") if p.suffix in (".bin", ".idx")]
     assert final == []  # nothing that looks like a finished dataset
     done_parts = list(tmp_path.glob("p_part*of003.summary.json"))
     out = subprocess.run(cmd + ["--workers", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -225,15 +226,19 @@ def test_merge_and_megatron_flags_tool(tmp_path, toks, shared_data):
     src.write_text("first block\n\nsecond block\n\n\nthird block\n")
     tool = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py")]
     env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run(tool + ["--input", str(src), "--output-prefix", str(tmp_path / "a"), "--tokenizer-model",
-                                 toks["bpe600"], "--txt-blocks", "--workers", "1", "--log-interval", "1",
-                                 "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(tool + ["--input", str(src), "--output-prefix", str(tmp_path / "out" / "a"),
+                                 "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", toks["bpe600"],
+                                 "--txt-blocks", "--workers", "1", "--log-interval", "1", "--no-progress"],
+                         env=dict(env, VPMOE_CACHE=str(tmp_path / "cache")), capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
-    docs = _docs(str(tmp_path / "a.bpe600_text_document"))
+    # Megatron-LM's names, and nothing else in the output folder
+    assert sorted(os.listdir(tmp_path / "out")) == ["a_text_document.bin", "a_text_document.idx"]
+    docs = _docs(str(tmp_path / "out" / "a_text_document"))
     tok = load_tokenizer(toks["bpe600"])
     assert [tok.decode(d) for d in docs] == ["first block", "second block", "third block"]  # no --append-eod
     run_preprocess(_opts([src], tmp_path / "b", {"bpe600": toks["bpe600"]}, txt_blocks=True))
-    result = merge_shards([str(tmp_path / "a.bpe600_text_document"), str(tmp_path / "b.bpe600_text_document")],
+    result = merge_shards([str(tmp_path / "out" / "a_text_document"), str(tmp_path / "b.bpe600_text_document")],
                           str(tmp_path / "m_text_document"))
     assert result[str(tmp_path / "m_text_document")]["documents"] == 6
     assert _docs(str(tmp_path / "m_text_document"))[:3] == docs
@@ -388,28 +393,31 @@ def test_shard_writer_matches_megatron_core_builder_byte_for_byte(tmp_path):
         docs_d = [[x % 256 for x in d] if dtype == numpy.uint8 else d for d in docs]
         ref = IndexedDatasetBuilder(str(tmp_path / f"ref{dtype.__name__}.bin"), dtype=dtype)
         for d in docs_d:
-            ref.add_document(numpy.array(d, dtype=dtype), [len(d)])
+            # an empty document has no sequence, as Megatron-LM's preprocess_data.py adds it
+            ref.add_document(numpy.array(d, dtype=dtype), [len(d)] if d else [])
         ref.finalize(str(tmp_path / f"ref{dtype.__name__}.idx"))
         # the same documents: two added, a piece of two appended from a raw file, two constant
         piece = ShardWriter(str(tmp_path / f"piece{dtype.__name__}"), dtype)
         for d in docs_d[2:4]:
             piece.add(d)
-        piece_bin, piece_lengths = piece.finish_data()
+        piece_bin, piece_lengths, piece_documents = piece.finish_data()
         ours = ShardWriter(str(tmp_path / f"ours{dtype.__name__}"), dtype)
         for d in docs_d[:2]:
             ours.add(d)
-        ours.append_data(piece_bin, piece_lengths)
+        ours.append_data(piece_bin, piece_lengths, piece_documents)
         ours.add(docs_d[4])
         ours.add(docs_d[5])
         ours.commit()
         for ext in (".bin", ".idx"):
             assert (tmp_path / f"ref{dtype.__name__}{ext}").read_bytes() == \
                 (tmp_path / f"ours{dtype.__name__}{ext}").read_bytes(), (dtype, ext)
-        assert _docs(str(tmp_path / f"ours{dtype.__name__}")) == docs_d
+        assert _docs(str(tmp_path / f"ours{dtype.__name__}")) == [d for d in docs_d if d]  # sequences
+        assert len(read_shard(str(tmp_path / f"ours{dtype.__name__}")).document_indices) == len(docs_d) + 1
     const = ShardWriter(str(tmp_path / "const"), numpy.uint8)
     const.append_constant(3, [4, 0, 2])
     const.commit()
-    assert _docs(str(tmp_path / "const")) == [[3] * 4, [], [3] * 2]
+    assert _docs(str(tmp_path / "const")) == [[3] * 4, [3] * 2]  # the empty document has no sequence
+    assert read_shard(str(tmp_path / "const")).document_indices.tolist() == [0, 1, 1, 2]
     # a Megatron shard with several sequences per document merges with its document indices
     multi = IndexedDatasetBuilder(str(tmp_path / "multi.bin"), dtype=numpy.uint16)
     multi.add_document(numpy.array([1, 2, 3, 4, 5], dtype=numpy.uint16), [2, 3])

@@ -1,44 +1,160 @@
 #!/usr/bin/env python
-"""Megatron-LM's ``tools/preprocess_data.py`` interface over ``vpmoe preprocess``.
+"""Megatron-LM's ``tools/preprocess_data.py``, as a drop-in, over ``vpmoe preprocess``.
 
-The familiar flags work (``--input``, ``--json-keys``, ``--output-prefix``, ``--append-eod``,
-``--workers``, ``--partitions``, ``--log-interval``); the tokenizer is a vpmoe tokenizer
-directory (``--tokenizer-model DIR``, or several with ``--tokenizer``). Megatron-LM's
-``--tokenizer-type``/``--vocab-file``/``--merge-file`` are not used: build the tokenizer
-directory with ``vpmoe tokenizer train|get`` first. Output names are Megatron's
-(``{prefix}.{variant}_{key}_document``). As in Megatron-LM, ``--append-eod`` is off unless
-given (``vpmoe preprocess`` turns it on by default).
+Megatron-LM's flags and output: ``--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR``
+(a local directory) or ``GPT2BPETokenizer --vocab-file --merge-file``
+(:mod:`megatron_vpmoe.tokenizers.megatron_flags`), ``--input``, ``--json-keys``,
+``--output-prefix``, ``--append-eod`` (off unless given), ``--workers``, ``--partitions``,
+``--log-interval``, ``--keep-sequential-samples`` (documents are always kept in input order);
+the output is ``{prefix}_{key}_document.bin/.idx`` and nothing else in the output folder (the
+summary is printed; its copy, which makes a re-run "up to date", goes to the user cache).
+Documents are kept as Megatron-LM keeps them: an empty or whitespace-only text is a document
+(an empty one has no tokens and no EOD). ``--split-sentences`` needs NLTK's punkt data and is
+refused with one line. ``Encoder``/``get_args``/``main`` have Megatron-LM's shapes so its own
+tests can import them. ``--tokenizer DIR`` (several: one shard set each, vpmoe names) stays.
 """
 
 import argparse
+import hashlib
+import json
+import os
 import sys
 
 from megatron_vpmoe.data.cli import add_preprocess_arguments, print_summary
 from megatron_vpmoe.data.preprocess import PreprocessOptions, parse_tokenizer_args, run_preprocess
-from megatron_vpmoe.utils.errors import VpmoeError
+from megatron_vpmoe.utils.errors import InputError, VpmoeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_preprocess_arguments(parser, required=True, append_eod=False)  # off, as in Megatron-LM
+    group = parser.add_argument_group("Megatron-LM's flags")
+    group.add_argument("--tokenizer-type", default=None, metavar="TYPE",
+                       help="HuggingFaceTokenizer (with --tokenizer-model DIR) or GPT2BPETokenizer "
+                            "(with --vocab-file and --merge-file)")
+    group.add_argument("--tokenizer-model", default=None, metavar="DIR", help="a local tokenizer directory")
+    group.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json (GPT2BPETokenizer)")
+    group.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (GPT2BPETokenizer)")
+    group.add_argument("--use-gigatoken", action="store_true",
+                       help="accepted: the gigatoken engine is used whenever it reproduces the tokenizer's ids")
+    group.add_argument("--split-sentences", action="store_true", help="split documents into sentences (NLTK punkt)")
+    group.add_argument("--keep-newlines", action="store_true", help="with --split-sentences")
+    group.add_argument("--lang", default="english", help="punkt language for --split-sentences")
+    group.add_argument("--keep-sequential-samples", action="store_true",
+                       help="accepted: documents always keep their input order")
+    group.add_argument("--find-optimal-num-workers", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--workers-to-check", nargs="+", type=int, default=None, help=argparse.SUPPRESS)
+    group.add_argument("--max-documents", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.keep_empty = True  # Megatron-LM's rule for this script
+    return args
+
+
+def _summary_path(prefix: str) -> str:
+    """Beside nothing in the output folder: the cache, named by the absolute output prefix."""
+    from megatron_vpmoe.tokenizers.megatron_flags import cache_root
+
+    digest = hashlib.sha256(os.path.abspath(prefix).encode()).hexdigest()[:20]
+    return str(cache_root() / "preprocess" / f"{digest}.summary.json")
+
+
+def _tokenizers(args) -> dict:
+    from megatron_vpmoe.tokenizers.megatron_flags import tokenizer_dir_from_flags
+
+    if args.tokenizer:
+        if args.tokenizer_type or args.tokenizer_model:
+            raise InputError("give --tokenizer DIR... or Megatron-LM's --tokenizer-type/--tokenizer-model, not both")
+        return parse_tokenizer_args(args.tokenizer)
+    path = tokenizer_dir_from_flags(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
+    return {"tokenizer": path}
+
+
+def _check_unsupported(args) -> None:
+    if args.find_optimal_num_workers:
+        raise InputError("--find-optimal-num-workers: not supported here (the work is cut into pieces per "
+                         "worker already); give --workers N")
+    if args.split_sentences:
+        try:
+            import nltk
+
+            nltk.data.find(f"tokenizers/punkt/{args.lang}.pickle")
+        except (ImportError, LookupError):
+            raise InputError(f"--split-sentences needs NLTK's punkt model tokenizers/punkt/{args.lang}.pickle "
+                             f"(not found under NLTK_DATA or nltk.data.path; this tool does not download)") from None
+        raise InputError("--split-sentences: sentence-level output is not supported by this tool yet")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_preprocess_arguments(parser, required=True, append_eod=False)  # off, as in Megatron-LM
-    parser.add_argument("--tokenizer-model", action="append", default=[], metavar="DIR",
-                        help="tokenizer directory (Megatron-LM's flag name; same as --tokenizer)")
-    args = parser.parse_args(argv)
-    tokenizers = args.tokenizer + args.tokenizer_model
-    if not tokenizers:
-        parser.error("give --tokenizer-model DIR (or --tokenizer DIR ...)")
+    args = get_args(argv)
     try:
+        _check_unsupported(args)
+        tokenizers = _tokenizers(args)
+        megatron = not args.tokenizer  # Megatron-LM's flags: Megatron-LM's names and files
         opts = PreprocessOptions(
-            inputs=args.input, output_prefix=args.output_prefix, tokenizers=parse_tokenizer_args(tokenizers),
+            inputs=args.input, output_prefix=args.output_prefix, tokenizers=tokenizers,
             json_keys=args.json_keys, append_eod=args.append_eod, workers=args.workers,
             chunk_size=args.chunk_size, partitions=args.partitions, txt_blocks=args.txt_blocks,
             strict=args.strict, log_interval=args.log_interval, progress=not args.no_progress,
-            overwrite=args.overwrite, max_doc_bytes=args.max_doc_bytes)
+            overwrite=args.overwrite, max_doc_bytes=args.max_doc_bytes, max_memory_mb=args.max_memory,
+            keep_empty=args.keep_empty,
+            megatron_names=megatron, summary_path=_summary_path(args.output_prefix) if megatron else None)
         print_summary(run_preprocess(opts))
     except VpmoeError as err:
         print(f"preprocess_data.py: error: {err}", file=sys.stderr)
         return err.exit_code
     return 0
+
+
+class Encoder:
+    """Megatron-LM's ``Encoder`` shape: ``initializer()`` loads the tokenizer; ``encode(json_line)``
+    gives ``({key: ids}, {key: sequence lengths}, len(json_line))`` exactly as :func:`main` writes them."""
+
+    tokenizer = None
+    _encoder = None
+
+    def __init__(self, args):
+        self.args = args
+
+    def initializer(self) -> None:
+        from megatron_vpmoe.data.encode import DocumentEncoder
+
+        _check_unsupported(self.args)
+        tokenizers = _tokenizers(self.args)
+        Encoder._encoder = DocumentEncoder(tokenizers, self.args.json_keys, self.args.append_eod,
+                                           keep_empty=self.args.keep_empty)
+        Encoder.tokenizer = _MegatronStyleTokenizer(next(iter(Encoder._encoder.tokenizers.values())))
+
+    def encode(self, json_line: str):
+        from megatron_vpmoe.data.sources import Document, Skipped
+
+        fields = json.loads(json_line)
+        doc = self._encoder.encode_batch([Document("line", {k: fields[k] for k in self.args.json_keys},
+                                                   len(json_line))])[0]
+        if isinstance(doc, Skipped):
+            raise InputError(f"{json_line[:60]!r}: {doc.reason}")
+        ids = {key: ids for (_, key), ids in doc.ids.items()}
+        return ids, {key: [len(v)] if v else [] for key, v in ids.items()}, len(json_line)
+
+
+class _MegatronStyleTokenizer:
+    """``tokenize``/``detokenize``/``decode``/``eod``/``vocab_size``, as Megatron-LM's tokenizers name them."""
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.eod = tok.eod_id
+        self.vocab_size = tok.vocab_size
+
+    def tokenize(self, text: str):
+        return self._tok.encode(text)
+
+    def detokenize(self, ids):
+        return self._tok.decode(list(ids))
+
+    decode = detokenize
 
 
 if __name__ == "__main__":

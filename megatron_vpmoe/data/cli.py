@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_vpmoe.data.memory_plan import DEFAULT_MAX_MEMORY_MB
 from megatron_vpmoe.data.sources import DEFAULT_MAX_DOC_BYTES
 
 EXAMPLE = ("Example: vpmoe preprocess --input '../shared/data/corpora/gutenberg_en/*.txt' "
@@ -41,6 +42,10 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser, *, required: bool,
                              "than N input bytes, dropping its bytes as they are read: tokenizing one "
                              "huge document takes ~100x its size in memory "
                              f"(default {DEFAULT_MAX_DOC_BYTES >> 20} MiB)")
+    parser.add_argument("--max-memory", type=int, default=DEFAULT_MAX_MEMORY_MB, metavar="MB",
+                        help="memory budget of each worker (and of the parent): records too long to "
+                             "tokenize within it are skipped as too_large, as with --max-doc-bytes "
+                             f"(default {DEFAULT_MAX_MEMORY_MB} MB; docs/data.md)")
     parser.add_argument("--log-interval", type=int, default=10000,
                         help="documents between log lines when no progress bar is shown")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -84,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
         json_keys=args.json_keys, append_eod=args.append_eod, workers=args.workers, chunk_size=args.chunk_size,
         partitions=args.partitions, txt_blocks=args.txt_blocks, strict=args.strict,
         log_interval=args.log_interval, progress=not args.no_progress, overwrite=args.overwrite,
-        max_doc_bytes=args.max_doc_bytes)
+        max_doc_bytes=args.max_doc_bytes, max_memory_mb=args.max_memory)
     summary = run_preprocess(opts)
     print_summary(summary)
     return 0
@@ -97,6 +102,8 @@ def print_summary(summary: dict) -> None:
     print(f"preprocessed {summary['documents']} documents, {summary['bytes'] / 1e6:.2f} MB in "
           f"{summary['seconds']:.1f} s ({summary['docs_per_s']:.0f} docs/s, {summary['mb_per_s']:.2f} MB/s, "
           f"{summary['workers']} workers)")
+    for variant, engine in summary.get("engines", {}).items():
+        print(f"  {variant}: encoded with {engine}")
     for name, s in summary["shards"].items():
         variant, key = name.split("/", 1)
         mask = " + loss mask" if s["loss_mask"] else ""

@@ -8,8 +8,9 @@ adds the tokenizer's end-of-document id (role 0 in chat documents: the model is 
 predict EOD after an assistant turn that already ends in ``<|return|>``; plain text: EOD is
 an ordinary target as in Megatron).
 
-One encoder is built in the parent from the tokenizer directories; forked worker processes
-(:mod:`preprocess`) inherit it.
+One encoder is built in the parent from the tokenizer directories (each HF-backed variant's
+gigatoken engine is checked there, :mod:`megatron_vpmoe.tokenizers.fast`); forked worker
+processes (:mod:`preprocess`) inherit it.
 """
 
 from __future__ import annotations
@@ -34,14 +35,19 @@ class EncodedDocument:
 
 
 class DocumentEncoder:
-    def __init__(self, tokenizer_dirs: Dict[str, str], json_keys: Sequence[str], append_eod: bool):
+    def __init__(self, tokenizer_dirs: Dict[str, str], json_keys: Sequence[str], append_eod: bool,
+                 keep_empty: bool = False):
         from megatron_vpmoe.tokenizers import load_tokenizer
 
         self.tokenizers = {name: load_tokenizer(path) for name, path in tokenizer_dirs.items()}
         self.json_keys = list(json_keys)
         self.append_eod = append_eod
+        self.keep_empty = keep_empty  # Megatron-LM's rule: an empty document is kept, without EOD
         self._special_ids = {}
+        self.engines = {}  # variant -> "gigatoken" or why the HF tokenizers encoder is used
         for name, tok in self.tokenizers.items():
+            engine, reason = tok.fast_engine() if hasattr(tok, "fast_engine") else (None, f"kind {tok.kind}")
+            self.engines[name] = "gigatoken" if engine is not None else f"tokenizers ({reason})"
             ids = {}
             for special in ("<|start|>", "<|channel|>", "<|message|>", "<|constrain|>", "<|end|>",
                             "<|return|>", "<|call|>"):
@@ -78,14 +84,14 @@ class DocumentEncoder:
                 docs = [(i, t) for i, t in docs if isinstance(out[i], EncodedDocument)]
                 for (i, _), ids in zip(docs, tok.encode_batch([t for _, t in docs]) if docs else []):
                     ids = list(ids)  # one copy: the tokenizer's list is not ours to extend
-                    if self.append_eod:
+                    if self.append_eod and (ids or not self.keep_empty):
                         ids.append(tok.eod_id)
                     out[i].ids[(name, key)] = ids
                     out[i].roles[(name, key)] = None
             self._encode_chats(name, tok, [(i, k, s) for i, k, s in chats if isinstance(out[i], EncodedDocument)],
                                out)
-        for i, doc in enumerate(out):  # a document that encodes to nothing is skipped
-            if isinstance(doc, EncodedDocument) and any(not ids for ids in doc.ids.values()):
+        for i, doc in enumerate(out):  # a document that encodes to nothing is skipped (unless keep_empty)
+            if not self.keep_empty and isinstance(doc, EncodedDocument) and any(not ids for ids in doc.ids.values()):
                 out[i] = Skipped(doc.where, "empty", doc.nbytes)
         return out
 

@@ -12,25 +12,27 @@ length per document. Bad records are skipped and counted by reason with their fi
 positions (``file:line``, absolute within the file); ``--strict`` makes the first one fatal.
 With ``--partitions N`` the input files are split into N groups written as separate shard sets
 and merged at the end; a re-run skips the partitions already written, so a long job resumes.
-The final summary is printed and saved as ``{prefix}.summary.json``, last, with the fingerprint
+The final summary is printed and saved as ``{prefix}.summary.json`` (or ``summary_path``), last, with the fingerprint
 (:mod:`fingerprint`) that makes a re-run "up to date"; it is removed before anything is
 published. A run that would publish no documents is an error naming the input.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from megatron_vpmoe.data import shards
 from megatron_vpmoe.data.fingerprint import (
     fingerprint, published_sizes, read_summary, stale_reason, tokenizer_digests)
 from megatron_vpmoe.data.encode import DocumentEncoder, EncodedDocument
+from megatron_vpmoe.data.memory_plan import CHUNK_BYTES, DEFAULT_MAX_MEMORY_MB, plan
 from megatron_vpmoe.data.sources import (
     DEFAULT_MAX_DOC_BYTES, Piece, Skipped, expand_inputs, iter_piece, plan_pieces, total_bytes)
 from megatron_vpmoe.utils.atomic import atomic_write_text
@@ -59,6 +61,10 @@ class PreprocessOptions:
     overwrite: bool = False
     piece_bytes: int = 0  # input bytes per worker piece; 0: chosen from the input size and workers
     max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES  # a longer record is skipped as too_large
+    keep_empty: bool = False  # Megatron-LM's rule: empty/whitespace-only documents are kept, not skipped
+    megatron_names: bool = False  # one variant, named {prefix}_{key}_document as Megatron-LM names it
+    summary_path: Optional[str] = None  # default {prefix}.summary.json
+    max_memory_mb: int = DEFAULT_MAX_MEMORY_MB  # each worker's budget (memory_plan.py)
 
 
 @dataclass
@@ -99,24 +105,27 @@ def parse_tokenizer_args(values: Sequence[str]) -> Dict[str, str]:
 
 
 def _chunks(items: Iterator, size: int) -> Iterator[list]:
-    chunk = []
+    """Batches of ``size`` records or :data:`CHUNK_BYTES` of input, whichever comes first."""
+    chunk, nbytes = [], 0
     for item in items:
         chunk.append(item)
-        if len(chunk) >= size:
+        nbytes += item.nbytes
+        if len(chunk) >= size or nbytes >= CHUNK_BYTES:
             yield chunk
-            chunk = []
+            chunk, nbytes = [], 0
     if chunk:
         yield chunk
 
 
 def write_piece(piece: Piece, shard_set: shards.ShardSet, encoder: DocumentEncoder, json_keys: Sequence[str],
                 txt_blocks: bool, chunk_size: int, strict: bool, report: Callable[[int, int], None],
-                max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> dict:
+                max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, keep_empty: bool = False) -> dict:
     """Read, encode and append one piece's records to ``shard_set``; returns the piece's tally.
     ``report(documents, bytes)`` is called per chunk; the bytes reported add up to the piece's."""
     tally = Tally()
     left = piece.nbytes
-    records = iter_piece(piece, json_keys, txt_blocks=txt_blocks, max_doc_bytes=max_doc_bytes)
+    records = iter_piece(piece, json_keys, txt_blocks=txt_blocks, max_doc_bytes=max_doc_bytes,
+                         keep_empty=keep_empty)
     for chunk in _chunks(records, chunk_size):
         nbytes = 0
         for doc in encoder.encode_batch(chunk):
@@ -183,7 +192,7 @@ def _piece_in_worker(task) -> dict:
     shard_set = shards.ShardSet(f"{prefix}.piece{piece.index:06d}", w["vocab"], w["json_keys"])
     try:
         tally = write_piece(piece, shard_set, w["encoder"], w["json_keys"], w["txt_blocks"], w["chunk_size"],
-                            w["strict"], _report_shared, w["max_doc_bytes"])
+                            w["strict"], _report_shared, w["max_doc_bytes"], w["keep_empty"])
         return {"tally": tally, "files": shard_set.finish_piece()}
     except BaseException:
         shard_set.abort()
@@ -238,7 +247,8 @@ class _Runner:
             self._seen = (0, 0)
             config = {"vocab": self.vocab, "json_keys": list(self.opts.json_keys),
                       "txt_blocks": self.opts.txt_blocks, "chunk_size": self.opts.chunk_size,
-                      "strict": self.opts.strict, "max_doc_bytes": self.opts.max_doc_bytes}
+                      "strict": self.opts.strict, "max_doc_bytes": self.opts.max_doc_bytes,
+                      "keep_empty": self.opts.keep_empty}
             self.pool = ctx.Pool(self.opts.workers, initializer=_init_worker,
                                  initargs=(self.encoder, config, self.counters))
         return self.pool
@@ -254,13 +264,14 @@ class _Runner:
         """All pieces into the shard set ``prefix``, committed; returns the tally and shard stats.
         ``before_commit(tally)`` runs before anything is published (it may raise to publish nothing)."""
         opts = self.opts
-        shard_set = shards.ShardSet(prefix, self.vocab, opts.json_keys)
+        shard_set = shards.ShardSet(prefix, self.vocab, opts.json_keys, opts.megatron_names)
         tally = Tally()
         try:
             if opts.workers == 1:
                 for piece in pieces:
                     tally.add(write_piece(piece, shard_set, self.encoder, opts.json_keys, opts.txt_blocks,
-                                          opts.chunk_size, opts.strict, self.progress.update, opts.max_doc_bytes))
+                                          opts.chunk_size, opts.strict, self.progress.update, opts.max_doc_bytes,
+                                          opts.keep_empty))
             else:
                 import multiprocessing as mp
 
@@ -320,17 +331,24 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
     if opts.workers < 1 or opts.partitions < 1 or opts.chunk_size < 1:
         raise InputError("--workers, --partitions and --chunk-size must be >= 1")
     files = expand_inputs(opts.inputs)
-    encoder = DocumentEncoder(opts.tokenizers, opts.json_keys, opts.append_eod)
+    if opts.megatron_names and len(opts.tokenizers) > 1:
+        raise InputError("Megatron-LM's output names ({prefix}_{key}_document) hold one tokenizer: give one")
+    encoder = DocumentEncoder(opts.tokenizers, opts.json_keys, opts.append_eod, opts.keep_empty)
     vocab = {name: tok.vocab_size for name, tok in encoder.tokenizers.items()}
     prefix = opts.output_prefix
     if opts.max_doc_bytes < 1:
         raise InputError("--max-doc-bytes must be >= 1")
+    doc_limit, note = plan(opts.max_memory_mb, opts.max_doc_bytes, encoder.engines)
+    if note:
+        print(f"preprocess: {note}", flush=True)
+    opts = dataclasses.replace(opts, max_doc_bytes=doc_limit)
     flags = {"json_keys": list(opts.json_keys), "append_eod": opts.append_eod, "txt_blocks": opts.txt_blocks,
-             "max_doc_bytes": opts.max_doc_bytes}
+             "max_doc_bytes": opts.max_doc_bytes, "keep_empty": opts.keep_empty}
     toks = tokenizer_digests(opts.tokenizers)
     current = fingerprint(files, toks, flags)
-    finals = [shards.token_prefix(prefix, v, k) for v in vocab for k in opts.json_keys]
-    summary_path = Path(prefix + ".summary.json")
+    names = opts.megatron_names
+    finals = [shards.token_prefix(prefix, v, k, names) for v in vocab for k in opts.json_keys]
+    summary_path = Path(opts.summary_path or prefix + ".summary.json")
     old = read_summary(summary_path)
     reason = stale_reason(old, current, os.path.dirname(prefix) or ".", _names(finals))
     if reason is None and not opts.overwrite:
@@ -362,7 +380,7 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
             for i, group in enumerate(groups):
                 part = f"{prefix}_part{i:03d}of{len(groups):03d}"
                 part_summary = Path(part + ".summary.json")
-                done = [shards.token_prefix(part, v, k) for v in vocab for k in opts.json_keys]
+                done = [shards.token_prefix(part, v, k, names) for v in vocab for k in opts.json_keys]
                 part_print = fingerprint(group, toks, flags)
                 stats = read_summary(part_summary)
                 if stale_reason(stats, part_print, os.path.dirname(part) or ".", _names(done)) is None \
@@ -383,9 +401,9 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
             for stats in part_stats:
                 total.add(stats)
             if total.documents == 0:
-                _remove_parts(parts, vocab, opts.json_keys)
+                _remove_parts(parts, vocab, opts.json_keys, names)
             publishing(total)
-            _merge_partitions(prefix, parts, part_stats, vocab, opts.json_keys)
+            _merge_partitions(prefix, parts, part_stats, vocab, opts.json_keys, names)
     finally:
         progress.close()
         runner.close()
@@ -408,7 +426,8 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
         "seconds": round(seconds, 3), "docs_per_s": round(tally.documents / max(seconds, 1e-9), 1),
         "mb_per_s": round(tally.bytes / 1e6 / max(seconds, 1e-9), 3),
         "tokens_per_s": round(sum(tokens_per_variant.values()) / max(seconds, 1e-9), 1),
-        "workers": opts.workers, "partitions": len(groups),
+        "workers": opts.workers, "partitions": len(groups), "engines": encoder.engines,
+        "max_memory_mb": opts.max_memory_mb, "max_doc_bytes": opts.max_doc_bytes,
         "fingerprint": current, "files": published_sizes(_with_masks(finals)),
     }
     atomic_write_text(summary_path, json.dumps(summary, indent=2))
@@ -436,7 +455,7 @@ def _nothing_to_write(files: Sequence[Path], tally: Tally) -> InputError:
 
 
 def _merge_partitions(prefix: str, parts: List[str], part_stats: List[dict], vocab: Dict[str, int],
-                      json_keys: Sequence[str]) -> None:
+                      json_keys: Sequence[str], megatron_names: bool = False) -> None:
     for variant, vocab_size in vocab.items():
         for key in json_keys:
             name = f"{variant}/{key}"
@@ -447,24 +466,25 @@ def _merge_partitions(prefix: str, parts: List[str], part_stats: List[dict], voc
 
                 outputs.append((shards.mask_prefix, numpy.uint8))
             for naming, dtype in outputs:
-                writer = shards.ShardWriter(naming(prefix, variant, key), dtype)
+                writer = shards.ShardWriter(naming(prefix, variant, key, megatron_names), dtype)
                 try:
                     for part in parts:
-                        writer.merge(naming(part, variant, key))
+                        writer.merge(naming(part, variant, key, megatron_names))
                     writer.commit()
                 except BaseException:
                     writer.abort()
                     raise
-    _remove_parts(parts, vocab, json_keys)  # the merged set is complete
+    _remove_parts(parts, vocab, json_keys, megatron_names)  # the merged set is complete
 
 
-def _remove_parts(parts: List[str], vocab: Dict[str, int], json_keys: Sequence[str]) -> None:
+def _remove_parts(parts: List[str], vocab: Dict[str, int], json_keys: Sequence[str],
+                  megatron_names: bool = False) -> None:
     for part in parts:
         for variant in vocab:
             for key in json_keys:
                 for naming in (shards.token_prefix, shards.mask_prefix):
                     for ext in (".bin", ".idx"):
-                        path = naming(part, variant, key) + ext
+                        path = naming(part, variant, key, megatron_names) + ext
                         if os.path.exists(path):
                             os.remove(path)
         if os.path.exists(part + ".summary.json"):

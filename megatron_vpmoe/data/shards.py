@@ -41,12 +41,14 @@ def _indexed_dataset_module():
     return import_megatron("megatron.core.datasets.indexed_dataset")
 
 
-def token_prefix(prefix: str, variant: str, key: str) -> str:
-    return f"{prefix}.{variant}_{key}_document"
+def token_prefix(prefix: str, variant: str, key: str, megatron_names: bool = False) -> str:
+    """``{prefix}.{variant}_{key}_document``; ``megatron_names`` (one variant): Megatron-LM's
+    ``{prefix}_{key}_document``."""
+    return f"{prefix}_{key}_document" if megatron_names else f"{prefix}.{variant}_{key}_document"
 
 
-def mask_prefix(prefix: str, variant: str, key: str) -> str:
-    return f"{prefix}.{variant}_{key}_lossmask_document"
+def mask_prefix(prefix: str, variant: str, key: str, megatron_names: bool = False) -> str:
+    return mask_prefix_of(token_prefix(prefix, variant, key, megatron_names))
 
 
 def mask_prefix_of(token_prefix_: str) -> str:
@@ -101,10 +103,12 @@ class ShardWriter:
         self.tokens = 0
 
     def add(self, ids: Sequence[int]) -> None:
-        """One document of one sequence."""
+        """One document of one sequence; an empty one has no sequence (as megatron-core's
+        ``IndexedDatasetBuilder.add_document([], [])`` writes Megatron-LM's empty documents)."""
         data = numpy.asarray(ids, dtype=self.dtype)
         self._file.write(data.tobytes(order="C"))
-        self._lengths.append(len(data))
+        if len(data):
+            self._lengths.append(len(data))
         self._document_indices.append(len(self._lengths))
         self.documents += 1
         self.tokens += len(data)
@@ -133,7 +137,8 @@ class ShardWriter:
         self._extend_index(lengths, document_indices)
 
     def append_constant(self, value: int, lengths) -> None:
-        """Append documents of ``lengths`` whose every element is ``value``."""
+        """Append documents of ``lengths`` whose every element is ``value`` (a length-0 document
+        has no sequence, as in :meth:`add`)."""
         lengths = numpy.asarray(lengths, dtype=numpy.int64)
         remaining = int(lengths.sum())
         block = numpy.full(min(remaining, _COPY_BLOCK), value, dtype=self.dtype).tobytes()
@@ -141,7 +146,8 @@ class ShardWriter:
             n = min(remaining, _COPY_BLOCK)
             self._file.write(block[: n * numpy.dtype(self.dtype).itemsize])
             remaining -= n
-        self._extend_index(lengths, None)
+        nonzero = lengths > 0
+        self._extend_index(lengths[nonzero], numpy.concatenate(([0], numpy.cumsum(nonzero))))
 
     def merge(self, other_prefix: str) -> None:
         """Append an existing shard (its dtype must match)."""
@@ -154,10 +160,11 @@ class ShardWriter:
         self.append_data(other_prefix + ".bin", lengths, documents)
 
     def finish_data(self) -> tuple:
-        """Close the data file without publishing it: ``(temporary .bin path, lengths)``, for
-        :meth:`append_data` (pieces written by workers have one sequence per document)."""
+        """Close the data file without publishing it: ``(temporary .bin path, lengths, document
+        indices)``, for :meth:`append_data`."""
         self._file.close()
-        return self._tmp_bin, numpy.frombuffer(self._lengths, dtype=numpy.int64).copy()
+        return (self._tmp_bin, numpy.frombuffer(self._lengths, dtype=numpy.int64).copy(),
+                numpy.frombuffer(self._document_indices, dtype=numpy.int64).copy())
 
     def commit(self) -> None:
         """Publish: the old ``.idx`` goes first, then the new ``.bin`` and ``.idx`` take their
@@ -187,8 +194,10 @@ class ShardSet:
     documents in such a field get role 3 (text) for every token.
     """
 
-    def __init__(self, prefix: str, variants: Dict[str, int], json_keys: Sequence[str]):
+    def __init__(self, prefix: str, variants: Dict[str, int], json_keys: Sequence[str],
+                 megatron_names: bool = False):
         self.prefix = prefix
+        self.megatron_names = megatron_names
         self.tokens: Dict[tuple, ShardWriter] = {}
         # a mask shard is opened at the first chat document of its field; until then only the
         # plain documents' lengths are kept (their masks are constant) and written on opening
@@ -200,7 +209,8 @@ class ShardSet:
                     k = (variant, key)
                     self.masks[k] = None
                     self._plain_lengths[k] = array("q")
-                    self.tokens[k] = ShardWriter(token_prefix(prefix, variant, key), token_dtype(vocab_size))
+                    self.tokens[k] = ShardWriter(token_prefix(prefix, variant, key, megatron_names),
+                                                 token_dtype(vocab_size))
         except BaseException:
             self.abort()
             raise
@@ -212,7 +222,7 @@ class ShardSet:
     def _open_mask(self, k: tuple) -> ShardWriter:
         if self.masks[k] is None:
             variant, key = k
-            writer = ShardWriter(mask_prefix(self.prefix, variant, key), numpy.uint8)
+            writer = ShardWriter(mask_prefix(self.prefix, variant, key, self.megatron_names), numpy.uint8)
             self.masks[k] = writer
             writer.append_constant(ROLE_TEXT, numpy.frombuffer(self._plain_lengths[k], dtype=numpy.int64))
             self._plain_lengths[k] = array("q")
@@ -235,22 +245,26 @@ class ShardSet:
         temporary token file, its lengths, and the mask file (None without chat documents)."""
         out = {}
         for k, writer in self.tokens.items():
-            bin_path, lengths = writer.finish_data()
+            bin_path, lengths, documents = writer.finish_data()
             mask = self.masks[k].finish_data()[0] if self.masks[k] is not None else None
-            out[k] = {"bin": bin_path, "lengths": lengths, "mask": mask}
+            out[k] = {"bin": bin_path, "lengths": lengths, "documents": documents, "mask": mask}
         return out
 
     def append_piece(self, piece: Dict[tuple, dict]) -> None:
         """Append a worker's piece (:meth:`finish_piece`) and delete its files."""
         for k, part in piece.items():
-            lengths = part["lengths"]
-            self.tokens[k].append_data(part["bin"], lengths)
+            lengths, documents = part["lengths"], part["documents"]
+            self.tokens[k].append_data(part["bin"], lengths, documents)
             if part["mask"] is not None:
-                self._open_mask(k).append_data(part["mask"], lengths)
-            elif self.masks[k] is not None:
-                self.masks[k].append_constant(ROLE_TEXT, lengths)
-            else:
-                self._plain_lengths[k].frombytes(numpy.asarray(lengths, dtype=numpy.int64).tobytes())
+                self._open_mask(k).append_data(part["mask"], lengths, documents)
+            else:  # per document (an empty one has length 0 here and no sequence when written)
+                per_doc = numpy.zeros(len(documents) - 1, dtype=numpy.int64)
+                has_seq = numpy.diff(documents) > 0
+                per_doc[has_seq] = lengths
+                if self.masks[k] is not None:
+                    self.masks[k].append_constant(ROLE_TEXT, per_doc)
+                else:
+                    self._plain_lengths[k].frombytes(per_doc.tobytes())
             for path in (part["bin"], part["mask"]):
                 if path is not None:
                     os.remove(path)

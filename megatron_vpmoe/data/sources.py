@@ -188,7 +188,7 @@ def _lines(path: Path, start: int = 0, end: Optional[int] = None, first_line: in
             yield lineno + 1, TOO_LARGE if oversize else pending, raw.tell() - last_pos
 
 
-def _pick(record: dict, keys: Sequence[str], where: str, nbytes: int):
+def _pick(record: dict, keys: Sequence[str], where: str, nbytes: int, keep_empty: bool = False):
     fields = {}
     for key in keys:
         value = record
@@ -197,7 +197,7 @@ def _pick(record: dict, keys: Sequence[str], where: str, nbytes: int):
                 return Skipped(where, "missing_key", nbytes)
             value = value[part]
         if isinstance(value, str):
-            if not value.strip():
+            if not keep_empty and not value.strip():
                 return Skipped(where, "empty", nbytes)
         elif isinstance(value, list):
             if not value:
@@ -209,7 +209,7 @@ def _pick(record: dict, keys: Sequence[str], where: str, nbytes: int):
 
 
 def _jsonl(path: Path, keys: Sequence[str], span: tuple = (0, None, 1),
-           max_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Union[Document, Skipped]]:
+           max_bytes: int = DEFAULT_MAX_DOC_BYTES, keep_empty: bool = False) -> Iterator[Union[Document, Skipped]]:
     carried = 0
     for lineno, line, nbytes in _lines(path, *span, max_bytes=max_bytes):
         where, nbytes, carried = f"{path}:{lineno}", nbytes + carried, 0
@@ -232,10 +232,10 @@ def _jsonl(path: Path, keys: Sequence[str], span: tuple = (0, None, 1),
         if not isinstance(record, dict):
             yield Skipped(where, "malformed_json", nbytes)
             continue
-        yield _pick(record, keys, where, nbytes)
+        yield _pick(record, keys, where, nbytes, keep_empty)
 
 
-def _parquet(path: Path, keys: Sequence[str]) -> Iterator[Union[Document, Skipped]]:
+def _parquet(path: Path, keys: Sequence[str], keep_empty: bool = False) -> Iterator[Union[Document, Skipped]]:
     import pyarrow.parquet as pq
 
     try:
@@ -251,7 +251,7 @@ def _parquet(path: Path, keys: Sequence[str]) -> Iterator[Union[Document, Skippe
         per_row_bytes = max(1, batch.nbytes // max(batch.num_rows, 1))
         for record in batch.to_pylist():
             row += 1
-            yield _pick(record, keys, f"{path}:row{row}", per_row_bytes)
+            yield _pick(record, keys, f"{path}:row{row}", per_row_bytes, keep_empty)
 
 
 def _text(path: Path, key: str, blocks: bool, span: tuple = (0, None, 1),
@@ -306,21 +306,25 @@ def _text_block(path: Path, start: int, lines: List[bytes], key: str, nbytes: in
 
 
 def iter_documents(files: Sequence[Path], json_keys: Sequence[str], *, txt_blocks: bool = False,
-                   max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Union[Document, Skipped]]:
+                   max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, keep_empty: bool = False
+                   ) -> Iterator[Union[Document, Skipped]]:
     """Every record of ``files`` in order (module docstring). ``.txt`` inputs give their text
     under the first json key; ``txt_blocks`` splits them at blank lines. A record of more than
     ``max_doc_bytes`` input bytes is skipped as ``too_large`` without being held in memory."""
     for path in files:
-        yield from _file_records(Path(path), json_keys, txt_blocks, (0, None, 1), max_doc_bytes)
+        yield from _file_records(Path(path), json_keys, txt_blocks, (0, None, 1), max_doc_bytes, keep_empty)
 
 
-def _file_records(path: Path, json_keys: Sequence[str], txt_blocks: bool, span: tuple, max_bytes: int):
+def _file_records(path: Path, json_keys: Sequence[str], txt_blocks: bool, span: tuple, max_bytes: int,
+                  keep_empty: bool = False):
+    """``keep_empty``: a JSONL/parquet field that is empty or whitespace-only is a document (as in
+    Megatron-LM's preprocess_data.py), not skipped as ``empty``."""
     name = path.name.lower()
     if name.endswith(".parquet"):
-        return _parquet(path, json_keys)
+        return _parquet(path, json_keys, keep_empty)
     if name.endswith(TEXT_SUFFIXES):
         return _text(path, json_keys[0], txt_blocks, span, max_bytes)
-    return _jsonl(path, json_keys, span, max_bytes)
+    return _jsonl(path, json_keys, span, max_bytes, keep_empty)
 
 
 # ---- pieces: the inputs cut for parallel workers ------------------------------------------
@@ -346,11 +350,12 @@ class Piece:
 
 
 def iter_piece(piece: Piece, json_keys: Sequence[str], *, txt_blocks: bool = False,
-               max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Union[Document, Skipped]]:
+               max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, keep_empty: bool = False
+               ) -> Iterator[Union[Document, Skipped]]:
     """The records of one piece, positions numbered as in the whole file."""
     for seg in piece.segments:
         yield from _file_records(seg.path, json_keys, txt_blocks, (seg.start, seg.end, seg.first_line),
-                                 max_doc_bytes)
+                                 max_doc_bytes, keep_empty)
 
 
 def _splittable(path: Path, txt_blocks: bool) -> bool:

@@ -4,6 +4,11 @@
 A tokenizer directory holds ``vpmoe_tokenizer.json`` (kind + metadata), the variant's own
 artefacts, and ``tokenizer.json`` (HF ``tokenizers`` format) so that
 ``transformers.PreTrainedTokenizerFast(tokenizer_file=...)`` loads every variant.
+
+One rule for special-token strings inside text (``<|endoftext|>``, ``<|start|>``...): they
+become their special ids, in :meth:`Tokenizer.encode`, in the exported HF tokenizer
+(``to_hf``/``AutoTokenizer``) and in Megatron-LM's own ``HuggingFaceTokenizer``, so the ids a
+model is trained on are the ids it sees through transformers.
 """
 
 from __future__ import annotations
@@ -154,8 +159,8 @@ class HFTokenizer(Tokenizer):
                  eod_token: Optional[str] = None):
         self.kind = kind
         self._backend = backend
-        # special-token strings inside text are encoded as plain text, never as specials
-        backend.encode_special_tokens = True
+        # special-token strings inside text are their special ids (the module's one rule)
+        backend.encode_special_tokens = False
         specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         if eod_token is None:
             super().__init__(name, specials, metadata)
@@ -166,6 +171,7 @@ class HFTokenizer(Tokenizer):
             super().__init__(name, specials, metadata, required_specials=(eod_token,))
         self._vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
         self._id_to_bytes = None
+        self._fast = None  # (engine or None, reason): built on the first encode_batch
 
     @property
     def vocab_size(self) -> int:
@@ -180,7 +186,19 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def encode_batch(self, texts: List[str]) -> List[List[int]]:
-        return self._encode_plain(list(texts))
+        engine = self.fast_engine()[0]
+        return engine.encode_batch(list(texts)) if engine is not None else self._encode_plain(list(texts))
+
+    def fast_engine(self):
+        """``(engine, reason)``: the gigatoken engine when it reproduces this tokenizer's ids on
+        the built-in sample (checked once, :mod:`megatron_vpmoe.tokenizers.fast`), else ``(None,
+        why not)``; batches then use the HF ``tokenizers`` encoder."""
+        if self._fast is None:
+            from megatron_vpmoe.tokenizers.fast import build_engine
+
+            self._fast = build_engine(self._backend.to_str(), self._encode_plain,
+                                      [f"x {s}{s} y" for s in self._special])
+        return self._fast
 
     def decode(self, ids: List[int]) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=False)
@@ -193,8 +211,7 @@ class HFTokenizer(Tokenizer):
         return self._id_to_bytes[token_id]
 
     def hf_tokenizer(self):
-        """A copy of the backend that parses special-token strings (chat rendering), unlike
-        :meth:`encode`, which treats them as text."""
+        """A copy of the backend (it parses special-token strings, as :meth:`encode` does)."""
         from tokenizers import Tokenizer as RustTokenizer
 
         copy = RustTokenizer.from_str(self._backend.to_str())

@@ -103,10 +103,11 @@ class TiktokenTokenizer(Tokenizer):
         return self._special.get("<|pad|>", self.eod_id)
 
     def encode(self, text: str) -> List[int]:
-        return self._enc.encode_ordinary(text)
+        # special-token strings in text are their special ids (the rule in base.py's docstring)
+        return self._enc.encode(text, allowed_special="all")
 
     def encode_batch(self, texts: List[str]) -> List[List[int]]:
-        return self._enc.encode_ordinary_batch(list(texts), num_threads=1)
+        return self._enc.encode_batch(list(texts), num_threads=1, allowed_special="all")
 
     def decode(self, ids: List[int]) -> str:
         ids = list(ids)
