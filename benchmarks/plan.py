@@ -146,8 +146,9 @@ def _markdown(res: dict) -> str:
              "retained heap on top. "
              "Predicted = `vpmoe plan --gpu cpu` for the rank's pipeline stage. Target: within +-15%; "
              "parameter / gradient / optimizer bytes equal to the live shard's.", "",
-             "Training peak = construction and steps; the checkpoint save is shown apart (saves are being made "
-             "sharded; today's parallel save gathers the whole model on every rank, which the planner does not model).", "",
+             "Training peak = construction and steps; the checkpoint save is shown apart (the EP=2 and EP=4 x PP=2 "
+             "rows were re-measured with sharded saves, each rank writing its own shards; the other rows' save "
+             "columns were measured while a save still gathered the model on every rank).", "",
              "| case | layout | idle MB | rank (pp) | training peak - idle MB | predicted MB (moment) | error | "
              "save peak - idle MB | predicted save MB | params/grads/optim bytes exact |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -24,6 +24,7 @@ class Layout:
     mb: int = 1
     recompute: str = "none"
     zero: bool = False  # distributed optimizer (ZeRO-1)
+    overlap: bool = True  # parallel.overlap_grad_reduce: persistent bucket buffers, no gradient copy
 
     @property
     def dp(self) -> int:
@@ -59,7 +60,8 @@ def from_config(cfg: VpmoeConfig, world: int) -> Layout:
     """The layout a run config asks for on ``world`` ranks."""
     p = cfg.parallel
     return Layout(world=world, tp=p.tensor, ep=p.expert, pp=p.pipeline, vpp=p.virtual_pipeline if p.pipeline > 1 else 1,
-                  mb=cfg.train.micro_batch_size, recompute=cfg.train.recompute, zero=p.distributed_optimizer)
+                  mb=cfg.train.micro_batch_size, recompute=cfg.train.recompute, zero=p.distributed_optimizer,
+                  overlap=p.overlap_grad_reduce)
 
 
 def parse_layout(text: str, base: Layout) -> Layout:

@@ -318,7 +318,12 @@ def rank_memory(cfg, layout: Layout, pp_rank: int, kernels: str, framework_bytes
         optimizer_step = F32 * (params if not layout.zero else int(dense / layout.dp + experts / max(layout.expert_dp, 1)))
     else:
         optimizer_step = F32 * largest_tensor(m, tp, ep, pp, vpp, pp_rank)
-    grad_reduce = F32 * max(dense if layout.dp > 1 else 0, experts if layout.expert_dp > 1 else 0)
+    # parameters whose gradients are reduced over a data-parallel group
+    reduced = (dense if layout.dp > 1 else 0) + (experts if layout.expert_dp > 1 else 0)
+    # overlapped (parallel/grad_sync.py): their gradients live in bucket buffers allocated once and
+    # kept (no copy for the reduction); otherwise one flat copy of each group's gradients
+    bucketed = reduced if layout.overlap else 0
+    grad_reduce = 0 if layout.overlap else F32 * max(dense if layout.dp > 1 else 0, experts if layout.expert_dp > 1 else 0)
     staging = params * F32 + optimizer
     autocast_weights = (params - experts - (m.vocab_size * h if first else 0)) * 2 if a != F32 else 0
     base = F32 * params * 2 + optimizer + framework_bytes  # gradients are freed after each step's update
@@ -333,13 +338,14 @@ def rank_memory(cfg, layout: Layout, pp_rank: int, kernels: str, framework_bytes
     # rank than are in flight (steady 1F1B, gradient accumulation). With every micro-batch in
     # flight at once (one micro-batch, GPipe) backward frees activations as it makes gradients.
     micro_chunks = layout.micro_batches(gbs) * vpp
-    held = activations + F32 * params if micro_chunks > flight else max(activations, F32 * params)
+    freed = F32 * (params - bucketed)  # gradients created by backward and freed after the update
+    held = F32 * bucketed + (activations + freed if micro_chunks > flight else max(activations, freed))
     transient = working + pipeline_buffers + all_to_all + autocast_weights + max(head_loss, embedding_grad)
     mem.moments = {
         "backward": base - F32 * params + held + transient,
         "grad_reduce": base + grad_reduce,
         "optimizer_step": base + optimizer_step,
-        "checkpoint_save": base - F32 * params + (staging if staging_on_device else 0),
+        "checkpoint_save": base - freed + (staging if staging_on_device else 0),
     }
     return mem
 
