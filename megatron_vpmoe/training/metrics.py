@@ -67,7 +67,13 @@ def peak_memory_over_ranks(world_size: int) -> Dict[str, float]:
 
 
 def memory_stats() -> Dict[str, float]:
-    out = {"cpu_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    """This rank's peak memory. CPU: the kernel's peak-RSS mark of this process's own memory
+    (``VmHWM``; ``ru_maxrss`` would also carry the peak of a large parent that forked and exec'd
+    this process). With ``log.memory_report`` the mark restarts at every measured phase."""
+    from megatron_vpmoe.utils.memory import peak_rss_bytes
+
+    peak = peak_rss_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = {"cpu_max_rss_mb": peak / 2**20}
     if torch.cuda.is_available():
         out["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["gpu_max_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
