@@ -50,12 +50,21 @@ def _fixed_completions(rows):
     return out
 
 
+def _write_atomically(path, text):
+    """Every rank writes the same file: each writes its own temporary and renames it, so no rank
+    ever reads another's half-written copy."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _write_config(tmp, name, *, steps=1, ppo_epochs=1, parallel="{}", extra=""):
     prompts = tmp / "prompts.jsonl"
-    if not prompts.exists():
-        prompts.write_text("".join(f'{{"prompt": "What is {i} plus {i * 3}?"}}\n' for i in range(8)))
+    _write_atomically(prompts, "".join(f'{{"prompt": "What is {i} plus {i * 3}?"}}\n' for i in range(8)))
     path = tmp / f"{name}.yaml"
-    path.write_text(f"""
+    _write_atomically(path, f"""
 run: {{dir: {tmp}/{name}, seed: 3}}
 model: {{vocab_size: {VOCAB}, hidden_size: 32, num_layers: 2, num_attention_heads: 4,
   num_query_groups: 2, kv_channels: 8, ffn_hidden_size: 64, window_size: 8, moe_first_k_dense: 1,
