@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 
 class _Bucket:
-    def __init__(self, params: List[torch.nn.Parameter], group, dtype: torch.dtype, device):
-        self.params, self.group = params, group
+    def __init__(self, index: int, params: List[torch.nn.Parameter], group, dtype: torch.dtype, device):
+        self.index, self.params, self.group = index, params, group
         self.offsets: Dict[int, Tuple[int, int]] = {}
         offset = 0
         for p in params:
@@ -66,7 +66,7 @@ class GradSync:
                          for b in self.buckets for p in b.params]
 
     def _add_bucket(self, params, group) -> None:
-        bucket = _Bucket(params, group, params[0].dtype, params[0].device)
+        bucket = _Bucket(len(self.buckets), params, group, params[0].dtype, params[0].device)
         self.buckets.append(bucket)
         for p in params:
             self._bucket_of[id(p)] = bucket
@@ -103,7 +103,7 @@ class GradSync:
                 self._launch(bucket)
 
     def _launch(self, bucket: _Bucket) -> None:
-        self.trace.append(("launch", self.buckets.index(bucket)))
+        self.trace.append(("launch", bucket.index))
         bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True)
 
     def finish(self) -> None:

@@ -1,10 +1,11 @@
-"""A VPMoE shard under a TP/EP/DP layout, with one training-step entry point for the trainer.
+"""A VPMoE shard under a TP/EP/PP/DP layout, with one training-step entry point for the trainer.
 
-``build_parallel_model`` builds the full model once under the seed (so every layout starts
-from the same weights as the single-process model), then keeps this rank's shard: column/
-row splits of TP linears and sinks, a slice of the routed experts for EP. Gradients are
-all-reduced (summed) over the data-parallel group for dense parameters and over the
-expert-data-parallel group for routed experts; TP-replicated parameters see identical
+``build_parallel_model`` allocates only this rank's shard (its stage's layers, column/row
+splits of TP linears and sinks, a slice of the routed experts for EP) and initialises each
+parameter from its own generator, so every layout starts from the single-process weights.
+Gradients are summed over the data-parallel group for dense parameters and over the
+expert-data-parallel group for routed experts (in buckets during backward,
+``parallel/grad_sync.py``, or after it); TP-replicated parameters see identical
 inputs on every TP rank and need no reduction (no sequence parallel), except those applied
 to a rank's own heads (``tensor_parallel_partial_grad``), summed over the TP group.
 """
@@ -21,18 +22,18 @@ from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model.init import draw_base_seed
 from megatron_vpmoe.model.vpmoe import VpmoeModel, activation_dtype
 from megatron_vpmoe.parallel.state import ParallelContext
-from megatron_vpmoe.utils.errors import ConfigError
 
 
-def _split(full: torch.Tensor, param, ctx: ParallelContext, num_experts: int) -> torch.Tensor:
-    if getattr(param, "expert_parallel", False) and ctx.ep > 1:
-        local = num_experts // ctx.ep
-        return full.narrow(0, ctx.ep_rank * local, local)
-    if getattr(param, "tensor_model_parallel", False) and ctx.tp > 1:
-        dim = param.partition_dim
-        size = full.shape[dim] // ctx.tp
-        return full.narrow(dim, ctx.tp_rank * size, size)
-    return full
+def _placement(p: torch.Tensor, ctx: ParallelContext) -> Optional[Tuple[int, int, int, Any]]:
+    """How parameter ``p`` is split over the layout, as ``(dim, rank, size, group)``: routed
+    experts over the EP group along dim 0, TP-split weights over the TP group along their
+    ``partition_dim``; None when every rank holds the whole tensor. The one sharding rule that
+    construction, checkpoints and gathering follow."""
+    if getattr(p, "expert_parallel", False) and ctx.ep > 1:
+        return 0, ctx.ep_rank, ctx.ep, ctx.ep_group
+    if getattr(p, "tensor_model_parallel", False) and ctx.tp > 1:
+        return p.partition_dim, ctx.tp_rank, ctx.tp, ctx.tp_group
+    return None
 
 
 def coalesced(tensors: List[torch.Tensor], collective: Callable[[torch.Tensor], None]) -> None:
@@ -259,13 +260,8 @@ class ParallelModel:
         over the EP group along dim 0, TP-split weights over the TP group along their
         ``partition_dim``); None when this rank holds the whole tensor."""
         p = self._params.get(key)
-        if p is None:
-            return None
-        if getattr(p, "expert_parallel", False) and self.ctx.ep > 1:
-            return 0, self.ctx.ep_group
-        if getattr(p, "tensor_model_parallel", False) and self.ctx.tp > 1:
-            return p.partition_dim, self.ctx.tp_group
-        return None
+        where = None if p is None else _placement(p, self.ctx)
+        return None if where is None else (where[0], where[3])
 
     def as_sharded(self, key: str, local: torch.Tensor) -> torch.Tensor:
         """``local`` (this rank's shard of parameter ``key``, or optimizer state of its shape)
@@ -287,13 +283,6 @@ class ParallelModel:
         return {key: self.as_sharded(key, value) for key, value in self.module.state_dict().items()
                 if not key.endswith("_extra_state")}
 
-    def to_local(self, key: str, full: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the single-process tensor ``full`` of parameter ``key``."""
-        p = self._params.get(key)
-        if p is None or full.dim() == 0:
-            return full
-        return _split(full, p, self.ctx, self.cfg.num_moe_experts)
-
     @functools.cached_property
     def _params(self) -> Dict[str, torch.Tensor]:
         return dict(self.module.named_parameters())
@@ -306,18 +295,6 @@ class ParallelModel:
             meshes[group, device_type] = DeviceMesh.from_group(group, device_type)
         return meshes[group, device_type]
 
-    @torch.no_grad()
-    def load_full_state_dict(self, full: Dict[str, torch.Tensor]) -> None:
-        local = {}
-        for key, value in self.module.state_dict().items():
-            if key.endswith("_extra_state"):  # megatron-core layers' (empty) extra state
-                local[key] = value
-                continue
-            if key not in full:
-                raise ConfigError(f"checkpoint has no {key!r}", key="state_dict")
-            local[key] = self.to_local(key, full[key])
-        self.module.load_state_dict(local)
-
 
 def _contiguous_stride(shape: List[int]) -> Tuple[int, ...]:
     stride, step = [], 1
@@ -327,16 +304,18 @@ def _contiguous_stride(shape: List[int]) -> Tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def _shard_of(ctx: ParallelContext, local_experts: int):
+def _shard_of(ctx: ParallelContext):
     """Which slice of its single-process parameter each local tensor is (see ``model/init.py``)."""
     from megatron_vpmoe.model.init import ShardSlice
 
     def shard_of(name: str, p: torch.Tensor):
-        if getattr(p, "expert_parallel", False) and ctx.ep > 1:
-            return ShardSlice(expert_offset=ctx.ep_rank * local_experts)
-        if getattr(p, "tensor_model_parallel", False) and ctx.tp > 1:
-            return ShardSlice(split_dim=p.partition_dim, split_rank=ctx.tp_rank, split_size=ctx.tp)
-        return None
+        where = _placement(p, ctx)
+        if where is None:
+            return None
+        dim, rank, size, _ = where
+        if getattr(p, "expert_parallel", False):  # [local experts, ...]: a block of global experts
+            return ShardSlice(expert_offset=rank * p.shape[0])
+        return ShardSlice(split_dim=dim, split_rank=rank, split_size=size)
 
     return shard_of
 
@@ -368,5 +347,5 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 123
         first, last = ctx.pp_rank == 0, ctx.pp_rank == ctx.pp - 1
     module = VpmoeModel(cfg, spec, layer_numbers=layers, pre_process=first, post_process=last,
                         num_local_experts=local_experts, dispatcher=dispatcher, initialize=False)
-    module.reset_parameters(base_seed, _shard_of(ctx, local_experts or 0))
+    module.reset_parameters(base_seed, _shard_of(ctx))
     return ParallelModel(cfg, ctx, module)

@@ -63,8 +63,9 @@ class RankMemoryReport:
         params = list(model.parameters())
         inner = getattr(optimizer, "optimizer", optimizer)
         state = [t for s in inner.state.values() for t in s.values()]
-        self.sizes = {"params_mb": tensor_bytes(params) / MB,
-                      "grads_mb": tensor_bytes(p for p in params) / MB,
+        param_mb = tensor_bytes(params) / MB
+        self.sizes = {"params_mb": param_mb,
+                      "grads_mb": param_mb,  # a gradient per parameter, of its shape and dtype
                       "optimizer_state_mb": tensor_bytes(state) / MB,
                       "params": float(sum(p.numel() for p in params))}
 
