@@ -30,7 +30,13 @@ def test_objective_combines_span_means_as_documented():
     # float masks (plain GPTDataset) mean role 3
     assert L.roles_from_loss_mask(torch.tensor([1.0, 0.0])).tolist() == [3, 0]
     with pytest.raises(ValueError, match="roles must be in 0..3"):
-        L.roles_from_loss_mask(torch.tensor([5], dtype=torch.uint8))
+        L.check_roles(torch.tensor([5], dtype=torch.uint8))
+    # the collation checks every micro-batch on the host, before it reaches the step
+    from megatron_vpmoe.training.batches import collate
+
+    item = {"tokens": torch.zeros(3), "labels": torch.zeros(3), "loss_mask": torch.tensor([0, 2, 4], dtype=torch.uint8)}
+    with pytest.raises(ValueError, match="roles must be in 0..3, got 0..4"):
+        collate([item])
 
 
 def test_objective_is_independent_of_micro_batch_split():

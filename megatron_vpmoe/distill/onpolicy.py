@@ -384,8 +384,8 @@ class OnPolicyTrainer:
         if n_scored > 0 or self.anchor is not None:
             for _ in range(max(1, op.ppo_epochs)):
                 stats = self.pm.forward_backward(micro, self._loss_hook(n_scored, anchor_objective)).cpu()
-                grad_norm = clip_gradients(self.pm.parameters(), cfg.train.optimizer.clip_grad,
-                                           total_norm=self.pm.grad_norm())
+                grad_norm = float(clip_gradients(self.pm.parameters(), cfg.train.optimizer.clip_grad,
+                                                 total_norm=self.pm.grad_norm()))
                 if math.isfinite(grad_norm):
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)

@@ -216,11 +216,12 @@ class VpmoeModel(nn.Module):
             return torch.zeros(0, self.cfg.num_moe_experts)
         return torch.stack([m.router.tokens_per_expert.clone() for m in layers])
 
-    def update_expert_bias(self, load: Optional[torch.Tensor] = None) -> None:
+    def update_expert_bias(self, load: Optional[torch.Tensor] = None, apply: Optional[torch.Tensor] = None) -> None:
         """Aux-loss-free balancing step for every MoE layer; ``load`` as from :meth:`expert_load`
-        (all-reduced over data parallel ranks), default this process's counters."""
+        (all-reduced over data parallel ranks), default this process's counters; ``apply``: see
+        :meth:`Router.update_expert_bias`."""
         for i, moe in enumerate(self.moe_layers()):
-            moe.router.update_expert_bias(None if load is None else load[i])
+            moe.router.update_expert_bias(None if load is None else load[i], apply)
 
     def balance_metric(self, load: Optional[torch.Tensor] = None) -> Dict[str, float]:
         """Per-layer ``max/mean`` load (1.0 = perfectly balanced) and the worst layer's value."""

@@ -193,7 +193,7 @@ class ParallelModel:
         total = tp_sq + ep_sq + squared(replicated)
         if self.ctx.pp > 1:
             dist.all_reduce(total, group=self.ctx.pp_group)
-        return float(total.sqrt())
+        return total.sqrt()[0]  # stays on the device: the caller decides when to read it
 
     def _overlapped_sync(self):
         """The bucketed, backward-overlapped DP reduction (``parallel.overlap_grad_reduce``), or None."""
@@ -241,10 +241,12 @@ class ParallelModel:
             dist.all_reduce(load, group=self.ctx.dp_group)
         return load
 
-    def update_expert_bias(self) -> torch.Tensor:
-        """The same bias update on every rank from the DP-reduced load; returns that load."""
+    def update_expert_bias(self, apply: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The same bias update on every rank from the DP-reduced load (only where the bool
+        tensor ``apply`` is true: a skipped step leaves the biases, without a host read); resets
+        the routing counters; returns that load."""
         load = self.expert_load()
-        self.module.update_expert_bias(load)
+        self.module.update_expert_bias(load, apply)
         return load
 
     def reset_expert_counters(self) -> None:

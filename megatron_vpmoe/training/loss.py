@@ -37,14 +37,22 @@ NUM_ROLES = 4
 ROLE_NAMES = {ROLE_REASONING: "reasoning", ROLE_FINAL: "final", ROLE_TEXT: "text"}
 
 
+def check_roles(loss_mask: torch.Tensor) -> None:
+    """Raise ValueError when an integer ``loss_mask`` holds a value that is not a role (0..3).
+    The collation calls it on the host copy, so the step on the device never reads it back."""
+    if loss_mask.dtype == torch.bool or loss_mask.is_floating_point() or not loss_mask.numel():
+        return
+    low, high = int(loss_mask.min()), int(loss_mask.max())
+    if low < 0 or high >= NUM_ROLES:
+        raise ValueError(f"loss_mask roles must be in 0..3, got {low}..{high}")
+
+
 def roles_from_loss_mask(loss_mask: torch.Tensor) -> torch.Tensor:
-    """Role per label position (int64). Integer masks are roles; float/bool masks mean role 3."""
+    """Role per label position (int64). Integer masks are roles (checked by :func:`check_roles`
+    where the batch is collated); float/bool masks mean role 3."""
     if loss_mask.dtype == torch.bool or loss_mask.is_floating_point():
         return torch.where(loss_mask > 0, ROLE_TEXT, ROLE_NONE).long()
-    roles = loss_mask.long()
-    if roles.numel() and (roles.min() < 0 or roles.max() >= NUM_ROLES):
-        raise ValueError(f"loss_mask roles must be in 0..3, got {roles.min()}..{roles.max()}")
-    return roles
+    return loss_mask.long()
 
 
 def role_counts(roles: torch.Tensor) -> torch.Tensor:
@@ -71,9 +79,10 @@ def role_coefficients(global_counts: torch.Tensor, weights: LossWeights) -> torc
     w = weights.by_role().to(global_counts.device)
     present = global_counts > 0
     total_weight = (w * present).sum()
-    if total_weight <= 0:
-        return torch.zeros_like(w)
-    return torch.where(present, w / (total_weight * global_counts.clamp(min=1)), torch.zeros_like(w))
+    # no branch on the device value (a host sync): a batch without weighted tokens gives zeros
+    present = present & (total_weight > 0)
+    return torch.where(present, w / (total_weight.clamp(min=1e-300) * global_counts.clamp(min=1)),
+                       torch.zeros_like(w))
 
 
 class Objective:
