@@ -65,12 +65,13 @@ def role_masked_reference(tmp_path_factory):
 
 
 # Combined layouts on 4 processes: TP=2 x EP=2 leaves dense parameters data parallel over 2
-# ranks (experts over the EP group, replicated across TP); TP=2 x PP=2 has no data parallelism.
+# ranks (experts over the EP group, replicated across TP); TP=2 x PP=2 (with sequence parallelism:
+# the stages send sequence slices) has no data parallelism.
 @pytest.mark.parametrize("layout,world", [
     ({"tensor": 2, "expert": 2}, 4),
-    ({"tensor": 2, "pipeline": 2}, 4),
+    ({"tensor": 2, "pipeline": 2, "sequence_parallel": True}, 4),
     pytest.param({"tensor": 2, "expert": 2, "pipeline": 2}, 8, marks=pytest.mark.long),
-], ids=["tp2-ep2", "tp2-pp2", "tp2-ep2-pp2"])
+], ids=["tp2-ep2", "tp2-sp-pp2", "tp2-ep2-pp2"])
 def test_combined_layout_loss_curve_equals_single_process(tmp_path, role_masked_reference, layout, world):
     assert run_distributed(_train, world, str(tmp_path), layout, ROLES) == [0] * world
     _close(_losses(tmp_path), _losses(role_masked_reference), 1e-5)

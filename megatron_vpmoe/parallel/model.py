@@ -149,7 +149,8 @@ class ParallelModel:
         def stage_loss(hidden, index):
             # the target is each micro-batch's index, so the loss sees its labels and loss mask
             i = int(index.reshape(-1)[0])
-            loss, part = loss_fn(m.head(hidden, micro_batches[i]["labels"]), micro_batches[i])
+            labels = micro_batches[i]["labels"]
+            loss, part = loss_fn(m.head(hidden, labels, m.regions(labels.shape[1])), micro_batches[i])
             parts[i] = part.detach().double()
             return loss
 
@@ -340,7 +341,8 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 123
     if transformer_impl == "transformer_engine":
         spec = te_linear_spec(ctx.tp, ctx.tp_group)
     else:
-        spec = tensor_parallel_spec(ctx.tp, ctx.tp_group) if ctx.tp > 1 else None
+        spec = tensor_parallel_spec(ctx.tp, ctx.tp_group, sequence_parallel=ctx.config.sequence_parallel) \
+            if ctx.tp > 1 else None
     dispatcher = AllToAllDispatcher(ctx.ep, ctx.ep_group) if ctx.ep > 1 else None
     local_experts = cfg.num_moe_experts // ctx.ep if cfg.num_moe_experts else None
     layers, first, last = None, True, True

@@ -98,6 +98,13 @@ class Trainer:
         from megatron_vpmoe.parallel import ParallelModel, build_parallel_model, init_parallel
 
         cfg.parallel.validate(cfg.model)
+        if cfg.parallel.sequence_parallel:
+            if cfg.data.seq_length % cfg.parallel.tensor:
+                raise ConfigError(f"data.seq_length ({cfg.data.seq_length}) must be divisible by parallel.tensor "
+                                  f"({cfg.parallel.tensor}) to split the sequence", key="parallel.sequence_parallel")
+            if cfg.train.transformer_impl == "transformer_engine":
+                raise ConfigError("sequence parallelism runs with the local (megatron-core) linears, not "
+                                  "train.transformer_impl: transformer_engine", key="parallel.sequence_parallel")
         cfg.parallel.resolve_data(self.world_size)  # e.g. tensor=2 in one process: one line naming the key
         self.ctx = init_parallel(cfg.parallel)
         self.dp_size, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
