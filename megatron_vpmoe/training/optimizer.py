@@ -45,12 +45,17 @@ def param_groups(model: nn.Module, opt_cfg) -> List[Dict]:
 def build_optimizer(model: nn.Module, opt_cfg) -> torch.optim.Optimizer:
     """Fused AdamW: one kernel per device and dtype, and it takes the step's skip flag as a device
     tensor (:func:`optimizer_step`), so deciding to skip a non-finite step needs no host sync."""
+    from torch.distributed.tensor import DTensor
+
     groups = param_groups(model, opt_cfg)
     for g in groups:
         g.pop("param_names")
         g["lr"] = opt_cfg.lr * g["lr_mult"]
+    # DTensor parameters (a model parallelised with torch's own TP API) take the foreach path:
+    # the fused kernel has no DTensor rule; the engine's shards are plain tensors
+    fused = not any(isinstance(p, DTensor) for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=(opt_cfg.beta1, opt_cfg.beta2),
-                             eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, fused=True)
+                             eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, fused=fused)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
