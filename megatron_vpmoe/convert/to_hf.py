@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from megatron_vpmoe.tokenizers.specials import HARMONY_MARKERS
 from megatron_vpmoe.utils.errors import InputError, UsageError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
@@ -97,7 +98,7 @@ def model_card(cfg, counts, step, source: str, dtype: str) -> str:
 def _save_tokenizer(tokenizer, out: Path) -> None:
     if not getattr(tokenizer, "chat_template", None):
         vocab = tokenizer.get_vocab()
-        harmony = all(t in vocab for t in ("<|start|>", "<|message|>", "<|end|>"))
+        harmony = all(t in vocab for t in HARMONY_MARKERS)
         tokenizer.chat_template = HARMONY_CHAT_TEMPLATE if harmony else PLAIN_CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out))
 

@@ -179,12 +179,8 @@ class OnPolicyTrainer:
             self.loss_weights = LossWeights.from_config(cfg.distill)
 
     def _phase1_dataset(self):
-        try:
-            from megatron_vpmoe.data.dataset import build_datasets
-        except ImportError as err:
-            raise ConfigError(f"the NLL anchor reads data.blend through megatron_vpmoe.data.dataset, "
-                              f"which is not available ({err})",
-                              key="distill.onpolicy.nll_anchor_coeff") from None
+        from megatron_vpmoe.data.dataset import build_datasets
+
         cfg = self.cfg
         train, _valid, _test = build_datasets(
             cfg.data, seed=cfg.run.seed, num_samples=cfg.train.steps * cfg.train.micro_batch_size

@@ -23,17 +23,14 @@ def load_hf_tokenizer(directory: str | Path):
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"{directory}: tokenizer directory not found")
-    try:
-        from megatron_vpmoe.tokenizers import load_tokenizer  # issue 11's loader, when present
-    except ImportError:
-        load_tokenizer = None
+    from megatron_vpmoe.tokenizers import load
+
     hf_format = (directory / "tokenizer.json").is_file()
-    if load_tokenizer is not None:
-        try:
-            return load_tokenizer(str(directory)).to_hf()
-        except Exception:  # noqa: BLE001 - not a `vpmoe tokenizer` directory: read it as plain HF below
-            if not hf_format:
-                raise
+    try:
+        return load(str(directory)).to_hf()
+    except Exception:  # noqa: BLE001 - not a `vpmoe tokenizer` directory: read it as plain HF below
+        if not hf_format:
+            raise
     from transformers import PreTrainedTokenizerFast
 
     if not hf_format:

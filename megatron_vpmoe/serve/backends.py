@@ -256,9 +256,9 @@ def load_tokenizer_dir(directory: str):
     if not path.is_dir():
         raise InputError(f"{directory}: tokenizer directory not found")
     if (path / "vpmoe_tokenizer.json").is_file():
-        from megatron_vpmoe.tokenizers import load_tokenizer
+        from megatron_vpmoe.tokenizers import load
 
-        return load_tokenizer(str(path)).to_hf()
+        return load(str(path)).to_hf()
     if not (path / "tokenizer.json").is_file():
         raise InputError(f"{directory}: neither vpmoe_tokenizer.json nor tokenizer.json")
     from transformers import PreTrainedTokenizerFast
