@@ -284,8 +284,8 @@ def run_variant(exp: ExperimentConfig, variant: Variant, docs: List[str], tok_di
     from megatron_vpmoe.config import load_config
     from megatron_vpmoe.data.dataset import build_datasets
     from megatron_vpmoe.eval.harness import EvalOptions, run_eval
-    from megatron_vpmoe.eval.native import NativeBackend, load_hf_tokenizer
     from megatron_vpmoe.eval.report import write_results
+    from megatron_vpmoe.inference.native import NativeBackend
     from megatron_vpmoe.model.params import count_parameters
     from megatron_vpmoe.tokenizers import load
     from megatron_vpmoe.training.checkpoint import latest_checkpoint, read_trainer_state
@@ -298,8 +298,8 @@ def run_variant(exp: ExperimentConfig, variant: Variant, docs: List[str], tok_di
         return json.loads(summary_file.read_text())
     vdir.mkdir(parents=True, exist_ok=True)
     times = dict(times)
-    tokenizer = load_hf_tokenizer(tok_dir)
     project_tok = load(tok_dir)
+    tokenizer = project_tok.to_hf()
     train_chars = sum(len(d) for d in docs)
     train_bytes = sum(len(d.encode("utf-8")) for d in docs)
     n_tokens = shards["train"]["tokens_per_variant"][variant.name] - len(docs)  # without the EOD tokens
