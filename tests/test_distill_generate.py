@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megatron_vpmoe.cli import main as vpmoe
-from megatron_vpmoe.distill.answers import answer_matches, predicted_answer, reference_answer
+from megatron_vpmoe.utils.answers import answer_matches, predicted_answer, reference_answer
 from megatron_vpmoe.distill.generate import GenerateOptions, run_generate
 from megatron_vpmoe.distill.prompts import load_prompts
 from megatron_vpmoe.utils.errors import InputError, VpmoeError

@@ -133,13 +133,6 @@ def test_long_requests_are_truncated_to_the_window():
     assert long[0] == pytest.approx(-16 * math.log(257))  # only the last 16 continuation bytes fit
 
 
-def test_answer_extraction():
-    assert T.extract_gsm8k_answer("so 3 + 4 = 7.\n#### 1,200") == "1200"
-    assert T.extract_gsm8k_answer("It costs $18.00 in total") == "18"
-    assert T.extract_gsm8k_answer("-3.5 degrees") == "-3.5"
-    assert T.extract_gsm8k_answer("no idea") is None
-
-
 def test_bits_per_byte_is_summed_nll_over_bytes(tmp_path):
     doc = "Caf\u00e9 au lait \u2014 bits per byte counts UTF-8 bytes, not characters.\n"
     path = tmp_path / "text.jsonl"

@@ -22,6 +22,7 @@ import torch
 from megatron_vpmoe.eval.requests import greedy_completions, loglikelihood, split_request, token_nlls
 from megatron_vpmoe.inference.backend import Backend
 from megatron_vpmoe.training.loss import bits_per_byte
+from megatron_vpmoe.utils.answers import predicted_answer, reference_answer
 from megatron_vpmoe.utils.errors import InputError
 from megatron_vpmoe.utils.jsonl import read_jsonl
 
@@ -144,32 +145,6 @@ def run_multiple_choice(backend: Backend, path: Path, limit: Optional[int]) -> D
 # ---- GSM8K -----------------------------------------------------------------------------
 
 _CALC = re.compile(r"<<[^>]*>>")
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
-
-
-def normalize_number(text: str) -> Optional[str]:
-    """``"$1,200.00"`` -> ``"1200"``; None if ``text`` holds no number."""
-    m = _NUMBER.findall(text)
-    if not m:
-        return None
-    s = m[-1].replace(",", "").replace("$", "")
-    try:
-        value = float(s)
-    except ValueError:
-        return None
-    return str(int(value)) if value == int(value) else repr(value)
-
-
-def extract_gsm8k_answer(completion: str) -> Optional[str]:
-    """The number after ``####`` if the completion has one, else its last number."""
-    if "####" in completion:
-        after = completion.split("####", 1)[1].strip().split("\n")[0]
-        got = normalize_number(after)
-        if got is not None:
-            return got
-    return normalize_number(completion)
-
-
 def gsm8k_fewshot_prefix(path: Path, shots: int) -> str:
     parts = []
     for lineno, rec in read_jsonl(path, shots):
@@ -188,13 +163,13 @@ def run_gsm8k(backend: Backend, path: Path, limit: Optional[int], *, shots: int 
     prompts, golds = [], []
     for lineno, rec in read_jsonl(path, limit):
         q = _field(rec, "question", str, path, lineno)
-        gold = extract_gsm8k_answer(_field(rec, "answer", str, path, lineno))
+        gold = reference_answer(_field(rec, "answer", str, path, lineno))
         if gold is None:
-            raise InputError(f"{path}:{lineno}: the answer has no final number")
+            raise InputError(f"{path}:{lineno}: the answer has no final '#### N' number")
         prompts.append(f"{prefix}Question: {q}\nAnswer:")
         golds.append(gold)
     completions = greedy_completions(backend, prompts, max_new_tokens, stop=GSM8K_STOP)
-    correct = sum(extract_gsm8k_answer(c) == g for c, g in zip(completions, golds))
+    correct = sum(predicted_answer(c) == g for c, g in zip(completions, golds))
     return {"exact_match": correct / max(len(golds), 1), "chance": 0.0, "n": len(golds),
             "shots": shots, "examples": [{"prompt_tail": p[-200:], "completion": c, "gold": g}
                                         for p, c, g in list(zip(prompts, completions, golds))[:3]]}
