@@ -4,8 +4,8 @@ generation of the converted model (HF remote code) with and without its KV cache
 Builds a small VPMoE (tiny-cpu shape, vocab 512), converts it to HF format in a temporary
 directory, and times, in the same run:
 - multiple-choice scoring (COPA, 64 items = 128 requests) at batch size 8 vs 1;
-- greedy generation of 64 tokens for 4 prompts, one at a time: the backend's ``generate`` (HF ``generate`` with
-  the sliding-window ``DynamicCache``) vs the same model's ``generate(use_cache=False)``.
+- greedy generation of 64 tokens for 4 prompts in one batch: the backend's ``generate`` (HF
+  ``generate`` with the sliding-window ``DynamicCache``) vs the same call with ``use_cache=False``.
 Writes benchmarks/results/eval.json and eval.md.
 """
 
@@ -66,14 +66,14 @@ def main() -> int:
         prompts = [backend.encode(t) for t in ("ROMEO:", "JULIET: O", "First Citizen:", "KING HENRY")]
         timings = {}
 
-        def cached(rows, n):  # one prompt at a time in both: the cache is the only difference
-            return [backend.generate([r], SampleParams(n, temperature=0.0, logprobs=False))[0].tokens for r in rows]
+        def greedy(rows, n, use_cache):  # the same batched backend call; only the cache differs
+            backend.model.generation_config.use_cache = use_cache
+            try:
+                return [s.tokens for s in backend.generate(rows, SampleParams(n, temperature=0.0, logprobs=False))]
+            finally:
+                backend.model.generation_config.use_cache = True
 
-        def uncached(rows, n):
-            return [backend.model.generate(torch.tensor([r]), max_new_tokens=n, do_sample=False, use_cache=False,
-                                           pad_token_id=backend.pad_id)[0, len(r):].tolist() for r in rows]
-
-        for name, fn in (("kv_cache", cached), ("no_cache", uncached)):
+        for name, fn in (("kv_cache", lambda p, n: greedy(p, n, True)), ("no_cache", lambda p, n: greedy(p, n, False))):
             fn(prompts, 4)
             start = time.perf_counter()
             out = fn(prompts, 64)
