@@ -135,36 +135,3 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
     n = min(vocab_size, lengths.numel())
     out[:n] = lengths[:n]
     return out
-    special = set(getattr(tokenizer, "all_special_ids", None) or getattr(tokenizer, "special_ids", None) or ())
-    backend = _backend(tokenizer)
-    if getattr(tokenizer, "decode_single_token_bytes", None) is not None:  # tiktoken
-        n_vocab = getattr(tokenizer, "n_vocab", vocab_size)
-        special |= set(getattr(tokenizer, "_special_tokens", {}).values())
-
-        def length(i):
-            return len(tokenizer.decode_single_token_bytes(i)) if i < n_vocab else 0
-    elif getattr(tokenizer, "token_bytes", None) or getattr(tokenizer, "id_to_bytes", None):
-        byte_fn = getattr(tokenizer, "token_bytes", None) or tokenizer.id_to_bytes
-
-        def length(i):
-            return len(byte_fn(i))
-    elif backend is not None:
-        byte_level = "ByteLevel" in repr(getattr(backend, "decoder", None))
-        added = {tok.content for tok in getattr(backend, "get_added_tokens_decoder", dict)().values()}
-
-        def length(i):
-            piece = backend.id_to_token(i)
-            if piece is None or piece in added:
-                return 0
-            return _piece_bytes(piece, byte_level)
-    else:
-        def length(i):
-            return len(tokenizer.decode([i]).encode("utf-8"))
-    for i in range(vocab_size):
-        if i in special:
-            continue
-        try:
-            out[i] = length(i)
-        except Exception:  # noqa: BLE001 - an id the tokenizer cannot render has no bytes
-            out[i] = 0
-    return out
