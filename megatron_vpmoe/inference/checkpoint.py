@@ -34,7 +34,8 @@ def tokenizer_dir(ckpt: Path, cfg, override: Optional[str] = None) -> Path:
         return Path(override)
     value = cfg.data.tokenizer
     if not value:
-        raise InputError(f"{Path(ckpt) / 'config.yaml'}: data.tokenizer is not set; pass --tokenizer DIR")
+        raise InputError(f"{Path(ckpt) / 'config.yaml'}: data.tokenizer is not set, so there is no tokenizer "
+                         f"to read text with (vpmoe serve and convert take --tokenizer DIR)")
     beside = Path(ckpt) / value
     return beside if not Path(value).is_absolute() and beside.is_dir() else Path(value)
 
