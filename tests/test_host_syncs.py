@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_support import SHAKESPEARE, ByteTokenizer, datasets_for, read_metrics, tiny_config
+from train_support import SHAKESPEARE, ByteTokenizer, datasets_for, read_metrics, tiny_config
 
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu")
 PACKAGE = Path(__file__).resolve().parents[1]

@@ -169,11 +169,9 @@ class Trainer:
 
     def _load_tokenizer(self):
         if self.tokenizer is None and self.cfg.data.tokenizer:
-            try:
-                from megatron_vpmoe.tokenizers import load_tokenizer
-            except ImportError as err:
-                raise VpmoeError(f"cannot load data.tokenizer: the tokenizer package has no loader ({err})") from None
-            self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+            from megatron_vpmoe.tokenizers import load
+
+            self.tokenizer = load(self.cfg.data.tokenizer)
             size, vocab = self.tokenizer.vocab_size, self.cfg.model.vocab_size
             if size > vocab:  # its ids would index past the embedding at step 1
                 raise ConfigError(f"data.tokenizer {self.cfg.data.tokenizer} has {size} tokens, more than "
@@ -190,11 +188,7 @@ class Trainer:
     def _build_datasets(self):
         if self._datasets is not None:
             return self._datasets
-        try:
-            from megatron_vpmoe.data.dataset import build_datasets
-        except ImportError as err:
-            raise VpmoeError(f"cannot build the training data: megatron_vpmoe.data.dataset is not "
-                             f"available ({err}); the data package (issue 3) provides it") from None
+        from megatron_vpmoe.data.dataset import build_datasets
 
         tok = self._load_tokenizer()
         eod = getattr(tok, "eod_id", 0) if tok is not None else 0
