@@ -54,6 +54,12 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
     return out
 
 
+def _two_ranks(kind: str, *args) -> None:
+    """Run this script's ``--_child kind args...`` as 2 gloo ranks under torchrun."""
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+          "--rdzv-endpoint", "127.0.0.1:0", str(Path(__file__)), "--_child", kind, *map(str, args)])
+
+
 def _memory_records(run_dir: Path) -> list:
     return [json.loads(p.read_text()) for p in sorted((run_dir / "memory").glob("rank_*.json"))]
 
@@ -143,8 +149,7 @@ def _pipeline_child(out_dir: str) -> None:
 def bench_pipeline(tmp: Path) -> dict:
     out = tmp / "pipeline"
     out.mkdir()
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
-          "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", str(Path(__file__)), "--_child", "pipeline", str(out)])
+    _two_ranks("pipeline", out)
     stages = [json.loads((out / f"rank_{r}.json").read_text()) for r in range(2)]
     return {"stages": stages,
             "ratio_8_over_2_1f1b": [s["1f1b_8"]["activation_peak_mb"] / s["1f1b_2"]["activation_peak_mb"] for s in stages],
@@ -200,9 +205,7 @@ def bench_overlap(tmp: Path) -> dict:
     for name, config, steps in (("tiny", TINY, 5), ("medium", MEDIUM, 2)):
         d = tmp / f"overlap_{name}"
         d.mkdir()
-        _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-              "--rdzv-endpoint", "127.0.0.1:0", str(Path(__file__)), "--_child", "overlap", str(d), str(config),
-              str(steps)])
+        _two_ranks("overlap", d, config, steps)
         r = json.loads((d / "rank_0.json").read_text())
         r["overlapped_over_after"] = r["overlapped_s"] / r["after_backward_s"]
         out[name] = r
@@ -273,8 +276,7 @@ def _sequence_child(out_dir: str, config: str) -> None:
 def bench_sequence(tmp: Path) -> dict:
     d = tmp / "sequence"
     d.mkdir()
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-          "--rdzv-endpoint", "127.0.0.1:0", str(Path(__file__)), "--_child", "sequence", str(d), str(MEDIUM)])
+    _two_ranks("sequence", d, MEDIUM)
     r = json.loads((d / "rank_0.json").read_text())
     r["norm_region_sp_over_tp"] = r["sp"]["norm_region_mb"] / r["tp"]["norm_region_mb"]
     r["whole_forward_sp_over_tp"] = r["sp"]["whole_forward_mb"] / r["tp"]["whole_forward_mb"]
