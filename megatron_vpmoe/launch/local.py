@@ -63,6 +63,14 @@ def mpirun_command(np: int, config: str, overrides: List[str], hostfile: Optiona
     return cmd
 
 
+def _package_parent() -> str:
+    """The folder holding the ``megatron_vpmoe`` this launcher runs (a checkout, or site-packages
+    when installed): put first on the ranks' ``PYTHONPATH`` so they import the same code."""
+    import megatron_vpmoe
+
+    return str(Path(megatron_vpmoe.__file__).resolve().parents[1])
+
+
 def run_launcher(build_cmd: Callable[[], List[str]], config: str, overrides: List[str], world_size: int,
                  usr1_as_term: bool = False) -> int:
     """Run ``build_cmd()`` (``world_size`` ranks) forwarding SIGTERM/SIGUSR1/SIGINT to it; map a
@@ -81,8 +89,7 @@ def run_launcher(build_cmd: Callable[[], List[str]], config: str, overrides: Lis
     marker.unlink(missing_ok=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    repo = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = _package_parent() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     print("[vpmoe] " + " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, env=env)
     previous = {}

@@ -103,7 +103,7 @@ class Trainer:
         self.dp_size, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
         self.accum = cfg.train.check_batch_layout(self.dp_size)
         if cfg.train.transformer_impl == "transformer_engine":
-            from kernels.te import te_status
+            from megatron_vpmoe.kernels.te import te_status
 
             status = te_status()
             if not status.available:
@@ -146,7 +146,7 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.fp8_recipe = None
         if self.cfg.train.fp8:  # implies transformer_engine, whose availability is checked above
-            from kernels import te
+            from megatron_vpmoe.kernels import te
 
             self.fp8_recipe = te.fp8_recipe(self.cfg.train.fp8)
 
@@ -155,7 +155,7 @@ class Trainer:
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
         if self.fp8_recipe is not None:  # TE linears compute in FP8 under the recipe
-            from kernels import te
+            from megatron_vpmoe.kernels import te
 
             stack.enter_context(te.fp8_autocast(True, self.fp8_recipe))
         return stack
