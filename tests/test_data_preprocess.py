@@ -16,6 +16,7 @@ import time
 import numpy
 import pytest
 
+from conftest import need_data
 from megatron_vpmoe.cli import main
 from megatron_vpmoe.data.preprocess import PreprocessOptions, merge_shards, run_preprocess
 from megatron_vpmoe.data.shards import read_shard, token_dtype
@@ -92,8 +93,8 @@ def _expected_roles(text):
     return spans
 
 
-def test_harmony_fixture_masks_line_up(tmp_path, toks, shared_data):
-    fixtures = sorted((shared_data / "harmony" / "fixtures").glob("*.txt"))
+def test_harmony_fixture_masks_line_up(tmp_path, toks, o200k):
+    fixtures = sorted((need_data("harmony/fixtures") / "harmony" / "fixtures").glob("*.txt"))
     texts = [f.read_text() for f in fixtures]
     texts = [t for t in texts if t.lstrip().startswith("<|start|>")]
     assert len(texts) >= 10
@@ -190,8 +191,8 @@ def test_usage_errors_are_one_line(tmp_path, toks, capsys):
     assert "--input" in capsys.readouterr().err
 
 
-def test_interrupted_run_leaves_no_valid_shards_and_partitions_resume(tmp_path, toks, shared_data):
-    inputs = sorted((shared_data / "corpora" / "code_python").glob("*.py"))[:12]
+def test_interrupted_run_leaves_no_valid_shards_and_partitions_resume(tmp_path, toks):
+    inputs = sorted((need_data("corpora/code_python") / "corpora" / "code_python").glob("*.py"))[:12]
     prefix = tmp_path / "p"
     # the HF encoder (not gigatoken, ~25x faster) keeps the run long enough to be killed midway
     env = dict(os.environ, PYTHONPATH=ROOT, VPMOE_FAST_TOKENIZER="0")

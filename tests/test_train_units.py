@@ -167,11 +167,11 @@ def test_byte_lengths_of_hf_byte_level_bpe_match_utf8():
         assert table[tok.token_to_id("<|endoftext|>")] == 0 and table[310] == 0
 
 
-def test_byte_lengths_of_tiktoken_o200k(shared_data):
+def test_byte_lengths_of_tiktoken_o200k(o200k):
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
-    ranks = load_tiktoken_bpe(str(shared_data.parent / "tokenizers" / "o200k_base.tiktoken"))
+    ranks = load_tiktoken_bpe(str(o200k))
     enc = tiktoken.Encoding("o200k_base", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={})
     table = L.token_byte_lengths(enc, enc.n_vocab + 8)
     ids = torch.tensor(enc.encode(TEXT))
