@@ -40,6 +40,9 @@ def test_quickstart_small_in_a_clone_without_shared_data(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "quickstart done" in out.stdout
+    for notice in ("Transformer Engine and Apex are not installed", "path_to_cache is None", "`loss_type=None`",
+                   "torch.distributed is disabled"):  # filtered by utils/notices.py
+        assert notice not in out.stdout + out.stderr, notice
     assert str(clone / "megatron_vpmoe" / "data" / "default") in out.stdout  # the embedded data, not ../shared
     report = json.loads((qs / "tokenizer-report" / "report.json").read_text())
     assert len(report if isinstance(report, list) else report["tokenizers"]) == 2

@@ -59,7 +59,10 @@ def mpirun_command(np: int, config: str, overrides: List[str], hostfile: Optiona
         cmd.append("--oversubscribe")  # one host: more ranks than cores is fine for CPU runs
         master = "127.0.0.1"
     cmd += ["-x", f"MASTER_ADDR={master}", "-x", f"MASTER_PORT={_free_port()}", "-x", "PATH",
-            "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", python, *_train_args(config, overrides)]
+            "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS"]
+    if "VPMOE_VERBOSE" in os.environ:  # --verbose reaches the ranks
+        cmd += ["-x", "VPMOE_VERBOSE"]
+    cmd += [python, *_train_args(config, overrides)]
     return cmd
 
 

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -62,6 +63,7 @@ from megatron_vpmoe.training.preemption import (
 )
 from megatron_vpmoe.training.schedule import learning_rate
 from megatron_vpmoe.utils.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, VpmoeError
+from megatron_vpmoe.utils.notices import install as install_notices
 
 NAN_HOOK_ENV = "VPMOE_TEST_NAN_STEPS"
 
@@ -92,6 +94,7 @@ class Trainer:
         self.cfg = cfg
         self.info: RankInfo = init_distributed()
         self.rank, self.world_size = self.info.rank, self.info.world_size
+        install_notices(rank=self.rank)  # also when the trainer runs outside the CLI (spawned ranks)
         self.is_main = self.rank == 0
         self.quiet = quiet
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
@@ -385,15 +388,17 @@ class Trainer:
         logger = MetricsLogger(cfg.run.dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard,
                                wandb_project=cfg.log.wandb_project, run_name=cfg.run.name,
                                resume_step=self.step)
-        if self.loaded_from:
+        if self.loaded_from and cfg.checkpoint.load_optimizer:
             self._print(f"resumed from {self.loaded_from} at step {self.step}")
+        elif self.loaded_from:  # weights only: a fresh run (optimizer, schedule, data order) from them
+            self._print(f"initialised from {self.loaded_from} (weights only; fresh optimizer, step 0)")
         tokens_per_step = t.global_batch_size * cfg.data.seq_length
         flops_tok = flops_per_token(cfg.model, cfg.data.seq_length)
         peak = peak_flops_per_device()
         nan_steps = _nan_hook_steps()
         preemption = PreemptionHandler().install()
         bar = None
-        if self.is_main and cfg.log.progress_bar and not self.quiet:
+        if self.is_main and cfg.log.progress_bar and not self.quiet and sys.stderr.isatty():  # else: step lines
             from tqdm import tqdm
 
             bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
