@@ -119,7 +119,7 @@ def test_harmony_fixture_masks_line_up(tmp_path, toks, o200k):
     assert supervised[1] >= 2 and supervised[2] >= 2  # the fixtures hold analysis and final/commentary turns
 
 
-def test_chat_records_with_reasoning(tmp_path, toks):
+def test_chat_records_with_reasoning(tmp_path, toks, o200k):
     records = [
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
                       {"role": "assistant", "thinking": "Add two and two.", "content": "4"}]},
@@ -142,7 +142,7 @@ def test_chat_records_with_reasoning(tmp_path, toks):
     assert "Be brief." in tok.decode(ids[0])
 
 
-def test_plain_documents_before_and_after_a_chat_get_text_masks(tmp_path, toks):
+def test_plain_documents_before_and_after_a_chat_get_text_masks(tmp_path, toks, o200k):
     """The mask shard opens at the first chat document of a field; the plain documents before
     it are back-filled with role 3, so masks stay aligned document for document."""
     chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
@@ -340,7 +340,7 @@ def test_byte_range_pieces_give_the_serial_output_txt_blocks(tmp_path, toks, sha
     assert tok.decode(docs[-1][:-1]) == "last block, no newline" and len(docs) == summary["documents"] > 100
 
 
-def test_chat_loss_masks_from_pieces_match_the_serial_run(tmp_path, toks):
+def test_chat_loss_masks_from_pieces_match_the_serial_run(tmp_path, toks, o200k):
     chat = {"messages": [{"role": "user", "content": "Hi?"},
                          {"role": "assistant", "thinking": "Greet back.", "content": "Hello."}]}
     plain = [{"messages": f"Plain document number {i}, " + "words " * (i % 7)} for i in range(60)]
