@@ -1,5 +1,5 @@
 # Two commands for a fresh machine with Python 3.11:
-#   make quickstart   install, then run the whole pipeline end to end on ../shared data (CPU)
+#   make quickstart   install, then run the whole pipeline end to end (CPU; ../shared/data or the embedded default, see README)
 #   make test         install, then run the test suite (what CI runs)
 PYTHON ?= python3.11
 VENV ?= .venv

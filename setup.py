@@ -13,8 +13,16 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_vpmoe", "megatron_vpmoe.*", "kernels", "kernels.*"]),
-    package_data={"megatron_vpmoe": ["convert/hf_template/*.py", "plan/gpus/*.yaml", "**/*.yaml", "**/*.j2"]},
+    # kernels/ and launch/templates/ stay top-level folders of the checkout; the package reaches them
+    # through the links megatron_vpmoe/kernels -> ../kernels and megatron_vpmoe/launch/templates ->
+    # ../../launch/templates, so they install as megatron_vpmoe.kernels and package data (no
+    # top-level `kernels` module), and a checkout on PYTHONPATH imports the same names.
+    packages=find_packages(include=["megatron_vpmoe", "megatron_vpmoe.*"]),
+    package_data={
+        "megatron_vpmoe.plan": ["gpus/*.yaml"],
+        "megatron_vpmoe.launch": ["templates/*.sbatch"],
+        "megatron_vpmoe.data": ["default/*.md", "default/*/*.txt", "default/*/*.jsonl", "default/*/*/*.jsonl"],
+    },
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16.1,<0.17",

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from kernels import reference  # noqa: E402
+from megatron_vpmoe.kernels import reference  # noqa: E402
 from megatron_vpmoe.utils.atomic import atomic_file  # noqa: E402
 
 # --- naive PyTorch peers (what one writes without a fused kernel) -------------------------
@@ -123,7 +123,7 @@ def op_cases(device, dtype):
 
     ``reference`` calls ``kernels.reference``; on CUDA with Triton, ``triton`` calls
     ``kernels.ops``, which dispatches CUDA tensors to the Triton kernels."""
-    from kernels import ops
+    from megatron_vpmoe.kernels import ops
     modules = {"reference": reference}
     if device.type == "cuda" and ops.triton_available():
         modules["triton"] = ops
@@ -187,7 +187,7 @@ def op_cases(device, dtype):
 
 PEAK_SCRIPT = r"""
 import json, sys, torch, torch.nn.functional as F
-from kernels import reference
+from megatron_vpmoe.kernels import reference
 mode, n, vocab, hidden, chunk, out = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
 torch.set_num_threads(1)
 gen = torch.Generator().manual_seed(0)

@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# The whole pipeline on CPU, end to end, on ../shared/data (make quickstart runs this):
+# The whole pipeline on CPU, end to end (make quickstart runs this). Data: `--data DIR`, else
+# $VPMOE_DATA, else ../shared/data beside the checkout, else the small default shipped in the package
+# (megatron_vpmoe/data/default: Shakespeare, 300 GSM8K problems, a few multiple-choice sets), so a
+# clone anywhere runs it. The teacher's o200k ranks: $TIKTOKEN_ENCODINGS_BASE, ../shared/tokenizers,
+# else tiktoken's cache or download.
 #   1. tokenizers: a BPE 8k and a Length-MAX 8k student tokenizer, compared (tokens/char, params)
 #   2. preprocess: Shakespeare + Gutenberg text into Megatron shards, one set per tokenizer
 #   3. pretrain: a tiny VPMoE with 2 processes (torchrun) on the BPE shards
@@ -9,14 +13,23 @@
 #   6. convert the student to Hugging Face format and evaluate it (bits per byte, COPA, PIQA)
 # Every step is resumable: re-running skips what is finished. QUICKSTART_SCALE=small shrinks the
 # step counts (what the test suite runs). Outputs: runs/quickstart/.
+#   usage: examples/quickstart.sh [--data DIR]
 set -euo pipefail
+DATA_ARG=()
+case "${1:-}" in
+  --data) [ $# -eq 2 ] || { echo "usage: $0 [--data DIR]" >&2; exit 2; }; DATA_ARG=(--data "$(cd "$2" 2>/dev/null && pwd || echo "$2")");;
+  "") ;;
+  *) echo "usage: $0 [--data DIR]" >&2; exit 2;;
+esac
 cd "$(dirname "$0")/.."
 VPMOE=${VPMOE:-.venv/bin/vpmoe}
 PY=${PY:-.venv/bin/python}
 QS=${QS:-runs/quickstart}
-SHARED=../shared/data
-export TIKTOKEN_ENCODINGS_BASE=${TIKTOKEN_ENCODINGS_BASE:-$(cd ../shared/tokenizers && pwd)}
+DATA=$($PY -m megatron_vpmoe.utils.paths "${DATA_ARG[@]}")   # the one data lookup (utils/paths.py)
+export VPMOE_DATA=$DATA   # every command below reads the same folder
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+CORPORA=("$DATA/corpora/tinyshakespeare.txt")
+[ -d "$DATA/corpora/gutenberg_en" ] && CORPORA+=("$DATA/corpora/gutenberg_en/*.txt")
 if [ "${QUICKSTART_SCALE:-full}" = small ]; then
   PRETRAIN_STEPS=20; KD_LIMIT=8; PHASE1_STEPS=10; ONPOLICY_STEPS=2; EVAL_LIMIT=10; TOK_BYTES=300000
 else
@@ -24,21 +37,22 @@ else
 fi
 step() { printf '\n== %s\n' "$*"; }
 mkdir -p "$QS"
+printf 'data: %s\n' "$DATA"
 
 step "1. tokenizers"
 for spec in "bpe bpe-8k" "lengthmax lengthmax-8k"; do
   set -- $spec
   [ -d "$QS/tokenizers/$2" ] || $VPMOE tokenizer train --kind "$1" --vocab-size 8192 \
-      --input "$SHARED/corpora/tinyshakespeare.txt" "$SHARED/corpora/gutenberg_en/*.txt" \
+      --input "${CORPORA[@]}" \
       --max-bytes "$TOK_BYTES" --output "$QS/tokenizers/$2"
 done
 [ -f "$QS/tokenizer-report/report.json" ] || $VPMOE tokenizer eval \
     --tokenizers "$QS/tokenizers/bpe-8k" "$QS/tokenizers/lengthmax-8k" \
-    --input "$SHARED/eval/mc/lambada_openai.jsonl:context" --max-bytes 200000 --hidden-size 128 \
+    --input "$DATA/eval/mc/lambada_openai.jsonl:context" --max-bytes 200000 --hidden-size 128 \
     --report "$QS/tokenizer-report"   # held-out English text (tokenizers are compared, never trained, on it)
 
 step "2. preprocess (one pass, both tokenizers)"
-$VPMOE preprocess --input "$SHARED/corpora/tinyshakespeare.txt" "$SHARED/corpora/gutenberg_en/*.txt" \
+$VPMOE preprocess --input "${CORPORA[@]}" \
     --txt-blocks --output-prefix "$QS/shards/corpus" \
     --tokenizer "$QS/tokenizers/bpe-8k" "$QS/tokenizers/lengthmax-8k" --workers 2
 
@@ -59,7 +73,7 @@ for _ in $(seq 1 120); do
   kill -0 $SERVER 2>/dev/null || { cat "$QS/teacher-server.log"; exit 1; }
   sleep 0.5
 done
-$VPMOE distill generate --teacher "http://127.0.0.1:$PORT" --prompts "$SHARED/kd/gsm8k_train.jsonl" \
+$VPMOE distill generate --teacher "http://127.0.0.1:$PORT" --prompts "$DATA/kd/gsm8k_train.jsonl" \
     --limit "$KD_LIMIT" --samples 2 --temperature 0.8 --max-tokens 256 --seed 1 --concurrency 8 \
     --out "$QS/kd/gen" --no-progress
 $VPMOE distill build-corpus --generated "$QS/kd/gen" --out "$QS/kd/corpus" --tokenizer "$QS/tokenizers/bpe-8k" \
@@ -77,6 +91,7 @@ $VPMOE distill onpolicy --config examples/configs/distill-onpolicy.yaml \
     --set "run.dir=$QS/onpolicy" --set "data.tokenizer=$QS/tokenizers/bpe-8k" \
     --set "checkpoint.load=$QS/phase1/checkpoints" --set "distill.onpolicy.reference=$QS/phase1/checkpoints" \
     --set "distill.teacher_url=http://127.0.0.1:$PORT" --set "train.steps=$ONPOLICY_STEPS" \
+    --set "distill.onpolicy.prompts=[$DATA/kd/gsm8k_train.jsonl]" \
     --set distill.onpolicy.max_new_tokens=48 --set distill.onpolicy.prompts_per_step=2 \
     --set distill.onpolicy.samples_per_prompt=2 --set log.progress_bar=false
 kill $SERVER 2>/dev/null || true

@@ -5,7 +5,7 @@ TE is optional and GPU-only. :func:`te_status` says whether it can be used here 
 The factories return TE modules when it can and PyTorch modules with the same parameter names
 otherwise, so they plug into the model's ``LinearSpec`` unchanged::
 
-    from kernels import te
+    from megatron_vpmoe.kernels import te
     from megatron_vpmoe.model import VpmoeModel
     from megatron_vpmoe.model.layers import LinearSpec
     model = VpmoeModel(cfg, spec=LinearSpec(column=te.linear, row=te.linear))
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import ops
+from megatron_vpmoe.kernels import ops
 from megatron_vpmoe.utils.errors import VpmoeError
 
 FP8_RECIPES = ("delayed", "current", "mxfp8")

@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _install_notices(args)
     try:
         return int(args.func(args) or 0)
     except VpmoeError as err:
@@ -76,6 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"vpmoe {args.command}: error: {_describe_os_error(err)}", file=sys.stderr)
         return EXIT_USAGE if err.errno in _PATH_ERRNOS else EXIT_FAILURE
+
+
+def _install_notices(args: argparse.Namespace) -> None:
+    """Known third-party notices and other ranks' output silenced (``utils/notices.py``), unless --verbose."""
+    from megatron_vpmoe.training.distributed import discover_ranks
+    from megatron_vpmoe.utils.notices import install
+
+    try:
+        rank = discover_ranks().rank
+    except VpmoeError:  # a malformed launcher variable: the trainer reports it
+        rank = 0
+    install(verbose_flag=bool(getattr(args, "verbose", False)), rank=rank)
 
 
 # a path that cannot be read or written as given: fix the path or its permissions and re-run

@@ -1,6 +1,6 @@
 """Every ``benchmarks/*.py`` runs as a script (``python benchmarks/X.py``, which puts
 ``benchmarks/`` first on ``sys.path``) without its sibling files shadowing packages:
-``benchmarks/kernels.py`` must not stand in for the ``kernels`` package, nor
+``benchmarks/kernels.py`` must not stand in for the ``megatron_vpmoe.kernels`` package, nor
 ``benchmarks/tokenizers.py`` for the Hugging Face ``tokenizers`` library; ``--help`` only prints."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ try:
     runpy.run_path(script, run_name='__main__')
 except SystemExit as exit:
     assert exit.code in (0, None), exit.code
-import kernels, tokenizers
+import megatron_vpmoe.kernels as kernels, tokenizers
 print(kernels.__file__)
 print(tokenizers.__file__)
 """
@@ -40,5 +40,5 @@ def test_benchmark_script_imports_the_real_packages(script):
     # --help only prints: no benchmark ran and no committed result was rewritten
     assert {p: p.stat().st_mtime_ns for p in (ROOT / "benchmarks" / "results").glob("*")} == results
     kernels_file, tokenizers_file = out.stdout.strip().splitlines()[-2:]
-    assert Path(kernels_file) == ROOT / "kernels" / "__init__.py"
+    assert Path(kernels_file) == ROOT / "megatron_vpmoe" / "kernels" / "__init__.py"  # the link to kernels/
     assert "benchmarks" not in Path(tokenizers_file).parts and "site-packages" in tokenizers_file

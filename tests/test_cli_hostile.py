@@ -267,7 +267,7 @@ def test_launch_local_layout_and_rank_errors_exit_2(tmp_path, capsys):
     assert "Traceback" not in res.stderr and "missing" in res.stderr
 
 
-def test_toy_teacher_default_data_does_not_depend_on_the_working_directory(tmp_path, capsys, monkeypatch):
+def test_toy_teacher_default_data_does_not_depend_on_the_working_directory(tmp_path, capsys, monkeypatch, o200k):
     from megatron_vpmoe.eval.tasks import DEFAULT_FEWSHOT_FILE
 
     if not DEFAULT_FEWSHOT_FILE.is_file():

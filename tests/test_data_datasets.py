@@ -22,7 +22,7 @@ from tests.distributed import run_distributed
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, shared_data):
+def shards(tmp_path_factory, shared_data, o200k):  # its chat records render Harmony: o200k ranks
     out = tmp_path_factory.mktemp("shards")
     tok = train_tokenizer("bpe", [str(shared_data / "corpora" / "tinyshakespeare.txt")], 600, max_bytes=150_000)
     tok_dir = str(tok.save(out / "tok"))

@@ -16,6 +16,7 @@ import time
 import numpy
 import pytest
 
+from conftest import need_data
 from megatron_vpmoe.cli import main
 from megatron_vpmoe.data.preprocess import PreprocessOptions, merge_shards, run_preprocess
 from megatron_vpmoe.data.shards import read_shard, token_dtype
@@ -92,8 +93,8 @@ def _expected_roles(text):
     return spans
 
 
-def test_harmony_fixture_masks_line_up(tmp_path, toks, shared_data):
-    fixtures = sorted((shared_data / "harmony" / "fixtures").glob("*.txt"))
+def test_harmony_fixture_masks_line_up(tmp_path, toks, o200k):
+    fixtures = sorted((need_data("harmony/fixtures") / "harmony" / "fixtures").glob("*.txt"))
     texts = [f.read_text() for f in fixtures]
     texts = [t for t in texts if t.lstrip().startswith("<|start|>")]
     assert len(texts) >= 10
@@ -118,7 +119,7 @@ def test_harmony_fixture_masks_line_up(tmp_path, toks, shared_data):
     assert supervised[1] >= 2 and supervised[2] >= 2  # the fixtures hold analysis and final/commentary turns
 
 
-def test_chat_records_with_reasoning(tmp_path, toks):
+def test_chat_records_with_reasoning(tmp_path, toks, o200k):
     records = [
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
                       {"role": "assistant", "thinking": "Add two and two.", "content": "4"}]},
@@ -141,7 +142,7 @@ def test_chat_records_with_reasoning(tmp_path, toks):
     assert "Be brief." in tok.decode(ids[0])
 
 
-def test_plain_documents_before_and_after_a_chat_get_text_masks(tmp_path, toks):
+def test_plain_documents_before_and_after_a_chat_get_text_masks(tmp_path, toks, o200k):
     """The mask shard opens at the first chat document of a field; the plain documents before
     it are back-filled with role 3, so masks stay aligned document for document."""
     chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
@@ -190,8 +191,8 @@ def test_usage_errors_are_one_line(tmp_path, toks, capsys):
     assert "--input" in capsys.readouterr().err
 
 
-def test_interrupted_run_leaves_no_valid_shards_and_partitions_resume(tmp_path, toks, shared_data):
-    inputs = sorted((shared_data / "corpora" / "code_python").glob("*.py"))[:12]
+def test_interrupted_run_leaves_no_valid_shards_and_partitions_resume(tmp_path, toks):
+    inputs = sorted((need_data("corpora/code_python") / "corpora" / "code_python").glob("*.py"))[:12]
     prefix = tmp_path / "p"
     # the HF encoder (not gigatoken, ~25x faster) keeps the run long enough to be killed midway
     env = dict(os.environ, PYTHONPATH=ROOT, VPMOE_FAST_TOKENIZER="0")
@@ -339,7 +340,7 @@ def test_byte_range_pieces_give_the_serial_output_txt_blocks(tmp_path, toks, sha
     assert tok.decode(docs[-1][:-1]) == "last block, no newline" and len(docs) == summary["documents"] > 100
 
 
-def test_chat_loss_masks_from_pieces_match_the_serial_run(tmp_path, toks):
+def test_chat_loss_masks_from_pieces_match_the_serial_run(tmp_path, toks, o200k):
     chat = {"messages": [{"role": "user", "content": "Hi?"},
                          {"role": "assistant", "thinking": "Greet back.", "content": "Hello."}]}
     plain = [{"messages": f"Plain document number {i}, " + "words " * (i % 7)} for i in range(60)]

@@ -23,6 +23,8 @@ import pytest
 
 from test_serve import toy_teacher_dir
 
+pytestmark = pytest.mark.usefixtures("o200k")  # the teacher and the chat shards render Harmony
+
 PY = [sys.executable, "-m", "megatron_vpmoe.cli"]
 
 

@@ -239,7 +239,7 @@ def test_completions_endpoint(tmp_path):
     assert all(r["reasoning"] is None for r in recs)
 
 
-def test_toy_teacher_cli(tmp_path, shared_data, capsys):
+def test_toy_teacher_cli(tmp_path, shared_data, capsys, o200k):
     from megatron_vpmoe.inference import open_backend
     from megatron_vpmoe.serve.app import chat_stop_ids
 

@@ -64,7 +64,7 @@ def test_policy_loss_masks_and_zero_advantage_groups():
     assert logp.grad.flatten().tolist() == pytest.approx([-0.25, -0.25, 0.0, 0.5, 0.0, 0.0])
 
 
-def test_per_byte_equals_teacher_sum_over_utf8_bytes(tmp_path_factory, shared_data):
+def test_per_byte_equals_teacher_sum_over_utf8_bytes(tmp_path_factory, shared_data, o200k):
     """The loglik scorer against a served teacher: summed completion log-probs / UTF-8 bytes."""
     from aiohttp.test_utils import TestServer
 

@@ -15,6 +15,8 @@ import pytest
 from test_distill_e2e import PY, ServedTeacher, _env, _free_port, student_tokenizer
 from test_serve import toy_teacher_dir
 
+pytestmark = pytest.mark.usefixtures("o200k")  # the toy teacher renders Harmony
+
 
 def _config(work, vocab, port, prompts, steps, scorers="[{kind: loglik, weight: 1.0}]"):
     text = f"""

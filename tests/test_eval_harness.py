@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from conftest import need_data
 from megatron_vpmoe.eval import tasks as T
 from megatron_vpmoe.eval.harness import EvalOptions, run_eval
 from megatron_vpmoe.eval.requests import loglikelihood
@@ -92,8 +93,8 @@ MC_SETS = ["mmlu_stem", "copa", "piqa", "winogrande", "commonsenseqa", "openbook
 
 
 @pytest.mark.parametrize("task", MC_SETS)
-def test_multiple_choice_oracle_scores_100_and_uniform_scores_chance(shared_data, task):
-    path = shared_data / "eval" / T.MC_FILES[task]
+def test_multiple_choice_oracle_scores_100_and_uniform_scores_chance(task):
+    path = need_data("eval/" + T.MC_FILES[task]) / "eval" / T.MC_FILES[task]
     oracle = ByteModel(_mc_oracle(path, 6))
     got = T.run_multiple_choice(oracle, path, 6)
     assert got["n"] == 6 and got["acc"] == 1.0 and got["acc_norm"] == 1.0

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from megatron_vpmoe.cli import main
+from megatron_vpmoe.utils.paths import data_dir
 
 CONFIG = """
 out: {out}
@@ -38,6 +39,8 @@ variants:
   - name: bpe-300
     tokenizer: {{bpe: {{vocab_size: 300}}}}
 """
+# the data folder's Shakespeare (../shared/data, or the embedded default in a clone elsewhere)
+CONFIG = CONFIG.replace("corpus: ../shared/data/corpora/tinyshakespeare.txt", f"corpus: {data_dir() / 'corpora' / 'tinyshakespeare.txt'}")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +96,7 @@ def test_config_errors_name_the_key(tmp_path, shared_data):
     bad.write_text(CONFIG.format(out=tmp_path / "o") + "colour: blue\n")
     assert main(["experiment", "tokenizers", "--config", str(bad)]) == 2
     bad.write_text(CONFIG.format(out=tmp_path / "o").replace(
-        "corpus: ../shared/data/corpora/tinyshakespeare.txt", f"corpus: {shared_data / 'eval' / 'gsm8k_test.jsonl'}"))
+        f"corpus: {data_dir() / 'corpora' / 'tinyshakespeare.txt'}", f"corpus: {shared_data / 'eval' / 'gsm8k_test.jsonl'}"))
     from megatron_vpmoe.eval.experiment import load_experiment_config
     from megatron_vpmoe.utils.errors import ConfigError
 
@@ -157,7 +160,7 @@ def test_tokenizer_sources(experiment, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_every_tokenizer_kind_end_to_end(tmp_path, shared_data):
+def test_every_tokenizer_kind_end_to_end(tmp_path, shared_data, o200k):
     """The project's real tokenizer kinds through the runner in CI size: the o200k Harmony teacher
     (a `vpmoe tokenizer get` directory, 201,088 ids), and unigram / Length-MAX / pruned-o200k
     trained by `vpmoe tokenizer train` command variants; every column filled, the same active

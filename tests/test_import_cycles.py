@@ -1,4 +1,4 @@
-"""No import cycles between modules of ``megatron_vpmoe`` and ``kernels``, read statically from every
+"""No import cycles between modules of ``megatron_vpmoe`` (``kernels/`` included, as ``megatron_vpmoe.kernels``), read statically from every
 ``import`` statement (function-level ones too, so a lazy import cannot hide a cycle)."""
 
 from __future__ import annotations
@@ -8,15 +8,16 @@ import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("megatron_vpmoe", "kernels")
+# dotted package -> its folder: kernels/ is installed (and linked from the package) as megatron_vpmoe.kernels
+PACKAGES = {"megatron_vpmoe": ROOT / "megatron_vpmoe", "megatron_vpmoe.kernels": ROOT / "kernels"}
 
 
 def _modules() -> dict:
     """Dotted module name -> file, for every ``.py`` of the packages (a package is its ``__init__``)."""
     mods = {}
-    for pkg in PACKAGES:
-        for path in sorted((ROOT / pkg).rglob("*.py")):
-            parts = path.relative_to(ROOT).with_suffix("").parts
+    for pkg, folder in PACKAGES.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = (*pkg.split("."), *path.relative_to(folder).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             mods[".".join(parts)] = path
@@ -111,6 +112,7 @@ def test_the_checker_finds_cycles_and_resolves_imports():
     # ``from package import name`` is an edge to the package, ``from package import module`` to the module
     assert "megatron_vpmoe.utils.atomic" in graph["megatron_vpmoe.config.loader"]
     assert "megatron_vpmoe.config" in graph["megatron_vpmoe.training.trainer"]
+    assert "megatron_vpmoe.kernels.reference" in graph["megatron_vpmoe.kernels.ops"]  # kernels/ under its package name
 
 
 def test_no_import_cycles():

@@ -20,7 +20,7 @@ tl = pytest.importorskip("triton.language")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import (triton_activation, triton_attention, triton_dispatch, triton_loss,  # noqa: E402
+from megatron_vpmoe.kernels import (triton_activation, triton_attention, triton_dispatch, triton_loss,  # noqa: E402
                      triton_norm, triton_router)
 
 FLOAT_ARGS = {"eps", "scale", "scaling"}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.kernels import available_memory, measure_loss_peak
-from kernels import ops, reference
+from megatron_vpmoe.kernels import ops, reference
 
 
 def test_rms_norm_matches_naive():

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kernels import reference, te
+from megatron_vpmoe.kernels import reference, te
 from megatron_vpmoe.utils.errors import VpmoeError
 
 

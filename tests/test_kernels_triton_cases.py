@@ -25,8 +25,8 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("VPMOE_KERNEL_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
-from kernels import ops, reference  # noqa: E402
-from kernels import (triton_activation, triton_attention, triton_dispatch, triton_loss,  # noqa: E402
+from megatron_vpmoe.kernels import ops, reference  # noqa: E402
+from megatron_vpmoe.kernels import (triton_activation, triton_attention, triton_dispatch, triton_loss,  # noqa: E402
                      triton_norm, triton_router)
 
 MODULES = {m.__name__.split(".")[-1]: m for m in (triton_activation, triton_norm, triton_router,

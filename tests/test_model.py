@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import ops
+from megatron_vpmoe.kernels import ops
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model import VpmoeModel
 from megatron_vpmoe.model.generation import generate

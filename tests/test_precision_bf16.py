@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed import run_distributed
-from kernels import ops, reference
+from megatron_vpmoe.kernels import ops, reference
 from megatron_vpmoe.config.schema import ModelConfig, ParallelConfig
 from megatron_vpmoe.model import VpmoeModel
 from megatron_vpmoe.model import moe as moe_mod

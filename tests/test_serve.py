@@ -13,13 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import need_o200k
 from megatron_vpmoe.serve.chat_format import parse_harmony_completion, render_harmony_prompt
 
 
 def toy_teacher_dir(tmp_path_factory, shared_data: Path) -> Path:
-    """Build the toy Harmony teacher once per test session (also used by test_distill*)."""
+    """Build the toy Harmony teacher once per test session (also used by test_distill*); its
+    Harmony rendering needs the o200k ranks (skips without them)."""
     from megatron_vpmoe.distill.toy_teacher import build_toy_teacher
 
+    need_o200k()
     path = tmp_path_factory.getbasetemp() / "toy_teacher"
     if not (path / "config.json").is_file():
         torch.set_num_threads(1)
@@ -54,7 +57,7 @@ async def _post(client, path, payload):
     return resp.status, await resp.json()
 
 
-def test_harmony_render_and_parse_round_trip():
+def test_harmony_render_and_parse_round_trip(o200k):
     prompt = render_harmony_prompt([{"role": "system", "content": "Be brief."},
                                     {"role": "user", "content": "2+2?"}])
     assert prompt.startswith("<|start|>system<|message|>") and prompt.endswith("<|start|>assistant")
@@ -234,7 +237,7 @@ def test_vpmoe_checkpoint_backend(tmp_path, shared_data):
     assert lps[1:] == pytest.approx((-nll).tolist(), abs=1e-5)
 
 
-def test_cli_errors(tmp_path, tmp_path_factory, shared_data, capsys):
+def test_cli_errors(tmp_path, tmp_path_factory, shared_data, capsys, o200k):
     import socket
 
     from megatron_vpmoe.cli import main as vpmoe

@@ -79,7 +79,7 @@ def test_student_variants(kind, trained, corpus, tmp_path):
     assert load(tmp_path / "copy").encode(text) == tok.encode(text)
 
 
-def test_harmony(tmp_path, shared_data):
+def test_harmony(tmp_path, shared_data, o200k):
     from megatron_vpmoe.tokenizers import harmony_tokenizer
 
     tok = harmony_tokenizer()
@@ -241,7 +241,7 @@ def test_lengthmax_encoder_errors(corpus):
         train_lengthmax(docs, 600, encoder="viterbi")
 
 
-def test_pruned(corpus, tmp_path):
+def test_pruned(corpus, tmp_path, o200k):
     """Pruned o200k: closed merge graph, bytes/digits/specials kept, ids map back to the
     teacher's, and on the pruning corpus most text keeps the teacher's own tokens."""
     from megatron_vpmoe.tokenizers import harmony_tokenizer

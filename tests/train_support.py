@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_vpmoe.utils.paths import data_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "corpora" / "tinyshakespeare.txt"
+SHAKESPEARE = data_dir() / "corpora" / "tinyshakespeare.txt"  # ../shared/data's, or the embedded default's
 
 
 class ByteTokenizer:

@@ -365,7 +365,7 @@ class LogConfig:
     """Metrics and progress output: the JSON-lines interval, progress bar, TensorBoard, W&B."""
 
     interval: int = 1  # steps between metric lines
-    progress_bar: bool = True  # tqdm bar on rank 0
+    progress_bar: bool = True  # tqdm bar on rank 0 when stderr is a terminal; plain step lines otherwise
     tensorboard: bool = False  # TensorBoard scalars under {run.dir}/tensorboard
     wandb_project: Optional[str] = None  # log to Weights & Biases (needs pip install wandb)
     memory_report: bool = False  # every rank writes {run.dir}/memory/rank_N.json: measured peak RSS per phase (construction, steps, saves) beside its shard's bytes

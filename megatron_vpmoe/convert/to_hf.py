@@ -142,7 +142,7 @@ def convert_to_hf(ckpt_path: str, out_dir: str, *, dtype: str = "fp32", tokenize
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(iterator, total=len(groups), desc="to-hf shards", unit="shard")
+        iterator = tqdm(iterator, total=len(groups), desc="to-hf shards", unit="shard", disable=None)  # None: terminal only
     with atomic_directory(out, overwrite=overwrite) as tmp:
         weight_map, total = {}, 0
         for i, tensors in enumerate(iterator):

@@ -49,7 +49,7 @@ def _harmony():
         from megatron_vpmoe.tokenizers.tiktoken_variant import default_ranks_path
 
         ranks = default_ranks_path()
-        if ranks.is_file():
+        if ranks is not None and ranks.is_file():
             os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(ranks.parent)
     import openai_harmony as oh
 

@@ -206,7 +206,7 @@ class _Progress:
         self.bar = None
         self.docs = 0
         self.bytes = 0
-        if enabled:
+        if enabled and sys.stderr.isatty():  # a bar on a terminal; plain periodic lines in logs and CI
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,

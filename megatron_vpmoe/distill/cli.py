@@ -87,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train a tiny GPT-2 with its own BPE on Harmony-rendered GSM8K solutions; "
                     "serve the result with 'vpmoe serve'.")
     toy.add_argument("--gsm8k", default=None, metavar="FILE",
-                     help="GSM8K jsonl (default: ../shared/data/kd/gsm8k_train.jsonl beside the checkout)")
+                     help="GSM8K jsonl (default: kd/gsm8k_train.jsonl of $VPMOE_DATA, ../shared/data or the embedded default)")
     toy.add_argument("--out", required=True, metavar="DIR")
     toy.add_argument("--examples", type=int, default=4)
     toy.add_argument("--steps", type=int, default=80)

@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tasks", default="bpb,mc", help="comma-separated tasks (default: bpb,mc)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="items per task (default: all)")
     parser.add_argument("--out", default=None, metavar="DIR", help="output dir (default: CKPT_OR_HF/eval)")
-    parser.add_argument("--eval-dir", default=None, metavar="DIR", help="eval data (default: ../shared/data/eval)")
+    parser.add_argument("--eval-dir", default=None, metavar="DIR", help="eval data (default: eval/ of $VPMOE_DATA, ../shared/data or the embedded default)")
     parser.add_argument("--bpb-text", default=None, metavar="PATH",
                         help="text for bpb: .txt, dir of .txt, or .jsonl with 'text' (default: LAMBADA passages)")
     parser.add_argument("--long-text", default=None, metavar="PATH", help="text for long_context (default: LAMBADA)")

@@ -38,7 +38,7 @@ def run_eval(backend: Backend, options: EvalOptions, model_name: str = "") -> Di
     if options.progress:
         from tqdm import tqdm
 
-        iterator = tqdm(names, desc="eval", unit="task")
+        iterator = tqdm(names, desc="eval", unit="task", disable=None)  # None: on a terminal only
     for name in iterator:
         if options.progress:
             iterator.set_postfix_str(name)  # type: ignore[union-attr]

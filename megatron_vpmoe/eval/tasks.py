@@ -1,6 +1,6 @@
 """Evaluation tasks: bits per byte, GSM8K, multiple choice by log-likelihood, long context.
 
-Each task reads its data from a local file (``../shared/data/eval/`` by default), runs
+Each task reads its data from a local file (``eval/`` of ``utils.paths.data_dir()`` by default), runs
 against a :class:`~megatron_vpmoe.inference.Backend` (through :mod:`megatron_vpmoe.eval.requests`) and returns a flat dict of
 metrics plus ``n`` (items scored). Bad data raises :class:`InputError` naming file and line.
 
@@ -25,9 +25,10 @@ from megatron_vpmoe.training.loss import bits_per_byte
 from megatron_vpmoe.utils.answers import predicted_answer, reference_answer
 from megatron_vpmoe.utils.errors import InputError
 from megatron_vpmoe.utils.jsonl import read_jsonl
+from megatron_vpmoe.utils.paths import data_dir
 
-# relative to the project root, like every path into the shared data
-DEFAULT_EVAL_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "eval"
+# the data folder's eval/ (VPMOE_DATA, ../shared/data or the embedded default), resolved at import
+DEFAULT_EVAL_DIR = data_dir() / "eval"
 DEFAULT_FEWSHOT_FILE = DEFAULT_EVAL_DIR.parent / "kd" / "gsm8k_train.jsonl"
 
 

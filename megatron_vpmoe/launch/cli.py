@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_vpmoe.utils.cli_args import add_verbose_arg
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="CONFIG", help="run config YAML")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable)")
+    add_verbose_arg(parser)  # exported to the ranks as VPMOE_VERBOSE=1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -69,7 +72,8 @@ def _slurm(args: argparse.Namespace) -> int:
     job = SlurmJob(config=args.config, overrides=args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                    ntasks_per_node=args.ntasks_per_node, cpus_per_task=args.cpus_per_task,
                    partition=args.partition, account=args.account, qos=args.qos, time=args.time,
-                   job_name=args.job_name, container_image=args.container_image, env=args.env,
+                   job_name=args.job_name, container_image=args.container_image,
+                   env=args.env + (["VPMOE_VERBOSE=1"] if args.verbose else []),
                    signal_seconds=args.signal_seconds)
     planned = summary and not summary[0].startswith("vpmoe plan: not planned")
     out = sys.stderr if args.dry_run else sys.stdout

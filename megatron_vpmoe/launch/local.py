@@ -59,8 +59,19 @@ def mpirun_command(np: int, config: str, overrides: List[str], hostfile: Optiona
         cmd.append("--oversubscribe")  # one host: more ranks than cores is fine for CPU runs
         master = "127.0.0.1"
     cmd += ["-x", f"MASTER_ADDR={master}", "-x", f"MASTER_PORT={_free_port()}", "-x", "PATH",
-            "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", python, *_train_args(config, overrides)]
+            "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS"]
+    if "VPMOE_VERBOSE" in os.environ:  # --verbose reaches the ranks
+        cmd += ["-x", "VPMOE_VERBOSE"]
+    cmd += [python, *_train_args(config, overrides)]
     return cmd
+
+
+def _package_parent() -> str:
+    """The folder holding the ``megatron_vpmoe`` this launcher runs (a checkout, or site-packages
+    when installed): put first on the ranks' ``PYTHONPATH`` so they import the same code."""
+    import megatron_vpmoe
+
+    return str(Path(megatron_vpmoe.__file__).resolve().parents[1])
 
 
 def run_launcher(build_cmd: Callable[[], List[str]], config: str, overrides: List[str], world_size: int,
@@ -81,8 +92,7 @@ def run_launcher(build_cmd: Callable[[], List[str]], config: str, overrides: Lis
     marker.unlink(missing_ok=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    repo = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = _package_parent() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     print("[vpmoe] " + " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, env=env)
     previous = {}

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import ops
+from megatron_vpmoe.kernels import ops
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model.recompute import recomputed
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import ops
+from megatron_vpmoe.kernels import ops
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model.init import ShardOf, draw_base_seed, initialize_parameters
 from megatron_vpmoe.model.layers import (

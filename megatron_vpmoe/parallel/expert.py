@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_to_all_single
 
-from kernels import ops
+from megatron_vpmoe.kernels import ops
 
 
 class AllToAllDispatcher:

@@ -191,7 +191,7 @@ def te_linear_spec(tp_size: int, tp_group) -> LinearSpec:
     plain at TP=1, column/row-parallel over ``tp_group`` otherwise (TE splits the weight the
     same way as megatron-core: column on the output dim, row on the input dim, bias of a row
     layer added after the reduction). Requires TE (a clear error otherwise)."""
-    from kernels import te
+    from megatron_vpmoe.kernels import te
 
     if tp_size == 1:
         return LinearSpec(column=lambda i, o, b: te.linear(i, o, b, use_te=True),

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     get.add_argument("which", choices=("harmony",))
     get.add_argument("--output", required=True, metavar="DIR")
     get.add_argument("--ranks", default=None, help="o200k_base.tiktoken (default: $TIKTOKEN_ENCODINGS_BASE "
-                                                   "or ../shared/tokenizers)")
+                                                   "or ../shared/tokenizers, else tiktoken's cache or download)")
     get.add_argument("--overwrite", action="store_true")
     get.set_defaults(func=_get)
 

@@ -153,7 +153,7 @@ def evaluate_tokenizers(tokenizer_dirs: Sequence[str], inputs: Sequence[str], re
     tokenizers = [load(d) for d in tokenizer_dirs]  # fail fast on a bad directory
     docs = load_documents(inputs, max_bytes)
     rows = [evaluate_tokenizer(t, docs, hidden_size=hidden_size, seq_length=seq_length)
-            for t in tqdm(tokenizers, desc="evaluating tokenizers", disable=len(tokenizers) < 2)]
+            for t in tqdm(tokenizers, desc="evaluating tokenizers", disable=len(tokenizers) < 2 or None)]
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(rows, out)

@@ -294,7 +294,7 @@ def build_lengthmax_vocab(docs: Sequence[str], n_learned: int, *, max_token_char
 
     vocab = _Vocab()
     n_within = int(round(n_learned * word_fraction)) if max_token_words > 1 else n_learned
-    with tqdm(total=n_learned, desc="length-max merges", unit="tok", disable=not show_progress) as bar:
+    with tqdm(total=n_learned, desc="length-max merges", unit="tok", disable=not show_progress or None) as bar:
         symbols = _merge_within_units(vocab, unit_freq, n_within, max_token_chars, max_token_words,
                                       min_count, bar)
         learned = len(vocab.pieces) - 256

@@ -73,7 +73,7 @@ def prune_teacher(docs: Sequence[str], vocab_size: int, *, show_progress: bool =
     budget = vocab_size - len(STUDENT_SPECIALS)
     usage = np.zeros(max(ranks.values()) + 1, dtype=np.int64)
     chunks = list(chunk_documents(docs, 65536))
-    for start in tqdm(range(0, len(chunks), 64), desc="counting teacher tokens", disable=not show_progress):
+    for start in tqdm(range(0, len(chunks), 64), desc="counting teacher tokens", disable=not show_progress or None):
         for ids in teacher.encode_batch(chunks[start:start + 64]):
             usage += np.bincount(np.asarray(ids, dtype=np.int64), minlength=len(usage))[: len(usage)]
     kept: set = set()

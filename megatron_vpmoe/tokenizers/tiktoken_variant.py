@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional
 from unittest import mock
@@ -13,19 +12,15 @@ from unittest import mock
 from megatron_vpmoe.tokenizers.base import Tokenizer
 from megatron_vpmoe.tokenizers.bytes_map import bytes_to_piece
 from megatron_vpmoe.utils.errors import InputError
-
-RANKS_FILE = "o200k_base.tiktoken"
+from megatron_vpmoe.utils.paths import RANKS_FILE, o200k_ranks_file
 TEACHER_MAP_FILE = "student_to_teacher.json"
 HARMONY_VOCAB = 201_088
 
 
-def default_ranks_path() -> Path:
-    """``$TIKTOKEN_ENCODINGS_BASE/o200k_base.tiktoken``, else ``../shared/tokenizers`` beside
-    the project root."""
-    base = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
-    if base:
-        return Path(base) / RANKS_FILE
-    return Path(__file__).resolve().parents[2].parent / "shared" / "tokenizers" / RANKS_FILE
+def default_ranks_path() -> Optional[Path]:
+    """The local o200k ranks (:func:`megatron_vpmoe.utils.paths.o200k_ranks_file`); None: tiktoken's
+    own cache or download."""
+    return o200k_ranks_file()
 
 
 def load_ranks(path) -> Dict[bytes, int]:
@@ -45,10 +40,17 @@ def load_ranks(path) -> Dict[bytes, int]:
 
 def o200k_harmony_spec(ranks_path=None) -> dict:
     """tiktoken's own ``o200k_harmony`` definition (pattern, special ids), with the ranks read
-    from the local file instead of downloaded."""
+    from the local file instead of downloaded (without one: tiktoken's cache, or its download)."""
     import tiktoken_ext.openai_public as public
 
-    ranks = load_ranks(ranks_path or default_ranks_path())
+    path = ranks_path or default_ranks_path()
+    if path is None:
+        try:
+            return public.o200k_harmony()
+        except Exception as err:  # noqa: BLE001 - network and cache errors of every kind
+            raise InputError(f"cannot get {RANKS_FILE} from tiktoken's cache or download ({err}); "
+                             f"set TIKTOKEN_ENCODINGS_BASE to a folder holding it") from None
+    ranks = load_ranks(path)
     with mock.patch.object(public, "load_tiktoken_bpe", lambda *a, **k: ranks):
         return public.o200k_harmony()
 

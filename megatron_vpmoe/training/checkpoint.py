@@ -42,7 +42,6 @@ damaged one. Nothing is unpickled with the full pickle machinery
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -50,7 +49,6 @@ import re
 import shutil
 import sys
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -82,6 +80,7 @@ from megatron_vpmoe.training.checkpoint_manifest import (
 from megatron_vpmoe.training.distributed import barrier, world
 from megatron_vpmoe.utils.atomic import atomic_write_text
 from megatron_vpmoe.utils.errors import InputError, VpmoeError
+from megatron_vpmoe.utils.notices import filter_known_warnings, quiet
 
 FORMAT_VERSION = 3  # 3: sharded writes, manifest.json, RNG without pickle
 READABLE_FORMATS = (2, 3)  # 2: full tensors, rank_*.pt RNG files, no manifest
@@ -284,12 +283,10 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
-@contextlib.contextmanager
 def _quiet_single_process():
-    """DCP warns that it assumes a single process when there is no process group; that is intended."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+    """DCP warns that it assumes a single process when there is no process group; that is intended
+    (one of ``utils/notices.py``'s known notices)."""
+    return quiet()
 
 
 # ---- the state: single-process keys, this rank's shards as DTensors with global shapes ---------
@@ -510,7 +507,7 @@ class CheckpointManager:
                 self._stager = CpuBufferStager()
                 # DCP's background thread warns about a single process where _quiet_single_process
                 # cannot reach it; a single process is intended
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                filter_known_warnings()
                 self._hasher = ThreadPoolExecutor(1, thread_name_prefix="vpmoe-ckpt-hash")
             with _quiet_single_process():
                 written = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(str(tmp)),

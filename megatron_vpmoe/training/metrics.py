@@ -62,7 +62,8 @@ def peak_memory_over_ranks(world_size: int) -> Dict[str, float]:
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     gathered = torch.zeros(world_size, dtype=torch.float64, device=device)
-    dist.all_gather_into_tensor(gathered, torch.tensor([mine], dtype=torch.float64, device=device))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the new name from torch 2.13
+    gather(gathered, torch.tensor([mine], dtype=torch.float64, device=device))
     return {"peak_memory_mb_max": float(gathered.max()), "peak_memory_rank_argmax": int(gathered.argmax())}
 
 

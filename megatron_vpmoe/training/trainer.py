@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -62,6 +63,7 @@ from megatron_vpmoe.training.preemption import (
 )
 from megatron_vpmoe.training.schedule import learning_rate
 from megatron_vpmoe.utils.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, VpmoeError
+from megatron_vpmoe.utils.notices import install as install_notices
 
 NAN_HOOK_ENV = "VPMOE_TEST_NAN_STEPS"
 
@@ -92,6 +94,7 @@ class Trainer:
         self.cfg = cfg
         self.info: RankInfo = init_distributed()
         self.rank, self.world_size = self.info.rank, self.info.world_size
+        install_notices(rank=self.rank)  # also when the trainer runs outside the CLI (spawned ranks)
         self.is_main = self.rank == 0
         self.quiet = quiet
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
@@ -110,7 +113,7 @@ class Trainer:
         self.dp_size, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
         self.accum = cfg.train.check_batch_layout(self.dp_size)
         if cfg.train.transformer_impl == "transformer_engine":
-            from kernels.te import te_status
+            from megatron_vpmoe.kernels.te import te_status
 
             status = te_status()
             if not status.available:
@@ -153,7 +156,7 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.fp8_recipe = None
         if self.cfg.train.fp8:  # implies transformer_engine, whose availability is checked above
-            from kernels import te
+            from megatron_vpmoe.kernels import te
 
             self.fp8_recipe = te.fp8_recipe(self.cfg.train.fp8)
 
@@ -162,7 +165,7 @@ class Trainer:
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
         if self.fp8_recipe is not None:  # TE linears compute in FP8 under the recipe
-            from kernels import te
+            from megatron_vpmoe.kernels import te
 
             stack.enter_context(te.fp8_autocast(True, self.fp8_recipe))
         return stack
@@ -454,12 +457,14 @@ class Trainer:
         logger = MetricsLogger(cfg.run.dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard,
                                wandb_project=cfg.log.wandb_project, run_name=cfg.run.name,
                                resume_step=self.step)
-        if self.loaded_from:
+        if self.loaded_from and cfg.checkpoint.load_optimizer:
             self._print(f"resumed from {self.loaded_from} at step {self.step}")
+        elif self.loaded_from:  # weights only: a fresh run (optimizer, schedule, data order) from them
+            self._print(f"initialised from {self.loaded_from} (weights only; fresh optimizer, step 0)")
         nan_steps = _nan_hook_steps()
         preemption = PreemptionHandler().install()
         bar = None
-        if self.is_main and cfg.log.progress_bar and not self.quiet:
+        if self.is_main and cfg.log.progress_bar and not self.quiet and sys.stderr.isatty():  # else: step lines
             from tqdm import tqdm
 
             bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
