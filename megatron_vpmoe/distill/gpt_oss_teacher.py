@@ -6,7 +6,8 @@ offline from ``o200k_base.tiktoken``; ids equal ``openai_harmony``'s) and a Harm
 template plus response template (:mod:`megatron_vpmoe.serve.harmony_hf`), saved as a plain
 Hugging Face directory. ``vpmoe serve`` and ``transformers serve`` both serve it. It is trained
 briefly on Harmony-rendered GSM8K solutions (analysis = worked solution, final = the answer),
-with the loss on the assistant tokens only, so it answers in Harmony channels instead of noise.
+plus two listwise rankings in the ``rank`` scorer's request format (the correct answer first), with
+the loss on the assistant tokens only, so it answers in Harmony channels instead of noise.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_vpmoe.data.chat import render_prompt
+from megatron_vpmoe.distill.scorers import rank_request
 from megatron_vpmoe.distill.toy_teacher import gsm8k_conversation
 from megatron_vpmoe.utils.atomic import atomic_directory
 from megatron_vpmoe.utils.errors import InputError
@@ -37,7 +40,7 @@ def gpt_oss_toy_config(*, hidden: int = 64, layers: int = 2, experts: int = 4, v
 def _read_gsm8k(path: str, examples: int) -> list:
     if not Path(path).is_file():
         raise InputError(f"{path}: no such file (pass --gsm8k FILE, a GSM8K jsonl)")
-    texts, lineno = [], 0
+    texts, recs, lineno = [], [], 0
     with open(path, encoding="utf-8") as f:
         try:
             for lineno, line in enumerate(f, 1):
@@ -45,10 +48,16 @@ def _read_gsm8k(path: str, examples: int) -> list:
                     break
                 rec = json.loads(line)
                 texts.append(gsm8k_conversation(rec["question"], rec["answer"]))
+                recs.append(rec)
         except (ValueError, KeyError, TypeError, InputError) as err:
             raise InputError(f"{path}:{lineno}: not a GSM8K record ({type(err).__name__}: {err})") from None
     if not texts:
         raise InputError(f"{path}: no GSM8K records")
+    if len(recs) >= 2:  # one listwise ranking (the 'rank' scorer's request): the right answer first
+        answers = [f"The answer is {r['answer'].rsplit('####', 1)[1].strip()}." for r in recs[:2]]
+        for order, listed in (("1 > 2", answers), ("2 > 1", answers[::-1])):
+            prompt = render_prompt([{"role": "user", "content": rank_request(recs[0]["question"], listed)}])
+            texts.append(f"{prompt}<|channel|>final<|message|>{order}<|return|>")
     return texts
 
 
@@ -99,6 +108,7 @@ def build_gpt_oss_teacher(gsm8k_path: str, out_dir: str, *, examples: int = 4, s
     bi, ti = torch.tensor([p[0] for p in pos]), torch.tensor([p[1] for p in pos])
     targets = ids[bi, ti + 1]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=lr / 10)
     model.train()
     losses = []
     for _ in range(steps):
@@ -108,6 +118,7 @@ def build_gpt_oss_teacher(gsm8k_path: str, out_dir: str, *, examples: int = 4, s
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         losses.append(float(loss.detach()))
     model.eval()
     model.generation_config = GenerationConfig(
