@@ -238,7 +238,8 @@ class _Generator:
                                  backoff_s=o.backoff_s, concurrency=o.concurrency) as client:
             from megatron_vpmoe.distill.teacher_probe import TeacherCapabilityError, probe
 
-            features = ["chat", "n"] if o.endpoint == "chat" else []
+            # one request: n (which proves chat too) when several samples share a prompt
+            features = ([] if o.endpoint != "chat" else ["n"] if o.samples > 1 else ["chat"])
             try:
                 caps = await probe(client, features, self.model)
             except TeacherCapabilityError as err:
@@ -248,7 +249,7 @@ class _Generator:
                 print(caps.line(), file=sys.stderr, flush=True)
             if o.endpoint == "chat" and not caps.features.get("chat"):
                 raise TeacherCapabilityError(f"teacher at {o.teacher_url} does not serve chat: "
-                                             f"{caps.why.get('chat')}")
+                                             f"{caps.why.get('chat') or caps.why.get('n')}")
             if o.endpoint == "chat" and not caps.features.get("n"):
                 todo = [(p, [i]) for p, m in todo for i in m]  # one request per sample
             if not todo:

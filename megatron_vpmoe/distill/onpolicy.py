@@ -90,10 +90,10 @@ def check_teacher(cfg, *, quiet: bool = False):
     refuse (exit 2) a scorer it cannot serve (:mod:`megatron_vpmoe.distill.teacher_probe`)."""
     import sys
 
-    from megatron_vpmoe.distill.teacher_probe import needed_features, probe_teacher, require
+    from megatron_vpmoe.distill.teacher_probe import SCORER_FEATURES, probe_teacher, require
 
     kinds = [s.kind for s in cfg.distill.onpolicy.scorers]
-    caps = probe_teacher(cfg.distill.teacher_url, needed_features(kinds),
+    caps = probe_teacher(cfg.distill.teacher_url, SCORER_FEATURES,
                          timeout_s=cfg.distill.onpolicy.teacher_timeout_s)
     if not quiet:
         print(caps.line(), file=sys.stderr, flush=True)

@@ -27,9 +27,11 @@ FEATURES = {
     "n": "/v1/chat/completions returning n > 1 choices",
     "echo_logprobs": "/v1/completions with echo + logprobs + max_tokens 0 (prompt log-probs)",
 }
-# what each on-policy scorer sends (distill.scorers)
+# what each on-policy scorer sends (distill.scorers); on-policy runs probe all of these
+SCORER_FEATURES = ("chat", "echo_logprobs")
 SCORER_NEEDS = {"loglik": ("echo_logprobs",), "rank": ("chat",), "critique": ("chat",), "verify": ()}
 _PROBE_TEXT = "The capital of France is Paris."
+PROBE_CHAT = "Say hi."  # the user message of the chat probes
 
 
 class TeacherCapabilityError(VpmoeError):
@@ -62,7 +64,7 @@ class TeacherCapabilities:
 
 
 async def _chat_probe(client: TeacherClient, model, n: int) -> dict:
-    return await client.chat({"model": model, "messages": [{"role": "user", "content": "Say hi."}],
+    return await client.chat({"model": model, "messages": [{"role": "user", "content": PROBE_CHAT}],
                               "max_tokens": 4, "temperature": 0, "n": n})
 
 
@@ -102,6 +104,7 @@ async def probe(client: TeacherClient, features, model: Optional[str] = None) ->
                 data = await _chat_probe(client, model, 2 if name == "n" else 1)
                 why = None if name == "chat" or len(data["choices"]) == 2 else (
                     f"asked for 2 choices, got {len(data['choices'])}")
+                caps.features.setdefault("chat", True)  # any chat answer proves chat
                 msg = data["choices"][0]["message"]
                 for key in ("reasoning_content", "reasoning"):
                     if key in msg and caps.reasoning_field is None:
@@ -112,14 +115,6 @@ async def probe(client: TeacherClient, features, model: Optional[str] = None) ->
         if why is not None:
             caps.why[name] = why
     return caps
-
-
-def needed_features(scorers=(), *, generate: bool = False) -> list:
-    """The features a run needs: generation's chat (and ``n`` if served), each scorer's."""
-    out = ["chat", "n"] if generate else []
-    for s in scorers:
-        out += [f for f in SCORER_NEEDS.get(s, ()) if f not in out]
-    return out
 
 
 def require(caps: TeacherCapabilities, scorers) -> None:
