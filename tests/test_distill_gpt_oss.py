@@ -29,7 +29,7 @@ import pytest
 from test_distill_e2e import PY, ServedTeacher, _env, _free_port, _records, student_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
-TEACHER_STEPS = 60  # what `vpmoe distill toy-teacher --arch gpt-oss` does by default
+TEACHER_STEPS = 30  # reduced (the CLI default is 100): Harmony-shaped but weak answers
 
 
 @pytest.fixture(scope="session")
@@ -126,11 +126,12 @@ def test_recorded_replies_split_like_openai_harmony(shared_data):
     for text in _recorded_replies(shared_data):
         msgs = enc.parse_messages_from_completion_tokens(enc.encode(text, allowed_special="all"), oh.Role.ASSISTANT)
         want = {m.channel: "".join(c.text for c in m.content) for m in msgs}
-        assert set(want) <= {"analysis", "final"} and "final" in want
+        assert set(want) <= {"analysis", "final"} and want
         split = parse_harmony_completion(text)
-        assert (split.reasoning, split.final) == (want.get("analysis"), want["final"])
-        parsed = tok.parse_response(tok.encode(text), prefix=prefix)
-        assert (parsed.get("reasoning_content"), parsed["content"]) == (want.get("analysis"), want["final"])
+        assert (split.reasoning, split.final) == (want.get("analysis"), want.get("final", ""))
+        parsed = tok.parse_response(tok.encode(text), prefix=prefix)  # what transformers serve returns
+        assert (parsed.get("reasoning_content"), parsed.get("content", "")) == (want.get("analysis"),
+                                                                               want.get("final", ""))
 
 
 def test_channels_land_in_role_masks(tmp_path, shared_data):
@@ -170,7 +171,8 @@ def test_channels_land_in_role_masks(tmp_path, shared_data):
         else:
             assert masked[1] == "" and "analysis" not in channels
         assert masked[2] == channels["final"] + "<|return|>"
-        assert student.decode(ids) == render_conversation(conv)  # the student saw the whole rendering
+        # the student saw the whole rendering (+ its end-of-document token, unsupervised)
+        assert student.decode(ids) == render_conversation(conv) + student.decode(ids[-1:]) and role[-1] == 0
 
 
 # --- capability probe --------------------------------------------------------------------------

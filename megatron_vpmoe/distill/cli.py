@@ -94,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="GSM8K jsonl (default: ../shared/data/kd/gsm8k_train.jsonl beside the checkout)")
     toy.add_argument("--out", required=True, metavar="DIR")
     toy.add_argument("--examples", type=int, default=4)
-    toy.add_argument("--steps", type=int, default=None, help="training steps (default: 80 gpt2, 60 gpt-oss)")
+    toy.add_argument("--steps", type=int, default=None, help="training steps (default: 80 gpt2, 100 gpt-oss)")
     toy.add_argument("--overwrite", action="store_true")
     toy.set_defaults(func=_toy_teacher)
 

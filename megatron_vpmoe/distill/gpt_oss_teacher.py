@@ -75,7 +75,7 @@ def harmony_hf_tokenizer():
     return tok
 
 
-def build_gpt_oss_teacher(gsm8k_path: str, out_dir: str, *, examples: int = 4, steps: int = 60,
+def build_gpt_oss_teacher(gsm8k_path: str, out_dir: str, *, examples: int = 4, steps: int = 100,
                           hidden: int = 64, layers: int = 2, experts: int = 4, lr: float = 1e-2,
                           seed: int = 0, overwrite: bool = False) -> Path:
     """Train and save the toy GPT-OSS teacher (module docstring); returns ``out_dir``."""

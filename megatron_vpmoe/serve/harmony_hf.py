@@ -47,9 +47,12 @@ HARMONY_RESPONSE_TEMPLATE = {
     "defaults": {"role": "assistant"},
     "start_anchor": "<|start|>assistant",
     "fields": {
-        "reasoning_content": {"open": "<|channel|>analysis<|message|>", "close": "<|end|>", "content": "text"},
+        "reasoning_content": {"open": "<|channel|>analysis<|message|>",
+                              "close_pattern": r"<\|end\|>|<\|return\|>|<\|call\|>", "content": "text",
+                              "content_args": {"strip": False}},  # the channel text exactly, as openai_harmony
         "content": {"open_pattern": r"(?:<\|start\|>assistant)?<\|channel\|>final<\|message\|>",
-                    "close_pattern": r"<\|return\|>|<\|end\|>|<\|call\|>", "content": "text"},
+                    "close_pattern": r"<\|return\|>|<\|end\|>|<\|call\|>", "content": "text",
+                    "content_args": {"strip": False}},
     },
 }
 
