@@ -45,22 +45,11 @@ def gpt_oss_dir(tmp_path_factory, shared_data) -> Path:
 class TransformersServed(ServedTeacher):
     """`transformers serve DIR` (FastAPI + uvicorn, from transformers' serving extras) as a subprocess."""
 
-    def start(self) -> "TransformersServed":
+    def command(self) -> list:
         exe = Path(sys.executable).parent / "transformers"
         assert exe.is_file(), "transformers' CLI is missing: pip install 'transformers[serving]'"
-        self.proc = subprocess.Popen(
-            [str(exe), "serve", str(self.model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-             "--device", "cpu", "--dtype", "float32"],
-            stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=_env())
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                urllib.request.urlopen(f"{self.url}/v1/models", timeout=2).read()
-                return self
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError(f"transformers serve did not start:\n{self.log.read_text()}")
+        return [str(exe), "serve", str(self.model_dir), "--host", "127.0.0.1", "--port", str(self.port),
+                "--device", "cpu", "--dtype", "float32"]
 
 
 @pytest.fixture(scope="module")
@@ -188,26 +177,17 @@ def test_probe_says_what_each_server_serves(servers):
     assert ours.scorers() == ["loglik", "rank", "critique", "verify"] and ours.reasoning_field == "reasoning_content"
 
 
-def _onpolicy_config(work: Path, vocab: int, url: str, prompts: Path, steps: int, scorers: str, load=None) -> Path:
-    text = f"""
-run: {{dir: {work}/run, seed: 1}}
-model: {{vocab_size: {vocab}, hidden_size: 64, num_layers: 2, num_attention_heads: 4,
-  num_query_groups: 2, kv_channels: 16, ffn_hidden_size: 128, window_size: 16, moe_first_k_dense: 1,
-  num_moe_experts: 4, moe_router_topk: 2, moe_ffn_hidden_size: 64,
-  moe_shared_expert_intermediate_size: 64, moe_router_num_groups: 1, moe_router_group_topk: 1}}
-data: {{tokenizer: {work.parent}/student_tok, mock: true, seq_length: 64}}
-train: {{steps: {steps}, global_batch_size: 4, micro_batch_size: 4,
-  optimizer: {{lr: 0.003, min_lr: 0.003}}, schedule: {{kind: constant}}}}
-checkpoint: {{dir: {work}/run/ckpt, keep_last: 1{f", load: {load}" if load else ""}}}
-log: {{progress_bar: false}}
-distill:
-  teacher_url: {url}
-  onpolicy: {{prompts: [{prompts}], samples_per_prompt: 2, prompts_per_step: 2, max_new_tokens: 12,
-    kl_coeff: 0.05, sample_table_interval: 1, teacher_timeout_s: 60, teacher_retries: 1,
-    scorers: {scorers}}}
-"""
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / "onpolicy.yaml"
+def _onpolicy_config(work: Path, name: str, vocab: int, url: str, prompts: Path, steps: int, scorers: str,
+                     load=None) -> Path:
+    """test_distill_onpolicy_e2e's config (student BPE at ``work/student_tok``), run in ``work/name``."""
+    from test_distill_onpolicy_e2e import _config
+
+    port = int(url.rsplit(":", 1)[1])
+    text = _config(work, vocab, port, prompts, steps, scorers).read_text().replace(f"{work}/run", f"{work}/{name}")
+    text = text.replace("sample_table_interval: 10", "sample_table_interval: 1")
+    if load:
+        text = text.replace("keep_last: 1}", f"keep_last: 1, load: {load}}}")
+    path = work / f"{name}.yaml"
     path.write_text(text)
     return path
 
@@ -218,7 +198,7 @@ def test_probe_refuses_loglik_against_transformers_serve(servers, shared_data):
     prompts = work / "prompts.jsonl"
     with open(shared_data / "kd" / "gsm8k_train.jsonl") as f:
         prompts.write_text("".join(next(f) for _ in range(2)))
-    cfg = _onpolicy_config(work / "refuse", vocab, servers["transformers"].url, prompts, 1,
+    cfg = _onpolicy_config(work, "refuse", vocab, servers["transformers"].url, prompts, 1,
                            "[{kind: verify, weight: 1.0}, {kind: loglik, weight: 1.0}]")
     out = subprocess.run(PY + ["distill", "onpolicy", "--config", str(cfg)], capture_output=True, text=True,
                          env=_env(), timeout=300)
@@ -226,7 +206,7 @@ def test_probe_refuses_loglik_against_transformers_serve(servers, shared_data):
     err = [l for l in out.stderr.splitlines() if l.strip()]
     assert "scorer 'loglik' needs" in err[-1] and "echo + logprobs" in err[-1], out.stderr
     assert "-> scorers rank, critique, verify; not loglik" in out.stderr  # the probe's one line
-    assert sorted(p.name for p in (work / "refuse").iterdir()) == ["onpolicy.yaml"]  # nothing written
+    assert not (work / "refuse").exists()  # nothing written
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -333,16 +313,16 @@ def test_onpolicy_scores_strings_from_the_gpt_oss_teacher(servers, phase1_studen
     prompts = work / "prompts.jsonl"
     with open(shared_data / "kd" / "gsm8k_train.jsonl") as f:
         prompts.write_text("".join(next(f) for _ in range(2)))
-    cfg = _onpolicy_config(work / f"onpolicy_{server}", phase1_student["vocab"], servers[server].url, prompts, 2,
+    cfg = _onpolicy_config(work, f"onpolicy_{server}", phase1_student["vocab"], servers[server].url, prompts, 2,
                            scorers, load=phase1_student["ckpt"])
     out = subprocess.run(PY + ["distill", "onpolicy", "--config", str(cfg)], capture_output=True, text=True,
                          env=_env(), timeout=600)
     assert out.returncode == 0, out.stderr
-    metrics = [json.loads(l) for l in (work / f"onpolicy_{server}" / "run" / "metrics.jsonl").open()]
+    metrics = [json.loads(l) for l in (work / f"onpolicy_{server}" / "metrics.jsonl").open()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert any(metric in m for m in metrics), metrics  # the teacher scored some student strings
-    table = [json.loads(l) for l in (work / f"onpolicy_{server}" / "run" / "samples.jsonl").open()]
-    assert len(table) == 2 * 4 and any(r["score"] is not None for r in table)
+    table = [json.loads(l) for l in (work / f"onpolicy_{server}" / "samples.jsonl").open()]
+    assert len(table) == 2 * 8 and any(r["score"] is not None for r in table)  # 2 steps x 2 prompts x 4
 
 
 def _post(url: str, body: dict) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from megatron_vpmoe.data.chat import render_prompt
 from megatron_vpmoe.distill.scorers import rank_request
-from megatron_vpmoe.distill.toy_teacher import gsm8k_conversation
+from megatron_vpmoe.distill.toy_teacher import read_gsm8k_conversations
 from megatron_vpmoe.utils.atomic import atomic_directory
 from megatron_vpmoe.utils.errors import InputError
 
@@ -37,22 +37,12 @@ def gpt_oss_toy_config(*, hidden: int = 64, layers: int = 2, experts: int = 4, v
         tie_word_embeddings=True, bos_token_id=199998, eos_token_id=[200002, 200012], pad_token_id=199999)
 
 
-def _read_gsm8k(path: str, examples: int) -> list:
+def _training_texts(path: str, examples: int) -> list:
+    """Harmony texts: the first GSM8K solutions, then two rankings in the rank scorer's format."""
     if not Path(path).is_file():
         raise InputError(f"{path}: no such file (pass --gsm8k FILE, a GSM8K jsonl)")
-    texts, recs, lineno = [], [], 0
-    with open(path, encoding="utf-8") as f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                if len(texts) >= examples:
-                    break
-                rec = json.loads(line)
-                texts.append(gsm8k_conversation(rec["question"], rec["answer"]))
-                recs.append(rec)
-        except (ValueError, KeyError, TypeError, InputError) as err:
-            raise InputError(f"{path}:{lineno}: not a GSM8K record ({type(err).__name__}: {err})") from None
-    if not texts:
-        raise InputError(f"{path}: no GSM8K records")
+    pairs = read_gsm8k_conversations(path, examples)
+    texts, recs = [t for t, _ in pairs], [r for _, r in pairs]
     if len(recs) >= 2:  # one listwise ranking (the 'rank' scorer's request): the right answer first
         answers = [f"The answer is {r['answer'].rsplit('####', 1)[1].strip()}." for r in recs[:2]]
         for order, listed in (("1 > 2", answers), ("2 > 1", answers[::-1])):
@@ -87,7 +77,7 @@ def build_gpt_oss_teacher(gsm8k_path: str, out_dir: str, *, examples: int = 4, s
     if not 2 <= layers <= 64 or experts < 2 or hidden < 16 or hidden % 4 or steps < 0 or examples < 1:
         raise InputError("toy GPT-OSS teacher: need 2 <= --layers <= 64, --experts >= 2, --hidden a multiple "
                          "of 4 and >= 16, --steps >= 0, --examples >= 1")
-    texts = _read_gsm8k(gsm8k_path, examples)
+    texts = _training_texts(gsm8k_path, examples)
     tok = harmony_hf_tokenizer()
     rows, starts = [], []
     for text in texts:
