@@ -347,3 +347,19 @@ def test_vpmoe_serve_answers_in_vllm_shape(servers):
     assert not bad, bad  # (top_logprobs: null here, vLLM lists them; the client does not read them)
     lp = echo["choices"][0]["logprobs"]
     assert echo["choices"][0]["text"] == "The answer is 4." and len(lp["tokens"]) == len(lp["token_logprobs"]) > 2
+
+
+def test_toy_teacher_cli_refuses_bad_input(tmp_path, capsys):
+    from megatron_vpmoe.cli import main as vpmoe
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Q?"}\n')  # no answer
+    cases = [(["--gsm8k", str(tmp_path / "missing.jsonl")], "no such file"),
+             (["--gsm8k", str(bad)], "bad.jsonl:1: not a GSM8K record"),
+             (["--gsm8k", str(bad), "--steps", "-1"], "--steps >= 0")]
+    for extra, message in cases:
+        out = tmp_path / "teacher"
+        assert vpmoe(["distill", "toy-teacher", "--arch", "gpt-oss", "--out", str(out)] + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists()
