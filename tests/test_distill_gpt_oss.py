@@ -185,7 +185,9 @@ def _onpolicy_config(work: Path, name: str, vocab: int, url: str, prompts: Path,
 
     port = int(url.rsplit(":", 1)[1])
     text = _config(work, vocab, port, prompts, steps, scorers).read_text().replace(f"{work}/run", f"{work}/{name}")
-    text = text.replace("sample_table_interval: 10", "sample_table_interval: 1")
+    # transformers serve answers one request at a time: the scorers' requests queue behind each other
+    text = text.replace("sample_table_interval: 10", "sample_table_interval: 1").replace(
+        "teacher_timeout_s: 30", "teacher_timeout_s: 300")
     if load:
         text = text.replace("keep_last: 1}", f"keep_last: 1, load: {load}}}")
     path = work / f"{name}.yaml"

@@ -245,8 +245,7 @@ class _Generator:
             except TeacherCapabilityError as err:
                 raise VpmoeError(str(err)) from None
             self.model = caps.model
-            if o.progress:
-                print(caps.line(), file=sys.stderr, flush=True)
+            print(caps.line(), file=sys.stderr, flush=True)
             if o.endpoint == "chat" and not caps.features.get("chat"):
                 raise TeacherCapabilityError(f"teacher at {o.teacher_url} does not serve chat: "
                                              f"{caps.why.get('chat') or caps.why.get('n')}")
