@@ -29,7 +29,9 @@ import pytest
 from test_distill_e2e import PY, ServedTeacher, _env, _free_port, _records, student_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
-TEACHER_STEPS = 30  # reduced (the CLI default is 100): Harmony-shaped but weak answers
+# reduced (the CLI default: 4 solutions, 100 steps): 2 solutions + the 2 rankings, 50 steps, enough for
+# Harmony-shaped answers and a parseable ranking (30 steps were not: the ranking came back empty)
+TEACHER_EXAMPLES, TEACHER_STEPS = 2, 50
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +40,8 @@ def gpt_oss_dir(tmp_path_factory, shared_data) -> Path:
 
     path = tmp_path_factory.getbasetemp() / "gpt_oss_teacher"
     if not (path / "config.json").is_file():
-        build_gpt_oss_teacher(str(shared_data / "kd" / "gsm8k_train.jsonl"), str(path), steps=TEACHER_STEPS)
+        build_gpt_oss_teacher(str(shared_data / "kd" / "gsm8k_train.jsonl"), str(path), examples=TEACHER_EXAMPLES,
+                              steps=TEACHER_STEPS)
     return path
 
 
