@@ -1,11 +1,11 @@
 """Benchmark of the evaluation harness: batched vs one-at-a-time scoring, and KV-cached
-generation of the converted model (HF remote code) vs the cache-free greedy loop.
+generation of the converted model (HF remote code) with and without its KV cache.
 
 Builds a small VPMoE (tiny-cpu shape, vocab 512), converts it to HF format in a temporary
 directory, and times, in the same run:
 - multiple-choice scoring (COPA, 64 items = 128 requests) at batch size 8 vs 1;
-- greedy generation of 64 tokens for 4 prompts: HF ``generate`` with the sliding-window
-  ``DynamicCache`` vs ``LMBackend``'s cache-free loop.
+- greedy generation of 64 tokens for 4 prompts in one batch: the backend's ``generate`` (HF
+  ``generate`` with the sliding-window ``DynamicCache``) vs the same call with ``use_cache=False``.
 Writes benchmarks/results/eval.json and eval.md.
 """
 
@@ -37,8 +37,8 @@ def main() -> int:
     from megatron_vpmoe.config import dump_config, load_config
     from megatron_vpmoe.convert.checkpoint_io import write_native_checkpoint
     from megatron_vpmoe.convert.to_hf import convert_to_hf
-    from megatron_vpmoe.eval.backends import LMBackend, open_backend
     from megatron_vpmoe.eval.tasks import run_multiple_choice
+    from megatron_vpmoe.inference import SampleParams, open_backend
     from megatron_vpmoe.model import VpmoeModel
     from megatron_vpmoe.utils.atomic import atomic_write_text
 
@@ -65,8 +65,15 @@ def main() -> int:
         backend = open_backend(str(tmp / "hf"), batch_size=4)
         prompts = [backend.encode(t) for t in ("ROMEO:", "JULIET: O", "First Citizen:", "KING HENRY")]
         timings = {}
-        for name, fn in (("kv_cache", backend.generate_ids),
-                         ("no_cache", lambda p, n: LMBackend.generate_ids(backend, p, n))):
+
+        def greedy(rows, n, use_cache):  # the same batched backend call; only the cache differs
+            backend.model.generation_config.use_cache = use_cache
+            try:
+                return [s.tokens for s in backend.generate(rows, SampleParams(n, temperature=0.0, logprobs=False))]
+            finally:
+                backend.model.generation_config.use_cache = True
+
+        for name, fn in (("kv_cache", lambda p, n: greedy(p, n, True)), ("no_cache", lambda p, n: greedy(p, n, False))):
             fn(prompts, 4)
             start = time.perf_counter()
             out = fn(prompts, 64)

@@ -13,13 +13,16 @@ Sections (each in fresh processes, so every peak is its own):
   none / selective / full: saved-activation peak, the step's RSS rise, time, loss and gradients.
 * ``overlap``: DP=2 step time of the tiny and medium configs with the bucketed reduction launched
   during backward vs one reduction after it (alternating, best step).
+* ``sequence``: TP=2 over 2 ranks on the medium config with and without ``parallel.sequence_parallel``:
+  bytes the residual-stream norms save for backward (the norm/residual regions SP splits), the
+  whole forward's saved bytes, loss and step time.
 * ``shard``: ``vpmoe-6b.yaml`` (EP=8 x PP=4 of 32 ranks) under a fake process group: one process
   builds rank 0's shard and the last stage's (rank 31), parameter count against
   ``parallel/layout.py``'s arithmetic. ``--shard-6b --rank R`` runs one rank and ends with
   ``shard-6b rank R: params P, peak_rss_mb M, build_s S``.
 
 Writes benchmarks/results/scale.json and scale.md. Run: ``python benchmarks/scale.py``
-(``--only memory pipeline recompute shard``). Takes about 15-25 minutes on 2 cores.
+(``--only memory pipeline recompute shard overlap sequence``). Takes about 15-25 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
     if out.returncode != 0:
         raise SystemExit(f"failed ({out.returncode}): {' '.join(map(str, cmd))}\n{out.stderr[-3000:]}")
     return out
+
+
+def _two_ranks(kind: str, *args) -> None:
+    """Run this script's ``--_child kind args...`` as 2 gloo ranks under torchrun."""
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+          "--rdzv-endpoint", "127.0.0.1:0", str(Path(__file__)), "--_child", kind, *map(str, args)])
 
 
 def _memory_records(run_dir: Path) -> list:
@@ -140,8 +149,7 @@ def _pipeline_child(out_dir: str) -> None:
 def bench_pipeline(tmp: Path) -> dict:
     out = tmp / "pipeline"
     out.mkdir()
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
-          "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", str(Path(__file__)), "--_child", "pipeline", str(out)])
+    _two_ranks("pipeline", out)
     stages = [json.loads((out / f"rank_{r}.json").read_text()) for r in range(2)]
     return {"stages": stages,
             "ratio_8_over_2_1f1b": [s["1f1b_8"]["activation_peak_mb"] / s["1f1b_2"]["activation_peak_mb"] for s in stages],
@@ -197,13 +205,83 @@ def bench_overlap(tmp: Path) -> dict:
     for name, config, steps in (("tiny", TINY, 5), ("medium", MEDIUM, 2)):
         d = tmp / f"overlap_{name}"
         d.mkdir()
-        _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-              "--rdzv-endpoint", "127.0.0.1:0", str(Path(__file__)), "--_child", "overlap", str(d), str(config),
-              str(steps)])
+        _two_ranks("overlap", d, config, steps)
         r = json.loads((d / "rank_0.json").read_text())
         r["overlapped_over_after"] = r["overlapped_s"] / r["after_backward_s"]
         out[name] = r
     return out
+
+
+# -- sequence parallelism: TP=2 with and without it ------------------------------------------------
+def _sequence_child(out_dir: str, config: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from megatron_vpmoe.config.loader import load_config
+    from megatron_vpmoe.parallel import build_parallel_model, init_parallel
+    from megatron_vpmoe.utils.memory import SavedActivationMeter
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    cfg = load_config(config, [])
+    seq, mb = cfg.data.seq_length, cfg.train.micro_batch_size
+    g = torch.Generator().manual_seed(0)  # the same batch on both TP ranks
+    ids = torch.randint(0, cfg.model.vocab_size, (mb, seq), generator=g)
+    labels = torch.randint(0, cfg.model.vocab_size, (mb, seq), generator=g)
+    out = {}
+    for sp in (False, True):
+        ctx = init_parallel(type(cfg.parallel)(tensor=2, sequence_parallel=sp))
+        pm = build_parallel_model(cfg.model, ctx, seed=1)
+        model = pm.module
+        # the norm regions: what the residual-stream norms save for backward (the residual adds
+        # and p=0 dropout save nothing), metered only while those modules run
+        norms = SavedActivationMeter(exclude=model.parameters())
+        def enter(*_):
+            norms.__enter__()  # a pre-hook's return value would replace the input: return None
+
+        def leave(*_):
+            norms.__exit__(None, None, None)
+
+        hooks = []
+        for name, module in model.named_modules():
+            if name.endswith("layernorm"):
+                hooks.append(module.register_forward_pre_hook(enter))
+                hooks.append(module.register_forward_hook(leave))
+        t0 = time.perf_counter()
+        loss = model(ids, labels=labels).mean()
+        norm_peak = norms.peak
+        loss.backward()
+        step_s = time.perf_counter() - t0
+        for h in hooks:
+            h.remove()
+        for p in model.parameters():
+            p.grad = None
+        with SavedActivationMeter(exclude=model.parameters()) as whole:
+            loss2 = model(ids, labels=labels).mean()
+        loss2.backward()
+        for _ in range(2):  # the best of three steps (the first one above included)
+            for p in model.parameters():
+                p.grad = None
+            dist.barrier()
+            t0 = time.perf_counter()
+            model(ids, labels=labels).mean().backward()
+            step_s = min(step_s, time.perf_counter() - t0)
+        out["sp" if sp else "tp"] = {"norm_region_mb": norm_peak / 2**20, "whole_forward_mb": whole.peak / 2**20,
+                                     "loss": float(loss.detach()), "step_s": step_s}
+        del pm, model
+    Path(out_dir, f"rank_{dist.get_rank()}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def bench_sequence(tmp: Path) -> dict:
+    d = tmp / "sequence"
+    d.mkdir()
+    _two_ranks("sequence", d, MEDIUM)
+    r = json.loads((d / "rank_0.json").read_text())
+    r["norm_region_sp_over_tp"] = r["sp"]["norm_region_mb"] / r["tp"]["norm_region_mb"]
+    r["whole_forward_sp_over_tp"] = r["sp"]["whole_forward_mb"] / r["tp"]["whole_forward_mb"]
+    r["loss_rel_diff"] = abs(r["sp"]["loss"] - r["tp"]["loss"]) / abs(r["tp"]["loss"])
+    return r
 
 
 # -- recompute -------------------------------------------------------------------------------------
@@ -340,6 +418,14 @@ def _markdown(res: dict) -> str:
             [name, f"{x['grad_mb']:.0f}", f"{x['overlapped_s']:.3f}", f"{x['after_backward_s']:.3f}",
              f"{x['overlapped_over_after']:.3f}"] for name, x in o.items()])
         lines += [""]
+    q = res.get("sequence")
+    if q:
+        lines += ["## Sequence parallelism: TP=2 (2 gloo ranks), medium config, one micro-batch, per rank", ""]
+        lines += _table(["layout", "norm regions: saved MB", "whole forward: saved MB", "loss", "fwd+bwd s (best of 3)"], [
+            [name, f"{q[key]['norm_region_mb']:.2f}", f"{q[key]['whole_forward_mb']:.1f}", f"{q[key]['loss']:.6f}",
+             f"{q[key]['step_s']:.2f}"] for key, name in (("tp", "TP=2"), ("sp", "TP=2 + sequence parallel"))])
+        lines += ["", f"Norm/residual regions with SP / without: **{q['norm_region_sp_over_tp']:.3f}** (target 0.5); "
+                  f"whole forward: {q['whole_forward_sp_over_tp']:.3f}; loss rel. diff {q['loss_rel_diff']:.1e}.", ""]
     s = res.get("shard")
     if s:
         lines += ["## VPMoE-6B shards under a fake process group (EP=8 x PP=4, 32 ranks)", ""]
@@ -354,7 +440,7 @@ def _markdown(res: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", nargs="+", choices=["memory", "pipeline", "recompute", "shard", "overlap"])
+    ap.add_argument("--only", nargs="+", choices=["memory", "pipeline", "recompute", "shard", "overlap", "sequence"])
     ap.add_argument("--shard-6b", action="store_true", help="build one rank's shard of vpmoe-6b.yaml (fake process group)")
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="with --shard-6b: print the result as JSON too")
@@ -366,6 +452,8 @@ def main() -> int:
             _pipeline_child(*rest)
         elif kind == "overlap":
             _overlap_child(*rest)
+        elif kind == "sequence":
+            _sequence_child(*rest)
         else:
             _recompute_child(*rest)
         return 0
@@ -376,14 +464,15 @@ def main() -> int:
         if args.json:
             print(json.dumps(r))
         return 0
-    sections = args.only or ["shard", "recompute", "pipeline", "overlap", "memory"]
+    sections = args.only or ["shard", "recompute", "pipeline", "overlap", "sequence", "memory"]
     res: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in sections:
             t0 = time.perf_counter()
             res[name] = {"shard": lambda: bench_shards(), "recompute": lambda: bench_recompute(Path(tmp)),
                          "pipeline": lambda: bench_pipeline(Path(tmp)), "memory": lambda: bench_memory(Path(tmp)),
-                         "overlap": lambda: bench_overlap(Path(tmp))}[name]()
+                         "overlap": lambda: bench_overlap(Path(tmp)),
+                         "sequence": lambda: bench_sequence(Path(tmp))}[name]()
             print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     old = json.loads((RESULTS / "scale.json").read_text()) if (RESULTS / "scale.json").is_file() else {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from distributed import run_distributed
-from test_train_support import TINY_OVERRIDES
+from train_support import TINY_OVERRIDES
 
 
 def _model_cfg():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_support import ROOT, ByteTokenizer, datasets_for, run_training, tiny_config
+from train_support import ROOT, ByteTokenizer, datasets_for, run_training, tiny_config
 
 
 class _Payload:

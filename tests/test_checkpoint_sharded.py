@@ -115,11 +115,11 @@ def _save_measure_reload(rank, world, root):
     same_weights = all(torch.equal(v, pm2.module.state_dict()[k]) for k, v in pm.module.state_dict().items()
                        if isinstance(v, torch.Tensor))
     owned = {p for p in pm2.module.parameters() if opt2.owns(p)}
-    only_owned = set(opt2.optimizer.state) == owned
+    only_owned = {opt2.param_of(t) for t in opt2.optimizer.state} == owned
     by_name = dict(pm.module.named_parameters())
-    same_state = all(torch.equal(opt.optimizer.state[by_name[n]][k], v)
+    same_state = all(torch.equal(opt.state_of(by_name[n])[k], v)
                      for n, p in pm2.module.named_parameters() if p in owned
-                     for k, v in opt2.optimizer.state[p].items())
+                     for k, v in opt2.state_of(p).items())
     # the single-process view of the checkpoint equals the gathered shards
     from torch.distributed.tensor import DTensor
 

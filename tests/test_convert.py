@@ -107,11 +107,11 @@ def test_hf_model_matches_native(native_ckpt, hf_dir):
 def test_auto_tokenizer_matches_native(native_ckpt, hf_dir, shared_data):
     from transformers import AutoTokenizer
 
-    from megatron_vpmoe.eval.native import load_hf_tokenizer
+    from megatron_vpmoe.tokenizers import load
 
     root, _, _ = native_ckpt
     auto = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
-    native = load_hf_tokenizer(root / "tokenizer")
+    native = load(root / "tokenizer").to_hf()
     text = (shared_data / "eval" / "mc" / "copa.jsonl").read_text()[:3000] + " caf\u00e9 \u4e2d\u6587"
     assert auto(text, add_special_tokens=False)["input_ids"] == native(text, add_special_tokens=False)["input_ids"]
     assert auto.eos_token == "<|endoftext|>" and auto.chat_template
@@ -130,10 +130,11 @@ def test_round_trip_is_bit_exact(native_ckpt, hf_dir):
         assert original[key].dtype == again[key].dtype and torch.equal(original[key], again[key]), key
     assert read_trainer_state(resolve_checkpoint(back))["step"] == 7
     # the converted-back checkpoint is usable on its own: evaluated natively with its tokenizer
-    from megatron_vpmoe.eval.native import NativeBackend
+    from megatron_vpmoe.eval.requests import loglikelihood
+    from megatron_vpmoe.inference.native import NativeBackend
 
     backend = NativeBackend(str(back))
-    assert backend.loglikelihood([("To be or not", " to be")])[0][0] < 0
+    assert loglikelihood(backend, [("To be or not", " to be")])[0][0] < 0
 
 
 def test_bf16_export(native_ckpt, tmp_path):
@@ -202,7 +203,7 @@ def test_lm_evaluation_harness_runs_converted_model(hf_dir, shared_data, tmp_pat
     assert result_files
     acc = json.loads(result_files[0].read_text())["results"]["vpmoe_copa_local"]["acc,none"]
 
-    from megatron_vpmoe.eval.backends import open_backend
+    from megatron_vpmoe.inference import open_backend
     from megatron_vpmoe.eval.tasks import run_multiple_choice
 
     ours = run_multiple_choice(open_backend(str(hf_dir)), shared_data / "eval" / "mc" / "copa.jsonl", 16)
@@ -296,7 +297,7 @@ def _plant_payload(src, dst, marker, model_type=None):
 
 def test_eval_runs_no_code_from_the_directory_without_trust_remote_code(hf_dir, tmp_path, capsys):
     """A VPMoE directory loads with this package's model code; its own .py files never run."""
-    from megatron_vpmoe.eval.backends import open_backend
+    from megatron_vpmoe.inference import open_backend
 
     marker = tmp_path / "PAYLOAD_RAN"
     planted = tmp_path / "planted"
@@ -319,7 +320,7 @@ def test_eval_needs_trust_remote_code_for_unknown_remote_code(hf_dir, tmp_path, 
     assert rc == 2 and err.count("\n") == 1 and "--trust-remote-code" in err and "auto_map" in err, err
     assert not marker.exists() and not out.exists()
     # the explicit opt-in runs the directory's code, as transformers does
-    from megatron_vpmoe.eval.backends import open_backend
+    from megatron_vpmoe.inference import open_backend
 
     backend = open_backend(str(planted), trust_remote_code=True)
     assert type(backend.model).__module__ != "megatron_vpmoe.convert.hf_template.modeling_vpmoe"

@@ -16,7 +16,7 @@ from megatron_vpmoe.config.schema import DataConfig
 from megatron_vpmoe.data.dataset import build_datasets
 from megatron_vpmoe.data.preprocess import PreprocessOptions, run_preprocess
 from megatron_vpmoe.data.shards import read_shard
-from megatron_vpmoe.tokenizers import load_tokenizer, train_tokenizer
+from megatron_vpmoe.tokenizers import load, train_tokenizer
 from megatron_vpmoe.utils.errors import InputError
 from tests.distributed import run_distributed
 
@@ -36,7 +36,7 @@ def shards(tmp_path_factory, shared_data):
                                      progress=False))
     run_preprocess(PreprocessOptions([str(shared_data / "corpora" / "tinyshakespeare.txt")], str(out / "text"),
                                      {"tok": tok_dir}, txt_blocks=True, progress=False))
-    tok = load_tokenizer(tok_dir)
+    tok = load(tok_dir)
     return {"kd": str(out / "kd.tok_messages_document"), "text": str(out / "text.tok_text_document"),
             "tok": tok, "dir": out}
 

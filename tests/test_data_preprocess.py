@@ -19,7 +19,7 @@ import pytest
 from megatron_vpmoe.cli import main
 from megatron_vpmoe.data.preprocess import PreprocessOptions, merge_shards, run_preprocess
 from megatron_vpmoe.data.shards import read_shard, token_dtype
-from megatron_vpmoe.tokenizers import load_tokenizer, train_tokenizer
+from megatron_vpmoe.tokenizers import load, train_tokenizer
 from megatron_vpmoe.utils.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +58,7 @@ def test_every_variant_round_trips_and_megatron_reads_it(tmp_path, toks, shared_
                                    chunk_size=7))
     assert summary["documents"] == len(blocks) and not summary["skipped"]
     for variant, path in toks.items():
-        tok = load_tokenizer(path)
+        tok = load(path)
         prefix = str(tmp_path / "out" / f"s.{variant}_meta.body_document")
         docs = _docs(prefix)
         assert len(docs) == len(blocks)
@@ -101,7 +101,7 @@ def test_harmony_fixture_masks_line_up(tmp_path, toks, shared_data):
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     summary = run_preprocess(_opts([src], tmp_path / "h", {"bpe600": toks["bpe600"]}, append_eod=False))
     assert summary["documents"] == len(texts)
-    tok = load_tokenizer(toks["bpe600"])
+    tok = load(toks["bpe600"])
     ids_docs = _docs(str(tmp_path / "h.bpe600_text_document"))
     mask_docs = _docs(str(tmp_path / "h.bpe600_text_lossmask_document"))
     supervised = {1: 0, 2: 0}
@@ -129,7 +129,7 @@ def test_chat_records_with_reasoning(tmp_path, toks):
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert main(["preprocess", "--input", str(src), "--json-keys", "messages", "--output-prefix",
                  str(tmp_path / "kd"), "--tokenizer", f"student={toks['bpe600']}", "--no-progress"]) == 0
-    tok = load_tokenizer(toks["bpe600"])
+    tok = load(toks["bpe600"])
     ids = _docs(str(tmp_path / "kd.student_messages_document"))
     roles = _docs(str(tmp_path / "kd.student_messages_lossmask_document"))
     first = dict(zip(("reasoning", "final"), (tok.decode([i for i, r in zip(ids[0], roles[0]) if r == k])
@@ -212,7 +212,7 @@ def test_interrupted_run_leaves_no_valid_shards_and_partitions_resume(tmp_path, 
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("already written") == len(done_parts)
     docs = _docs(str(prefix) + ".bpe600_text_document")
-    tok = load_tokenizer(toks["bpe600"])
+    tok = load(toks["bpe600"])
     texts = sorted(tok.decode(d[:-1]) for d in docs)
     assert texts == sorted(p.read_text() for p in inputs)
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("p_part*"))
@@ -235,7 +235,7 @@ def test_merge_and_megatron_flags_tool(tmp_path, toks, shared_data):
     # Megatron-LM's names, and nothing else in the output folder
     assert sorted(os.listdir(tmp_path / "out")) == ["a_text_document.bin", "a_text_document.idx"]
     docs = _docs(str(tmp_path / "out" / "a_text_document"))
-    tok = load_tokenizer(toks["bpe600"])
+    tok = load(toks["bpe600"])
     assert [tok.decode(d) for d in docs] == ["first block", "second block", "third block"]  # no --append-eod
     run_preprocess(_opts([src], tmp_path / "b", {"bpe600": toks["bpe600"]}, txt_blocks=True))
     result = merge_shards([str(tmp_path / "out" / "a_text_document"), str(tmp_path / "b.bpe600_text_document")],
@@ -318,7 +318,7 @@ def test_byte_range_pieces_give_the_serial_output_jsonl(tmp_path, toks, shared_d
                                         "invalid_utf8": [f"{big}:{bad_at[1] + 1}"]}
     assert summary["bytes"] == sum(os.path.getsize(p) for p in inputs)
     # independently of the serial run: each record is its text's ids + EOD, in input order
-    tok = load_tokenizer(toks["bpe600"])
+    tok = load(toks["bpe600"])
     want = ["hi"] + [json.loads(line)["text"] for i, line in enumerate(lines) if i not in bad_at and line.strip()]
     docs = _docs(str(tmp_path / "pieces" / "s.bpe600_text_document"))
     assert [tok.decode(d[:-1]) for d in docs] == want and {d[-1] for d in docs} == {tok.eod_id}
@@ -334,7 +334,7 @@ def test_byte_range_pieces_give_the_serial_output_txt_blocks(tmp_path, toks, sha
     summary = _serial_and_pieces(tmp_path, [src], toks, piece_bytes=500, txt_blocks=True)
     bad_line = text[:bad].count(b"\n") + 1
     assert summary["first_skipped"] == {"invalid_utf8": [f"{src}:{bad_line}"]}
-    tok = load_tokenizer(toks["bpe600"])
+    tok = load(toks["bpe600"])
     docs = _docs(str(tmp_path / "pieces" / "s.bpe600_text_document"))
     assert tok.decode(docs[-1][:-1]) == "last block, no newline" and len(docs) == summary["documents"] > 100
 
@@ -480,7 +480,7 @@ def test_up_to_date_means_same_inputs_tokenizers_and_flags(tmp_path, toks, capsy
     shard = prefix + ".t_text_document"
 
     def text():
-        return load_tokenizer(toks["bpe600"]).decode(_docs(shard)[0][:-1])
+        return load(toks["bpe600"]).decode(_docs(shard)[0][:-1])
 
     assert main(cmd + tok_a) == 0 and text() == "first version"
     capsys.readouterr()
@@ -491,11 +491,11 @@ def test_up_to_date_means_same_inputs_tokenizers_and_flags(tmp_path, toks, capsy
     assert "inputs changed" in out and "up to date" not in out and text() == "second version, longer"
     assert main(cmd + tok_b) == 0  # same variant name, another tokenizer
     assert "tokenizers changed" in capsys.readouterr().out
-    assert _docs(shard)[0] == list(load_tokenizer(toks["unigram500"]).encode("second version, longer")) + [
-        load_tokenizer(toks["unigram500"]).eod_id]
+    assert _docs(shard)[0] == list(load(toks["unigram500"]).encode("second version, longer")) + [
+        load(toks["unigram500"]).eod_id]
     assert main(cmd + tok_b + ["--no-append-eod"]) == 0
     assert "flags changed" in capsys.readouterr().out and len(_docs(shard)[0]) == len(
-        load_tokenizer(toks["unigram500"]).encode("second version, longer"))
+        load(toks["unigram500"]).encode("second version, longer"))
     summary = json.loads((tmp_path / "s.summary.json").read_text())
     assert set(summary["fingerprint"]) >= {"inputs", "tokenizers", "flags"}
     assert summary["files"] == {n: os.path.getsize(tmp_path / n) for n in
@@ -531,7 +531,7 @@ def test_kill_between_bin_and_idx_renames_of_an_overwrite_is_never_up_to_date(tm
         read_shard(shard)
     again = run_preprocess(_opts([old], prefix, tok))  # the rerun rebuilds instead of "up to date"
     assert not again.get("up_to_date") and again["documents"] == 5
-    tokenizer = load_tokenizer(toks["bpe600"])
+    tokenizer = load(toks["bpe600"])
     assert [tokenizer.decode(d[:-1]) for d in _docs(shard)] == [f"old text number {i}" for i in range(5)]
 
 

@@ -128,13 +128,13 @@ def student_tokenizer(path: Path, shared_data: Path) -> int:
     """A student BPE from `vpmoe tokenizer train` on Shakespeare (Harmony specials included):
     shares nothing with the teacher's tokenizer. Returns its vocabulary size."""
     from megatron_vpmoe.cli import main as vpmoe
-    from megatron_vpmoe.serve.backends import load_tokenizer_dir
+    from megatron_vpmoe.tokenizers import load
 
     if not (path / "tokenizer.json").is_file():
         assert vpmoe(["tokenizer", "train", "--kind", "bpe", "--vocab-size", "400", "--input",
                       str(shared_data / "corpora" / "tinyshakespeare.txt"), "--max-bytes", "100000",
                       "--output", str(path)]) == 0
-    return len(load_tokenizer_dir(str(path)))
+    return len(load(path).to_hf())
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megatron_vpmoe.cli import main as vpmoe
-from megatron_vpmoe.distill.answers import answer_matches, predicted_answer, reference_answer
+from megatron_vpmoe.utils.answers import answer_matches, predicted_answer, reference_answer
 from megatron_vpmoe.distill.generate import GenerateOptions, run_generate
 from megatron_vpmoe.distill.prompts import load_prompts
 from megatron_vpmoe.utils.errors import InputError, VpmoeError
@@ -245,14 +245,15 @@ def test_completions_endpoint(tmp_path):
 
 
 def test_toy_teacher_cli(tmp_path, shared_data, capsys):
-    from megatron_vpmoe.serve.backends import load_backend
+    from megatron_vpmoe.inference import open_backend
+    from megatron_vpmoe.serve.app import chat_stop_ids
 
     out = tmp_path / "teacher"
     assert vpmoe(["distill", "toy-teacher", "--gsm8k", str(shared_data / "kd" / "gsm8k_train.jsonl"),
                   "--out", str(out), "--examples", "1", "--steps", "2"]) == 0
     assert "vpmoe serve" in capsys.readouterr().out
-    backend = load_backend(str(out))
-    assert backend.is_harmony and backend.chat_stop_ids()  # Harmony specials are single tokens
+    backend = open_backend(str(out))
+    assert backend.is_harmony and chat_stop_ids(backend)  # Harmony specials are single tokens
     assert vpmoe(["distill", "toy-teacher", "--out", str(out)]) == 2  # never overwrites silently
     bad = _write(tmp_path / "bad.jsonl", [{"question": "no answer field"}])
     assert vpmoe(["distill", "toy-teacher", "--gsm8k", str(bad), "--out", str(tmp_path / "t2")]) == 2

@@ -71,7 +71,7 @@ def test_per_byte_equals_teacher_sum_over_utf8_bytes(tmp_path_factory, shared_da
     from megatron_vpmoe.distill.scorers import score_loglik
     from megatron_vpmoe.distill.teacher_client import TeacherClient
     from megatron_vpmoe.serve.app import OpenAIServer
-    from megatron_vpmoe.serve.backends import HFBackend
+    from megatron_vpmoe.inference.hf import HFBackend
     from test_serve import toy_teacher_dir
 
     backend = HFBackend(str(toy_teacher_dir(tmp_path_factory, shared_data)))

@@ -10,13 +10,29 @@ import pytest
 import torch
 
 from megatron_vpmoe.eval import tasks as T
-from megatron_vpmoe.eval.backends import LMBackend, bits_per_byte
 from megatron_vpmoe.eval.harness import EvalOptions, run_eval
+from megatron_vpmoe.eval.requests import loglikelihood
+from megatron_vpmoe.inference.backend import Backend, SampleParams, truncate_at_stop
+from megatron_vpmoe.training.loss import bits_per_byte
 
 PREFIX = 256  # the byte models' document-start token
 
 
-class ByteModel(LMBackend):
+def greedy_by_forwards(backend, prompts, max_new_tokens, stop_ids=()):
+    """Reference greedy decoding: one full forward per new token, no cache."""
+    outs = []
+    for prompt in prompts:
+        seq = list(prompt)
+        for _ in range(max_new_tokens):
+            logits = backend.forward_logits(torch.tensor([seq]), torch.tensor([len(seq)]))
+            seq.append(int(logits[0, -1].argmax()))
+            if seq[-1] in stop_ids:
+                break
+        outs.append(seq[len(prompt):])
+    return outs
+
+
+class ByteModel(Backend):
     """A byte-level scripted LM. Uniform over 257 symbols, except that after any occurrence
     of a trigger string it predicts the trigger's answer, byte by byte, while the text keeps
     matching it (logit 5 on the expected byte)."""
@@ -26,8 +42,12 @@ class ByteModel(LMBackend):
     def __init__(self, script=(), max_length=4096, batch_size=4):
         self.script = [(t.encode(), a.encode()) for t, a in script]
         self.max_length, self.batch_size = max_length, batch_size
-        self.eos_token_ids = ()
+        self.eos_ids = ()
         self.calls = 0
+
+    def generate(self, prompts, params: SampleParams, cancelled=None):
+        outs = greedy_by_forwards(self, prompts, params.max_new_tokens, params.stop_ids)
+        return [truncate_at_stop(o, [], set(params.stop_ids), params.max_new_tokens) for o in outs]
 
     def encode(self, text):
         return list(text.encode("utf-8"))
@@ -108,16 +128,9 @@ def test_gsm8k_oracle_and_uniform(shared_data):
 
 def test_long_requests_are_truncated_to_the_window():
     model = ByteModel(max_length=16)
-    (short,), (long,) = model.loglikelihood([("ctx", " abc")]), model.loglikelihood([("ctx" * 20, " " + "x" * 40)])
+    (short,), (long,) = loglikelihood(model, [("ctx", " abc")]), loglikelihood(model, [("ctx" * 20, " " + "x" * 40)])
     assert short[0] == pytest.approx(-4 * math.log(257))
     assert long[0] == pytest.approx(-16 * math.log(257))  # only the last 16 continuation bytes fit
-
-
-def test_answer_extraction():
-    assert T.extract_gsm8k_answer("so 3 + 4 = 7.\n#### 1,200") == "1200"
-    assert T.extract_gsm8k_answer("It costs $18.00 in total") == "18"
-    assert T.extract_gsm8k_answer("-3.5 degrees") == "-3.5"
-    assert T.extract_gsm8k_answer("no idea") is None
 
 
 def test_bits_per_byte_is_summed_nll_over_bytes(tmp_path):
@@ -197,7 +210,7 @@ def tiny_hf_model(tmp_path_factory, shared_data):
 def test_hf_backend_bpb_matches_direct_forward(tiny_hf_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_vpmoe.eval.backends import open_backend
+    from megatron_vpmoe.inference import open_backend
 
     backend = open_backend(str(tiny_hf_model), batch_size=2)
     docs = ["To be, or not to be: that is the question.", "Caf\u00e9 \u2014 O Romeo, Romeo!\n" * 3]
@@ -217,12 +230,14 @@ def test_hf_backend_bpb_matches_direct_forward(tiny_hf_model, tmp_path):
     assert got["bytes"] == nbytes
     assert got["bpb"] == pytest.approx(nll / math.log(2) / nbytes, rel=1e-5)
     # batching and padding do not change scores
-    lone = [backend.loglikelihood([("To be, or not", " to be")])[0][0]]
-    both = backend.loglikelihood([("To be, or not", " to be"), ("A much longer context: O Romeo, Romeo, wherefore", " art")])
+    lone = [loglikelihood(backend, [("To be, or not", " to be")])[0][0]]
+    both = loglikelihood(backend, [("To be, or not", " to be"),
+                                   ("A much longer context: O Romeo, Romeo, wherefore", " art")])
     assert both[0][0] == pytest.approx(lone[0], abs=1e-4)
-    # generation through HF generate equals the base class's cache-free greedy loop
+    # generation through HF generate (KV cache) equals greedy decoding by full forwards
     prompt = [backend.encode("ROMEO:")]
-    assert backend.generate_ids(prompt, 6) == LMBackend.generate_ids(backend, prompt, 6)
+    got = backend.generate(prompt, SampleParams(6, temperature=0.0, logprobs=False))
+    assert [s.tokens for s in got] == greedy_by_forwards(backend, prompt, 6)
 
 
 def test_vpmoe_eval_cli(tiny_hf_model, shared_data, tmp_path):

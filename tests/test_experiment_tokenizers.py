@@ -111,7 +111,7 @@ def test_config_errors_name_the_key(tmp_path, shared_data):
 def test_trained_variant_converts_and_evaluates_the_same(experiment, shared_data):
     """trainer checkpoint -> vpmoe convert to-hf -> vpmoe eval: the HF model gives the same bits
     per byte as the native checkpoint."""
-    from megatron_vpmoe.eval.backends import open_backend
+    from megatron_vpmoe.inference import open_backend
     from megatron_vpmoe.eval.tasks import run_bits_per_byte
 
     tmp, _ = experiment
@@ -143,8 +143,8 @@ def test_tokenizer_sources(experiment, tmp_path):
     args = ["--kind", "bpe", "--vocab-size", "300", "--input", "{corpus}", "--output", "{out}"]
     made = obtain_tokenizer(Variant("c", "command", args), tmp_path / "tok", [], [corpus])
     assert made == tmp_path / "tok" and made.is_dir()
-    from megatron_vpmoe.tokenizers import load_tokenizer
-    tok = load_tokenizer(made)
+    from megatron_vpmoe.tokenizers import load
+    tok = load(made)
     ids = tok.encode("the lazy dog")
     assert ids and max(ids) < 300 and tok.decode(ids) == "the lazy dog"
     # done earlier: reused, the command does not run again

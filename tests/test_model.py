@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from kernels import ops
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model import VpmoeModel
-from megatron_vpmoe.model.generation import generate, sequence_logprobs
+from megatron_vpmoe.model.generation import generate
 from megatron_vpmoe.model.moe import GroupedExperts, Router, _padded_bmm, grouped_matmul
 from megatron_vpmoe.model.params import count_parameters
 
@@ -223,15 +223,19 @@ def test_sampling_eos_and_logprobs():
     greedy = generate(model, [[1, 2, 3]], 6)[0]
     stopped = generate(model, [[1, 2, 3]], 6, eos_id=greedy[2])[0]
     assert stopped == greedy[: greedy.index(greedy[2]) + 1]
-    seqs, starts = [[1, 2, 3, 4, 5], [7, 8, 9]], [2, 1]
-    lp = sequence_logprobs(model, seqs, starts)
+    # teacher-forced log-probs through the inference backend (right-padded batch) equal the loss
+    from megatron_vpmoe.inference.native import NativeBackend
+
+    backend = NativeBackend(model=model, max_length=16)
+    seqs, starts = [[1, 2, 3, 4, 5], [7, 8, 9], [4]], [2, 1, 1]
+    lp = [lp for lp, _ in backend.score(seqs, starts)]
     loss = model(torch.tensor([seqs[0][:-1]]), labels=torch.tensor([seqs[0][1:]]))
-    torch.testing.assert_close(torch.tensor(lp[0]), -loss[0, 1:], rtol=1e-5, atol=1e-5)
-    assert len(lp[1]) == 2
+    torch.testing.assert_close(lp[0], -loss[0, 1:], rtol=1e-5, atol=1e-5)
+    assert len(lp[1]) == 2 and len(lp[2]) == 0
     with pytest.raises(ValueError, match="outside"):
         generate(model, [[1, 500]], 2)
     with pytest.raises(ValueError, match="starts"):
-        sequence_logprobs(model, [[1, 2]], [0])
+        backend.score([[1, 2]], [0])
 
 
 def test_aux_loss_and_expert_load():

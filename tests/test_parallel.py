@@ -82,7 +82,8 @@ def _rank_body(rank, world, layout):
 
 
 @pytest.mark.parametrize("layout", [
-    {"expert": 2}, {"tensor": 2}, {}], ids=["ep2", "tp2", "dp2"])
+    {"expert": 2}, {"tensor": 2}, {"tensor": 2, "sequence_parallel": True}, {}],
+    ids=["ep2", "tp2", "tp2-sp", "dp2"])
 def test_two_process_layout_matches_single_process(layout):
     cfg = tiny_cfg()
     ref_loss, ref_grads = single_process_reference(cfg)
@@ -118,6 +119,8 @@ def test_layout_errors_name_the_key():
     cfg = tiny_cfg()
     with pytest.raises(ConfigError, match="parallel.expert"):
         ParallelConfig(expert=3).validate(cfg)
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel.*parallel.tensor > 1"):
+        ParallelConfig(sequence_parallel=True).validate(cfg)
 
 
 def _pipeline_body(rank, world):

@@ -266,7 +266,7 @@ def test_expert_and_pipeline_parallel_carry_bf16():
 
 
 def _curves(tmp_path, steps):
-    from test_train_support import read_metrics, run_training, tiny_config
+    from train_support import read_metrics, run_training, tiny_config
 
     curves = {}
     for precision in ("fp32", "bf16"):

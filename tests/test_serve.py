@@ -29,7 +29,7 @@ def toy_teacher_dir(tmp_path_factory, shared_data: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory, shared_data):
-    from megatron_vpmoe.serve.backends import HFBackend
+    from megatron_vpmoe.inference.hf import HFBackend
 
     return HFBackend(str(toy_teacher_dir(tmp_path_factory, shared_data)), model_id="toy")
 
@@ -167,28 +167,28 @@ def test_concurrent_requests_are_batched_with_unchanged_results(backend):
         assert a["choices"][0]["text"] == b["choices"][0]["text"]  # left padding changes nothing
 
 
-def test_load_backend_errors(tmp_path):
-    from megatron_vpmoe.serve.backends import load_backend
+def test_open_backend_errors(tmp_path):
+    from megatron_vpmoe.inference import open_backend
     from megatron_vpmoe.utils.errors import InputError
 
     with pytest.raises(InputError, match="no such"):
-        load_backend(str(tmp_path / "missing"))
+        open_backend(str(tmp_path / "missing"))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{}")
     with pytest.raises(InputError, match="not a loadable"):
-        load_backend(str(tmp_path / "bad"))
+        open_backend(str(tmp_path / "bad"))
 
 
 def test_vpmoe_checkpoint_backend(tmp_path, shared_data):
     """A `vpmoe train`-style checkpoint served: greedy generation equals the model's own
-    KV-cache generation, echo log-probs equal teacher-forced `sequence_logprobs`."""
+    KV-cache generation, echo log-probs equal the teacher-forced per-token loss."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from megatron_vpmoe.config import VpmoeConfig, dump_config
     from megatron_vpmoe.model import VpmoeModel
-    from megatron_vpmoe.model.generation import generate, sequence_logprobs
-    from megatron_vpmoe.serve.backends import load_backend
+    from megatron_vpmoe.inference import open_backend
+    from megatron_vpmoe.model.generation import generate
     from megatron_vpmoe.training.checkpoint import CheckpointManager
     from megatron_vpmoe.training.optimizer import build_optimizer
 
@@ -213,7 +213,7 @@ def test_vpmoe_checkpoint_backend(tmp_path, shared_data):
     model = VpmoeModel(m)
     CheckpointManager(tmp_path / "ckpt").save(1, model, build_optimizer(model, cfg.train.optimizer),
                                               {}, config_text=dump_config(cfg))
-    backend = load_backend(str(tmp_path / "ckpt"))
+    backend = open_backend(str(tmp_path / "ckpt"))
     prompt = "To be, or not to be"
 
     async def body(client):
@@ -229,7 +229,9 @@ def test_vpmoe_checkpoint_backend(tmp_path, shared_data):
     assert gen["choices"][0]["text"] == tok.decode([t for t in expect if t != tok.eos_token_id])
     lps = echo["choices"][0]["logprobs"]["token_logprobs"]
     assert lps[0] is None
-    assert lps[1:] == pytest.approx(sequence_logprobs(model, [ids], [1])[0], abs=1e-5)
+    with torch.no_grad():
+        nll = model(torch.tensor([ids[:-1]]), labels=torch.tensor([ids[1:]]))[0]
+    assert lps[1:] == pytest.approx((-nll).tolist(), abs=1e-5)
 
 
 def test_cli_errors(tmp_path, tmp_path_factory, shared_data, capsys):

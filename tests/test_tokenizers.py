@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megatron_vpmoe.tokenizers import HARMONY_TOKENS, load_tokenizer, train_tokenizer
+from megatron_vpmoe.tokenizers import HARMONY_TOKENS, load, train_tokenizer
 from megatron_vpmoe.utils.errors import InputError
 
 SAMPLES = [
@@ -67,7 +67,7 @@ def _check_interface(tok, text_sample: str):
 
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
 def test_student_variants(kind, trained, corpus, tmp_path):
-    tok = load_tokenizer(trained[kind])
+    tok = load(trained[kind])
     assert tok.kind == kind and tok.name == kind and tok.vocab_size == 1000
     text = corpus.read_text()[:5000]
     _check_interface(tok, text)
@@ -76,7 +76,7 @@ def test_student_variants(kind, trained, corpus, tmp_path):
     hf = PreTrainedTokenizerFast(tokenizer_file=str(trained[kind] / "tokenizer.json"))
     assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
     tok.save(tmp_path / "copy")
-    assert load_tokenizer(tmp_path / "copy").encode(text) == tok.encode(text)
+    assert load(tmp_path / "copy").encode(text) == tok.encode(text)
 
 
 def test_harmony(tmp_path, shared_data):
@@ -95,7 +95,7 @@ def test_harmony(tmp_path, shared_data):
 
     assert main(["tokenizer", "get", "harmony", "--output", str(tmp_path / "harmony")]) == 0
     assert main(["tokenizer", "get", "harmony", "--output", str(tmp_path / "harmony")]) == 2  # exists
-    loaded = load_tokenizer(tmp_path / "harmony")
+    loaded = load(tmp_path / "harmony")
     assert loaded.kind == "harmony" and loaded.vocab_size == 201_088
     _check_interface(loaded, text)
 
@@ -128,10 +128,10 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         train_tokenizer("bpe", [str(tmp_path / "nope*.txt")], 1000)
     with pytest.raises(InputError, match="tokenizer directory not found"):
-        load_tokenizer(tmp_path / "missing")
+        load(tmp_path / "missing")
     (tmp_path / "notatok").mkdir()
     with pytest.raises(InputError, match="notatok"):
-        load_tokenizer(tmp_path / "notatok")
+        load(tmp_path / "notatok")
     good = tmp_path / "good.txt"
     good.write_text("some words here " * 50)
     with pytest.raises(InputError, match="smaller than the base alphabet"):
@@ -175,7 +175,7 @@ def test_lengthmax(corpus, tmp_path, encoder):
     train_file.write_text(train)
     tok = train_tokenizer("lengthmax", [str(train_file)], 1500, output=str(tmp_path / "lm"),
                           max_token_chars=16, max_token_words=3, encoder=encoder)
-    loaded = load_tokenizer(tmp_path / "lm")
+    loaded = load(tmp_path / "lm")
     assert loaded.kind == "lengthmax" and loaded.vocab_size == 1500
     assert loaded.metadata["encoder"] == {"merges": "bpe-merges", "min-tokens": "unigram-min-tokens"}[encoder]
     _check_interface(loaded, held[:5000])
@@ -248,7 +248,7 @@ def test_pruned(corpus, tmp_path):
     from megatron_vpmoe.tokenizers.pruned import merge_parents
 
     tok = train_tokenizer("pruned", [str(corpus)], 4000, output=str(tmp_path / "pruned"))
-    loaded = load_tokenizer(tmp_path / "pruned")
+    loaded = load(tmp_path / "pruned")
     assert loaded.kind == "pruned" and loaded.vocab_size == 4000
     teacher = harmony_tokenizer()
     for token in loaded.ranks:
@@ -304,7 +304,7 @@ def test_plain_hf_directory(tmp_path, shared_data):
                             trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>").save_pretrained(tmp_path / "hf")
-    tok = load_tokenizer(tmp_path / "hf")
+    tok = load(tmp_path / "hf")
     assert tok.kind == "bpe" and tok.eod_id == 0 and tok.vocab_size == 300
     assert tok.decode(tok.encode("hello there")) == "hello there"
     assert len(tok.to_hf()) == 300
@@ -318,7 +318,7 @@ def test_cli_lengthmax_options(corpus, tmp_path, capsys):
     out = tmp_path / "lm"
     assert main(["tokenizer", "train", "--kind", "lengthmax", "--vocab-size", "600", "--input", str(corpus),
                  "--output", str(out), "--max-token-words", "2", "--max-token-chars", "12"]) == 0
-    tok = load_tokenizer(out)
+    tok = load(out)
     assert tok.metadata["max_token_words"] == 2 and tok.metadata["max_token_chars"] == 12
     assert max(len(tok.token_bytes(i)) for i in range(tok.vocab_size)) <= 12
     assert "trained lengthmax tokenizer" in capsys.readouterr().out
@@ -328,7 +328,7 @@ def test_cli_lengthmax_options(corpus, tmp_path, capsys):
                  "--output", str(tmp_path / "b"), "--lengthmax-encoder", "min-tokens"]) == 2
     assert main(["tokenizer", "train", "--kind", "lengthmax", "--vocab-size", "600", "--input", str(corpus),
                  "--output", str(tmp_path / "mt"), "--lengthmax-encoder", "min-tokens"]) == 0
-    assert load_tokenizer(tmp_path / "mt").metadata["encoder"] == "unigram-min-tokens"
+    assert load(tmp_path / "mt").metadata["encoder"] == "unigram-min-tokens"
     assert tok.metadata["encoder"] == "bpe-merges"
     assert main(["tokenizer", "train", "--kind", "lengthmax", "--vocab-size", "600", "--input", str(corpus),
                  "--output", str(out)]) == 2  # exists, no --overwrite

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from megatron_vpmoe.tokenizers import load_tokenizer, train_tokenizer
+from megatron_vpmoe.tokenizers import load, train_tokenizer
 from megatron_vpmoe.tokenizers.fast import SAMPLE, build_engine
 
 pytest.importorskip("gigatoken")
@@ -14,7 +14,7 @@ pytest.importorskip("gigatoken")
 def bpe(tmp_path_factory, shared_data):
     out = tmp_path_factory.mktemp("fast")
     corpus = str(shared_data / "corpora" / "tinyshakespeare.txt")
-    return load_tokenizer(train_tokenizer("bpe", [corpus], 700, max_bytes=150_000).save(out / "bpe700"))
+    return load(train_tokenizer("bpe", [corpus], 700, max_bytes=150_000).save(out / "bpe700"))
 
 
 def _texts(shared_data):

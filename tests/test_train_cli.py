@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from distributed import free_port
-from test_train_support import ROOT
+from train_support import ROOT
 
 TINY = ["--set", "model.vocab_size=512", "--set", "model.hidden_size=32", "--set", "model.num_layers=2",
         "--set", "model.num_attention_heads=2", "--set", "model.num_query_groups=1",

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_support import ROOT, ByteTokenizer, datasets_for, read_metrics, run_training, tiny_config
+from train_support import ROOT, ByteTokenizer, datasets_for, read_metrics, run_training, tiny_config
 
-SUPPORT = Path(__file__).with_name("test_train_support.py")
+SUPPORT = Path(__file__).with_name("train_support.py")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

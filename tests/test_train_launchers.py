@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from distributed import free_port
-from test_train_support import ROOT, read_metrics
+from train_support import ROOT, read_metrics
 
-SUPPORT = str(Path(__file__).with_name("test_train_support.py"))
+SUPPORT = str(Path(__file__).with_name("train_support.py"))
 ARGS = ["train.steps=4", "checkpoint.interval=0", "log.progress_bar=true"]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from distributed import run_distributed
-from test_train_support import ByteTokenizer, ByteWindows, SHAKESPEARE, read_metrics, tiny_config
+from train_support import ByteTokenizer, ByteWindows, SHAKESPEARE, read_metrics, tiny_config
 
 # 2 query groups so TP=2 can split them; fp32; 4 steps of AdamW with a cosine schedule
 MODEL = {"num_query_groups": 2}
@@ -65,12 +65,13 @@ def role_masked_reference(tmp_path_factory):
 
 
 # Combined layouts on 4 processes: TP=2 x EP=2 leaves dense parameters data parallel over 2
-# ranks (experts over the EP group, replicated across TP); TP=2 x PP=2 has no data parallelism.
+# ranks (experts over the EP group, replicated across TP); TP=2 x PP=2 (with sequence parallelism:
+# the stages send sequence slices) has no data parallelism.
 @pytest.mark.parametrize("layout,world", [
     ({"tensor": 2, "expert": 2}, 4),
-    ({"tensor": 2, "pipeline": 2}, 4),
+    ({"tensor": 2, "pipeline": 2, "sequence_parallel": True}, 4),
     pytest.param({"tensor": 2, "expert": 2, "pipeline": 2}, 8, marks=pytest.mark.long),
-], ids=["tp2-ep2", "tp2-pp2", "tp2-ep2-pp2"])
+], ids=["tp2-ep2", "tp2-sp-pp2", "tp2-ep2-pp2"])
 def test_combined_layout_loss_curve_equals_single_process(tmp_path, role_masked_reference, layout, world):
     assert run_distributed(_train, world, str(tmp_path), layout, ROLES) == [0] * world
     _close(_losses(tmp_path), _losses(role_masked_reference), 1e-5)
@@ -118,34 +119,37 @@ def _train_zero(rank, world, run_dir, layout, roles, stop_at=None):
     cfg = _cfg(run_dir, dict(layout, distributed_optimizer=True))
     trainer = Trainer(cfg, datasets=_datasets(cfg, roles), tokenizer=ByteTokenizer(), quiet=True)
     code = trainer.run(stop_at_step=stop_at)
-    return code, trainer.optimizer.owned_state_numel(), sum(p.numel() for p in trainer.raw_model.parameters())
+    embedding = trainer.optimizer.state_of(trainer.raw_model.embedding.weight)["exp_avg"].shape[0]
+    return code, trainer.optimizer.owned_state_numel(), sum(p.numel() for p in trainer.raw_model.parameters()), \
+        embedding
 
 
 @pytest.mark.parametrize("layout,world", [({}, 2), ({"tensor": 2}, 4)], ids=["dp2", "tp2-dp2"])
 def test_distributed_optimizer_shards_state_and_keeps_the_curve(tmp_path, role_masked_reference, layout, world):
-    """ZeRO-1 over 2 DP ranks (alone, and beside TP=2): 2 steps, a checkpoint (state gathered
-    from the owners), a resume (state dropped again where not owned), 2 more: the single-process
-    curve, and each rank holds about half of its shard's AdamW moments, every parameter's exactly
-    once over the DP ranks."""
+    """ZeRO-1 over 2 DP ranks (alone, and beside TP=2): 2 steps, a checkpoint (each rank writes
+    the state it holds), a resume (each rank reads only that), 2 more: the single-process curve;
+    each rank holds half of its shard's AdamW moments within 10%, every element exactly once over
+    the DP ranks, the embedding's split by rows."""
     first = run_distributed(_train_zero, world, str(tmp_path), layout, ROLES, 2)
     second = run_distributed(_train_zero, world, str(tmp_path), layout, ROLES)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
     _close(_losses(tmp_path), _losses(role_masked_reference), 1e-5)
     dp = 2
     for results in (first, second):
-        assert [code for code, _, _ in results] == [0] * world
-        held = [state for _, state, _ in results]
+        assert [code for code, _, _, _ in results] == [0] * world
+        held = [state for _, state, _, _ in results]
         # exp_avg + exp_avg_sq of every parameter of every shard, once per DP group
-        assert sum(held) == 2 * sum(numel for _, _, numel in results) // dp
-        for state, (_, _, numel) in zip(held, results):
-            assert state < 0.6 * 2 * numel, held  # balanced: about half each
+        assert sum(held) == 2 * sum(numel for _, _, numel, _ in results) // dp
+        for state, (_, _, numel, embedding_rows) in zip(held, results):
+            assert abs(state - 2 * numel / dp) <= 0.1 * 2 * numel / dp, held  # within 10% of 1/DP
+            assert embedding_rows == 256 // dp  # the embedding's state is split by rows, not on one rank
 
 
 def test_distributed_optimizer_checkpoint_resumes_on_one_process(tmp_path, role_masked_reference):
     """EP=2 with ZeRO on 4 ranks (dense state over the DP group, experts' over the expert-DP
     group) for 2 steps; the checkpoint resumes on one process without ZeRO on the same curve."""
     results = run_distributed(_train_zero, 4, str(tmp_path), {"expert": 2}, ROLES, 2)
-    assert [code for code, _, _ in results] == [0] * 4
+    assert [code for code, _, _, _ in results] == [0] * 4
     assert _train(0, 1, str(tmp_path), {}, ROLES) == 0
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
     _close(_losses(tmp_path), _losses(role_masked_reference), 1e-5)

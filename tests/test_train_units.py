@@ -30,7 +30,13 @@ def test_objective_combines_span_means_as_documented():
     # float masks (plain GPTDataset) mean role 3
     assert L.roles_from_loss_mask(torch.tensor([1.0, 0.0])).tolist() == [3, 0]
     with pytest.raises(ValueError, match="roles must be in 0..3"):
-        L.roles_from_loss_mask(torch.tensor([5], dtype=torch.uint8))
+        L.check_roles(torch.tensor([5], dtype=torch.uint8))
+    # the collation checks every micro-batch on the host, before it reaches the step
+    from megatron_vpmoe.training.batches import collate
+
+    item = {"tokens": torch.zeros(3), "labels": torch.zeros(3), "loss_mask": torch.tensor([0, 2, 4], dtype=torch.uint8)}
+    with pytest.raises(ValueError, match="roles must be in 0..3, got 0..4"):
+        collate([item])
 
 
 def test_objective_is_independent_of_micro_batch_split():
@@ -49,10 +55,8 @@ def test_objective_is_independent_of_micro_batch_split():
 
 def test_bits_per_byte_uses_bytes_of_predicted_tokens():
     class Tok:
-        vocab_size = 3
-
-        def decode(self, ids):
-            return ["a", "é", "€"][ids[0]]
+        def token_byte_lengths(self):
+            return [1, 2, 3]  # "a", "é", "€"
 
     table = L.token_byte_lengths(Tok(), 5)
     assert table.tolist() == [1, 2, 3, 0, 0]
@@ -151,7 +155,8 @@ TEXT = "Héllo wörld — naïve café. " * 20 + "日本語のテキスト。"
 
 def test_byte_lengths_of_hf_byte_level_bpe_match_utf8():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+
+    from megatron_vpmoe.tokenizers.base import HFTokenizer
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -159,27 +164,15 @@ def test_byte_lengths_of_hf_byte_level_bpe_match_utf8():
     tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                         show_progress=False))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    for t in (hf, tok):
-        table = L.token_byte_lengths(t, 320)
-        ids = torch.tensor([t.encode(TEXT).ids if t is tok else t.encode(TEXT)])
-        assert int(table[ids].sum()) == len(TEXT.encode("utf-8"))
-        assert table[tok.token_to_id("<|endoftext|>")] == 0 and table[310] == 0
-
-
-def test_byte_lengths_of_tiktoken_o200k(shared_data):
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-
-    ranks = load_tiktoken_bpe(str(shared_data.parent / "tokenizers" / "o200k_base.tiktoken"))
-    enc = tiktoken.Encoding("o200k_base", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={})
-    table = L.token_byte_lengths(enc, enc.n_vocab + 8)
-    ids = torch.tensor(enc.encode(TEXT))
+    ours = HFTokenizer("bpe", "t", tok, eod_token="<|endoftext|>")
+    table = L.token_byte_lengths(ours, 320)  # the tokenizer's own table, padded to the embedding
+    ids = torch.tensor([ours.encode(TEXT)])
     assert int(table[ids].sum()) == len(TEXT.encode("utf-8"))
+    assert table[tok.token_to_id("<|endoftext|>")] == 0 and table[310] == 0
 
 
 def test_trainer_logs_the_role_weighted_objective(tmp_path):
-    from test_train_support import SHAKESPEARE, ByteTokenizer, ByteWindows, read_metrics, tiny_config
+    from train_support import SHAKESPEARE, ByteTokenizer, ByteWindows, read_metrics, tiny_config
 
     from megatron_vpmoe.training.trainer import Trainer
 
@@ -198,7 +191,7 @@ def test_trainer_logs_the_role_weighted_objective(tmp_path):
 
 
 def test_validation_counts_only_loss_positions(tmp_path):
-    from test_train_support import SHAKESPEARE, ByteTokenizer, ByteWindows, tiny_config
+    from train_support import SHAKESPEARE, ByteTokenizer, ByteWindows, tiny_config
 
     from megatron_vpmoe.training.trainer import Trainer
 

@@ -147,7 +147,7 @@ class ParallelConfig:
     pipeline: int = 1  # pipeline-parallel stages (layers split)
     virtual_pipeline: int = 1  # model chunks per pipeline rank; > 1 runs interleaved 1F1B
     data: int = 0  # data-parallel size; 0 = world size / (tensor x pipeline)
-    sequence_parallel: bool = False  # not implemented yet (rejected)
+    sequence_parallel: bool = False  # TP > 1: norms, residual stream and dropout split along the sequence over the TP group
     overlap_grad_reduce: bool = True  # data-parallel gradient all-reduce in buckets launched during backward (False: one reduction after it)
     bucket_mb: float = 25.0  # size bound of one gradient-reduction bucket (MB of gradients)
     distributed_optimizer: bool = False  # ZeRO-1: AdamW state sharded over data-parallel ranks (same updates, same checkpoints)
@@ -207,10 +207,9 @@ class ParallelConfig:
                 f"pipeline x virtual_pipeline ({self.pipeline * self.virtual_pipeline}) exceeds "
                 f"model.num_layers ({model.num_layers}): every model chunk needs a layer",
                 key="parallel.virtual_pipeline")
-        if self.sequence_parallel:
-            raise ConfigError("sequence parallelism is not implemented yet (tensor parallelism "
-                              "replicates activations over the TP group); set it to false",
-                              key="parallel.sequence_parallel")
+        if self.sequence_parallel and tp == 1:
+            raise ConfigError("sequence parallelism splits the sequence over the tensor-parallel "
+                              "group: it needs parallel.tensor > 1", key="parallel.sequence_parallel")
 
     def resolve_data(self, world_size: int) -> int:
         """Data-parallel size for ``world_size`` ranks; raises if the layout does not fit."""

@@ -55,8 +55,8 @@ def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> P
     from megatron_vpmoe.config.loader import read_yaml
     from megatron_vpmoe.convert.checkpoint_io import write_native_checkpoint
     from megatron_vpmoe.convert.to_hf import RUN_CONFIG_FILE
-    from megatron_vpmoe.eval.native import load_hf_tokenizer
     from megatron_vpmoe.model import VpmoeModel
+    from megatron_vpmoe.tokenizers import load
     from megatron_vpmoe.utils.atomic import atomic_directory
 
     src = Path(hf_dir)
@@ -82,7 +82,7 @@ def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> P
     run = read_yaml(run_file) if run_file.is_file() else {"data": {"mock": True}}
     run = config_to_dict(config_from_dict(run, file=str(run_file)))
     run["model"] = dataclasses.asdict(model_cfg)
-    run["data"]["tokenizer"] = "../tokenizer"  # relative to the checkpoint (see resolve_tokenizer_dir)
+    run["data"]["tokenizer"] = "../tokenizer"  # relative to the checkpoint (see megatron_vpmoe.inference.checkpoint.tokenizer_dir)
     run["checkpoint"]["dir"] = None
     cfg = config_from_dict(run, file=str(run_file))
 
@@ -112,6 +112,6 @@ def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> P
 
     step = int(hf_config.get("vpmoe_training_step") or 0)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        load_hf_tokenizer(src).save_pretrained(str(tmp / "tokenizer"))
+        load(src).to_hf().save_pretrained(str(tmp / "tokenizer"))
         write_native_checkpoint(tmp, model, step, dump_config(cfg), source=str(src))
     return out

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from megatron_vpmoe.tokenizers.specials import HARMONY_MARKERS
 from megatron_vpmoe.utils.errors import InputError, UsageError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
@@ -97,7 +98,7 @@ def model_card(cfg, counts, step, source: str, dtype: str) -> str:
 def _save_tokenizer(tokenizer, out: Path) -> None:
     if not getattr(tokenizer, "chat_template", None):
         vocab = tokenizer.get_vocab()
-        harmony = all(t in vocab for t in ("<|start|>", "<|message|>", "<|end|>"))
+        harmony = all(t in vocab for t in HARMONY_MARKERS)
         tokenizer.chat_template = HARMONY_CHAT_TEMPLATE if harmony else PLAIN_CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out))
 
@@ -108,11 +109,11 @@ def convert_to_hf(ckpt_path: str, out_dir: str, *, dtype: str = "fp32", tokenize
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from megatron_vpmoe.config import load_config
     from megatron_vpmoe.convert.checkpoint_io import group_by_bytes, iter_tensor_groups, model_tensor_metadata
-    from megatron_vpmoe.eval.native import load_hf_tokenizer, resolve_tokenizer_dir
+    from megatron_vpmoe.inference.checkpoint import checkpoint_config, tokenizer_dir as checkpoint_tokenizer_dir
     from megatron_vpmoe.model.params import count_parameters
-    from megatron_vpmoe.training.checkpoint import read_trainer_state, resolve_checkpoint
+    from megatron_vpmoe.tokenizers import load
+    from megatron_vpmoe.training.checkpoint import read_trainer_state
     from megatron_vpmoe.utils.atomic import atomic_directory, atomic_write_text
 
     if dtype not in DTYPES:
@@ -121,17 +122,10 @@ def convert_to_hf(ckpt_path: str, out_dir: str, *, dtype: str = "fp32", tokenize
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)  # an unusable output path fails now, before any work
-    ckpt = resolve_checkpoint(ckpt_path)
-    config_file = ckpt / "config.yaml"
-    if not config_file.is_file():
-        raise InputError(f"{ckpt}: no config.yaml beside the checkpoint")
-    cfg = load_config(str(config_file))
+    ckpt, cfg = checkpoint_config(ckpt_path)
     step = read_trainer_state(ckpt).get("step")
-    tok_source = tokenizer_dir or cfg.data.tokenizer
-    if not tok_source:
-        raise InputError(f"{config_file}: data.tokenizer is not set; pass --tokenizer DIR")
-    tok_path = Path(tok_source) if tokenizer_dir else resolve_tokenizer_dir(ckpt, tok_source)
-    tokenizer = load_hf_tokenizer(tok_path)
+    tok_path = checkpoint_tokenizer_dir(ckpt, cfg, tokenizer_dir)
+    tokenizer = load(tok_path).to_hf()
     if len(tokenizer) > cfg.model.vocab_size:
         raise InputError(f"{tok_path}: tokenizer has {len(tokenizer)} tokens, more than model.vocab_size "
                          f"{cfg.model.vocab_size}")
@@ -169,5 +163,5 @@ def convert_to_hf(ckpt_path: str, out_dir: str, *, dtype: str = "fp32", tokenize
         GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, do_sample=False).save_pretrained(str(tmp))
         atomic_write_text(tmp / "README.md", model_card(cfg, count_parameters(cfg.model), step, str(ckpt), dtype))
-        shutil.copyfile(config_file, tmp / RUN_CONFIG_FILE)
+        shutil.copyfile(ckpt / "config.yaml", tmp / RUN_CONFIG_FILE)
     return out

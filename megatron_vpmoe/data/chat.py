@@ -23,13 +23,12 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional
 
+from megatron_vpmoe.tokenizers.specials import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, RETURN, START
 from megatron_vpmoe.utils.errors import InputError
 
 # loss-mask roles, one uint8 per token in a field's mask dataset (the trainer's loss reads them);
 # ROLE_TEXT marks plain-text documents' tokens in a field that also holds chats
 ROLE_NONE, ROLE_REASONING, ROLE_FINAL, ROLE_TEXT = 0, 1, 2, 3
-START, CHANNEL, MESSAGE, CONSTRAIN = "<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"
-END, RETURN, CALL = "<|end|>", "<|return|>", "<|call|>"
 CLOSERS = (END, RETURN, CALL)
 SPECIALS = (START, CHANNEL, MESSAGE, CONSTRAIN, END, RETURN, CALL)
 REASONING_KEYS = ("thinking", "reasoning_content", "reasoning", "analysis")

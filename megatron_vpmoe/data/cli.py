@@ -144,9 +144,9 @@ def _inspect(args: argparse.Namespace) -> int:
             counts += numpy.bincount(masks[i], minlength=4)[:4]
         print(f"loss mask {mask}: none {counts[0]}, reasoning {counts[1]}, final {counts[2]}, text {counts[3]}")
     if args.inspect_tokenizer:
-        from megatron_vpmoe.tokenizers import load_tokenizer
+        from megatron_vpmoe.tokenizers import load
 
-        tok = load_tokenizer(args.inspect_tokenizer)
+        tok = load(args.inspect_tokenizer)
         for i in range(min(args.show, len(ds))):
             print(f"--- document {i} ---")
             print(tok.decode(ds[i].tolist()))

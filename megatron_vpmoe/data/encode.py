@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from megatron_vpmoe.data.chat import ROLE_NONE, Segment, is_harmony_text, render_conversation, segment_harmony
 from megatron_vpmoe.data.sources import Document, Skipped
+from megatron_vpmoe.tokenizers.specials import HARMONY_TOKENS
 from megatron_vpmoe.utils.errors import InputError
 
 
@@ -37,9 +38,9 @@ class EncodedDocument:
 class DocumentEncoder:
     def __init__(self, tokenizer_dirs: Dict[str, str], json_keys: Sequence[str], append_eod: bool,
                  keep_empty: bool = False):
-        from megatron_vpmoe.tokenizers import load_tokenizer
+        from megatron_vpmoe.tokenizers import load
 
-        self.tokenizers = {name: load_tokenizer(path) for name, path in tokenizer_dirs.items()}
+        self.tokenizers = {name: load(path) for name, path in tokenizer_dirs.items()}
         self.json_keys = list(json_keys)
         self.append_eod = append_eod
         self.keep_empty = keep_empty  # Megatron-LM's rule: an empty document is kept, without EOD
@@ -49,8 +50,7 @@ class DocumentEncoder:
             engine, reason = tok.fast_engine() if hasattr(tok, "fast_engine") else (None, f"kind {tok.kind}")
             self.engines[name] = "gigatoken" if engine is not None else f"tokenizers ({reason})"
             ids = {}
-            for special in ("<|start|>", "<|channel|>", "<|message|>", "<|constrain|>", "<|end|>",
-                            "<|return|>", "<|call|>"):
+            for special in HARMONY_TOKENS:
                 try:
                     ids[special] = tok.token_to_id(special)
                 except KeyError:

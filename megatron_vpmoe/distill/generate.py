@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from megatron_vpmoe.distill.answers import answer_matches
+from megatron_vpmoe.utils.answers import answer_matches
 from megatron_vpmoe.distill.prompts import Prompt, load_prompts
 from megatron_vpmoe.distill.teacher_client import MalformedResponse, TeacherClient, TeacherUnavailable
 from megatron_vpmoe.utils.atomic import atomic_file, atomic_write_text

@@ -141,16 +141,15 @@ class OnPolicyTrainer:
                               key="distill.onpolicy.prompts_per_step")
         self.prompts = load_prompts(op.prompts)
         if tokenizer is None:
-            from megatron_vpmoe.serve.backends import load_tokenizer_dir
+            from megatron_vpmoe.tokenizers import load
 
-            tokenizer = load_tokenizer_dir(cfg.data.tokenizer)
+            tokenizer = load(cfg.data.tokenizer).to_hf()
         self.tok = tokenizer
-        specials = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")
-        unk = self.tok.unk_token_id
-        self.harmony = all(self.tok.convert_tokens_to_ids(t) not in (None, unk) for t in specials)
-        stops = ["<|return|>"] if self.harmony else []
-        stop_ids = [self.tok.convert_tokens_to_ids(t) for t in stops]
-        self.eos_id = stop_ids[0] if stop_ids else self.tok.eos_token_id
+        from megatron_vpmoe.inference.backend import hf_token_id, speaks_harmony
+        from megatron_vpmoe.tokenizers.specials import RETURN
+
+        self.harmony = speaks_harmony(self.tok)
+        self.eos_id = hf_token_id(self.tok, RETURN) if self.harmony else self.tok.eos_token_id
         from megatron_vpmoe.training.checkpoint import CheckpointManager, latest_checkpoint
         from megatron_vpmoe.training.optimizer import build_optimizer
 
@@ -196,12 +195,8 @@ class OnPolicyTrainer:
             self.loss_weights = LossWeights.from_config(cfg.distill)
 
     def _phase1_dataset(self):
-        try:
-            from megatron_vpmoe.data.dataset import build_datasets
-        except ImportError as err:
-            raise ConfigError(f"the NLL anchor reads data.blend through megatron_vpmoe.data.dataset, "
-                              f"which is not available ({err})",
-                              key="distill.onpolicy.nll_anchor_coeff") from None
+        from megatron_vpmoe.data.dataset import build_datasets
+
         cfg = self.cfg
         train, _valid, _test = build_datasets(
             cfg.data, seed=cfg.run.seed, num_samples=cfg.train.steps * cfg.train.micro_batch_size
@@ -402,8 +397,8 @@ class OnPolicyTrainer:
         if n_scored > 0 or self.anchor is not None:
             for _ in range(max(1, op.ppo_epochs)):
                 stats = self.pm.forward_backward(micro, self._loss_hook(n_scored, anchor_objective)).cpu()
-                grad_norm = clip_gradients(self.pm.parameters(), cfg.train.optimizer.clip_grad,
-                                           total_norm=self.pm.grad_norm())
+                grad_norm = float(clip_gradients(self.pm.parameters(), cfg.train.optimizer.clip_grad,
+                                                 total_norm=self.pm.grad_norm()))
                 if math.isfinite(grad_norm):
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)

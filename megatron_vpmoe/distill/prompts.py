@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from megatron_vpmoe.distill.answers import reference_answer
+from megatron_vpmoe.utils.answers import reference_answer
 from megatron_vpmoe.utils.errors import InputError
 from megatron_vpmoe.utils.jsonl import read_jsonl
 

@@ -20,7 +20,7 @@ import asyncio
 import re
 from typing import Optional
 
-from megatron_vpmoe.distill.answers import answer_matches
+from megatron_vpmoe.utils.answers import answer_matches
 from megatron_vpmoe.distill.policy_loss import per_byte
 from megatron_vpmoe.distill.teacher_client import MalformedResponse, TeacherClient, TeacherUnavailable
 

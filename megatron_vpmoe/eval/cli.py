@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from megatron_vpmoe.eval.backends import open_backend
+    from megatron_vpmoe.inference import open_backend
     from megatron_vpmoe.eval.harness import EvalOptions, run_eval
     from megatron_vpmoe.eval.report import markdown_table, write_results
     from megatron_vpmoe.eval.tasks import DEFAULT_EVAL_DIR, resolve_tasks

@@ -284,10 +284,10 @@ def run_variant(exp: ExperimentConfig, variant: Variant, docs: List[str], tok_di
     from megatron_vpmoe.config import load_config
     from megatron_vpmoe.data.dataset import build_datasets
     from megatron_vpmoe.eval.harness import EvalOptions, run_eval
-    from megatron_vpmoe.eval.native import NativeBackend, load_hf_tokenizer
     from megatron_vpmoe.eval.report import write_results
+    from megatron_vpmoe.inference.native import NativeBackend
     from megatron_vpmoe.model.params import count_parameters
-    from megatron_vpmoe.tokenizers import load_tokenizer
+    from megatron_vpmoe.tokenizers import load
     from megatron_vpmoe.training.checkpoint import latest_checkpoint, read_trainer_state
     from megatron_vpmoe.training.trainer import Trainer
     from megatron_vpmoe.utils.atomic import atomic_write_text
@@ -298,8 +298,8 @@ def run_variant(exp: ExperimentConfig, variant: Variant, docs: List[str], tok_di
         return json.loads(summary_file.read_text())
     vdir.mkdir(parents=True, exist_ok=True)
     times = dict(times)
-    tokenizer = load_hf_tokenizer(tok_dir)
-    project_tok = load_tokenizer(tok_dir)
+    project_tok = load(tok_dir)
+    tokenizer = project_tok.to_hf()
     train_chars = sum(len(d) for d in docs)
     train_bytes = sum(len(d.encode("utf-8")) for d in docs)
     n_tokens = shards["train"]["tokens_per_variant"][variant.name] - len(docs)  # without the EOD tokens
@@ -331,7 +331,7 @@ def run_variant(exp: ExperimentConfig, variant: Variant, docs: List[str], tok_di
                            pad_id=project_tok.pad_id, cache_dir=str(vdir / "data_cache"),
                            vocab_size=cfg.model.vocab_size)[0]
             for split in ("train", "valid"))
-        trainer = Trainer(cfg, datasets=(train_set, valid_set), tokenizer=tokenizer, quiet=not progress)
+        trainer = Trainer(cfg, datasets=(train_set, valid_set), tokenizer=project_tok, quiet=not progress)
         code = trainer.run()
         if code != 0:
             raise InputError(f"variant {variant.name}: training stopped with exit code {code}")

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from megatron_vpmoe.eval.backends import LMBackend
 from megatron_vpmoe.eval.tasks import DEFAULT_EVAL_DIR, resolve_tasks, task_runner
+from megatron_vpmoe.inference.backend import Backend
 
 
 @dataclass
@@ -29,7 +29,7 @@ class EvalOptions:
     progress: bool = True
 
 
-def run_eval(backend: LMBackend, options: EvalOptions, model_name: str = "") -> Dict[str, object]:
+def run_eval(backend: Backend, options: EvalOptions, model_name: str = "") -> Dict[str, object]:
     names = resolve_tasks(",".join(options.tasks))
     context = options.context or backend.max_length
     results: Dict[str, object] = {"model": model_name, "backend": backend.describe(), "limit": options.limit,

@@ -1,7 +1,7 @@
 """Evaluation tasks: bits per byte, GSM8K, multiple choice by log-likelihood, long context.
 
 Each task reads its data from a local file (``../shared/data/eval/`` by default), runs
-against an :class:`~megatron_vpmoe.eval.backends.LMBackend` and returns a flat dict of
+against a :class:`~megatron_vpmoe.inference.Backend` (through :mod:`megatron_vpmoe.eval.requests`) and returns a flat dict of
 metrics plus ``n`` (items scored). Bad data raises :class:`InputError` naming file and line.
 
 Task names (``--tasks``): ``bpb``, ``gsm8k``, ``mmlu_stem``, ``lambada``, ``piqa``, ``copa``,
@@ -19,7 +19,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_vpmoe.eval.backends import LMBackend, bits_per_byte
+from megatron_vpmoe.eval.requests import greedy_completions, loglikelihood, split_request, token_nlls
+from megatron_vpmoe.inference.backend import Backend
+from megatron_vpmoe.training.loss import bits_per_byte
+from megatron_vpmoe.utils.answers import predicted_answer, reference_answer
 from megatron_vpmoe.utils.errors import InputError
 from megatron_vpmoe.utils.jsonl import read_jsonl
 
@@ -81,12 +84,12 @@ def parse_choice_record(rec: dict, path: Path, lineno: int) -> ChoiceItem:
     return ChoiceItem([p[0] for p in pairs], [p[1] for p in pairs], gold)
 
 
-def score_choices(backend: LMBackend, items: Sequence[ChoiceItem]) -> Dict[str, float]:
+def score_choices(backend: Backend, items: Sequence[ChoiceItem]) -> Dict[str, float]:
     """Accuracy by summed log-likelihood (``acc``) and by log-likelihood per UTF-8 byte of the
     option (``acc_norm``). A tie at the top earns ``1/ties`` (the expectation under random
     tie-breaking), so a model with no preference scores chance exactly."""
     requests = [(c, k) for it in items for c, k in zip(it.contexts, it.continuations)]
-    scores = backend.loglikelihood(requests)
+    scores = loglikelihood(backend, requests)
     acc = acc_norm = chance = 0.0
     pos = 0
     for it in items:
@@ -107,7 +110,7 @@ def _tie_credit(values: List[float], gold: int, tol: float = 1e-6) -> float:
     return 1.0 / len(top) if gold in top else 0.0
 
 
-def score_completion(backend: LMBackend, path: Path, limit: Optional[int]) -> Dict[str, float]:
+def score_completion(backend: Backend, path: Path, limit: Optional[int]) -> Dict[str, float]:
     """LAMBADA-style: the continuation must be the model's greedy completion (``acc``);
     also its perplexity per token."""
     reqs = []
@@ -115,8 +118,8 @@ def score_completion(backend: LMBackend, path: Path, limit: Optional[int]) -> Di
         ctx = _field(rec, "context", str, path, lineno)
         cont = _field(rec, "continuation", str, path, lineno)
         reqs.append(_join(ctx, cont))
-    results = backend.loglikelihood(reqs)
-    ntok = sum(len(backend.split_request(c, k)[1]) for c, k in reqs)
+    results = loglikelihood(backend, reqs)
+    ntok = sum(len(split_request(backend, c, k)[1]) for c, k in reqs)
     nll = -sum(r[0] for r in results)
     return {"acc": sum(r[1] for r in results) / max(len(reqs), 1),
             "ppl": math.exp(nll / max(ntok, 1)), "chance": 0.0, "n": len(reqs)}
@@ -134,7 +137,7 @@ MC_FILES = {
 COMPLETION_FILES = {"lambada": "mc/lambada_openai.jsonl"}
 
 
-def run_multiple_choice(backend: LMBackend, path: Path, limit: Optional[int]) -> Dict[str, float]:
+def run_multiple_choice(backend: Backend, path: Path, limit: Optional[int]) -> Dict[str, float]:
     items = [parse_choice_record(rec, path, lineno) for lineno, rec in read_jsonl(path, limit)]
     return score_choices(backend, items)
 
@@ -142,32 +145,6 @@ def run_multiple_choice(backend: LMBackend, path: Path, limit: Optional[int]) ->
 # ---- GSM8K -----------------------------------------------------------------------------
 
 _CALC = re.compile(r"<<[^>]*>>")
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
-
-
-def normalize_number(text: str) -> Optional[str]:
-    """``"$1,200.00"`` -> ``"1200"``; None if ``text`` holds no number."""
-    m = _NUMBER.findall(text)
-    if not m:
-        return None
-    s = m[-1].replace(",", "").replace("$", "")
-    try:
-        value = float(s)
-    except ValueError:
-        return None
-    return str(int(value)) if value == int(value) else repr(value)
-
-
-def extract_gsm8k_answer(completion: str) -> Optional[str]:
-    """The number after ``####`` if the completion has one, else its last number."""
-    if "####" in completion:
-        after = completion.split("####", 1)[1].strip().split("\n")[0]
-        got = normalize_number(after)
-        if got is not None:
-            return got
-    return normalize_number(completion)
-
-
 def gsm8k_fewshot_prefix(path: Path, shots: int) -> str:
     parts = []
     for lineno, rec in read_jsonl(path, shots):
@@ -180,19 +157,19 @@ def gsm8k_fewshot_prefix(path: Path, shots: int) -> str:
 GSM8K_STOP = ("\n\n", "Question:")
 
 
-def run_gsm8k(backend: LMBackend, path: Path, limit: Optional[int], *, shots: int = 5,
+def run_gsm8k(backend: Backend, path: Path, limit: Optional[int], *, shots: int = 5,
               fewshot_file: Path = DEFAULT_FEWSHOT_FILE, max_new_tokens: int = 256) -> Dict[str, float]:
     prefix = gsm8k_fewshot_prefix(fewshot_file, shots) if shots else ""
     prompts, golds = [], []
     for lineno, rec in read_jsonl(path, limit):
         q = _field(rec, "question", str, path, lineno)
-        gold = extract_gsm8k_answer(_field(rec, "answer", str, path, lineno))
+        gold = reference_answer(_field(rec, "answer", str, path, lineno))
         if gold is None:
-            raise InputError(f"{path}:{lineno}: the answer has no final number")
+            raise InputError(f"{path}:{lineno}: the answer has no final '#### N' number")
         prompts.append(f"{prefix}Question: {q}\nAnswer:")
         golds.append(gold)
-    completions = backend.generate(prompts, max_new_tokens, stop=GSM8K_STOP)
-    correct = sum(extract_gsm8k_answer(c) == g for c, g in zip(completions, golds))
+    completions = greedy_completions(backend, prompts, max_new_tokens, stop=GSM8K_STOP)
+    correct = sum(predicted_answer(c) == g for c, g in zip(completions, golds))
     return {"exact_match": correct / max(len(golds), 1), "chance": 0.0, "n": len(golds),
             "shots": shots, "examples": [{"prompt_tail": p[-200:], "completion": c, "gold": g}
                                         for p, c, g in list(zip(prompts, completions, golds))[:3]]}
@@ -229,7 +206,7 @@ def read_documents(path: Path, limit: Optional[int]) -> List[str]:
     return docs
 
 
-def run_bits_per_byte(backend: LMBackend, path: Path, limit: Optional[int]) -> Dict[str, float]:
+def run_bits_per_byte(backend: Backend, path: Path, limit: Optional[int]) -> Dict[str, float]:
     """Summed token NLL (nats) / ln 2 / UTF-8 bytes, over whole documents (every token scored,
     the first after the document-start token): comparable across tokenizers."""
     docs = read_documents(path, limit)
@@ -237,7 +214,7 @@ def run_bits_per_byte(backend: LMBackend, path: Path, limit: Optional[int]) -> D
     tokens = nbytes = 0
     for doc in docs:
         ids = backend.encode(doc)
-        losses = backend.token_nlls(ids)
+        losses = token_nlls(backend, ids)
         nll += float(losses.double().sum())
         tokens += len(ids)
         nbytes += len(doc.encode("utf-8"))
@@ -245,7 +222,7 @@ def run_bits_per_byte(backend: LMBackend, path: Path, limit: Optional[int]) -> D
             "bytes_per_token": nbytes / max(tokens, 1), "n": len(docs)}
 
 
-def run_long_context(backend: LMBackend, path: Path, limit: Optional[int], *, context: int,
+def run_long_context(backend: Backend, path: Path, limit: Optional[int], *, context: int,
                      factor: int = 4, buckets: int = 8) -> Dict[str, object]:
     """Mean loss per position bucket over sequences of ``factor x context`` tokens, read in one
     window (so positions beyond the training context really see that far back)."""
@@ -298,7 +275,7 @@ def resolve_tasks(spec: str) -> List[str]:
 
 def task_runner(name: str, *, eval_dir: Path, limit: Optional[int], bpb_text: Optional[Path],
                 long_text: Optional[Path], context: int, gsm8k_shots: int,
-                max_new_tokens: int) -> Callable[[LMBackend], Dict[str, object]]:
+                max_new_tokens: int) -> Callable[[Backend], Dict[str, object]]:
     """The function that runs task ``name`` on a backend."""
     if name in MC_FILES:
         return lambda b: run_multiple_choice(b, eval_dir / MC_FILES[name], limit)

@@ -1,4 +1,6 @@
-"""Sampling with a KV cache and teacher-forced log-probabilities, for distillation and eval.
+"""Sampling with a KV cache (greedy, temperature, top-p), for serving, eval and distillation.
+
+Teacher-forced log-probabilities are :meth:`megatron_vpmoe.inference.Backend.score`.
 
 Prompts of equal length are batched together (the attention kernel has no padding mask);
 sliding-window layers keep only their window in the cache. Runs under ``torch.no_grad``
@@ -96,33 +98,6 @@ def generate(model, prompts: List[List[int]], max_new_tokens: int, temperature: 
                                    top_p, eos_id, generator)
             for r, out in zip(rows, outs):
                 results[r] = out
-        return results
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def sequence_logprobs(model, sequences: List[List[int]], starts: List[int]) -> List[List[float]]:
-    """``log p(seq[t] | seq[:t])`` for ``t`` in ``[starts[i], len(seq))`` (``starts[i] >= 1``)."""
-    if len(sequences) != len(starts):
-        raise ValueError(f"{len(sequences)} sequences but {len(starts)} starts")
-    check_tokens(sequences, model.cfg.vocab_size, "sequences")
-    for i, (seq, start) in enumerate(zip(sequences, starts)):
-        if not 1 <= start <= len(seq):
-            raise ValueError(f"starts[{i}] = {start} must be between 1 and len(sequence) = {len(seq)}")
-    was_training = model.training
-    model.eval()
-    try:
-        device = _device(model)
-        results: List[List[float]] = [[] for _ in sequences]
-        for length, rows in by_length(sequences).items():
-            if length == 1:
-                continue  # nothing to score
-            ids = torch.tensor([sequences[r] for r in rows], dtype=torch.long, device=device)
-            logp = torch.log_softmax(model(ids[:, :-1]).float(), dim=-1)
-            token_logp = logp.gather(2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, S-1]
-            for j, r in enumerate(rows):
-                results[r] = token_logp[j, starts[r] - 1:].tolist()
         return results
     finally:
         model.train(was_training)

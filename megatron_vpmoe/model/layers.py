@@ -8,7 +8,8 @@ supplies tensor-parallel ones), so the same module code runs single-process and 
 Parameter attributes used by the parallel code (same names as megatron-core where one exists):
 ``tensor_model_parallel`` / ``partition_dim`` on tensor-parallel shards, ``expert_parallel``
 on routed-expert weights, ``tensor_parallel_partial_grad`` on replicated parameters applied
-to a rank's own heads only (QK-norm weights, value-residual lambda).
+to a rank's own heads only (QK-norm weights, value-residual lambda) or, under sequence
+parallelism, to a rank's own slice of the sequence (the norms).
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ def mark_tensor_parallel(param: torch.Tensor, dim: int) -> None:
     param.partition_dim = dim
 
 
+def mark_sequence_parallel_partial(*modules: nn.Module) -> None:
+    """Tag the parameters of ``modules`` (replicated, each rank applying them to its own slice of
+    the sequence) as having a partial gradient to sum over the tensor-parallel group."""
+    for module in modules:
+        for p in module.parameters():
+            p.tensor_parallel_partial_grad = True
+
+
 @dataclass
 class LinearSpec:
     """Factories for the two kinds of projection in a layer.
@@ -46,6 +55,42 @@ class LinearSpec:
     column: Callable[[int, int, bool], nn.Module]
     row: Callable[[int, int, bool], nn.Module]
     tp_size: int = 1
+    # sequence parallelism (set by the parallel package): ``column``/``row`` then do not
+    # communicate, the layer's region boundaries do (:class:`WholeSequence` documents them);
+    # ``tensor_parallel`` is the communicating spec, for the MoE layer's shared experts
+    sequence_parallel: Optional[object] = None
+    tensor_parallel: Optional["LinearSpec"] = None
+
+
+class WholeSequence:
+    """The boundaries of a layer's tensor-parallel regions when every rank holds the whole
+    sequence: nothing happens at them. Under sequence parallelism the parallel package supplies
+    objects with the same four methods, on the batch-first sequence dim:
+
+    - ``to_full``: the rank's slice -> the whole sequence, into a region whose column linears
+      hold a slice of the heads (backward: reduce-scatter of the partial input gradients);
+    - ``from_partial``: a row linear's partial sums -> this rank's slice, reduced (reduce-scatter);
+    - ``to_full_replicated``: the rank's slice -> the whole sequence, into a computation every
+      rank repeats in full (the MoE layer, the head; backward: keep this rank's slice);
+    - ``to_local``: a replicated whole sequence -> this rank's slice (backward: all-gather).
+    """
+
+    size = 1
+
+    def to_full(self, x):
+        return x
+
+    def from_partial(self, x):
+        return x
+
+    def to_full_replicated(self, x):
+        return x
+
+    def to_local(self, x):
+        return x
+
+
+WHOLE_SEQUENCE = WholeSequence()
 
 
 def local_linear_spec() -> LinearSpec:

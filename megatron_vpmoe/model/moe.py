@@ -127,11 +127,15 @@ class Router(nn.Module):
         return weights, indices, scores
 
     @torch.no_grad()
-    def update_expert_bias(self, load: Optional[torch.Tensor] = None) -> None:
-        """``bias += rate * sign(mean(load) - load)``; resets the counters."""
+    def update_expert_bias(self, load: Optional[torch.Tensor] = None, apply: Optional[torch.Tensor] = None) -> None:
+        """``bias += rate * sign(mean(load) - load)``; resets the counters. ``apply`` (a bool
+        tensor): update only where true, decided on the device (a skipped step keeps the bias)."""
         load = self.tokens_per_expert if load is None else load.to(self.expert_bias.device).float()
         if self.cfg.moe_router_enable_expert_bias:
-            self.expert_bias += self.cfg.moe_router_bias_update_rate * torch.sign(load.mean() - load)
+            delta = self.cfg.moe_router_bias_update_rate * torch.sign(load.mean() - load)
+            if apply is not None:
+                delta = delta * apply.to(delta.device, delta.dtype)
+            self.expert_bias += delta
         self.tokens_per_expert.zero_()
 
 

@@ -19,7 +19,16 @@ import torch.nn.functional as F
 from kernels import ops
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model.init import ShardOf, draw_base_seed, initialize_parameters
-from megatron_vpmoe.model.layers import MLP, KVCache, LinearSpec, RMSNorm, SelfAttention, local_linear_spec
+from megatron_vpmoe.model.layers import (
+    MLP,
+    WHOLE_SEQUENCE,
+    KVCache,
+    LinearSpec,
+    RMSNorm,
+    SelfAttention,
+    local_linear_spec,
+    mark_sequence_parallel_partial,
+)
 from megatron_vpmoe.model.moe import MoELayer
 from megatron_vpmoe.model.recompute import recomputed
 from megatron_vpmoe.utils.errors import ConfigError
@@ -46,17 +55,26 @@ class TransformerLayer(nn.Module):
         self.self_attention = SelfAttention(cfg, layer_number, spec)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.is_moe = cfg.is_moe_layer(layer_number)
-        if self.is_moe:
-            self.mlp = MoELayer(cfg, spec, num_local_experts, dispatcher)
+        if self.is_moe:  # runs on the whole sequence (see forward): communicating TP linears
+            self.mlp = MoELayer(cfg, spec.tensor_parallel or spec, num_local_experts, dispatcher)
         else:
             self.mlp = MLP(cfg, cfg.ffn_hidden_size, spec)
+        if spec.sequence_parallel is not None:  # each rank normalises its own slice of the sequence
+            mark_sequence_parallel_partial(self.input_layernorm, self.pre_mlp_layernorm)
 
-    def forward(self, x, positions, v_first, cache: Optional[KVCache] = None):
+    def forward(self, x, positions, v_first, cache: Optional[KVCache] = None, regions=WHOLE_SEQUENCE):
+        """``regions``: the tensor-parallel region boundaries (:class:`WholeSequence`; under
+        sequence parallelism ``x`` is this rank's slice of the sequence and the residual stream,
+        the norms and dropout stay sliced)."""
         p = self.cfg.hidden_dropout if self.training else 0.0
-        attn, values = self.self_attention(self.input_layernorm(x), positions, v_first, cache)
-        x = x + F.dropout(attn, p)
-        x = x + F.dropout(self.mlp(self.pre_mlp_layernorm(x)), p)
-        return x, values
+        attn, values = self.self_attention(regions.to_full(self.input_layernorm(x)), positions, v_first, cache)
+        x = x + F.dropout(regions.from_partial(attn), p)
+        h = self.pre_mlp_layernorm(x)
+        if self.is_moe:  # routing, load counts and the aux loss see the whole sequence on every rank
+            out = regions.to_local(self.mlp(regions.to_full_replicated(h)))
+        else:
+            out = regions.from_partial(self.mlp(regions.to_full(h)))
+        return x + F.dropout(out, p), values
 
 
 class VpmoeModel(nn.Module):
@@ -104,6 +122,9 @@ class VpmoeModel(nn.Module):
             elif not pre_process:
                 raise ConfigError("tied embeddings need the embedding and the head on one stage",
                                   key="model.untie_embeddings_and_output_weights")
+        self.sequence_parallel = spec.sequence_parallel  # None, or the TP group's sequence split
+        if self.sequence_parallel is not None and post_process:
+            mark_sequence_parallel_partial(self.final_layernorm)
         self.recompute = "none"  # activation recompute: none | selective | full (set_recompute)
         if initialize:
             self.reset_parameters(base_seed)
@@ -130,24 +151,43 @@ class VpmoeModel(nn.Module):
                 layer.mlp.experts.recompute = mode == "selective"
 
     # -- the three pieces of a forward (pipeline stages run a subset) --------------------
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def regions(self, seq_len: int, cache: Optional[KVCache] = None):
+        """The tensor-parallel region boundaries for a forward over ``seq_len`` tokens: the
+        sequence split over the TP group under sequence parallelism (training and scoring),
+        else the whole sequence (a KV-cache generation step, a length the TP size does not
+        divide when no gradient is taken; without sequence parallelism always)."""
+        sp = self.sequence_parallel
+        if sp is None:
+            return WHOLE_SEQUENCE
+        if cache is None and seq_len % sp.size == 0:
+            return sp.split
+        if cache is None and torch.is_grad_enabled():
+            raise ValueError(f"sequence parallelism splits the sequence over {sp.size} tensor-parallel "
+                             f"ranks; a training sequence of {seq_len} tokens is not divisible by it")
+        return sp.whole
+
+    def embed(self, input_ids: torch.Tensor, regions=WHOLE_SEQUENCE) -> torch.Tensor:
         """Token embeddings in the activation dtype (:func:`activation_dtype`), which every
-        later residual add, MoE dispatch and pipeline send then keeps."""
+        later residual add, MoE dispatch and pipeline send then keeps (under sequence
+        parallelism: this rank's slice of the sequence)."""
         hidden = self.embedding(input_ids)
-        return hidden.to(activation_dtype(hidden))
+        return regions.to_local(hidden.to(activation_dtype(hidden)))
 
     def run_layers(self, hidden, positions, v_first=None, cache: Optional[KVCache] = None,
-                   layer_numbers: Optional[Sequence[int]] = None):
+                   layer_numbers: Optional[Sequence[int]] = None, regions=None):
         """Run this module's layers (or only ``layer_numbers``, a pipeline chunk); returns
         ``(hidden, v_first)`` (layer 0's values). With ``recompute == "full"`` each layer's
-        activations are recomputed in backward (only its inputs are kept)."""
+        activations are recomputed in backward (only its inputs are kept). ``regions``: as
+        :meth:`regions` gives (default: for ``positions``' length and ``cache``)."""
+        if regions is None:
+            regions = self.regions(positions.shape[-1], cache)
         keys = list(self.layers) if layer_numbers is None else [str(i) for i in layer_numbers]
         for key in keys:
             layer = self.layers[key]
             if self.recompute == "full" and cache is None and torch.is_grad_enabled():
-                hidden, values = recomputed(layer, hidden, positions, v_first)
+                hidden, values = recomputed(layer, hidden, positions, v_first, None, regions)
             else:
-                hidden, values = layer(hidden, positions, v_first, cache)
+                hidden, values = layer(hidden, positions, v_first, cache, regions)
             if int(key) == 0:
                 v_first = values
         return hidden, v_first
@@ -157,8 +197,8 @@ class VpmoeModel(nn.Module):
             return self.output_layer.weight
         return self.embedding.weight
 
-    def head(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        hidden = self.final_layernorm(hidden)
+    def head(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, regions=WHOLE_SEQUENCE) -> torch.Tensor:
+        hidden = regions.to_full_replicated(self.final_layernorm(hidden))
         weight = self.head_weight()
         if labels is None:  # the GEMM in the activation dtype, as the loss's; logits fp32
             with torch.autocast(hidden.device.type, enabled=False):
@@ -178,8 +218,9 @@ class VpmoeModel(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         positions = self.default_positions(input_ids) if position_ids is None else position_ids
-        hidden, _ = self.run_layers(self.embed(input_ids), positions, None, cache)
-        return self.head(hidden, labels)
+        regions = self.regions(input_ids.shape[1], cache)
+        hidden, _ = self.run_layers(self.embed(input_ids, regions), positions, None, cache, regions=regions)
+        return self.head(hidden, labels, regions)
 
     # -- MoE bookkeeping --------------------------------------------------------------------
     def moe_layers(self) -> list:
@@ -216,11 +257,12 @@ class VpmoeModel(nn.Module):
             return torch.zeros(0, self.cfg.num_moe_experts)
         return torch.stack([m.router.tokens_per_expert.clone() for m in layers])
 
-    def update_expert_bias(self, load: Optional[torch.Tensor] = None) -> None:
+    def update_expert_bias(self, load: Optional[torch.Tensor] = None, apply: Optional[torch.Tensor] = None) -> None:
         """Aux-loss-free balancing step for every MoE layer; ``load`` as from :meth:`expert_load`
-        (all-reduced over data parallel ranks), default this process's counters."""
+        (all-reduced over data parallel ranks), default this process's counters; ``apply``: see
+        :meth:`Router.update_expert_bias`."""
         for i, moe in enumerate(self.moe_layers()):
-            moe.router.update_expert_bias(None if load is None else load[i])
+            moe.router.update_expert_bias(None if load is None else load[i], apply)
 
     def balance_metric(self, load: Optional[torch.Tensor] = None) -> Dict[str, float]:
         """Per-layer ``max/mean`` load (1.0 = perfectly balanced) and the worst layer's value."""

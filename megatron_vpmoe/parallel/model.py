@@ -149,7 +149,8 @@ class ParallelModel:
         def stage_loss(hidden, index):
             # the target is each micro-batch's index, so the loss sees its labels and loss mask
             i = int(index.reshape(-1)[0])
-            loss, part = loss_fn(m.head(hidden, micro_batches[i]["labels"]), micro_batches[i])
+            labels = micro_batches[i]["labels"]
+            loss, part = loss_fn(m.head(hidden, labels, m.regions(labels.shape[1])), micro_batches[i])
             parts[i] = part.detach().double()
             return loss
 
@@ -193,7 +194,7 @@ class ParallelModel:
         total = tp_sq + ep_sq + squared(replicated)
         if self.ctx.pp > 1:
             dist.all_reduce(total, group=self.ctx.pp_group)
-        return float(total.sqrt())
+        return total.sqrt()[0]  # stays on the device: the caller decides when to read it
 
     def _overlapped_sync(self):
         """The bucketed, backward-overlapped DP reduction (``parallel.overlap_grad_reduce``), or None."""
@@ -241,10 +242,12 @@ class ParallelModel:
             dist.all_reduce(load, group=self.ctx.dp_group)
         return load
 
-    def update_expert_bias(self) -> torch.Tensor:
-        """The same bias update on every rank from the DP-reduced load; returns that load."""
+    def update_expert_bias(self, apply: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The same bias update on every rank from the DP-reduced load (only where the bool
+        tensor ``apply`` is true: a skipped step leaves the biases, without a host read); resets
+        the routing counters; returns that load."""
         load = self.expert_load()
-        self.module.update_expert_bias(load)
+        self.module.update_expert_bias(load, apply)
         return load
 
     def reset_expert_counters(self) -> None:
@@ -338,7 +341,8 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 123
     if transformer_impl == "transformer_engine":
         spec = te_linear_spec(ctx.tp, ctx.tp_group)
     else:
-        spec = tensor_parallel_spec(ctx.tp, ctx.tp_group) if ctx.tp > 1 else None
+        spec = tensor_parallel_spec(ctx.tp, ctx.tp_group, sequence_parallel=ctx.config.sequence_parallel) \
+            if ctx.tp > 1 else None
     dispatcher = AllToAllDispatcher(ctx.ep, ctx.ep_group) if ctx.ep > 1 else None
     local_experts = cfg.num_moe_experts // ctx.ep if cfg.num_moe_experts else None
     layers, first, last = None, True, True

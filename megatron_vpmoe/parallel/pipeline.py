@@ -33,8 +33,9 @@ class PipelineStageModule(nn.Module):
     """One stage (model chunk) of a rank's ``VpmoeModel`` as the pipelining API wants it:
     tensors in, tensors out. Registers only its own layers (and the embedding on stage 0)."""
 
-    def __init__(self, model, layer_numbers: List[int], first: bool, last: bool, dtype: torch.dtype):
+    def __init__(self, model, layer_numbers: List[int], first: bool, last: bool, dtype: torch.dtype, seq: int):
         super().__init__()
+        self.seq = seq  # the micro-batches' sequence length (hidden may carry a slice of it)
         object.__setattr__(self, "_model", model)  # not a submodule: stages share the model
         self.layer_numbers = list(layer_numbers)
         self.chunk = nn.ModuleList([model.layers[str(i)] for i in layer_numbers])
@@ -44,18 +45,20 @@ class PipelineStageModule(nn.Module):
 
     def forward(self, first, v_first=None):
         m = self._model
+        regions = m.regions(self.seq)
         if self.first:
             ids = first
-            hidden = m.embed(ids)
+            hidden = m.embed(ids, regions)
             positions = m.default_positions(ids)
         else:
             # gradients sent back to the previous stage must be dense (p2p buffers), whatever
             # strides the layers' backward produced
             hidden = _ContiguousGrad.apply(first)
             v_first = _ContiguousGrad.apply(v_first) if m.cfg.value_residual else None
-            b, s = hidden.shape[:2]
-            positions = torch.arange(s, device=hidden.device).unsqueeze(0).expand(b, s)
-        hidden, v_first = m.run_layers(hidden, positions, v_first, layer_numbers=self.layer_numbers)
+            b = hidden.shape[0]
+            positions = torch.arange(self.seq, device=hidden.device).unsqueeze(0).expand(b, self.seq)
+        hidden, v_first = m.run_layers(hidden, positions, v_first, layer_numbers=self.layer_numbers,
+                                       regions=regions)
         if self.last:
             return hidden
         if v_first is None:
@@ -64,10 +67,12 @@ class PipelineStageModule(nn.Module):
         return hidden.to(self.dtype).contiguous(), v_first.to(self.dtype).contiguous()
 
 
-def _metas(cfg: ModelConfig, tp: int, batch: int, seq: int, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
-    """Meta tensors of what travels between stages: ``(hidden, v_first)``."""
+def _metas(cfg: ModelConfig, tp: int, batch: int, seq: int, dtype: torch.dtype,
+           hidden_seq: int) -> Tuple[torch.Tensor, ...]:
+    """Meta tensors of what travels between stages: ``(hidden, v_first)``; ``hidden_seq`` is the
+    residual stream's length on this rank (a slice of ``seq`` under sequence parallelism)."""
     # requires_grad marks what sends a gradient back (static mode derives grad buffers from it)
-    hidden = torch.empty(batch, seq, cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True)
+    hidden = torch.empty(batch, hidden_seq, cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True)
     if cfg.value_residual:
         v_first = torch.empty(batch, seq, cfg.num_query_groups // tp, cfg.kv_channels, dtype=dtype,
                               device="meta", requires_grad=True)
@@ -100,8 +105,9 @@ class PipelineRunner:
         stages = []
         for s in rank_stages(ctx.pp, ctx.vpp, ctx.pp_rank):
             first, last = s == 0, s == n_stages - 1
-            module = PipelineStageModule(m, stage_layers(cfg.num_layers, n_stages, s), first, last, self.dtype)
-            carried = _metas(cfg, ctx.tp, batch, seq, self.dtype)
+            module = PipelineStageModule(m, stage_layers(cfg.num_layers, n_stages, s), first, last,
+                                         self.dtype, seq)
+            carried = _metas(cfg, ctx.tp, batch, seq, self.dtype, seq // m.regions(seq).size)
             inputs = (torch.empty(batch, seq, dtype=torch.long, device="meta"),) if first else carried
             outputs = (carried[0],) if last else carried
             stages.append(PipelineStage(module, s, n_stages, self.device, input_args=inputs,

@@ -1,23 +1,35 @@
 """The distributed optimizer (``parallel.distributed_optimizer``): ZeRO-1 over data-parallel ranks.
 
-Every parameter's optimizer state (AdamW's ``exp_avg``/``exp_avg_sq``/``step``) lives on one
-rank of the group that reduces its gradient — the data-parallel group for dense parameters,
-the expert-data-parallel group for routed experts — chosen greedily by size so each rank holds
-about ``1 / dp`` of the state. After the gradient all-reduce every rank has the full gradient;
-only the owner steps a parameter (the others hide the gradient from the wrapped optimizer, so
-it neither creates state nor updates the weight), then each owner broadcasts its updated
-parameters to the group in one coalesced buffer. The update is the same arithmetic as the
-unsharded optimizer, so runs agree with it bit for bit.
+AdamW's state (``exp_avg``/``exp_avg_sq``/``step``) is split over the ranks of the group that
+reduces a parameter's gradient — the data-parallel group for dense parameters, the
+expert-data-parallel group for routed experts — so each rank holds about ``1 / dp`` of it:
 
-Checkpoints keep the layout-independent format without gathering anything: each owner writes
-the state it owns at the parameter's single-process key, and a load creates and reads only the
-state of the parameters this rank owns (:meth:`DistributedOptimizer.owns`), whatever layout the
-checkpoint was saved with (``megatron_vpmoe.training.checkpoint``).
+* **Row-split parameters**: a parameter replicated over the tensor/expert-parallel groups (the
+  embedding, the output layer, the norms) with at least as many rows as the group has ranks is
+  split by rows, ``torch.chunk``-style (DTensor's ``Shard(0)``): every rank steps its own rows
+  through a view of them (the torch optimizer holds the view, so the state is rows-sized), and
+  after the step every rank's rows are all-gathered back into the full parameter. The 206M-
+  parameter embedding of the 6B design is spread over the DP ranks instead of landing on one.
+  The all-gather is launched asynchronously at the end of the step and waited for by a forward
+  pre-hook of the first module that uses one of these parameters (so it overlaps with whatever
+  runs before the next forward: data loading, logging, a checkpoint's staging waits first).
+* **Whole parameters** (tensor- or expert-parallel shards, and anything too small to split):
+  each lives on one rank (greedy by size), which steps it and broadcasts it to the group.
+
+Gradients are all-reduced before the step (``ParallelModel``'s bucketed, backward-overlapped
+reduction), and each rank steps the rows / parameters it holds with exactly the unsharded
+optimizer's arithmetic, so runs agree with it bit for bit. (A reduce-scatter of flat gradient
+ranges would halve that traffic; it is not done.)
+
+Checkpoints keep the layout-independent format without gathering anything: a row-split
+parameter's state is a DTensor sharded by rows over the group (:meth:`state_as_sharded`), a whole
+parameter's state is written by its owner, and a load fills exactly what this rank holds from
+whatever layout the checkpoint was saved with (``megatron_vpmoe.training.checkpoint``).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -41,6 +53,32 @@ def assign_owners(named_params: List[Tuple[str, torch.Tensor]], size: int) -> Di
     return owners
 
 
+def row_chunk(rows: int, size: int, rank: int) -> Tuple[int, int]:
+    """``[start, end)`` of ``rank``'s rows, as ``torch.chunk`` / DTensor ``Shard(0)`` split them."""
+    step = -(-rows // size)
+    return min(rank * step, rows), min((rank + 1) * step, rows)
+
+
+def splits_by_rows(param: torch.Tensor, size: int) -> bool:
+    """Whether ``param``'s state is split by rows over a group of ``size``: replicated over the
+    tensor/expert-parallel groups (its rows are not already a shard) and every rank gets rows."""
+    if size == 1 or param.dim() == 0 or getattr(param, "tensor_model_parallel", False) \
+            or getattr(param, "expert_parallel", False):
+        return False
+    rows = param.shape[0]
+    return row_chunk(rows, size, size - 1)[0] < rows
+
+
+class _RowSplit:
+    """One row-split parameter on this rank: its rows ``[start, end)`` and the view stepped."""
+
+    def __init__(self, param: torch.Tensor, group, size: int, rank: int):
+        self.param, self.group, self.size = param, group, size
+        self.start, self.end = row_chunk(param.shape[0], size, rank)
+        self.step_rows = -(-param.shape[0] // size)
+        self.view = param.detach()[self.start:self.end]  # shares the parameter's storage
+
+
 class DistributedOptimizer:
     """Wraps a torch optimizer built over all of this rank's parameters; see the module doc."""
 
@@ -52,18 +90,36 @@ class DistributedOptimizer:
         # per reduction group: [(group, [params of owner 0], [params of owner 1], ...)]
         self._groups: List[Tuple[object, List[List[torch.Tensor]]]] = []
         self._owned: set = set()
+        self._split: Dict[torch.Tensor, _RowSplit] = {}
         for params, group in ((dense, dp_group), (experts, expert_dp_group)):
             if not params:
                 continue
             size = _group_size(group)
-            owners = assign_owners(params, size)
             me = 0 if size == 1 else dist.get_rank(group)
+            whole = []
+            for name, p in params:
+                if splits_by_rows(p, size):
+                    self._split[p] = _RowSplit(p, group, size, me)
+                else:
+                    whole.append((name, p))
+            owners = assign_owners(whole, size)
             by_owner: List[List[torch.Tensor]] = [[] for _ in range(size)]
-            for name, p in params:  # module order: the same on every rank of the group
+            for name, p in whole:  # module order: the same on every rank of the group
                 by_owner[owners[name]].append(p)
                 if owners[name] == me:
                     self._owned.add(p)
             self._groups.append((group, by_owner))
+        self._param_of = {id(s.view): p for p, s in self._split.items()}
+        for group in optimizer.param_groups:  # the torch optimizer steps the row views
+            group["params"] = [self._split[p].view if p in self._split else p for p in group["params"]]
+        self._pending: List[tuple] = []  # launched row all-gathers, waited for before the next use
+        self._hooks = []
+        hooked = set()
+        for m in module.modules():
+            if any(p in self._split for p in m.parameters(recurse=False)) and id(m) not in hooked:
+                hooked.add(id(m))
+                self._hooks.append(m.register_forward_pre_hook(lambda *_: self.wait_for_parameters()))
+        self._meshes: Dict[tuple, object] = {}
 
     # -- the optimizer interface the trainer uses ----------------------------------------------
     @property
@@ -72,29 +128,71 @@ class DistributedOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        for p in self._split:  # the full gradient lives on the parameter, not on its view
+            p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:
+        self.wait_for_parameters()
+        for p, s in self._split.items():
+            s.view.grad = None if p.grad is None else p.grad[s.start:s.end]
         hidden = {}
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                if p not in self._owned and p.grad is not None:
+                if p not in self._owned and id(p) not in self._param_of and p.grad is not None:
                     hidden[p], p.grad = p.grad, None
         try:
             self.optimizer.step()
         finally:
             for p, grad in hidden.items():
                 p.grad = grad
+            for s in self._split.values():
+                s.view.grad = None
         self._broadcast_parameters()
+        self._launch_row_gathers()
 
+    # -- what this rank holds ---------------------------------------------------------------------
     def owns(self, param: torch.Tensor) -> bool:
-        """Whether this rank holds (steps, saves and loads) ``param``'s optimizer state."""
-        return param in self._owned
+        """Whether this rank holds (steps, saves and loads) optimizer state of ``param`` (its rows
+        of a row-split parameter, or the whole of an owned one)."""
+        return param in self._owned or param in self._split
+
+    def param_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The model parameter a tensor of the torch optimizer's groups stands for."""
+        return self._param_of.get(id(tensor), tensor)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether the torch optimizer keeps state for ``tensor`` (one of its groups' tensors)."""
+        return id(tensor) in self._param_of or tensor in self._owned
+
+    def state_of(self, param: torch.Tensor) -> dict:
+        """This rank's optimizer state of ``param`` (its rows for a row-split one)."""
+        tensor = self._split[param].view if param in self._split else param
+        return self.optimizer.state.get(tensor, {})
 
     def owned_state_numel(self) -> int:
         """Elements of optimizer-state tensors held by this rank (what ZeRO shards)."""
         return sum(t.numel() for s in self.optimizer.state.values() for key, t in s.items()
                    if isinstance(t, torch.Tensor) and key != "step")
+
+    def state_as_sharded(self, fqn: str, tensor: torch.Tensor, value, as_sharded):
+        """A state entry of ``tensor`` as the checkpoint writes it: rows-sized state of a
+        row-split parameter as a DTensor sharded by rows over its group (global shape = the
+        parameter's), anything else through the model's ``as_sharded``."""
+        param = self.param_of(tensor)
+        split = self._split.get(param)
+        if split is None or not isinstance(value, torch.Tensor) or value.shape != split.view.shape:
+            return as_sharded(fqn, value)
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        key = (split.group, value.device.type)
+        if key not in self._meshes:
+            self._meshes[key] = DeviceMesh.from_group(split.group, value.device.type)
+        shape = tuple(param.shape)
+        stride = tuple(torch.empty(shape, device="meta").stride())
+        return DTensor.from_local(value, self._meshes[key], [Shard(0)], run_check=False,
+                                  shape=torch.Size(shape), stride=stride)
 
     # -- communication -------------------------------------------------------------------------
     def _broadcast_parameters(self) -> None:
@@ -104,6 +202,42 @@ class DistributedOptimizer:
             for owner, params in enumerate(by_owner):
                 for bucket in _by_dtype(params):
                     coalesced(bucket, lambda flat: dist.broadcast(flat, group_src=owner, group=group))
+
+    def _launch_row_gathers(self) -> None:
+        """One asynchronous all-gather per (group, dtype) of every rank's updated rows, each
+        rank's part padded to the largest chunk."""
+        by_key: Dict[tuple, List[_RowSplit]] = {}
+        for s in self._split.values():
+            by_key.setdefault((id(s.group), s.param.dtype), []).append(s)
+        for splits in by_key.values():
+            group, size = splits[0].group, splits[0].size
+            parts = []
+            for s in splits:
+                row = s.param[0].numel()
+                local = s.view.reshape(-1)
+                pad = s.step_rows * row - local.numel()
+                parts.append(local if pad == 0 else torch.cat([local, local.new_zeros(pad)]))
+            send = torch.cat(parts)
+            recv = send.new_empty(size * send.numel())
+            work = dist.all_gather_single(recv, send, group=group, async_op=True)
+            self._pending.append((work, recv, splits))
+
+    @torch.no_grad()
+    def wait_for_parameters(self) -> None:
+        """Finish the launched row all-gathers: every row-split parameter whole again."""
+        pending, self._pending = self._pending, []
+        for work, recv, splits in pending:
+            work.wait()
+            per_rank = recv.view(splits[0].size, -1)
+            offset = 0
+            for s in splits:
+                row = s.param[0].numel()
+                n = s.step_rows * row
+                flat = s.param.detach().view(s.param.shape[0], -1)
+                for r in range(s.size):
+                    start, end = row_chunk(s.param.shape[0], s.size, r)
+                    flat[start:end].copy_(per_rank[r, offset:offset + (end - start) * row].view(end - start, row))
+                offset += n
 
 
 def _by_dtype(params: List[torch.Tensor]) -> List[List[torch.Tensor]]:

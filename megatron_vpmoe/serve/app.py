@@ -31,9 +31,9 @@ from typing import Any
 
 from aiohttp import web
 
-from megatron_vpmoe.serve.backends import Backend, SampleParams
+from megatron_vpmoe.inference.backend import Backend, Sampled, SampleParams
 from megatron_vpmoe.serve.batching import BatchQueue
-from megatron_vpmoe.serve.chat_format import parse_harmony_completion
+from megatron_vpmoe.serve.chat_format import HARMONY_STOPS, parse_harmony_completion, render_harmony_prompt
 from megatron_vpmoe.serve.limits import ServeLimits
 from megatron_vpmoe.utils.errors import InputError
 
@@ -193,14 +193,17 @@ class OpenAIServer:
 
     async def _generate(self, prompts: list, params: SampleParams) -> list:
         if params.max_new_tokens == 0:
-            from megatron_vpmoe.serve.backends import Sampled
-
             return [Sampled([], [], "length") for _ in prompts]
         return await self.queue.submit(("gen",) + params.key(), prompts,
                                        lambda rows, cancelled: self.backend.generate(rows, params, cancelled))
 
     async def _score(self, sequences: list) -> list:
-        return await self.queue.submit(("score",), sequences, self.backend.score)
+        return await self.queue.submit(("score",), sequences, self._score_rows)
+
+    def _score_rows(self, sequences: list, cancelled) -> list:
+        """Each prompt token's log-prob given its prefix (the first one: None), for ``echo``."""
+        scored = self.backend.score(sequences, [1] * len(sequences), cancelled)
+        return [[None] + lp.tolist() for lp, _ in scored]
 
     def _check_text_length(self, text: str, what: str) -> None:
         """Refuse, before encoding, a text whose length alone proves too many tokens."""
@@ -303,7 +306,7 @@ class OpenAIServer:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list")
-        params, n = _sample_params(body, b.chat_stop_ids(), 256, self.limits)
+        params, n = _sample_params(body, chat_stop_ids(b), 256, self.limits)
         stops = _stops(body)
         want_lp = bool(body.get("logprobs"))
         _check_budget(n, params, self.limits)
@@ -314,7 +317,7 @@ class OpenAIServer:
         return await self._off_loop(self._chat_response, prompt_ids, samples, stops, want_lp)
 
     def _chat_ids(self, messages: list) -> list:
-        ids = self.backend.encode(self.backend.chat_prompt(messages))
+        ids = self.backend.encode(chat_prompt(self.backend, messages))
         self._check_tokens(len(ids), "the chat prompt")
         return ids
 
@@ -341,6 +344,18 @@ class OpenAIServer:
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": b.model_id, "choices": choices,
                 "usage": _usage(len(prompt_ids), completion_tokens)}
+
+
+def chat_prompt(b: Backend, messages: list) -> str:
+    """Harmony models: the Harmony rendering; others: the tokenizer's chat template."""
+    return render_harmony_prompt(messages) if b.is_harmony else b.chat_template(messages)
+
+
+def chat_stop_ids(b: Backend) -> tuple:
+    """Harmony models stop at ``<|return|>``/``<|call|>``; others at end-of-sequence."""
+    if b.is_harmony:
+        return tuple(i for i in (b.token_id(t) for t in HARMONY_STOPS) if i is not None)
+    return b.eos_ids
 
 
 def _apply_stops(b: Backend, sample, stops: list):

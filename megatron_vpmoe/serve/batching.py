@@ -8,7 +8,7 @@ backend call on a single worker thread, so the event loop keeps accepting reques
 A request whose caller goes away (the HTTP client disconnected, so aiohttp cancelled its
 handler) is dropped from the queue; once every request of a running call is gone, the call's
 ``cancelled`` event is set and the backend stops at its next forward step
-(:func:`megatron_vpmoe.serve.backends.stop_when`), so a dropped ``n=64, max_tokens=1000``
+(:func:`megatron_vpmoe.inference.backend.stop_when`), so a dropped ``n=64, max_tokens=1000``
 request does not hold the model for the requests behind it.
 """
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_vpmoe.data.chat import _harmony, render_prompt
-
-HARMONY_SPECIALS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>")
-HARMONY_STOPS = ("<|return|>", "<|call|>")
+from megatron_vpmoe.tokenizers.specials import HARMONY_MARKERS as HARMONY_SPECIALS
+from megatron_vpmoe.tokenizers.specials import HARMONY_STOPS
 
 
 def render_harmony_prompt(messages: list[dict]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from megatron_vpmoe.serve.app import OpenAIServer
     from megatron_vpmoe.serve.limits import ServeLimits
-    from megatron_vpmoe.serve.backends import load_backend, set_threads
+    from megatron_vpmoe.inference import open_backend
     from megatron_vpmoe.utils.errors import UsageError, VpmoeError
 
     if not 0 < args.port < 65536:
@@ -65,8 +66,13 @@ def _run(args: argparse.Namespace) -> int:
         limits.check()
     except ValueError as err:
         raise UsageError(f"--{str(err).replace('_', '-')}") from None
-    set_threads(args.threads)
-    backend = load_backend(args.model, args.served_model_name, args.tokenizer)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    backend = open_backend(args.model, model_id=args.served_model_name, tokenizer=args.tokenizer,
+                           batch_size=args.max_batch)
     server = OpenAIServer(backend, window_ms=args.batch_window_ms, max_batch=args.max_batch, limits=limits)
     print(f"vpmoe serve: {backend.model_id} ({'Harmony' if backend.is_harmony else 'plain'} chat) "
           f"on http://{args.host}:{args.port}/v1", flush=True)

@@ -1,11 +1,12 @@
 """Tokenizer toolkit: Length-MAX, BPE/Unigram, pruned teacher, o200k Harmony.
 
-``load_tokenizer(dir)`` returns a :class:`Tokenizer` of any kind; ``train_tokenizer`` and
+``load(dir)`` returns a :class:`Tokenizer` of any kind (``.to_hf()``: its ``transformers`` view); ``train_tokenizer`` and
 ``harmony_tokenizer`` build them; ``vpmoe tokenizer train|get|eval`` is the CLI.
 """
 
-from megatron_vpmoe.tokenizers.base import (EOD_TOKEN, HARMONY_TOKENS, KINDS, PAD_TOKEN, Tokenizer,
-                                            load_tokenizer)
+from megatron_vpmoe.tokenizers.base import KINDS, Tokenizer
+from megatron_vpmoe.tokenizers.loader import load
+from megatron_vpmoe.tokenizers.specials import EOD_TOKEN, HARMONY_TOKENS, PAD_TOKEN
 
 
 def harmony_tokenizer(ranks_path=None):
@@ -23,5 +24,5 @@ def train_tokenizer(kind, inputs, vocab_size, **kwargs):
     return train(kind, inputs, vocab_size, **kwargs)
 
 
-__all__ = ["Tokenizer", "load_tokenizer", "harmony_tokenizer", "train_tokenizer", "KINDS",
+__all__ = ["Tokenizer", "load", "harmony_tokenizer", "train_tokenizer", "KINDS",
            "EOD_TOKEN", "PAD_TOKEN", "HARMONY_TOKENS"]

@@ -1,5 +1,6 @@
 """The one tokenizer interface every variant implements, plus the variant backed by a HF
-``tokenizers`` model (bpe, unigram, lengthmax) and directory save/load.
+``tokenizers`` model (bpe, unigram, lengthmax) and saving to a directory
+(:func:`megatron_vpmoe.tokenizers.load` reads one back).
 
 A tokenizer directory holds ``vpmoe_tokenizer.json`` (kind + metadata), the variant's own
 artefacts, and ``tokenizer.json`` (HF ``tokenizers`` format) so that
@@ -17,20 +18,21 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from megatron_vpmoe.tokenizers.specials import BOS_TOKEN, EOD_TOKEN, HARMONY_TOKENS, PAD_TOKEN, STUDENT_SPECIALS
 from megatron_vpmoe.utils.atomic import atomic_directory
 from megatron_vpmoe.utils.errors import InputError
 
 METADATA_FILE = "vpmoe_tokenizer.json"
 HF_FILE = "tokenizer.json"
 KINDS = ("harmony", "bpe", "unigram", "lengthmax", "pruned")
+# a student vocabulary holds at least the 256 byte tokens and the specials
+MIN_STUDENT_VOCAB = 256 + len(STUDENT_SPECIALS)
 
-EOD_TOKEN = "<|endoftext|>"
-BOS_TOKEN = "<|startoftext|>"
-PAD_TOKEN = "<|pad|>"
-# Harmony chat-format tokens every variant carries as single ids (student ones get them too).
-HARMONY_TOKENS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>",
-                  "<|constrain|>")
-STUDENT_SPECIALS = (EOD_TOKEN, BOS_TOKEN, PAD_TOKEN) + HARMONY_TOKENS
+
+def check_vocab_size(kind: str, vocab_size: int, minimum: int = MIN_STUDENT_VOCAB) -> None:
+    if vocab_size < minimum:
+        raise InputError(f"--vocab-size {vocab_size} is smaller than the base alphabet of {kind} "
+                         f"(256 byte tokens + {len(STUDENT_SPECIALS)} special tokens = {minimum})")
 
 
 def pad_to_multiple(n: int, multiple: int) -> int:
@@ -170,6 +172,7 @@ class HFTokenizer(Tokenizer):
             self.eod_token = eod_token
             super().__init__(name, specials, metadata, required_specials=(eod_token,))
         self._vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+        self.directory: Optional[Path] = None  # a plain HF directory it was read from (see to_hf)
         self._id_to_bytes = None
         self._fast = None  # (engine or None, reason): built on the first encode_batch
 
@@ -210,6 +213,15 @@ class HFTokenizer(Tokenizer):
             self._id_to_bytes = piece_bytes_table(self._backend, self.vocab_size)
         return self._id_to_bytes[token_id]
 
+    def to_hf(self):
+        """A plain Hugging Face directory's own ``PreTrainedTokenizerFast`` (its config, chat
+        template and special tokens as written there); else built from this tokenizer."""
+        if self.directory is None:
+            return super().to_hf()
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(self.directory))
+
     def hf_tokenizer(self):
         """A copy of the backend (it parses special-token strings, as :meth:`encode` does)."""
         from tokenizers import Tokenizer as RustTokenizer
@@ -225,58 +237,3 @@ class HFTokenizer(Tokenizer):
         backend = RustTokenizer.from_file(str(directory / HF_FILE))
         return cls(kind, directory.name, backend,
                    {k: v for k, v in meta.items() if k not in ("kind", "name", "vocab_size", "special_tokens")})
-
-
-def load_tokenizer(directory) -> Tokenizer:
-    """Load a tokenizer directory written by ``Tokenizer.save`` (``vpmoe tokenizer train|get``)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise InputError(f"{directory}: tokenizer directory not found")
-    meta_path = directory / METADATA_FILE
-    if not meta_path.is_file() and (directory / HF_FILE).is_file():
-        return _load_plain_hf(directory)
-    if not meta_path.is_file():
-        raise InputError(f"{directory}: not a vpmoe tokenizer directory (no {METADATA_FILE}; "
-                         f"create one with 'vpmoe tokenizer train' or 'vpmoe tokenizer get harmony')")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        kind = meta["kind"]
-    except (ValueError, KeyError) as err:
-        raise InputError(f"{meta_path}: invalid tokenizer metadata ({err})") from None
-    if kind not in KINDS:
-        raise InputError(f"{meta_path}: unknown tokenizer kind {kind!r} (expected one of {', '.join(KINDS)})")
-    meta.setdefault("name", directory.name)
-    if kind in ("harmony", "pruned"):
-        from megatron_vpmoe.tokenizers.tiktoken_variant import TiktokenTokenizer
-
-        return TiktokenTokenizer.from_directory(directory, meta)
-    if not (directory / HF_FILE).is_file():
-        raise InputError(f"{directory}: missing {HF_FILE}")
-    try:
-        return HFTokenizer.from_directory(kind, directory, meta)
-    except Exception as err:  # noqa: BLE001 - a corrupt tokenizer.json is an input problem
-        raise InputError(f"{directory / HF_FILE}: cannot load ({err})") from None
-
-
-def _load_plain_hf(directory: Path) -> HFTokenizer:
-    """A directory with only a HF ``tokenizer.json`` (e.g. ``save_pretrained`` output): loaded
-    as ``bpe``/``unigram`` by its model type; EOD is ``<|endoftext|>`` or the config's
-    ``eos_token``; Harmony tokens are optional (``token_to_id`` raises KeyError if absent)."""
-    from tokenizers import Tokenizer as RustTokenizer
-
-    try:
-        backend = RustTokenizer.from_file(str(directory / HF_FILE))
-    except Exception as err:  # noqa: BLE001
-        raise InputError(f"{directory / HF_FILE}: cannot load ({err})") from None
-    model = type(backend.model).__name__.lower()
-    kind = "unigram" if model == "unigram" else "bpe"
-    eod = EOD_TOKEN
-    config = directory / "tokenizer_config.json"
-    specials = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
-    if eod not in specials and config.is_file():
-        try:
-            eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
-        except ValueError:
-            eos = None
-        eod = eos.get("content") if isinstance(eos, dict) else (eos or eod)
-    return HFTokenizer(kind, directory.name, backend, {"foreign": True, "model": model}, eod_token=eod)

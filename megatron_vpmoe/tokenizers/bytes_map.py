@@ -31,11 +31,6 @@ def bytes_to_piece(raw: bytes) -> str:
     return "".join(table[b] for b in raw)
 
 
-def piece_to_bytes(piece: str) -> bytes:
-    table = char_to_byte()
-    return bytes(table[c] for c in piece)
-
-
 def piece_bytes_table(backend, vocab_size: int) -> List[bytes]:
     """Raw bytes of every id of a ``tokenizers.Tokenizer`` (b"" for specials and holes):
     byte-level pieces map through the alphabet; SentencePiece pieces map ``\u2581`` to a space

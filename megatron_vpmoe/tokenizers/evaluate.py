@@ -11,7 +11,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from megatron_vpmoe.tokenizers.base import Tokenizer, load_tokenizer
+from megatron_vpmoe.tokenizers.base import Tokenizer
+from megatron_vpmoe.tokenizers.loader import load
 from megatron_vpmoe.tokenizers.corpus import chunk_documents, load_documents
 from megatron_vpmoe.utils.atomic import atomic_file, atomic_write_text
 
@@ -149,7 +150,7 @@ def evaluate_tokenizers(tokenizer_dirs: Sequence[str], inputs: Sequence[str], re
     and PNG plots into ``report_dir`` (each file written atomically)."""
     from tqdm import tqdm
 
-    tokenizers = [load_tokenizer(d) for d in tokenizer_dirs]  # fail fast on a bad directory
+    tokenizers = [load(d) for d in tokenizer_dirs]  # fail fast on a bad directory
     docs = load_documents(inputs, max_bytes)
     rows = [evaluate_tokenizer(t, docs, hidden_size=hidden_size, seq_length=seq_length)
             for t in tqdm(tokenizers, desc="evaluating tokenizers", disable=len(tokenizers) < 2)]

@@ -42,8 +42,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_vpmoe.tokenizers.base import STUDENT_SPECIALS, HFTokenizer
+from megatron_vpmoe.tokenizers.base import MIN_STUDENT_VOCAB, HFTokenizer, check_vocab_size
 from megatron_vpmoe.tokenizers.bytes_map import bytes_to_piece
+from megatron_vpmoe.tokenizers.specials import STUDENT_SPECIALS
 from megatron_vpmoe.utils.errors import InputError
 
 UNIT_RE = re.compile(r" ?[^\W\d_]+| ?\d+| ?[^\w\s]+| ?_+|\s")
@@ -379,8 +380,6 @@ def train_lengthmax(docs: Sequence[str], vocab_size: int, *, show_progress: bool
     """Train a Length-MAX tokenizer of ``vocab_size`` ids (bytes, learned tokens, specials).
     ``overshoot`` (``min-tokens`` only, default 1.25) learns that many times the tokens and
     prunes back by usage."""
-    from megatron_vpmoe.tokenizers.train import MIN_STUDENT_VOCAB, check_vocab_size
-
     check_vocab_size("lengthmax", vocab_size, MIN_STUDENT_VOCAB)
     if encoder not in ENCODERS:
         raise InputError(f"lengthmax: unknown encoder {encoder!r} (choose from {', '.join(ENCODERS)})")

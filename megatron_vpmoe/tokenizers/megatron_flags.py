@@ -1,4 +1,4 @@
-"""Megatron-LM's ``--tokenizer-type`` flags -> a tokenizer directory :func:`load_tokenizer` reads.
+"""Megatron-LM's ``--tokenizer-type`` flags -> a tokenizer directory :func:`megatron_vpmoe.tokenizers.load` reads.
 
 ``HuggingFaceTokenizer`` takes a local directory (a ``vpmoe tokenizer`` directory or any with a
 ``tokenizer.json``; the hub is not reached). ``GPT2BPETokenizer`` takes ``--vocab-file``

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_vpmoe.tokenizers.base import STUDENT_SPECIALS
+from megatron_vpmoe.tokenizers.specials import STUDENT_SPECIALS
 from megatron_vpmoe.tokenizers.tiktoken_variant import TiktokenTokenizer
 from megatron_vpmoe.utils.errors import InputError
 

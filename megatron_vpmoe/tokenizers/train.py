@@ -8,19 +8,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_vpmoe.tokenizers.base import STUDENT_SPECIALS, HFTokenizer, Tokenizer
+from megatron_vpmoe.tokenizers.base import MIN_STUDENT_VOCAB, HFTokenizer, Tokenizer, check_vocab_size
 from megatron_vpmoe.tokenizers.corpus import chunk_documents, load_documents
+from megatron_vpmoe.tokenizers.specials import STUDENT_SPECIALS
 from megatron_vpmoe.utils.errors import InputError
 
 TRAINABLE = ("bpe", "unigram", "lengthmax", "pruned")
-MIN_STUDENT_VOCAB = 256 + len(STUDENT_SPECIALS)
 MAX_STUDENT_VOCAB = 1 << 21  # Length-MAX keys token pairs as a * 2**21 + b; far above any student vocabulary
-
-
-def check_vocab_size(kind: str, vocab_size: int, minimum: int = MIN_STUDENT_VOCAB) -> None:
-    if vocab_size < minimum:
-        raise InputError(f"--vocab-size {vocab_size} is smaller than the base alphabet of {kind} "
-                         f"(256 byte tokens + {len(STUDENT_SPECIALS)} special tokens = {minimum})")
 
 
 def _added_specials():

@@ -13,6 +13,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from megatron_vpmoe.training.loss import check_roles
+
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
@@ -61,6 +63,7 @@ def collate(samples: Sequence[Dict[str, torch.Tensor]], device=None) -> Dict[str
     out["labels"] = out["labels"].long()
     if "loss_mask" not in out:
         out["loss_mask"] = torch.ones_like(out["labels"], dtype=torch.float32)
+    check_roles(out["loss_mask"])
     return out
 
 

@@ -19,7 +19,8 @@ EP-sharded tensor (and optimizer state of its shape) is handed to DCP as a DTens
 group it is split on (:meth:`ParallelModel.as_sharded`), so every rank writes only its own
 shard with its global offset, nothing is gathered; tensors replicated over data-parallel
 ranks are written once (DCP's planner deduplicates identical chunks across ranks); with
-ZeRO-1 each rank holds, writes and loads only the optimizer state it owns. Loading builds the
+ZeRO-1 each rank holds, writes and loads only the optimizer state it owns (its rows of a
+row-split parameter, as a DTensor sharded by rows over the DP group; whole parameters it owns). Loading builds the
 same DTensor templates for the *current* layout and DCP reads the overlapping parts of the
 saved chunks, so a checkpoint loads under any TP/EP/PP/DP layout, on one CPU process without
 a process group (:func:`load_model_state_dict`, used by the converters), and format-2
@@ -308,11 +309,18 @@ def _torch_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _kept_parameters(module, optimizer) -> List[torch.Tensor]:
-    """The parameters whose optimizer state this rank holds (ZeRO-1: the ones it owns)."""
-    if hasattr(optimizer, "owns"):
-        return [p for p in module.parameters() if p.requires_grad and optimizer.owns(p)]
-    return [p for p in module.parameters() if p.requires_grad]
+def _stepped(module, optimizer) -> List[tuple]:
+    """``(fqn, tensor)`` for every tensor in the torch optimizer's groups: the parameter itself,
+    or (ZeRO) the view of its rows this rank steps, named after its parameter."""
+    names = {p: name for name, p in module.named_parameters()}
+    param_of = getattr(optimizer, "param_of", lambda t: t)
+    return [(names[param_of(t)], t) for group in _torch_optimizer(optimizer).param_groups for t in group["params"]]
+
+
+def _kept_tensors(module, optimizer) -> List[torch.Tensor]:
+    """The optimizer's tensors whose state this rank holds (ZeRO: its rows and owned parameters)."""
+    holds = getattr(optimizer, "holds", None)
+    return [t for _, t in _stepped(module, optimizer) if holds is None or holds(t)]
 
 
 def _model_state(module, as_sharded: ShardFn) -> Dict[str, torch.Tensor]:
@@ -324,41 +332,47 @@ def _optimizer_state(module, optimizer, as_sharded: ShardFn) -> Dict[str, Any]:
     """``state.<fqn>.<name>`` for the state this rank holds (its own tensors, shards wrapped)
     and ``param_groups.<fqn>.<hyper>`` for every parameter: torch's flattened layout."""
     opt = _torch_optimizer(optimizer)
-    names = {p: name for name, p in module.named_parameters()}
+    wrap = getattr(optimizer, "state_as_sharded", None)
     out: Dict[str, Any] = {}
+    stepped = iter(_stepped(module, optimizer))
     for group in opt.param_groups:
-        for p in group["params"]:
-            fqn = names[p]
+        for _ in group["params"]:
+            fqn, t = next(stepped)
             for hyper, value in group.items():
                 if hyper != "params":
                     out[f"param_groups.{fqn}.{hyper}"] = value
-            for name, value in opt.state.get(p, {}).items():
-                out[f"state.{fqn}.{name}"] = as_sharded(fqn, value) if isinstance(value, torch.Tensor) else value
+            for name, value in opt.state.get(t, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    out[f"state.{fqn}.{name}"] = value
+                elif wrap is not None:
+                    out[f"state.{fqn}.{name}"] = wrap(fqn, t, value, as_sharded)
+                else:
+                    out[f"state.{fqn}.{name}"] = as_sharded(fqn, value)
     return out
 
 
 @torch.no_grad()
 def _init_missing_state(module, optimizer) -> None:
-    """Create the optimizer state of the kept parameters that have none yet (one step with zero
+    """Create the optimizer state of the kept tensors that have none yet (one step with zero
     gradients at learning rate 0, as torch's ``set_optimizer_state_dict`` does), so a load has
-    tensors of the right shape to read into. Other parameters get none (ZeRO-1)."""
+    tensors of the right shape to read into. Other tensors get none (ZeRO-1)."""
     opt = _torch_optimizer(optimizer)
-    missing = {p for p in _kept_parameters(module, optimizer) if not opt.state.get(p)}
+    missing = {t for t in _kept_tensors(module, optimizer) if not opt.state.get(t)}
     if not missing:
         return
-    grads = {p: p.grad for group in opt.param_groups for p in group["params"]}
+    grads = {t: t.grad for group in opt.param_groups for t in group["params"]}
     lrs = [group["lr"] for group in opt.param_groups]
     try:
-        for p in grads:
-            p.grad = torch.zeros_like(p) if p in missing else None
+        for t in grads:
+            t.grad = torch.zeros_like(t) if t in missing else None
         for group in opt.param_groups:
             group["lr"] = torch.tensor(0.0) if isinstance(group["lr"], torch.Tensor) else 0.0
         opt.step()
     finally:
         for group, lr in zip(opt.param_groups, lrs):
             group["lr"] = lr
-        for p, grad in grads.items():
-            p.grad = grad
+        for t, grad in grads.items():
+            t.grad = grad
 
 
 def _state(model, optimizer, *, with_optimizer: bool = True) -> Dict[str, Any]:
@@ -375,16 +389,17 @@ def _apply_optimizer_values(module, optimizer, loaded: Dict[str, Any]) -> None:
     """After an in-place load: the non-tensor values (hyperparameters per group, from its first
     parameter; non-tensor state entries)."""
     opt = _torch_optimizer(optimizer)
-    names = {p: name for name, p in module.named_parameters()}
+    stepped = iter(_stepped(module, optimizer))
     for group in opt.param_groups:
-        first = names[group["params"][0]]
+        named = [next(stepped) for _ in group["params"]]
+        first = named[0][0]
         for hyper in group:
             if hyper != "params":
                 group[hyper] = loaded[f"param_groups.{first}.{hyper}"]
-        for p in group["params"]:
-            for name, value in opt.state.get(p, {}).items():
+        for fqn, t in named:
+            for name, value in opt.state.get(t, {}).items():
                 if not isinstance(value, torch.Tensor):
-                    opt.state[p][name] = loaded[f"state.{names[p]}.{name}"]
+                    opt.state[t][name] = loaded[f"state.{fqn}.{name}"]
 
 
 class CpuBufferStager(AsyncStager):
@@ -487,6 +502,8 @@ class CheckpointManager:
         barrier()
         save_rng(rng_file(tmp, rank))
         model_section = _model_section(config_text)
+        if hasattr(optimizer, "wait_for_parameters"):  # ZeRO: the weights' last all-gather landed
+            optimizer.wait_for_parameters()
         state = _state(model, optimizer)
         if self.async_save:
             if self._stager is None:
@@ -581,6 +598,8 @@ class CheckpointManager:
         if model_config is not None:
             check_model_config(ckpt, model_config)
         module, _ = _layout(model)
+        if hasattr(optimizer, "wait_for_parameters"):  # nothing may land on the loaded weights later
+            optimizer.wait_for_parameters()
         if load_optimizer and optimizer:
             _init_missing_state(module, optimizer)
         state = _state(model, optimizer, with_optimizer=load_optimizer)

@@ -25,7 +25,6 @@ token id precomputed once from the tokenizer vocabulary (:func:`token_byte_lengt
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,14 +36,22 @@ NUM_ROLES = 4
 ROLE_NAMES = {ROLE_REASONING: "reasoning", ROLE_FINAL: "final", ROLE_TEXT: "text"}
 
 
+def check_roles(loss_mask: torch.Tensor) -> None:
+    """Raise ValueError when an integer ``loss_mask`` holds a value that is not a role (0..3).
+    The collation calls it on the host copy, so the step on the device never reads it back."""
+    if loss_mask.dtype == torch.bool or loss_mask.is_floating_point() or not loss_mask.numel():
+        return
+    low, high = int(loss_mask.min()), int(loss_mask.max())
+    if low < 0 or high >= NUM_ROLES:
+        raise ValueError(f"loss_mask roles must be in 0..3, got {low}..{high}")
+
+
 def roles_from_loss_mask(loss_mask: torch.Tensor) -> torch.Tensor:
-    """Role per label position (int64). Integer masks are roles; float/bool masks mean role 3."""
+    """Role per label position (int64). Integer masks are roles (checked by :func:`check_roles`
+    where the batch is collated); float/bool masks mean role 3."""
     if loss_mask.dtype == torch.bool or loss_mask.is_floating_point():
         return torch.where(loss_mask > 0, ROLE_TEXT, ROLE_NONE).long()
-    roles = loss_mask.long()
-    if roles.numel() and (roles.min() < 0 or roles.max() >= NUM_ROLES):
-        raise ValueError(f"loss_mask roles must be in 0..3, got {roles.min()}..{roles.max()}")
-    return roles
+    return loss_mask.long()
 
 
 def role_counts(roles: torch.Tensor) -> torch.Tensor:
@@ -71,9 +78,10 @@ def role_coefficients(global_counts: torch.Tensor, weights: LossWeights) -> torc
     w = weights.by_role().to(global_counts.device)
     present = global_counts > 0
     total_weight = (w * present).sum()
-    if total_weight <= 0:
-        return torch.zeros_like(w)
-    return torch.where(present, w / (total_weight * global_counts.clamp(min=1)), torch.zeros_like(w))
+    # no branch on the device value (a host sync): a batch without weighted tokens gives zeros
+    present = present & (total_weight > 0)
+    return torch.where(present, w / (total_weight.clamp(min=1e-300) * global_counts.clamp(min=1)),
+                       torch.zeros_like(w))
 
 
 class Objective:
@@ -118,71 +126,12 @@ def bits_per_byte(nll_sum_nats: float, num_bytes: float) -> Optional[float]:
     return nll_sum_nats / math.log(2) / num_bytes
 
 
-_BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-
-
-def _backend(tokenizer):
-    """The ``tokenizers.Tokenizer`` behind an HF tokenizer (or the tokenizer itself), else None."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None and hasattr(tokenizer, "id_to_token") and hasattr(tokenizer, "decoder"):
-        backend = tokenizer
-    return backend
-
-
-def _piece_bytes(piece: str, byte_level: bool) -> int:
-    if byte_level:  # GPT-2 byte-to-unicode alphabet: one character per byte
-        return len(piece)
-    if _BYTE_FALLBACK.match(piece):  # SentencePiece byte fallback
-        return 1
-    return len(piece.replace("\u2581", " ").encode("utf-8"))
-
-
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
-    """UTF-8 byte length of every token id ``< vocab_size`` (int64), computed once per run.
-
-    In order of preference: the tokenizer's own ``token_byte_lengths()``; tiktoken's
-    ``decode_single_token_bytes``; ``token_bytes(id)``/``id_to_bytes(id)``; the raw pieces of a
-    Hugging Face ``tokenizers`` vocabulary (byte-level BPE: one character per byte; SentencePiece
-    style: ``\u2581`` is a space, ``<0xNN>`` one byte); else ``len(decode([id]).encode())``.
-    Special tokens and ids the tokenizer does not know (embedding padding) count 0 bytes.
-    """
+    """UTF-8 byte length of every token id ``< vocab_size`` (int64), computed once per run from
+    the tokenizer's :meth:`~megatron_vpmoe.tokenizers.Tokenizer.token_byte_lengths` (0 for
+    specials); ids past the tokenizer's vocabulary (embedding padding) count 0 bytes."""
+    lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
     out = torch.zeros(vocab_size, dtype=torch.long)
-    fn = getattr(tokenizer, "token_byte_lengths", None)
-    if callable(fn):
-        lengths = torch.as_tensor(fn(), dtype=torch.long)
-        n = min(vocab_size, lengths.numel())
-        out[:n] = lengths[:n]
-        return out
-    special = set(getattr(tokenizer, "all_special_ids", None) or getattr(tokenizer, "special_ids", None) or ())
-    backend = _backend(tokenizer)
-    if getattr(tokenizer, "decode_single_token_bytes", None) is not None:  # tiktoken
-        n_vocab = getattr(tokenizer, "n_vocab", vocab_size)
-        special |= set(getattr(tokenizer, "_special_tokens", {}).values())
-
-        def length(i):
-            return len(tokenizer.decode_single_token_bytes(i)) if i < n_vocab else 0
-    elif getattr(tokenizer, "token_bytes", None) or getattr(tokenizer, "id_to_bytes", None):
-        byte_fn = getattr(tokenizer, "token_bytes", None) or tokenizer.id_to_bytes
-
-        def length(i):
-            return len(byte_fn(i))
-    elif backend is not None:
-        byte_level = "ByteLevel" in repr(getattr(backend, "decoder", None))
-        added = {tok.content for tok in getattr(backend, "get_added_tokens_decoder", dict)().values()}
-
-        def length(i):
-            piece = backend.id_to_token(i)
-            if piece is None or piece in added:
-                return 0
-            return _piece_bytes(piece, byte_level)
-    else:
-        def length(i):
-            return len(tokenizer.decode([i]).encode("utf-8"))
-    for i in range(vocab_size):
-        if i in special:
-            continue
-        try:
-            out[i] = length(i)
-        except Exception:  # noqa: BLE001 - an id the tokenizer cannot render has no bytes
-            out[i] = 0
+    n = min(vocab_size, lengths.numel())
+    out[:n] = lengths[:n]
     return out

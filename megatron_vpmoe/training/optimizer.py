@@ -9,7 +9,6 @@ rate multiplied by ``embedding_lr_mult``. Each group carries ``lr_mult``; the sc
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional
 
 import torch
@@ -44,12 +43,19 @@ def param_groups(model: nn.Module, opt_cfg) -> List[Dict]:
 
 
 def build_optimizer(model: nn.Module, opt_cfg) -> torch.optim.Optimizer:
+    """Fused AdamW: one kernel per device and dtype, and it takes the step's skip flag as a device
+    tensor (:func:`optimizer_step`), so deciding to skip a non-finite step needs no host sync."""
+    from torch.distributed.tensor import DTensor
+
     groups = param_groups(model, opt_cfg)
     for g in groups:
         g.pop("param_names")
         g["lr"] = opt_cfg.lr * g["lr_mult"]
+    # DTensor parameters (a model parallelised with torch's own TP API) take the foreach path:
+    # the fused kernel has no DTensor rule; the engine's shards are plain tensors
+    fused = not any(isinstance(p, DTensor) for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=(opt_cfg.beta1, opt_cfg.beta2),
-                             eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
+                             eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, fused=fused)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
@@ -57,19 +63,35 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
         group["lr"] = base_lr * group.get("lr_mult", 1.0)
 
 
-def clip_gradients(parameters, max_norm: float, total_norm: Optional[float] = None) -> float:
-    """Total L2 norm of the gradients (before clipping); clips to ``max_norm`` when > 0.
+def optimizer_step(optimizer, skip: Optional[torch.Tensor] = None) -> None:
+    """``optimizer.step()``, skipped on the device where ``skip`` (a bool tensor) is true: fused
+    AdamW's ``found_inf`` leaves weights, moments and step counts as they were, with no host
+    read of the flag (the trainer reads it later, at the log interval)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # the ZeRO wrapper steps its inner optimizer
+    if skip is not None:
+        if not inner.defaults.get("fused"):
+            raise ValueError("optimizer_step(skip=...) needs a fused optimizer (build_optimizer makes one)")
+        inner.found_inf = skip.to(torch.float32).reshape(())
+    try:
+        optimizer.step()
+    finally:
+        inner.__dict__.pop("found_inf", None)
+
+
+def clip_gradients(parameters, max_norm: float, total_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Total L2 norm of the gradients before clipping (a 0-d tensor on the gradients' device);
+    clips to ``max_norm`` when > 0.
 
     ``total_norm``: the norm when the caller computed it (the parallel engine's global norm
-    over every shard); default the norm of these gradients. Non-finite norms are returned as
-    they are and nothing is scaled (the step is skipped).
+    over every shard); default the norm of these gradients. Nothing is read back to the host:
+    a non-finite norm scales the gradients to non-finite values, and the caller skips the step.
     """
     params = [p for p in parameters if p.grad is not None]
-    if not params:
-        return 0.0 if total_norm is None else float(total_norm)
     if total_norm is None:
-        total_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params], 2.0,
-                                                         error_if_nonfinite=False))
-    if max_norm > 0 and math.isfinite(total_norm):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(total_norm))
-    return float(total_norm)
+        if not params:
+            return torch.zeros((), dtype=torch.float64)
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, error_if_nonfinite=False)
+    total_norm = torch.as_tensor(total_norm)
+    if max_norm > 0 and params:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+    return total_norm

@@ -54,7 +54,7 @@ from megatron_vpmoe.training.metrics import (
     router_bias_stats,
 )
 from megatron_vpmoe.training.memory_report import RankMemoryReport
-from megatron_vpmoe.training.optimizer import build_optimizer, clip_gradients, set_learning_rate
+from megatron_vpmoe.training.optimizer import build_optimizer, clip_gradients, optimizer_step, set_learning_rate
 from megatron_vpmoe.training.preemption import (
     PreemptionHandler,
     clear_requeue_marker,
@@ -98,6 +98,13 @@ class Trainer:
         from megatron_vpmoe.parallel import ParallelModel, build_parallel_model, init_parallel
 
         cfg.parallel.validate(cfg.model)
+        if cfg.parallel.sequence_parallel:
+            if cfg.data.seq_length % cfg.parallel.tensor:
+                raise ConfigError(f"data.seq_length ({cfg.data.seq_length}) must be divisible by parallel.tensor "
+                                  f"({cfg.parallel.tensor}) to split the sequence", key="parallel.sequence_parallel")
+            if cfg.train.transformer_impl == "transformer_engine":
+                raise ConfigError("sequence parallelism runs with the local (megatron-core) linears, not "
+                                  "train.transformer_impl: transformer_engine", key="parallel.sequence_parallel")
         cfg.parallel.resolve_data(self.world_size)  # e.g. tensor=2 in one process: one line naming the key
         self.ctx = init_parallel(cfg.parallel)
         self.dp_size, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
@@ -162,11 +169,9 @@ class Trainer:
 
     def _load_tokenizer(self):
         if self.tokenizer is None and self.cfg.data.tokenizer:
-            try:
-                from megatron_vpmoe.tokenizers import load_tokenizer
-            except ImportError as err:
-                raise VpmoeError(f"cannot load data.tokenizer: the tokenizer package has no loader ({err})") from None
-            self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+            from megatron_vpmoe.tokenizers import load
+
+            self.tokenizer = load(self.cfg.data.tokenizer)
             size, vocab = self.tokenizer.vocab_size, self.cfg.model.vocab_size
             if size > vocab:  # its ids would index past the embedding at step 1
                 raise ConfigError(f"data.tokenizer {self.cfg.data.tokenizer} has {size} tokens, more than "
@@ -183,11 +188,7 @@ class Trainer:
     def _build_datasets(self):
         if self._datasets is not None:
             return self._datasets
-        try:
-            from megatron_vpmoe.data.dataset import build_datasets
-        except ImportError as err:
-            raise VpmoeError(f"cannot build the training data: megatron_vpmoe.data.dataset is not "
-                             f"available ({err}); the data package (issue 3) provides it") from None
+        from megatron_vpmoe.data.dataset import build_datasets
 
         tok = self._load_tokenizer()
         eod = getattr(tok, "eod_id", 0) if tok is not None else 0
@@ -298,6 +299,13 @@ class Trainer:
         return loss_fn
 
     def train_step(self, micro_batches: List[Dict[str, torch.Tensor]], inject_nan: bool = False) -> Dict:
+        """One optimizer step over this rank's micro-batches (collated, so checked on the host).
+
+        Returns the step's raw metrics as device tensors; :meth:`read_step_metrics` turns a run of
+        them into log records with one host read. Nothing in the step reads a device value back:
+        the skip decision (no supervised tokens, non-finite loss or gradient norm) is a device
+        flag that fused AdamW and the expert-bias update take as it is. The only host reads left
+        are the dropless MoE's token counts per layer call (the grouped GEMM's split sizes)."""
         batches = self._engine_batches(micro_batches)
         counts = self._dp_sum(sum(role_counts(mb["roles"]) for mb in batches).to(self.device))
         objective = Objective(counts, self.weights, grad_scale=1.0)
@@ -306,35 +314,96 @@ class Trainer:
         # the MoE layers added the aux loss themselves (every stage; averaged over micro-batches and DP)
         stats[1] = self.pm.aux_loss_added()
         grad_norm = clip_gradients(self.raw_model.parameters(), self.cfg.train.optimizer.clip_grad,
-                                   total_norm=self.pm.grad_norm())
+                                   total_norm=self.pm.grad_norm()).to(stats.device, torch.float64)
         lr = learning_rate(self.step, self.cfg.train)
-        tokens = float(counts[1:].sum())
-        loss_value = float(stats[0] + stats[1])
-        # a global batch without supervised tokens has no loss to learn from: skip it
-        finite = tokens > 0 and math.isfinite(loss_value) and math.isfinite(grad_norm)
+        # a global batch without supervised tokens has no loss to learn from: skip it (on the device)
+        finite = (counts[1:].sum() > 0) & torch.isfinite(stats[0] + stats[1]) & torch.isfinite(grad_norm)
+        set_learning_rate(self.optimizer, lr)
+        optimizer_step(self.optimizer, skip=~finite)
         load = None
-        if finite:
-            set_learning_rate(self.optimizer, lr)
-            self.optimizer.step()
-            load = self.pm.update_expert_bias().cpu() if self.cfg.model.num_moe_experts else None
-        else:
-            self.pm.reset_expert_counters()
+        if self.cfg.model.num_moe_experts:  # resets the routing counters whether applied or not
+            load = self.pm.update_expert_bias(apply=finite)
         self.optimizer.zero_grad(set_to_none=True)
-        out = {
-            "loss": loss_value if tokens > 0 else None, "nll": float(stats[0]) if tokens > 0 else None,
-            "aux_loss": float(stats[1]),
-            "lm_loss": float(stats[2:6].sum()) / tokens if tokens > 0 else None,
-            "grad_norm": grad_norm, "lr": lr, "skipped": not finite, "loss_tokens": int(tokens),
-        }
-        for role, name in ROLE_NAMES.items():
-            if counts[role] > 0:
-                out[f"nll_{name}"] = float(stats[2 + role] / counts[role])
-        if self.byte_lengths is not None:
-            out["bits_per_byte"] = bits_per_byte(float(stats[2:6].sum()), float(stats[6]))
-        if load is not None and load.numel():
-            ratios = load.max(1).values / load.mean(1).clamp_min(1e-9)
-            out["expert_load_max_over_mean"] = [round(float(x), 4) for x in ratios]
+        return {"counts": counts, "stats": stats, "grad_norm": grad_norm, "finite": finite, "load": load, "lr": lr,
+                "byte_lengths": self.byte_lengths is not None}
+
+    @staticmethod
+    def read_step_metrics(steps: List[Dict]) -> List[Dict]:
+        """Log records of :meth:`train_step` results, read back from the device in one transfer."""
+        if not steps:
+            return []
+        rows = [torch.cat([r["counts"].double(), r["stats"].double(), r["grad_norm"].double().view(1),
+                           r["finite"].double().view(1)]
+                          + ([] if r["load"] is None else [r["load"].double().reshape(-1)])) for r in steps]
+        values = torch.cat(rows).tolist()  # the one host read
+        out, at = [], 0
+        for r, row in zip(steps, rows):
+            v = values[at:at + row.numel()]
+            at += row.numel()
+            counts, stats = v[0:4], v[4:11]
+            grad_norm, finite = v[11], bool(v[12])
+            tokens = sum(counts[1:])
+            rec = {
+                "loss": stats[0] + stats[1] if tokens > 0 else None, "nll": stats[0] if tokens > 0 else None,
+                "aux_loss": stats[1], "lm_loss": sum(stats[2:6]) / tokens if tokens > 0 else None,
+                "grad_norm": grad_norm, "lr": r["lr"], "skipped": not finite, "loss_tokens": int(tokens),
+            }
+            for role, name in ROLE_NAMES.items():
+                if counts[role] > 0:
+                    rec[f"nll_{name}"] = stats[2 + role] / counts[role]
+            if r["byte_lengths"]:
+                rec["bits_per_byte"] = bits_per_byte(sum(stats[2:6]), stats[6])
+            if finite and r["load"] is not None and r["load"].numel():
+                load = torch.tensor(v[13:], dtype=torch.float64).view(r["load"].shape)
+                ratios = load.max(1).values / load.mean(1).clamp_min(1e-9)
+                rec["expert_load_max_over_mean"] = [round(x, 4) for x in ratios.tolist()]
+            out.append(rec)
         return out
+
+    def _flush_metrics(self, pending: List[Dict], logger, bar, sampler) -> None:
+        """Read the pending steps' metrics (one host read), log them, report skipped steps and
+        stop after ``train.max_nonfinite_steps`` non-finite steps in a row. Every rank calls it at
+        the same steps (it gathers the peak memory over ranks)."""
+        if not pending:
+            return
+        cfg, t = self.cfg, self.cfg.train
+        tokens_per_step = t.global_batch_size * cfg.data.seq_length
+        flops_tok = flops_per_token(cfg.model, cfg.data.seq_length)
+        peak = peak_flops_per_device()
+        at_interval = {**peak_memory_over_ranks(self.world_size), **router_bias_stats(self.raw_model)}
+        records = self.read_step_metrics(pending)
+        for raw, out in zip(pending, records):
+            step, dt = raw["step"], raw["step_time_s"]
+            out.update(kind="train", step=step, consumed_samples=sampler.consumed_samples(step),
+                       step_time_s=dt, tokens_per_s=tokens_per_step / dt)
+            out["mfu"] = (flops_tok * tokens_per_step / dt / (peak * self.world_size)) if peak else None
+            out["tflops_per_gpu"] = flops_tok * tokens_per_step / dt / self.world_size / 1e12
+            out.update(raw["memory"])
+            if raw is pending[-1]:
+                out.update(at_interval)
+            logger.log(out, scalars=step % cfg.log.interval == 0)
+            if out["loss_tokens"] == 0:  # nothing supervised in this global batch
+                self._print(f"step {step}: no supervised tokens (loss_mask all 0); update skipped")
+            elif out["skipped"]:
+                self.nonfinite_in_a_row += 1
+                self._print(f"step {step}: non-finite loss {out['loss']} or grad norm "
+                            f"{out['grad_norm']}; update skipped ({self.nonfinite_in_a_row} in a row)")
+                if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
+                    last = latest_checkpoint(cfg.checkpoint_dir)
+                    raise NonFiniteError(
+                        f"{self.nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
+                        f"{t.max_nonfinite_steps}) at step {step}; stopping. Last good checkpoint: "
+                        f"{last if last else 'none'}")
+            else:
+                self.nonfinite_in_a_row = 0
+                self.summary["first"] = self.summary["first"] or dict(out)
+                self.summary["last"] = dict(out)
+        out = records[-1]
+        if bar is not None:
+            bar.set_postfix(loss=_fmt(out["loss"]), lr=f"{out['lr']:.2e}", tok_s=f"{out['tokens_per_s']:.0f}")
+        elif out["step"] % cfg.log.interval == 0:
+            self._print(f"step {out['step']}/{t.steps} loss {_fmt(out['loss'])} lr {out['lr']:.2e} "
+                        f"tokens/s {out['tokens_per_s']:.0f}")
 
     # ---- validation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -387,9 +456,6 @@ class Trainer:
                                resume_step=self.step)
         if self.loaded_from:
             self._print(f"resumed from {self.loaded_from} at step {self.step}")
-        tokens_per_step = t.global_batch_size * cfg.data.seq_length
-        flops_tok = flops_per_token(cfg.model, cfg.data.seq_length)
-        peak = peak_flops_per_device()
         nan_steps = _nan_hook_steps()
         preemption = PreemptionHandler().install()
         bar = None
@@ -402,10 +468,13 @@ class Trainer:
         start_step = self.step
         batches = iter(batching.micro_batch_loader(train_set, sampler, self.step, end, cfg.data.num_workers))
         exit_code = EXIT_OK
+        pending: List[Dict] = []  # steps whose metrics are still on the device (read at the log interval)
         try:
             self.pm.train(True)
             while self.step < end:
                 if preemption.requested():
+                    self._flush_metrics(pending, logger, bar, sampler)
+                    pending = []
                     path = self.save_checkpoint()
                     self.checkpoints.finalize()
                     if self.is_main:
@@ -417,43 +486,21 @@ class Trainer:
                 micro = [{k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
                          for _ in range(sampler.accumulation_steps)]
                 with self.memory.phase("first_step" if self.step == start_step else "step"):
-                    out = self.train_step(micro, inject_nan=(self.step + 1) in nan_steps)
+                    raw = self.train_step(micro, inject_nan=(self.step + 1) in nan_steps)
                 if self.step == start_step:
                     self.memory.record_sizes(self.raw_model, self.optimizer)
                 self.step += 1
-                dt = time.perf_counter() - t0
-                out.update(kind="train", step=self.step, consumed_samples=sampler.consumed_samples(self.step),
-                           step_time_s=dt, tokens_per_s=tokens_per_step / dt)
-                out["mfu"] = (flops_tok * tokens_per_step / dt / (peak * self.world_size)) if peak else None
-                out["tflops_per_gpu"] = flops_tok * tokens_per_step / dt / self.world_size / 1e12
-                out.update(memory_stats())
-                out.update(peak_memory_over_ranks(self.world_size))
-                out.update(router_bias_stats(self.raw_model))
-                logger.log(out, scalars=self.step % cfg.log.interval == 0)
-                if out["loss_tokens"] == 0:  # nothing supervised in this global batch
-                    self._print(f"step {self.step}: no supervised tokens (loss_mask all 0); update skipped")
-                elif out["skipped"]:
-                    self.nonfinite_in_a_row += 1
-                    self._print(f"step {self.step}: non-finite loss {out['loss']} or grad norm "
-                                f"{out['grad_norm']}; update skipped ({self.nonfinite_in_a_row} in a row)")
-                    if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
-                        last = latest_checkpoint(cfg.checkpoint_dir)
-                        raise NonFiniteError(
-                            f"{self.nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
-                            f"{t.max_nonfinite_steps}) at step {self.step}; stopping. Last good checkpoint: "
-                            f"{last if last else 'none'}")
-                else:
-                    self.nonfinite_in_a_row = 0
-                    self.summary["first"] = self.summary["first"] or dict(out)
-                    self.summary["last"] = dict(out)
+                raw.update(step=self.step, step_time_s=time.perf_counter() - t0, memory=memory_stats())
+                pending.append(raw)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=_fmt(out["loss"]), lr=f"{out['lr']:.2e}",
-                                    tok_s=f"{out['tokens_per_s']:.0f}")
-                elif self.step % cfg.log.interval == 0:
-                    self._print(f"step {self.step}/{t.steps} loss {_fmt(out['loss'])} lr {out['lr']:.2e} "
-                                f"tokens/s {out['tokens_per_s']:.0f}")
-                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                evaluating = bool(t.eval_interval) and (self.step % t.eval_interval == 0 or self.step == t.steps)
+                interval = cfg.checkpoint.interval
+                saving = bool(interval and self.step % interval == 0) or self.step == end
+                if self.step % cfg.log.interval == 0 or evaluating or saving:
+                    self._flush_metrics(pending, logger, bar, sampler)
+                    pending = []
+                if evaluating:
                     valid = self.evaluate(valid_set)
                     valid.update(kind="valid", step=self.step)
                     logger.log(valid)
@@ -461,8 +508,7 @@ class Trainer:
                     bpb = valid.get("bits_per_byte")
                     self._print(f"step {self.step}: validation loss {valid['loss']:.4f}"
                                 + (f" bits/byte {bpb:.4f}" if bpb is not None else ""))
-                interval = cfg.checkpoint.interval
-                if (interval and self.step % interval == 0) or self.step == end:
+                if saving:
                     with self.memory.phase("checkpoint_save"):
                         self.save_checkpoint()
             with self.memory.phase("checkpoint_finalize"):
@@ -478,7 +524,7 @@ class Trainer:
         elapsed = time.perf_counter() - start_time
         self.memory.write(cfg.run.dir, self.world_size, self._gather_objects if self.world_size > 1 else None)
         self.summary.update(steps_run=self.step - start_step, elapsed_s=elapsed,
-                            tokens_per_s=(self.step - start_step) * tokens_per_step / max(elapsed, 1e-9))
+                            tokens_per_s=(self.step - start_step) * t.global_batch_size * cfg.data.seq_length / max(elapsed, 1e-9))
         self._print_summary()
         return exit_code
 

@@ -101,7 +101,7 @@ def read_metrics(run_dir, kind="train"):
 
 
 def main(argv=None):
-    """``python tests/test_train_support.py RUN_DIR [section.key=value ...]``: train the tiny config
+    """``python tests/train_support.py RUN_DIR [section.key=value ...]``: train the tiny config
     (a subprocess target for the preemption and kill -9 tests). Exits with the trainer's code."""
     import yaml
 

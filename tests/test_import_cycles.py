@@ -1,0 +1,118 @@
+"""No import cycles between modules of ``megatron_vpmoe`` and ``kernels``, read statically from every
+``import`` statement (function-level ones too, so a lazy import cannot hide a cycle)."""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("megatron_vpmoe", "kernels")
+
+
+def _modules() -> dict:
+    """Dotted module name -> file, for every ``.py`` of the packages (a package is its ``__init__``)."""
+    mods = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join(parts)] = path
+    return mods
+
+
+def _owner(name: str, mods: dict):
+    """The module an imported dotted name lives in (the longest prefix that is a module)."""
+    while name and name not in mods:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _targets(node, module: str, is_package: bool) -> list:
+    """Dotted names one import statement asks for: ``import a.b`` -> a.b; ``from a import b, c``
+    -> a.b, a.c (each resolves to a submodule, or to ``a`` when it is a name defined there)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    base = node.module or ""
+    if node.level:  # relative: from the module's package, one level up per extra dot
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        package = package[: len(package) - (node.level - 1)]
+        base = ".".join(package + ([base] if base else []))
+    return [f"{base}.{alias.name}" for alias in node.names]
+
+
+@functools.lru_cache(maxsize=1)
+def import_graph() -> dict:
+    """module -> the set of package modules it imports (implicit parent-package imports excluded)."""
+    mods = _modules()
+    graph = {}
+    for module, path in mods.items():
+        edges = set()
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for name in _targets(node, module, path.name == "__init__.py"):
+                    target = _owner(name, mods)
+                    if target and target != module:
+                        edges.add(target)
+        graph[module] = edges
+    return graph
+
+
+def cycles(graph: dict) -> list:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index, low, on_stack, stack, found = {}, {}, set(), [], []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_the_checker_finds_cycles_and_resolves_imports():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+    graph = import_graph()
+    # a function-level import is an edge (``harmony_tokenizer`` imports its builder when called)
+    assert "megatron_vpmoe.tokenizers.tiktoken_variant" in graph["megatron_vpmoe.tokenizers"]
+    # ``from package import name`` is an edge to the package, ``from package import module`` to the module
+    assert "megatron_vpmoe.utils.atomic" in graph["megatron_vpmoe.config.loader"]
+    assert "megatron_vpmoe.config" in graph["megatron_vpmoe.training.trainer"]
+
+
+def test_no_import_cycles():
+    found = cycles(import_graph())
+    assert not found, f"{len(found)} import cycle(s):\n" + "\n".join(" <-> ".join(c) for c in found)
