@@ -134,7 +134,7 @@ def test_channels_land_in_role_masks(tmp_path, shared_data):
     from megatron_vpmoe.data.chat import _harmony, render_conversation
     from megatron_vpmoe.data.shards import read_shard
     from megatron_vpmoe.distill.corpus import build_corpus
-    from megatron_vpmoe.serve.backends import load_tokenizer_dir
+    from megatron_vpmoe.tokenizers import load
     from megatron_vpmoe.serve.chat_format import parse_harmony_completion
 
     oh, enc = _harmony()
@@ -150,7 +150,7 @@ def test_channels_land_in_role_masks(tmp_path, shared_data):
     result = build_corpus([str(gen)], str(tmp_path / "corpus"), tokenizers=[str(tmp_path / "student_tok")])
     prefix = result["prefixes"]["student_tok"]
     tokens, roles = read_shard(prefix), read_shard(prefix.replace("_document", "_lossmask_document"))
-    student = load_tokenizer_dir(str(tmp_path / "student_tok"))
+    student = load(tmp_path / "student_tok").to_hf()
     assert len(tokens) == len(records)
     for i, rec in enumerate(records):
         ids, role = tokens[i].tolist(), roles[i].tolist()
@@ -270,14 +270,13 @@ def test_generation_from_transformers_serve_resumes_exactly(generated):
 
 
 @pytest.fixture(scope="module")
-def phase1_student(servers, generated):
+def phase1_student(servers, generated, shared_data):
     """build-corpus over both teachers' samples with the student BPE, then a phase-1 student."""
     from megatron_vpmoe.config import load_config
     from megatron_vpmoe.training.trainer import Trainer
 
     work = servers["work"]
-    vocab = len(__import__("megatron_vpmoe.serve.backends", fromlist=["x"]).load_tokenizer_dir(
-        str(work / "student_tok")))
+    vocab = student_tokenizer(work / "student_tok", shared_data)
     out = subprocess.run(PY + ["distill", "build-corpus", "--generated", str(generated["transformers"]),
                                str(generated["vpmoe"]), "--out", str(work / "corpus"),
                                "--tokenizer", str(work / "student_tok")],

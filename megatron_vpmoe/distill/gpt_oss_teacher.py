@@ -18,23 +18,25 @@ from pathlib import Path
 from megatron_vpmoe.data.chat import render_prompt
 from megatron_vpmoe.distill.scorers import rank_request
 from megatron_vpmoe.distill.toy_teacher import read_gsm8k_conversations
+from megatron_vpmoe.tokenizers.specials import BOS_TOKEN, CHANNEL, EOD_TOKEN, HARMONY_STOPS, MESSAGE, RETURN, START
 from megatron_vpmoe.utils.atomic import atomic_directory
 from megatron_vpmoe.utils.errors import InputError
 
-ASSISTANT = "<|start|>assistant"
+ASSISTANT = START + "assistant"
 
 
-def gpt_oss_toy_config(*, hidden: int = 64, layers: int = 2, experts: int = 4, vocab_size: int = 201_088,
-                       max_positions: int = 4096):
-    """A toy ``GptOssConfig``: GPT-OSS's layer pattern, sinks, MoE and YaRN at ``hidden`` width."""
+def gpt_oss_toy_config(tok, *, hidden: int = 64, layers: int = 2, experts: int = 4, max_positions: int = 4096):
+    """A toy ``GptOssConfig`` for tokenizer ``tok``: GPT-OSS's layer pattern, sinks, MoE and YaRN at ``hidden`` width."""
     from transformers import GptOssConfig
 
+    ids = tok.convert_tokens_to_ids
     return GptOssConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=layers,
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, num_local_experts=experts,
         num_experts_per_tok=2, sliding_window=128, max_position_embeddings=max_positions,
         layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
-        tie_word_embeddings=True, bos_token_id=199998, eos_token_id=[200002, 200012], pad_token_id=199999)
+        tie_word_embeddings=True, bos_token_id=ids(BOS_TOKEN), eos_token_id=[ids(t) for t in HARMONY_STOPS],
+        pad_token_id=ids(EOD_TOKEN))
 
 
 def _training_texts(path: str, examples: int) -> list:
@@ -47,7 +49,7 @@ def _training_texts(path: str, examples: int) -> list:
         answers = [f"The answer is {r['answer'].rsplit('####', 1)[1].strip()}." for r in recs[:2]]
         for order, listed in (("1 > 2", answers), ("2 > 1", answers[::-1])):
             prompt = render_prompt([{"role": "user", "content": rank_request(recs[0]["question"], listed)}])
-            texts.append(f"{prompt}<|channel|>final<|message|>{order}<|return|>")
+            texts.append(f"{prompt}{CHANNEL}final{MESSAGE}{order}{RETURN}")
     return texts
 
 
@@ -58,8 +60,8 @@ def harmony_hf_tokenizer():
     from megatron_vpmoe.serve.harmony_hf import HARMONY_RESPONSE_TEMPLATE, harmony_chat_template
     from megatron_vpmoe.tokenizers.tiktoken_variant import harmony_tokenizer
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=harmony_tokenizer().hf_tokenizer(), bos_token="<|startoftext|>",
-                                  eos_token="<|return|>", pad_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=harmony_tokenizer().hf_tokenizer(), bos_token=BOS_TOKEN,
+                                  eos_token=RETURN, pad_token=EOD_TOKEN)
     tok.chat_template = harmony_chat_template()
     tok.response_template = HARMONY_RESPONSE_TEMPLATE
     return tok
@@ -85,7 +87,7 @@ def build_gpt_oss_teacher(gsm8k_path: str, out_dir: str, *, examples: int = 4, s
         rows.append(tok.encode(text[:cut]) + tok.encode(text[cut:]))
         starts.append(len(tok.encode(text[:cut])))
     torch.manual_seed(seed)
-    config = gpt_oss_toy_config(hidden=hidden, layers=layers, experts=experts, vocab_size=len(tok))
+    config = gpt_oss_toy_config(tok, hidden=hidden, layers=layers, experts=experts)
     model = GptOssForCausalLM(config)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id)
