@@ -46,7 +46,8 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=3.1"],
         "gpu": ["triton>=3.0", "transformer-engine[pytorch]>=1.10"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.0", "mpi4py>=3.1", "lm-eval>=0.4", "accelerate>=1.0"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.0", "mpi4py>=3.1", "lm-eval>=0.4", "accelerate>=1.0",
+                "transformers[serving]>=4.46"],  # `transformers serve`: the third-party teacher server in tests
         "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["vpmoe=megatron_vpmoe.cli:main"]},

@@ -1,12 +1,15 @@
-"""Teacher-generation throughput against a local `vpmoe serve`: requests/s and tokens/s at
-concurrency 1, 4 and 16, with the server's micro-batching on, plus concurrency 16 with batching
-effectively off (``--max-batch 1``) as the peer in the same run.
+"""Teacher-generation throughput: requests/s and tokens/s at concurrency 1, 4 and 16.
 
-Builds the toy Harmony teacher (seconds), serves it as a subprocess on 127.0.0.1, and drives it
-with the same async client `vpmoe distill generate` uses. Writes
-``benchmarks/results/distill.json`` and ``benchmarks/results/distill.md``.
+1. The toy GPT-2 Harmony teacher under `vpmoe serve`, micro-batching on, plus concurrency 16 with
+   batching effectively off (``--max-batch 1``) as the peer in the same run.
+2. The toy GPT-OSS teacher (``GptOssForCausalLM``, full 201,088-token o200k Harmony vocabulary)
+   under `vpmoe serve` and under `transformers serve` (third party; no batching across requests
+   without ``--continuous-batching``), same requests, same client.
 
-    python benchmarks/distill.py [--requests 32] [--max-tokens 64]
+Servers run as subprocesses on 127.0.0.1 (1 torch thread) and are driven with the async client
+`vpmoe distill generate` uses. Writes ``benchmarks/results/distill.json`` and ``.md``.
+
+    python benchmarks/distill.py [--requests 32] [--max-tokens 64] [--gpt-oss-requests 16]
 """
 
 from __future__ import annotations
@@ -37,11 +40,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(model_dir: Path, port: int, max_batch: int, log: Path) -> subprocess.Popen:
+def _serve(model_dir: Path, port: int, max_batch: int, log: Path, server: str = "vpmoe") -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_vpmoe.cli", "serve", str(model_dir),
-                             "--port", str(port), "--threads", "1", "--max-batch", str(max_batch)],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    if server == "transformers":
+        cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir), "--host", "127.0.0.1",
+               "--port", str(port), "--device", "cpu", "--dtype", "float32"]
+    else:
+        cmd = [sys.executable, "-m", "megatron_vpmoe.cli", "serve", str(model_dir), "--port", str(port),
+               "--threads", "1", "--max-batch", str(max_batch)]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     for _ in range(600):
         if proc.poll() is not None:
             raise SystemExit(f"server died:\n{log.read_text()}")
@@ -82,6 +89,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--gpt-oss-requests", type=int, default=16, help="requests per level for the GPT-OSS toy")
+    ap.add_argument("--gpt-oss-steps", type=int, default=20, help="training steps of the GPT-OSS toy")
     args = ap.parse_args()
     os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(SHARED / "tokenizers"))
     import torch
@@ -91,7 +100,7 @@ def main() -> None:
     torch.set_num_threads(1)
     gsm8k = SHARED / "data" / "kd" / "gsm8k_train.jsonl"
     questions = [json.loads(l)["question"] for _, l in zip(range(args.requests), gsm8k.open())]
-    runs = []
+    runs, gpt_oss_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         teacher = build_toy_teacher(str(gsm8k), str(Path(tmp) / "teacher"))
         for max_batch, levels in ((32, (1, 4, 16)), (1, (16,))):
@@ -106,6 +115,22 @@ def main() -> None:
             finally:
                 proc.kill()
                 proc.wait()
+        from megatron_vpmoe.distill.gpt_oss_teacher import build_gpt_oss_teacher
+
+        gpt_oss = build_gpt_oss_teacher(str(gsm8k), str(Path(tmp) / "gpt_oss"), steps=args.gpt_oss_steps)
+        for server in ("vpmoe", "transformers"):
+            port = _free_port()
+            proc = _serve(gpt_oss, port, 32, Path(tmp) / f"{server}.log", server)
+            try:
+                for c in (1, 4, 16):
+                    r = asyncio.run(_drive(f"http://127.0.0.1:{port}", questions[:args.gpt_oss_requests], c,
+                                           args.max_tokens))
+                    r.update(teacher="gpt-oss", server=server)
+                    gpt_oss_runs.append(r)
+                    print(json.dumps(r))
+            finally:
+                proc.kill()
+                proc.wait()
     base = runs[0]["tokens_per_s"]
     unbatched = next(r for r in runs if r["server_max_batch"] == 1)
     batched16 = next(r for r in runs if r["server_max_batch"] == 32 and r["concurrency"] == 16)
@@ -114,6 +139,8 @@ def main() -> None:
         "max_tokens": args.max_tokens, "torch_threads": 1, "runs": runs,
         "speedup_c16_vs_c1": round(batched16["tokens_per_s"] / base, 2),
         "speedup_c16_batched_vs_unbatched": round(batched16["tokens_per_s"] / unbatched["tokens_per_s"], 2),
+        "gpt_oss": {"teacher": f"GptOssForCausalLM 2 layers, hidden 64, 4 experts, vocab 201088, "
+                               f"{args.gpt_oss_steps} training steps", "runs": gpt_oss_runs},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "distill.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -125,6 +152,12 @@ def main() -> None:
               for r in runs]
     lines += ["", f"Concurrency 16 vs 1: {result['speedup_c16_vs_c1']}x tokens/s; micro-batching on vs off "
                   f"at concurrency 16: {result['speedup_c16_batched_vs_unbatched']}x.", ""]
+    lines += [f"Toy GPT-OSS teacher ({result['gpt_oss']['teacher']}), {args.gpt_oss_requests} requests of up "
+              f"to {args.max_tokens} tokens per level:", "",
+              "| server | concurrency | requests/s | tokens/s |", "|---|---|---|---|"]
+    lines += [f"| {r['server']} serve | {r['concurrency']} | {r['requests_per_s']} | {r['tokens_per_s']} |"
+              for r in gpt_oss_runs]
+    lines.append("")
     (RESULTS / "distill.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

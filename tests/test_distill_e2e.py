@@ -44,11 +44,12 @@ class ServedTeacher:
     def __init__(self, model_dir: Path, port: int, log: Path):
         self.model_dir, self.port, self.log = model_dir, port, log
 
+    def command(self) -> list:
+        return PY + ["serve", str(self.model_dir), "--port", str(self.port), "--threads", "1"]
+
     def start(self) -> "ServedTeacher":
-        self.proc = subprocess.Popen(
-            PY + ["serve", str(self.model_dir), "--port", str(self.port), "--threads", "1"],
-            stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=_env())
-        deadline = time.time() + 120
+        self.proc = subprocess.Popen(self.command(), stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=_env())
+        deadline = time.time() + 180
         while time.time() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
             try:

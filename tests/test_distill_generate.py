@@ -67,7 +67,8 @@ def test_prompt_files(tmp_path):
 
 class ScriptedTeacher:
     """An OpenAI-style server whose chat and completion answers come from
-    ``self.answer(body, call_no) -> (status, payload[, delay_s])``."""
+    ``self.answer(body, call_no) -> (status, payload[, delay_s])``; the capability probe's chat
+    request is answered apart (n choices), uncounted."""
 
     def __init__(self, answer):
         self.answer = answer
@@ -88,7 +89,11 @@ class ScriptedTeacher:
             return web.json_response({"data": [{"id": "scripted"}]})
 
         async def chat(request):  # also /v1/completions; (status, payload[, delay_s])
+            from megatron_vpmoe.distill.teacher_probe import PROBE_CHAT
+
             body = await request.json()
+            if body.get("messages") and body["messages"][-1]["content"] == PROBE_CHAT:
+                return web.json_response(_choices(body))  # the capability probe: chat with n served
             self.calls += 1
             status, payload, *delay = self.answer(body, self.calls)
             if delay:

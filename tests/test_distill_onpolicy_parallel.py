@@ -90,6 +90,7 @@ def _trainer(cfg_path, fixed: bool):
     from megatron_vpmoe.config import load_config
 
     onpolicy.score_groups = _stub_scores  # no teacher server: scores from the strings
+    onpolicy.check_teacher = lambda cfg, quiet=False: None  # and no probe of one
     trainer = onpolicy.OnPolicyTrainer(load_config(cfg_path), quiet=True, tokenizer=ByteTokenizer())
     if fixed:
         trainer._generate = _fixed_completions

@@ -84,13 +84,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     toy = sub.add_parser(
         "toy-teacher", help="train a tiny Harmony teacher (HF format) on GSM8K for CPU runs",
-        description="Train a tiny GPT-2 with its own BPE on Harmony-rendered GSM8K solutions; "
-                    "serve the result with 'vpmoe serve'.")
+        description="Train a tiny Harmony teacher on Harmony-rendered GSM8K solutions and save it as a "
+                    "Hugging Face directory: --arch gpt2 (a GPT-2 with its own small BPE, the fastest) or "
+                    "--arch gpt-oss (transformers' GptOssForCausalLM with the real o200k Harmony tokenizer, "
+                    "201,088 tokens, and a Harmony chat template). Serve it with 'vpmoe serve' or "
+                    "'transformers serve'.")
+    toy.add_argument("--arch", choices=["gpt2", "gpt-oss"], default="gpt2")
     toy.add_argument("--gsm8k", default=None, metavar="FILE",
                      help="GSM8K jsonl (default: kd/gsm8k_train.jsonl of $VPMOE_DATA, ../shared/data or the embedded default)")
     toy.add_argument("--out", required=True, metavar="DIR")
     toy.add_argument("--examples", type=int, default=4)
-    toy.add_argument("--steps", type=int, default=80)
+    toy.add_argument("--steps", type=int, default=None, help="training steps (default: 80 gpt2, 100 gpt-oss)")
     toy.add_argument("--overwrite", action="store_true")
     toy.set_defaults(func=_toy_teacher)
 
@@ -115,8 +119,17 @@ def _toy_teacher(args: argparse.Namespace) -> int:
     from megatron_vpmoe.distill.toy_teacher import build_toy_teacher
     from megatron_vpmoe.eval.tasks import DEFAULT_FEWSHOT_FILE
 
-    path = build_toy_teacher(args.gsm8k or str(DEFAULT_FEWSHOT_FILE), args.out, examples=args.examples, steps=args.steps,
-                             overwrite=args.overwrite)
+    data = args.gsm8k or str(DEFAULT_FEWSHOT_FILE)
+    if args.arch == "gpt-oss":
+        from megatron_vpmoe.distill.gpt_oss_teacher import build_gpt_oss_teacher
+
+        path = build_gpt_oss_teacher(data, args.out, examples=args.examples, overwrite=args.overwrite,
+                                     **({} if args.steps is None else {"steps": args.steps}))
+        print(f"toy GPT-OSS teacher written to {path}; serve it with: vpmoe serve {path} --port 8000 "
+              f"(or: transformers serve {path} --port 8000)")
+        return 0
+    path = build_toy_teacher(data, args.out, examples=args.examples, overwrite=args.overwrite,
+                             **({} if args.steps is None else {"steps": args.steps}))
     print(f"toy teacher written to {path}; serve it with: vpmoe serve {path} --port 8000")
     return 0
 

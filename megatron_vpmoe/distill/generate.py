@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -235,13 +236,21 @@ class _Generator:
         start = time.perf_counter()
         async with TeacherClient(o.teacher_url, timeout_s=o.timeout_s, retries=o.retries,
                                  backoff_s=o.backoff_s, concurrency=o.concurrency) as client:
+            from megatron_vpmoe.distill.teacher_probe import TeacherCapabilityError, probe
+
+            # one request: n (which proves chat too) when several samples share a prompt
+            features = ([] if o.endpoint != "chat" else ["n"] if o.samples > 1 else ["chat"])
             try:
-                models = await client.models(retries=1)
-            except (TeacherUnavailable, MalformedResponse) as err:
-                raise VpmoeError(f"teacher at {o.teacher_url} is not reachable or not an "
-                                 f"OpenAI-compatible server: {err}") from err
-            if self.model is None:
-                self.model = models[0] if models else None
+                caps = await probe(client, features, self.model)
+            except TeacherCapabilityError as err:
+                raise VpmoeError(str(err)) from None
+            self.model = caps.model
+            print(caps.line(), file=sys.stderr, flush=True)
+            if o.endpoint == "chat" and not caps.features.get("chat"):
+                raise TeacherCapabilityError(f"teacher at {o.teacher_url} does not serve chat: "
+                                             f"{caps.why.get('chat') or caps.why.get('n')}")
+            if o.endpoint == "chat" and not caps.features.get("n"):
+                todo = [(p, [i]) for p, m in todo for i in m]  # one request per sample
             if not todo:
                 return self._finish(start, client)
             from tqdm import tqdm

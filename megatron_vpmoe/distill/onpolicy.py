@@ -85,6 +85,22 @@ async def score_groups(cfg_onpolicy, teacher_url: str, groups: list, teacher_tem
     return [combined for _, combined in results], by_kind
 
 
+def check_teacher(cfg, *, quiet: bool = False):
+    """Probe the teacher for the configured scorers' features; say in one line what it supports;
+    refuse (exit 2) a scorer it cannot serve (:mod:`megatron_vpmoe.distill.teacher_probe`)."""
+    import sys
+
+    from megatron_vpmoe.distill.teacher_probe import SCORER_FEATURES, probe_teacher, require
+
+    kinds = [s.kind for s in cfg.distill.onpolicy.scorers]
+    caps = probe_teacher(cfg.distill.teacher_url, SCORER_FEATURES,
+                         timeout_s=cfg.distill.onpolicy.teacher_timeout_s)
+    if not quiet:
+        print(caps.line(), file=sys.stderr, flush=True)
+    require(caps, kinds)
+    return caps
+
+
 class OnPolicyTrainer:
     def __init__(self, cfg, *, quiet: bool = False, anchor_dataset=None, tokenizer=None):
         """``anchor_dataset``: items ``{tokens, labels, loss_mask}`` for the NLL anchor (default:
@@ -109,6 +125,7 @@ class OnPolicyTrainer:
         if op.nll_anchor_coeff < 0:
             raise ConfigError("must be >= 0", key="distill.onpolicy.nll_anchor_coeff")
         self.quiet = quiet
+        self.teacher = check_teacher(cfg, quiet=quiet)  # before anything is built or written
         from megatron_vpmoe.parallel import build_parallel_model, init_parallel
         from megatron_vpmoe.parallel.model import engine_device
         from megatron_vpmoe.training.distributed import init_distributed
@@ -248,7 +265,8 @@ class OnPolicyTrainer:
             groups = [(p.messages, p.reference,
                        [student_answer(t, self.harmony) for t in texts[g * k:(g + 1) * k]])
                       for g, p in enumerate(batch)]
-            result = asyncio.run(score_groups(op, cfg.distill.teacher_url, groups, op.teacher_prompt))
+            model = getattr(self.teacher, "model", None)
+            result = asyncio.run(score_groups(op, cfg.distill.teacher_url, groups, op.teacher_prompt, model))
         return self._share_in_replica(result)
 
     def _micro_batches(self, seqs, starts, advantages) -> tuple:

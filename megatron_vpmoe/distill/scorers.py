@@ -97,15 +97,20 @@ def parse_ranking(text: str, k: int) -> Optional[list]:
     return seen + [i for i in range(k) if i not in seen]
 
 
+def rank_request(question: str, completions: list) -> str:
+    """The user message that asks the teacher to rank ``completions`` listwise."""
+    listing = "\n\n".join(f"Response {i + 1}:\n{c}" for i, c in enumerate(completions))
+    return (f"Rank these {len(completions)} responses to the question from best to worst. Reply with the "
+            f"response numbers only, best first, like '2 > 1 > 3'.\n\nQuestion:\n{question}\n\n{listing}")
+
+
 async def score_rank(client: TeacherClient, messages, reference, completions, *,
                      model: Optional[str] = None, **_) -> list:
     k = len(completions)
     if k < 2:
         return [None] * k
-    question = messages[-1]["content"]
-    listing = "\n\n".join(f"Response {i + 1}:\n{c}" for i, c in enumerate(completions))
-    ask = (f"Rank these {k} responses to the question from best to worst. Reply with the "
-           f"response numbers only, best first, like '2 > 1 > 3'.\n\nQuestion:\n{question}\n\n{listing}")
+    ask = rank_request(messages[-1]["content"], completions)
+
     async def ranked():
         data = await client.chat({"model": model, "messages": [{"role": "user", "content": ask}],
                                   "temperature": 0, "max_tokens": 64})

@@ -30,6 +30,25 @@ def gsm8k_conversation(question: str, answer: str) -> str:
             f"<|start|>assistant<|channel|>final<|message|>The answer is {final.strip()}.<|return|>")
 
 
+def read_gsm8k_conversations(path: str, examples: int) -> list:
+    """The first ``examples`` records of a GSM8K jsonl as (Harmony text, record) pairs."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):
+                if len(out) >= examples:
+                    break
+                rec = json.loads(line)
+                out.append((gsm8k_conversation(rec["question"], rec["answer"]), rec))
+        except (ValueError, KeyError, TypeError, InputError) as err:  # UnicodeDecodeError is a ValueError
+            raise InputError(f"{path}:{lineno + 1 if isinstance(err, UnicodeDecodeError) else lineno}: "
+                             f"not a GSM8K record ({type(err).__name__}: {err})") from None
+    if not out:
+        raise InputError(f"{path}: no GSM8K records")
+    return out
+
+
 def build_toy_teacher(gsm8k_path: str, out_dir: str, *, examples: int = 4, steps: int = 80,
                       vocab_size: int = 400, hidden: int = 64, layers: int = 2, seed: int = 0,
                       overwrite: bool = False) -> Path:
@@ -41,20 +60,7 @@ def build_toy_teacher(gsm8k_path: str, out_dir: str, *, examples: int = 4, steps
         raise InputError(f"{out_dir} already exists (pass --overwrite to replace it)")
     if not Path(gsm8k_path).is_file():
         raise InputError(f"{gsm8k_path}: no such file (pass --gsm8k FILE, a GSM8K jsonl)")
-    texts = []
-    with open(gsm8k_path, encoding="utf-8") as f:
-        lineno = 0
-        try:
-            for lineno, line in enumerate(f, 1):
-                if len(texts) >= examples:
-                    break
-                rec = json.loads(line)
-                texts.append(gsm8k_conversation(rec["question"], rec["answer"]))
-        except (ValueError, KeyError, TypeError, InputError) as err:  # UnicodeDecodeError is a ValueError
-            raise InputError(f"{gsm8k_path}:{lineno + 1 if isinstance(err, UnicodeDecodeError) else lineno}: "
-                             f"not a GSM8K record ({type(err).__name__}: {err})") from None
-    if not texts:
-        raise InputError(f"{gsm8k_path}: no GSM8K records")
+    texts = [text for text, _ in read_gsm8k_conversations(gsm8k_path, examples)]
     specials = list(dict.fromkeys(HARMONY_SPECIALS + HARMONY_STOPS + ("<|endoftext|>",)))
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -4,7 +4,8 @@ Request and response bodies follow OpenAI's (legacy) completions and chat-comple
 as vLLM and SGLang serve them, so the distillation client talks to this server and to a GPT-OSS
 deployment the same way. ``/v1/completions`` with ``echo`` + ``logprobs`` returns the prompt
 tokens' log-probs (``max_tokens: 0`` scores without generating). Chat answers of Harmony
-models come back as ``content`` (final channel) and ``reasoning_content`` (analysis channel).
+models come back as ``content`` (final channel) and ``reasoning`` / ``reasoning_content`` (analysis
+channel), as vLLM returns GPT-OSS output.
 Every backend call goes through the :class:`BatchQueue`.
 
 Bounds (:class:`ServeLimits`, ``vpmoe serve`` flags): at most ``max_pending`` requests are
@@ -330,7 +331,9 @@ class OpenAIServer:
             if b.is_harmony:
                 split = parse_harmony_completion(text)
                 message["content"] = split.final
-                message["reasoning_content"] = split.reasoning
+                # vLLM's GPT-OSS answer: ``reasoning`` (current) and ``reasoning_content`` (older
+                # vLLM, SGLang, transformers serve) carry the analysis channel
+                message["reasoning"] = message["reasoning_content"] = split.reasoning
             else:
                 message["content"] = text
             choice = {"index": i, "message": message, "finish_reason": finish}

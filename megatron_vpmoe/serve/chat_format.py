@@ -34,10 +34,11 @@ def parse_harmony_completion(text: str) -> ChannelSplit:
     """Completion text after ``<|start|>assistant`` -> reasoning (analysis) and final channels."""
     oh, enc = _harmony()
     body = text
-    for stop in HARMONY_STOPS:  # the stop token may or may not have been kept
-        body = body.split(stop)[0]
+    # the stop token may or may not have been kept; <|return|>/<|call|> close a message, as
+    # openai_harmony parses them (a message may follow one: parse everything)
+    closed = body.endswith(("<|end|>",) + HARMONY_STOPS)
     try:
-        ids = enc.encode(body + "<|end|>", allowed_special="all")
+        ids = enc.encode(body if closed else body + "<|end|>", allowed_special="all")
         messages = enc.parse_messages_from_completion_tokens(ids, oh.Role.ASSISTANT)
     except Exception:  # noqa: BLE001 - any parse failure means "not Harmony"
         return ChannelSplit(None, _strip_specials(body), False)
