@@ -21,6 +21,7 @@ from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model.init import ShardOf, draw_base_seed, initialize_parameters
 from megatron_vpmoe.model.layers import MLP, KVCache, LinearSpec, RMSNorm, SelfAttention, local_linear_spec
 from megatron_vpmoe.model.moe import MoELayer
+from megatron_vpmoe.model.tpa import TensorProductAttention
 from megatron_vpmoe.model.recompute import recomputed
 from megatron_vpmoe.utils.errors import ConfigError
 
@@ -43,7 +44,8 @@ class TransformerLayer(nn.Module):
         self.cfg = cfg
         self.layer_number = layer_number
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg)
-        self.self_attention = SelfAttention(cfg, layer_number, spec)
+        attention = TensorProductAttention if cfg.attention_kind(layer_number) == "tpa" else SelfAttention
+        self.self_attention = attention(cfg, layer_number, spec)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.is_moe = cfg.is_moe_layer(layer_number)
         if self.is_moe:

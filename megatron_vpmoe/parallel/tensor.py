@@ -9,7 +9,24 @@ from __future__ import annotations
 
 import torch
 
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
 from megatron_vpmoe.model.layers import LinearSpec, mark_tensor_parallel
+
+
+def replicated_linear(tp_group):
+    """A whole linear on every TP rank feeding only the rank's own heads (TPA's dim factors):
+    megatron-core's copy-to-TP-region on its input (identity forward, input gradient summed over
+    the group in backward); its weight gradient is partial (tagged by the model)."""
+    from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+    class Replicated(nn.Linear):
+        def forward(self, x):
+            return F.linear(copy_to_tensor_model_parallel_region(x, group=tp_group), self.weight, self.bias)
+
+    return lambda i, o, bias: Replicated(i, o, bias=bias)
 
 
 def tensor_parallel_spec(tp_size: int, tp_group, params_dtype=torch.float32) -> LinearSpec:
@@ -43,7 +60,8 @@ def tensor_parallel_spec(tp_size: int, tp_group, params_dtype=torch.float32) -> 
         def forward(self, x):
             return super().forward(x)[0]
 
-    return LinearSpec(column=Column, row=Row, tp_size=tp_size)
+    return LinearSpec(column=Column, row=Row, tp_size=tp_size, tp_rank=dist.get_rank(tp_group),
+                      replicated=replicated_linear(tp_group))
 
 
 def te_linear_spec(tp_size: int, tp_group) -> LinearSpec:
@@ -69,4 +87,5 @@ def te_linear_spec(tp_size: int, tp_group) -> LinearSpec:
         mark_tensor_parallel(layer.weight, 1)
         return layer
 
-    return LinearSpec(column=column, row=row, tp_size=tp_size)
+    return LinearSpec(column=column, row=row, tp_size=tp_size, tp_rank=dist.get_rank(tp_group),
+                      replicated=replicated_linear(tp_group))
