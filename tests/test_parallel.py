@@ -139,8 +139,14 @@ def test_pipeline_two_stages_match_single_process():
     ref_loss, ref_grads = single_process_reference(cfg)
     results = run_distributed(_pipeline_body, 2)
     assert [r[3] for r in results] == [[0, 1], [2]]
+    assert_stages_match(((r[0], r[1], r[2]) for r in results), ref_loss, ref_grads)
+
+
+def assert_stages_match(results, ref_loss, ref_grads):
+    """Every rank's loss equals the reference's and the union of the ranks' gathered gradients
+    (pipeline stages hold disjoint layers) equals the reference gradients, within 1e-5."""
     merged = {}
-    for loss_sum, n_tokens, grads, _ in results:
+    for loss_sum, n_tokens, grads in results:
         assert n_tokens == 22 and abs(loss_sum - ref_loss) / abs(ref_loss) < 1e-5
         merged.update({k: torch.from_numpy(v) for k, v in grads.items()})
     assert set(merged) == set(ref_grads)
@@ -184,11 +190,4 @@ def test_locked_attention_matches_single_process(layout, world):
     slopes per TP rank, TPA-factor v_first sent between pipeline stages; experts over EP."""
     cfg = locked_cfg()
     ref_loss, ref_grads = single_process_reference(cfg)
-    merged = {}
-    for loss_sum, n_tokens, grads in run_distributed(_locked_body, world, layout):
-        assert n_tokens == 22 and abs(loss_sum - ref_loss) / abs(ref_loss) < 1e-5
-        merged.update({k: torch.from_numpy(v) for k, v in grads.items()})
-    assert set(merged) == set(ref_grads)
-    for key, ref in ref_grads.items():
-        diff = (merged[key] - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
-        assert diff < 1e-5, (key, float(diff))
+    assert_stages_match(run_distributed(_locked_body, world, layout), ref_loss, ref_grads)
