@@ -226,3 +226,25 @@ def test_bad_attention_options_name_the_key(over, key):
     from megatron_vpmoe.utils.errors import ConfigError
     with pytest.raises(ConfigError, match=key):
         tiny_cfg(**over).validate()
+
+
+def test_locked_bf16_forward_backward_and_cached_decoding():
+    """Under bf16 autocast the locked attention trains and its cached decoding follows the full forward."""
+    cfg = tiny_cfg(**LOCKED)
+    torch.manual_seed(2)
+    model = VpmoeModel(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        for name, p in model.named_parameters():
+            if "self_attention" in name:  # every attention parameter gets a finite gradient
+                assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        with torch.no_grad():
+            full = model(ids)
+            cache = KVCache(cfg.num_layers)
+            steps = [model(ids[:, :4], cache=cache)]
+            for t in range(4, 9):
+                steps.append(model(ids[:, t:t + 1], position_ids=torch.full((2, 1), t), cache=cache))
+    assert (torch.cat(steps, 1) - full).abs().max() < 5e-2
