@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -20,17 +19,19 @@ def replicated_linear(tp_group):
     """A whole linear on every TP rank feeding only the rank's own heads (TPA's dim factors):
     megatron-core's copy-to-TP-region on its input (identity forward, input gradient summed over
     the group in backward); its weight gradient is partial (tagged by the model)."""
-    from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
-
     class Replicated(nn.Linear):
         def forward(self, x):
+            # imported here: megatron-core must not load while a TE spec is built (its import probes TE)
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
             return F.linear(copy_to_tensor_model_parallel_region(x, group=tp_group), self.weight, self.bias)
 
     return lambda i, o, bias: Replicated(i, o, bias=bias)
 
 
-def tensor_parallel_spec(tp_size: int, tp_group, params_dtype=torch.float32) -> LinearSpec:
-    """Column/row-parallel linears over ``tp_group`` (megatron-core ``ColumnParallelLinear``/``RowParallelLinear``)."""
+def tensor_parallel_spec(tp_size: int, tp_group, params_dtype=torch.float32, tp_rank: int = 0) -> LinearSpec:
+    """Column/row-parallel linears over ``tp_group`` (megatron-core ``ColumnParallelLinear``/``RowParallelLinear``);
+    ``tp_rank``: this rank's index in the group (which heads' ALiBi slopes it takes)."""
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -60,11 +61,11 @@ def tensor_parallel_spec(tp_size: int, tp_group, params_dtype=torch.float32) -> 
         def forward(self, x):
             return super().forward(x)[0]
 
-    return LinearSpec(column=Column, row=Row, tp_size=tp_size, tp_rank=dist.get_rank(tp_group),
+    return LinearSpec(column=Column, row=Row, tp_size=tp_size, tp_rank=tp_rank,
                       replicated=replicated_linear(tp_group))
 
 
-def te_linear_spec(tp_size: int, tp_group) -> LinearSpec:
+def te_linear_spec(tp_size: int, tp_group, tp_rank: int = 0) -> LinearSpec:
     """Transformer Engine ``Linear`` layers (``train.transformer_impl: transformer_engine``):
     plain at TP=1, column/row-parallel over ``tp_group`` otherwise (TE splits the weight the
     same way as megatron-core: column on the output dim, row on the input dim, bias of a row
@@ -87,5 +88,5 @@ def te_linear_spec(tp_size: int, tp_group) -> LinearSpec:
         mark_tensor_parallel(layer.weight, 1)
         return layer
 
-    return LinearSpec(column=column, row=row, tp_size=tp_size, tp_rank=dist.get_rank(tp_group),
+    return LinearSpec(column=column, row=row, tp_size=tp_size, tp_rank=tp_rank,
                       replicated=replicated_linear(tp_group))
