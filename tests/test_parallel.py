@@ -168,6 +168,13 @@ def _locked_body(rank, world, layout):
     cfg = locked_cfg()
     ctx = init_parallel(ParallelConfig(**layout))
     pm = build_parallel_model(cfg, ctx, seed=SEED)
+    # KV-cache decoding through the engine (TPA factor caches per TP rank, v_first stage to stage)
+    from megatron_vpmoe.model import VpmoeModel
+    from megatron_vpmoe.model.generation import generate as reference_generate
+    from megatron_vpmoe.parallel.generation import generate
+    torch.manual_seed(SEED)
+    prompts = [[3, 4, 5, 6], [7, 8, 9, 10]]
+    assert generate(pm, prompts, 6) == reference_generate(VpmoeModel(cfg), prompts, 6)
     ids, labels = global_batch(cfg)
     halves = [slice(0, 2), slice(2, 4)]
     if ctx.dp > 1:  # this rank's half of the global batch
@@ -187,7 +194,8 @@ def _locked_body(rank, world, layout):
     ids=["tp2", "pp2", "ep2", "tp2xpp2"])
 def test_locked_attention_matches_single_process(layout, world):
     """TPA (heads split over TP, dim factors replicated with partial gradients), GRAPE-M, ALiBi
-    slopes per TP rank, TPA-factor v_first sent between pipeline stages; experts over EP."""
+    slopes per TP rank, TPA-factor v_first sent between pipeline stages; experts over EP. Loss and
+    gradients of one step, and greedy KV-cache decoding through the engine."""
     cfg = locked_cfg()
     ref_loss, ref_grads = single_process_reference(cfg)
     assert_stages_match(run_distributed(_locked_body, world, layout), ref_loss, ref_grads)
