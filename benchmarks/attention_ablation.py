@@ -104,6 +104,10 @@ def main() -> None:
         rows[name] = {"options": over, "params": count_parameters(model.cfg).total, "valid_bpb": bpb, "degradation_4x": bpb[lengths[1]] - bpb[lengths[0]],
                       "degradation_8x": bpb[lengths[2]] - bpb[lengths[0]], "seconds": time.perf_counter() - start}
         print(name, rows[name], flush=True)
+        write(args, rows, lengths, params)  # after every variant: an interrupted run keeps what it measured
+
+
+def write(args, rows, lengths, params) -> None:
     result = {"device": "cpu", "threads": args.threads, "steps": args.steps, "batch": args.batch, "seq": args.seq,
               "lr": args.lr, "valid_bytes": args.valid_bytes, "train_bytes_seen": args.steps * args.batch * args.seq,
               "load_average_1min": os.getloadavg()[0], "variants": rows}
@@ -114,7 +118,8 @@ def main() -> None:
           f"Byte-level model, hidden {BASE.hidden_size}, {BASE.num_layers} layers (3 local with window "
           f"{BASE.window_size} : 1 global), {args.steps} steps of {args.batch} x {args.seq} bytes "
           f"({result['train_bytes_seen']:,} training bytes, the same bytes in the same order for every variant), "
-          f"validation on {args.valid_bytes:,} held-out bytes of tinyshakespeare.\n\n"
+          f"validation on {args.valid_bytes:,} held-out bytes of tinyshakespeare; {len(rows)} of {len(VARIANTS)} "
+          f"variants measured.\n\n"
           f"| local / global | valid bpb @ {lengths[0]} | @ {lengths[1]} | @ {lengths[2]} | degradation 4x | "
           f"degradation 8x |\n|---|---|---|---|---|---|\n"
           + "".join(f"| {n} | {r['valid_bpb'][lengths[0]]:.4f} | {r['valid_bpb'][lengths[1]]:.4f} | "

@@ -28,7 +28,6 @@ sys.path.insert(0, str(ROOT))
 
 from megatron_vpmoe.config.schema import ModelConfig  # noqa: E402
 from megatron_vpmoe.model import VpmoeModel  # noqa: E402
-from megatron_vpmoe.model import values  # noqa: E402
 from megatron_vpmoe.model.layers import KVCache, local_linear_spec  # noqa: E402
 from megatron_vpmoe.model.params import count_parameters  # noqa: E402
 from megatron_vpmoe.utils.atomic import atomic_file  # noqa: E402
@@ -97,30 +96,30 @@ def decode(model, batch: int, prompt: int, new: int):
 
 
 def expansion_share(cfg: ModelConfig, batch: int, seq: int, steps: int) -> dict:
-    """Forward+backward time of TPA's three factor expansions vs the whole TPA layer (layer 1: value
-    factors of rank 2 x R_KV after the value-residual mix)."""
+    """Share of TPA's factor expansions (the batched matmuls ``[B*S, H, R] @ [B*S, R, D]`` and their
+    backward, told apart from the attention core's by their batch of ``B*S``) in one TPA layer's
+    forward+backward CPU time, from the profiler over ``steps`` runs (layer 1: value factors of rank
+    2 x R_KV after the value-residual mix). A ratio within one profile, so other load on the host
+    scales both sides."""
+    from torch.profiler import ProfilerActivity, profile
+
     from megatron_vpmoe.model.tpa import TensorProductAttention
 
     layer = TensorProductAttention(cfg, 1, local_linear_spec())
     x = torch.randn(batch, seq, cfg.hidden_size, requires_grad=True)
     pos = torch.arange(seq).unsqueeze(0).expand(batch, seq)
     v_first = torch.randn(batch, seq, cfg.tpa_kv_rank, cfg.num_attention_heads + cfg.kv_channels)
-    h, d, rq, rk = cfg.num_attention_heads, cfg.kv_channels, cfg.tpa_q_rank, cfg.tpa_kv_rank
-    factors = [(torch.randn(batch, seq, h, r, requires_grad=True), torch.randn(batch, seq, r, d, requires_grad=True))
-               for r in (rq, rk, 2 * rk)]
-
-    def timed(fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    whole = lambda: layer(x, pos, v_first)[0].sum().backward()  # noqa: E731
-    expand = lambda: sum(values.expand(f).sum() for f in factors).backward()  # noqa: E731
-    whole(), expand()  # warm-up
-    # interleaved, best of each: on a shared machine the minimum is the least disturbed run
-    layer_s = min(timed(whole) for _ in range(steps))
-    expand_s = min(timed(expand) for _ in range(steps))
-    return {"tpa_layer_fwd_bwd_s": layer_s, "expansions_fwd_bwd_s": expand_s, "share": expand_s / layer_s}
+    layer(x, pos, v_first)[0].sum().backward()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            layer(x, pos, v_first)[0].sum().backward()
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    expand = sum(e.self_cpu_time_total for e in events if e.key in ("aten::bmm", "aten::mm")
+                 and e.input_shapes and e.input_shapes[0] and e.input_shapes[0][0] == batch * seq
+                 and len(e.input_shapes[0]) == 3)
+    return {"tpa_layer_fwd_bwd_cpu_s": total / 1e6 / steps, "expansions_fwd_bwd_cpu_s": expand / 1e6 / steps,
+            "share": expand / total}
 
 
 def design_cache_bytes(path: Path) -> dict:
@@ -173,8 +172,9 @@ def attention_part(args) -> None:
           f"Locked design (vpmoe-locked.yaml, bf16) per local layer and token: GQA {locked['gqa_bytes']} B, TPA "
           f"{locked['tpa_bytes']} B ({locked['tpa_over_gqa']:.2f}x; {locked['tpa_bytes_without_value_residual']} B "
           f"without the value residual; MHA {locked['mha_bytes']} B).\n\n"
-          f"TPA factor expansion (three batched matmuls, fwd+bwd) takes {share['share']:.0%} of a TPA layer's "
-          f"forward+backward ({share['expansions_fwd_bwd_s'] * 1e3:.1f} of {share['tpa_layer_fwd_bwd_s'] * 1e3:.1f} ms): "
+          f"TPA factor expansion (the batched matmuls of Q, K and V, fwd+bwd) takes {share['share']:.0%} of a TPA layer's "
+          f"forward+backward CPU time (profiler, {share['expansions_fwd_bwd_cpu_s'] * 1e3:.1f} of "
+          f"{share['tpa_layer_fwd_bwd_cpu_s'] * 1e3:.1f} ms per step): "
           f"{'not the bottleneck' if share['share'] < 0.3 else 'a large share'}.\n\n"
           f"1-minute load average at the end of the run: {load:.1f} on a shared machine ({args.threads} threads used); "
           f"above {args.threads} the tokens/s columns measure contention as much as the models.\n")
