@@ -66,11 +66,11 @@ def unpermute(expert_out, sort_order, weights, num_tokens):
     return reference.unpermute(expert_out, sort_order, weights, num_tokens)
 
 
-def attention(q, k, v, sinks=None, window=None, scale=None):
+def attention(q, k, v, sinks=None, window=None, scale=None, alibi=None):
     if _use_triton(q):
         from megatron_vpmoe.kernels import triton_attention
-        return triton_attention.attention(q, k, v, sinks, window, scale)
-    return reference.attention(q, k, v, sinks, window, scale)
+        return triton_attention.attention(q, k, v, sinks, window, scale, alibi)
+    return reference.attention(q, k, v, sinks, window, scale, alibi)
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=1024):

@@ -8,6 +8,8 @@ Conventions
 - A sliding window of ``w`` lets query ``i`` see keys ``j`` with ``i - w < j <= i``.
 - The attention sink (GPT-OSS "softmax offset") is a learnable logit per head that joins
   the softmax denominator but contributes no value.
+- The ALiBi distance bias (GRAPE-A) adds ``-slope[h] * (i - j)`` to the score of query ``i``
+  and key ``j`` in head ``h`` (positions counted in the key sequence, so it streams with a cache).
 """
 
 from __future__ import annotations
@@ -112,8 +114,9 @@ def attention(
     sinks: Optional[torch.Tensor] = None,
     window: Optional[int] = None,
     scale: Optional[float] = None,
+    alibi: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Causal attention with an optional sliding window and per-head sink logits.
+    """Causal attention with an optional sliding window, per-head sink logits and ALiBi bias.
 
     ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA). Queries are
     the last ``Sq`` positions of the ``Sk`` keys (``Sq == Sk`` in training; ``Sq < Sk`` when
@@ -122,10 +125,10 @@ def attention(
     fused kernel's fp32 accumulators).
     """
     with torch.autocast(q.device.type, enabled=False):
-        return _attention_fp32(q, k, v, sinks, window, scale)
+        return _attention_fp32(q, k, v, sinks, window, scale, alibi)
 
 
-def _attention_fp32(q, k, v, sinks, window, scale):
+def _attention_fp32(q, k, v, sinks, window, scale, alibi=None):
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
@@ -138,6 +141,8 @@ def _attention_fp32(q, k, v, sinks, window, scale):
     qpos = torch.arange(sk - sq, sk, device=q.device).unsqueeze(-1)
     kpos = torch.arange(sk, device=q.device).unsqueeze(0)
     visible = kpos <= qpos
+    if alibi is not None:
+        scores = scores - alibi.float().view(1, hq, 1, 1) * (qpos - kpos).float()
     if window is not None:
         visible = visible & (kpos > qpos - window)
     scores = scores.masked_fill(~visible, float("-inf"))

@@ -1,8 +1,9 @@
 """Triton FlashAttention-style causal attention with sliding window, per-head sink and GQA.
 
 Semantics of ``kernels.reference.attention``: ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``,
-queries are the last ``Sq`` of ``Sk`` positions, query ``i`` sees keys ``i - w < j <= i``, and the
-sink logit of a head joins the softmax denominator without a value.
+queries are the last ``Sq`` of ``Sk`` positions, query ``i`` sees keys ``i - w < j <= i``, the
+sink logit of a head joins the softmax denominator without a value, and the optional ALiBi slope
+``m_h`` of a head adds ``-m_h (i - j)`` to each scaled score (a fixed bias: no gradient).
 
 Why a custom kernel rather than ``flex_attention``: flex_attention expresses the window with a
 block mask, but the sink is a denominator term that is not a score of any key, so it would need
@@ -52,6 +53,12 @@ def _visible(qpos, offs_n, n_k, window):
 
 
 @triton.jit
+def _biased(s, qpos, offs_n, slope):
+    """Scores plus the ALiBi distance bias ``-slope * (i - j)`` (slope 0: no bias)."""
+    return s - slope * (qpos[:, None] - offs_n[None, :]).to(tl.float32)
+
+
+@triton.jit
 def _key_blocks(start_m, n_q, n_k, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``[lo, hi)``: the key range a query block can see, ``lo`` aligned to ``BLOCK_N``."""
     lo = tl.maximum((n_k - n_q) + start_m - window + 1, 0)
@@ -59,13 +66,13 @@ def _key_blocks(start_m, n_q, n_k, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
-def _tile_probs_and_dscores(q, k, v, do, lse, delta, qpos, offs_n, n_k, window, scale,
+def _tile_probs_and_dscores(q, k, v, do, lse, delta, qpos, offs_n, n_k, window, scale, slope,
                             PRECISION: tl.constexpr):
     """Backward of one tile: probabilities ``p`` from the saved ``lse`` and ``ds = p * (dO V^T - delta)``.
 
     Padding query rows have ``q = dO = 0`` and ``lse = delta = 0``, so their ``ds`` and their
     ``p^T dO`` contribution are zero."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    s = _biased(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, qpos, offs_n, slope)
     p = tl.exp(tl.where(_visible(qpos, offs_n, n_k, window), s - lse[:, None], float("-inf")))
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     return p, p * (dp - delta[:, None])
@@ -86,7 +93,7 @@ def _query_block(n_q, n_heads, rep, sqb, sqh, skb, skh, D: tl.constexpr, BLOCK_D
 
 
 @triton.jit
-def _attn_fwd(q_ptr, k_ptr, v_ptr, sink_ptr, o_ptr, lse_ptr,
+def _attn_fwd(q_ptr, k_ptr, v_ptr, sink_ptr, slope_ptr, o_ptr, lse_ptr,
               sqb, sqs, sqh, skb, sks, skh, sob, sos, soh,
               n_q, n_k, n_heads, rep, window, scale,
               HAS_SINK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -98,6 +105,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, sink_ptr, o_ptr, lse_ptr,
     q = _load_tile(q_ptr + q_base, offs_m, sqs, offs_d, m_ok, d_ok, DOT_DTYPE)
     k_base = k_ptr + kv_base
     v_base = v_ptr + kv_base
+    slope = tl.load(slope_ptr + h).to(tl.float32)
     if HAS_SINK:  # the sink starts the online softmax: running max = sink, running sum = 1
         sink = tl.load(sink_ptr + h).to(tl.float32)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink
@@ -110,7 +118,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, sink_ptr, o_ptr, lse_ptr,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, offs_n, sks, offs_d, n_k, d_ok, DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = _biased(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, qpos, offs_n, slope)
         s = tl.where(_visible(qpos, offs_n, n_k, window), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -127,7 +135,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, sink_ptr, o_ptr, lse_ptr,
 
 
 @triton.jit
-def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, slope_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                    sqb, sqs, sqh, skb, sks, skh,
                    n_q, n_k, n_heads, n_kv_heads, rep, window, scale,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -151,6 +159,7 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     for r in range(0, rep):  # the query heads sharing this KV head
         h = hk * rep + r
         q_base = b * sqb + h * sqh
+        slope = tl.load(slope_ptr + h).to(tl.float32)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < n_q
@@ -160,7 +169,7 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
             lse = tl.load(lse_ptr + row, mask=m_ok, other=0.0)
             delta = tl.load(delta_ptr + row, mask=m_ok, other=0.0)
             p, ds = _tile_probs_and_dscores(q, k, v, do, lse, delta, (n_k - n_q) + offs_m, offs_n,
-                                            n_k, window, scale, PRECISION)
+                                            n_k, window, scale, slope, PRECISION)
             dv += tl.dot(tl.trans(p.to(DOT_DTYPE)), do, input_precision=PRECISION)
             dk += tl.dot(tl.trans(ds.to(DOT_DTYPE)), q, input_precision=PRECISION)
     kv_offs = kv_base + offs_n[:, None] * sks + offs_d[None, :]
@@ -170,7 +179,7 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
 
 
 @triton.jit
-def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, slope_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                  sqb, sqs, sqh, skb, sks, skh,
                  n_q, n_k, n_heads, rep, window, scale,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -184,13 +193,14 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     delta = tl.load(delta_ptr + row, mask=m_ok, other=0.0)
     k_base = k_ptr + kv_base
     v_base = v_ptr + kv_base
+    slope = tl.load(slope_ptr + h).to(tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_blocks(start_m, n_q, n_k, window, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, offs_n, sks, offs_d, n_k, d_ok, DOT_DTYPE)
         _, ds = _tile_probs_and_dscores(q, k, v, do, lse, delta, (n_k - n_q) + offs_m, offs_n,
-                                        n_k, window, scale, PRECISION)
+                                        n_k, window, scale, slope, PRECISION)
         dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=PRECISION)
     tl.store(dq_ptr + q_base + offs_m[:, None] * sqs + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -207,7 +217,7 @@ def _dot_config(t: torch.Tensor) -> dict:
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sinks, window, scale):
+    def forward(ctx, q, k, v, sinks, window, scale, alibi):
         b, sq, hq, d = q.shape
         sk, hkv = k.shape[1], k.shape[2]
         if hq % hkv:
@@ -221,18 +231,20 @@ class _Attention(torch.autograd.Function):
         block_d = max(16, triton.next_power_of_2(d))
         has_sink = sinks is not None
         sink_arg = sinks.contiguous() if has_sink else lse
+        slopes = (torch.zeros(hq, dtype=torch.float32, device=q.device) if alibi is None
+                  else alibi.detach().float().contiguous())
         if o.numel():
             _attn_fwd[(triton.cdiv(sq, BLOCK_M), b * hq)](
-                q, k, v, sink_arg, o, lse, *q.stride()[:3], *k.stride()[:3], *o.stride()[:3],
+                q, k, v, sink_arg, slopes, o, lse, *q.stride()[:3], *k.stride()[:3], *o.stride()[:3],
                 sq, sk, hq, hq // hkv, win, scale, HAS_SINK=has_sink, D=d, BLOCK_D=block_d,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_dot_config(q))
-        ctx.save_for_backward(q, k, v, o, lse, sinks if has_sink else None)
+        ctx.save_for_backward(q, k, v, o, lse, slopes, sinks if has_sink else None)
         ctx.window, ctx.scale, ctx.has_sink = win, scale, has_sink
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, sinks = ctx.saved_tensors
+        q, k, v, o, lse, slopes, sinks = ctx.saved_tensors
         b, sq, hq, d = q.shape
         sk, hkv = k.shape[1], k.shape[2]
         do = do.contiguous()
@@ -242,10 +254,10 @@ class _Attention(torch.autograd.Function):
         common = dict(D=d, BLOCK_D=block_d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_dot_config(q))
         if q.numel():
             _attn_bwd_dkdv[(triton.cdiv(sk, BLOCK_N), b * hkv)](
-                q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3],
+                q, k, v, slopes, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3],
                 sq, sk, hq, hkv, hq // hkv, ctx.window, ctx.scale, **common)
             _attn_bwd_dq[(triton.cdiv(sq, BLOCK_M), b * hq)](
-                q, k, v, do, lse, delta, dq, *q.stride()[:3], *k.stride()[:3],
+                q, k, v, slopes, do, lse, delta, dq, *q.stride()[:3], *k.stride()[:3],
                 sq, sk, hq, hq // hkv, ctx.window, ctx.scale, **common)
         else:
             dk.zero_()
@@ -254,10 +266,11 @@ class _Attention(torch.autograd.Function):
         if ctx.has_sink:
             p_sink = torch.exp(sinks.float().view(1, hq, 1) - lse)
             dsinks = (-(p_sink * delta).sum(dim=(0, 2))).to(sinks.dtype)
-        return dq, dk, dv, dsinks, None, None
+        return dq, dk, dv, dsinks, None, None, None
 
 
-def attention(q, k, v, sinks=None, window=None, scale=None):
-    """Causal (sliding-window) attention with per-head sinks and GQA; differentiable in q, k, v, sinks."""
+def attention(q, k, v, sinks=None, window=None, scale=None, alibi=None):
+    """Causal (sliding-window) attention with per-head sinks, GQA and an optional ALiBi bias
+    (``alibi [Hq]`` slopes); differentiable in q, k, v, sinks."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _Attention.apply(q, k, v, sinks, window, float(scale))
+    return _Attention.apply(q, k, v, sinks, window, float(scale), alibi)

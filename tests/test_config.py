@@ -279,3 +279,22 @@ def test_binary_or_broken_config_is_one_line(tmp_path, capsys, content):
     rc = main(["config", "validate", str(path)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and str(path) in err, err
+
+
+def test_locked_config_counts_tpa_attention():
+    """vpmoe-locked.yaml: TPA local layers counted from the closed form; ~5.36B total as designed."""
+    cfg = load_config(CONFIGS / "vpmoe-locked.yaml").model
+    h, d, heads, g = cfg.hidden_size, cfg.kv_channels, cfg.num_attention_heads, cfg.num_query_groups
+    ranks = cfg.tpa_q_rank + 2 * cfg.tpa_kv_rank
+    shared = 2 * d + heads + d // 2  # QK-norm, sinks, GRAPE-M frequencies (local) / none (global)
+    tpa = h * heads * ranks + h * ranks * d + heads * d * h + shared
+    gqa = h * (heads + 2 * g) * d + heads * d * h + 2 * d + heads
+    local = sum(1 for i in range(cfg.num_layers) if not cfg.is_global_layer(i))
+    attention = local * tpa + (cfg.num_layers - local) * gqa + cfg.num_layers - 1  # + value lambdas
+    counts = count_parameters(cfg)
+    assert counts.components["attention"] == attention
+    assert counts.components["routed_experts"] == (cfg.num_layers - 1) * 256 * 2 * h * 112
+    assert 5.35e9 < counts.total < 5.37e9
+    out = run_cli("config", "show", str(CONFIGS / "vpmoe-locked.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert f"total params: {counts.total}" in out.stdout.splitlines()

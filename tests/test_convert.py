@@ -340,3 +340,40 @@ def test_from_hf_truncated_safetensors_is_one_line(hf_dir, tmp_path, capsys, cut
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and shard.name in err, err
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_locked_attention_converts_with_logits_parity(native_ckpt, tmp_path):
+    """TPA + GRAPE-M (learned frequencies and basis moved off their init) local layers, GQA + ALiBi
+    global layers: the HF model's logits within 1e-5 of native and identical greedy generation,
+    with TPA's factors (not expanded K/V) in the HF cache."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_vpmoe.config import dump_config, load_config
+    from megatron_vpmoe.convert.checkpoint_io import write_native_checkpoint
+    from megatron_vpmoe.model.generation import generate
+
+    root, _, _ = native_ckpt
+    cfg = load_config("examples/configs/tiny-cpu.yaml", [
+        "model.vocab_size=512", f"model.window_size={WINDOW}", "model.hidden_size=64",
+        "model.ffn_hidden_size=128", "model.moe_ffn_hidden_size=32", "model.moe_shared_expert_intermediate_size=32",
+        "model.local_attention=tpa", "model.local_position=grape_m", "model.grape_m_learnable_basis=true",
+        "model.global_position=alibi", f"data.tokenizer={root / 'tokenizer'}", "run.name=tiny-locked"])
+    native = _native_model(cfg.model)
+    with torch.no_grad():
+        for name, p in native.named_parameters():
+            if ".grape." in name:
+                p.normal_(0.0, 0.2)
+    write_native_checkpoint(tmp_path / "ckpt", native, 3, dump_config(cfg), source="test")
+    assert main(["convert", "to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True, dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 5 * WINDOW))
+    with torch.no_grad():
+        assert (hf(ids).logits - native(ids)).abs().max().item() < 1e-5
+    prompts = ids[:, :6]
+    got = hf.generate(prompts, max_new_tokens=3 * WINDOW, do_sample=False, eos_token_id=None)[:, 6:]
+    assert got.tolist() == generate(native, prompts.tolist(), 3 * WINDOW)
+    out = hf(prompts, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    h, d, r = cfg.model.num_attention_heads, cfg.model.kv_channels, cfg.model.tpa_kv_rank
+    assert cache.layers[0].keys.shape[-1] == r * (h + d)  # key factors of a TPA layer, flattened

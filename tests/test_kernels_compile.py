@@ -68,7 +68,7 @@ def _cases(t):  # t: "fp32" or "bf16", the activations' dtype
                  "grad_loss_ptr": f32}
     yield triton_loss._ce_fwd, loss_ptrs, dict(BLOCK_V=triton_loss.BLOCK_V)
     yield triton_loss._ce_bwd_inplace, loss_ptrs, dict(BLOCK_V=triton_loss.BLOCK_V)
-    stats = {"sink_ptr": f32, "lse_ptr": f32, "delta_ptr": f32}
+    stats = {"sink_ptr": f32, "slope_ptr": f32, "lse_ptr": f32, "delta_ptr": f32}
     yield triton_attention._attn_fwd, stats, dict(HAS_SINK=True, **_attention_constexprs(t))
     yield triton_attention._attn_bwd_dkdv, stats, _attention_constexprs(t)
     yield triton_attention._attn_bwd_dq, stats, _attention_constexprs(t)

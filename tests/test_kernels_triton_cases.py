@@ -227,6 +227,28 @@ def test_attention(dtype, case):
     _close_all(grads, ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [(1, 37, 37, 4, 2, 16, None), (1, 5, 40, 4, 4, 8, 7)])
+def test_attention_alibi(dtype, case):
+    """The ALiBi distance bias (GRAPE-A) inside the kernel, forward and backward, full and windowed,
+    training shape and decoding against a longer key sequence."""
+    b, sq, sk, hq, hkv, d, window = case
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(b, sq, hq, d, generator=gen).to(dtype)
+    k = torch.randn(b, sk, hkv, d, generator=gen).to(dtype)
+    v = torch.randn(b, sk, hkv, d, generator=gen).to(dtype)
+    slopes = 2.0 ** -torch.arange(1, hq + 1, dtype=torch.float32)
+    inputs = [q, k, v, torch.randn(hq, generator=gen)]
+
+    def run(impl):
+        return lambda q_, k_, v_, s_: impl.attention(q_, k_, v_, s_, window, 0.3, slopes)
+
+    (o,), grads = _grads(run(K["triton_attention"]), inputs)
+    (orf,), ref = _grads(run(reference), inputs)
+    _close(o, orf, dtype)
+    _close_all(grads, ref, dtype)
+
+
 def test_ops_dispatch_takes_triton_branch(monkeypatch):
     """With the device check forced, every ops.* call reaches its kernel with the same signature."""
     if DEVICE != "cpu":

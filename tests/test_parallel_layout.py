@@ -63,3 +63,12 @@ def test_vpmoe_6b_layout_shards_reduced(fake_world):
     # the four stages of one EP rank: replicated parts once, experts / 8
     routed = count_parameters(cfg.model).components["routed_experts"]
     assert stage_sum == total - routed + routed // 8
+
+
+def test_locked_attention_shards_match_layout_arithmetic(fake_world):
+    """TPA's head factors split over TP, its dim factors and GRAPE-M whole on every rank."""
+    from test_parallel import locked_cfg
+    cfg = replace(locked_cfg(), grape_m_learnable_basis=True)  # biases on
+    for rank in range(4):
+        built, expected, _ = _shard_params(cfg, {"tensor": 2, "pipeline": 2}, rank, 4, fake_world)
+        assert built == expected, (rank, built, expected)

@@ -77,6 +77,8 @@ RANGES = {
     "model.window_size": _ints(1, 1 << 24),
     "model.local_global_pattern": _ints(0, 10_000),
     "model.rotary_base": POSITIVE,
+    "model.tpa_q_rank": _ints(1, 4096),
+    "model.tpa_kv_rank": _ints(1, 4096),
     "model.attention_dropout": PROBABILITY_LT1,
     "model.hidden_dropout": PROBABILITY_LT1,
     "model.moe_first_k_dense": _ints(0, 10_000),

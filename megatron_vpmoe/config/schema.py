@@ -51,7 +51,14 @@ class ModelConfig:
     value_residual: bool = True  # v = lambda * v + (1 - lambda) * v_layer1
     position_embedding_type: Literal["rope", "none"] = "rope"  # rope, or none (NoPE everywhere)
     rotary_base: float = 10_000.0  # RoPE base frequency
-    nope_on_global: bool = False  # no positional encoding on global layers
+    nope_on_global: bool = False  # no positional encoding on global layers (the same as global_position: none)
+    local_attention: Literal["gqa", "tpa"] = "gqa"  # sliding-window layers: GQA, or tensor product attention (TPA, arXiv 2501.06425)
+    tpa_q_rank: int = 6  # TPA: rank of the query tensor products (the paper's R_Q)
+    tpa_kv_rank: int = 2  # TPA: rank of the key and of the value tensor products (the paper's R_K = R_V)
+    local_position: Literal["rope", "grape_m"] = "rope"  # sliding-window layers: RoPE, or GRAPE-M rotations (arXiv 2512.07805)
+    grape_m_learnable_freq: bool = True  # GRAPE-M: learn the per-plane frequencies (initialised at the RoPE spectrum)
+    grape_m_learnable_basis: bool = False  # GRAPE-M: learn the orthogonal basis of the rotation planes (initialised at RoPE's planes)
+    global_position: Literal["rope", "none", "alibi"] = "rope"  # global layers: RoPE, none (NoPE), or ALiBi (GRAPE-A)
     attention_dropout: float = 0.0  # must be 0 (the fused attention path has no dropout)
     hidden_dropout: float = 0.0  # dropout on the residual branches (training only)
 
@@ -80,6 +87,18 @@ class ModelConfig:
         period = local + glob
         return glob > 0 and (layer_number % period) >= local
 
+    def attention_kind(self, layer_number: int) -> str:
+        """``tpa`` or ``gqa``: global layers are always GQA, local ones follow ``local_attention``."""
+        return "gqa" if self.is_global_layer(layer_number) else self.local_attention
+
+    def position_kind(self, layer_number: int) -> str:
+        """The layer's positions: ``rope``, ``grape_m``, ``alibi`` or ``none``."""
+        if self.position_embedding_type == "none":
+            return "none"
+        if self.is_global_layer(layer_number):
+            return "none" if self.nope_on_global else self.global_position
+        return self.local_position
+
     def validate(self) -> None:
         positive = [
             "vocab_size", "hidden_size", "num_layers", "num_attention_heads",
@@ -103,6 +122,17 @@ class ModelConfig:
             )
         if self.position_embedding_type == "rope" and self.kv_channels % 2:
             raise ConfigError("RoPE needs an even head dimension", key="model.kv_channels")
+        if self.position_embedding_type == "none" and (
+                self.local_position != "rope" or self.global_position != "rope"):
+            raise ConfigError("position_embedding_type: none turns positions off everywhere; leave "
+                              "local_position/global_position at rope", key="model.position_embedding_type")
+        if self.nope_on_global and self.global_position != "rope":
+            raise ConfigError(f"nope_on_global contradicts global_position: {self.global_position} "
+                              "(use global_position: none)", key="model.nope_on_global")
+        if self.local_attention == "tpa":
+            for name in ("tpa_q_rank", "tpa_kv_rank"):
+                if getattr(self, name) <= 0:
+                    raise ConfigError(f"must be > 0, got {getattr(self, name)}", key=f"model.{name}")
         if not 0 <= self.moe_first_k_dense <= self.num_layers:
             raise ConfigError(
                 f"must be between 0 and num_layers ({self.num_layers})", key="model.moe_first_k_dense"

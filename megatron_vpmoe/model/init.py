@@ -7,7 +7,8 @@ model existing anywhere: an expert-parallel rank draws only its experts, a tenso
 rank draws the parameter (one at a time) and keeps its slice, a pipeline stage touches only
 its layers. Every layout therefore starts from exactly the single-process weights.
 
-Rules (by the parameter's last name component): ``value_lambda`` 0.5, ``sinks`` and biases 0,
+Rules (by the parameter's last name component): ``value_lambda`` 0.5, ``sinks``, biases and
+GRAPE-M's ``freq_log_scale``/``basis_skew`` 0,
 matrices ~ N(0, std), other vectors (norm weights) 1.
 """
 
@@ -52,6 +53,8 @@ def _fill(out: torch.Tensor, name: str, std: float, base_seed: int, expert: Opti
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "value_lambda":
         out.fill_(0.5)
+    elif leaf in ("freq_log_scale", "basis_skew"):  # GRAPE-M starts at RoPE's spectrum and planes
+        out.zero_()
     elif leaf == "sinks" or "bias" in leaf:
         out.zero_()
     elif len(full_shape) >= 2:

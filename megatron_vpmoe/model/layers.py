@@ -1,4 +1,4 @@
-"""Building blocks of a VPMoE decoder layer: norms, RoPE, attention, dense MLP, linear spec.
+"""Building blocks of a VPMoE decoder layer: norms, the KV cache, GQA attention, dense MLP, linear spec.
 
 Every module here is plain PyTorch, device-agnostic (no ``torch.cuda``), and calls the fused
 operations only through ``kernels.ops``. Which linear layer class implements a projection is
@@ -8,8 +8,9 @@ supplies tensor-parallel ones), so the same module code runs single-process and 
 Parameter attributes used by the parallel code (same names as megatron-core where one exists):
 ``tensor_model_parallel`` / ``partition_dim`` on tensor-parallel shards, ``expert_parallel``
 on routed-expert weights, ``tensor_parallel_partial_grad`` on replicated parameters applied
-to a rank's own heads only (QK-norm weights, value-residual lambda) or, under sequence
-parallelism, to a rank's own slice of the sequence (the norms).
+to a rank's own heads only (QK-norm weights, value-residual lambda, GRAPE-M parameters, TPA's
+dim-factor projection) or, under sequence parallelism, to a rank's own slice of the sequence
+(the norms).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 
 from megatron_vpmoe.kernels import ops
 from megatron_vpmoe.config.schema import ModelConfig
+from megatron_vpmoe.model import values
+from megatron_vpmoe.model.positions import GrapeM, alibi_slopes, apply_rope
 from megatron_vpmoe.model.recompute import recomputed
 
 
@@ -48,13 +51,18 @@ class LinearSpec:
     ``column(in, out, bias)`` splits the output dimension across tensor-parallel ranks (its
     input is replicated, its output sharded); ``row(in, out, bias)`` splits the input
     dimension and reduces the output. Both return a module mapping ``x -> y`` with
-    parameters named ``weight`` (``[out, in]`` locally) and ``bias``. ``tp_size`` is the
-    tensor-parallel world size (1 = plain layers).
+    parameters named ``weight`` (``[out, in]`` locally) and ``bias``. ``replicated(in, out,
+    bias)`` is a whole linear on every rank whose output feeds only the rank's own heads (TPA's
+    dim factors): its input gradient is summed over the group, its weight gradient is partial
+    (tagged ``tensor_parallel_partial_grad``). ``tp_size``/``tp_rank``: the tensor-parallel
+    world size (1 = plain layers) and this rank's index in it.
     """
 
     column: Callable[[int, int, bool], nn.Module]
     row: Callable[[int, int, bool], nn.Module]
     tp_size: int = 1
+    tp_rank: int = 0
+    replicated: Callable[[int, int, bool], nn.Module] = lambda i, o, b: nn.Linear(i, o, bias=b)
     # sequence parallelism (set by the parallel package): ``column``/``row`` then do not
     # communicate, the layer's region boundaries do (:class:`WholeSequence` documents them);
     # ``tensor_parallel`` is the communicating spec, for the MoE layer's shared experts
@@ -131,52 +139,43 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     raise ValueError(f"unknown activation {name!r}")
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary embedding, rotate-half layout (Megatron/HF): ``x [B, S, H, D]``, ``positions [B, S]``."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [B, S, D/2]
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).unsqueeze(2)
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).unsqueeze(2)
-    xf = x.float()
-    x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
-
-
 class KVCache:
-    """Per-layer key/value cache for generation; sliding-window layers keep only their window."""
+    """Per-layer cache for generation: each layer keeps the tensors it attends over (GQA: keys and
+    values; TPA: its key and value factors), ``[B, S, ...]``; sliding-window layers keep only
+    their window."""
 
     def __init__(self, num_layers: int):
-        self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
-        self.values: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.entries: list[Optional[Tuple[torch.Tensor, ...]]] = [None] * num_layers
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=1)
-            v = torch.cat([self.values[layer], v], dim=1)
-        return k, v
+    def update(self, layer: int, tensors: Tuple[torch.Tensor, ...], window: Optional[int]) -> Tuple[torch.Tensor, ...]:
+        """Append this step's ``tensors`` to the layer's cache; returns the whole sequence, and
+        keeps the last ``window - 1`` positions (the next query sees itself plus those)."""
+        if self.entries[layer] is not None:
+            tensors = tuple(torch.cat([old, new], dim=1) for old, new in zip(self.entries[layer], tensors))
+        kept = tensors
+        if window is not None and tensors[0].shape[1] > window - 1:
+            keep = window - 1
+            kept = tuple(t[:, t.shape[1] - keep:] for t in tensors)
+        self.entries[layer] = kept
+        return tensors
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: Optional[int]) -> None:
-        if window is not None and k.shape[1] > window - 1:
-            keep = window - 1  # the next query sees itself plus window-1 earlier keys
-            k, v = k[:, k.shape[1] - keep:], v[:, v.shape[1] - keep:]
-        self.keys[layer], self.values[layer] = k, v
+    @property
+    def keys(self) -> list:
+        """The first cached tensor of each layer (GQA: the keys)."""
+        return [None if e is None else e[0] for e in self.entries]
 
     def select(self, index: torch.Tensor) -> None:
         """Keep the batch rows ``index`` (drop finished sequences)."""
-        self.keys = [None if k is None else k.index_select(0, index) for k in self.keys]
-        self.values = [None if v is None else v.index_select(0, index) for v in self.values]
+        self.entries = [None if e is None else tuple(t.index_select(0, index) for t in e) for e in self.entries]
+
+    def bytes_per_token(self) -> int:
+        """Bytes this cache holds per cached position, summed over layers (one batch row)."""
+        return sum(t[0, 0].numel() * t.element_size() for e in self.entries if e is not None for t in e)
 
 
-class SelfAttention(nn.Module):
-    """GQA self-attention with QK-norm, RoPE, sliding window or full causal, sinks, value residual.
-
-    The fused QKV projection's output rows are laid out per query group (megatron-core's
-    layout): for each group ``g``, its ``heads/groups`` query heads, then its key head, then
-    its value head, each ``kv_channels`` rows. A column split over tensor-parallel ranks
-    therefore gives each rank whole query groups.
-    """
+class AttentionBase(nn.Module):
+    """What every attention layer shares: output projection, QK-norm, sinks, value-residual
+    lambda, its positions (RoPE, GRAPE-M, ALiBi or none), the window and the attention core."""
 
     def __init__(self, cfg: ModelConfig, layer_number: int, spec: LinearSpec):
         super().__init__()
@@ -184,12 +183,8 @@ class SelfAttention(nn.Module):
         self.layer_number = layer_number
         tp = spec.tp_size
         self.heads = cfg.num_attention_heads // tp
-        self.groups = cfg.num_query_groups // tp
-        self.head_dim = cfg.kv_channels
-        d = self.head_dim
+        self.head_dim = d = cfg.kv_channels
         bias = cfg.add_bias_linear
-        self.linear_qkv = spec.column(
-            cfg.hidden_size, (cfg.num_attention_heads + 2 * cfg.num_query_groups) * d, bias)
         self.linear_proj = spec.row(cfg.num_attention_heads * d, cfg.hidden_size, bias)
         if cfg.qk_layernorm:
             self.q_norm = RMSNorm(d, cfg)
@@ -201,22 +196,73 @@ class SelfAttention(nn.Module):
         self.mix_values = cfg.value_residual and layer_number > 0
         if self.mix_values:
             self.value_lambda = nn.Parameter(torch.tensor(0.5))
-        if tp > 1:
-            # replicated, but each rank applies them to its own heads only: the gradient is a
-            # partial sum that the parallel code all-reduces over the tensor-parallel group
-            for p in [*(self.q_norm.parameters() if cfg.qk_layernorm else []),
-                      *(self.k_norm.parameters() if cfg.qk_layernorm else []),
-                      *([self.value_lambda] if self.mix_values else [])]:
-                p.tensor_parallel_partial_grad = True
         self.is_global = cfg.is_global_layer(layer_number)
         self.window = None if self.is_global else cfg.window_size
-        self.use_rope = cfg.position_embedding_type == "rope" and not (
-            self.is_global and cfg.nope_on_global)
+        self.position = cfg.position_kind(layer_number)
+        if self.position == "grape_m":
+            self.grape = GrapeM(d, cfg.rotary_base, cfg.grape_m_learnable_freq, cfg.grape_m_learnable_basis)
+        own = None  # ALiBi: this rank's heads' slopes (a fixed buffer, not state)
+        if self.position == "alibi":
+            own = torch.tensor(alibi_slopes(cfg.num_attention_heads), dtype=torch.float32)
+            own = own[spec.tp_rank * self.heads:(spec.tp_rank + 1) * self.heads]
+        self.register_buffer("alibi_slopes", own, persistent=False)
+
+    def mark_partial_grads(self, tp: int, extra=()) -> None:
+        """Under TP: replicated parameters applied to this rank's heads only get partial gradients
+        that the parallel code all-reduces over the tensor-parallel group."""
+        if tp == 1:
+            return
+        for name, p in self.named_parameters():
+            if name.startswith(("q_norm.", "k_norm.", "grape.")) or name == "value_lambda":
+                p.tensor_parallel_partial_grad = True
+        for p in extra:
+            p.tensor_parallel_partial_grad = True
+
+    def position_encode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate queries/keys (or their dim factors) ``[B, S, N, D]`` for RoPE / GRAPE-M."""
+        if self.position == "rope":
+            return apply_rope(x, positions, self.cfg.rotary_base)
+        if self.position == "grape_m":
+            return self.grape(x, positions)
+        return x
 
     recompute_core = False  # selective recompute: the attention core is recomputed in backward
 
     def _core(self, q, k, v, sinks):
-        return ops.attention(q, k, v, sinks=sinks, window=self.window, scale=1.0 / math.sqrt(self.head_dim))
+        return ops.attention(q, k, v, sinks=sinks, window=self.window, scale=1.0 / math.sqrt(self.head_dim),
+                             alibi=self.alibi_slopes)
+
+    def attend(self, q, k, v, cache: Optional[KVCache]) -> torch.Tensor:
+        """The core on ``q [B, S, H, D]`` and ``k, v [B, Sk, Hkv, D]``, then the output projection."""
+        b, s = q.shape[:2]
+        sinks = self.sinks if self.cfg.softmax_offset else None
+        if self.recompute_core and cache is None and torch.is_grad_enabled():
+            out = recomputed(self._core, q, k, v, sinks)
+        else:
+            out = self._core(q, k, v, sinks)
+        return self.linear_proj(out.reshape(b, s, self.heads * self.head_dim))
+
+
+class SelfAttention(AttentionBase):
+    """GQA self-attention with QK-norm, RoPE/GRAPE-M/ALiBi, sliding window or full causal, sinks,
+    value residual.
+
+    The fused QKV projection's output rows are laid out per query group (megatron-core's
+    layout): for each group ``g``, its ``heads/groups`` query heads, then its key head, then
+    its value head, each ``kv_channels`` rows. A column split over tensor-parallel ranks
+    therefore gives each rank whole query groups. When layer 0 is TPA, the value residual mixes
+    in factor form (``model/values.py``): the layer caches its keys and value factors and
+    attends with per-head values.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_number: int, spec: LinearSpec):
+        super().__init__(cfg, layer_number, spec)
+        self.groups = cfg.num_query_groups // spec.tp_size
+        self.linear_qkv = spec.column(
+            cfg.hidden_size, (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels,
+            cfg.add_bias_linear)
+        self.mix_factors = self.mix_values and cfg.attention_kind(0) == "tpa"
+        self.mark_partial_grads(spec.tp_size)
 
     def forward(
         self,
@@ -233,24 +279,22 @@ class SelfAttention(nn.Module):
         k = qkv[:, :, :, rep]
         v = qkv[:, :, :, rep + 1]
         raw_v = v
-        if self.mix_values:
-            if v_first is None:
-                raise ValueError(f"layer {self.layer_number} needs layer 0's values (value residual)")
+        if self.mix_values and v_first is None:
+            raise ValueError(f"layer {self.layer_number} needs layer 0's values (value residual)")
+        if self.mix_values and not self.mix_factors:
             v = self.value_lambda * v + (1.0 - self.value_lambda) * v_first
         if self.cfg.qk_layernorm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            q = apply_rope(q, positions, self.cfg.rotary_base)
-            k = apply_rope(k, positions, self.cfg.rotary_base)
+        q, k = self.position_encode(q, positions), self.position_encode(k, positions)
+        if self.mix_factors:  # layer 0 is TPA: values mixed as factors, expanded per head
+            mixed = values.mix(self.value_lambda, values.group_factors(v, self.heads),
+                               values.unpack(v_first, self.cfg, self.heads))
+            if cache is not None:
+                k, *mixed = cache.update(self.layer_number, (k, *mixed), self.window)
+            return self.attend(q, k.repeat_interleave(rep, dim=2), values.expand(mixed), cache), raw_v
         if cache is not None:
-            k, v = cache.append(self.layer_number, k, v)
-            cache.store(self.layer_number, k, v, self.window)
-        sinks = self.sinks if self.cfg.softmax_offset else None
-        if self.recompute_core and cache is None and torch.is_grad_enabled():
-            out = recomputed(self._core, q, k, v, sinks)
-        else:
-            out = self._core(q, k, v, sinks)
-        return self.linear_proj(out.reshape(b, s, self.heads * d)), raw_v
+            k, v = cache.update(self.layer_number, (k, v), self.window)
+        return self.attend(q, k, v, cache), raw_v
 
 
 class MLP(nn.Module):

@@ -26,19 +26,31 @@ def _mlp(cfg: ModelConfig, hidden: int, ffn: int) -> int:
     return weights + biases
 
 
-def attention_params(cfg: ModelConfig, layer_number: int) -> int:
-    h, d = cfg.hidden_size, cfg.kv_channels
-    q = cfg.num_attention_heads * d
-    kv = cfg.num_query_groups * d
-    n = h * (q + 2 * kv) + q * h  # fused QKV projection + output projection
-    if cfg.add_bias_linear:
-        n += q + 2 * kv + h
+def attention_params(cfg: ModelConfig, layer_number: int, tp: int = 1) -> int:
+    """One attention layer's parameters on one tensor-parallel rank (``tp = 1``: the whole layer).
+    TP splits the head-sized projections and the sinks; TPA's dim-factor projection, the output
+    bias, norms, lambda and GRAPE-M parameters are whole on every rank."""
+    h, d, heads = cfg.hidden_size, cfg.kv_channels, cfg.num_attention_heads
+    q = heads * d
+    if cfg.attention_kind(layer_number) == "tpa":
+        ranks = cfg.tpa_q_rank + 2 * cfg.tpa_kv_rank
+        split, whole = h * heads * ranks + q * h, h * ranks * d  # head factors + output | dim factors
+        if cfg.add_bias_linear:
+            split, whole = split + heads * ranks, whole + ranks * d + h
+    else:
+        kv = cfg.num_query_groups * d
+        split, whole = h * (q + 2 * kv) + q * h, 0  # fused QKV projection + output projection
+        if cfg.add_bias_linear:
+            split, whole = split + q + 2 * kv, h
+    if cfg.softmax_offset:
+        split += heads
+    n = split // tp + whole
     if cfg.qk_layernorm:
         n += 2 * _norm(cfg, d)
-    if cfg.softmax_offset:
-        n += cfg.num_attention_heads
     if cfg.value_residual and layer_number > 0:
         n += 1  # the learnable mixing lambda
+    if cfg.position_kind(layer_number) == "grape_m":
+        n += (d // 2 if cfg.grape_m_learnable_freq else 0) + (d * d if cfg.grape_m_learnable_basis else 0)
     return n
 
 

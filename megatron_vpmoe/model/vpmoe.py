@@ -30,6 +30,7 @@ from megatron_vpmoe.model.layers import (
     mark_sequence_parallel_partial,
 )
 from megatron_vpmoe.model.moe import MoELayer
+from megatron_vpmoe.model.tpa import TensorProductAttention
 from megatron_vpmoe.model.recompute import recomputed
 from megatron_vpmoe.utils.errors import ConfigError
 
@@ -52,7 +53,8 @@ class TransformerLayer(nn.Module):
         self.cfg = cfg
         self.layer_number = layer_number
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg)
-        self.self_attention = SelfAttention(cfg, layer_number, spec)
+        attention = TensorProductAttention if cfg.attention_kind(layer_number) == "tpa" else SelfAttention
+        self.self_attention = attention(cfg, layer_number, spec)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.is_moe = cfg.is_moe_layer(layer_number)
         if self.is_moe:  # runs on the whole sequence (see forward): communicating TP linears

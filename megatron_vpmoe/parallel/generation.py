@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from megatron_vpmoe.model.generation import by_length, check_tokens, sample_tokens
 from megatron_vpmoe.model.layers import KVCache
+from megatron_vpmoe.model.values import first_values_shape
 from megatron_vpmoe.model.vpmoe import activation_dtype
 from megatron_vpmoe.parallel.layout import stage_layers
 
@@ -79,8 +80,7 @@ class _Forward:
         dist.recv(hidden, group=group, group_src=src)
         v_first = None
         if cfg.value_residual:
-            v_first = torch.empty(b, s, cfg.num_query_groups // self.ctx.tp, cfg.kv_channels,
-                                  device=self.device)
+            v_first = torch.empty(b, s, *first_values_shape(cfg, self.ctx.tp), device=self.device)
             dist.recv(v_first, group=group, group_src=src)
             v_first = v_first.to(dtype)
         return hidden.to(dtype), v_first

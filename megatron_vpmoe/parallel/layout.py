@@ -5,7 +5,8 @@ Pure functions of the config and the layout sizes (nothing is built), so they an
 Layers are split into ``pp x vpp`` contiguous, balanced stages; rank ``r`` holds stages
 ``r, r + pp, ...``. Within a rank's layers: TP splits attention projections, sinks, dense and
 shared-expert MLPs (column bias split, row bias not); EP splits routed experts; everything
-else (embedding, head, norms, router, QK-norm, value-residual lambda) is replicated.
+else (embedding, head, norms, router, QK-norm, value-residual lambda, GRAPE-M, TPA's dim-factor
+projection) is replicated.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import List
 
 from megatron_vpmoe.config.schema import ModelConfig
-from megatron_vpmoe.model.params import _mlp, _norm, expert_params
+from megatron_vpmoe.model.params import _mlp, _norm, attention_params, expert_params
 
 
 def stage_layers(num_layers: int, num_stages: int, stage: int) -> List[int]:
@@ -41,21 +42,6 @@ def _tp_mlp(cfg: ModelConfig, ffn: int, tp: int) -> int:
     return (n - cfg.hidden_size) // tp + cfg.hidden_size
 
 
-def _tp_attention(cfg: ModelConfig, layer: int, tp: int) -> int:
-    h, d = cfg.hidden_size, cfg.kv_channels
-    q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
-    n = (h * (q + 2 * kv) + q * h) // tp
-    if cfg.add_bias_linear:
-        n += (q + 2 * kv) // tp + h
-    if cfg.qk_layernorm:
-        n += 2 * _norm(cfg, d)
-    if cfg.softmax_offset:
-        n += cfg.num_attention_heads // tp
-    if cfg.value_residual and layer > 0:
-        n += 1
-    return n
-
-
 def shard_parameter_count(cfg: ModelConfig, *, tp: int = 1, ep: int = 1, pp: int = 1, vpp: int = 1,
                           pp_rank: int = 0) -> int:
     """Parameters held by one rank of pipeline rank ``pp_rank`` (any TP/EP coordinate)."""
@@ -66,7 +52,7 @@ def shard_parameter_count(cfg: ModelConfig, *, tp: int = 1, ep: int = 1, pp: int
     if pp_rank == pp - 1:
         n += _norm(cfg, h) + (cfg.vocab_size * h if cfg.untie_embeddings_and_output_weights else 0)
     for layer in rank_layers(cfg.num_layers, pp, vpp if pp > 1 else 1, pp_rank):
-        n += _tp_attention(cfg, layer, tp) + 2 * _norm(cfg, h)
+        n += attention_params(cfg, layer, tp) + 2 * _norm(cfg, h)
         if cfg.is_moe_layer(layer):
             n += cfg.num_moe_experts * h  # router
             n += cfg.num_moe_experts // ep * expert_params(cfg)

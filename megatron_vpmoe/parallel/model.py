@@ -339,10 +339,10 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 123
     torch.manual_seed(seed)
     base_seed = draw_base_seed()
     if transformer_impl == "transformer_engine":
-        spec = te_linear_spec(ctx.tp, ctx.tp_group)
+        spec = te_linear_spec(ctx.tp, ctx.tp_group, tp_rank=ctx.tp_rank)
     else:
-        spec = tensor_parallel_spec(ctx.tp, ctx.tp_group, sequence_parallel=ctx.config.sequence_parallel) \
-            if ctx.tp > 1 else None
+        spec = tensor_parallel_spec(ctx.tp, ctx.tp_group, sequence_parallel=ctx.config.sequence_parallel,
+                                    tp_rank=ctx.tp_rank) if ctx.tp > 1 else None
     dispatcher = AllToAllDispatcher(ctx.ep, ctx.ep_group) if ctx.ep > 1 else None
     local_experts = cfg.num_moe_experts // ctx.ep if cfg.num_moe_experts else None
     layers, first, last = None, True, True

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model.moe import _ContiguousGrad
+from megatron_vpmoe.model.values import first_values_shape
 from megatron_vpmoe.parallel.layout import rank_stages, stage_layers
 
 STAGES_BUILT = [0]  # PipelineStage objects constructed in this process (a test counts them)
@@ -74,7 +75,7 @@ def _metas(cfg: ModelConfig, tp: int, batch: int, seq: int, dtype: torch.dtype,
     # requires_grad marks what sends a gradient back (static mode derives grad buffers from it)
     hidden = torch.empty(batch, hidden_seq, cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True)
     if cfg.value_residual:
-        v_first = torch.empty(batch, seq, cfg.num_query_groups // tp, cfg.kv_channels, dtype=dtype,
+        v_first = torch.empty(batch, seq, *first_values_shape(cfg, tp), dtype=dtype,
                               device="meta", requires_grad=True)
     else:
         v_first = torch.empty(1, dtype=dtype, device="meta")

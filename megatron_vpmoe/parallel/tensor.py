@@ -19,16 +19,32 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_vpmoe.model.layers import LinearSpec, mark_tensor_parallel
 
 
+def replicated_linear(tp_group):
+    """A whole linear on every TP rank feeding only the rank's own heads (TPA's dim factors):
+    megatron-core's copy-to-TP-region on its input (identity forward, input gradient summed over
+    the group in backward); its weight gradient is partial (tagged by the model)."""
+    class Replicated(nn.Linear):
+        def forward(self, x):
+            # imported here: megatron-core must not load while a TE spec is built (its import probes TE)
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+            return F.linear(copy_to_tensor_model_parallel_region(x, group=tp_group), self.weight, self.bias)
+
+    return lambda i, o, bias: Replicated(i, o, bias=bias)
+
+
 def tensor_parallel_spec(tp_size: int, tp_group, params_dtype=torch.float32,
-                         sequence_parallel: bool = False) -> LinearSpec:
+                         sequence_parallel: bool = False, tp_rank: int = 0) -> LinearSpec:
     """Column/row-parallel linears over ``tp_group`` (megatron-core ``ColumnParallelLinear``/
     ``RowParallelLinear``); ``sequence_parallel``: their non-communicating variants with the
-    region boundaries that split the sequence (module doc)."""
+    region boundaries that split the sequence (module doc); ``tp_rank``: this rank's index in
+    the group (which heads' ALiBi slopes it takes)."""
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -58,7 +74,8 @@ def tensor_parallel_spec(tp_size: int, tp_group, params_dtype=torch.float32,
         def forward(self, x):
             return super().forward(x)[0]
 
-    spec = LinearSpec(column=Column, row=Row, tp_size=tp_size)
+    spec = LinearSpec(column=Column, row=Row, tp_size=tp_size, tp_rank=tp_rank,
+                      replicated=replicated_linear(tp_group))
     if not sequence_parallel:
         return spec
 
@@ -83,7 +100,10 @@ def tensor_parallel_spec(tp_size: int, tp_group, params_dtype=torch.float32,
                 out = out + self.bias
             return out
 
-    return LinearSpec(column=SequenceParallelColumn, row=SequenceParallelRow, tp_size=tp_size,
+    # TPA's whole dim-factor linear: the layer's gather already sums its input gradient over TP
+    # in backward (reduce-scatter, or the copy-to region on the whole sequence), so it is plain
+    return LinearSpec(column=SequenceParallelColumn, row=SequenceParallelRow, tp_size=tp_size, tp_rank=tp_rank,
+                      replicated=lambda i, o, bias: nn.Linear(i, o, bias=bias),
                       sequence_parallel=SequenceParallel(tp_group, tp_size), tensor_parallel=spec)
 
 
@@ -186,7 +206,7 @@ class SequenceParallel:
         self.whole = WholeSequenceTP(group)
 
 
-def te_linear_spec(tp_size: int, tp_group) -> LinearSpec:
+def te_linear_spec(tp_size: int, tp_group, tp_rank: int = 0) -> LinearSpec:
     """Transformer Engine ``Linear`` layers (``train.transformer_impl: transformer_engine``):
     plain at TP=1, column/row-parallel over ``tp_group`` otherwise (TE splits the weight the
     same way as megatron-core: column on the output dim, row on the input dim, bias of a row
@@ -209,4 +229,5 @@ def te_linear_spec(tp_size: int, tp_group) -> LinearSpec:
         mark_tensor_parallel(layer.weight, 1)
         return layer
 
-    return LinearSpec(column=column, row=row, tp_size=tp_size)
+    return LinearSpec(column=column, row=row, tp_size=tp_size, tp_rank=tp_rank,
+                      replicated=replicated_linear(tp_group))

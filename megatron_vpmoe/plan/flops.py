@@ -34,6 +34,11 @@ def layer_forward_flops(cfg: ModelConfig, layer: int, seq_length: int) -> Dict[s
     window = None if cfg.is_global_layer(layer) else cfg.window_size
     out = {"qkv": 2.0 * h * (q + 2 * kv), "attention_core": 2.0 * 2.0 * q * mean_visible_keys(seq_length, window),
            "proj": 2.0 * q * h}
+    if cfg.attention_kind(layer) == "tpa":  # factor projections, then Q/K/V expanded by matmuls
+        ranks = cfg.tpa_q_rank + 2 * cfg.tpa_kv_rank
+        v_rank = cfg.tpa_kv_rank * (2 if cfg.value_residual and layer > 0 else 1)  # mixed in factor form
+        out["qkv"] = 2.0 * h * ranks * (cfg.num_attention_heads + d)
+        out["tpa_expand"] = 2.0 * q * (cfg.tpa_q_rank + cfg.tpa_kv_rank + v_rank)
     if cfg.is_moe_layer(layer):
         out["router"] = 2.0 * h * cfg.num_moe_experts
         out["routed_experts"] = cfg.moe_router_topk * _mlp_flops(cfg, cfg.moe_ffn_hidden_size)

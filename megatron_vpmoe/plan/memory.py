@@ -13,10 +13,12 @@ the moment each is alive; the rank's peak is the largest of those moments.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, List
 
 from megatron_vpmoe.config.schema import ModelConfig
+from megatron_vpmoe.model.values import first_values_shape
 from megatron_vpmoe.parallel.layout import rank_layers, rank_stages, shard_parameter_count, stage_layers
 from megatron_vpmoe.plan.layouts import Layout
 
@@ -73,6 +75,9 @@ def largest_tensor(cfg: ModelConfig, tp: int, ep: int, pp: int, vpp: int, pp_ran
     layers = rank_layers(cfg.num_layers, pp, vpp if pp > 1 else 1, pp_rank)
     qkv = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels // tp * h
     sizes.append(qkv if layers else 0)
+    if cfg.local_attention == "tpa" and layers:  # TPA's head-factor and dim-factor projections
+        ranks = cfg.tpa_q_rank + 2 * cfg.tpa_kv_rank
+        sizes += [cfg.num_attention_heads * ranks // tp * h, ranks * cfg.kv_channels * h]
     if any(not cfg.is_moe_layer(i) for i in layers):
         sizes.append(h * cfg.ffn_hidden_size * up // tp)
     if any(cfg.is_moe_layer(i) for i in layers):
@@ -108,7 +113,12 @@ def layer_activation_bytes(cfg: ModelConfig, layer: int, layout: Layout, seq: in
     nh, ng = cfg.num_attention_heads // layout.tp, cfg.num_query_groups // layout.tp
     qd, kvd = nh * d, ng * d
     qkvd = qd + 2 * kvd
-    rope = cfg.position_embedding_type == "rope" and not (cfg.is_global_layer(layer) and cfg.nope_on_global)
+    if cfg.attention_kind(layer) == "tpa":
+        # approximate: the factor projections' outputs stand for the QKV output, and K/V are per
+        # head (expanded from the factors), so they count like queries
+        ranks = cfg.tpa_q_rank + 2 * cfg.tpa_kv_rank
+        qkvd, kvd = ranks * (nh + d), qd
+    rope = cfg.position_kind(layer) in ("rope", "grape_m")
     rc = layout.recompute
     out: Dict[str, int] = {"layer_input": t * h * a}
     if rc == "full":  # only the layer's input is kept; the rest is recomputed in backward
@@ -187,7 +197,7 @@ def chunk_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, a: int, k
     """Saved bytes of one micro-batch through one model chunk (a pipeline stage's layers)."""
     t = layout.mb * seq
     n = sum(_layer_total(cfg, i, layout, seq, a, kernels) for i in layers)
-    kvd = cfg.num_query_groups // layout.tp * cfg.kv_channels
+    kvd = math.prod(first_values_shape(cfg, layout.tp))  # v_first per token
     qkvd = (cfg.num_attention_heads + 2 * cfg.num_query_groups) // layout.tp * cfg.kv_channels
     if cfg.value_residual and layers:
         if not has_layer0:
@@ -312,7 +322,7 @@ def rank_memory(cfg, layout: Layout, pp_rank: int, kernels: str, framework_bytes
     all_to_all = 2 * t * m.moe_router_topk * h * a if ep > 1 and m.num_moe_experts else 0
     pipeline_buffers = 0
     if pp > 1:
-        kvd = m.num_query_groups // tp * m.kv_channels
+        kvd = math.prod(first_values_shape(m, tp))
         pipeline_buffers = 2 * vpp * t * (h + (kvd if m.value_residual else 0)) * a
     if foreach_optimizer:
         optimizer_step = F32 * (params if not layout.zero else int(dense / layout.dp + experts / max(layout.expert_dp, 1)))

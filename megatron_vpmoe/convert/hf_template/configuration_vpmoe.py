@@ -44,6 +44,13 @@ class VpmoeConfig(PretrainedConfig):
         position_embedding_type="rope",
         rotary_base=10000.0,
         nope_on_global=False,
+        local_attention="gqa",
+        tpa_q_rank=6,
+        tpa_kv_rank=2,
+        local_position="rope",
+        grape_m_learnable_freq=True,
+        grape_m_learnable_basis=False,
+        global_position="rope",
         moe_first_k_dense=1,
         num_moe_experts=256,
         moe_router_topk=4,
@@ -79,6 +86,13 @@ class VpmoeConfig(PretrainedConfig):
         self.position_embedding_type = position_embedding_type
         self.rotary_base = rotary_base
         self.nope_on_global = nope_on_global
+        self.local_attention = local_attention
+        self.tpa_q_rank = tpa_q_rank
+        self.tpa_kv_rank = tpa_kv_rank
+        self.local_position = local_position
+        self.grape_m_learnable_freq = grape_m_learnable_freq
+        self.grape_m_learnable_basis = grape_m_learnable_basis
+        self.global_position = global_position
         self.moe_first_k_dense = moe_first_k_dense
         self.num_moe_experts = num_moe_experts
         self.moe_router_topk = moe_router_topk
@@ -101,6 +115,16 @@ class VpmoeConfig(PretrainedConfig):
     def is_global_layer(self, layer_number):
         local, glob = self.local_global_pattern
         return glob > 0 and (layer_number % (local + glob)) >= local
+
+    def attention_kind(self, layer_number):
+        return "gqa" if self.is_global_layer(layer_number) else self.local_attention
+
+    def position_kind(self, layer_number):
+        if self.position_embedding_type == "none":
+            return "none"
+        if self.is_global_layer(layer_number):
+            return "none" if self.nope_on_global else self.global_position
+        return self.local_position
 
     def is_moe_layer(self, layer_number):
         return self.num_moe_experts > 0 and layer_number >= self.moe_first_k_dense

@@ -1,10 +1,13 @@
 """VPMoE as a Hugging Face causal LM (remote code; self-contained, no megatron_vpmoe import).
 
 A second implementation of the native forward pass (``megatron_vpmoe.model``), kept small:
-GQA attention with QK-norm, RoPE, sliding-window (local) and full (global) layers, per-head
-attention sinks and value residual; group-limited top-k MoE with a shared expert. Parameter
-names equal the native state-dict keys, so conversion is a rename-free copy. Generation uses
-a ``DynamicCache`` built from ``config.layer_types``: local layers keep only their window.
+GQA or tensor product attention (TPA) with QK-norm, RoPE / GRAPE-M / ALiBi positions,
+sliding-window (local) and full (global) layers, per-head attention sinks and value residual
+(mixed in factor form when layer 0 is TPA); group-limited top-k MoE with a shared expert.
+Parameter names equal the native state-dict keys, so conversion is a rename-free copy.
+Generation uses a ``DynamicCache`` built from ``config.layer_types``: local layers keep only
+their window; TPA layers (and layers mixing TPA values) store their factors flattened per token
+as the cache's key/value states ``[B, 1, S, width]``, never expanded keys and values.
 A test checks that logits equal the native model's within 1e-4 in fp32.
 """
 
@@ -49,10 +52,12 @@ def activation(name, x):
     return F.silu(gate) * up
 
 
-def rope(x, positions, base):
+def rope(x, positions, base, inv_freq=None):
+    """Rotate-half rotary embedding; ``inv_freq`` (GRAPE-M's learned frequencies) defaults to RoPE's."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    if inv_freq is None:
+        inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq.float()
     cos = torch.cat([angles.cos(), angles.cos()], dim=-1).unsqueeze(2)
     sin = torch.cat([angles.sin(), angles.sin()], dim=-1).unsqueeze(2)
     xf = x.float()
@@ -60,9 +65,42 @@ def rope(x, positions, base):
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
-def attend(q, k, v, sinks, window, key_mask):
+class GrapeM(nn.Module):
+    """GRAPE-M: rotations by per-plane frequencies (a log-scale on RoPE's) in the column-pair planes
+    of an orthogonal basis ``P = matrix_exp(S - S^T)``; applies ``R(n w) P^T x``."""
+
+    def __init__(self, config):
+        super().__init__()
+        d = config.kv_channels
+        self.base = config.rotary_base
+        self.freq_log_scale = nn.Parameter(torch.zeros(d // 2)) if config.grape_m_learnable_freq else None
+        self.basis_skew = nn.Parameter(torch.zeros(d, d)) if config.grape_m_learnable_basis else None
+
+    def forward(self, x, positions):
+        d = x.shape[-1]
+        freq = 1.0 / (self.base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+        if self.freq_log_scale is not None:
+            freq = freq * torch.exp(self.freq_log_scale.float())
+        if self.basis_skew is not None:
+            s = self.basis_skew.float()
+            x = (x.float() @ torch.linalg.matrix_exp(s - s.t())).to(x.dtype)
+        return rope(x, positions, self.base, freq)
+
+
+def alibi_slopes(heads):
+    def geometric(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if heads & (heads - 1) == 0:
+        return geometric(heads)
+    low = 2 ** int(math.floor(math.log2(heads)))
+    return geometric(low) + geometric(2 * low)[0::2][: heads - low]
+
+
+def attend(q, k, v, sinks, window, key_mask, alibi=None):
     """Causal attention; ``q [B,Sq,H,D]``, ``k, v [B,Sk,G,D]``, queries are the last Sq keys;
-    ``key_mask [B,Sk]`` (True = real token) hides padding."""
+    ``key_mask [B,Sk]`` (True = real token) hides padding; ``alibi [H]`` slopes add ``-m (i - j)``."""
     b, sq, h, d = q.shape
     sk, g = k.shape[1], k.shape[2]
     k = k.repeat_interleave(h // g, dim=2)
@@ -71,6 +109,8 @@ def attend(q, k, v, sinks, window, key_mask):
     scores = torch.matmul(qf, kf.transpose(-1, -2)) / math.sqrt(d)
     qpos = torch.arange(sk - sq, sk, device=q.device).unsqueeze(-1)
     kpos = torch.arange(sk, device=q.device).unsqueeze(0)
+    if alibi is not None:
+        scores = scores - alibi.float().view(1, h, 1, 1) * (qpos - kpos).float()
     visible = (kpos <= qpos).unsqueeze(0).unsqueeze(0)
     if window is not None:
         visible = visible & (kpos > qpos - window)
@@ -85,13 +125,29 @@ def attend(q, k, v, sinks, window, key_mask):
     return torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)
 
 
+def group_factors(v, heads):
+    """GQA values ``[B,S,G,D]`` as factors: head h's head factor is the one-hot of its group."""
+    b, s, g, _ = v.shape
+    onehot = torch.eye(g, dtype=v.dtype, device=v.device).repeat_interleave(heads // g, dim=0)
+    return onehot.expand(b, s, heads, g), v
+
+
+def flat(*tensors):
+    """Per-token factors flattened into one cache row ``[B, 1, S, width]``."""
+    b, s = tensors[0].shape[:2]
+    return torch.cat([t.reshape(b, s, -1) for t in tensors], dim=-1).unsqueeze(1)
+
+
 class VpmoeAttention(nn.Module):
+    """GQA (``linear_qkv``) or TPA (``linear_a`` head factors, ``linear_b`` dim factors)."""
+
     def __init__(self, config, layer_number):
         super().__init__()
         self.config, self.layer_number = config, layer_number
         d, bias = config.kv_channels, config.add_bias_linear
         self.heads, self.groups = config.num_attention_heads, config.num_query_groups
-        self.linear_qkv = nn.Linear(config.hidden_size, (self.heads + 2 * self.groups) * d, bias=bias)
+        self.tpa = config.attention_kind(layer_number) == "tpa"
+        self.rq, self.rk = config.tpa_q_rank, config.tpa_kv_rank
         self.linear_proj = nn.Linear(self.heads * d, config.hidden_size, bias=bias)
         if config.qk_layernorm:
             self.q_norm = VpmoeNorm(d, config)
@@ -103,28 +159,88 @@ class VpmoeAttention(nn.Module):
             self.value_lambda = nn.Parameter(torch.tensor(0.5))
         is_global = config.is_global_layer(layer_number)
         self.window = None if is_global else config.window_size
-        self.use_rope = config.position_embedding_type == "rope" and not (is_global and config.nope_on_global)
+        self.position = config.position_kind(layer_number)
+        if self.position == "grape_m":
+            self.grape = GrapeM(config)
+        if self.tpa:
+            ranks = self.rq + 2 * self.rk
+            self.linear_a = nn.Linear(config.hidden_size, self.heads * ranks, bias=bias)
+            self.linear_b = nn.Linear(config.hidden_size, ranks * d, bias=bias)
+        else:
+            self.linear_qkv = nn.Linear(config.hidden_size, (self.heads + 2 * self.groups) * d, bias=bias)
+        self.factor_values = self.tpa or (self.mix_values and config.attention_kind(0) == "tpa")
+
+    def encode(self, x, positions):
+        if self.position == "rope":
+            return rope(x, positions, self.config.rotary_base)
+        if self.position == "grape_m":
+            return self.grape(x, positions)
+        return x
+
+    def first_factors(self, v_first):
+        if self.config.attention_kind(0) == "tpa":
+            return v_first[..., :self.heads].transpose(-1, -2), v_first[..., self.heads:]
+        return group_factors(v_first, self.heads)
 
     def forward(self, x, positions, v_first, cache, key_mask):
         b, s, _ = x.shape
-        d, rep = self.config.kv_channels, self.heads // self.groups
-        qkv = self.linear_qkv(x).view(b, s, self.groups, rep + 2, d)
-        q = qkv[:, :, :, :rep].reshape(b, s, self.heads, d)
-        k, v = qkv[:, :, :, rep], qkv[:, :, :, rep + 1]
-        raw_v = v
-        if self.mix_values:
-            v = self.value_lambda * v + (1.0 - self.value_lambda) * v_first
-        if self.config.qk_layernorm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            q = rope(q, positions, self.config.rotary_base)
-            k = rope(k, positions, self.config.rotary_base)
-        if cache is not None:
+        d = self.config.kv_channels
+        if self.tpa:
+            rq, rk = self.rq, self.rk
+            a = self.linear_a(x).view(b, s, self.heads, rq + 2 * rk)
+            f = self.linear_b(x).view(b, s, rq + 2 * rk, d)
+            aq, bq = a[..., :rq] / rq, f[:, :, :rq]
+            ak, bk = a[..., rq:rq + rk] / rk, f[:, :, rq:rq + rk]
+            av, bv = a[..., rq + rk:] / rk, f[:, :, rq + rk:]
+            raw_v = torch.cat([av.transpose(-1, -2), bv], dim=-1)
+            if self.config.qk_layernorm:
+                bq, bk = self.q_norm(bq), self.k_norm(bk)
+            bq, bk = self.encode(bq, positions), self.encode(bk, positions)
+            q = aq @ bq
+        else:
+            rep = self.heads // self.groups
+            qkv = self.linear_qkv(x).view(b, s, self.groups, rep + 2, d)
+            q = qkv[:, :, :, :rep].reshape(b, s, self.heads, d)
+            k, v = qkv[:, :, :, rep], qkv[:, :, :, rep + 1]
+            raw_v = v
+            if self.config.qk_layernorm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.encode(q, positions), self.encode(k, positions)
+            if self.factor_values:
+                av, bv = group_factors(v, self.heads)
+            elif self.mix_values:
+                v = self.value_lambda * v + (1.0 - self.value_lambda) * v_first
+        if self.factor_values:
+            if self.mix_values:  # lam * own + (1 - lam) * layer 0's, ranks concatenated
+                a0, b0 = self.first_factors(v_first)
+                av = torch.cat([self.value_lambda * av, (1.0 - self.value_lambda) * a0], dim=-1)
+                bv = torch.cat([bv, b0.to(bv.dtype)], dim=-2)
+            rv = av.shape[-1]
+            if self.tpa:
+                key_row = flat(ak, bk)
+            else:
+                key_row = k.transpose(1, 2)
+            if cache is not None:
+                key_row, value_row = cache.update(key_row, flat(av, bv), self.layer_number)
+                av, bv = value_row[:, 0, :, :self.heads * rv], value_row[:, 0, :, self.heads * rv:]
+                sk = av.shape[1]
+                av, bv = av.reshape(b, sk, self.heads, rv), bv.reshape(b, sk, rv, d)
+                if self.tpa:
+                    ak = key_row[:, 0, :, :self.heads * rk].reshape(b, sk, self.heads, rk)
+                    bk = key_row[:, 0, :, self.heads * rk:].reshape(b, sk, rk, d)
+                else:
+                    k = key_row.transpose(1, 2)
+            k = ak @ bk if self.tpa else k.repeat_interleave(self.heads // self.groups, dim=2)
+            v = av @ bv
+        elif cache is not None:
             k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_number)
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         mask = None if key_mask is None else key_mask[:, -k.shape[1]:]
         sinks = self.sinks if self.config.softmax_offset else None
-        out = attend(q, k, v, sinks, self.window, mask)
+        alibi = None  # computed here: a non-persistent buffer would not survive meta-device loading
+        if self.position == "alibi":
+            alibi = torch.tensor(alibi_slopes(self.heads), dtype=torch.float32, device=q.device)
+        out = attend(q, k, v, sinks, self.window, mask, alibi)
         return self.linear_proj(out.reshape(b, s, self.heads * d)), raw_v
 
 
