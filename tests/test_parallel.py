@@ -191,10 +191,10 @@ def _locked_body(rank, world, layout):
 
 
 @pytest.mark.parametrize("layout,world", [
-    ({"tensor": 2}, 2), ({"pipeline": 2}, 2),
+    ({"tensor": 2}, 2), ({"tensor": 2, "sequence_parallel": True}, 2), ({"pipeline": 2}, 2),
     pytest.param({"expert": 2}, 2, marks=pytest.mark.long),
     pytest.param({"tensor": 2, "pipeline": 2}, 4, marks=pytest.mark.long)],
-    ids=["tp2", "pp2", "ep2", "tp2xpp2"])
+    ids=["tp2", "tp2-sp", "pp2", "ep2", "tp2xpp2"])
 def test_locked_attention_matches_single_process(layout, world):
     """TPA (heads split over TP, dim factors replicated with partial gradients), GRAPE-M, ALiBi
     slopes per TP rank, TPA-factor v_first sent between pipeline stages; experts over EP. Loss and
