@@ -52,6 +52,7 @@ from megatron_vpmoe.training.metrics import (
     peak_flops_per_device,
     peak_memory_over_ranks,
     router_bias_stats,
+    router_entropy_stats,
 )
 from megatron_vpmoe.training.memory_report import RankMemoryReport
 from megatron_vpmoe.training.optimizer import build_optimizer, clip_gradients, set_learning_rate
@@ -429,6 +430,8 @@ class Trainer:
                 out.update(memory_stats())
                 out.update(peak_memory_over_ranks(self.world_size))
                 out.update(router_bias_stats(self.raw_model))
+                if self.step % cfg.log.interval == 0 or self.step == end:  # one host read per log interval
+                    out.update(router_entropy_stats(self.raw_model))
                 logger.log(out, scalars=self.step % cfg.log.interval == 0)
                 if out["loss_tokens"] == 0:  # nothing supervised in this global batch
                     self._print(f"step {self.step}: no supervised tokens (loss_mask all 0); update skipped")
