@@ -111,34 +111,34 @@ def iter_documents(source: Source) -> Iterator[str]:
         yield render_conversation(messages, f"{where}: messages")
 
 
-def read_documents(sources: List[Source], max_bytes: int) -> List[str]:
-    """Documents interleaved round-robin over the sources, up to ``max_bytes`` UTF-8 bytes in all."""
+def mixed_documents(sources: List[Source]) -> Iterator[str]:
+    """The sources' documents interleaved round-robin, one document from each in turn."""
     iters = [iter_documents(s) for s in sources]
-    docs: List[str] = []
-    total = 0
-    while iters and total < max_bytes:
+    while iters:
         for it in list(iters):
             doc = next(it, None)
             if doc is None:
                 iters.remove(it)
-                continue
-            docs.append(doc)
-            total += len(doc.encode("utf-8"))
-            if total >= max_bytes:
+            else:
+                yield doc
+
+
+def read_splits(sources: List[Source], sizes: Dict[str, int]) -> Dict[str, List[str]]:
+    """Consecutive splits of the mixed documents, each holding at least its UTF-8 byte size
+    (the last document may cross it); a split left empty is an error naming the sources."""
+    docs = mixed_documents(sources)
+    out: Dict[str, List[str]] = {}
+    for split, size in sizes.items():
+        out[split], total = [], 0
+        while total < size:
+            doc = next(docs, None)
+            if doc is None:
                 break
-    if not docs:
-        raise InputError(f"{', '.join(str(s.path) for s in sources)}: no documents")
-    return docs
-
-
-def split_at_bytes(docs: List[str], max_bytes: int) -> int:
-    """How many leading documents hold ``max_bytes`` UTF-8 bytes (the last one may cross it)."""
-    total = 0
-    for i, d in enumerate(docs):
-        total += len(d.encode("utf-8"))
-        if total >= max_bytes:
-            return i + 1
-    return len(docs)
+            out[split].append(doc)
+            total += len(doc.encode("utf-8"))
+        if not out[split]:
+            raise InputError(f"{', '.join(str(s.path) for s in sources)}: no documents left for the {split} split")
+    return out
 
 
 def documents_digest(docs: List[str]) -> str:

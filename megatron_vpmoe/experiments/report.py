@@ -24,8 +24,8 @@ from megatron_vpmoe.utils.atomic import atomic_write_text
 BYTES_METRICS = [
     ("tokens_per_char", "tokens/char", 4, None), ("sequence_length_inflation", "seq. inflation", 3, None),
     ("embedding_head_share_of_active", "emb+head / active", 3, None), ("steps", "steps", 0, None),
-    ("bytes_seen", "MB seen", 2, None), ("flops", "TFLOPs", 3, None),
-    ("final_train_loss", "final loss", 3, True), ("final_train_bpb", "train bpb", 3, True),
+    ("bytes_seen", "MB seen", 2, None), ("flops", "FLOPs", None, None),
+    ("final_train_loss", "final loss (nats/token)", 3, None), ("final_train_bpb", "train bpb", 3, True),
     ("valid_bpb", "held-out bpb", 3, True), ("eval_bpb", "eval bpb", 3, True),
     ("long_context_degradation", "long-ctx degradation", 4, True),
 ]
@@ -39,7 +39,7 @@ STABILITY_METRICS = [
     ("expert_load_max_over_mean_peak", "peak load max/mean", 3, True),
     ("router_entropy", "router entropy", 4, None), ("router_entropy_final", "final router entropy", 4, None),
 ]
-SCALE = {"bytes_seen": 1e-6, "flops": 1e-12, "bytes_seen_at_flops": 1e-6}
+SCALE = {"bytes_seen": 1e-6, "bytes_seen_at_flops": 1e-6}
 
 
 def _reference(names: List[str], rows: List[Dict]) -> str:
@@ -98,6 +98,8 @@ def _cell(stat: Dict, key: str, digits: int) -> str:
     if stat["mean"] is None:
         return "-"
     scale = SCALE.get(key, 1.0)
+    if digits is None:  # wide range (FLOPs): three significant digits
+        return f"{stat['mean']:.3g}" + (f" ± {stat['std']:.2g}" if stat["n"] > 1 else "")
     if stat["n"] < 2:
         return f"{stat['mean'] * scale:.{digits}f}"
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
@@ -124,7 +126,7 @@ def markdown(rows: List[Dict], agg: Dict, onpolicy: Optional[Dict] = None) -> st
         f"vocabulary differs. Reference: {agg['reference']}.", "",
         "## Budget 1: equal bytes of text", "", *_table(agg, BYTES_METRICS
                                                          + [(f"score_{t}", t, 3, False) for t in tasks]), "",
-        f"## Budget 2: equal training FLOPs ({agg['flops_budget'] / 1e12:.3f} TFLOPs per run: the smallest "
+        f"## Budget 2: equal training FLOPs ({agg['flops_budget']:.3g} FLOPs per run: the smallest "
         f"total any run reached; each run read there on its curves)", "", *_table(agg, FLOPS_METRICS), "",
         "## Stability and routing", "", *_table(agg, STABILITY_METRICS), "",
         f"## Verdicts against {agg['reference']}", "",
@@ -140,8 +142,8 @@ def markdown(rows: List[Dict], agg: Dict, onpolicy: Optional[Dict] = None) -> st
         lines += ["", "## On-policy distillation of the best variant", "",
                   f"Student: {onpolicy['variant']} seed {onpolicy['seed']} (lowest held-out bpb); teacher: "
                   f"{onpolicy['teacher']}; {onpolicy['steps']} on-policy steps.", "",
-                  "| teacher score | before | after |", "|---|---|---|",
-                  f"| mean per-byte teacher log-likelihood of the student's answers | "
+                  "| teacher score | before (first quarter of the steps) | after (last quarter) |", "|---|---|---|",
+                  f"| mean teacher score of the student's sampled answers | "
                   f"{onpolicy['score_before']:.4f} | {onpolicy['score_after']:.4f} |"]
     lines += ["", "Per-run stage wall time (s): " + "; ".join(
         f"{r['variant']}/{r['seed']}: " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in r["seconds"].items())

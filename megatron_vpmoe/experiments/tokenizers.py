@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from megatron_vpmoe.experiments.corpus import (
-    Source, documents_digest, parse_source, read_documents, read_written, split_at_bytes, write_documents)
+    Source, documents_digest, parse_source, read_splits, read_written, write_documents)
 from megatron_vpmoe.experiments.stats import smooth, spike_count
 from megatron_vpmoe.utils.errors import ConfigError, InputError
 
@@ -233,11 +233,8 @@ def prepare(exp: ExperimentConfig) -> dict:
         train_docs = read_written(docs_file)  # the documents of the first run, whatever the sources say now
         valid_docs = read_written(exp.out / "documents" / "valid.jsonl")
     else:
-        docs = read_documents(exp.corpus, exp.train_bytes + exp.valid_bytes)
-        cut = split_at_bytes(docs, exp.train_bytes)
-        train_docs, valid_docs = docs[:cut], docs[cut:]
-        if not valid_docs:
-            raise InputError(f"{exp.source}: the corpus has no text left for validation after train_bytes")
+        splits = read_splits(exp.corpus, {"train": exp.train_bytes, "valid": exp.valid_bytes})
+        train_docs, valid_docs = splits["train"], splits["valid"]
     documents = write_documents(exp.out, {"train": train_docs, "valid": valid_docs})
     tok_dirs: Dict[str, Path] = {}
     tok_times: Dict[str, float] = {}
@@ -459,9 +456,11 @@ def run_tokenizer_experiment(config: str, out: Optional[str] = None, overrides: 
         rows.append(summarize_run(exp, variant, seed, prep, cfg, seconds))
     onpolicy = None
     if exp.onpolicy:
-        from megatron_vpmoe.experiments.onpolicy import run_onpolicy_stage
+        from megatron_vpmoe.experiments.onpolicy import best_run, run_onpolicy_stage
 
-        onpolicy = run_onpolicy_stage(exp, rows, prep, progress=progress)
+        best = best_run(rows, exp.seeds)
+        cfg, _ = run_config(exp, next(v for v in exp.variants if v.name == best["variant"]), best["seed"], prep)
+        onpolicy = run_onpolicy_stage(exp.onpolicy, exp.out / "onpolicy", best, cfg, progress=progress)
     report = write_experiment_report(rows, exp.out, onpolicy=onpolicy)
     if progress:
         print(report.read_text())
