@@ -18,6 +18,8 @@ parallelism. Both share the same router and expert modules.
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -100,7 +102,7 @@ class Router(nn.Module):
 
     Counts tokens routed to each expert (``tokens_per_expert``, a non-persistent buffer) until
     :meth:`update_expert_bias` consumes them, and sums the entropy of each training token's normalised
-    scores (``entropy_stats = [sum, tokens]``, on device) until the trainer reads it at a log step.
+    scores over ``ln(experts)`` (``entropy_stats = [sum, tokens]``, on device) until the trainer reads it at a log step.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -128,7 +130,7 @@ class Router(nn.Module):
                     indices.reshape(-1), minlength=cfg.num_moe_experts).float()
             if self.training:  # validation forwards are not training's routing
                 p = scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
-                self.entropy_stats[0] += -(p * p.clamp_min(1e-12).log()).sum()
+                self.entropy_stats[0] += -(p * p.clamp_min(1e-12).log()).sum() / math.log(max(p.shape[-1], 2))
                 self.entropy_stats[1] += scores.shape[0]
         return weights, indices, scores
 

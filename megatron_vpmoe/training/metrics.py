@@ -99,9 +99,8 @@ def router_entropy_stats(model: torch.nn.Module) -> Dict[str, list]:
     for name, buf in model.named_buffers():
         if name.endswith("entropy_stats"):
             total, tokens = (float(x) for x in buf.detach().cpu())
-            experts = dict(model.named_buffers())[name[: -len("entropy_stats")] + "expert_bias"].numel()
             if tokens > 0:
-                out.append(round(total / tokens / math.log(max(experts, 2)), 5))
+                out.append(round(total / tokens, 5))
             buf.zero_()
     return {"router_entropy": out} if out else {}
 
