@@ -20,13 +20,8 @@ phase-1 student and its first updates) and over the last quarter ("after").
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from megatron_vpmoe.utils.errors import ConfigError, InputError, VpmoeError
 
@@ -73,47 +68,6 @@ def best_run(rows: List[Dict], seeds: List[int]) -> Dict:
     return next(r for s in seeds for r in rows if r["variant"] == best and r["seed"] == s)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _ServedTeacher:
-    """``vpmoe serve DIR`` on 127.0.0.1 for the stage's duration (the teacher the trainer calls over HTTP)."""
-
-    def __init__(self, model_dir: Path, log: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "megatron_vpmoe.cli", "serve", str(model_dir), "--port", str(self.port),
-             "--threads", "1"], stdout=open(log, "a"), stderr=subprocess.STDOUT)
-
-    def wait(self, timeout: float = 180.0) -> "_ServedTeacher":
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise VpmoeError(f"the teacher server exited ({self.proc.returncode}); see {self.log}")
-            try:
-                urllib.request.urlopen(f"{self.url}/v1/models", timeout=2).read()
-                return self
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise VpmoeError(f"the teacher server did not start in {timeout:.0f} s; see {self.log}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-
-
 def run_onpolicy_stage(op: dict, out: Path, best: Dict, cfg, progress: bool = True) -> Dict:
     """Run (or resume) the on-policy phase (``op``: :func:`check_onpolicy`) from the run ``best``
     (its summary row; ``cfg`` its training config) under ``out``; returns the before/after result."""
@@ -134,29 +88,26 @@ def run_onpolicy_stage(op: dict, out: Path, best: Dict, cfg, progress: bool = Tr
         with open(op["prompts"], encoding="utf-8") as f:
             lines = [line for _, line in zip(range(op["prompt_limit"]), f)]
         atomic_write_text(prompts, "".join(lines))
-    server = None
+    base = save_resolved_config(cfg, out / "student.yaml")
+    overrides = [f"run.dir={out / 'run'}", "checkpoint.dir=null", f"checkpoint.load={student}",
+                 f"distill.onpolicy.prompts=[{prompts}]", f"train.steps={op['steps']}", "train.eval_interval=0",
+                 "train.schedule.kind=constant", "train.schedule.warmup_steps=0", *op["set"]]
     if "toy" in op["teacher"]:
         from megatron_vpmoe.distill.toy_teacher import build_toy_teacher
+        from megatron_vpmoe.serve.process import ServedModel
 
         toy = dict(op["teacher"]["toy"])
         teacher_dir = out / "teacher"
         if not (teacher_dir / "config.json").is_file():
             build_toy_teacher(toy.pop("gsm8k"), str(teacher_dir), **toy)
-        server = _ServedTeacher(teacher_dir, out / "serve.log").wait()
-        teacher_url, teacher_name = server.url, "the toy Harmony GSM8K teacher (vpmoe serve)"
+        teacher_name = "the toy Harmony GSM8K teacher (vpmoe serve)"
+        with ServedModel(teacher_dir, out / "serve.log") as server:
+            OnPolicyTrainer(load_config(str(base), overrides + [f"distill.teacher_url={server.url}"]),
+                            quiet=not progress).run()
     else:
-        teacher_url = teacher_name = op["teacher"]["url"]
-    base = save_resolved_config(cfg, out / "student.yaml")
-    op_cfg = load_config(str(base), [
-        f"run.dir={out / 'run'}", "checkpoint.dir=null", f"checkpoint.load={student}",
-        f"distill.teacher_url={teacher_url}", f"distill.onpolicy.prompts=[{prompts}]",
-        f"train.steps={op['steps']}", "train.eval_interval=0", "train.schedule.kind=constant",
-        "train.schedule.warmup_steps=0", *op["set"]])
-    try:
-        OnPolicyTrainer(op_cfg, quiet=not progress).run()
-    finally:
-        if server is not None:
-            server.stop()
+        teacher_name = op["teacher"]["url"]
+        OnPolicyTrainer(load_config(str(base), overrides + [f"distill.teacher_url={teacher_name}"]),
+                        quiet=not progress).run()
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     scores = [r["teacher_score"] for r in records if r.get("teacher_score") is not None]
     if not scores:
