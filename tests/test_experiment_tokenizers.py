@@ -312,3 +312,28 @@ def test_cpu_preset_reduced(tmp_path, repo_root):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert list(report["variants"]) == ["bpe-8k", "pruned-o200k-8k", "lengthmax-6k", "bpe-4k"]
     assert all(v["metrics"]["valid_bpb"]["n"] == 2 for v in report["variants"].values())
+
+
+def test_corpus_sources_mix_round_robin(tmp_path):
+    """Plain text, a JSONL field and chat records (messages, or named fields with reasoning) are
+    interleaved one document at a time; chats become Harmony text; a bad record names file:line."""
+    from megatron_vpmoe.experiments.corpus import Source, iter_documents, read_splits
+    from megatron_vpmoe.utils.errors import InputError
+
+    (tmp_path / "a.txt").write_text("plain one")
+    (tmp_path / "f.jsonl").write_text(json.dumps({"body": "field one"}) + "\n" + json.dumps({"body": "field two"}) + "\n")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "hello"}]}) + "\n")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"q": "2+2?", "why": "two and two", "a": "4"}) + "\n")
+    sources = [Source("text", tmp_path / "a.txt"), Source("jsonl", tmp_path / "f.jsonl", field="body"),
+               Source("chat", tmp_path / "m.jsonl"),
+               Source("chat", tmp_path / "q.jsonl", fields={"user": "q", "thinking": "why", "assistant": "a"})]
+    splits = read_splits(sources, {"train": 20, "valid": 1000})
+    train, valid = splits["train"], splits["valid"]
+    assert train[:2] == ["plain one\n", "field one"]  # one document from each source in turn
+    assert train[2].startswith("<|start|>") and "<|channel|>final<|message|>hello<|return|>" in train[2]
+    assert len(train) == 3 and valid[1] == "field two" and len(valid) == 2
+    assert "<|channel|>analysis<|message|>two and two<|end|>" in valid[0]  # reasoning: the analysis channel
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "ok"}) + "\n" + json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(InputError, match=r"bad\.jsonl:2: no string field 'body'"):
+        list(iter_documents(Source("jsonl", tmp_path / "bad.jsonl", field="body")))
