@@ -29,7 +29,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 
 from megatron_vpmoe.config.schema import ModelConfig  # noqa: E402
-from megatron_vpmoe.eval.backends import bits_per_byte  # noqa: E402
+from megatron_vpmoe.training.loss import bits_per_byte  # noqa: E402
 from megatron_vpmoe.model import VpmoeModel  # noqa: E402
 from megatron_vpmoe.model.params import count_parameters  # noqa: E402
 from megatron_vpmoe.utils.atomic import atomic_file  # noqa: E402

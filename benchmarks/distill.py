@@ -18,12 +18,9 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,33 +29,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(model_dir: Path, port: int, max_batch: int, log: Path, server: str = "vpmoe") -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if server == "transformers":
-        cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(port), "--device", "cpu", "--dtype", "float32"]
-    else:
-        cmd = [sys.executable, "-m", "megatron_vpmoe.cli", "serve", str(model_dir), "--port", str(port),
-               "--threads", "1", "--max-batch", str(max_batch)]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"server died:\n{log.read_text()}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
-            return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not start")
 
 
 async def _drive(url: str, questions: list, concurrency: int, max_tokens: int) -> dict:
@@ -96,6 +66,7 @@ def main() -> None:
     import torch
 
     from megatron_vpmoe.distill.toy_teacher import build_toy_teacher
+    from megatron_vpmoe.serve.process import ServedModel
 
     torch.set_num_threads(1)
     gsm8k = SHARED / "data" / "kd" / "gsm8k_train.jsonl"
@@ -104,33 +75,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         teacher = build_toy_teacher(str(gsm8k), str(Path(tmp) / "teacher"))
         for max_batch, levels in ((32, (1, 4, 16)), (1, (16,))):
-            port = _free_port()
-            proc = _serve(teacher, port, max_batch, Path(tmp) / "serve.log")
-            try:
+            with ServedModel(teacher, Path(tmp) / "serve.log", ["--max-batch", str(max_batch)]) as server:
                 for c in levels:
-                    r = asyncio.run(_drive(f"http://127.0.0.1:{port}", questions, c, args.max_tokens))
+                    r = asyncio.run(_drive(server.url, questions, c, args.max_tokens))
                     r["server_max_batch"] = max_batch
                     runs.append(r)
                     print(json.dumps(r))
-            finally:
-                proc.kill()
-                proc.wait()
         from megatron_vpmoe.distill.gpt_oss_teacher import build_gpt_oss_teacher
 
         gpt_oss = build_gpt_oss_teacher(str(gsm8k), str(Path(tmp) / "gpt_oss"), steps=args.gpt_oss_steps)
         for server in ("vpmoe", "transformers"):
-            port = _free_port()
-            proc = _serve(gpt_oss, port, 32, Path(tmp) / f"{server}.log", server)
-            try:
+            extra = ["--max-batch", "32"] if server == "vpmoe" else []
+            with ServedModel(gpt_oss, Path(tmp) / f"{server}.log", extra, server=server) as served:
                 for c in (1, 4, 16):
-                    r = asyncio.run(_drive(f"http://127.0.0.1:{port}", questions[:args.gpt_oss_requests], c,
-                                           args.max_tokens))
+                    r = asyncio.run(_drive(served.url, questions[:args.gpt_oss_requests], c, args.max_tokens))
                     r.update(teacher="gpt-oss", server=server)
                     gpt_oss_runs.append(r)
                     print(json.dumps(r))
-            finally:
-                proc.kill()
-                proc.wait()
     base = runs[0]["tokens_per_s"]
     unbatched = next(r for r in runs if r["server_max_batch"] == 1)
     batched16 = next(r for r in runs if r["server_max_batch"] == 32 and r["concurrency"] == 16)

@@ -26,9 +26,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _tokenizer(out: Path, shared: Path) -> None:
-    from megatron_vpmoe.eval.experiment import train_byte_level_bpe
+    from megatron_vpmoe.tokenizers.train import train_bpe
 
-    train_byte_level_bpe([(shared / "corpora" / "tinyshakespeare.txt").read_text()[:100_000]], 500, out)
+    train_bpe([(shared / "corpora" / "tinyshakespeare.txt").read_text()[:100_000]], 500).save(out)
 
 
 def main() -> int:

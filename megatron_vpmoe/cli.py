@@ -31,7 +31,8 @@ SUBCOMMAND_MODULES = [
     "megatron_vpmoe.plan.cli",  # plan
     "megatron_vpmoe.launch.cli",  # launch
     "megatron_vpmoe.convert.cli",  # convert
-    "megatron_vpmoe.eval.cli",  # eval, experiment
+    "megatron_vpmoe.eval.cli",  # eval
+    "megatron_vpmoe.experiments.cli",  # experiment
     "megatron_vpmoe.serve.cli",  # serve
 ]
 

@@ -15,9 +15,9 @@ WINDOW = 8
 
 
 def _train_tokenizer(out, shared_data):
-    from megatron_vpmoe.eval.experiment import train_byte_level_bpe
+    from megatron_vpmoe.tokenizers.train import train_bpe
 
-    train_byte_level_bpe([(shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:50_000]], 400, out)
+    train_bpe([(shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:50_000]], 400).save(out)
 
 
 def _native_model(cfg):

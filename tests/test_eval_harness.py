@@ -196,10 +196,10 @@ def tiny_hf_model(tmp_path_factory, shared_data):
     """A randomly initialised 2-layer GPT-2 with a byte-level BPE tokenizer, saved as a local HF dir."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from megatron_vpmoe.eval.experiment import train_byte_level_bpe
+    from megatron_vpmoe.tokenizers.train import train_bpe
 
     out = tmp_path_factory.mktemp("tiny_hf")
-    train_byte_level_bpe([(shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:50_000]], 400, out)
+    train_bpe([(shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:50_000]], 400).save(out)
     tok = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2,
@@ -223,7 +223,8 @@ def test_hf_backend_bpb_matches_direct_forward(tiny_hf_model, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_hf_model)
     nll = 0.0
     for d in docs:
-        ids = [tok.eos_token_id] + tok(d, add_special_tokens=False)["input_ids"]
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id  # the backend's rule
+        ids = [start] + tok(d, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0, :-1]
         nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))

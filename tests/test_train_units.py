@@ -228,3 +228,26 @@ def test_flops_per_token_and_peak_override(monkeypatch):
     assert flops_per_token(untied, 32) == flops_per_token(cfg, 32)
     monkeypatch.setenv("VPMOE_PEAK_FLOPS", "1e12")
     assert peak_flops_per_device() == 1e12
+
+
+def test_router_entropy_is_read_at_log_steps_and_reset():
+    """The routers sum each training token's normalised score entropy on device; the metric divides
+    by ln(experts) (1 = uniform routing), resets the sums, and ignores validation forwards."""
+    from megatron_vpmoe.config.schema import ModelConfig
+    from megatron_vpmoe.model.moe import Router
+    from megatron_vpmoe.training.metrics import router_entropy_stats
+
+    cfg = ModelConfig(hidden_size=8, num_moe_experts=4, moe_router_topk=2, moe_router_score_function="softmax",
+                      moe_router_num_groups=1, moe_router_group_topk=1)
+    model = torch.nn.ModuleDict({"a": Router(cfg), "b": Router(cfg)})
+    torch.nn.init.zeros_(model["a"].weight)  # equal scores: uniform
+    with torch.no_grad():
+        model["b"].weight.copy_(torch.tensor([[50.0] * 8, [0.0] * 8, [0.0] * 8, [0.0] * 8]))
+    x = torch.ones(6, 8)
+    model["a"](x), model["b"](x)
+    a, b = router_entropy_stats(model)["router_entropy"]
+    assert a == pytest.approx(1.0, abs=1e-5) and b < 0.01  # one expert takes all the score
+    assert router_entropy_stats(model) == {}  # read and reset
+    model.train(False)
+    model["a"](x)
+    assert router_entropy_stats(model) == {}  # validation is not training's routing

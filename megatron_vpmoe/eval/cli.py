@@ -1,4 +1,4 @@
-"""``vpmoe eval`` (evaluate a checkpoint or HF directory) and ``vpmoe experiment tokenizers``."""
+"""``vpmoe eval``: evaluate a checkpoint or HF directory."""
 
 from __future__ import annotations
 
@@ -33,20 +33,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "load without it, with this package's model code)")
     parser.set_defaults(func=_run_eval)
 
-    exp = subparsers.add_parser("experiment", help="end-to-end experiments (tokenizer comparison)",
-                                description="End-to-end experiments.")
-    exp_sub = exp.add_subparsers(dest="experiment", metavar="EXPERIMENT")
-    exp_sub.required = True
-    tok = exp_sub.add_parser("tokenizers", help="train, evaluate and compare tokenizer variants",
-                             description="Per tokenizer variant: train or load it, preprocess the same "
-                                         "documents, train the same budget, evaluate; one report. Resumable.")
-    tok.add_argument("--config", "-c", required=True, metavar="YAML", help="experiment config "
-                     "(examples/experiments/tokenizers.yaml)")
-    tok.add_argument("--out", default=None, metavar="DIR", help="output dir (default: the config's out)")
-    tok.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override an experiment key, e.g. --set train_bytes=200000 --set eval.limit=20")
-    tok.set_defaults(func=_run_experiment)
-
 
 def _run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -75,9 +61,3 @@ def _run_eval(args: argparse.Namespace) -> int:
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
-
-def _run_experiment(args: argparse.Namespace) -> int:
-    from megatron_vpmoe.eval.experiment import run_tokenizer_experiment
-
-    run_tokenizer_experiment(args.config, out=args.out, overrides=args.overrides)
-    return 0

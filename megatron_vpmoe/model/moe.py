@@ -18,6 +18,8 @@ parallelism. Both share the same router and expert modules.
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -99,7 +101,8 @@ class Router(nn.Module):
     """fp32 router: ``weight [E, H]`` (parameter) and ``expert_bias [E]`` (buffer, selection only).
 
     Counts tokens routed to each expert (``tokens_per_expert``, a non-persistent buffer) until
-    :meth:`update_expert_bias` consumes them.
+    :meth:`update_expert_bias` consumes them, and sums the entropy of each training token's normalised
+    scores over ``ln(experts)`` (``entropy_stats = [sum, tokens]``, on device) until the trainer reads it at a log step.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -109,6 +112,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(e, cfg.hidden_size, dtype=torch.float32))
         self.register_buffer("expert_bias", torch.zeros(e, dtype=torch.float32))
         self.register_buffer("tokens_per_expert", torch.zeros(e, dtype=torch.float32), persistent=False)
+        self.register_buffer("entropy_stats", torch.zeros(2, dtype=torch.float32), persistent=False)
 
     def forward(self, tokens: torch.Tensor):
         """``tokens [T, H]`` (any dtype) -> fp32 ``(weights [T, K], indices [T, K], scores [T, E])``."""
@@ -124,6 +128,10 @@ class Router(nn.Module):
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(
                     indices.reshape(-1), minlength=cfg.num_moe_experts).float()
+            if self.training:  # validation forwards are not training's routing
+                p = scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
+                self.entropy_stats[0] += -(p * p.clamp_min(1e-12).log()).sum() / math.log(max(p.shape[-1], 2))
+                self.entropy_stats[1] += scores.shape[0]
         return weights, indices, scores
 
     @torch.no_grad()

@@ -93,6 +93,19 @@ def router_bias_stats(model: torch.nn.Module) -> Dict[str, list]:
     return stats if stats["router_bias_min"] else {}
 
 
+def router_entropy_stats(model: torch.nn.Module) -> Dict[str, list]:
+    """Per-MoE-layer mean entropy of the routers' normalised scores since the last call, divided by
+    ``ln(num experts)`` (1 = uniform routing); reads and resets the routers' on-device sums."""
+    out = []
+    for name, buf in model.named_buffers():
+        if name.endswith("entropy_stats"):
+            total, tokens = (float(x) for x in buf.detach().cpu())
+            if tokens > 0:
+                out.append(round(total / tokens, 5))
+            buf.zero_()
+    return {"router_entropy": out} if out else {}
+
+
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf

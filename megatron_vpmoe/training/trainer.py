@@ -53,6 +53,7 @@ from megatron_vpmoe.training.metrics import (
     peak_flops_per_device,
     peak_memory_over_ranks,
     router_bias_stats,
+    router_entropy_stats,
 )
 from megatron_vpmoe.training.memory_report import RankMemoryReport
 from megatron_vpmoe.training.optimizer import build_optimizer, clip_gradients, optimizer_step, set_learning_rate
@@ -373,7 +374,8 @@ class Trainer:
         tokens_per_step = t.global_batch_size * cfg.data.seq_length
         flops_tok = flops_per_token(cfg.model, cfg.data.seq_length)
         peak = peak_flops_per_device()
-        at_interval = {**peak_memory_over_ranks(self.world_size), **router_bias_stats(self.raw_model)}
+        at_interval = {**peak_memory_over_ranks(self.world_size), **router_bias_stats(self.raw_model),
+                       **router_entropy_stats(self.raw_model)}
         records = self.read_step_metrics(pending)
         for raw, out in zip(pending, records):
             step, dt = raw["step"], raw["step_time_s"]
