@@ -191,7 +191,7 @@ def test_config_errors_name_the_key(tmp_path, shared_data, repo_root):
 def test_trained_variant_converts_and_evaluates_the_same(experiment, shared_data):
     """trainer checkpoint -> vpmoe convert to-hf -> vpmoe eval: the HF model gives the same bits
     per byte as the native checkpoint."""
-    from megatron_vpmoe.eval.backends import open_backend
+    from megatron_vpmoe.inference import open_backend
     from megatron_vpmoe.eval.tasks import run_bits_per_byte
 
     tmp, _ = experiment
