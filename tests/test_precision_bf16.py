@@ -229,8 +229,8 @@ def _pipeline_bf16(cfg):
     m, seen = pm.module, []
     original = m.run_layers
 
-    def spy(hidden, positions, v_first=None, cache=None, layer_numbers=None):
-        out = original(hidden, positions, v_first, cache, layer_numbers=layer_numbers)
+    def spy(hidden, positions, v_first=None, cache=None, **kwargs):
+        out = original(hidden, positions, v_first, cache, **kwargs)
         if hidden.device.type != "meta":
             seen.append((str(hidden.dtype), str(v_first.dtype) if v_first is not None else None,
                          str(out[0].dtype), str(out[1].dtype)))
