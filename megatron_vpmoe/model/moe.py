@@ -125,13 +125,14 @@ class Router(nn.Module):
                 cfg.moe_router_group_topk, cfg.moe_router_topk_scaling_factor,
                 cfg.moe_router_score_function)
         if not is_recomputing():  # a recompute replays a forward already counted
+            # metrics only: no autograd graph (a recompute must save what the forward saved)
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(
                     indices.reshape(-1), minlength=cfg.num_moe_experts).float()
-            if self.training:  # validation forwards are not training's routing
-                p = scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
-                self.entropy_stats[0] += -(p * p.clamp_min(1e-12).log()).sum() / math.log(max(p.shape[-1], 2))
-                self.entropy_stats[1] += scores.shape[0]
+                if self.training:  # validation forwards are not training's routing
+                    p = scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
+                    self.entropy_stats[0] += -(p * p.clamp_min(1e-12).log()).sum() / math.log(max(p.shape[-1], 2))
+                    self.entropy_stats[1] += scores.shape[0]
         return weights, indices, scores
 
     @torch.no_grad()
