@@ -273,13 +273,10 @@ class ParallelModel:
         spec = self.shard_spec(key)
         if spec is None or local.shape != self._params[key].shape:
             return local
-        from torch.distributed.tensor import DTensor, Shard
-
         dim, group = spec
         shape = list(local.shape)
         shape[dim] *= dist.get_world_size(group)
-        return DTensor.from_local(local, self._mesh(group, local.device.type), [Shard(dim)], run_check=False,
-                                  shape=torch.Size(shape), stride=_contiguous_stride(shape))
+        return sharded_dtensor(local, group, dim, shape)
 
     def sharded_state_dict(self) -> Dict[str, torch.Tensor]:
         """The module's state at single-process keys: sharded tensors as DTensors (:meth:`as_sharded`)."""
@@ -290,13 +287,23 @@ class ParallelModel:
     def _params(self) -> Dict[str, torch.Tensor]:
         return dict(self.module.named_parameters())
 
-    def _mesh(self, group, device_type: str):
-        from torch.distributed.device_mesh import DeviceMesh
 
-        meshes = self.__dict__.setdefault("_meshes", {})
-        if (group, device_type) not in meshes:
-            meshes[group, device_type] = DeviceMesh.from_group(group, device_type)
-        return meshes[group, device_type]
+
+_MESHES: Dict[tuple, Any] = {}  # (process group, device type) -> its 1-D DeviceMesh
+
+
+def sharded_dtensor(local: torch.Tensor, group, dim: int, global_shape) -> torch.Tensor:
+    """``local`` as this rank's ``Shard(dim)`` of a DTensor of ``global_shape`` over ``group``
+    (``torch.chunk`` sizes), sharing its storage: no copy, no communication."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    key = (group, local.device.type)
+    if key not in _MESHES:
+        _MESHES[key] = DeviceMesh.from_group(group, local.device.type)
+    shape = list(global_shape)
+    return DTensor.from_local(local, _MESHES[key], [Shard(dim)], run_check=False,
+                              shape=torch.Size(shape), stride=_contiguous_stride(shape))
 
 
 def _contiguous_stride(shape: List[int]) -> Tuple[int, ...]:

@@ -29,12 +29,12 @@ whatever layout the checkpoint was saved with (``megatron_vpmoe.training.checkpo
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 
-from megatron_vpmoe.parallel.model import coalesced
+from megatron_vpmoe.parallel.model import coalesced, sharded_dtensor
 
 
 def _group_size(group) -> int:
@@ -119,7 +119,6 @@ class DistributedOptimizer:
             if any(p in self._split for p in m.parameters(recurse=False)) and id(m) not in hooked:
                 hooked.add(id(m))
                 self._hooks.append(m.register_forward_pre_hook(lambda *_: self.wait_for_parameters()))
-        self._meshes: Dict[tuple, object] = {}
 
     # -- the optimizer interface the trainer uses ----------------------------------------------
     @property
@@ -161,10 +160,6 @@ class DistributedOptimizer:
         """The model parameter a tensor of the torch optimizer's groups stands for."""
         return self._param_of.get(id(tensor), tensor)
 
-    def holds(self, tensor: torch.Tensor) -> bool:
-        """Whether the torch optimizer keeps state for ``tensor`` (one of its groups' tensors)."""
-        return id(tensor) in self._param_of or tensor in self._owned
-
     def state_of(self, param: torch.Tensor) -> dict:
         """This rank's optimizer state of ``param`` (its rows for a row-split one)."""
         tensor = self._split[param].view if param in self._split else param
@@ -183,16 +178,7 @@ class DistributedOptimizer:
         split = self._split.get(param)
         if split is None or not isinstance(value, torch.Tensor) or value.shape != split.view.shape:
             return as_sharded(fqn, value)
-        from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.tensor import DTensor, Shard
-
-        key = (split.group, value.device.type)
-        if key not in self._meshes:
-            self._meshes[key] = DeviceMesh.from_group(split.group, value.device.type)
-        shape = tuple(param.shape)
-        stride = tuple(torch.empty(shape, device="meta").stride())
-        return DTensor.from_local(value, self._meshes[key], [Shard(0)], run_check=False,
-                                  shape=torch.Size(shape), stride=stride)
+        return sharded_dtensor(value, split.group, 0, param.shape)
 
     # -- communication -------------------------------------------------------------------------
     def _broadcast_parameters(self) -> None:

@@ -306,18 +306,20 @@ def _torch_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _stepped(module, optimizer) -> List[tuple]:
-    """``(fqn, tensor)`` for every tensor in the torch optimizer's groups: the parameter itself,
-    or (ZeRO) the view of its rows this rank steps, named after its parameter."""
+def _fqn_of(module, optimizer):
+    """The single-process name of a tensor in the torch optimizer's groups: its parameter's, also
+    for the view of a parameter's rows a ZeRO rank steps."""
     names = {p: name for name, p in module.named_parameters()}
     param_of = getattr(optimizer, "param_of", lambda t: t)
-    return [(names[param_of(t)], t) for group in _torch_optimizer(optimizer).param_groups for t in group["params"]]
+    return lambda t: names[param_of(t)]
 
 
 def _kept_tensors(module, optimizer) -> List[torch.Tensor]:
     """The optimizer's tensors whose state this rank holds (ZeRO: its rows and owned parameters)."""
-    holds = getattr(optimizer, "holds", None)
-    return [t for _, t in _stepped(module, optimizer) if holds is None or holds(t)]
+    owns = getattr(optimizer, "owns", None)
+    param_of = getattr(optimizer, "param_of", lambda t: t)
+    return [t for group in _torch_optimizer(optimizer).param_groups for t in group["params"]
+            if owns is None or owns(param_of(t))]
 
 
 def _model_state(module, as_sharded: ShardFn) -> Dict[str, torch.Tensor]:
@@ -330,11 +332,11 @@ def _optimizer_state(module, optimizer, as_sharded: ShardFn) -> Dict[str, Any]:
     and ``param_groups.<fqn>.<hyper>`` for every parameter: torch's flattened layout."""
     opt = _torch_optimizer(optimizer)
     wrap = getattr(optimizer, "state_as_sharded", None)
+    fqn_of = _fqn_of(module, optimizer)
     out: Dict[str, Any] = {}
-    stepped = iter(_stepped(module, optimizer))
     for group in opt.param_groups:
-        for _ in group["params"]:
-            fqn, t = next(stepped)
+        for t in group["params"]:
+            fqn = fqn_of(t)
             for hyper, value in group.items():
                 if hyper != "params":
                     out[f"param_groups.{fqn}.{hyper}"] = value
@@ -386,17 +388,16 @@ def _apply_optimizer_values(module, optimizer, loaded: Dict[str, Any]) -> None:
     """After an in-place load: the non-tensor values (hyperparameters per group, from its first
     parameter; non-tensor state entries)."""
     opt = _torch_optimizer(optimizer)
-    stepped = iter(_stepped(module, optimizer))
+    fqn_of = _fqn_of(module, optimizer)
     for group in opt.param_groups:
-        named = [next(stepped) for _ in group["params"]]
-        first = named[0][0]
+        first = fqn_of(group["params"][0])
         for hyper in group:
             if hyper != "params":
                 group[hyper] = loaded[f"param_groups.{first}.{hyper}"]
-        for fqn, t in named:
+        for t in group["params"]:
             for name, value in opt.state.get(t, {}).items():
                 if not isinstance(value, torch.Tensor):
-                    opt.state[t][name] = loaded[f"state.{fqn}.{name}"]
+                    opt.state[t][name] = loaded[f"state.{fqn_of(t)}.{name}"]
 
 
 class CpuBufferStager(AsyncStager):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -328,11 +327,9 @@ class Trainer:
         if self.cfg.model.num_moe_experts:  # resets the routing counters whether applied or not
             load = self.pm.update_expert_bias(apply=finite)
         self.optimizer.zero_grad(set_to_none=True)
-        return {"counts": counts, "stats": stats, "grad_norm": grad_norm, "finite": finite, "load": load, "lr": lr,
-                "byte_lengths": self.byte_lengths is not None}
+        return {"counts": counts, "stats": stats, "grad_norm": grad_norm, "finite": finite, "load": load, "lr": lr}
 
-    @staticmethod
-    def read_step_metrics(steps: List[Dict]) -> List[Dict]:
+    def read_step_metrics(self, steps: List[Dict]) -> List[Dict]:
         """Log records of :meth:`train_step` results, read back from the device in one transfer."""
         if not steps:
             return []
@@ -355,7 +352,7 @@ class Trainer:
             for role, name in ROLE_NAMES.items():
                 if counts[role] > 0:
                     rec[f"nll_{name}"] = stats[2 + role] / counts[role]
-            if r["byte_lengths"]:
+            if self.byte_lengths is not None:
                 rec["bits_per_byte"] = bits_per_byte(sum(stats[2:6]), stats[6])
             if finite and r["load"] is not None and r["load"].numel():
                 load = torch.tensor(v[13:], dtype=torch.float64).view(r["load"].shape)
