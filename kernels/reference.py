@@ -30,7 +30,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
     """ReLU(x)^2, the routed experts' activation (no GLU)."""
-    return torch.square(F.relu(x))
+    r = F.relu(x)
+    return r * r  # not torch.square: CUDA autocast runs pow in fp32, and grouped_mm needs x's dtype
 
 
 def route(
