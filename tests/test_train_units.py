@@ -3,6 +3,7 @@ rank discovery for torchrun/srun/mpirun, and the global-batch sampler."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -251,3 +252,30 @@ def test_router_entropy_is_read_at_log_steps_and_reset():
     model.train(False)
     model["a"](x)
     assert router_entropy_stats(model) == {}  # validation is not training's routing
+
+
+def test_profile_steps_write_a_table_and_a_trace_for_the_window(tmp_path):
+    from train_support import ByteTokenizer, datasets_for, read_metrics, tiny_config
+
+    from megatron_vpmoe.training.trainer import Trainer
+
+    cfg = tiny_config(tmp_path, train={"steps": 3}, log={"profile_steps": [2, 3]})
+    assert Trainer(cfg, datasets=datasets_for(cfg), tokenizer=ByteTokenizer(), quiet=True).run() == 0
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    table = (tmp_path / "profile" / "rank_0.txt").read_text()
+    assert table.startswith("steps 2..3 (2 steps), sorted by self_")
+    assert "aten::mm" in table and "Self CPU time total" in table
+    trace = json.loads((tmp_path / "profile" / "rank_0.json").read_text())
+    # the optimizer ran inside the window twice (steps 2 and 3), and never outside it
+    names = [e.get("name", "") for e in trace["traceEvents"]]
+    assert sum(n.startswith("Optimizer.step#") for n in names) == 2
+
+
+@pytest.mark.parametrize("window", [[0, 1], [2, 1], [1, 4], [1]])
+def test_profile_steps_out_of_range_name_the_key(tmp_path, window):
+    from train_support import tiny_config
+
+    from megatron_vpmoe.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"log\.profile_steps"):
+        tiny_config(tmp_path, train={"steps": 3}, log={"profile_steps": window})

@@ -399,6 +399,13 @@ class LogConfig:
     tensorboard: bool = False  # TensorBoard scalars under {run.dir}/tensorboard
     wandb_project: Optional[str] = None  # log to Weights & Biases (needs pip install wandb)
     memory_report: bool = False  # every rank writes {run.dir}/memory/rank_N.json: measured peak RSS per phase (construction, steps, saves) beside its shard's bytes
+    profile_steps: List[int] = field(default_factory=list)  # [first, last]: torch.profiler over those steps (1-based); every rank writes {run.dir}/profile/rank_N.{txt,json}
+
+    def validate(self, steps: int) -> None:
+        p = self.profile_steps
+        if p and (len(p) != 2 or not 1 <= p[0] <= p[1] <= steps):
+            raise ConfigError(f"expected [first, last] with 1 <= first <= last <= train.steps ({steps}), got {p}",
+                              key="log.profile_steps")
 
 
 @dataclass
@@ -460,6 +467,7 @@ class VpmoeConfig:
         self.parallel.validate(self.model)
         self.data.validate()
         self.train.validate()
+        self.log.validate(self.train.steps)
 
     @property
     def checkpoint_dir(self) -> str:

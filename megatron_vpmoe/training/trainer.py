@@ -56,6 +56,7 @@ from megatron_vpmoe.training.metrics import (
 )
 from megatron_vpmoe.training.memory_report import RankMemoryReport
 from megatron_vpmoe.training.optimizer import build_optimizer, clip_gradients, optimizer_step, set_learning_rate
+from megatron_vpmoe.training.profiling import StepProfiler
 from megatron_vpmoe.training.preemption import (
     PreemptionHandler,
     clear_requeue_marker,
@@ -461,6 +462,7 @@ class Trainer:
         elif self.loaded_from:  # weights only: a fresh run (optimizer, schedule, data order) from them
             self._print(f"initialised from {self.loaded_from} (weights only; fresh optimizer, step 0)")
         nan_steps = _nan_hook_steps()
+        profiler = StepProfiler(cfg.log.profile_steps, cfg.run.dir, self.rank)
         preemption = PreemptionHandler().install()
         bar = None
         if self.is_main and cfg.log.progress_bar and not self.quiet and sys.stderr.isatty():  # else: step lines
@@ -489,8 +491,10 @@ class Trainer:
                 t0 = time.perf_counter()
                 micro = [{k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
                          for _ in range(sampler.accumulation_steps)]
+                profiler.before_step(self.step + 1)
                 with self.memory.phase("first_step" if self.step == start_step else "step"):
                     raw = self.train_step(micro, inject_nan=(self.step + 1) in nan_steps)
+                profiler.after_step(self.step + 1)
                 if self.step == start_step:
                     self.memory.record_sizes(self.raw_model, self.optimizer)
                 self.step += 1
@@ -521,6 +525,7 @@ class Trainer:
             self.checkpoints.finalize()  # a pending async save holds good weights: publish it
             raise
         finally:
+            profiler.close()
             preemption.uninstall()
             if bar is not None:
                 bar.close()
