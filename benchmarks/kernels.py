@@ -9,7 +9,7 @@ the chunked LM-head loss's peak memory against naive logits + ``cross_entropy`` 
 each run in a fresh process.
 
 Writes benchmarks/results/kernels.json and benchmarks/results/kernels.md.
-Run: ``python benchmarks/kernels.py [--threads 1] [--repeats 3] [--skip-memory]``.
+Run: ``python benchmarks/kernels.py [--threads 1] [--repeats 3] [--skip-memory] [--devices cpu,cuda]``.
 """
 
 from __future__ import annotations
@@ -274,14 +274,28 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--devices", default="cpu,cuda",
+                    help="devices to time, comma-separated (cuda is skipped where there is none)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of devices not timed in this run from the existing <out>/kernels.json "
+                         "(a GPU run adds its section beside the CPU one)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = {"host": platform.processor() or platform.machine(), "threads": args.threads,
                "torch": torch.__version__, "devices": {}}
-    devices = [torch.device("cpu")]
     if torch.cuda.is_available():
-        devices.append(torch.device("cuda"))
+        import triton
+        results["gpu_name"] = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
+    previous = Path(args.out) / "kernels.json"
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        results["devices"] = dict(old.get("devices", {}))
+        for key in ("loss_peak_memory", "gpu_name", "gpu"):
+            if key in old:
+                results.setdefault(key, old[key])
+    wanted = args.devices.split(",")
+    devices = [torch.device(d) for d in wanted if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
     for device in devices:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         cases = op_cases(device, dtype)
@@ -295,7 +309,9 @@ def main() -> None:
                 print(f"[{device.type}] {name:32s} {impl:9s} {sec * 1e3:9.2f} ms", flush=True)
             rows.append(row)
         results["devices"][device.type] = rows
-    if not torch.cuda.is_available():
+    if "cuda" in results["devices"]:
+        results.pop("gpu", None)
+    else:
         results["gpu"] = "no CUDA device on this host: Triton kernel timings pending a GPU run"
     if not args.skip_memory:
         results["loss_peak_memory"] = memory_section()
@@ -313,8 +329,11 @@ def render_markdown(results) -> str:
              "bytes-moved model, GFLOP/s from useful FLOPs (matmul-bound ops)."]
     for device, rows in results["devices"].items():
         impls = [k for k in ("triton", "reference", "naive") if any(k in r for r in rows)]
-        lines += ["", f"## {device}", "", "| op | dtype | " + " | ".join(f"{i} ms (GB/s, GFLOP/s)" for i in impls)
-                  + " | reference speed-up over naive |", "|---|---|" + "---|" * (len(impls) + 1)]
+        triton = "triton" in impls
+        lines += ["", f"## {device}" + (f" ({results['gpu_name']})" if device == "cuda" and "gpu_name" in results else ""),
+                  "", "| op | dtype | " + " | ".join(f"{i} ms (GB/s, GFLOP/s)" for i in impls)
+                  + (" | triton speed-up over reference" if triton else "")
+                  + " | reference speed-up over naive |", "|---|---|" + "---|" * (len(impls) + 1 + triton)]
         for r in rows:
             cells = []
             for i in impls:
@@ -322,10 +341,14 @@ def render_markdown(results) -> str:
                 cells.append("-" if m is None else f"{m['ms']} ({m['GB/s']}"
                              + (f", {m['GFLOP/s']}" if m['GFLOP/s'] else "") + ")")
             ratio = r["naive"]["ms"] / r["reference"]["ms"]
-            lines.append(f"| {r['op']} | {r['dtype']} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+            speedup = f" | {r['reference']['ms'] / r['triton']['ms']:.2f}x" if triton and r.get("triton") else (" | -" if triton else "")
+            lines.append(f"| {r['op']} | {r['dtype']} | " + " | ".join(cells) + speedup + f" | {ratio:.2f}x |")
     if "gpu" in results:
         lines += ["", f"GPU: {results['gpu']}. The Triton kernels were verified on CPU with the "
                   "Triton interpreter, which is not a performance number."]
+    else:
+        lines += ["", "The cuda section is a GPU run (`benchmarks/device_check.sh`, one run, bf16); the cpu "
+                  "section's peers run in fp32 on this project's 2-core machines."]
     if "loss_peak_memory" in results:
         lines += ["", "## LM-head loss peak memory (fwd+bwd, vocab 201,088, hidden 64, fresh process each)",
                   "", "| tokens | chunked (chunk 1024) | naive logits + cross_entropy | naive / chunked |",

@@ -42,3 +42,39 @@ def test_benchmark_script_imports_the_real_packages(script):
     kernels_file, tokenizers_file = out.stdout.strip().splitlines()[-2:]
     assert Path(kernels_file) == ROOT / "megatron_vpmoe" / "kernels" / "__init__.py"  # the link to kernels/
     assert "benchmarks" not in Path(tokenizers_file).parts and "site-packages" in tokenizers_file
+
+
+def test_device_step_runs_reduced_on_cpu_and_meets_the_planner(tmp_path):
+    """The GPU check's step benchmark, reduced to the tiny config on CPU: a run per variant, its
+    metrics summarised, and the planner's prediction for the same shapes beside them."""
+    import json
+
+    out = subprocess.run([sys.executable, "benchmarks/device_step.py", "--config", "examples/configs/tiny-cpu.yaml",
+                          "--set", "data.tokenizer=null", "--set", "train.schedule.warmup_steps=1",
+                          "--steps", "2", "--warmup", "1", "--seq", "32", "--gbs", "2", "--mbs", "1",
+                          "--variants", "bf16", "--name", "probe", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "probe_cpu.json").read_text())
+    (run,) = res["runs"]
+    assert run["rc"] == 0 and run["steps_logged"] == 2 and run["nonfinite_steps"] == 0
+    assert 0 < run["median_step_s"] and run["peak_memory_mb"] > 0 and run["first_loss"] > 0
+    assert res["plan"]["step_peak_bytes"] > 0 and res["plan"]["gpu"]
+    assert "Planner (`vpmoe plan --gpu cpu`" in (tmp_path / "probe_cpu.md").read_text()
+
+
+def test_kernels_merge_keeps_the_other_devices_rows(tmp_path):
+    """``--merge`` adds this run's devices beside the rows already in <out>/kernels.json (a GPU
+    section stays when the CPU is re-timed, and the reverse)."""
+    import json
+
+    row = {"op": "rms_norm", "dtype": "bfloat16", "triton": {"ms": 0.5, "GB/s": 1.0, "GFLOP/s": None},
+           "reference": {"ms": 1.0, "GB/s": 0.5, "GFLOP/s": None}, "naive": {"ms": 2.0, "GB/s": 0.25, "GFLOP/s": None}}
+    (tmp_path / "kernels.json").write_text(json.dumps({"devices": {"cuda": [row]}, "gpu_name": "Some GPU"}))
+    out = subprocess.run([sys.executable, "benchmarks/kernels.py", "--devices", "cuda", "--merge", "--skip-memory",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    merged = json.loads((tmp_path / "kernels.json").read_text())
+    assert merged["devices"]["cuda"] == [row] and "gpu" not in merged
+    md = (tmp_path / "kernels.md").read_text()
+    assert "## cuda (Some GPU)" in md and "| rms_norm | bfloat16 | 0.5 (1.0) | 1.0 (0.5) | 2.0 (0.25) | 2.00x | 2.00x |" in md
