@@ -8,14 +8,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from train_support import ROOT, read_metrics, run_training, tiny_config
+from helpers.paths import ROOT
+from helpers.train_support import read_metrics, run_training, tiny_config
 
-SUPPORT = Path(__file__).with_name("train_support.py")
+SUPPORT = ROOT / "tests" / "helpers" / "train_support.py"
 
 
 def _env(**extra):
@@ -121,14 +121,14 @@ def test_bad_checkpoint_paths_are_clear_errors(tmp_path):
 
 
 def _train_two_ranks(rank, world, run_dir, async_save):
-    from train_support import run_training as train
+    from helpers.train_support import run_training as train
 
     return train(tiny_config(run_dir, train={"steps": 6},
                              checkpoint={"interval": 2, "async_save": async_save}))
 
 
 def test_async_save_on_two_processes(tmp_path):
-    from distributed import run_distributed
+    from helpers.distributed import run_distributed
     from megatron_vpmoe.training.checkpoint import load_model_state_dict
 
     assert run_distributed(_train_two_ranks, 2, str(tmp_path / "sync"), False) == [0, 0]
@@ -144,7 +144,7 @@ def test_async_save_on_two_processes(tmp_path):
 def test_load_weights_only_starts_a_fresh_run(tmp_path):
     from megatron_vpmoe.training.checkpoint import load_model_state_dict
     from megatron_vpmoe.training.trainer import Trainer
-    from train_support import ByteTokenizer, datasets_for
+    from helpers.train_support import ByteTokenizer, datasets_for
 
     assert run_training(tiny_config(tmp_path / "a", train={"steps": 3})) == 0
     source = tmp_path / "a" / "checkpoints"

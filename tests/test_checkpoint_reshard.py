@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from distributed import run_distributed
-from train_support import TINY_OVERRIDES
+from helpers.distributed import run_distributed
+from helpers.train_support import TINY_OVERRIDES
 
 
 def _model_cfg():

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_support import ROOT, ByteTokenizer, datasets_for, run_training, tiny_config
+from helpers.paths import ROOT
+from helpers.train_support import ByteTokenizer, datasets_for, run_training, tiny_config
 
 
 class _Payload:

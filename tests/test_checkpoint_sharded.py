@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from distributed import run_distributed
-from engine_loss import token_mean_step
+from helpers.distributed import run_distributed
+from helpers.engine_loss import token_mean_step
 
 LAYOUT = {"tensor": 2, "expert": 2, "distributed_optimizer": True}
 

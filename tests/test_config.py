@@ -12,8 +12,9 @@ import yaml
 from megatron_vpmoe.config import config_from_dict, load_config, save_resolved_config
 from megatron_vpmoe.model.params import count_parameters
 from megatron_vpmoe.utils.errors import ConfigError
+from helpers.paths import ROOT
 
-CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+CONFIGS = ROOT / "examples" / "configs"
 
 
 def write(tmp_path: Path, values: dict) -> Path:

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers.paths import ROOT
 
 # the notices utils/notices.py filters, as megatron-core, transformers and DCP print them
 KNOWN_NOTICES = ("Transformer Engine and Apex are not installed", "path_to_cache is None",

@@ -246,7 +246,7 @@ def _save_sharded(rank, world_size, cfg_text, model_cfg, out):
 def test_sharded_checkpoint_converts_like_unsharded(native_ckpt, hf_dir, tmp_path):
     from safetensors import safe_open
 
-    from distributed import run_distributed
+    from helpers.distributed import run_distributed
     from megatron_vpmoe.config import dump_config
 
     root, cfg, _ = native_ckpt

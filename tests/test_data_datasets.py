@@ -18,7 +18,7 @@ from megatron_vpmoe.data.preprocess import PreprocessOptions, run_preprocess
 from megatron_vpmoe.data.shards import read_shard
 from megatron_vpmoe.tokenizers import load, train_tokenizer
 from megatron_vpmoe.utils.errors import InputError
-from tests.distributed import run_distributed
+from helpers.distributed import run_distributed
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,15 @@ import time
 import numpy
 import pytest
 
-from conftest import need_data
+from helpers.needs import need_data
 from megatron_vpmoe.cli import main
 from megatron_vpmoe.data.preprocess import PreprocessOptions, merge_shards, run_preprocess
 from megatron_vpmoe.data.shards import read_shard, token_dtype
 from megatron_vpmoe.tokenizers import load, train_tokenizer
 from megatron_vpmoe.utils.errors import InputError
+from helpers.paths import ROOT as REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)  # a string: it goes into environment variables
 
 
 @pytest.fixture(scope="module")

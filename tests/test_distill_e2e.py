@@ -10,68 +10,17 @@ student with that different tokenizer trained by `vpmoe train`'s trainer on the 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from test_serve import toy_teacher_dir
+from helpers.distributed import free_port as _free_port
+from helpers.teachers import PY, ServedTeacher, student_tokenizer, toy_teacher_dir
+from helpers.teachers import cli_env as _env
+from helpers.teachers import generated_records as _records
 
 pytestmark = pytest.mark.usefixtures("o200k")  # the teacher and the chat shards render Harmony
-
-PY = [sys.executable, "-m", "megatron_vpmoe.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-class ServedTeacher:
-    """`vpmoe serve DIR` as a subprocess on 127.0.0.1."""
-
-    def __init__(self, model_dir: Path, port: int, log: Path):
-        self.model_dir, self.port, self.log = model_dir, port, log
-
-    def command(self) -> list:
-        return PY + ["serve", str(self.model_dir), "--port", str(self.port), "--threads", "1"]
-
-    def start(self) -> "ServedTeacher":
-        self.proc = subprocess.Popen(self.command(), stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=_env())
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                urllib.request.urlopen(f"{self.url}/v1/models", timeout=2).read()
-                return self
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError(f"server did not start:\n{self.log.read_text()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-def _records(out: Path) -> list:
-    return [json.loads(line) for kind in ("shard", "rejected")
-            for p in sorted(out.glob(f"{kind}-*.jsonl")) for line in p.open()]
 
 
 @pytest.fixture(scope="module")
@@ -124,19 +73,6 @@ def test_generation_survives_teacher_crash(generated):
     for r in accepted:
         assert r["reference"] in r["final"] and r["teacher_model"] == "toy_teacher"
     assert not list(out.glob(".*tmp*"))  # no half-written shards left behind
-
-
-def student_tokenizer(path: Path, shared_data: Path) -> int:
-    """A student BPE from `vpmoe tokenizer train` on Shakespeare (Harmony specials included):
-    shares nothing with the teacher's tokenizer. Returns its vocabulary size."""
-    from megatron_vpmoe.cli import main as vpmoe
-    from megatron_vpmoe.tokenizers import load
-
-    if not (path / "tokenizer.json").is_file():
-        assert vpmoe(["tokenizer", "train", "--kind", "bpe", "--vocab-size", "400", "--input",
-                      str(shared_data / "corpora" / "tinyshakespeare.txt"), "--max-bytes", "100000",
-                      "--output", str(path)]) == 0
-    return len(load(path).to_hf())
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,7 @@ the test controls: transient 500s, malformed bodies, wrong answers, a server tha
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,9 @@ from megatron_vpmoe.utils.answers import answer_matches, predicted_answer, refer
 from megatron_vpmoe.distill.generate import GenerateOptions, run_generate
 from megatron_vpmoe.distill.prompts import load_prompts
 from megatron_vpmoe.utils.errors import InputError, VpmoeError
+from helpers.distributed import free_port as _free_port
+from helpers.teachers import ScriptedTeacher
+from helpers.teachers import scripted_choices as _choices
 
 
 def _write(path: Path, lines: list) -> Path:
@@ -63,81 +63,6 @@ def test_prompt_files(tmp_path):
             load_prompts([str(bad)])
     with pytest.raises(InputError, match="no such prompt file"):
         load_prompts([str(tmp_path / "nope.jsonl")])
-
-
-class ScriptedTeacher:
-    """An OpenAI-style server whose chat and completion answers come from
-    ``self.answer(body, call_no) -> (status, payload[, delay_s])``; the capability probe's chat
-    request is answered apart (n choices), uncounted."""
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.calls = 0
-        self.port = _free_port()
-        self._ready = threading.Event()
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def _serve(self):
-        from aiohttp import web
-
-        async def models(_):
-            return web.json_response({"data": [{"id": "scripted"}]})
-
-        async def chat(request):  # also /v1/completions; (status, payload[, delay_s])
-            from megatron_vpmoe.distill.teacher_probe import PROBE_CHAT
-
-            body = await request.json()
-            if body.get("messages") and body["messages"][-1]["content"] == PROBE_CHAT:
-                return web.json_response(_choices(body))  # the capability probe: chat with n served
-            self.calls += 1
-            status, payload, *delay = self.answer(body, self.calls)
-            if delay:
-                await asyncio.sleep(delay[0])
-            if isinstance(payload, str):
-                return web.Response(status=status, text=payload)
-            return web.json_response(payload, status=status)
-
-        async def main():
-            app = web.Application()
-            app.router.add_get("/v1/models", models)
-            app.router.add_post("/v1/chat/completions", chat)
-            app.router.add_post("/v1/completions", chat)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", self.port).start()
-            self._stop = asyncio.Event()
-            self._ready.set()
-            await self._stop.wait()
-            await runner.cleanup()
-
-        self._loop = asyncio.new_event_loop()
-        self._loop.run_until_complete(main())
-
-    def __exit__(self, *exc):
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _choices(body, final="The answer is 5.", reasoning="2+3=5"):
-    return {"model": "scripted", "usage": {"completion_tokens": 10 * body["n"]}, "choices": [
-        {"index": i, "finish_reason": "stop",
-         "message": {"role": "assistant", "content": final, "reasoning_content": f"{reasoning} #{i}"}}
-        for i in range(body["n"])]}
 
 
 def _records(out: Path, kind: str) -> list:

@@ -26,9 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from test_distill_e2e import PY, ServedTeacher, _env, _free_port, _records, student_tokenizer
+from helpers.distributed import free_port as _free_port
+from helpers.teachers import PY, ServedTeacher, student_tokenizer
+from helpers.teachers import cli_env as _env
+from helpers.teachers import generated_records as _records
+from helpers.paths import FIXTURES
 
-FIXTURES = Path(__file__).parent / "fixtures"
 # reduced (the CLI default: 4 solutions, 100 steps): 2 solutions + the 2 rankings, 50 steps, enough for
 # Harmony-shaped answers and a parseable ranking (30 steps were not: the ranking came back empty)
 TEACHER_EXAMPLES, TEACHER_STEPS = 2, 50
@@ -337,7 +340,7 @@ def _post(url: str, body: dict) -> dict:
 
 def test_vpmoe_serve_answers_in_vllm_shape(servers):
     """vpmoe serve's GPT-OSS answers have vLLM's fields and types (tests/fixtures/vllm_openai_shapes.json)."""
-    from test_teacher_protocol import SHAPES, shape_mismatches
+    from helpers.vllm_shapes import SHAPES, shape_mismatches
 
     url = servers["vpmoe"].url
     chat = _post(f"{url}/v1/chat/completions", {"messages": [{"role": "user", "content": "What is 2 + 2?"}],

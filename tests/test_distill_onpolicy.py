@@ -72,7 +72,7 @@ def test_per_byte_equals_teacher_sum_over_utf8_bytes(tmp_path_factory, shared_da
     from megatron_vpmoe.distill.teacher_client import TeacherClient
     from megatron_vpmoe.serve.app import OpenAIServer
     from megatron_vpmoe.inference.hf import HFBackend
-    from test_serve import toy_teacher_dir
+    from helpers.teachers import toy_teacher_dir
 
     backend = HFBackend(str(toy_teacher_dir(tmp_path_factory, shared_data)))
     messages = [{"role": "user", "content": "How many clips?"}]
@@ -119,7 +119,7 @@ def test_scorer_faults_are_retried_then_dropped():
     left with one valid score gets zero advantage."""
     from megatron_vpmoe.distill.scorers import score_critique, score_loglik, score_rank
     from megatron_vpmoe.distill.teacher_client import TeacherClient
-    from test_distill_generate import ScriptedTeacher
+    from helpers.teachers import ScriptedTeacher
 
     seen = {}
 

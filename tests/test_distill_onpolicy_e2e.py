@@ -12,8 +12,9 @@ import subprocess
 
 import pytest
 
-from test_distill_e2e import PY, ServedTeacher, _env, _free_port, student_tokenizer
-from test_serve import toy_teacher_dir
+from helpers.distributed import free_port as _free_port
+from helpers.teachers import PY, ServedTeacher, student_tokenizer, toy_teacher_dir
+from helpers.teachers import cli_env as _env
 
 pytestmark = pytest.mark.usefixtures("o200k")  # the toy teacher renders Harmony
 
@@ -108,7 +109,7 @@ def _dp_worker(rank, world_size, cfg_path):
 def test_data_parallel_ranks_stay_in_sync(setup):
     """Two gloo ranks split each step's prompts; DDP keeps their weights identical; rank 0
     logs the scores reduced over both ranks; the checkpoint is written once."""
-    from distributed import run_distributed
+    from helpers.distributed import run_distributed
 
     work, vocab, port, prompts = setup
     cfg = _config(work, vocab, port, prompts, steps=2)

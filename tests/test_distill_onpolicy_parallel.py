@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 
 VOCAB = 96
 EOS = 1

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import need_data
+from helpers.needs import need_data
 from megatron_vpmoe.eval import tasks as T
 from megatron_vpmoe.eval.harness import EvalOptions, run_eval
 from megatron_vpmoe.eval.requests import loglikelihood

@@ -6,10 +6,11 @@ from dataclasses import replace
 
 import torch
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from megatron_vpmoe.config.schema import ParallelConfig
-from test_parallel import SEED, global_batch, tiny_cfg
-from engine_loss import token_mean_step
+from helpers.model_configs import SEED, global_batch
+from helpers.model_configs import tiny_parallel_cfg as tiny_cfg
+from helpers.engine_loss import token_mean_step
 
 
 def _body(rank, world, overlap):

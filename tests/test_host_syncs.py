@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_support import SHAKESPEARE, ByteTokenizer, datasets_for, read_metrics, tiny_config
+from helpers.train_support import SHAKESPEARE, ByteTokenizer, datasets_for, read_metrics, tiny_config
+from helpers.paths import ROOT
 
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu")
-PACKAGE = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT
 # where a dropless MoE must learn its groups' sizes on the host (Megatron's grouped GEMM does too)
 ALLOWED = {("megatron_vpmoe/model/moe.py", "forward_loop"), ("megatron_vpmoe/model/moe.py", "pad_expert_groups"),
            ("megatron_vpmoe/model/moe.py", "_padded_bmm"), ("megatron_vpmoe/parallel/expert.py", "__call__")}

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import ast
 import functools
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.paths import ROOT
+
 # dotted package -> its folder: kernels/ is installed (and linked from the package) as megatron_vpmoe.kernels
 PACKAGES = {"megatron_vpmoe": ROOT / "megatron_vpmoe", "megatron_vpmoe.kernels": ROOT / "kernels"}
 

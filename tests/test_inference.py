@@ -11,7 +11,7 @@ import torch
 from megatron_vpmoe.inference.backend import Cancelled, SampleParams
 from megatron_vpmoe.inference.native import NativeBackend
 from megatron_vpmoe.model import VpmoeModel
-from test_model import tiny_cfg
+from helpers.model_configs import tiny_model_cfg as tiny_cfg
 
 
 @pytest.fixture(scope="module")

@@ -175,7 +175,7 @@ def test_engine_builds_te_linears_when_asked(fake_te):
 
 
 def test_trainer_refuses_transformer_engine_where_it_cannot_run(tmp_path):
-    from train_support import tiny_config
+    from helpers.train_support import tiny_config
 
     from megatron_vpmoe.training.trainer import Trainer
     from megatron_vpmoe.utils.errors import ConfigError

@@ -17,8 +17,8 @@ import pytest
 from megatron_vpmoe.cli import main as vpmoe_main
 from megatron_vpmoe.launch.slurm import SlurmJob, render_sbatch
 from megatron_vpmoe.utils.errors import EXIT_FAILURE, EXIT_REQUEUE, UsageError
+from helpers.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "examples" / "configs" / "tiny-cpu.yaml")
 
 STUB = """#!/bin/bash

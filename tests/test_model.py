@@ -10,21 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from megatron_vpmoe.kernels import ops
-from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model import VpmoeModel
 from megatron_vpmoe.model.generation import generate
 from megatron_vpmoe.model.moe import GroupedExperts, Router, _padded_bmm, grouped_matmul
 from megatron_vpmoe.model.params import count_parameters
-
-
-def tiny_cfg(**over) -> ModelConfig:
-    base = dict(vocab_size=97, hidden_size=32, num_layers=4, num_attention_heads=4, num_query_groups=2,
-                kv_channels=8, ffn_hidden_size=64, window_size=3, local_global_pattern=[1, 1],
-                num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=16,
-                moe_shared_expert_intermediate_size=16, moe_router_num_groups=4,
-                moe_router_group_topk=2, init_method_std=0.1)
-    base.update(over)
-    return ModelConfig(**base)
+from helpers.model_configs import tiny_model_cfg as tiny_cfg
 
 
 @pytest.mark.parametrize("over", [

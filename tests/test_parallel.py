@@ -5,29 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import run_distributed
-from megatron_vpmoe.config.schema import ModelConfig, ParallelConfig
-from engine_loss import token_mean_step
-
-SEED = 7
-
-
-def tiny_cfg() -> ModelConfig:
-    # sliding + global layers, 1 dense + 2 MoE layers, a shared expert, biases on
-    return ModelConfig(vocab_size=61, hidden_size=16, num_layers=3, num_attention_heads=4,
-                       num_query_groups=2, kv_channels=8, ffn_hidden_size=32, window_size=3,
-                       local_global_pattern=[1, 1], num_moe_experts=4, moe_router_topk=2,
-                       moe_ffn_hidden_size=8, moe_shared_expert_intermediate_size=8,
-                       moe_router_num_groups=2, moe_router_group_topk=2, add_bias_linear=True,
-                       moe_aux_loss_coeff=0.01, init_method_std=0.2)
-
-
-def global_batch(cfg, n_seq=4, seq=6):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (n_seq, seq), generator=g)
-    labels = torch.randint(0, cfg.vocab_size, (n_seq, seq), generator=g)
-    labels[0, :2] = -100
-    return ids, labels
+from helpers.distributed import run_distributed
+from megatron_vpmoe.config.schema import ParallelConfig
+from helpers.engine_loss import token_mean_step
+from helpers.model_configs import SEED, global_batch
+from helpers.model_configs import locked_parallel_cfg as locked_cfg
+from helpers.model_configs import tiny_parallel_cfg as tiny_cfg
 
 
 def single_process_reference(cfg):
@@ -156,14 +139,6 @@ def assert_stages_match(results, ref_loss, ref_grads):
     for key, ref in ref_grads.items():
         diff = (merged[key] - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
         assert diff < 1e-5, (key, float(diff))
-
-
-def locked_cfg() -> ModelConfig:
-    """The locked attention (issue 24) at tiny size: 3 TPA+GRAPE-M local layers, 1 GQA+ALiBi global."""
-    from dataclasses import replace
-    return replace(tiny_cfg(), num_layers=4, local_global_pattern=[3, 1], moe_aux_loss_coeff=0.0,
-                   local_attention="tpa", tpa_q_rank=3, tpa_kv_rank=2, local_position="grape_m",
-                   grape_m_learnable_basis=True, global_position="alibi")
 
 
 def _locked_body(rank, world, layout):

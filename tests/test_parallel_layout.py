@@ -4,24 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
-import torch.distributed as dist
-
 from megatron_vpmoe.config.schema import ParallelConfig
-
-
-@pytest.fixture
-def fake_world():
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    def init(rank: int, world: int):
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-
-    yield init
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _shard_params(cfg, layout, rank, world, fake_world):
@@ -36,7 +19,7 @@ def _shard_params(cfg, layout, rank, world, fake_world):
 
 
 def test_tp_ep_pp_shards_match_layout_arithmetic(fake_world):
-    from test_parallel import tiny_cfg
+    from helpers.model_configs import tiny_parallel_cfg as tiny_cfg
     cfg = replace(tiny_cfg(), num_layers=4, moe_aux_loss_coeff=0.0)  # biases on: the split rules matter
     layout = {"tensor": 2, "expert": 2, "pipeline": 2, "virtual_pipeline": 2}
     seen = set()
@@ -67,7 +50,7 @@ def test_vpmoe_6b_layout_shards_reduced(fake_world):
 
 def test_locked_attention_shards_match_layout_arithmetic(fake_world):
     """TPA's head factors split over TP, its dim factors and GRAPE-M whole on every rank."""
-    from test_parallel import locked_cfg
+    from helpers.model_configs import locked_parallel_cfg as locked_cfg
     cfg = replace(locked_cfg(), grape_m_learnable_basis=True)  # biases on
     for rank in range(4):
         built, expected, _ = _shard_params(cfg, {"tensor": 2, "pipeline": 2}, rank, 4, fake_world)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers.paths import ROOT
 from megatron_vpmoe.utils import paths
 from megatron_vpmoe.utils.errors import InputError
 

@@ -7,10 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from megatron_vpmoe.config.schema import ModelConfig, ParallelConfig
-from test_parallel import SEED, tiny_cfg
-from engine_loss import token_mean_step
+from helpers.model_configs import SEED
+from helpers.model_configs import tiny_parallel_cfg as tiny_cfg
+from helpers.engine_loss import token_mean_step
 
 
 def _batch(cfg: ModelConfig, n_seq: int, seq: int = 6, seed: int = 0):

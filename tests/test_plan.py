@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-from test_parallel_layout import fake_world  # noqa: F401  (fixture)
+from helpers.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "configs" / "tiny-cpu.yaml"
 SIXB = ROOT / "examples" / "configs" / "vpmoe-6b.yaml"
 

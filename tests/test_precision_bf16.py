@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from megatron_vpmoe.kernels import ops, reference
 from megatron_vpmoe.config.schema import ModelConfig, ParallelConfig
 from megatron_vpmoe.model import VpmoeModel
 from megatron_vpmoe.model import moe as moe_mod
 from megatron_vpmoe.model.moe import GroupedExperts, pad_expert_groups
-from test_parallel import global_batch as batch
-from test_parallel import tiny_cfg as parallel_cfg
-from engine_loss import token_mean_step
+from helpers.model_configs import global_batch as batch
+from helpers.model_configs import tiny_parallel_cfg as parallel_cfg
+from helpers.engine_loss import token_mean_step
 
 BF16 = torch.bfloat16
 
@@ -266,7 +266,7 @@ def test_expert_and_pipeline_parallel_carry_bf16():
 
 
 def _curves(tmp_path, steps):
-    from train_support import read_metrics, run_training, tiny_config
+    from helpers.train_support import read_metrics, run_training, tiny_config
 
     curves = {}
     for precision in ("fp32", "bf16"):

@@ -15,8 +15,9 @@ import pytest
 
 from megatron_vpmoe.data.shards import read_shard
 from megatron_vpmoe.tokenizers import train_tokenizer
+from helpers.paths import ROOT as REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 
 
 def _tool():

@@ -11,8 +11,9 @@ from megatron_vpmoe.data.memory_plan import plan
 from megatron_vpmoe.tokenizers import train_tokenizer
 from megatron_vpmoe.utils.errors import InputError
 from megatron_vpmoe.utils.proc_tree import run_measured
+from helpers.paths import ROOT as REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)  # a string: it goes into environment variables
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
-from conftest import need_o200k
+from helpers.needs import need_o200k
+from helpers.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _port() -> int:

@@ -13,21 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import need_o200k
 from megatron_vpmoe.serve.chat_format import parse_harmony_completion, render_harmony_prompt
-
-
-def toy_teacher_dir(tmp_path_factory, shared_data: Path) -> Path:
-    """Build the toy Harmony teacher once per test session (also used by test_distill*); its
-    Harmony rendering needs the o200k ranks (skips without them)."""
-    from megatron_vpmoe.distill.toy_teacher import build_toy_teacher
-
-    need_o200k()
-    path = tmp_path_factory.getbasetemp() / "toy_teacher"
-    if not (path / "config.json").is_file():
-        torch.set_num_threads(1)
-        build_toy_teacher(str(shared_data / "kd" / "gsm8k_train.jsonl"), str(path))
-    return path
+from helpers.paths import ROOT
+from helpers.teachers import toy_teacher_dir
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +380,7 @@ def _soak(model_dir: Path, seconds: float, load=("oversized", "dropped")) -> dic
     import aiohttp
 
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "megatron_vpmoe.cli", "serve", str(model_dir), "--port", str(port),
                              "--threads", "1", "--max-request-tokens", "64000"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

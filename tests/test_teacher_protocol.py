@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import pytest
 
-SHAPES = json.loads((Path(__file__).parent / "fixtures" / "vllm_openai_shapes.json").read_text())
-_JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array", dict: "object",
-               type(None): "null"}
+from helpers.vllm_shapes import JSON_TYPES as _JSON_TYPES
+from helpers.vllm_shapes import SHAPES
 
 
 class RecordingClient:
@@ -98,22 +96,3 @@ def test_vllm_echo_logprobs_score_the_completion():
     text = answer["choices"][0]["text"]
     assert completion_logprob(answer, len(text) - 1) == -0.75  # the completion "4" only
     assert completion_logprob(answer, text.index("<|channel|>")) == pytest.approx(-0.1 - 0.2 - 0.05 - 0.75)
-
-
-def shape_mismatches(ours, theirs, where="") -> list:
-    """Keys of ``ours`` that a vLLM answer of the same kind lacks, and JSON type clashes (null is
-    compatible with anything)."""
-    out = []
-    if isinstance(ours, dict) and isinstance(theirs, dict):
-        for key, value in ours.items():
-            if key not in theirs:
-                out.append(f"{where}.{key}: not in vLLM's answer")
-            else:
-                out += shape_mismatches(value, theirs[key], f"{where}.{key}")
-    elif isinstance(ours, list) and isinstance(theirs, list):
-        if ours and theirs:
-            out += shape_mismatches(ours[0], theirs[-1], f"{where}[]")
-    elif ours is not None and theirs is not None and _JSON_TYPES[type(ours)] != _JSON_TYPES[type(theirs)]:
-        if {_JSON_TYPES[type(ours)], _JSON_TYPES[type(theirs)]} != {"integer", "number"}:
-            out.append(f"{where}: {_JSON_TYPES[type(ours)]} here, {_JSON_TYPES[type(theirs)]} in vLLM's answer")
-    return out

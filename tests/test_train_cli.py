@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from distributed import free_port
-from train_support import ROOT
+from helpers.distributed import free_port
+from helpers.paths import ROOT
 
 TINY = ["--set", "model.vocab_size=512", "--set", "model.hidden_size=32", "--set", "model.num_layers=2",
         "--set", "model.num_attention_heads=2", "--set", "model.num_query_groups=1",

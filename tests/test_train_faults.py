@@ -7,14 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from train_support import ROOT, ByteTokenizer, datasets_for, read_metrics, run_training, tiny_config
+from helpers.paths import ROOT
+from helpers.train_support import ByteTokenizer, datasets_for, read_metrics, run_training, tiny_config
 
-SUPPORT = Path(__file__).with_name("train_support.py")
+SUPPORT = ROOT / "tests" / "helpers" / "train_support.py"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

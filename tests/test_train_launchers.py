@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from distributed import free_port
-from train_support import ROOT, read_metrics
+from helpers.distributed import free_port
+from helpers.paths import ROOT
+from helpers.train_support import read_metrics
 
-SUPPORT = str(Path(__file__).with_name("train_support.py"))
+SUPPORT = str(ROOT / "tests" / "helpers" / "train_support.py")
 ARGS = ["train.steps=4", "checkpoint.interval=0", "log.progress_bar=true"]
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from distributed import run_distributed
-from train_support import ByteTokenizer, ByteWindows, SHAKESPEARE, read_metrics, tiny_config
+from helpers.distributed import run_distributed
+from helpers.train_support import ByteTokenizer, ByteWindows, SHAKESPEARE, read_metrics, tiny_config
 
 # 2 query groups so TP=2 can split them; fp32; 4 steps of AdamW with a cosine schedule
 MODEL = {"num_query_groups": 2}

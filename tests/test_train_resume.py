@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import run_distributed
-from train_support import ROOT, ByteTokenizer, datasets_for, read_metrics, tiny_config
+from helpers.distributed import run_distributed
+from helpers.paths import ROOT
+from helpers.train_support import ByteTokenizer, datasets_for, read_metrics, tiny_config
 
 # 2 ranks x micro-batch 1, global batch 4: 2 accumulation steps per rank; validation every 5
 # steps; MoE expert-bias updates and a cosine schedule: everything a resume must restore.
@@ -89,7 +90,7 @@ def test_tiny_cpu_config_learns_on_two_processes(tmp_path):
 
 
 def test_reader_workers_do_not_change_the_sample_order(tmp_path):
-    from train_support import run_training
+    from helpers.train_support import run_training
 
     for workers in (0, 2):
         cfg = tiny_config(tmp_path / str(workers), train={"steps": 4}, data={"num_workers": workers})

@@ -172,7 +172,7 @@ def test_byte_lengths_of_hf_byte_level_bpe_match_utf8():
 
 
 def test_trainer_logs_the_role_weighted_objective(tmp_path):
-    from train_support import SHAKESPEARE, ByteTokenizer, ByteWindows, read_metrics, tiny_config
+    from helpers.train_support import SHAKESPEARE, ByteTokenizer, ByteWindows, read_metrics, tiny_config
 
     from megatron_vpmoe.training.trainer import Trainer
 
@@ -191,7 +191,7 @@ def test_trainer_logs_the_role_weighted_objective(tmp_path):
 
 
 def test_validation_counts_only_loss_positions(tmp_path):
-    from train_support import SHAKESPEARE, ByteTokenizer, ByteWindows, tiny_config
+    from helpers.train_support import SHAKESPEARE, ByteTokenizer, ByteWindows, tiny_config
 
     from megatron_vpmoe.training.trainer import Trainer
 

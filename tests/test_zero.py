@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distributed import run_distributed
-from engine_loss import token_mean_step
+from helpers.distributed import run_distributed
+from helpers.engine_loss import token_mean_step
 
 
 def _cfg():

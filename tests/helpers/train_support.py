@@ -11,7 +11,6 @@ import torch
 
 from megatron_vpmoe.utils.paths import data_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = data_dir() / "corpora" / "tinyshakespeare.txt"  # ../shared/data's, or the embedded default's
 
 
@@ -103,7 +102,7 @@ def read_metrics(run_dir, kind="train"):
 
 
 def main(argv=None):
-    """``python tests/train_support.py RUN_DIR [section.key=value ...]``: train the tiny config
+    """``python tests/helpers/train_support.py RUN_DIR [section.key=value ...]``: train the tiny config
     (a subprocess target for the preemption and kill -9 tests). Exits with the trainer's code."""
     import yaml
 
