@@ -46,3 +46,17 @@ def o200k() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+def pytest_collection_modifyitems(config, items):
+    """The layout's two rules: every module under tests/e2e/ carries the ``e2e`` marker, and no test
+    folder is a package (an ``__init__.py`` in tests/tokenizers/ would shadow Hugging Face's
+    ``tokenizers``: test modules import by their unique basenames instead)."""
+    tests = ROOT / "tests"
+    packages = sorted(str(p.relative_to(ROOT)) for p in tests.glob("*/__init__.py") if p.parent.name != "helpers")
+    if packages:
+        raise pytest.UsageError(f"test folders must not be packages (they would shadow real ones): {packages}")
+    unmarked = sorted({str(item.path.relative_to(ROOT)) for item in items
+                       if tests / "e2e" in item.path.parents and item.get_closest_marker("e2e") is None})
+    if unmarked:
+        raise pytest.UsageError(f"add `pytestmark = pytest.mark.e2e` to {', '.join(unmarked)}")

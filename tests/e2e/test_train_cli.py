@@ -13,6 +13,8 @@ import pytest
 from helpers.distributed import free_port
 from helpers.paths import ROOT
 
+pytestmark = pytest.mark.e2e
+
 TINY = ["--set", "model.vocab_size=512", "--set", "model.hidden_size=32", "--set", "model.num_layers=2",
         "--set", "model.num_attention_heads=2", "--set", "model.num_query_groups=1",
         "--set", "model.kv_channels=16", "--set", "model.ffn_hidden_size=64",

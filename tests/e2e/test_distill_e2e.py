@@ -20,7 +20,7 @@ from helpers.teachers import PY, ServedTeacher, student_tokenizer, toy_teacher_d
 from helpers.teachers import cli_env as _env
 from helpers.teachers import generated_records as _records
 
-pytestmark = pytest.mark.usefixtures("o200k")  # the teacher and the chat shards render Harmony
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("o200k")]  # the teacher and the chat shards render Harmony
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,8 @@ from helpers.teachers import cli_env as _env
 from helpers.teachers import generated_records as _records
 from helpers.paths import FIXTURES
 
+pytestmark = pytest.mark.e2e
+
 # reduced (the CLI default: 4 solutions, 100 steps): 2 solutions + the 2 rankings, 50 steps, enough for
 # Harmony-shaped answers and a parseable ranking (30 steps were not: the ranking came back empty)
 TEACHER_EXAMPLES, TEACHER_STEPS = 2, 50

@@ -8,7 +8,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers.paths import ROOT
+
+pytestmark = pytest.mark.e2e
 
 # the notices utils/notices.py filters, as megatron-core, transformers and DCP print them
 KNOWN_NOTICES = ("Transformer Engine and Apex are not installed", "path_to_cache is None",

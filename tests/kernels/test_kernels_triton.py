@@ -1,4 +1,4 @@
-"""Runs tests/test_kernels_triton_cases.py (Triton kernels vs references) in a subprocess: under
+"""Runs tests/kernels/test_kernels_triton_cases.py (Triton kernels vs references) in a subprocess: under
 ``TRITON_INTERPRET=1`` on CPU, and compiled on the GPU when one is present."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from helpers.paths import ROOT
+from helpers.paths import ROOT, TESTS
 
 pytest.importorskip("triton")
 
@@ -23,7 +23,7 @@ def _run_cases(marker: str, device: str = "cpu") -> None:
     else:
         env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", marker,
-           str(ROOT / "tests" / "test_kernels_triton_cases.py")]
+           str(TESTS / "kernels" / "test_kernels_triton_cases.py")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail

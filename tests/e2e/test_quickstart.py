@@ -13,9 +13,12 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from helpers.needs import need_o200k
 from helpers.paths import ROOT
 
+pytestmark = pytest.mark.e2e
 
 
 def _port() -> int:

@@ -16,7 +16,7 @@ from helpers.distributed import free_port as _free_port
 from helpers.teachers import PY, ServedTeacher, student_tokenizer, toy_teacher_dir
 from helpers.teachers import cli_env as _env
 
-pytestmark = pytest.mark.usefixtures("o200k")  # the toy teacher renders Harmony
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("o200k")]  # the toy teacher renders Harmony
 
 
 def _config(work, vocab, port, prompts, steps, scorers="[{kind: loglik, weight: 1.0}]"):

@@ -14,6 +14,8 @@ from helpers.distributed import free_port
 from helpers.paths import ROOT
 from helpers.train_support import read_metrics
 
+pytestmark = pytest.mark.e2e
+
 SUPPORT = str(ROOT / "tests" / "helpers" / "train_support.py")
 ARGS = ["train.steps=4", "checkpoint.interval=0", "log.progress_bar=true"]
 

@@ -19,6 +19,8 @@ import pytest
 from helpers.slurm_cluster import start_cluster, stop_cluster
 from helpers.paths import ROOT
 
+pytestmark = pytest.mark.e2e
+
 TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=2",
         "model.num_query_groups=1", "model.kv_channels=16", "model.ffn_hidden_size=64",
         "model.moe_ffn_hidden_size=32", "model.moe_shared_expert_intermediate_size=32", "data.seq_length=32",

@@ -15,7 +15,11 @@ import sys
 import tarfile
 import zipfile
 
+import pytest
+
 from helpers.paths import ROOT
+
+pytestmark = pytest.mark.e2e
 
 TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=2",
         "model.num_query_groups=2", "model.kv_channels=16", "model.ffn_hidden_size=64",

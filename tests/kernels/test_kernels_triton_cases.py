@@ -2,9 +2,9 @@
 
 On CPU the kernels run in the Triton interpreter: ``triton.jit`` (and Triton's own jitted
 ``tl.sum``/``tl.max``) pick the interpreter when Triton is imported, so these cases only run in a
-process started with ``TRITON_INTERPRET=1``; ``tests/test_kernels_triton.py`` starts one (run
+process started with ``TRITON_INTERPRET=1``; ``tests/kernels/test_kernels_triton.py`` starts one (run
 directly, this module skips), which keeps the variable out of every other test module. With
-``VPMOE_KERNEL_TEST_DEVICE=cuda`` (also started by ``tests/test_kernels_triton.py`` when a GPU is
+``VPMOE_KERNEL_TEST_DEVICE=cuda`` (also started by ``tests/kernels/test_kernels_triton.py`` when a GPU is
 present) the compiled kernels run on the GPU: inputs are copied to it and results back, and the
 reference runs on CPU.
 """
@@ -19,7 +19,7 @@ import torch
 
 DEVICE = os.environ.get("VPMOE_KERNEL_TEST_DEVICE", "cpu")
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("run by tests/test_kernels_triton.py in a TRITON_INTERPRET=1 subprocess",
+    pytest.skip("run by tests/kernels/test_kernels_triton.py in a TRITON_INTERPRET=1 subprocess",
                 allow_module_level=True)
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("VPMOE_KERNEL_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
