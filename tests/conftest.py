@@ -1,5 +1,5 @@
 """Shared fixtures: the data folder (../shared/data or the embedded default), skips for absent
-files, offline tokenizer env, small CPU defaults."""
+files (helpers/needs.py), offline tokenizer env, small CPU defaults."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.paths import ROOT  # tests/ is on sys.path (pytest.ini's pythonpath)
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from megatron_vpmoe.utils.paths import checkout_shared, data_dir, o200k_ranks_file  # noqa: E402
+from helpers.needs import need_data, need_o200k  # noqa: E402
+from megatron_vpmoe.utils.paths import checkout_shared  # noqa: E402
+
+pytest_plugins = ["helpers.fake_world"]  # fixtures shared by test modules in different folders
 
 SHARED = checkout_shared()  # ../shared beside the checkout; None in a clone elsewhere
 
@@ -24,24 +28,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def need_data(*relative: str) -> Path:
-    """The data folder (``data_dir()``), skipping the test when any of ``relative`` is absent
-    there (the embedded default holds only a slice: Shakespeare, 300 GSM8K problems, a few MC sets)."""
-    root = data_dir()
-    missing = [r for r in relative if not (root / r).exists()]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} under {root} (set VPMOE_DATA to the full data)")
-    return root
-
-
-def need_o200k() -> Path:
-    """The local ``o200k_base.tiktoken``, skipping the test without one (tests never download)."""
-    path = o200k_ranks_file()
-    if path is None or not path.is_file():
-        pytest.skip("needs o200k_base.tiktoken (set TIKTOKEN_ENCODINGS_BASE to the folder holding it)")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +46,17 @@ def o200k() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+def pytest_collection_modifyitems(config, items):
+    """The layout's two rules: every module under tests/e2e/ carries the ``e2e`` marker, and no test
+    folder is a package (an ``__init__.py`` in tests/tokenizers/ would shadow Hugging Face's
+    ``tokenizers``: test modules import by their unique basenames instead)."""
+    tests = ROOT / "tests"
+    packages = sorted(str(p.relative_to(ROOT)) for p in tests.glob("*/__init__.py") if p.parent.name != "helpers")
+    if packages:
+        raise pytest.UsageError(f"test folders must not be packages (they would shadow real ones): {packages}")
+    unmarked = sorted({str(item.path.relative_to(ROOT)) for item in items
+                       if tests / "e2e" in item.path.parents and item.get_closest_marker("e2e") is None})
+    if unmarked:
+        raise pytest.UsageError(f"add `pytestmark = pytest.mark.e2e` to {', '.join(unmarked)}")

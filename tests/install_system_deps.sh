@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System packages the tests drive for real: OpenMPI (mpirun) and a one-node SLURM cluster
-# (slurmctld, slurmd, the client tools, munge; tests/slurm_cluster.py configures and starts it
+# (slurmctld, slurmd, the client tools, munge; tests/helpers/slurm_cluster.py configures and starts it
 # per test session). Idempotent; needs root and Debian's apt. Without root it says what is
 # missing and the tests needing it are skipped with that reason.
 set -euo pipefail

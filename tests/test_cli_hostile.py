@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from megatron_vpmoe.cli import main
+from helpers.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "examples" / "configs" / "tiny-cpu.yaml")
 
 HOSTILE = {

@@ -5,23 +5,8 @@ from __future__ import annotations
 
 import ast
 import functools
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# dotted package -> its folder: kernels/ is installed (and linked from the package) as megatron_vpmoe.kernels
-PACKAGES = {"megatron_vpmoe": ROOT / "megatron_vpmoe", "megatron_vpmoe.kernels": ROOT / "kernels"}
-
-
-def _modules() -> dict:
-    """Dotted module name -> file, for every ``.py`` of the packages (a package is its ``__init__``)."""
-    mods = {}
-    for pkg, folder in PACKAGES.items():
-        for path in sorted(folder.rglob("*.py")):
-            parts = (*pkg.split("."), *path.relative_to(folder).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            mods[".".join(parts)] = path
-    return mods
+from helpers.package_modules import package_modules as _modules
 
 
 def _owner(name: str, mods: dict):

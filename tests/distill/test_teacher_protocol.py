@@ -1,0 +1,98 @@
+"""The teacher client's requests and the responses it reads, against vLLM's OpenAI-server protocol.
+
+tests/fixtures/vllm_openai_shapes.json records, from vLLM's pydantic protocol models, the request
+fields (with JSON types) of /v1/completions and /v1/chat/completions and one response of each
+kind a GPT-OSS teacher returns (chat with ``reasoning`` / older ``reasoning_content``, completions
+with ``echo`` + ``logprobs`` and ``max_tokens: 0``). A request field the client starts sending that
+vLLM does not define, a type change, or a response field the client stops reading fails here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from helpers.vllm_shapes import JSON_TYPES as _JSON_TYPES
+from helpers.vllm_shapes import SHAPES
+
+
+class RecordingClient:
+    """A TeacherClient stand-in: records each request body, answers with a recorded vLLM response."""
+
+    retries = 0
+    base_url = "http://teacher/v1"
+
+    def __init__(self):
+        self.sent = []
+
+    async def models(self, retries=0):
+        return ["openai/gpt-oss-20b"]
+
+    async def chat(self, body):
+        self.sent.append(("chat", body))
+        answer = json.loads(json.dumps(SHAPES["chat_response"]))
+        answer["choices"] = answer["choices"] * body.get("n", 1)
+        return answer
+
+    async def completions(self, body):
+        self.sent.append(("completion", body))
+        return SHAPES["completion_echo_response"]
+
+
+def _check_request(kind: str, body: dict) -> None:
+    fields = SHAPES[f"{kind}_request_fields"]
+    for key, value in body.items():
+        assert key in fields, f"{kind} request field {key!r} is not in vLLM's protocol"
+        assert _JSON_TYPES[type(value)] in fields[key], f"{kind} request {key}={value!r}: vLLM takes {fields[key]}"
+
+
+def test_every_client_request_is_a_vllm_request():
+    from megatron_vpmoe.distill.generate import GenerateOptions, _Generator
+    from megatron_vpmoe.distill.prompts import Prompt
+    from megatron_vpmoe.distill.scorers import SCORERS
+    from megatron_vpmoe.distill.teacher_probe import FEATURES, probe
+
+    client = RecordingClient()
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+
+    async def run():
+        for kind in SCORERS:
+            await SCORERS[kind](client, messages, "4", ["4", "5"], template="harmony", model="openai/gpt-oss-20b")
+        await probe(client, list(FEATURES))
+
+    asyncio.run(run())
+    for endpoint in ("chat", "completions"):
+        gen = _Generator(GenerateOptions("http://teacher", [], "/nonexistent", endpoint=endpoint, seed=1), [], None)
+        gen.model = "openai/gpt-oss-20b"
+        client.sent.append(("chat" if endpoint == "chat" else "completion",
+                            gen._request(Prompt("p", messages, source="f:1", reference="4"), 2, 7)))
+    kinds = [k for k, _ in client.sent]
+    assert kinds.count("completion") >= 2 and kinds.count("chat") >= 4  # loglik + probe + generate; rank, critique, ...
+    for kind, body in client.sent:
+        _check_request(kind, body)
+    echo = [b for k, b in client.sent if k == "completion" and b.get("echo")]
+    assert echo and all(b["max_tokens"] == 0 and b["logprobs"] == 1 for b in echo)  # vLLM: echo without generation
+
+
+@pytest.mark.parametrize("name,field", [("chat_response", "reasoning"), ("chat_response_older", "reasoning_content")])
+def test_vllm_chat_answers_split_reasoning_and_final(name, field):
+    from megatron_vpmoe.distill.generate import GenerateOptions, _Generator
+    from megatron_vpmoe.distill.prompts import Prompt
+
+    gen = _Generator(GenerateOptions("http://teacher", [], "/nonexistent"), [], None)
+    prompt = Prompt("p", [{"role": "user", "content": "2+2?"}], source="f:1", reference="4")
+    (rec,) = gen._records(prompt, [0], SHAPES[name], None)
+    msg = SHAPES[name]["choices"][0]["message"]
+    assert (rec["reasoning"], rec["final"]) == (msg[field], msg["content"]) == ("2 plus 2 is 4.", "The answer is 4.")
+    assert rec["teacher_model"] == "openai/gpt-oss-20b"
+
+
+def test_vllm_echo_logprobs_score_the_completion():
+    from megatron_vpmoe.distill.scorers import completion_logprob
+
+    answer = SHAPES["completion_echo_response"]
+    text = answer["choices"][0]["text"]
+    assert completion_logprob(answer, len(text) - 1) == -0.75  # the completion "4" only
+    assert completion_logprob(answer, text.index("<|channel|>")) == pytest.approx(-0.1 - 0.2 - 0.05 - 0.75)

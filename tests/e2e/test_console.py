@@ -1,0 +1,81 @@
+"""The console a person sees: known third-party notices filtered (utils/notices.py), other ranks
+silent unless --verbose, no progress-bar carriage returns in logs, and a weights-only start
+says "initialised from" rather than "resumed ... at step 0"."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers.paths import ROOT
+
+pytestmark = pytest.mark.e2e
+
+# the notices utils/notices.py filters, as megatron-core, transformers and DCP print them
+KNOWN_NOTICES = ("Transformer Engine and Apex are not installed", "path_to_cache is None",
+                 "`loss_type=None`", "torch.distributed is disabled")
+
+TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=2",
+        "model.num_query_groups=2", "model.kv_channels=16", "model.ffn_hidden_size=64",
+        "model.moe_ffn_hidden_size=32", "model.moe_shared_expert_intermediate_size=32", "data.seq_length=32",
+        "data.mock=true", "data.tokenizer=null", "train.global_batch_size=4", "train.micro_batch_size=1",
+        "train.schedule.warmup_steps=1", "train.eval_interval=0", "log.interval=1"]
+
+
+def _vpmoe(args, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "VPMOE_VERBOSE"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "megatron_vpmoe.cli", *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)  # pipes: not a terminal, as in CI
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout, out.stderr
+
+
+def _sets(*items):
+    return [a for item in (*TINY, *items) for a in ("--set", item)]
+
+
+def test_two_rank_train_console_is_rank0_only_without_notices_then_initialised_from(tmp_path):
+    config = str(ROOT / "examples" / "configs" / "tiny-cpu.yaml")
+    out, err = _vpmoe(["launch", "local", "--nproc", "2", "--config", config,
+                       *_sets(f"run.dir={tmp_path}/pre", "train.steps=3")], tmp_path)
+    console = out + err
+    for notice in KNOWN_NOTICES:
+        assert notice not in console, notice
+    assert "Warning" not in err, err  # nothing else from either rank's warnings
+    assert "\r" not in console  # no progress bar in a log: plain step lines instead
+    assert [line.split(" loss")[0] for line in out.splitlines() if line.startswith("step ")] == \
+        ["step 1/3", "step 2/3", "step 3/3"]  # once each: rank 1 prints nothing
+    assert out.count("trained steps 0..3") == 1
+
+    # phase 1 from the pretrained weights with a fresh optimizer: one process (DCP without a group)
+    out, err = _vpmoe(["train", "--config", config,
+                       *_sets(f"run.dir={tmp_path}/phase1", "train.steps=1", f"checkpoint.load={tmp_path}/pre/checkpoints",
+                              "checkpoint.load_optimizer=false")], tmp_path)
+    assert f"initialised from {tmp_path}/pre/checkpoints" in out and "resumed" not in out, out
+    for notice in KNOWN_NOTICES:
+        assert notice not in out + err, notice
+
+
+def test_other_ranks_are_silent_unless_verbose():
+    probe = ("import sys, warnings; from megatron_vpmoe.utils.notices import install; install(rank=int(sys.argv[1])); "
+             "print('rank says hello', flush=True); warnings.warn('Transformer Engine and Apex are not installed'); "
+             "warnings.warn('a real warning'); print('to stderr', file=sys.stderr)")
+    env = {k: v for k, v in os.environ.items() if k != "VPMOE_VERBOSE"}
+    env["PYTHONPATH"] = str(ROOT)
+
+    def run(rank, **extra):
+        out = subprocess.run([sys.executable, "-c", probe, str(rank)], env=dict(env, **extra), capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout, out.stderr
+
+    out, err = run(0)
+    assert "rank says hello" in out and "a real warning" in err and "Apex" not in err and "to stderr" in err
+    out, err = run(1)
+    assert out == "" and "warning" not in err and "to stderr" in err  # errors of any rank still show
+    out, err = run(1, VPMOE_VERBOSE="1")
+    assert "rank says hello" in out and "Apex" in err and "a real warning" in err

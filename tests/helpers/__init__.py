@@ -1,0 +1,1 @@
+"""Shared helpers of the test suite (no tests here): test modules import these, never each other."""

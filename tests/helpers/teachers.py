@@ -1,0 +1,160 @@
+"""Teachers for the serve and distillation tests: the toy Harmony teacher, `vpmoe serve` as a
+subprocess, a scripted OpenAI-style server, and the student tokenizer the e2e runs train."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from helpers.distributed import free_port
+from helpers.needs import need_o200k
+
+
+def toy_teacher_dir(tmp_path_factory, shared_data: Path) -> Path:
+    """Build the toy Harmony teacher once per test session (the serve and distillation tests
+    share it); its Harmony rendering needs the o200k ranks (skips without them)."""
+    from megatron_vpmoe.distill.toy_teacher import build_toy_teacher
+
+    need_o200k()
+    path = tmp_path_factory.getbasetemp() / "toy_teacher"
+    if not (path / "config.json").is_file():
+        torch.set_num_threads(1)
+        build_toy_teacher(str(shared_data / "kd" / "gsm8k_train.jsonl"), str(path))
+    return path
+
+
+PY = [sys.executable, "-m", "megatron_vpmoe.cli"]  # `vpmoe` in a subprocess
+
+
+def cli_env() -> dict:
+    """The environment of CLI subprocesses: one thread, unbuffered output."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class ServedTeacher:
+    """`vpmoe serve DIR` as a subprocess on 127.0.0.1."""
+
+    def __init__(self, model_dir: Path, port: int, log: Path):
+        self.model_dir, self.port, self.log = model_dir, port, log
+
+    def command(self) -> list:
+        return PY + ["serve", str(self.model_dir), "--port", str(self.port), "--threads", "1"]
+
+    def start(self) -> "ServedTeacher":
+        self.proc = subprocess.Popen(self.command(), stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=cli_env())
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                urllib.request.urlopen(f"{self.url}/v1/models", timeout=2).read()
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"server did not start:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def generated_records(out: Path) -> list:
+    """Every record `vpmoe distill generate` wrote under ``out``, accepted and rejected."""
+    return [json.loads(line) for kind in ("shard", "rejected")
+            for p in sorted(out.glob(f"{kind}-*.jsonl")) for line in p.open()]
+
+
+def student_tokenizer(path: Path, shared_data: Path) -> int:
+    """A student BPE from `vpmoe tokenizer train` on Shakespeare (Harmony specials included):
+    shares nothing with the teacher's tokenizer. Returns its vocabulary size."""
+    from megatron_vpmoe.cli import main as vpmoe
+    from megatron_vpmoe.tokenizers import load
+
+    if not (path / "tokenizer.json").is_file():
+        assert vpmoe(["tokenizer", "train", "--kind", "bpe", "--vocab-size", "400", "--input",
+                      str(shared_data / "corpora" / "tinyshakespeare.txt"), "--max-bytes", "100000",
+                      "--output", str(path)]) == 0
+    return len(load(path).to_hf())
+
+
+class ScriptedTeacher:
+    """An OpenAI-style server whose chat and completion answers come from
+    ``self.answer(body, call_no) -> (status, payload[, delay_s])``; the capability probe's chat
+    request is answered apart (n choices), uncounted."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.calls = 0
+        self.port = free_port()
+        self._ready = threading.Event()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def _serve(self):
+        from aiohttp import web
+
+        async def models(_):
+            return web.json_response({"data": [{"id": "scripted"}]})
+
+        async def chat(request):  # also /v1/completions; (status, payload[, delay_s])
+            from megatron_vpmoe.distill.teacher_probe import PROBE_CHAT
+
+            body = await request.json()
+            if body.get("messages") and body["messages"][-1]["content"] == PROBE_CHAT:
+                return web.json_response(scripted_choices(body))  # the capability probe: chat with n served
+            self.calls += 1
+            status, payload, *delay = self.answer(body, self.calls)
+            if delay:
+                await asyncio.sleep(delay[0])
+            if isinstance(payload, str):
+                return web.Response(status=status, text=payload)
+            return web.json_response(payload, status=status)
+
+        async def main():
+            app = web.Application()
+            app.router.add_get("/v1/models", models)
+            app.router.add_post("/v1/chat/completions", chat)
+            app.router.add_post("/v1/completions", chat)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            self._stop = asyncio.Event()
+            self._ready.set()
+            await self._stop.wait()
+            await runner.cleanup()
+
+        self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(main())
+
+    def __exit__(self, *exc):
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+
+def scripted_choices(body, final="The answer is 5.", reasoning="2+3=5"):
+    return {"model": "scripted", "usage": {"completion_tokens": 10 * body["n"]}, "choices": [
+        {"index": i, "finish_reason": "stop",
+         "message": {"role": "assistant", "content": final, "reasoning_content": f"{reasoning} #{i}"}}
+        for i in range(body["n"])]}
