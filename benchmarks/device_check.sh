@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU check, run on a lent CUDA machine from the repository root (about 7 minutes on an H200):
-#   1. every Triton kernel case (tests/test_kernels_triton_cases.py, long ones too) compiled on the GPU
+#   1. every Triton kernel case (tests/kernels/test_kernels_triton_cases.py, long ones too) compiled on the GPU
 #      against the PyTorch references;
 #   2. training steps with the planner's prediction beside them (benchmarks/device_step.py): the medium
 #      config (bf16 with Triton, bf16 with the reference ops, fp32; then micro-batch 16), and an 8-layer
@@ -31,7 +31,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 step "1/4 Triton kernels vs references on CUDA"
 VPMOE_KERNEL_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-  -m "long or not long" --timeout 150 -rfE --durations 10 tests/test_kernels_triton_cases.py > "$OUT/kernels_cuda.log" 2>&1
+  -m "long or not long" --timeout 150 -rfE --durations 10 tests/kernels/test_kernels_triton_cases.py > "$OUT/kernels_cuda.log" 2>&1
 echo "rc=$?"; tail -n 3 "$OUT/kernels_cuda.log"
 
 step "2/4 training steps"

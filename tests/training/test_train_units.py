@@ -255,7 +255,7 @@ def test_router_entropy_is_read_at_log_steps_and_reset():
 
 
 def test_profile_steps_write_a_table_and_a_trace_for_the_window(tmp_path):
-    from train_support import ByteTokenizer, datasets_for, read_metrics, tiny_config
+    from helpers.train_support import ByteTokenizer, datasets_for, read_metrics, tiny_config
 
     from megatron_vpmoe.training.trainer import Trainer
 
@@ -273,7 +273,7 @@ def test_profile_steps_write_a_table_and_a_trace_for_the_window(tmp_path):
 
 @pytest.mark.parametrize("window", [[0, 1], [2, 1], [1, 4], [1]])
 def test_profile_steps_out_of_range_name_the_key(tmp_path, window):
-    from train_support import tiny_config
+    from helpers.train_support import tiny_config
 
     from megatron_vpmoe.utils.errors import ConfigError
 
