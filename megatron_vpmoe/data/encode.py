@@ -83,7 +83,6 @@ class DocumentEncoder:
             for key, docs in plain.items():
                 docs = [(i, t) for i, t in docs if isinstance(out[i], EncodedDocument)]
                 for (i, _), ids in zip(docs, tok.encode_batch([t for _, t in docs]) if docs else []):
-                    ids = list(ids)  # one copy: the tokenizer's list is not ours to extend
                     if self.append_eod and (ids or not self.keep_empty):
                         ids.append(tok.eod_id)
                     out[i].ids[(name, key)] = ids

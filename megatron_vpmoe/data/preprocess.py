@@ -128,6 +128,7 @@ def write_piece(piece: Piece, shard_set: shards.ShardSet, encoder: DocumentEncod
                          keep_empty=keep_empty)
     for chunk in _chunks(records, chunk_size):
         nbytes = 0
+        encoded = []
         for doc in encoder.encode_batch(chunk):
             nbytes += doc.nbytes
             if isinstance(doc, Skipped):
@@ -137,8 +138,9 @@ def write_piece(piece: Piece, shard_set: shards.ShardSet, encoder: DocumentEncod
                 tally.skip(doc)
                 continue
             assert isinstance(doc, EncodedDocument)
-            shard_set.add(doc)
-            tally.documents += 1
+            encoded.append(doc)
+        shard_set.add_many(encoded)  # one write per shard and chunk
+        tally.documents += len(encoded)
         nbytes = min(nbytes, left)  # compressed/parquet sizes are estimates
         left -= nbytes
         report(len(chunk), nbytes)

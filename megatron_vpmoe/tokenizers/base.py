@@ -93,6 +93,7 @@ class Tokenizer:
         raise NotImplementedError
 
     def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        """New lists, one per text, that the caller owns (preprocessing appends EOD in place)."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: List[int]) -> str:
