@@ -2,7 +2,10 @@
 """Megatron-LM's ``tools/preprocess_data.py``, as a drop-in, over ``vpmoe preprocess``.
 
 Megatron-LM's flags and output: ``--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR``
-(a local directory) or ``GPT2BPETokenizer --vocab-file --merge-file``
+(a local directory), ``GPT2BPETokenizer --vocab-file --merge-file``, ``SentencePieceTokenizer``/
+``GPTSentencePieceTokenizer``/``Llama2Tokenizer --tokenizer-model FILE.model`` or ``TikTokenizer
+--tokenizer-model FILE.json|FILE.tiktoken`` with ``--tiktoken-pattern``, ``--vocab-size``,
+``--tiktoken-num-special-tokens``, ``--tokenizer-special-tokens``
 (:mod:`megatron_vpmoe.tokenizers.megatron_flags`), ``--input``, ``--json-keys``,
 ``--output-prefix``, ``--append-eod`` (off unless given), ``--workers``, ``--partitions``,
 ``--log-interval``, ``--keep-sequential-samples`` (documents are always kept in input order);
@@ -30,11 +33,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_preprocess_arguments(parser, required=True, append_eod=False)  # off, as in Megatron-LM
     group = parser.add_argument_group("Megatron-LM's flags")
     group.add_argument("--tokenizer-type", default=None, metavar="TYPE",
-                       help="HuggingFaceTokenizer (with --tokenizer-model DIR) or GPT2BPETokenizer "
-                            "(with --vocab-file and --merge-file)")
-    group.add_argument("--tokenizer-model", default=None, metavar="DIR", help="a local tokenizer directory")
+                       help="HuggingFaceTokenizer (with --tokenizer-model DIR), GPT2BPETokenizer (with "
+                            "--vocab-file and --merge-file), SentencePieceTokenizer, GPTSentencePieceTokenizer, "
+                            "Llama2Tokenizer (with --tokenizer-model FILE.model) or TikTokenizer (with "
+                            "--tokenizer-model FILE.json or FILE.tiktoken)")
+    group.add_argument("--tokenizer-model", default=None, metavar="PATH",
+                       help="a local tokenizer directory, SentencePiece .model or TikTokenizer vocabulary")
     group.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json (GPT2BPETokenizer)")
     group.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (GPT2BPETokenizer)")
+    group.add_argument("--tiktoken-pattern", default=None, choices=["v1", "v2"],
+                       help="TikTokenizer's split pattern (default v2)")
+    group.add_argument("--vocab-size", type=int, default=None, help="TikTokenizer's vocabulary size (default 131072)")
+    group.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
+                       help="TikTokenizer's special-token ids 0..N-1 (default 1000)")
+    group.add_argument("--tokenizer-special-tokens", "--tiktoken-special-tokens", dest="special_tokens",
+                       nargs="+", default=None, help="TikTokenizer's special tokens (default <unk> <s> </s> "
+                                                      "<mask> <pad> <cls> <sep>)")
+    group.add_argument("--tokenizer-sentencepiece-legacy", action="store_true",
+                       help="refused: the legacy SentencePiece wrapper is not supported")
+    group.add_argument("--no-tokenizer-sentencepiece-ignore-extra-whitespaces",
+                       "--disable-tokenizer-sentencepiece-ignore-extra-whitespaces",
+                       dest="tokenizer_sentencepiece_ignore_extra_whitespaces", action="store_false",
+                       help="refused: extra whitespace is handled as the SentencePiece model does")
     group.add_argument("--use-gigatoken", action="store_true",
                        help="accepted: the gigatoken engine is used whenever it reproduces the tokenizer's ids")
     group.add_argument("--split-sentences", action="store_true", help="split documents into sentences (NLTK punkt)")
@@ -69,7 +89,7 @@ def _tokenizers(args) -> dict:
         if args.tokenizer_type or args.tokenizer_model:
             raise InputError("give --tokenizer DIR... or Megatron-LM's --tokenizer-type/--tokenizer-model, not both")
         return parse_tokenizer_args(args.tokenizer)
-    path = tokenizer_dir_from_flags(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
+    path = tokenizer_dir_from_flags(args)
     return {"tokenizer": path}
 
 

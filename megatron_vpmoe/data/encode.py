@@ -47,8 +47,11 @@ class DocumentEncoder:
         self._special_ids = {}
         self.engines = {}  # variant -> "gigatoken" or why the HF tokenizers encoder is used
         for name, tok in self.tokenizers.items():
-            engine, reason = tok.fast_engine() if hasattr(tok, "fast_engine") else (None, f"kind {tok.kind}")
-            self.engines[name] = "gigatoken" if engine is not None else f"tokenizers ({reason})"
+            if hasattr(tok, "fast_engine"):
+                engine, reason = tok.fast_engine()
+                self.engines[name] = "gigatoken" if engine is not None else f"tokenizers ({reason})"
+            else:  # tiktoken or sentencepiece: their own library
+                self.engines[name] = f"{getattr(tok, 'library', 'tokenizers')} (kind {tok.kind})"
             ids = {}
             for special in HARMONY_TOKENS:
                 try:
