@@ -177,8 +177,9 @@ def test_gpt2_bpe_vocab_and_merge_files(tmp_path, shared_data, cache):
      "--tokenizer-model openai-community/gpt2: not a local directory"),
     (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "nowhere/vocab.json", "--merge-file", "m.txt"],
      "--vocab-file nowhere/vocab.json: file not found"),
-    (["TOK", "--split-sentences", "--lang", "nolanguage"], "--split-sentences needs NLTK's punkt model "
-                                                           "tokenizers/punkt/nolanguage.pickle"),
+    (["TOK", "--split-sentences", "--lang", "nolanguage"], "--split-sentences: NLTK's punkt model "
+                                                           "tokenizers/punkt_tab/nolanguage/ is not installed"),
+    (["TOK", "--split-sentences", "--keep-newlines"], "--keep-newlines: not supported by this tool"),
     (["TOK", "--find-optimal-num-workers"], "--find-optimal-num-workers: not supported here"),
 ])
 def test_unsupported_flags_are_one_line_exit_2(tmp_path, tok_dir, cache, capsys, flags, message, sp_model,
@@ -278,6 +279,24 @@ def tt_vocab(tmp_path_factory, shared_data):
     return {"json": out / "tt.json", "tiktoken": out / "tt.tiktoken", "ranks": ranks}
 
 
+@pytest.fixture(scope="module")
+def punkt_data(tmp_path_factory, shared_data):
+    """An NLTK data folder with a punkt_tab model "english" trained here (NLTK's own is not
+    downloadable offline)."""
+    import shutil
+
+    from nltk.tokenize.punkt import PunktTrainer, save_punkt_params
+
+    trainer = PunktTrainer()
+    trainer.train((shared_data / "corpora" / "tinyshakespeare.txt").read_text()[:100_000], finalize=True)
+    staged = save_punkt_params(trainer.get_params())  # NLTK writes only inside its sandbox
+    root = tmp_path_factory.mktemp("nltk_data")
+    target = root / "tokenizers" / "punkt_tab" / "english"
+    shutil.copytree(staged, target)
+    shutil.rmtree(staged, ignore_errors=True)
+    return root
+
+
 def _documents(prefix) -> list:
     """Per document, its ids (an empty document has no sequence: [])."""
     ds = read_shard(str(prefix))
@@ -288,14 +307,46 @@ def _documents(prefix) -> list:
     return out, ds.index.dtype
 
 
-def _run_tool(tmp_path, name, flags):
+def _run_tool(tmp_path, name, flags, texts=TEXTS, level="document"):
     tmp_path.mkdir(parents=True, exist_ok=True)
     src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     prefix = tmp_path / "out" / name
     assert _tool().main(["--input", str(src), "--output-prefix", str(prefix), "--append-eod", "--no-progress",
                          "--workers", "1"] + flags) == 0
-    return tmp_path / "out" / f"{name}_text_document"
+    return tmp_path / "out" / f"{name}_text_{level}"
+
+
+SENTENCES = ["First sentence here. Second one, Mr. Smith? Yes!\n\nNew para.  And more", "", "\n",
+             "One sentence only", "A. B. C. D.", "Is it?  " * 3]
+
+
+def test_split_sentences_gives_megatron_lm_structure(tmp_path, cache, sp_model, punkt_data, monkeypatch):
+    """--split-sentences: every non-empty sentence (punkt, from local data) a sequence of its
+    document, EOD counted in the last; a document without sentences has none; the output is
+    {prefix}_{key}_sentence and nothing else."""
+    import nltk
+    import sentencepiece
+    from nltk.tokenize import PunktTokenizer
+
+    monkeypatch.setattr(nltk.data, "path", [str(punkt_data)] + list(nltk.data.path))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
+    prefix = _run_tool(tmp_path, "s", ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+                                       str(sp_model), "--split-sentences"], SENTENCES, level="sentence")
+    assert sorted(os.listdir(prefix.parent)) == ["s_text_sentence.bin", "s_text_sentence.idx"]
+    split = PunktTokenizer("english").tokenize
+    sequences, bounds = [], [0]
+    for text in SENTENCES:
+        ids = [sp.encode(s) for s in split(text)]
+        ids = [x for x in ids if x]
+        if ids:
+            ids[-1] = ids[-1] + [sp.eos_id()]
+        sequences += ids
+        bounds.append(len(sequences))
+    ds = read_shard(str(prefix))
+    assert [ds[i].tolist() for i in range(len(ds))] == sequences
+    assert ds.document_indices.tolist() == bounds
+    assert bounds[1] - bounds[0] >= 4 and bounds[2] == bounds[1]  # several sentences; "" has none
 
 
 @pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"])
@@ -379,11 +430,42 @@ def test_sentencepiece_and_tiktokenizer_bytes_equal_megatron_lm_own_tool(tmp_pat
     }
     for name, flags in cases.items():
         ours = _run_tool(tmp_path / name, name, flags)
-        theirs = tmp_path / name / "megatron"
-        run = subprocess.run([sys.executable, os.path.join(MEGATRON_LM, "tools", "preprocess_data.py"), "--input",
-                              str(tmp_path / name / "in.jsonl"), "--output-prefix", str(theirs), "--append-eod",
-                              "--workers", "1"] + flags, env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-2000:]
+        _megatron_lm_tool(tmp_path / name, flags, env)
         for ext in (".bin", ".idx"):
             assert (tmp_path / name / f"megatron_text_document{ext}").read_bytes() == \
                 ours.with_name(ours.name + ext).read_bytes(), (name, ext)
+
+
+def _megatron_lm_tool(folder, flags, env):
+    run = subprocess.run([sys.executable, os.path.join(MEGATRON_LM, "tools", "preprocess_data.py"), "--input",
+                          str(folder / "in.jsonl"), "--output-prefix", str(folder / "megatron"), "--append-eod",
+                          "--workers", "1"] + flags, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.long
+@pytest.mark.skipif(not os.path.isfile(os.path.join(MEGATRON_LM, "tools", "preprocess_data.py")),
+                    reason="no Megatron-LM checkout beside the project (or $MEGATRON_LM)")
+def test_split_sentences_bytes_equal_megatron_lm_own_tool(tmp_path, cache, sp_model, punkt_data, monkeypatch):
+    """Megatron-LM's --split-sentences (its first run writes in_ss.jsonl, the second encodes it;
+    it finds punkt_tab under ~/nltk_data: with NLTK_DATA set it asks for a pickle NLTK >= 3.9 no
+    longer loads) against ours in one run: the same bytes."""
+    import shutil
+
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [str(punkt_data)] + list(nltk.data.path))
+    home = tmp_path / "home"
+    shutil.copytree(punkt_data, home / "nltk_data")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import typing\nimport typing_extensions\nif not hasattr(typing, 'override'):"
+                                           "\n    typing.override = typing_extensions.override\n")
+    env = {k: v for k, v in os.environ.items() if k != "NLTK_DATA"}
+    env.update(HOME=str(home), PYTHONPATH=os.pathsep.join([str(shim), MEGATRON_LM]))
+    flags = ["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", str(sp_model), "--split-sentences"]
+    ours = _run_tool(tmp_path, "s", flags, SENTENCES, level="sentence")
+    for _ in range(2):
+        _megatron_lm_tool(tmp_path, flags, env)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"megatron_text_sentence{ext}").read_bytes() == ours.with_name(ours.name + ext).read_bytes()

@@ -12,9 +12,12 @@ Megatron-LM's flags and output: ``--tokenizer-type HuggingFaceTokenizer --tokeni
 the output is ``{prefix}_{key}_document.bin/.idx`` and nothing else in the output folder (the
 summary is printed; its copy, which makes a re-run "up to date", goes to the user cache).
 Documents are kept as Megatron-LM keeps them: an empty or whitespace-only text is a document
-(an empty one has no tokens and no EOD). ``--split-sentences`` needs NLTK's punkt data and is
-refused with one line. ``Encoder``/``get_args``/``main`` have Megatron-LM's shapes so its own
-tests can import them. ``--tokenizer DIR`` (several: one shard set each, vpmoe names) stays.
+(an empty one has no tokens and no EOD). ``--split-sentences`` cuts each text into sentences with NLTK's punkt model for ``--lang`` from
+local data (``punkt_tab``, NLTK >= 3.9; nothing is downloaded, a missing model is one line), each
+non-empty sentence a sequence of its document, EOD in the last, written as
+``{prefix}_{key}_sentence`` in one run (Megatron-LM writes an ``_ss`` copy of the input first);
+``--keep-newlines`` is refused. ``Encoder``/``get_args``/``main`` have Megatron-LM's shapes so
+its own tests can import them. ``--tokenizer DIR`` (several: one shard set each, vpmoe names) stays.
 """
 
 import argparse
@@ -97,15 +100,13 @@ def _check_unsupported(args) -> None:
     if args.find_optimal_num_workers:
         raise InputError("--find-optimal-num-workers: not supported here (the work is cut into pieces per "
                          "worker already); give --workers N")
+    if args.keep_newlines:
+        raise InputError("--keep-newlines: not supported by this tool (with --split-sentences, newlines after a "
+                         "sentence go as punkt's default splitter puts them)")
     if args.split_sentences:
-        try:
-            import nltk
+        from megatron_vpmoe.data.encode import sentence_splitter
 
-            nltk.data.find(f"tokenizers/punkt/{args.lang}.pickle")
-        except (ImportError, LookupError):
-            raise InputError(f"--split-sentences needs NLTK's punkt model tokenizers/punkt/{args.lang}.pickle "
-                             f"(not found under NLTK_DATA or nltk.data.path; this tool does not download)") from None
-        raise InputError("--split-sentences: sentence-level output is not supported by this tool yet")
+        sentence_splitter(args.lang)  # the punkt model is here, or one line saying what is missing
 
 
 def main(argv=None) -> int:
@@ -114,13 +115,15 @@ def main(argv=None) -> int:
         _check_unsupported(args)
         tokenizers = _tokenizers(args)
         megatron = not args.tokenizer  # Megatron-LM's flags: Megatron-LM's names and files
+        if megatron and args.split_sentences:
+            megatron = "sentence"  # {prefix}_{key}_sentence, as Megatron-LM names split output
         opts = PreprocessOptions(
             inputs=args.input, output_prefix=args.output_prefix, tokenizers=tokenizers,
             json_keys=args.json_keys, append_eod=args.append_eod, workers=args.workers,
             chunk_size=args.chunk_size, partitions=args.partitions, txt_blocks=args.txt_blocks,
             strict=args.strict, log_interval=args.log_interval, progress=not args.no_progress,
             overwrite=args.overwrite, max_doc_bytes=args.max_doc_bytes, max_memory_mb=args.max_memory,
-            keep_empty=args.keep_empty,
+            keep_empty=args.keep_empty, split_sentences=args.lang if args.split_sentences else None,
             megatron_names=megatron, summary_path=_summary_path(args.output_prefix) if megatron else None)
         print_summary(run_preprocess(opts))
     except VpmoeError as err:
@@ -145,7 +148,8 @@ class Encoder:
         _check_unsupported(self.args)
         tokenizers = _tokenizers(self.args)
         Encoder._encoder = DocumentEncoder(tokenizers, self.args.json_keys, self.args.append_eod,
-                                           keep_empty=self.args.keep_empty)
+                                           keep_empty=self.args.keep_empty,
+                                           split_sentences=self.args.lang if self.args.split_sentences else None)
         Encoder.tokenizer = _MegatronStyleTokenizer(next(iter(Encoder._encoder.tokenizers.values())))
 
     def encode(self, json_line: str):
@@ -157,7 +161,8 @@ class Encoder:
         if isinstance(doc, Skipped):
             raise InputError(f"{json_line[:60]!r}: {doc.reason}")
         ids = {key: ids for (_, key), ids in doc.ids.items()}
-        return ids, {key: [len(v)] if v else [] for key, v in ids.items()}, len(json_line)
+        sentences = {key: lengths for (_, key), lengths in doc.sentences.items()}
+        return ids, {key: sentences.get(key, [len(v)] if v else []) for key, v in ids.items()}, len(json_line)
 
 
 class _MegatronStyleTokenizer:

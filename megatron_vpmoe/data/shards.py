@@ -42,10 +42,13 @@ def _indexed_dataset_module():
     return import_megatron("megatron.core.datasets.indexed_dataset")
 
 
-def token_prefix(prefix: str, variant: str, key: str, megatron_names: bool = False) -> str:
+def token_prefix(prefix: str, variant: str, key: str, megatron_names=False) -> str:
     """``{prefix}.{variant}_{key}_document``; ``megatron_names`` (one variant): Megatron-LM's
-    ``{prefix}_{key}_document``."""
-    return f"{prefix}_{key}_document" if megatron_names else f"{prefix}.{variant}_{key}_document"
+    ``{prefix}_{key}_document``, or ``{prefix}_{key}_sentence`` when it is ``"sentence"`` (its
+    ``--split-sentences`` output)."""
+    if megatron_names:
+        return f"{prefix}_{key}_{megatron_names if isinstance(megatron_names, str) else 'document'}"
+    return f"{prefix}.{variant}_{key}_document"
 
 
 def mask_prefix(prefix: str, variant: str, key: str, megatron_names: bool = False) -> str:
@@ -107,9 +110,10 @@ class ShardWriter:
         """One document of one sequence (:meth:`add_many`)."""
         self.add_many([ids])
 
-    def add_many(self, documents: Sequence[Sequence[int]]) -> None:
-        """Documents of one sequence each, in one write (a chunk of a piece: no per-document
-        numpy array or write); an empty one has no sequence (as megatron-core's
+    def add_many(self, documents: Sequence[Sequence[int]], sequence_lengths: Optional[Sequence] = None) -> None:
+        """Documents in one write (a chunk of a piece: no per-document numpy array or write), of
+        one sequence each unless ``sequence_lengths`` gives a document its sentences' lengths
+        (None for one sequence); an empty one has no sequence (as megatron-core's
         ``IndexedDatasetBuilder.add_document([], [])`` writes Megatron-LM's empty documents)."""
         lengths = [len(ids) for ids in documents]
         total = sum(lengths)
@@ -117,8 +121,14 @@ class ShardWriter:
             flat = numpy.fromiter(chain.from_iterable(documents), dtype=self.dtype, count=total)
             self._file.write(memoryview(flat))
         sequences = len(self._lengths)
-        for n in lengths:
-            if n:
+        for i, n in enumerate(lengths):
+            parts = sequence_lengths[i] if sequence_lengths is not None else None
+            if parts is not None:
+                if sum(parts) != n:
+                    raise ValueError(f"{self.prefix}: sentence lengths {list(parts)} do not add up to {n} tokens")
+                self._lengths.extend(parts)
+                sequences += len(parts)
+            elif n:
                 self._lengths.append(n)
                 sequences += 1
             self._document_indices.append(sequences)
@@ -207,7 +217,7 @@ class ShardSet:
     """
 
     def __init__(self, prefix: str, variants: Dict[str, int], json_keys: Sequence[str],
-                 megatron_names: bool = False):
+                 megatron_names=False):
         self.prefix = prefix
         self.megatron_names = megatron_names
         self.tokens: Dict[tuple, ShardWriter] = {}
@@ -250,7 +260,7 @@ class ShardSet:
             return
         for k, writer in self.tokens.items():
             seqs = [doc.ids[k] for doc in docs]
-            writer.add_many(seqs)
+            writer.add_many(seqs, [doc.sentences.get(k) for doc in docs])
             roles = [doc.roles[k] for doc in docs]
             if self.masks[k] is None and all(r is None for r in roles):
                 self._plain_lengths[k].extend(len(ids) for ids in seqs)
