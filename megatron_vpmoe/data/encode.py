@@ -33,13 +33,18 @@ class EncodedDocument:
     nbytes: int
     ids: Dict[Tuple[str, str], List[int]] = field(default_factory=dict)
     roles: Dict[Tuple[str, str], Optional[List[int]]] = field(default_factory=dict)
+    # split sentences: the lengths of the document's non-empty sentences (EOD counted in the last)
+    sentences: Dict[Tuple[str, str], List[int]] = field(default_factory=dict)
 
 
 class DocumentEncoder:
     def __init__(self, tokenizer_dirs: Dict[str, str], json_keys: Sequence[str], append_eod: bool,
-                 keep_empty: bool = False):
+                 keep_empty: bool = False, split_sentences: Optional[str] = None):
         from megatron_vpmoe.tokenizers import load
 
+        # split_sentences: NLTK's punkt model of that language cuts plain text into sentences,
+        # each a sequence of the document (Megatron-LM's --split-sentences); no chat records then
+        self.splitter = sentence_splitter(split_sentences) if split_sentences else None
         self.tokenizers = {name: load(path) for name, path in tokenizer_dirs.items()}
         self.json_keys = list(json_keys)
         self.append_eod = append_eod
@@ -47,8 +52,11 @@ class DocumentEncoder:
         self._special_ids = {}
         self.engines = {}  # variant -> "gigatoken" or why the HF tokenizers encoder is used
         for name, tok in self.tokenizers.items():
-            engine, reason = tok.fast_engine() if hasattr(tok, "fast_engine") else (None, f"kind {tok.kind}")
-            self.engines[name] = "gigatoken" if engine is not None else f"tokenizers ({reason})"
+            if hasattr(tok, "fast_engine"):
+                engine, reason = tok.fast_engine()
+                self.engines[name] = "gigatoken" if engine is not None else f"tokenizers ({reason})"
+            else:  # tiktoken or sentencepiece: their own library
+                self.engines[name] = f"{getattr(tok, 'library', 'tokenizers')} (kind {tok.kind})"
             ids = {}
             for special in HARMONY_TOKENS:
                 try:
@@ -70,7 +78,12 @@ class DocumentEncoder:
             try:
                 for key in self.json_keys:
                     value = item.fields[key]
-                    if isinstance(value, list):
+                    if self.splitter is not None:
+                        if not isinstance(value, str):
+                            raise InputError(f"{item.where}: {key}: a list, not text (--split-sentences "
+                                             f"takes text)")
+                        plain[key].append((i, value))
+                    elif isinstance(value, list):
                         text = render_conversation(value, f"{item.where}: {key}")
                         chats.append((i, key, segment_harmony(text, f"{item.where}: {key}")))
                     elif is_harmony_text(value):
@@ -82,8 +95,10 @@ class DocumentEncoder:
         for name, tok in self.tokenizers.items():
             for key, docs in plain.items():
                 docs = [(i, t) for i, t in docs if isinstance(out[i], EncodedDocument)]
+                if self.splitter is not None:
+                    self._encode_sentences(name, key, tok, docs, out)
+                    continue
                 for (i, _), ids in zip(docs, tok.encode_batch([t for _, t in docs]) if docs else []):
-                    ids = list(ids)  # one copy: the tokenizer's list is not ours to extend
                     if self.append_eod and (ids or not self.keep_empty):
                         ids.append(tok.eod_id)
                     out[i].ids[(name, key)] = ids
@@ -94,6 +109,27 @@ class DocumentEncoder:
             if not self.keep_empty and isinstance(doc, EncodedDocument) and any(not ids for ids in doc.ids.values()):
                 out[i] = Skipped(doc.where, "empty", doc.nbytes)
         return out
+
+    def _encode_sentences(self, name: str, key: str, tok, docs, out) -> None:
+        """Megatron-LM's rule: the text split in pieces of at most :data:`SPLIT_CHARS` characters,
+        each cut into sentences; a sentence of no tokens is dropped, EOD ends the last one."""
+        sentences = [[s for a in range(0, len(text), SPLIT_CHARS) for s in self.splitter(text[a:a + SPLIT_CHARS])]
+                     for _, text in docs]
+        encoded = iter(tok.encode_batch([s for doc in sentences for s in doc]) if any(sentences) else [])
+        for (i, _), doc in zip(docs, sentences):
+            ids: List[int] = []
+            lengths: List[int] = []
+            for _ in doc:
+                piece = next(encoded)
+                if piece:
+                    ids.extend(piece)
+                    lengths.append(len(piece))
+            if ids and self.append_eod:
+                ids.append(tok.eod_id)
+                lengths[-1] += 1
+            out[i].ids[(name, key)] = ids
+            out[i].roles[(name, key)] = None
+            out[i].sentences[(name, key)] = lengths
 
     def _encode_chats(self, name: str, tok, chats, out) -> None:
         specials = self._special_ids[name]
@@ -117,3 +153,21 @@ class DocumentEncoder:
                 roles.append(ROLE_NONE)
             out[i].ids[(name, key)] = ids
             out[i].roles[(name, key)] = roles
+
+
+SPLIT_CHARS = 1_000_000  # Megatron-LM's preprocess_data.py splits texts in pieces of this many characters
+
+
+def sentence_splitter(lang: str):
+    """NLTK's punkt sentence splitter for ``lang`` from local data (``punkt_tab``; nothing is
+    downloaded): its ``tokenize``; a missing model or NLTK is one line naming what to install."""
+    try:
+        from nltk.tokenize import PunktTokenizer
+    except ImportError:
+        raise InputError("--split-sentences needs NLTK (pip install nltk) and its punkt_tab data") from None
+    try:
+        return PunktTokenizer(lang).tokenize
+    except (LookupError, ValueError, OSError):
+        raise InputError(f"--split-sentences: NLTK's punkt model tokenizers/punkt_tab/{lang}/ is not installed "
+                         f"(not under NLTK_DATA or nltk.data.path; this tool does not download: run "
+                         f"'python -m nltk.downloader punkt_tab' where there is a network and set NLTK_DATA)") from None

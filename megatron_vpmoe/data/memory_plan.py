@@ -35,6 +35,7 @@ def plan(max_memory_mb: int, max_doc_bytes: int, engines: Dict[str, str]) -> Tup
     if fits >= max_doc_bytes:
         return max_doc_bytes, ""
     slow = sorted(name for name, e in engines.items() if e != "gigatoken")
-    why = f"{', '.join(slow)}: HF tokenizers, ~{per_byte} B per input byte" if slow else f"~{per_byte} B per input byte"
+    why = (f"{', '.join(slow)}: no gigatoken engine, ~{per_byte} B per input byte" if slow
+           else f"~{per_byte} B per input byte")
     return fits, (f"records over {fits / (1 << 20):.1f} MiB are skipped as too_large to keep each worker "
                   f"within --max-memory {max_memory_mb} MB ({why})")

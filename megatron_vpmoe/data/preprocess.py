@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from megatron_vpmoe.data import shards
 from megatron_vpmoe.data.fingerprint import (
@@ -62,7 +62,9 @@ class PreprocessOptions:
     piece_bytes: int = 0  # input bytes per worker piece; 0: chosen from the input size and workers
     max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES  # a longer record is skipped as too_large
     keep_empty: bool = False  # Megatron-LM's rule: empty/whitespace-only documents are kept, not skipped
-    megatron_names: bool = False  # one variant, named {prefix}_{key}_document as Megatron-LM names it
+    # one variant, named as Megatron-LM names it: True {prefix}_{key}_document, "sentence" {prefix}_{key}_sentence
+    megatron_names: Union[bool, str] = False
+    split_sentences: Optional[str] = None  # a punkt language: each sentence a sequence (Megatron-LM's flag)
     summary_path: Optional[str] = None  # default {prefix}.summary.json
     max_memory_mb: int = DEFAULT_MAX_MEMORY_MB  # each worker's budget (memory_plan.py)
 
@@ -128,6 +130,7 @@ def write_piece(piece: Piece, shard_set: shards.ShardSet, encoder: DocumentEncod
                          keep_empty=keep_empty)
     for chunk in _chunks(records, chunk_size):
         nbytes = 0
+        encoded = []
         for doc in encoder.encode_batch(chunk):
             nbytes += doc.nbytes
             if isinstance(doc, Skipped):
@@ -137,8 +140,9 @@ def write_piece(piece: Piece, shard_set: shards.ShardSet, encoder: DocumentEncod
                 tally.skip(doc)
                 continue
             assert isinstance(doc, EncodedDocument)
-            shard_set.add(doc)
-            tally.documents += 1
+            encoded.append(doc)
+        shard_set.add_many(encoded)  # one write per shard and chunk
+        tally.documents += len(encoded)
         nbytes = min(nbytes, left)  # compressed/parquet sizes are estimates
         left -= nbytes
         report(len(chunk), nbytes)
@@ -333,7 +337,8 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
     files = expand_inputs(opts.inputs)
     if opts.megatron_names and len(opts.tokenizers) > 1:
         raise InputError("Megatron-LM's output names ({prefix}_{key}_document) hold one tokenizer: give one")
-    encoder = DocumentEncoder(opts.tokenizers, opts.json_keys, opts.append_eod, opts.keep_empty)
+    encoder = DocumentEncoder(opts.tokenizers, opts.json_keys, opts.append_eod, opts.keep_empty,
+                              opts.split_sentences)
     vocab = {name: tok.vocab_size for name, tok in encoder.tokenizers.items()}
     prefix = opts.output_prefix
     if opts.max_doc_bytes < 1:
@@ -343,7 +348,8 @@ def run_preprocess(opts: PreprocessOptions) -> dict:
         print(f"preprocess: {note}", flush=True)
     opts = dataclasses.replace(opts, max_doc_bytes=doc_limit)
     flags = {"json_keys": list(opts.json_keys), "append_eod": opts.append_eod, "txt_blocks": opts.txt_blocks,
-             "max_doc_bytes": opts.max_doc_bytes, "keep_empty": opts.keep_empty}
+             "max_doc_bytes": opts.max_doc_bytes, "keep_empty": opts.keep_empty,
+             "split_sentences": opts.split_sentences}
     toks = tokenizer_digests(opts.tokenizers)
     current = fingerprint(files, toks, flags)
     names = opts.megatron_names
@@ -455,7 +461,7 @@ def _nothing_to_write(files: Sequence[Path], tally: Tally) -> InputError:
 
 
 def _merge_partitions(prefix: str, parts: List[str], part_stats: List[dict], vocab: Dict[str, int],
-                      json_keys: Sequence[str], megatron_names: bool = False) -> None:
+                      json_keys: Sequence[str], megatron_names=False) -> None:
     for variant, vocab_size in vocab.items():
         for key in json_keys:
             name = f"{variant}/{key}"
@@ -478,7 +484,7 @@ def _merge_partitions(prefix: str, parts: List[str], part_stats: List[dict], voc
 
 
 def _remove_parts(parts: List[str], vocab: Dict[str, int], json_keys: Sequence[str],
-                  megatron_names: bool = False) -> None:
+                  megatron_names=False) -> None:
     for part in parts:
         for variant in vocab:
             for key in json_keys:

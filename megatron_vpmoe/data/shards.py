@@ -20,6 +20,7 @@ import os
 import shutil
 import struct
 from array import array
+from itertools import chain
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -41,10 +42,13 @@ def _indexed_dataset_module():
     return import_megatron("megatron.core.datasets.indexed_dataset")
 
 
-def token_prefix(prefix: str, variant: str, key: str, megatron_names: bool = False) -> str:
+def token_prefix(prefix: str, variant: str, key: str, megatron_names=False) -> str:
     """``{prefix}.{variant}_{key}_document``; ``megatron_names`` (one variant): Megatron-LM's
-    ``{prefix}_{key}_document``."""
-    return f"{prefix}_{key}_document" if megatron_names else f"{prefix}.{variant}_{key}_document"
+    ``{prefix}_{key}_document``, or ``{prefix}_{key}_sentence`` when it is ``"sentence"`` (its
+    ``--split-sentences`` output)."""
+    if megatron_names:
+        return f"{prefix}_{key}_{megatron_names if isinstance(megatron_names, str) else 'document'}"
+    return f"{prefix}.{variant}_{key}_document"
 
 
 def mask_prefix(prefix: str, variant: str, key: str, megatron_names: bool = False) -> str:
@@ -103,15 +107,33 @@ class ShardWriter:
         self.tokens = 0
 
     def add(self, ids: Sequence[int]) -> None:
-        """One document of one sequence; an empty one has no sequence (as megatron-core's
+        """One document of one sequence (:meth:`add_many`)."""
+        self.add_many([ids])
+
+    def add_many(self, documents: Sequence[Sequence[int]], sequence_lengths: Optional[Sequence] = None) -> None:
+        """Documents in one write (a chunk of a piece: no per-document numpy array or write), of
+        one sequence each unless ``sequence_lengths`` gives a document its sentences' lengths
+        (None for one sequence); an empty one has no sequence (as megatron-core's
         ``IndexedDatasetBuilder.add_document([], [])`` writes Megatron-LM's empty documents)."""
-        data = numpy.asarray(ids, dtype=self.dtype)
-        self._file.write(data.tobytes(order="C"))
-        if len(data):
-            self._lengths.append(len(data))
-        self._document_indices.append(len(self._lengths))
-        self.documents += 1
-        self.tokens += len(data)
+        lengths = [len(ids) for ids in documents]
+        total = sum(lengths)
+        if total:
+            flat = numpy.fromiter(chain.from_iterable(documents), dtype=self.dtype, count=total)
+            self._file.write(memoryview(flat))
+        sequences = len(self._lengths)
+        for i, n in enumerate(lengths):
+            parts = sequence_lengths[i] if sequence_lengths is not None else None
+            if parts is not None:
+                if sum(parts) != n:
+                    raise ValueError(f"{self.prefix}: sentence lengths {list(parts)} do not add up to {n} tokens")
+                self._lengths.extend(parts)
+                sequences += len(parts)
+            elif n:
+                self._lengths.append(n)
+                sequences += 1
+            self._document_indices.append(sequences)
+        self.documents += len(lengths)
+        self.tokens += total
 
     def _extend_index(self, lengths: numpy.ndarray, document_indices: Optional[numpy.ndarray]) -> None:
         offset = len(self._lengths)
@@ -195,7 +217,7 @@ class ShardSet:
     """
 
     def __init__(self, prefix: str, variants: Dict[str, int], json_keys: Sequence[str],
-                 megatron_names: bool = False):
+                 megatron_names=False):
         self.prefix = prefix
         self.megatron_names = megatron_names
         self.tokens: Dict[tuple, ShardWriter] = {}
@@ -230,15 +252,22 @@ class ShardSet:
 
     def add(self, doc) -> None:
         """An :class:`~megatron_vpmoe.data.encode.EncodedDocument`."""
-        for k, ids in doc.ids.items():
-            self.tokens[k].add(ids)
-            roles = doc.roles[k]
-            if roles is not None:
-                self._open_mask(k).add(roles)
-            elif self.masks[k] is not None:  # one document: cheaper than append_constant
-                self.masks[k].add(numpy.full(len(ids), ROLE_TEXT, dtype=numpy.uint8))
-            else:
-                self._plain_lengths[k].append(len(ids))
+        self.add_many([doc])
+
+    def add_many(self, docs: Sequence) -> None:
+        """:class:`~megatron_vpmoe.data.encode.EncodedDocument` s (a chunk): one write per shard."""
+        if not docs:
+            return
+        for k, writer in self.tokens.items():
+            seqs = [doc.ids[k] for doc in docs]
+            writer.add_many(seqs, [doc.sentences.get(k) for doc in docs])
+            roles = [doc.roles[k] for doc in docs]
+            if self.masks[k] is None and all(r is None for r in roles):
+                self._plain_lengths[k].extend(len(ids) for ids in seqs)
+                continue
+            # plain documents in a field with chat ones: role 3 (text) for every token
+            self._open_mask(k).add_many([r if r is not None else bytes((ROLE_TEXT,)) * len(ids)
+                                         for r, ids in zip(roles, seqs)])
 
     def finish_piece(self) -> Dict[tuple, dict]:
         """Close a piece written by a worker without publishing it: per (variant, key), the

@@ -24,7 +24,7 @@ from megatron_vpmoe.utils.errors import InputError
 
 METADATA_FILE = "vpmoe_tokenizer.json"
 HF_FILE = "tokenizer.json"
-KINDS = ("harmony", "bpe", "unigram", "lengthmax", "pruned")
+KINDS = ("harmony", "bpe", "unigram", "lengthmax", "pruned", "tiktoken", "sentencepiece")
 # a student vocabulary holds at least the 256 byte tokens and the specials
 MIN_STUDENT_VOCAB = 256 + len(STUDENT_SPECIALS)
 
@@ -93,6 +93,7 @@ class Tokenizer:
         raise NotImplementedError
 
     def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        """New lists, one per text, that the caller owns (preprocessing appends EOD in place)."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: List[int]) -> str:

@@ -12,9 +12,10 @@ from megatron_vpmoe.utils.errors import InputError
 
 def load(directory) -> Tokenizer:
     """Load a tokenizer directory: one written by ``Tokenizer.save`` (``vpmoe tokenizer
-    train|get``: ``vpmoe_tokenizer.json`` names the kind; ``harmony``/``pruned`` load on tiktoken
-    ranks) or a plain Hugging Face ``tokenizer.json`` directory (``save_pretrained`` output).
-    ``.to_hf()`` gives the ``transformers`` tokenizer with the same ids."""
+    train|get``: ``vpmoe_tokenizer.json`` names the kind; ``harmony``/``pruned``/``tiktoken`` load
+    on tiktoken ranks, ``sentencepiece`` on a ``.model`` file; the last two are Megatron-LM's
+    tokenizer types, :mod:`megatron_vpmoe.tokenizers.megatron_flags`) or a plain Hugging Face
+    ``tokenizer.json`` directory (``save_pretrained`` output). ``.to_hf()`` gives the ``transformers`` tokenizer with the same ids."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"{directory}: tokenizer directory not found")
@@ -32,10 +33,14 @@ def load(directory) -> Tokenizer:
     if kind not in KINDS:
         raise InputError(f"{meta_path}: unknown tokenizer kind {kind!r} (expected one of {', '.join(KINDS)})")
     meta.setdefault("name", directory.name)
-    if kind in ("harmony", "pruned"):
+    if kind in ("harmony", "pruned", "tiktoken"):
         from megatron_vpmoe.tokenizers.tiktoken_variant import TiktokenTokenizer
 
         return TiktokenTokenizer.from_directory(directory, meta)
+    if kind == "sentencepiece":
+        from megatron_vpmoe.tokenizers.sentencepiece_model import SentencePieceTokenizer
+
+        return SentencePieceTokenizer.from_directory(directory, meta)
     if not (directory / HF_FILE).is_file():
         raise InputError(f"{directory}: missing {HF_FILE}")
     try:

@@ -55,22 +55,30 @@ def o200k_harmony_spec(ranks_path=None) -> dict:
         return public.o200k_harmony()
 
 
-def _write_ranks(path: Path, ranks: Dict[bytes, int]) -> None:
+def write_ranks(path: Path, ranks: Dict[bytes, int]) -> None:
     with open(path, "w", encoding="ascii") as handle:
         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             handle.write(f"{base64.b64encode(token).decode()} {rank}\n")
 
 
 class TiktokenTokenizer(Tokenizer):
-    """``harmony`` (o200k Harmony, the teacher) or ``pruned`` (a closed subset of o200k)."""
+    """``harmony`` (o200k Harmony, the teacher), ``pruned`` (a closed subset of o200k) or
+    ``tiktoken`` (Megatron-LM's ``TikTokenizer``, :mod:`megatron_flags`: its own end-of-document
+    token ``eod_token`` and no Harmony tokens)."""
+
+    library = "tiktoken"  # what encodes (preprocess reports it)
 
     def __init__(self, kind: str, name: str, ranks: Dict[bytes, int], pat_str: str,
                  special_tokens: Dict[str, int], metadata: Optional[dict] = None,
-                 n_vocab: Optional[int] = None):
+                 n_vocab: Optional[int] = None, eod_token: Optional[str] = None):
         import tiktoken
 
         self.kind = kind
-        super().__init__(name, special_tokens, metadata)
+        if eod_token is None:
+            super().__init__(name, special_tokens, metadata)
+        else:
+            self.eod_token = eod_token
+            super().__init__(name, special_tokens, metadata, required_specials=(eod_token,))
         self.ranks = ranks
         self.pat_str = pat_str
         self._enc = tiktoken.Encoding(name=f"vpmoe_{kind}_{name}", pat_str=pat_str,
@@ -153,7 +161,7 @@ class TiktokenTokenizer(Tokenizer):
         return self._hf
 
     def _save_artefacts(self, directory: Path) -> dict:
-        _write_ranks(directory / "ranks.tiktoken", self.ranks)
+        write_ranks(directory / "ranks.tiktoken", self.ranks)
         if self.teacher_ids is not None:
             (directory / TEACHER_MAP_FILE).write_text(json.dumps(self.teacher_ids) + "\n")
         return {"pat_str": self.pat_str, "n_vocab": self._n_vocab}
@@ -165,10 +173,10 @@ class TiktokenTokenizer(Tokenizer):
             if key not in meta:
                 raise InputError(f"{directory}/vpmoe_tokenizer.json: missing key {key!r}")
         extra = {k: v for k, v in meta.items()
-                 if k not in ("kind", "name", "vocab_size", "special_tokens", "pat_str", "n_vocab")}
+                 if k not in ("kind", "name", "vocab_size", "special_tokens", "pat_str", "n_vocab", "eod_token")}
         tok = cls(meta["kind"], directory.name, load_ranks(path), meta["pat_str"],
                   {k: int(v) for k, v in meta["special_tokens"].items()}, extra,
-                  n_vocab=meta.get("n_vocab"))
+                  n_vocab=meta.get("n_vocab"), eod_token=meta.get("eod_token"))
         tok._hf_file = directory / "tokenizer.json"
         map_file = directory / TEACHER_MAP_FILE
         if map_file.is_file():

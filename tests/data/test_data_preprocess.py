@@ -410,9 +410,15 @@ def test_shard_writer_matches_megatron_core_builder_byte_for_byte(tmp_path):
         ours.add(docs_d[4])
         ours.add(docs_d[5])
         ours.commit()
+        batched = ShardWriter(str(tmp_path / f"batched{dtype.__name__}"), dtype)  # a chunk in one write
+        batched.add_many(docs_d[:3])
+        batched.add_many([])
+        batched.add_many(docs_d[3:])
+        batched.commit()
         for ext in (".bin", ".idx"):
-            assert (tmp_path / f"ref{dtype.__name__}{ext}").read_bytes() == \
-                (tmp_path / f"ours{dtype.__name__}{ext}").read_bytes(), (dtype, ext)
+            for name in ("ours", "batched"):
+                assert (tmp_path / f"ref{dtype.__name__}{ext}").read_bytes() == \
+                    (tmp_path / f"{name}{dtype.__name__}{ext}").read_bytes(), (dtype, ext, name)
         assert _docs(str(tmp_path / f"ours{dtype.__name__}")) == [d for d in docs_d if d]  # sequences
         assert len(read_shard(str(tmp_path / f"ours{dtype.__name__}")).document_indices) == len(docs_d) + 1
     const = ShardWriter(str(tmp_path / "const"), numpy.uint8)

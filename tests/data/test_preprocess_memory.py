@@ -25,7 +25,7 @@ def tok_dir(tmp_path_factory, shared_data):
 def test_the_record_limit_follows_the_budget_and_the_engine():
     assert plan(512, 8 << 20, {"a": "gigatoken"}) == (8 << 20, "")
     limit, note = plan(512, 8 << 20, {"a": "gigatoken", "b": "tokenizers (cannot load)"})
-    assert 1 << 20 < limit < 3 << 20 and "records over" in note and "b: HF tokenizers" in note
+    assert 1 << 20 < limit < 3 << 20 and "records over" in note and "b: no gigatoken engine" in note
     assert plan(4096, 8 << 20, {"b": "tokenizers"}) == (8 << 20, "")
     with pytest.raises(InputError, match="--max-memory 210 MB is too small for a worker"):
         plan(210, 8 << 20, {"b": "tokenizers"})
