@@ -36,6 +36,7 @@ def _body(rank, world):
         opt = build_optimizer(pm.module, OptimizerConfig(lr=1e-2))
         if zero:
             opt = DistributedOptimizer(opt, pm.module, ctx.dp_group, ctx.expert_dp_group)
+            pm.shard_gradients(opt.gradient_shard)
         token_mean_step(pm, batch)
         opt.step()
         opt.zero_grad()

@@ -1,4 +1,4 @@
-"""The distributed optimizer (``parallel.distributed_optimizer``): ZeRO-1 over data-parallel ranks.
+"""The distributed optimizer (``parallel.distributed_optimizer``): ZeRO-2 over data-parallel ranks.
 
 AdamW's state (``exp_avg``/``exp_avg_sq``/``step``) is split over the ranks of the group that
 reduces a parameter's gradient — the data-parallel group for dense parameters, the
@@ -16,10 +16,21 @@ expert-data-parallel group for routed experts — so each rank holds about ``1 /
 * **Whole parameters** (tensor- or expert-parallel shards, and anything too small to split):
   each lives on one rank (greedy by size), which steps it and broadcasts it to the group.
 
-Gradients are all-reduced before the step (``ParallelModel``'s bucketed, backward-overlapped
-reduction), and each rank steps the rows / parameters it holds with exactly the unsharded
-optimizer's arithmetic, so runs agree with it bit for bit. (A reduce-scatter of flat gradient
-ranges would halve that traffic; it is not done.)
+Gradients are reduce-scattered to this split (``ParallelModel.shard_gradients(
+optimizer.gradient_shard)``, which the trainer calls): the bucketed, backward-overlapped
+reduction of ``parallel/grad_sync.py`` lays each bucket out as one segment per rank (its rows of
+the bucket's row-split parameters, the whole parameters it owns) and each rank receives only the
+summed gradient it steps, as the ``.grad`` of its row views and owned parameters; the
+reduce-scatter plus the parameter all-gather move what the all-reduce alone moved before. Each
+rank steps the rows / parameters it holds with exactly the unsharded optimizer's arithmetic.
+Without that call (a plain module's full gradients) the step takes its rows out of the full
+gradient, as ZeRO-1.
+
+Whole parameters stay whole rather than being cut at flat-buffer boundaries: a TP/EP shard's
+state is already a DTensor over its TP/EP group, and a flat range of it is not a rectangle the
+layout-independent checkpoint format can name; they are few and small beside the row-split ones
+(the embedding, the output layer), and a bucket's segments are padded to the largest, which
+``benchmarks/scale.py`` (``--only zero2``) measures.
 
 Checkpoints keep the layout-independent format without gathering anything: a row-split
 parameter's state is a DTensor sharded by rows over the group (:meth:`state_as_sharded`), a whole
@@ -90,6 +101,7 @@ class DistributedOptimizer:
         # per reduction group: [(group, [params of owner 0], [params of owner 1], ...)]
         self._groups: List[Tuple[object, List[List[torch.Tensor]]]] = []
         self._owned: set = set()
+        self._owner: Dict[torch.Tensor, Tuple[int, int]] = {}  # whole parameter -> (owner, group size)
         self._split: Dict[torch.Tensor, _RowSplit] = {}
         for params, group in ((dense, dp_group), (experts, expert_dp_group)):
             if not params:
@@ -106,6 +118,7 @@ class DistributedOptimizer:
             by_owner: List[List[torch.Tensor]] = [[] for _ in range(size)]
             for name, p in whole:  # module order: the same on every rank of the group
                 by_owner[owners[name]].append(p)
+                self._owner[p] = (owners[name], size)
                 if owners[name] == me:
                     self._owned.add(p)
             self._groups.append((group, by_owner))
@@ -133,8 +146,9 @@ class DistributedOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         self.wait_for_parameters()
-        for p, s in self._split.items():
-            s.view.grad = None if p.grad is None else p.grad[s.start:s.end]
+        for p, s in self._split.items():  # full gradients (not reduce-scattered): take the rows
+            if p.grad is not None:
+                s.view.grad = p.grad[s.start:s.end]
         hidden = {}
         for group in self.optimizer.param_groups:
             for p in group["params"]:
@@ -151,6 +165,19 @@ class DistributedOptimizer:
         self._launch_row_gathers()
 
     # -- what this rank holds ---------------------------------------------------------------------
+    def gradient_shard(self, param: torch.Tensor):
+        """How ``param``'s reduced gradient is split over its group (``ParallelModel.shard_gradients``):
+        each group rank's flat ``[start, end)`` of it (empty where a rank holds none), and the
+        tensor whose ``.grad`` takes this rank's part (its row view, the owned parameter, or None)."""
+        split = self._split.get(param)
+        if split is not None:
+            row = param[0].numel()
+            return [(a * row, b * row) for a, b in (row_chunk(param.shape[0], split.size, r)
+                                                    for r in range(split.size))], split.view
+        owner, size = self._owner[param]
+        return [(0, param.numel()) if r == owner else (0, 0) for r in range(size)], \
+            (param if param in self._owned else None)
+
     def owns(self, param: torch.Tensor) -> bool:
         """Whether this rank holds (steps, saves and loads) optimizer state of ``param`` (its rows
         of a row-split parameter, or the whole of an owned one)."""
