@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distributed import run_distributed
+from distributed import full_gradient, run_distributed
 from engine_loss import token_mean_step
 
 
@@ -92,43 +92,30 @@ def _train_steps(pm, opt, mbs):
     return losses, norms
 
 
-def _zero2_body(rank, world, layout, zero=True):
-    import torch.distributed as dist
-
+def _zero2_body(rank, world, layout):
     from megatron_vpmoe.config.schema import OptimizerConfig, ParallelConfig
     from megatron_vpmoe.parallel import build_parallel_model, init_parallel
     from megatron_vpmoe.parallel.zero import DistributedOptimizer
     from megatron_vpmoe.training.optimizer import build_optimizer
     from test_parallel import SEED, _gathered, tiny_cfg
 
-    ctx = init_parallel(ParallelConfig(**layout, distributed_optimizer=zero))
+    ctx = init_parallel(ParallelConfig(**layout, distributed_optimizer=True))
     pm = build_parallel_model(tiny_cfg(), ctx, seed=SEED)
-    opt = build_optimizer(pm.module, OptimizerConfig(lr=LR))
-    if zero:
-        opt = DistributedOptimizer(opt, pm.module, ctx.dp_group, ctx.expert_dp_group)
-        pm.shard_gradients(opt.gradient_shard)
+    opt = DistributedOptimizer(build_optimizer(pm.module, OptimizerConfig(lr=LR)), pm.module,
+                               ctx.dp_group, ctx.expert_dp_group)
+    pm.shard_gradients(opt.gradient_shard)
     losses, norms = _train_steps(pm, opt, _micro_batches(ctx.dp, ctx.dp_rank))
     weights = {k: v.detach().numpy().copy() for k, v in _gathered(pm).items()}
     sync = pm._grad_sync
-    split = {id(p) for p in sync.params} if zero else set()
+    split = {id(p) for p in sync.params}
     # what this rank holds: its parts only; the others' gradients are nowhere on it
     held_parts = sum(t.grad.numel() for t, p, s in pm.held_gradients() if s and t.grad is not None)
-    no_full_grad = not zero or all(p.grad is None for p in pm.module.parameters() if id(p) in split
-                       and opt.gradient_shard(p)[1] is not p)
+    no_full_grad = all(p.grad is None for p in pm.module.parameters()
+                       if id(p) in split and opt.gradient_shard(p)[1] is not p)
     split_numel = sum(p.numel() for p in sync.params)
-    # the full gradient back from the parts: each rank's part in place, summed over the group
-    for p in pm.module.parameters():
-        if id(p) in split:
-            group = ctx.expert_dp_group if getattr(p, "expert_parallel", False) else ctx.dp_group
-            ranges, target = opt.gradient_shard(p)
-            full = torch.zeros(p.numel())
-            if target is not None and target.grad is not None:
-                start, end = ranges[dist.get_rank(group)]
-                full[start:end] = target.grad.reshape(-1)
-            dist.all_reduce(full, group=group)
-            p.data = full.view_as(p)
-        else:
-            p.data = p.grad
+    full = [full_gradient(pm, opt, p) for p in pm.module.parameters()]  # every rank, module order
+    for p, grad in zip(pm.module.parameters(), full):
+        p.data = grad
     grads = {k: v.numpy().copy() for k, v in _gathered(pm).items() if not k.endswith("expert_bias")}
     return {"losses": losses, "norms": norms, "weights": weights, "grads": grads, "held": held_parts,
             "split_numel": split_numel, "no_full_grad": no_full_grad,
