@@ -169,3 +169,66 @@ def test_zero2_reduce_scatter_matches_single_process(layout, world):
         _close(merged_w[key], ref, key)
     for key, ref in ref_grads.items():
         _close(merged_g[key], ref, key)
+
+
+def _one_step(pm, opt, mbs):
+    from megatron_vpmoe.training.optimizer import clip_gradients
+
+    loss, _ = token_mean_step(pm, mbs)
+    clip_gradients(pm.grad_tensors(), CLIP, total_norm=pm.grad_norm())
+    opt.step()
+    opt.zero_grad()
+    return loss
+
+
+def _engine(zero, seed):
+    from megatron_vpmoe.config.schema import OptimizerConfig, ParallelConfig
+    from megatron_vpmoe.parallel import build_parallel_model, init_parallel
+    from megatron_vpmoe.parallel.zero import DistributedOptimizer
+    from megatron_vpmoe.training.optimizer import build_optimizer
+    from test_parallel import tiny_cfg
+
+    ctx = init_parallel(ParallelConfig(distributed_optimizer=zero))
+    pm = build_parallel_model(tiny_cfg(), ctx, seed=seed)
+    opt = build_optimizer(pm.module, OptimizerConfig(lr=LR))
+    if zero:
+        opt = DistributedOptimizer(opt, pm.module, ctx.dp_group, ctx.expert_dp_group)
+        pm.shard_gradients(opt.gradient_shard)
+    return ctx, pm, opt
+
+
+def _resume_zero2(rank, world, root):
+    """Load the one-process step-1 checkpoint into ZeRO-2 at DP=2 (other initial weights), take
+    step 2, save it."""
+    from megatron_vpmoe.training.checkpoint import CheckpointManager
+
+    ctx, pm, opt = _engine(True, seed=99)
+    manager = CheckpointManager(f"{root}/ckpt")
+    assert manager.load(f"{root}/ckpt", pm, opt)["step"] == 1  # its latest
+    loss = _one_step(pm, opt, _micro_batches(ctx.dp, ctx.dp_rank))
+    manager.save(2, pm, opt, {})
+    manager.finalize()
+    return loss
+
+
+def test_zero2_checkpoint_moves_between_one_process_and_dp2(tmp_path):
+    """One process (no ZeRO) step 1 -> checkpoint -> ZeRO-2 at DP=2 step 2 -> checkpoint -> one
+    process steps 3 and 4: the losses of one uninterrupted run within 1e-5 (the optimizer state moves
+    both ways, split by rows over the DP ranks in between)."""
+    from megatron_vpmoe.training.checkpoint import CheckpointManager
+    from test_parallel import SEED
+
+    ctx, pm, opt = _engine(False, SEED)
+    mbs = _micro_batches(1, 0)
+    straight = [_one_step(pm, opt, mbs) for _ in range(4)]
+    _, pm, opt = _engine(False, SEED)
+    _one_step(pm, opt, mbs)
+    CheckpointManager(tmp_path / "ckpt").save(1, pm, opt, {})
+    second = run_distributed(_resume_zero2, 2, str(tmp_path))
+    _, pm, opt = _engine(False, seed=98)
+    assert CheckpointManager(tmp_path / "ckpt").load(tmp_path / "ckpt", pm, opt)["step"] == 2
+    last = [_one_step(pm, opt, mbs) for _ in range(2)]  # the 4th loss needs the ZeRO-2 run's state
+    for loss in second:
+        assert abs(loss - straight[1]) <= 1e-5 * abs(straight[1]), (second, straight)
+    for got, want in zip(last, straight[2:]):
+        assert abs(got - want) <= 1e-5 * abs(want), (last, straight)
