@@ -99,7 +99,8 @@ def _zero2_body(rank, world, layout):
     from megatron_vpmoe.training.optimizer import build_optimizer
     from test_parallel import SEED, _gathered, tiny_cfg
 
-    ctx = init_parallel(ParallelConfig(**layout, distributed_optimizer=True))
+    # small buckets: several reduce-scatters, launched during backward, buffers freed as they finish
+    ctx = init_parallel(ParallelConfig(**layout, distributed_optimizer=True, bucket_mb=0.002))
     pm = build_parallel_model(tiny_cfg(), ctx, seed=SEED)
     opt = DistributedOptimizer(build_optimizer(pm.module, OptimizerConfig(lr=LR)), pm.module,
                                ctx.dp_group, ctx.expert_dp_group)
@@ -119,7 +120,8 @@ def _zero2_body(rank, world, layout):
     grads = {k: v.numpy().copy() for k, v in _gathered(pm).items() if not k.endswith("expert_bias")}
     return {"losses": losses, "norms": norms, "weights": weights, "grads": grads, "held": held_parts,
             "split_numel": split_numel, "no_full_grad": no_full_grad,
-            "reduce_scatter": all(b.sharded for b in sync.buckets) and len(sync.buckets) > 0}
+            "reduce_scatter": all(b.sharded for b in sync.buckets) and len(sync.buckets) > 2,
+            "trace": [kind for kind, _ in sync.trace]}
 
 
 def _zero2_reference():
@@ -150,13 +152,15 @@ def test_zero2_reduce_scatter_matches_single_process(layout, world):
     """ZeRO-2 at DP=2 (alone, beside PP=2, beside TP=2 with sequence parallel): gradients
     accumulated over 2 micro-batches and reduce-scattered, the global norm from the parts, clipped,
     3 AdamW steps: the single process's losses, norms, weights and 4th-step gradients within 1e-5;
-    each rank holds about half of the reduce-scattered gradient and no full gradient."""
+    each rank holds about half of the reduce-scattered gradient and no full gradient; the first
+    reduce-scatter starts before backward ends."""
     ref_losses, ref_norms, ref_weights, ref_grads = _zero2_reference()
     assert min(ref_norms) > CLIP
     results = run_distributed(_zero2_body, world, layout)
     merged_w, merged_g = {}, {}
     for r in results:
         assert r["reduce_scatter"] and r["no_full_grad"]
+        assert r["trace"].index("launch") < r["trace"].index("backward_done")  # overlapped with backward
         assert abs(r["held"] - r["split_numel"] / 2) <= 0.1 * r["split_numel"] / 2, (r["held"], r["split_numel"])
         for got, ref in zip(r["losses"], ref_losses):
             assert abs(got - ref) <= 1e-5 * abs(ref), (r["losses"], ref_losses)

@@ -18,7 +18,9 @@ equal-size segment per group rank, each holding that rank's parts of the bucket'
 (padded to the largest segment), and the bucket launches a ``reduce_scatter`` instead of the
 all-reduce: each rank receives only the summed gradient it steps. Micro-batches still accumulate
 into the full buffer and only the last one launches; the full buffer is freed once its
-reduce-scatter is done and reallocated by the next step's :meth:`GradSync.start`.
+reduce-scatter is done (checked at each later launch, so during backward) and allocated again
+at the bucket's first gradient of the next step: a rank holds its received segments (1/DP of the
+gradients) plus the buckets in flight, not a second full copy.
 """
 
 from __future__ import annotations
@@ -74,13 +76,20 @@ class _Bucket:
         self.buffer: Optional[torch.Tensor] = None
         self.pending = 0
         self.work = None
+        self.done = False  # reduced and exposed this step
+
+    def ensure_buffer(self) -> None:
+        if self.buffer is None:
+            self.buffer = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
 
     def add(self, p, grad: torch.Tensor) -> None:
+        self.ensure_buffer()
         flat = grad.reshape(-1)
         for offset, start, end in self.pieces[id(p)]:
             self.buffer[offset:offset + end - start].add_(flat[start:end])
 
     def launch(self):
+        self.ensure_buffer()
         if self.sharded:
             return dist.reduce_scatter_single(self.received, self.buffer, group=self.group, async_op=True)
         return dist.all_reduce(self.buffer, group=self.group, async_op=True)
@@ -95,6 +104,12 @@ class _Bucket:
         for p, target, offset, start, end in self.mine:
             target.grad = self.received[offset:offset + end - start].view_as(target)
         self.buffer = None  # the full buffer is only needed during backward
+
+    def complete(self) -> None:
+        self.work.wait()
+        self.work = None
+        self.expose()
+        self.done = True
 
 
 class GradSync:
@@ -144,12 +159,10 @@ class GradSync:
         self._active = True
         self.trace.clear()
         for b in self.buckets:
-            if b.buffer is None:
-                b.buffer = torch.zeros(b.numel, dtype=b.dtype, device=b.device)
-            else:
+            if b.buffer is not None:  # unsharded: the buffer is the gradients' home, kept
                 b.buffer.zero_()
             b.pending = len(b.params)
-            b.work = None
+            b.work, b.done = None, False
             for _, target, *_ in b.mine:
                 target.grad = None
         for p in self.params:
@@ -172,17 +185,20 @@ class GradSync:
     def _launch(self, bucket: _Bucket) -> None:
         self.trace.append(("launch", bucket.index))
         bucket.work = bucket.launch()
+        if self.shard_of is not None:  # free the full buffers of the reduce-scatters already done
+            for b in self.buckets:
+                if b is not bucket and b.work is not None and b.work.is_completed():
+                    b.complete()
 
     def finish(self) -> None:
         """Wait for every bucket's reduction (launching the ones not yet launched) and expose the
         reduced gradients as ``param.grad`` (sharded: this rank's parts as its targets' ``.grad``)."""
         for bucket in self.buckets:
-            if bucket.work is None:
+            if bucket.work is None and not bucket.done:
                 self._launch(bucket)
         for bucket in self.buckets:
-            bucket.work.wait()
-            bucket.work = None
-            bucket.expose()
+            if not bucket.done:
+                bucket.complete()
         self.trace.append(("finish", -1))
         self._active = False
 
