@@ -1,4 +1,4 @@
-"""Sharded checkpoint writes on 4 gloo processes (TP=2 x EP=2, ZeRO-1 over the 2 data-parallel
+"""Sharded checkpoint writes on 4 gloo processes (TP=2 x EP=2, ZeRO-2 over the 2 data-parallel
 ranks): every rank writes its own part, the files hold one copy of the state (DP replicas
 deduplicated), a save raises a rank's memory by far less than its shard state (nothing is
 gathered; the async save's staging buffers are allocated once and reused), and the checkpoint

@@ -1,5 +1,5 @@
 """On-policy distillation on the parallel engine: the first step's policy loss and gradients
-under EP=2, PP=2 and DP=2 with ZeRO-1 match one process within 1e-5 on fixed completions and scores;
+under EP=2, PP=2 and DP=2 with ZeRO-2 match one process within 1e-5 on fixed completions and scores;
 rollouts run in lockstep under EP (and stage to stage under PP) and give the single-process
 samples; a resumed run continues bit for bit."""
 

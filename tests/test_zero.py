@@ -1,6 +1,4 @@
-"""ZeRO-1's row-split parameters: the updated rows' all-gather is launched at the end of the step
-and finished by the next forward's first use; the weights then equal an unsharded AdamW step's,
-and each rank holds its rows' state only."""
+"""The distributed optimizer: row-split state all-gathered by the next forward, gradients reduce-scattered (ZeRO-2), parity and checkpoints."""
 
 from __future__ import annotations
 
