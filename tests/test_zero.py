@@ -40,19 +40,27 @@ def _body(rank, world):
         opt.step()
         opt.zero_grad()
         if zero:
-            launched = len(opt._pending)
+            launched = sorted({layer for layer, *_ in opt._pending})
             embedding = pm.module.embedding.weight
             rows = opt.state_of(embedding)["exp_avg"].shape[0]
-            pm.module(ids[:, :-1])  # the forward's first use of a row-split parameter waits
-            out["launched"], out["left"], out["rows"] = launched, len(opt._pending), rows
+            hidden = pm.module.embedding(ids[:, :-1])  # waits for the gather outside the layers only
+            after_embedding = sorted({layer for layer, *_ in opt._pending})
+            pm.module.run_layers(hidden, pm.module.default_positions(ids[:, :-1]), layer_numbers=[0])
+            after_layer0 = sorted({layer for layer, *_ in opt._pending})  # layer 0's too
+            pm.module(ids[:, :-1])  # the rest on the way
+            out.update(launched=launched, after_embedding=after_embedding, after_layer0=after_layer0,
+                       left=len(opt._pending), rows=rows)
         out["zero" if zero else "plain"] = {k: v.detach().numpy().copy() for k, v in pm.module.state_dict().items()}
     return out
 
 
 def test_row_gather_is_launched_by_the_step_and_finished_by_the_next_forward():
+    """One all-gather per decoder layer (after one for the embedding, final norm and output
+    layer), each waited for by its own layer's forward, not all at the first module."""
     results = run_distributed(_body, 2)
     for r in results:
-        assert r["launched"] >= 1 and r["left"] == 0
+        assert r["launched"] == [0, 1, 2] and r["after_embedding"] == [1, 2] and r["after_layer0"] == [2]
+        assert r["left"] == 0
         assert r["rows"] == -(-61 // 2) or r["rows"] == 61 - (-(-61 // 2))  # 31 / 30 rows each
         for key, plain in r["plain"].items():
             assert np.array_equal(plain, r["zero"][key]), key  # bit for bit the unsharded update

@@ -10,9 +10,13 @@ expert-data-parallel group for routed experts — so each rank holds about ``1 /
   through a view of them (the torch optimizer holds the view, so the state is rows-sized), and
   after the step every rank's rows are all-gathered back into the full parameter. The 206M-
   parameter embedding of the 6B design is spread over the DP ranks instead of landing on one.
-  The all-gather is launched asynchronously at the end of the step and waited for by a forward
-  pre-hook of the first module that uses one of these parameters (so it overlaps with whatever
-  runs before the next forward: data loading, logging, a checkpoint's staging waits first).
+  The all-gathers are launched asynchronously at the end of the step, one per decoder layer (an
+  entry of a top-level module list such as ``layers``) and group and dtype, in forward order,
+  after one for everything outside the layers (embedding, final norm, output layer: waited for
+  by the first module that runs); a layer's forward pre-hook waits only for its own gather and
+  those launched before it, so later layers' parameters arrive while earlier layers compute
+  (and everything overlaps with what runs before the next forward: data loading, logging; a
+  checkpoint's staging waits for all first).
 * **Whole parameters** (tensor- or expert-parallel shards, and anything too small to split):
   each lives on one rank (greedy by size), which steps it and broadcasts it to the group.
 
@@ -40,7 +44,7 @@ whatever layout the checkpoint was saved with (``megatron_vpmoe.training.checkpo
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -125,13 +129,13 @@ class DistributedOptimizer:
         self._param_of = {id(s.view): p for p, s in self._split.items()}
         for group in optimizer.param_groups:  # the torch optimizer steps the row views
             group["params"] = [self._split[p].view if p in self._split else p for p in group["params"]]
-        self._pending: List[tuple] = []  # launched row all-gathers, waited for before the next use
+        self._pending: List[tuple] = []  # launched row all-gathers (layer index first), in launch order
+        self._layer, entries = _layer_indices(module)  # parameter -> its gather's index, in forward order
         self._hooks = []
-        hooked = set()
-        for m in module.modules():
-            if any(p in self._split for p in m.parameters(recurse=False)) and id(m) not in hooked:
-                hooked.add(id(m))
-                self._hooks.append(m.register_forward_pre_hook(lambda *_: self.wait_for_parameters()))
+        waits = [(m, max(self._layer[p] for p in m.parameters(recurse=False) if p in self._split))
+                 for m in module.modules() if any(p in self._split for p in m.parameters(recurse=False))]
+        for m, upto in waits + entries:  # a module waits for its gather and the earlier ones
+            self._hooks.append(m.register_forward_pre_hook(lambda *_, upto=upto: self.wait_for_parameters(upto)))
 
     # -- the optimizer interface the trainer uses ----------------------------------------------
     @property
@@ -217,12 +221,12 @@ class DistributedOptimizer:
                     coalesced(bucket, lambda flat: dist.broadcast(flat, group_src=owner, group=group))
 
     def _launch_row_gathers(self) -> None:
-        """One asynchronous all-gather per (group, dtype) of every rank's updated rows, each
-        rank's part padded to the largest chunk."""
+        """One asynchronous all-gather per (layer, group, dtype) of every rank's updated rows, in
+        forward order, each rank's part padded to the largest chunk."""
         by_key: Dict[tuple, List[_RowSplit]] = {}
         for s in self._split.values():
-            by_key.setdefault((id(s.group), s.param.dtype), []).append(s)
-        for splits in by_key.values():
+            by_key.setdefault((self._layer[s.param], id(s.group), s.param.dtype), []).append(s)
+        for (layer, _, _), splits in sorted(by_key.items(), key=lambda item: item[0][0]):
             group, size = splits[0].group, splits[0].size
             parts = []
             for s in splits:
@@ -233,13 +237,15 @@ class DistributedOptimizer:
             send = torch.cat(parts)
             recv = send.new_empty(size * send.numel())
             work = dist.all_gather_single(recv, send, group=group, async_op=True)
-            self._pending.append((work, recv, splits))
+            self._pending.append((layer, work, recv, splits))
 
     @torch.no_grad()
-    def wait_for_parameters(self) -> None:
-        """Finish the launched row all-gathers: every row-split parameter whole again."""
-        pending, self._pending = self._pending, []
-        for work, recv, splits in pending:
+    def wait_for_parameters(self, upto: Optional[int] = None) -> None:
+        """Finish the launched row all-gathers (those of layers ``<= upto``; default all): their
+        row-split parameters whole again."""
+        done = [entry for entry in self._pending if upto is None or entry[0] <= upto]
+        self._pending = [entry for entry in self._pending if not (upto is None or entry[0] <= upto)]
+        for _, work, recv, splits in done:
             work.wait()
             per_rank = recv.view(splits[0].size, -1)
             offset = 0
@@ -251,6 +257,25 @@ class DistributedOptimizer:
                     start, end = row_chunk(s.param.shape[0], s.size, r)
                     flat[start:end].copy_(per_rank[r, offset:offset + (end - start) * row].view(end - start, row))
                 offset += n
+
+
+def _layer_indices(module: torch.nn.Module) -> Tuple[Dict[torch.Tensor, int], List[Tuple[torch.nn.Module, int]]]:
+    """Each parameter's gather index: ``1 + i`` for the ``i``-th entry of a top-level module
+    list/dict (a decoder layer, ``layers.3``), 0 for everything else (the embedding, the final
+    norm, the output layer: their weights may be read outside their module's forward, as the
+    head reads the output weight, so they are waited for with the first layer); and the entries
+    with their index (each waits for its gather before it runs)."""
+    containers = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)
+    entries: Dict[str, Tuple[torch.nn.Module, int]] = {}
+    for name, child in module.named_children():
+        if isinstance(child, containers):
+            for key, entry in child.named_children():
+                entries[f"{name}.{key}"] = (entry, 1 + len(entries))
+    out: Dict[torch.Tensor, int] = {}
+    for name, p in module.named_parameters():
+        entry = entries.get(".".join(name.split(".")[:2]))
+        out[p] = 0 if entry is None else entry[1]
+    return out, list(entries.values())
 
 
 def _by_dtype(params: List[torch.Tensor]) -> List[List[torch.Tensor]]:
