@@ -17,9 +17,9 @@ Sections (each in fresh processes, so every peak is its own):
   bytes the residual-stream norms save for backward (the norm/residual regions SP splits), the
   whole forward's saved bytes, loss and step time.
 * ``zero2``: DP=2 (2 gloo ranks) on the tiny and medium configs, one fresh pair of processes per
-  mode: plain data parallel (bucketed all-reduce, whole AdamW state), ZeRO-1 (all-reduce, state
-  split, updated rows all-gathered / whole parameters broadcast) and ZeRO-2 (``parallel/zero.py``
-  with ``ParallelModel.shard_gradients``: buckets reduce-scattered). Per rank and step: bytes handed
+  mode: plain data parallel (bucketed all-reduce, whole AdamW state) and ZeRO-2
+  (``parallel.distributed_optimizer``: buckets reduce-scattered, state split, updated rows
+  all-gathered, whole TP/EP shards broadcast by their owner). Per rank and step: bytes handed
   to each collective, counted by a wrapper around ``torch.distributed``'s calls, and the bytes a
   ring algorithm sends for them; optimizer-state and gradient tensor bytes held (at the optimizer
   step and at the peak, during backward); the step's peak RSS; step time.
@@ -220,7 +220,7 @@ def bench_overlap(tmp: Path) -> dict:
 
 
 # -- ZeRO-2: reduce-scatter + all-gather vs all-reduce, and what a rank holds -----------------------
-ZERO_MODES = ("allreduce", "zero1", "zero2")
+ZERO_MODES = ("allreduce", "zero2")
 _COLLECTIVES = {  # name -> (kind, the argument whose bytes it moves, ring bytes sent per rank / payload)
     "all_reduce": ("all_reduce", 0, lambda n: 2 * (n - 1) / n),
     "reduce_scatter_single": ("reduce_scatter", 1, lambda n: (n - 1) / n),
@@ -277,9 +277,7 @@ def _zero2_child(out_dir: str, config: str, mode: str, steps: str) -> None:
     pm = build_parallel_model(cfg.model, ctx, seed=1)
     opt = build_optimizer(pm.module, cfg.train.optimizer)
     if mode != "allreduce":
-        opt = DistributedOptimizer(opt, pm.module, ctx.dp_group, ctx.expert_dp_group)
-        if mode == "zero2":
-            pm.shard_gradients(opt.gradient_shard)
+        opt = DistributedOptimizer(opt, pm)
     seq, mb = cfg.data.seq_length, cfg.train.micro_batch_size
     g = torch.Generator().manual_seed(dist.get_rank())
     batch = [{"input_ids": torch.randint(0, cfg.model.vocab_size, (mb, seq), generator=g),

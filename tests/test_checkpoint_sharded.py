@@ -67,9 +67,7 @@ def _build(ctx, seed):
     from megatron_vpmoe.training.optimizer import build_optimizer
 
     pm = build_parallel_model(_model_cfg(), ctx, seed=seed)
-    opt = DistributedOptimizer(build_optimizer(pm.module, OptimizerConfig(lr=1e-3)), pm.module,
-                               ctx.dp_group, ctx.expert_dp_group)
-    pm.shard_gradients(opt.gradient_shard)
+    opt = DistributedOptimizer(build_optimizer(pm.module, OptimizerConfig(lr=1e-3)), pm)
     return pm, opt
 
 

@@ -34,8 +34,7 @@ def _body(rank, world):
         pm = build_parallel_model(_cfg(), ctx, seed=3)
         opt = build_optimizer(pm.module, OptimizerConfig(lr=1e-2))
         if zero:
-            opt = DistributedOptimizer(opt, pm.module, ctx.dp_group, ctx.expert_dp_group)
-            pm.shard_gradients(opt.gradient_shard)
+            opt = DistributedOptimizer(opt, pm)
         token_mean_step(pm, batch)
         opt.step()
         opt.zero_grad()
@@ -108,9 +107,7 @@ def _zero2_body(rank, world, layout):
     # small buckets: several reduce-scatters, launched during backward, buffers freed as they finish
     ctx = init_parallel(ParallelConfig(**layout, distributed_optimizer=True, bucket_mb=0.002))
     pm = build_parallel_model(tiny_cfg(), ctx, seed=SEED)
-    opt = DistributedOptimizer(build_optimizer(pm.module, OptimizerConfig(lr=LR)), pm.module,
-                               ctx.dp_group, ctx.expert_dp_group)
-    pm.shard_gradients(opt.gradient_shard)
+    opt = DistributedOptimizer(build_optimizer(pm.module, OptimizerConfig(lr=LR)), pm)
     losses, norms = _train_steps(pm, opt, _micro_batches(ctx.dp, ctx.dp_rank))
     weights = {k: v.detach().numpy().copy() for k, v in _gathered(pm).items()}
     sync = pm._grad_sync
@@ -202,8 +199,7 @@ def _engine(zero, seed):
     pm = build_parallel_model(tiny_cfg(), ctx, seed=seed)
     opt = build_optimizer(pm.module, OptimizerConfig(lr=LR))
     if zero:
-        opt = DistributedOptimizer(opt, pm.module, ctx.dp_group, ctx.expert_dp_group)
-        pm.shard_gradients(opt.gradient_shard)
+        opt = DistributedOptimizer(opt, pm)
     return ctx, pm, opt
 
 

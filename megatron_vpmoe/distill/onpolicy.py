@@ -166,9 +166,7 @@ class OnPolicyTrainer:
         if cfg.parallel.distributed_optimizer:  # ZeRO-2, as in `vpmoe train`
             from megatron_vpmoe.parallel.zero import DistributedOptimizer
 
-            self.optimizer = DistributedOptimizer(self.optimizer, self.pm.module, self.ctx.dp_group,
-                                                  self.ctx.expert_dp_group)
-            self.pm.shard_gradients(self.optimizer.gradient_shard)
+            self.optimizer = DistributedOptimizer(self.optimizer, self.pm)
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
         self.step = 0
         load = cfg.checkpoint.load

@@ -301,6 +301,10 @@ class ParallelModel:
                 buf.zero_()
 
     # -- state dicts in single-process keys and shapes (reshard across layouts) ---------------
+    def is_placed(self, p: torch.Tensor) -> bool:
+        """Whether parameter ``p`` is a slice of a TP/EP split (not the whole tensor)."""
+        return _placement(p, self.ctx) is not None
+
     def shard_spec(self, key: str) -> Optional[Tuple[int, Any]]:
         """How this rank's parameter ``key`` (and optimizer state of its shape) is split:
         ``(dim, group)`` when it is one of ``group``'s equal slices along ``dim`` (routed experts

@@ -4,8 +4,9 @@ AdamW's state (``exp_avg``/``exp_avg_sq``/``step``) is split over the ranks of t
 reduces a parameter's gradient — the data-parallel group for dense parameters, the
 expert-data-parallel group for routed experts — so each rank holds about ``1 / dp`` of it:
 
-* **Row-split parameters**: a parameter replicated over the tensor/expert-parallel groups (the
-  embedding, the output layer, the norms) with at least as many rows as the group has ranks is
+* **Row-split parameters**: a parameter that is not a TP/EP shard (the embedding, the output
+  layer, the norms; every linear at TP=1, the routed experts at EP=1) with at least as many rows
+  as the group has ranks is
   split by rows, ``torch.chunk``-style (DTensor's ``Shard(0)``): every rank steps its own rows
   through a view of them (the torch optimizer holds the view, so the state is rows-sized), and
   after the step every rank's rows are all-gathered back into the full parameter. The 206M-
@@ -20,21 +21,20 @@ expert-data-parallel group for routed experts — so each rank holds about ``1 /
 * **Whole parameters** (tensor- or expert-parallel shards, and anything too small to split):
   each lives on one rank (greedy by size), which steps it and broadcasts it to the group.
 
-Gradients are reduce-scattered to this split (``ParallelModel.shard_gradients(
-optimizer.gradient_shard)``, which the trainer calls): the bucketed, backward-overlapped
+Gradients are reduce-scattered to this split (the constructor calls ``ParallelModel.shard_gradients(
+optimizer.gradient_shard)``): the bucketed, backward-overlapped
 reduction of ``parallel/grad_sync.py`` lays each bucket out as one segment per rank (its rows of
 the bucket's row-split parameters, the whole parameters it owns) and each rank receives only the
 summed gradient it steps, as the ``.grad`` of its row views and owned parameters; the
 reduce-scatter plus the parameter all-gather move what the all-reduce alone moved before. Each
 rank steps the rows / parameters it holds with exactly the unsharded optimizer's arithmetic.
-Without that call (a plain module's full gradients) the step takes its rows out of the full
-gradient, as ZeRO-1.
 
-Whole parameters stay whole rather than being cut at flat-buffer boundaries: a TP/EP shard's
-state is already a DTensor over its TP/EP group, and a flat range of it is not a rectangle the
-layout-independent checkpoint format can name; they are few and small beside the row-split ones
-(the embedding, the output layer), and a bucket's segments are padded to the largest, which
-``benchmarks/scale.py`` (``--only zero2``) measures.
+TP/EP shards stay whole rather than being cut at flat-buffer boundaries: their state is already
+a DTensor over the TP/EP group, and a flat range of it is not a rectangle the layout-independent
+checkpoint format can name (that needs a 2-D TP/EP x DP placement). A bucket's segments are
+padded to the largest, so a bucket holding one large whole shard (a layer's experts under EP>1
+with expert-DP>1) sends padding as large as that shard; ``benchmarks/scale.py --only zero2``
+reports the padding.
 
 Checkpoints keep the layout-independent format without gathering anything: a row-split
 parameter's state is a DTensor sharded by rows over the group (:meth:`state_as_sharded`), a whole
@@ -74,11 +74,11 @@ def row_chunk(rows: int, size: int, rank: int) -> Tuple[int, int]:
     return min(rank * step, rows), min((rank + 1) * step, rows)
 
 
-def splits_by_rows(param: torch.Tensor, size: int) -> bool:
-    """Whether ``param``'s state is split by rows over a group of ``size``: replicated over the
-    tensor/expert-parallel groups (its rows are not already a shard) and every rank gets rows."""
-    if size == 1 or param.dim() == 0 or getattr(param, "tensor_model_parallel", False) \
-            or getattr(param, "expert_parallel", False):
+def splits_by_rows(param: torch.Tensor, size: int, placed: bool) -> bool:
+    """Whether ``param``'s state is split by rows over a group of ``size``: not ``placed`` (a
+    shard of a TP/EP split: whole experts at EP=1 and TP-style linears at TP=1 are not) and
+    every rank gets rows."""
+    if size == 1 or param.dim() == 0 or placed:
         return False
     rows = param.shape[0]
     return row_chunk(rows, size, size - 1)[0] < rows
@@ -97,8 +97,12 @@ class _RowSplit:
 class DistributedOptimizer:
     """Wraps a torch optimizer built over all of this rank's parameters; see the module doc."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module, dp_group, expert_dp_group):
+    def __init__(self, optimizer: torch.optim.Optimizer, pm):
+        """``optimizer``: over ``pm.module``'s parameters; ``pm``: the :class:`ParallelModel`, whose
+        layout decides what is a TP/EP shard and whose gradients are then reduce-scattered to
+        this optimizer's split (``pm.shard_gradients``)."""
         self.optimizer = optimizer
+        module, dp_group, expert_dp_group = pm.module, pm.ctx.dp_group, pm.ctx.expert_dp_group
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         dense = [(n, p) for n, p in named if not getattr(p, "expert_parallel", False)]
         experts = [(n, p) for n, p in named if getattr(p, "expert_parallel", False)]
@@ -114,7 +118,7 @@ class DistributedOptimizer:
             me = 0 if size == 1 else dist.get_rank(group)
             whole = []
             for name, p in params:
-                if splits_by_rows(p, size):
+                if splits_by_rows(p, size, pm.is_placed(p)):
                     self._split[p] = _RowSplit(p, group, size, me)
                 else:
                     whole.append((name, p))
@@ -136,6 +140,7 @@ class DistributedOptimizer:
                  for m in module.modules() if any(p in self._split for p in m.parameters(recurse=False))]
         for m, upto in waits + entries:  # a module waits for its gather and the earlier ones
             self._hooks.append(m.register_forward_pre_hook(lambda *_, upto=upto: self.wait_for_parameters(upto)))
+        pm.shard_gradients(self.gradient_shard)  # ZeRO-2: each rank receives only what it steps
 
     # -- the optimizer interface the trainer uses ----------------------------------------------
     @property
@@ -149,20 +154,10 @@ class DistributedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        self.wait_for_parameters()
-        for p, s in self._split.items():  # full gradients (not reduce-scattered): take the rows
-            if p.grad is not None:
-                s.view.grad = p.grad[s.start:s.end]
-        hidden = {}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p not in self._owned and id(p) not in self._param_of and p.grad is not None:
-                    hidden[p], p.grad = p.grad, None
+        self.wait_for_parameters()  # the reduce-scatter gave the row views and owned parameters their .grad
         try:
             self.optimizer.step()
         finally:
-            for p, grad in hidden.items():
-                p.grad = grad
             for s in self._split.values():
                 s.view.grad = None
         self._broadcast_parameters()

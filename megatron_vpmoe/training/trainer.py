@@ -138,9 +138,7 @@ class Trainer:
         if cfg.parallel.distributed_optimizer:  # ZeRO-2: AdamW state and gradients sharded over DP ranks
             from megatron_vpmoe.parallel.zero import DistributedOptimizer
 
-            self.optimizer = DistributedOptimizer(self.optimizer, self.raw_model, self.ctx.dp_group,
-                                                  self.ctx.expert_dp_group)
-            self.pm.shard_gradients(self.optimizer.gradient_shard)  # reduce-scatter, not all-reduce
+            self.optimizer = DistributedOptimizer(self.optimizer, self.pm)  # gradients reduce-scattered
         self.weights = LossWeights.from_config(cfg.distill)
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
                                              async_save=cfg.checkpoint.async_save)
