@@ -306,9 +306,7 @@ def _zero2_child(out_dir: str, config: str, mode: str, steps: str) -> None:
         clip_gradients(pm.grad_tensors(), cfg.train.optimizer.clip_grad, total_norm=pm.grad_norm())
         held["at_step"] = gradient_bytes()
         opt.step()
-        opt.zero_grad(set_to_none=True)
-        if mode != "allreduce":
-            opt.wait_for_parameters()  # the next forward would: the all-gather belongs to this step
+        opt.zero_grad(set_to_none=True)  # ZeRO-2: the next step's layers wait for their all-gathers
         counts["on"] = False
         return time.perf_counter() - t0
 
@@ -323,6 +321,8 @@ def _zero2_child(out_dir: str, config: str, mode: str, steps: str) -> None:
     base = rss_bytes()
     reset_peak_rss()
     times = [step(True) for _ in range(int(steps))]
+    if mode != "allreduce":
+        opt.wait_for_parameters()
     inner = getattr(opt, "optimizer", opt)
     state = sum(t.numel() * t.element_size() for s in inner.state.values() for key, t in s.items()
                 if isinstance(t, torch.Tensor) and key != "step")
@@ -593,8 +593,10 @@ def _markdown(res: dict) -> str:
                   "Bytes: handed to collectives (payload) and what a ring algorithm sends from a rank for them "
                   "(all-reduce 2(n-1)/n, reduce-scatter and all-gather (n-1)/n of the payload; broadcast (n-1)/n, "
                   "averaged over the group), counted by a wrapper around `torch.distributed`'s calls during "
-                  "the step (forward, backward, norm, optimizer step, parameter all-gather). Memory: tensor bytes "
-                  "held by the larger rank; peak RSS of the steady steps.", ""]
+                  "the step (forward, backward, norm, optimizer step, the parameter all-gather launched by it; "
+                  "the next step's layers wait for it). Memory: tensor bytes held by the larger rank (gradients: "
+                  "at the optimizer step, and at their peak, when backward ends); peak RSS of the steady steps. "
+                  "Step s: best steady step.", ""]
         for name, res_ in z.items():
             lines += [f"### {name} config ({res_['params'] / 1e6:.1f}M params)", ""]
             lines += _table(["mode", "collectives (calls: payload MB)", "ring-sent MB", "/ all-reduce",

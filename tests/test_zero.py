@@ -156,7 +156,7 @@ def test_zero2_reduce_scatter_matches_single_process(layout, world):
     accumulated over 2 micro-batches and reduce-scattered, the global norm from the parts, clipped,
     3 AdamW steps: the single process's losses, norms, weights and 4th-step gradients within 1e-5;
     each rank holds about half of the reduce-scattered gradient and no full gradient; the first
-    reduce-scatter starts before backward ends."""
+    reduce-scatter starts, and the first bucket's full buffer is freed, before backward ends."""
     ref_losses, ref_norms, ref_weights, ref_grads = _zero2_reference()
     assert min(ref_norms) > CLIP
     results = run_distributed(_zero2_body, world, layout)
@@ -164,6 +164,7 @@ def test_zero2_reduce_scatter_matches_single_process(layout, world):
     for r in results:
         assert r["reduce_scatter"] and r["no_full_grad"]
         assert r["trace"].index("launch") < r["trace"].index("backward_done")  # overlapped with backward
+        assert r["trace"].index("done") < r["trace"].index("backward_done")  # buffers freed during it
         assert abs(r["held"] - r["split_numel"] / 2) <= 0.1 * r["split_numel"] / 2, (r["held"], r["split_numel"])
         for got, ref in zip(r["losses"], ref_losses):
             assert abs(got - ref) <= 1e-5 * abs(ref), (r["losses"], ref_losses)

@@ -18,9 +18,11 @@ equal-size segment per group rank, each holding that rank's parts of the bucket'
 (padded to the largest segment), and the bucket launches a ``reduce_scatter`` instead of the
 all-reduce: each rank receives only the summed gradient it steps. Micro-batches still accumulate
 into the full buffer and only the last one launches; the full buffer is freed once its
-reduce-scatter is done (checked at each later launch, so during backward) and allocated again
-at the bucket's first gradient of the next step: a rank holds its received segments (1/DP of the
-gradients) plus the buckets in flight, not a second full copy.
+reduce-scatter is done and allocated again at the bucket's first gradient of the next step. At
+most ``IN_FLIGHT`` reduce-scatters are outstanding: launching one more first waits for the
+oldest (launched a bucket's worth of backward earlier, so mostly finished; gloo's reduce-scatter
+cannot be polled for completion), so during backward a rank holds its received segments (1/DP of
+the gradients) plus a few full buckets, not a second full copy.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ import torch.distributed as dist
 # shard_of(param) -> (each group rank's flat [start, end) of param, the tensor whose .grad takes
 # this rank's part or None)
 ShardFn = Callable[[torch.Tensor], Tuple[List[Tuple[int, int]], Optional[torch.Tensor]]]
+
+
+IN_FLIGHT = 2  # sharded: reduce-scatters outstanding at once (each holds its full bucket buffer)
 
 
 class _Bucket:
@@ -110,6 +115,7 @@ class _Bucket:
         self.work = None
         self.expose()
         self.done = True
+        return self.index
 
 
 class GradSync:
@@ -123,7 +129,8 @@ class GradSync:
         self._calls: Dict[int, int] = {}
         self._expected = 1
         self._active = False
-        self.trace: List[Tuple[str, int]] = []  # ("launch", bucket index) / ("finish", -1)
+        self.trace: List[Tuple[str, int]] = []  # ("launch" / "done", bucket index), ("finish", -1)
+        self._launched: List[_Bucket] = []  # launched, not yet completed, oldest first
         by_key: Dict[tuple, List[torch.nn.Parameter]] = {}
         for p, group in reversed(named_groups):  # backward visits the last layers first
             by_key.setdefault((id(group), p.dtype, p.device), []).append((p, group))
@@ -158,6 +165,7 @@ class GradSync:
         self._expected = micro_batches
         self._active = True
         self.trace.clear()
+        self._launched = []
         for b in self.buckets:
             if b.buffer is not None:  # unsharded: the buffer is the gradients' home, kept
                 b.buffer.zero_()
@@ -185,10 +193,10 @@ class GradSync:
     def _launch(self, bucket: _Bucket) -> None:
         self.trace.append(("launch", bucket.index))
         bucket.work = bucket.launch()
-        if self.shard_of is not None:  # free the full buffers of the reduce-scatters already done
-            for b in self.buckets:
-                if b is not bucket and b.work is not None and b.work.is_completed():
-                    b.complete()
+        self._launched.append(bucket)
+        if self.shard_of is not None:  # bound the full buffers alive: finish the oldest
+            while len(self._launched) > IN_FLIGHT:
+                self.trace.append(("done", self._launched.pop(0).complete()))
 
     def finish(self) -> None:
         """Wait for every bucket's reduction (launching the ones not yet launched) and expose the
@@ -199,6 +207,7 @@ class GradSync:
         for bucket in self.buckets:
             if not bucket.done:
                 bucket.complete()
+        self._launched = []
         self.trace.append(("finish", -1))
         self._active = False
 
