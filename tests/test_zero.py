@@ -40,6 +40,7 @@ def _body(rank, world):
         opt.zero_grad()
         if zero:
             launched = sorted({layer for layer, *_ in opt._pending})
+            out["in_flight"] = sum(work is not None for _, _, work, _ in opt._pending)
             embedding = pm.module.embedding.weight
             rows = opt.state_of(embedding)["exp_avg"].shape[0]
             hidden = pm.module.embedding(ids[:, :-1])  # waits for the gather outside the layers only
@@ -55,10 +56,12 @@ def _body(rank, world):
 
 def test_row_gather_is_launched_by_the_step_and_finished_by_the_next_forward():
     """One all-gather per decoder layer (after one for the embedding, final norm and output
-    layer), each waited for by its own layer's forward, not all at the first module."""
+    layer), each waited for by its own layer's forward, not all at the first module; two are
+    launched ahead."""
     results = run_distributed(_body, 2)
     for r in results:
         assert r["launched"] == [0, 1, 2] and r["after_embedding"] == [1, 2] and r["after_layer0"] == [2]
+        assert r["in_flight"] == 2  # the step launches two; each wait launches the next
         assert r["left"] == 0
         assert r["rows"] == -(-61 // 2) or r["rows"] == 61 - (-(-61 // 2))  # 31 / 30 rows each
         for key, plain in r["plain"].items():

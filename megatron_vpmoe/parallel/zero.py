@@ -11,13 +11,13 @@ expert-data-parallel group for routed experts — so each rank holds about ``1 /
   through a view of them (the torch optimizer holds the view, so the state is rows-sized), and
   after the step every rank's rows are all-gathered back into the full parameter. The 206M-
   parameter embedding of the 6B design is spread over the DP ranks instead of landing on one.
-  The all-gathers are launched asynchronously at the end of the step, one per decoder layer (an
-  entry of a top-level module list such as ``layers``) and group and dtype, in forward order,
-  after one for everything outside the layers (embedding, final norm, output layer: waited for
-  by the first module that runs); a layer's forward pre-hook waits only for its own gather and
-  those launched before it, so later layers' parameters arrive while earlier layers compute
-  (and everything overlaps with what runs before the next forward: data loading, logging; a
-  checkpoint's staging waits for all first).
+  The all-gathers are asynchronous, one per decoder layer (an entry of a top-level module list
+  such as ``layers``) and group and dtype, in forward order, after one for everything outside
+  the layers (embedding, final norm, output layer: waited for by the first module that runs).
+  The step launches the first ``PREFETCH``; a layer's forward pre-hook waits only for its own
+  gather and the earlier ones, then launches the next ``PREFETCH``, so later layers' parameters
+  arrive while earlier layers compute and only a few layers' gather buffers are alive at once
+  (a checkpoint's staging waits for all first).
 * **Whole parameters** (tensor- or expert-parallel shards, and anything too small to split):
   each lives on one rank (greedy by size), which steps it and broadcasts it to the group.
 
@@ -84,6 +84,9 @@ def splits_by_rows(param: torch.Tensor, size: int, placed: bool) -> bool:
     return row_chunk(rows, size, size - 1)[0] < rows
 
 
+PREFETCH = 2  # row all-gathers launched ahead of the layer being waited for (each holds its buffers)
+
+
 class _RowSplit:
     """One row-split parameter on this rank: its rows ``[start, end)`` and the view stepped."""
 
@@ -133,7 +136,7 @@ class DistributedOptimizer:
         self._param_of = {id(s.view): p for p, s in self._split.items()}
         for group in optimizer.param_groups:  # the torch optimizer steps the row views
             group["params"] = [self._split[p].view if p in self._split else p for p in group["params"]]
-        self._pending: List[tuple] = []  # launched row all-gathers (layer index first), in launch order
+        self._pending: List[list] = []  # [layer, splits, work, buffer] of gathers not yet waited for, in layer order
         self._layer, entries = _layer_indices(module)  # parameter -> its gather's index, in forward order
         self._hooks = []
         waits = [(m, max(self._layer[p] for p in m.parameters(recurse=False) if p in self._split))
@@ -216,13 +219,24 @@ class DistributedOptimizer:
                     coalesced(bucket, lambda flat: dist.broadcast(flat, group_src=owner, group=group))
 
     def _launch_row_gathers(self) -> None:
-        """One asynchronous all-gather per (layer, group, dtype) of every rank's updated rows, in
-        forward order, each rank's part padded to the largest chunk."""
+        """Queue one all-gather per (layer, group, dtype) of every rank's updated rows, in forward
+        order, and launch the first ``PREFETCH``; the rest launch as earlier layers are waited for."""
         by_key: Dict[tuple, List[_RowSplit]] = {}
         for s in self._split.values():
             by_key.setdefault((self._layer[s.param], id(s.group), s.param.dtype), []).append(s)
-        for (layer, _, _), splits in sorted(by_key.items(), key=lambda item: item[0][0]):
-            group, size = splits[0].group, splits[0].size
+        self._pending = [[layer, splits, None, None] for (layer, _, _), splits
+                         in sorted(by_key.items(), key=lambda item: item[0][0])]
+        self._prefetch(PREFETCH)
+
+    def _prefetch(self, count: int) -> None:
+        """Launch the first ``count`` queued gathers not launched yet (each rank's part padded to
+        the largest chunk); every rank launches them in the same order."""
+        for entry in self._pending:
+            if count <= 0:
+                break
+            if entry[2] is not None:
+                continue
+            splits = entry[1]
             parts = []
             for s in splits:
                 row = s.param[0].numel()
@@ -230,17 +244,20 @@ class DistributedOptimizer:
                 pad = s.step_rows * row - local.numel()
                 parts.append(local if pad == 0 else torch.cat([local, local.new_zeros(pad)]))
             send = torch.cat(parts)
-            recv = send.new_empty(size * send.numel())
-            work = dist.all_gather_single(recv, send, group=group, async_op=True)
-            self._pending.append((layer, work, recv, splits))
+            entry[3] = send.new_empty(splits[0].size * send.numel())
+            entry[2] = dist.all_gather_single(entry[3], send, group=splits[0].group, async_op=True)
+            count -= 1
 
     @torch.no_grad()
     def wait_for_parameters(self, upto: Optional[int] = None) -> None:
-        """Finish the launched row all-gathers (those of layers ``<= upto``; default all): their
-        row-split parameters whole again."""
+        """Finish the row all-gathers of layers ``<= upto`` (default all; launching them first
+        where needed): their row-split parameters whole again; then launch the next ``PREFETCH``."""
         done = [entry for entry in self._pending if upto is None or entry[0] <= upto]
-        self._pending = [entry for entry in self._pending if not (upto is None or entry[0] <= upto)]
-        for _, work, recv, splits in done:
+        if not done:
+            return
+        self._prefetch(len(done))  # the queue is in layer order: these are its head
+        self._pending = self._pending[len(done):]
+        for _, splits, work, recv in done:
             work.wait()
             per_rank = recv.view(splits[0].size, -1)
             offset = 0
@@ -252,6 +269,7 @@ class DistributedOptimizer:
                     start, end = row_chunk(s.param.shape[0], s.size, r)
                     flat[start:end].copy_(per_rank[r, offset:offset + (end - start) * row].view(end - start, row))
                 offset += n
+        self._prefetch(PREFETCH)
 
 
 def _layer_indices(module: torch.nn.Module) -> Tuple[Dict[torch.Tensor, int], List[Tuple[torch.nn.Module, int]]]:
