@@ -311,13 +311,17 @@ def _zero2_child(out_dir: str, config: str, mode: str, steps: str) -> None:
         return time.perf_counter() - t0
 
     step(False)  # warm-up: AdamW state and bucket buffers are created
-    finish = pm._grad_sync.finish
+    from megatron_vpmoe.parallel import grad_sync
 
-    def finish_and_measure():  # backward is done and nothing is freed yet: the gradients' peak
-        held["backward"] = max(held.get("backward", 0), gradient_bytes())
-        finish()
+    def measured(method):  # the gradients' peak: whenever a bucket buffer is allocated
+        def run(bucket, *args):
+            out = method(bucket, *args)
+            held["backward"] = max(held.get("backward", 0), gradient_bytes())
+            return out
+        return run
 
-    pm._grad_sync.finish = finish_and_measure
+    grad_sync._Bucket.ensure_buffer = measured(grad_sync._Bucket.ensure_buffer)
+    held["backward"] = gradient_bytes()
     base = rss_bytes()
     reset_peak_rss()
     times = [step(True) for _ in range(int(steps))]
@@ -595,7 +599,9 @@ def _markdown(res: dict) -> str:
                   "averaged over the group), counted by a wrapper around `torch.distributed`'s calls during "
                   "the step (forward, backward, norm, optimizer step, the parameter all-gather launched by it; "
                   "the next step's layers wait for it). Memory: tensor bytes held by the larger rank (gradients: "
-                  "at the optimizer step, and at their peak, when backward ends); peak RSS of the steady steps. "
+                  "at the optimizer step, and their peak, sampled at every bucket-buffer allocation: with 2 "
+                  "micro-batches every full buffer lives from the first micro-batch's backward to the last's); "
+                  "peak RSS of the steady steps. "
                   "Step s: best steady step.", ""]
         for name, res_ in z.items():
             lines += [f"### {name} config ({res_['params'] / 1e6:.1f}M params)", ""]
