@@ -220,7 +220,7 @@ def bench_overlap(tmp: Path) -> dict:
 
 
 # -- ZeRO-2: reduce-scatter + all-gather vs all-reduce, and what a rank holds -----------------------
-ZERO_MODES = ("allreduce", "zero2")
+ZERO_MODES = ("allreduce", "zero2", "allreduce-1mb", "zero2-1mb")  # -1mb: one micro-batch, no accumulation
 _COLLECTIVES = {  # name -> (kind, the argument whose bytes it moves, ring bytes sent per rank / payload)
     "all_reduce": ("all_reduce", 0, lambda n: 2 * (n - 1) / n),
     "reduce_scatter_single": ("reduce_scatter", 1, lambda n: (n - 1) / n),
@@ -276,12 +276,14 @@ def _zero2_child(out_dir: str, config: str, mode: str, steps: str) -> None:
     ctx = init_parallel(cfg.parallel)
     pm = build_parallel_model(cfg.model, ctx, seed=1)
     opt = build_optimizer(pm.module, cfg.train.optimizer)
-    if mode != "allreduce":
+    zero = mode.startswith("zero2")
+    if zero:
         opt = DistributedOptimizer(opt, pm)
     seq, mb = cfg.data.seq_length, cfg.train.micro_batch_size
     g = torch.Generator().manual_seed(dist.get_rank())
     batch = [{"input_ids": torch.randint(0, cfg.model.vocab_size, (mb, seq), generator=g),
-              "labels": torch.randint(0, cfg.model.vocab_size, (mb, seq), generator=g)} for _ in range(2)]
+              "labels": torch.randint(0, cfg.model.vocab_size, (mb, seq), generator=g)}
+             for _ in range(1 if mode.endswith("-1mb") else 2)]
     held = {}
 
     def gradient_bytes() -> int:
@@ -325,7 +327,7 @@ def _zero2_child(out_dir: str, config: str, mode: str, steps: str) -> None:
     base = rss_bytes()
     reset_peak_rss()
     times = [step(True) for _ in range(int(steps))]
-    if mode != "allreduce":
+    if zero:
         opt.wait_for_parameters()
     inner = getattr(opt, "optimizer", opt)
     state = sum(t.numel() * t.element_size() for s in inner.state.values() for key, t in s.items()
@@ -367,8 +369,8 @@ def bench_zero2(tmp: Path, configs=None) -> dict:
                 "grad_peak_mb": max(r["grad_bytes_peak"] for r in rs) / 2**20,
                 "step_peak_rss_mb": max(r["step_peak_rss_mb"] for r in rs),
                 "step_s": max(r["step_s"] for r in rs)}
-        plain = res["modes"]["allreduce"]
         for mode in ZERO_MODES:
+            plain = res["modes"]["allreduce-1mb" if mode.endswith("-1mb") else "allreduce"]
             m = res["modes"][mode]
             m["over_allreduce"] = {key: m[key] / plain[key] if plain[key] else None for key in (
                 "ring_sent_mb", "payload_mb", "optimizer_state_mb", "grad_at_step_mb", "grad_peak_mb",
@@ -593,14 +595,16 @@ def _markdown(res: dict) -> str:
                   f"whole forward: {q['whole_forward_sp_over_tp']:.3f}; loss rel. diff {q['loss_rel_diff']:.1e}.", ""]
     z = res.get("zero2")
     if z:
-        lines += ["## ZeRO-2: gradients reduce-scattered, DP=2 (2 gloo ranks, 2 micro-batches), per rank and step", "",
+        lines += ["## ZeRO-2: gradients reduce-scattered, DP=2 (2 gloo ranks), per rank and step", "",
+                  "Modes: 2 micro-batches (gradients accumulated; ZeRO-2 keeps the bucket buffers and "
+                  "reduce-scatters in place) and `-1mb`: one micro-batch (ZeRO-2 frees each full buffer once "
+                  "its reduce-scatter is done, at most 2 in flight); ratios against plain DP with as many.", "",
                   "Bytes: handed to collectives (payload) and what a ring algorithm sends from a rank for them "
                   "(all-reduce 2(n-1)/n, reduce-scatter and all-gather (n-1)/n of the payload; broadcast (n-1)/n, "
                   "averaged over the group), counted by a wrapper around `torch.distributed`'s calls during "
                   "the step (forward, backward, norm, optimizer step, the parameter all-gather launched by it; "
                   "the next step's layers wait for it). Memory: tensor bytes held by the larger rank (gradients: "
-                  "at the optimizer step, and their peak, sampled at every bucket-buffer allocation: with 2 "
-                  "micro-batches every full buffer lives from the first micro-batch's backward to the last's); "
+                  "at the optimizer step, and their peak, sampled at every bucket-buffer allocation); "
                   "peak RSS of the steady steps. "
                   "Step s: best steady step.", ""]
         for name, res_ in z.items():

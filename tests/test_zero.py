@@ -73,14 +73,15 @@ def test_row_gather_is_launched_by_the_step_and_finished_by_the_next_forward():
 STEPS, CLIP, LR = 3, 0.05, 1e-3  # a clip below every step's norm: the clipped path is what runs
 
 
-def _micro_batches(ctx_dp, dp_rank):
-    """This DP rank's sequences of the 4-sequence global batch, one micro-batch each (DP=2: two
-    micro-batches per rank, so gradients accumulate before the reduce-scatter)."""
+def _micro_batches(ctx_dp, dp_rank, seqs=1):
+    """This DP rank's sequences of the 4-sequence global batch, ``seqs`` per micro-batch (DP=2 and
+    1: two micro-batches per rank, so gradients accumulate before the reduce-scatter)."""
     from test_parallel import global_batch, tiny_cfg
 
     ids, labels = global_batch(tiny_cfg())
     per = 4 // ctx_dp
-    return [{"input_ids": ids[i:i + 1], "labels": labels[i:i + 1]} for i in range(per * dp_rank, per * dp_rank + per)]
+    return [{"input_ids": ids[i:i + seqs], "labels": labels[i:i + seqs]}
+            for i in range(per * dp_rank, per * dp_rank + per, seqs)]
 
 
 def _train_steps(pm, opt, mbs):
@@ -100,7 +101,7 @@ def _train_steps(pm, opt, mbs):
     return losses, norms
 
 
-def _zero2_body(rank, world, layout):
+def _zero2_body(rank, world, layout, seqs):
     from megatron_vpmoe.config.schema import OptimizerConfig, ParallelConfig
     from megatron_vpmoe.parallel import build_parallel_model, init_parallel
     from megatron_vpmoe.parallel.zero import DistributedOptimizer
@@ -111,7 +112,7 @@ def _zero2_body(rank, world, layout):
     ctx = init_parallel(ParallelConfig(**layout, distributed_optimizer=True, bucket_mb=0.002))
     pm = build_parallel_model(tiny_cfg(), ctx, seed=SEED)
     opt = DistributedOptimizer(build_optimizer(pm.module, OptimizerConfig(lr=LR)), pm)
-    losses, norms = _train_steps(pm, opt, _micro_batches(ctx.dp, ctx.dp_rank))
+    losses, norms = _train_steps(pm, opt, _micro_batches(ctx.dp, ctx.dp_rank, seqs))
     weights = {k: v.detach().numpy().copy() for k, v in _gathered(pm).items()}
     sync = pm._grad_sync
     split = {id(p) for p in sync.params}
@@ -130,7 +131,7 @@ def _zero2_body(rank, world, layout):
             "trace": [kind for kind, _ in sync.trace]}
 
 
-def _zero2_reference():
+def _zero2_reference(seqs):
     """The same steps in one process on the whole global batch (4 micro-batches), no ZeRO."""
     from megatron_vpmoe.config.schema import OptimizerConfig, ParallelConfig
     from megatron_vpmoe.parallel import build_parallel_model, init_parallel
@@ -139,7 +140,7 @@ def _zero2_reference():
 
     pm = build_parallel_model(tiny_cfg(), init_parallel(ParallelConfig()), seed=SEED)
     opt = build_optimizer(pm.module, OptimizerConfig(lr=LR))
-    losses, norms = _train_steps(pm, opt, _micro_batches(1, 0))
+    losses, norms = _train_steps(pm, opt, _micro_batches(1, 0, seqs))
     weights = {k: v.detach().clone() for k, v in pm.module.state_dict().items()}
     grads = {k: p.grad.clone() for k, p in pm.module.named_parameters() if not k.endswith("expert_bias")}
     return losses, norms, weights, grads
@@ -150,24 +151,29 @@ def _close(got, ref, what):
     assert diff < 1e-5, (what, float(diff))
 
 
-@pytest.mark.parametrize("layout,world", [
-    ({}, 2), ({"pipeline": 2}, 4),
-    pytest.param({"tensor": 2, "sequence_parallel": True}, 4, marks=pytest.mark.long)],
-    ids=["dp2", "pp2-dp2", "tp2-sp-dp2"])
-def test_zero2_reduce_scatter_matches_single_process(layout, world):
+@pytest.mark.parametrize("layout,world,seqs", [
+    ({}, 2, 1), ({}, 2, 2), ({"pipeline": 2}, 4, 1),
+    pytest.param({"tensor": 2, "sequence_parallel": True}, 4, 1, marks=pytest.mark.long)],
+    ids=["dp2-accumulate", "dp2", "pp2-dp2", "tp2-sp-dp2"])
+def test_zero2_reduce_scatter_matches_single_process(layout, world, seqs):
     """ZeRO-2 at DP=2 (alone, beside PP=2, beside TP=2 with sequence parallel): gradients
-    accumulated over 2 micro-batches and reduce-scattered, the global norm from the parts, clipped,
-    3 AdamW steps: the single process's losses, norms, weights and 4th-step gradients within 1e-5;
-    each rank holds about half of the reduce-scattered gradient and no full gradient; the first
-    reduce-scatter starts, and the first bucket's full buffer is freed, before backward ends."""
-    ref_losses, ref_norms, ref_weights, ref_grads = _zero2_reference()
+    reduce-scattered (accumulated over 2 micro-batches into kept buffers, reduced in place; or one
+    micro-batch, buffers freed as their reduce-scatters finish), the global norm from the parts,
+    clipped, 3 AdamW steps: the single process's losses, norms, weights and 4th-step gradients
+    within 1e-5; each rank holds about half of the reduce-scattered gradient and no full
+    gradient; the first reduce-scatter starts before backward ends, and without accumulation the
+    first bucket's full buffer is freed before it ends too."""
+    ref_losses, ref_norms, ref_weights, ref_grads = _zero2_reference(seqs)
     assert min(ref_norms) > CLIP
-    results = run_distributed(_zero2_body, world, layout)
+    results = run_distributed(_zero2_body, world, layout, seqs)
     merged_w, merged_g = {}, {}
     for r in results:
         assert r["reduce_scatter"] and r["no_full_grad"]
         assert r["trace"].index("launch") < r["trace"].index("backward_done")  # overlapped with backward
-        assert r["trace"].index("done") < r["trace"].index("backward_done")  # buffers freed during it
+        if seqs == 2:  # one micro-batch per rank: buffers freed during backward
+            assert r["trace"].index("done") < r["trace"].index("backward_done")
+        else:  # accumulated: kept, no waits inside backward
+            assert "done" not in r["trace"]
         assert abs(r["held"] - r["split_numel"] / 2) <= 0.1 * r["split_numel"] / 2, (r["held"], r["split_numel"])
         for got, ref in zip(r["losses"], ref_losses):
             assert abs(got - ref) <= 1e-5 * abs(ref), (r["losses"], ref_losses)

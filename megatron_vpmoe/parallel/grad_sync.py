@@ -22,7 +22,10 @@ reduce-scatter is done and allocated again at the bucket's first gradient of the
 most ``IN_FLIGHT`` reduce-scatters are outstanding: launching one more first waits for the
 oldest (launched a bucket's worth of backward earlier, so mostly finished; gloo's reduce-scatter
 cannot be polled for completion), so during backward a rank holds its received segments (1/DP of
-the gradients) plus a few full buckets, not a second full copy.
+the gradients) plus a few full buckets, not a second full copy. With several micro-batches every
+full buffer has to live through the accumulation anyway: then the buffers are kept and each
+bucket is reduce-scattered in place into this rank's own segment (Megatron's layout), one copy of
+the gradients instead of that plus the received segments.
 """
 
 from __future__ import annotations
@@ -76,7 +79,10 @@ class _Bucket:
                         if r == me:
                             self.mine.append((p, target, filled[r], start, end))
                         filled[r] += end - start
-            self.received = torch.empty(self.segment, dtype=self.dtype, device=self.device)
+            self.me = me
+        self.received: Optional[torch.Tensor] = None  # one micro-batch: this rank's reduced segment
+        self.keep = False  # accumulating: the buffer is kept and reduce-scattered in place
+        self.out: Optional[torch.Tensor] = None  # where the last reduction's result is
         self.padding = self.numel - sum(p.numel() for p in params)  # elements sent but not gradients
         self.buffer: Optional[torch.Tensor] = None
         self.pending = 0
@@ -96,7 +102,13 @@ class _Bucket:
     def launch(self):
         self.ensure_buffer()
         if self.sharded:
-            return dist.reduce_scatter_single(self.received, self.buffer, group=self.group, async_op=True)
+            if self.keep:  # in place: this rank's own segment of the kept buffer
+                self.out = self.buffer[self.me * self.segment:(self.me + 1) * self.segment]
+            else:
+                if self.received is None:
+                    self.received = torch.empty(self.segment, dtype=self.dtype, device=self.device)
+                self.out = self.received
+            return dist.reduce_scatter_single(self.out, self.buffer, group=self.group, async_op=True)
         return dist.all_reduce(self.buffer, group=self.group, async_op=True)
 
     def expose(self) -> None:
@@ -107,8 +119,9 @@ class _Bucket:
                 p.grad = self.buffer[offset:offset + n].view_as(p)
             return
         for p, target, offset, start, end in self.mine:
-            target.grad = self.received[offset:offset + end - start].view_as(target)
-        self.buffer = None  # the full buffer is only needed during backward
+            target.grad = self.out[offset:offset + end - start].view_as(target)
+        if not self.keep:
+            self.buffer = None  # the full buffer is only needed during backward
 
     def complete(self) -> None:
         self.work.wait()
@@ -167,7 +180,11 @@ class GradSync:
         self.trace.clear()
         self._launched = []
         for b in self.buckets:
-            if b.buffer is not None:  # unsharded: the buffer is the gradients' home, kept
+            if b.sharded:
+                b.keep = micro_batches > 1
+                if b.keep:
+                    b.received = None
+            if b.buffer is not None:  # unsharded / accumulating: the buffer is kept
                 b.buffer.zero_()
             b.pending = len(b.params)
             b.work, b.done = None, False
@@ -194,7 +211,7 @@ class GradSync:
         self.trace.append(("launch", bucket.index))
         bucket.work = bucket.launch()
         self._launched.append(bucket)
-        if self.shard_of is not None:  # bound the full buffers alive: finish the oldest
+        if self.shard_of is not None and self._expected == 1:  # bound the full buffers alive: finish the oldest
             while len(self._launched) > IN_FLIGHT:
                 self.trace.append(("done", self._launched.pop(0).complete()))
 

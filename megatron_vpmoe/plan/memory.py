@@ -337,9 +337,10 @@ def rank_memory(cfg, layout: Layout, pp_rank: int, kernels: str, framework_bytes
         F32 * max(dense if layout.dp > 1 else 0, experts if layout.expert_dp > 1 else 0)
     gradients = F32 * params
     bucket_held = F32 * bucketed  # gradient bytes the buckets hold when backward ends
-    if layout.zero and reduced:
-        # ZeRO-2: a rank keeps its reduce-scattered share; a bucket's full buffer lives only while
-        # its reduce-scatter is in flight (at most IN_FLIGHT + the one filling; all without overlap)
+    if layout.zero and reduced and layout.micro_batches(gbs) == 1:
+        # ZeRO-2, one micro-batch: a rank keeps its reduce-scattered share; a bucket's full buffer
+        # lives only while its reduce-scatter is in flight (IN_FLIGHT + the one filling; all
+        # without overlap). Accumulating, the buffers are kept (reduced in place): as without ZeRO
         from megatron_vpmoe.parallel.grad_sync import IN_FLIGHT
 
         share = F32 * ((dense / layout.dp if layout.dp > 1 else 0)
