@@ -51,7 +51,17 @@ sys.path.insert(0, str(ROOT))
 
 from megatron_vpmoe.data.sources import iter_documents  # noqa: E402
 from megatron_vpmoe.tokenizers import train_tokenizer  # noqa: E402
+from megatron_vpmoe.utils.atomic import atomic_write_text  # noqa: E402
 from megatron_vpmoe.utils.proc_tree import run_measured  # noqa: E402
+
+
+def write_results(stem: str, result: dict, lines: list) -> None:
+    """``benchmarks/results/<stem>.json`` and ``.md``, each written whole or not at all; the table printed."""
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 SHARED = ROOT.parent / "shared" / "data"
 SHIM = ("import typing\nimport typing_extensions\n"
@@ -171,9 +181,6 @@ def multi_variant(args) -> int:
     result = {"bytes": meta["bytes"], "documents": meta["documents"], "workers": args.workers,
               "trials": args.trials, "runs": runs, "best": best, "ratio": ratio,
               "load_average_before_after": [round(x, 2) for x in load]}
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "preprocess_multi_variant.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Multi-variant preprocessing (`benchmarks/preprocess.py --multi-variant-only`)", "",
              f"`vpmoe preprocess --workers {args.workers}` on the distinct input ({meta['bytes'] / 1e6:.1f} MB, "
              f"{meta['documents']} documents), best of {args.trials} alternating runs; wall time of the command "
@@ -183,8 +190,7 @@ def multi_variant(args) -> int:
     for name, b in best.items():
         lines.append(f"| {name} | {b['seconds']} | {b['cpu_seconds']} |")
     lines += ["", f"Both in one pass / the slower alone: {ratio['seconds']}x wall, {ratio['cpu_seconds']}x CPU."]
-    (out / "preprocess_multi_variant.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("preprocess_multi_variant", result, lines)
     return 0
 
 
@@ -291,9 +297,6 @@ def main() -> int:
               "multi_variant_cpu_ratio": round(min(r["cpu_seconds"] for r in runs[("ours-bpe+lengthmax", "distinct")])
                                                / max(min(r["cpu_seconds"] for r in runs[(p, "distinct")])
                                                      for p in ("ours-lengthmax", "ours")), 2)}
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "preprocess.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Preprocessing (`benchmarks/preprocess.py`)", "",
              f"{args.workers} workers, 2 shared CPU cores, best of {args.trials} alternating runs, wall time of the "
              f"command (start-up included) and peak RSS of its process tree; load average {load[0]:.1f} -> "
@@ -313,8 +316,7 @@ def main() -> int:
     if memory:
         lines.append(f"Synthetic {memory['bytes'] / 1e9:.2f} GB through `vpmoe preprocess` (BPE): {memory['seconds']} s, "
                      f"peak RSS of the process tree {memory['peak_rss_mb']} MB.")
-    (out / "preprocess.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("preprocess", result, lines)
     return 0
 
 

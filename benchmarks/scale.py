@@ -16,13 +16,20 @@ Sections (each in fresh processes, so every peak is its own):
 * ``sequence``: TP=2 over 2 ranks on the medium config with and without ``parallel.sequence_parallel``:
   bytes the residual-stream norms save for backward (the norm/residual regions SP splits), the
   whole forward's saved bytes, loss and step time.
+* ``zero2``: DP=2 (2 gloo ranks) on the tiny and medium configs, one fresh pair of processes per
+  mode: plain data parallel (bucketed all-reduce, whole AdamW state) and ZeRO-2
+  (``parallel.distributed_optimizer``: buckets reduce-scattered, state split, updated rows
+  all-gathered, whole TP/EP shards broadcast by their owner). Per rank and step: bytes handed
+  to each collective, counted by a wrapper around ``torch.distributed``'s calls, and the bytes a
+  ring algorithm sends for them; optimizer-state and gradient tensor bytes held (at the optimizer
+  step and at the peak, during backward); the step's peak RSS; step time.
 * ``shard``: ``vpmoe-6b.yaml`` (EP=8 x PP=4 of 32 ranks) under a fake process group: one process
   builds rank 0's shard and the last stage's (rank 31), parameter count against
   ``parallel/layout.py``'s arithmetic. ``--shard-6b --rank R`` runs one rank and ends with
   ``shard-6b rank R: params P, peak_rss_mb M, build_s S``.
 
 Writes benchmarks/results/scale.json and scale.md. Run: ``python benchmarks/scale.py``
-(``--only memory pipeline recompute shard overlap sequence``). Takes about 15-25 minutes on 2 cores.
+(``--only memory pipeline recompute shard overlap sequence zero2``). Takes about 15-25 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -209,6 +216,166 @@ def bench_overlap(tmp: Path) -> dict:
         r = json.loads((d / "rank_0.json").read_text())
         r["overlapped_over_after"] = r["overlapped_s"] / r["after_backward_s"]
         out[name] = r
+    return out
+
+
+# -- ZeRO-2: reduce-scatter + all-gather vs all-reduce, and what a rank holds -----------------------
+ZERO_MODES = ("allreduce", "zero2", "allreduce-1mb", "zero2-1mb")  # -1mb: one micro-batch, no accumulation
+_COLLECTIVES = {  # name -> (kind, the argument whose bytes it moves, ring bytes sent per rank / payload)
+    "all_reduce": ("all_reduce", 0, lambda n: 2 * (n - 1) / n),
+    "reduce_scatter_single": ("reduce_scatter", 1, lambda n: (n - 1) / n),
+    "reduce_scatter_tensor": ("reduce_scatter", 1, lambda n: (n - 1) / n),
+    "all_gather_single": ("all_gather", 0, lambda n: (n - 1) / n),
+    "all_gather_into_tensor": ("all_gather", 0, lambda n: (n - 1) / n),
+    "broadcast": ("broadcast", 0, lambda n: (n - 1) / n),  # averaged over the group's ranks
+}
+
+
+def _count_collectives(counts: dict) -> None:
+    """Wrap torch.distributed's collectives so each call adds its payload bytes (and the bytes a
+    ring algorithm sends from this rank) to ``counts[kind]`` while ``counts["on"]``."""
+    import torch.distributed as dist
+
+    for name, (kind, arg, ring) in _COLLECTIVES.items():
+        original = getattr(dist, name)
+
+        def wrapped(*args, _original=original, _kind=kind, _arg=arg, _ring=ring, **kwargs):
+            if counts["on"]:
+                tensor = args[_arg]
+                group = kwargs.get("group")
+                n = dist.get_world_size(group)
+                payload = tensor.numel() * tensor.element_size()
+                entry = counts.setdefault(_kind, {"calls": 0, "payload_bytes": 0, "ring_sent_bytes": 0.0})
+                entry["calls"] += 1
+                entry["payload_bytes"] += payload
+                entry["ring_sent_bytes"] += payload * _ring(n)
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, wrapped)
+
+
+def _zero2_child(out_dir: str, config: str, mode: str, steps: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from megatron_vpmoe.config.loader import load_config
+    from megatron_vpmoe.parallel import build_parallel_model, init_parallel
+    from megatron_vpmoe.parallel.zero import DistributedOptimizer
+    from megatron_vpmoe.training.optimizer import build_optimizer, clip_gradients
+    from megatron_vpmoe.utils.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    counts = {"on": False}
+    _count_collectives(counts)
+
+    def mean_loss(per_token, mb):
+        return per_token.mean(), per_token.detach().sum().double().view(1)
+
+    cfg = load_config(config, [])
+    ctx = init_parallel(cfg.parallel)
+    pm = build_parallel_model(cfg.model, ctx, seed=1)
+    opt = build_optimizer(pm.module, cfg.train.optimizer)
+    zero = mode.startswith("zero2")
+    if zero:
+        opt = DistributedOptimizer(opt, pm)
+    seq, mb = cfg.data.seq_length, cfg.train.micro_batch_size
+    g = torch.Generator().manual_seed(dist.get_rank())
+    batch = [{"input_ids": torch.randint(0, cfg.model.vocab_size, (mb, seq), generator=g),
+              "labels": torch.randint(0, cfg.model.vocab_size, (mb, seq), generator=g)}
+             for _ in range(1 if mode.endswith("-1mb") else 2)]
+    held = {}
+
+    def gradient_bytes() -> int:
+        """Bytes of gradient storage alive now: bucket buffers (full, and ZeRO-2's received
+        segments) and gradients outside the buckets."""
+        sync = pm._grad_sync
+        total = 0
+        if sync:
+            for b in sync.buckets:
+                total += 0 if b.buffer is None else b.buffer.numel() * b.buffer.element_size()
+                received = getattr(b, "received", None)
+                total += 0 if received is None else received.numel() * received.element_size()
+        in_sync = {id(p) for p in sync.params} if sync else set()
+        return total + sum(p.grad.numel() * p.grad.element_size() for p in pm.module.parameters()
+                           if p.grad is not None and id(p) not in in_sync)
+
+    def step(measure: bool) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        counts["on"] = measure
+        pm.forward_backward(batch, mean_loss)
+        clip_gradients(pm.grad_tensors(), cfg.train.optimizer.clip_grad, total_norm=pm.grad_norm())
+        held["at_step"] = gradient_bytes()
+        opt.step()
+        opt.zero_grad(set_to_none=True)  # ZeRO-2: the next step's layers wait for their all-gathers
+        counts["on"] = False
+        return time.perf_counter() - t0
+
+    step(False)  # warm-up: AdamW state and bucket buffers are created
+    from megatron_vpmoe.parallel import grad_sync
+
+    def measured(method):  # the gradients' peak: whenever a bucket buffer is allocated
+        def run(bucket, *args):
+            out = method(bucket, *args)
+            held["backward"] = max(held.get("backward", 0), gradient_bytes())
+            return out
+        return run
+
+    grad_sync._Bucket.ensure_buffer = measured(grad_sync._Bucket.ensure_buffer)
+    held["backward"] = gradient_bytes()
+    base = rss_bytes()
+    reset_peak_rss()
+    times = [step(True) for _ in range(int(steps))]
+    if zero:
+        opt.wait_for_parameters()
+    inner = getattr(opt, "optimizer", opt)
+    state = sum(t.numel() * t.element_size() for s in inner.state.values() for key, t in s.items()
+                if isinstance(t, torch.Tensor) and key != "step")
+    params = sum(p.numel() * p.element_size() for p in pm.module.parameters())
+    sync = pm._grad_sync
+    n = int(steps)
+    Path(out_dir, f"{mode}_rank_{dist.get_rank()}.json").write_text(json.dumps({
+        "params_bytes": params, "optimizer_state_bytes": state,
+        "grad_bytes_at_step": held["at_step"], "grad_bytes_peak": held["backward"],
+        "padding_bytes": sum(b.padding * b.dtype.itemsize for b in sync.buckets) if sync else 0,
+        "buckets": len(sync.buckets) if sync else 0,
+        "step_peak_rss_mb": peak_rss_bytes() / 2**20, "step_rss_rise_mb": (peak_rss_bytes() - base) / 2**20,
+        "step_s": min(times),
+        "per_step": {kind: {k: v / n for k, v in c.items()} for kind, c in counts.items() if kind != "on"}}))
+    dist.destroy_process_group()
+
+
+def bench_zero2(tmp: Path, configs=None) -> dict:
+    out = {}
+    for name, config, steps in configs or (("tiny", TINY, 3), ("medium", MEDIUM, 2)):
+        d = tmp / f"zero2_{name}"
+        d.mkdir()
+        for mode in ZERO_MODES:  # fresh processes per mode: each peak is its own
+            _two_ranks("zero2", d, config, mode, steps)
+        ranks = {mode: [json.loads((d / f"{mode}_rank_{r}.json").read_text()) for r in range(2)] for mode in ZERO_MODES}
+        res = {"params": ranks["allreduce"][0]["params_bytes"] // 4, "modes": {}}
+        for mode, rs in ranks.items():
+            per_kind = {}
+            for kind in {k for r in rs for k in r["per_step"]}:
+                per_kind[kind] = {key: max(r["per_step"].get(kind, {}).get(key, 0) for r in rs)
+                                  for key in ("calls", "payload_bytes", "ring_sent_bytes")}
+            res["modes"][mode] = {
+                "ranks": rs, "per_kind": per_kind,
+                "ring_sent_mb": max(sum(c["ring_sent_bytes"] for c in r["per_step"].values()) for r in rs) / 2**20,
+                "payload_mb": max(sum(c["payload_bytes"] for c in r["per_step"].values()) for r in rs) / 2**20,
+                "optimizer_state_mb": max(r["optimizer_state_bytes"] for r in rs) / 2**20,
+                "grad_at_step_mb": max(r["grad_bytes_at_step"] for r in rs) / 2**20,
+                "grad_peak_mb": max(r["grad_bytes_peak"] for r in rs) / 2**20,
+                "step_peak_rss_mb": max(r["step_peak_rss_mb"] for r in rs),
+                "step_s": max(r["step_s"] for r in rs)}
+        for mode in ZERO_MODES:
+            plain = res["modes"]["allreduce-1mb" if mode.endswith("-1mb") else "allreduce"]
+            m = res["modes"][mode]
+            m["over_allreduce"] = {key: m[key] / plain[key] if plain[key] else None for key in (
+                "ring_sent_mb", "payload_mb", "optimizer_state_mb", "grad_at_step_mb", "grad_peak_mb",
+                "step_peak_rss_mb", "step_s")}
+        out[name] = res
     return out
 
 
@@ -426,6 +593,33 @@ def _markdown(res: dict) -> str:
              f"{q[key]['step_s']:.2f}"] for key, name in (("tp", "TP=2"), ("sp", "TP=2 + sequence parallel"))])
         lines += ["", f"Norm/residual regions with SP / without: **{q['norm_region_sp_over_tp']:.3f}** (target 0.5); "
                   f"whole forward: {q['whole_forward_sp_over_tp']:.3f}; loss rel. diff {q['loss_rel_diff']:.1e}.", ""]
+    z = res.get("zero2")
+    if z:
+        lines += ["## ZeRO-2: gradients reduce-scattered, DP=2 (2 gloo ranks), per rank and step", "",
+                  "Modes: 2 micro-batches (gradients accumulated; ZeRO-2 keeps the bucket buffers and "
+                  "reduce-scatters in place) and `-1mb`: one micro-batch (ZeRO-2 frees each full buffer once "
+                  "its reduce-scatter is done, at most 2 in flight); ratios against plain DP with as many.", "",
+                  "Bytes: handed to collectives (payload) and what a ring algorithm sends from a rank for them "
+                  "(all-reduce 2(n-1)/n, reduce-scatter and all-gather (n-1)/n of the payload; broadcast (n-1)/n, "
+                  "averaged over the group), counted by a wrapper around `torch.distributed`'s calls during "
+                  "the step (forward, backward, norm, optimizer step, the parameter all-gather launched by it; "
+                  "the next step's layers wait for it). Memory: tensor bytes held by the larger rank (gradients: "
+                  "at the optimizer step, and their peak, sampled at every bucket-buffer allocation); "
+                  "peak RSS of the steady steps. "
+                  "Step s: best steady step.", ""]
+        for name, res_ in z.items():
+            lines += [f"### {name} config ({res_['params'] / 1e6:.1f}M params)", ""]
+            lines += _table(["mode", "collectives (calls: payload MB)", "ring-sent MB", "/ all-reduce",
+                             "optimizer state MB", "/ all-reduce", "grads at step MB", "/ all-reduce",
+                             "grads peak MB", "/ all-reduce", "peak RSS MB", "step s"], [
+                [mode, "; ".join(f"{k} {c['calls']:.0f}: {c['payload_bytes'] / 2**20:.1f}" for k, c in sorted(m["per_kind"].items())),
+                 f"{m['ring_sent_mb']:.1f}", f"{m['over_allreduce']['ring_sent_mb']:.3f}",
+                 f"{m['optimizer_state_mb']:.1f}", f"{m['over_allreduce']['optimizer_state_mb']:.3f}",
+                 f"{m['grad_at_step_mb']:.1f}", f"{m['over_allreduce']['grad_at_step_mb']:.3f}",
+                 f"{m['grad_peak_mb']:.1f}", f"{m['over_allreduce']['grad_peak_mb']:.3f}",
+                 f"{m['step_peak_rss_mb']:.0f}", f"{m['step_s']:.2f}"] for mode, m in res_["modes"].items()])
+            pad = max(r["padding_bytes"] for r in res_["modes"]["zero2"]["ranks"]) / 2**20
+            lines += ["", f"ZeRO-2 bucket padding (segments padded to the largest): {pad:.2f} MB per step.", ""]
     s = res.get("shard")
     if s:
         lines += ["## VPMoE-6B shards under a fake process group (EP=8 x PP=4, 32 ranks)", ""]
@@ -440,7 +634,7 @@ def _markdown(res: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", nargs="+", choices=["memory", "pipeline", "recompute", "shard", "overlap", "sequence"])
+    ap.add_argument("--only", nargs="+", choices=["memory", "pipeline", "recompute", "shard", "overlap", "sequence", "zero2"])
     ap.add_argument("--shard-6b", action="store_true", help="build one rank's shard of vpmoe-6b.yaml (fake process group)")
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="with --shard-6b: print the result as JSON too")
@@ -454,6 +648,8 @@ def main() -> int:
             _overlap_child(*rest)
         elif kind == "sequence":
             _sequence_child(*rest)
+        elif kind == "zero2":
+            _zero2_child(*rest)
         else:
             _recompute_child(*rest)
         return 0
@@ -464,7 +660,7 @@ def main() -> int:
         if args.json:
             print(json.dumps(r))
         return 0
-    sections = args.only or ["shard", "recompute", "pipeline", "overlap", "sequence", "memory"]
+    sections = args.only or ["shard", "recompute", "pipeline", "overlap", "sequence", "zero2", "memory"]
     res: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in sections:
@@ -472,7 +668,8 @@ def main() -> int:
             res[name] = {"shard": lambda: bench_shards(), "recompute": lambda: bench_recompute(Path(tmp)),
                          "pipeline": lambda: bench_pipeline(Path(tmp)), "memory": lambda: bench_memory(Path(tmp)),
                          "overlap": lambda: bench_overlap(Path(tmp)),
-                         "sequence": lambda: bench_sequence(Path(tmp))}[name]()
+                         "sequence": lambda: bench_sequence(Path(tmp)),
+                         "zero2": lambda: bench_zero2(Path(tmp))}[name]()
             print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     old = json.loads((RESULTS / "scale.json").read_text()) if (RESULTS / "scale.json").is_file() else {}

@@ -180,7 +180,7 @@ class ParallelConfig:
     sequence_parallel: bool = False  # TP > 1: norms, residual stream and dropout split along the sequence over the TP group
     overlap_grad_reduce: bool = True  # data-parallel gradient all-reduce in buckets launched during backward (False: one reduction after it)
     bucket_mb: float = 25.0  # size bound of one gradient-reduction bucket (MB of gradients)
-    distributed_optimizer: bool = False  # ZeRO-1: AdamW state sharded over data-parallel ranks (same updates, same checkpoints)
+    distributed_optimizer: bool = False  # ZeRO-2: AdamW state and reduced gradients sharded over data-parallel ranks (same updates, same checkpoints)
 
     def validate(self, model: ModelConfig) -> None:
         for name in ("tensor", "expert", "pipeline"):

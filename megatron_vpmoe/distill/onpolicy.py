@@ -163,11 +163,10 @@ class OnPolicyTrainer:
         self.reference.train(False)
         self.reference.module.requires_grad_(False)
         self.optimizer = build_optimizer(self.pm.module, cfg.train.optimizer)
-        if cfg.parallel.distributed_optimizer:  # ZeRO-1, as in `vpmoe train`
+        if cfg.parallel.distributed_optimizer:  # ZeRO-2, as in `vpmoe train`
             from megatron_vpmoe.parallel.zero import DistributedOptimizer
 
-            self.optimizer = DistributedOptimizer(self.optimizer, self.pm.module, self.ctx.dp_group,
-                                                  self.ctx.expert_dp_group)
+            self.optimizer = DistributedOptimizer(self.optimizer, self.pm)
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
         self.step = 0
         load = cfg.checkpoint.load
@@ -397,7 +396,7 @@ class OnPolicyTrainer:
         if n_scored > 0 or self.anchor is not None:
             for _ in range(max(1, op.ppo_epochs)):
                 stats = self.pm.forward_backward(micro, self._loss_hook(n_scored, anchor_objective)).cpu()
-                grad_norm = float(clip_gradients(self.pm.parameters(), cfg.train.optimizer.clip_grad,
+                grad_norm = float(clip_gradients(self.pm.grad_tensors(), cfg.train.optimizer.clip_grad,
                                                  total_norm=self.pm.grad_norm()))
                 if math.isfinite(grad_norm):
                     self.optimizer.step()

@@ -5,7 +5,8 @@ splits of TP linears and sinks, a slice of the routed experts for EP) and initia
 parameter from its own generator, so every layout starts from the single-process weights.
 Gradients are summed over the data-parallel group for dense parameters and over the
 expert-data-parallel group for routed experts (in buckets during backward,
-``parallel/grad_sync.py``, or after it); TP-replicated parameters see identical
+``parallel/grad_sync.py``, or after it; reduce-scattered to the distributed optimizer's split
+under :meth:`ParallelModel.shard_gradients`); TP-replicated parameters see identical
 inputs on every TP rank and need no reduction (no sequence parallel), except those applied
 to a rank's own heads (``tensor_parallel_partial_grad``), summed over the TP group.
 """
@@ -71,6 +72,7 @@ class ParallelModel:
         self.cfg, self.ctx, self.module = cfg, ctx, module
         self._pipeline = None  # the pipeline runner (PP > 1), built at the first step
         self._grad_sync = None  # bucketed DP gradient reduction overlapped with backward (first step)
+        self._shard_of = None  # the distributed optimizer's split: gradients are reduce-scattered to it
 
     def set_recompute(self, mode: str) -> None:
         """Activation recompute (``train.recompute``) for this rank's layers."""
@@ -163,60 +165,102 @@ class ParallelModel:
         dist.all_reduce(stats, group=ctx.pp_group)
         return stats
 
+    # -- the gradients this rank holds after the reduction ----------------------------------
+    def shard_gradients(self, shard_of) -> None:
+        """Reduce-scatter data-parallel gradients to the distributed optimizer's split
+        (``DistributedOptimizer.gradient_shard``) instead of all-reducing them: after a step's
+        backward each rank holds only the gradient parts it steps (:meth:`grad_tensors`)."""
+        if self._grad_sync:
+            self._grad_sync.remove()
+        self._shard_of, self._grad_sync = shard_of, None
+
+    def held_gradients(self) -> List[Tuple[torch.Tensor, torch.Tensor, bool]]:
+        """``(tensor, its parameter, split over the DP group)`` for every tensor whose ``.grad``
+        this rank holds after a step's reduction: the parameters, except that under
+        :meth:`shard_gradients` the reduce-scattered ones give way to this rank's parts."""
+        sync = self._grad_sync if self._shard_of is not None else None
+        held = [(t, p, True) for t, p in sync.held()] if sync else []
+        in_sync = {id(p) for p in sync.params} if sync else set()
+        return [(p, p, False) for p in self.module.parameters() if id(p) not in in_sync] + held
+
+    def grad_tensors(self) -> List[torch.Tensor]:
+        """The tensors whose ``.grad`` this rank holds (what gradient clipping scales)."""
+        return [t for t, _, _ in self.held_gradients() if t.grad is not None]
+
     # -- the global gradient norm (every shard counted once) ----------------------------------
     def grad_norm(self) -> float:
-        """L2 norm of the full model's gradient (call after the reduction): TP-sharded and
-        expert-sharded gradients are summed over their groups, pipeline stages added,
-        replicated gradients counted once. The same value on every rank."""
+        """L2 norm of the full model's gradient (call after the reduction): parts reduce-scattered
+        over a data-parallel group are summed over that group, TP-sharded and expert-sharded
+        gradients over their groups, pipeline stages added, replicated gradients counted once.
+        The same value on every rank."""
         from torch.nn.utils import get_total_norm
 
-        sharded_tp, experts, replicated = [], [], []
-        for p in self.module.parameters():
-            if p.grad is None:
+        # (category, split over a DP group) -> gradients; category: 0 TP-sharded, 1 experts, 2 replicated
+        grads: Dict[tuple, List[torch.Tensor]] = {}
+        for t, p, split in self.held_gradients():
+            if t.grad is None:
                 continue
             if getattr(p, "expert_parallel", False):
-                experts.append(p.grad)
+                kind = 1
             elif getattr(p, "tensor_model_parallel", False) and self.ctx.tp > 1:
-                sharded_tp.append(p.grad)
+                kind = 0
             else:
-                replicated.append(p.grad)
+                kind = 2
+            grads.setdefault((kind, split), []).append(t.grad)
 
-        def squared(grads):
-            if not grads:
-                return torch.zeros((), dtype=torch.float64, device=engine_device())
-            return get_total_norm(grads, 2.0, error_if_nonfinite=False).double().to(engine_device()) ** 2
+        def squared(kind, split):
+            got = grads.get((kind, split))
+            if not got:
+                return torch.zeros(1, dtype=torch.float64, device=engine_device())
+            return get_total_norm(got, 2.0, error_if_nonfinite=False).double().to(engine_device()).view(1) ** 2
 
-        tp_sq, ep_sq = squared(sharded_tp).view(1), squared(experts).view(1)
+        # parts split over the DP group (dense) / the expert-DP group (experts) sum over it first
+        dense = torch.cat([squared(0, True), squared(2, True)])
+        experts = squared(1, True)
+        if self._shard_of is not None and self._grad_sync:  # the same decision on every rank of a group
+            if self.ctx.dp > 1:
+                dist.all_reduce(dense, group=self.ctx.dp_group)
+            if self.ctx.expert_dp_group is not None and dist.get_world_size(self.ctx.expert_dp_group) > 1:
+                dist.all_reduce(experts, group=self.ctx.expert_dp_group)
+        tp_sq = squared(0, False) + dense[0:1]
+        ep_sq = squared(1, False) + experts
+        replicated = squared(2, False) + dense[1:2]
         if self.ctx.tp > 1:
             dist.all_reduce(tp_sq, group=self.ctx.tp_group)
         if self.ctx.ep > 1:
             dist.all_reduce(ep_sq, group=self.ctx.ep_group)
-        total = tp_sq + ep_sq + squared(replicated)
+        total = tp_sq + ep_sq + replicated
         if self.ctx.pp > 1:
             dist.all_reduce(total, group=self.ctx.pp_group)
         return total.sqrt()[0]  # stays on the device: the caller decides when to read it
 
     def _overlapped_sync(self):
         """The bucketed, backward-overlapped DP reduction (``parallel.overlap_grad_reduce``), or None."""
-        if not self.ctx.config.overlap_grad_reduce:
+        overlap = self.ctx.config.overlap_grad_reduce
+        if not overlap and self._shard_of is None:
             return None
         if self._grad_sync is None:
             from megatron_vpmoe.parallel.grad_sync import build_grad_sync
 
             self._grad_sync = build_grad_sync(self.module, self.ctx.dp_group, self.ctx.expert_dp_group,
-                                              self.ctx.config.bucket_mb) or False
+                                              self.ctx.config.bucket_mb, self._shard_of, overlap) or False
         return self._grad_sync or None
 
     def reduce_gradients(self, data_parallel: bool = True) -> None:
         """Sum TP-partial gradients over the TP group and (``data_parallel``; off when the
-        overlapped buckets already did it) every gradient over its data-parallel group."""
+        overlapped buckets already did it) every gradient over its data-parallel group. Under
+        :meth:`shard_gradients` the TP sum covers this rank's reduce-scattered parts (every TP
+        peer holds the same parts: the split depends on names and shapes only)."""
         dense, experts, partial = [], [], []
-        for p in self.module.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            (experts if getattr(p, "expert_parallel", False) else dense).append(p.grad)
+        for t, p, split in self.held_gradients():
+            if t.grad is None:
+                if split:
+                    continue
+                t.grad = torch.zeros_like(t)
+            if not split:
+                (experts if getattr(p, "expert_parallel", False) else dense).append(t.grad)
             if getattr(p, "tensor_parallel_partial_grad", False):
-                partial.append(p.grad)
+                partial.append(t.grad)
         if self.ctx.tp > 1:
             _all_reduce_coalesced(partial, self.ctx.tp_group)
         if not data_parallel:
@@ -257,6 +301,10 @@ class ParallelModel:
                 buf.zero_()
 
     # -- state dicts in single-process keys and shapes (reshard across layouts) ---------------
+    def is_placed(self, p: torch.Tensor) -> bool:
+        """Whether parameter ``p`` is a slice of a TP/EP split (not the whole tensor)."""
+        return _placement(p, self.ctx) is not None
+
     def shard_spec(self, key: str) -> Optional[Tuple[int, Any]]:
         """How this rank's parameter ``key`` (and optimizer state of its shape) is split:
         ``(dim, group)`` when it is one of ``group``'s equal slices along ``dim`` (routed experts

@@ -1,25 +1,40 @@
-"""The distributed optimizer (``parallel.distributed_optimizer``): ZeRO-1 over data-parallel ranks.
+"""The distributed optimizer (``parallel.distributed_optimizer``): ZeRO-2 over data-parallel ranks.
 
 AdamW's state (``exp_avg``/``exp_avg_sq``/``step``) is split over the ranks of the group that
 reduces a parameter's gradient — the data-parallel group for dense parameters, the
 expert-data-parallel group for routed experts — so each rank holds about ``1 / dp`` of it:
 
-* **Row-split parameters**: a parameter replicated over the tensor/expert-parallel groups (the
-  embedding, the output layer, the norms) with at least as many rows as the group has ranks is
+* **Row-split parameters**: a parameter that is not a TP/EP shard (the embedding, the output
+  layer, the norms; every linear at TP=1, the routed experts at EP=1) with at least as many rows
+  as the group has ranks is
   split by rows, ``torch.chunk``-style (DTensor's ``Shard(0)``): every rank steps its own rows
   through a view of them (the torch optimizer holds the view, so the state is rows-sized), and
   after the step every rank's rows are all-gathered back into the full parameter. The 206M-
   parameter embedding of the 6B design is spread over the DP ranks instead of landing on one.
-  The all-gather is launched asynchronously at the end of the step and waited for by a forward
-  pre-hook of the first module that uses one of these parameters (so it overlaps with whatever
-  runs before the next forward: data loading, logging, a checkpoint's staging waits first).
+  The all-gathers are asynchronous, one per decoder layer (an entry of a top-level module list
+  such as ``layers``) and group and dtype, in forward order, after one for everything outside
+  the layers (embedding, final norm, output layer: waited for by the first module that runs).
+  The step launches the first ``PREFETCH``; a layer's forward pre-hook waits only for its own
+  gather and the earlier ones, then launches the next ``PREFETCH``, so later layers' parameters
+  arrive while earlier layers compute and only a few layers' gather buffers are alive at once
+  (a checkpoint's staging waits for all first).
 * **Whole parameters** (tensor- or expert-parallel shards, and anything too small to split):
   each lives on one rank (greedy by size), which steps it and broadcasts it to the group.
 
-Gradients are all-reduced before the step (``ParallelModel``'s bucketed, backward-overlapped
-reduction), and each rank steps the rows / parameters it holds with exactly the unsharded
-optimizer's arithmetic, so runs agree with it bit for bit. (A reduce-scatter of flat gradient
-ranges would halve that traffic; it is not done.)
+Gradients are reduce-scattered to this split (the constructor calls ``ParallelModel.shard_gradients(
+optimizer.gradient_shard)``): the bucketed, backward-overlapped
+reduction of ``parallel/grad_sync.py`` lays each bucket out as one segment per rank (its rows of
+the bucket's row-split parameters, the whole parameters it owns) and each rank receives only the
+summed gradient it steps, as the ``.grad`` of its row views and owned parameters; the
+reduce-scatter plus the parameter all-gather move what the all-reduce alone moved before. Each
+rank steps the rows / parameters it holds with exactly the unsharded optimizer's arithmetic.
+
+TP/EP shards stay whole rather than being cut at flat-buffer boundaries: their state is already
+a DTensor over the TP/EP group, and a flat range of it is not a rectangle the layout-independent
+checkpoint format can name (that needs a 2-D TP/EP x DP placement). A bucket's segments are
+padded to the largest, so a bucket holding one large whole shard (a layer's experts under EP>1
+with expert-DP>1) sends padding as large as that shard; ``benchmarks/scale.py --only zero2``
+reports the padding.
 
 Checkpoints keep the layout-independent format without gathering anything: a row-split
 parameter's state is a DTensor sharded by rows over the group (:meth:`state_as_sharded`), a whole
@@ -29,7 +44,7 @@ whatever layout the checkpoint was saved with (``megatron_vpmoe.training.checkpo
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -59,14 +74,17 @@ def row_chunk(rows: int, size: int, rank: int) -> Tuple[int, int]:
     return min(rank * step, rows), min((rank + 1) * step, rows)
 
 
-def splits_by_rows(param: torch.Tensor, size: int) -> bool:
-    """Whether ``param``'s state is split by rows over a group of ``size``: replicated over the
-    tensor/expert-parallel groups (its rows are not already a shard) and every rank gets rows."""
-    if size == 1 or param.dim() == 0 or getattr(param, "tensor_model_parallel", False) \
-            or getattr(param, "expert_parallel", False):
+def splits_by_rows(param: torch.Tensor, size: int, placed: bool) -> bool:
+    """Whether ``param``'s state is split by rows over a group of ``size``: not ``placed`` (a
+    shard of a TP/EP split: whole experts at EP=1 and TP-style linears at TP=1 are not) and
+    every rank gets rows."""
+    if size == 1 or param.dim() == 0 or placed:
         return False
     rows = param.shape[0]
     return row_chunk(rows, size, size - 1)[0] < rows
+
+
+PREFETCH = 2  # row all-gathers launched ahead of the layer being waited for (each holds its buffers)
 
 
 class _RowSplit:
@@ -82,14 +100,19 @@ class _RowSplit:
 class DistributedOptimizer:
     """Wraps a torch optimizer built over all of this rank's parameters; see the module doc."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module, dp_group, expert_dp_group):
+    def __init__(self, optimizer: torch.optim.Optimizer, pm):
+        """``optimizer``: over ``pm.module``'s parameters; ``pm``: the :class:`ParallelModel`, whose
+        layout decides what is a TP/EP shard and whose gradients are then reduce-scattered to
+        this optimizer's split (``pm.shard_gradients``)."""
         self.optimizer = optimizer
+        module, dp_group, expert_dp_group = pm.module, pm.ctx.dp_group, pm.ctx.expert_dp_group
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         dense = [(n, p) for n, p in named if not getattr(p, "expert_parallel", False)]
         experts = [(n, p) for n, p in named if getattr(p, "expert_parallel", False)]
         # per reduction group: [(group, [params of owner 0], [params of owner 1], ...)]
         self._groups: List[Tuple[object, List[List[torch.Tensor]]]] = []
         self._owned: set = set()
+        self._owner: Dict[torch.Tensor, Tuple[int, int]] = {}  # whole parameter -> (owner, group size)
         self._split: Dict[torch.Tensor, _RowSplit] = {}
         for params, group in ((dense, dp_group), (experts, expert_dp_group)):
             if not params:
@@ -98,7 +121,7 @@ class DistributedOptimizer:
             me = 0 if size == 1 else dist.get_rank(group)
             whole = []
             for name, p in params:
-                if splits_by_rows(p, size):
+                if splits_by_rows(p, size, pm.is_placed(p)):
                     self._split[p] = _RowSplit(p, group, size, me)
                 else:
                     whole.append((name, p))
@@ -106,19 +129,21 @@ class DistributedOptimizer:
             by_owner: List[List[torch.Tensor]] = [[] for _ in range(size)]
             for name, p in whole:  # module order: the same on every rank of the group
                 by_owner[owners[name]].append(p)
+                self._owner[p] = (owners[name], size)
                 if owners[name] == me:
                     self._owned.add(p)
             self._groups.append((group, by_owner))
         self._param_of = {id(s.view): p for p, s in self._split.items()}
         for group in optimizer.param_groups:  # the torch optimizer steps the row views
             group["params"] = [self._split[p].view if p in self._split else p for p in group["params"]]
-        self._pending: List[tuple] = []  # launched row all-gathers, waited for before the next use
+        self._pending: List[list] = []  # [layer, splits, work, buffer] of gathers not yet waited for, in layer order
+        self._layer, entries = _layer_indices(module)  # parameter -> its gather's index, in forward order
         self._hooks = []
-        hooked = set()
-        for m in module.modules():
-            if any(p in self._split for p in m.parameters(recurse=False)) and id(m) not in hooked:
-                hooked.add(id(m))
-                self._hooks.append(m.register_forward_pre_hook(lambda *_: self.wait_for_parameters()))
+        waits = [(m, max(self._layer[p] for p in m.parameters(recurse=False) if p in self._split))
+                 for m in module.modules() if any(p in self._split for p in m.parameters(recurse=False))]
+        for m, upto in waits + entries:  # a module waits for its gather and the earlier ones
+            self._hooks.append(m.register_forward_pre_hook(lambda *_, upto=upto: self.wait_for_parameters(upto)))
+        pm.shard_gradients(self.gradient_shard)  # ZeRO-2: each rank receives only what it steps
 
     # -- the optimizer interface the trainer uses ----------------------------------------------
     @property
@@ -132,25 +157,29 @@ class DistributedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        self.wait_for_parameters()
-        for p, s in self._split.items():
-            s.view.grad = None if p.grad is None else p.grad[s.start:s.end]
-        hidden = {}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p not in self._owned and id(p) not in self._param_of and p.grad is not None:
-                    hidden[p], p.grad = p.grad, None
+        self.wait_for_parameters()  # the reduce-scatter gave the row views and owned parameters their .grad
         try:
             self.optimizer.step()
         finally:
-            for p, grad in hidden.items():
-                p.grad = grad
             for s in self._split.values():
                 s.view.grad = None
         self._broadcast_parameters()
         self._launch_row_gathers()
 
     # -- what this rank holds ---------------------------------------------------------------------
+    def gradient_shard(self, param: torch.Tensor):
+        """How ``param``'s reduced gradient is split over its group (``ParallelModel.shard_gradients``):
+        each group rank's flat ``[start, end)`` of it (empty where a rank holds none), and the
+        tensor whose ``.grad`` takes this rank's part (its row view, the owned parameter, or None)."""
+        split = self._split.get(param)
+        if split is not None:
+            row = param[0].numel()
+            return [(a * row, b * row) for a, b in (row_chunk(param.shape[0], split.size, r)
+                                                    for r in range(split.size))], split.view
+        owner, size = self._owner[param]
+        return [(0, param.numel()) if r == owner else (0, 0) for r in range(size)], \
+            (param if param in self._owned else None)
+
     def owns(self, param: torch.Tensor) -> bool:
         """Whether this rank holds (steps, saves and loads) optimizer state of ``param`` (its rows
         of a row-split parameter, or the whole of an owned one)."""
@@ -190,13 +219,24 @@ class DistributedOptimizer:
                     coalesced(bucket, lambda flat: dist.broadcast(flat, group_src=owner, group=group))
 
     def _launch_row_gathers(self) -> None:
-        """One asynchronous all-gather per (group, dtype) of every rank's updated rows, each
-        rank's part padded to the largest chunk."""
+        """Queue one all-gather per (layer, group, dtype) of every rank's updated rows, in forward
+        order, and launch the first ``PREFETCH``; the rest launch as earlier layers are waited for."""
         by_key: Dict[tuple, List[_RowSplit]] = {}
         for s in self._split.values():
-            by_key.setdefault((id(s.group), s.param.dtype), []).append(s)
-        for splits in by_key.values():
-            group, size = splits[0].group, splits[0].size
+            by_key.setdefault((self._layer[s.param], id(s.group), s.param.dtype), []).append(s)
+        self._pending = [[layer, splits, None, None] for (layer, _, _), splits
+                         in sorted(by_key.items(), key=lambda item: item[0][0])]
+        self._prefetch(PREFETCH)
+
+    def _prefetch(self, count: int) -> None:
+        """Launch the first ``count`` queued gathers not launched yet (each rank's part padded to
+        the largest chunk); every rank launches them in the same order."""
+        for entry in self._pending:
+            if count <= 0:
+                break
+            if entry[2] is not None:
+                continue
+            splits = entry[1]
             parts = []
             for s in splits:
                 row = s.param[0].numel()
@@ -204,15 +244,20 @@ class DistributedOptimizer:
                 pad = s.step_rows * row - local.numel()
                 parts.append(local if pad == 0 else torch.cat([local, local.new_zeros(pad)]))
             send = torch.cat(parts)
-            recv = send.new_empty(size * send.numel())
-            work = dist.all_gather_single(recv, send, group=group, async_op=True)
-            self._pending.append((work, recv, splits))
+            entry[3] = send.new_empty(splits[0].size * send.numel())
+            entry[2] = dist.all_gather_single(entry[3], send, group=splits[0].group, async_op=True)
+            count -= 1
 
     @torch.no_grad()
-    def wait_for_parameters(self) -> None:
-        """Finish the launched row all-gathers: every row-split parameter whole again."""
-        pending, self._pending = self._pending, []
-        for work, recv, splits in pending:
+    def wait_for_parameters(self, upto: Optional[int] = None) -> None:
+        """Finish the row all-gathers of layers ``<= upto`` (default all; launching them first
+        where needed): their row-split parameters whole again; then launch the next ``PREFETCH``."""
+        done = [entry for entry in self._pending if upto is None or entry[0] <= upto]
+        if not done:
+            return
+        self._prefetch(len(done))  # the queue is in layer order: these are its head
+        self._pending = self._pending[len(done):]
+        for _, splits, work, recv in done:
             work.wait()
             per_rank = recv.view(splits[0].size, -1)
             offset = 0
@@ -224,6 +269,26 @@ class DistributedOptimizer:
                     start, end = row_chunk(s.param.shape[0], s.size, r)
                     flat[start:end].copy_(per_rank[r, offset:offset + (end - start) * row].view(end - start, row))
                 offset += n
+        self._prefetch(PREFETCH)
+
+
+def _layer_indices(module: torch.nn.Module) -> Tuple[Dict[torch.Tensor, int], List[Tuple[torch.nn.Module, int]]]:
+    """Each parameter's gather index: ``1 + i`` for the ``i``-th entry of a top-level module
+    list/dict (a decoder layer, ``layers.3``), 0 for everything else (the embedding, the final
+    norm, the output layer: their weights may be read outside their module's forward, as the
+    head reads the output weight, so they are waited for with the first layer); and the entries
+    with their index (each waits for its gather before it runs)."""
+    containers = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)
+    entries: Dict[str, Tuple[torch.nn.Module, int]] = {}
+    for name, child in module.named_children():
+        if isinstance(child, containers):
+            for key, entry in child.named_children():
+                entries[f"{name}.{key}"] = (entry, 1 + len(entries))
+    out: Dict[torch.Tensor, int] = {}
+    for name, p in module.named_parameters():
+        entry = entries.get(".".join(name.split(".")[:2]))
+        out[p] = 0 if entry is None else entry[1]
+    return out, list(entries.values())
 
 
 def _by_dtype(params: List[torch.Tensor]) -> List[List[torch.Tensor]]:

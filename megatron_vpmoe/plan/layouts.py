@@ -23,7 +23,7 @@ class Layout:
     vpp: int = 1
     mb: int = 1
     recompute: str = "none"
-    zero: bool = False  # distributed optimizer (ZeRO-1)
+    zero: bool = False  # distributed optimizer (ZeRO-2: AdamW state and reduced gradients split over DP)
     overlap: bool = True  # parallel.overlap_grad_reduce: persistent bucket buffers, no gradient copy
 
     @property

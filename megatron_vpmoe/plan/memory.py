@@ -2,7 +2,7 @@
 
 Parameters, gradients and AdamW state are exact (``parallel/layout.py`` shard counts; fp32
 master weights and gradients; ``exp_avg``, ``exp_avg_sq`` and a 4-byte ``step`` per tensor,
-ZeRO-1 dividing the state over data-parallel replicas). Activations are what autograd saves
+ZeRO-2 dividing the state and the reduced gradients over data-parallel replicas). Activations are what autograd saves
 for backward, derived from the layer's tensor shapes op by op (``reference`` = the CPU
 kernels of ``kernels/reference.py``, whose attention keeps ``[S, S]`` probabilities;
 ``fused`` = the GPU kernels, which keep ``q, k, v, out`` and the log-sum-exp), times the
@@ -332,12 +332,27 @@ def rank_memory(cfg, layout: Layout, pp_rank: int, kernels: str, framework_bytes
     reduced = (dense if layout.dp > 1 else 0) + (experts if layout.expert_dp > 1 else 0)
     # overlapped (parallel/grad_sync.py): their gradients live in bucket buffers allocated once and
     # kept (no copy for the reduction); otherwise one flat copy of each group's gradients
-    bucketed = reduced if layout.overlap else 0
-    grad_reduce = 0 if layout.overlap else F32 * max(dense if layout.dp > 1 else 0, experts if layout.expert_dp > 1 else 0)
+    bucketed = reduced if layout.overlap or layout.zero else 0
+    grad_reduce = 0 if layout.overlap or layout.zero else \
+        F32 * max(dense if layout.dp > 1 else 0, experts if layout.expert_dp > 1 else 0)
+    gradients = F32 * params
+    bucket_held = F32 * bucketed  # gradient bytes the buckets hold when backward ends
+    if layout.zero and reduced and layout.micro_batches(gbs) == 1:
+        # ZeRO-2, one micro-batch: a rank keeps its reduce-scattered share; a bucket's full buffer
+        # lives only while its reduce-scatter is in flight (IN_FLIGHT + the one filling; all
+        # without overlap). Accumulating, the buffers are kept (reduced in place): as without ZeRO
+        from megatron_vpmoe.parallel.grad_sync import IN_FLIGHT
+
+        share = F32 * ((dense / layout.dp if layout.dp > 1 else 0)
+                       + (experts / layout.expert_dp if layout.expert_dp > 1 else 0))
+        full = F32 * reduced if not layout.overlap else \
+            min(F32 * reduced, (IN_FLIGHT + 1) * int(cfg.parallel.bucket_mb * 2**20))
+        gradients = int(F32 * (params - reduced) + share)
+        bucket_held = int(share + full)
     staging = params * F32 + optimizer
     autocast_weights = (params - experts - (m.vocab_size * h if first else 0)) * 2 if a != F32 else 0
-    base = F32 * params * 2 + optimizer + framework_bytes  # gradients are freed after each step's update
-    mem = RankMemory(pp_rank=pp_rank, params=params, parameters=F32 * params, gradients=F32 * params,
+    base = F32 * params + gradients + optimizer + framework_bytes  # gradients are freed after each step's update
+    mem = RankMemory(pp_rank=pp_rank, params=params, parameters=F32 * params, gradients=gradients,
                      optimizer=optimizer, activations=activations, activations_per_microbatch=per_mb,
                      in_flight=flight, working=working, head_loss=head_loss, embedding_grad=embedding_grad,
                      all_to_all=all_to_all, pipeline_buffers=pipeline_buffers, optimizer_step=optimizer_step,
@@ -349,10 +364,10 @@ def rank_memory(cfg, layout: Layout, pp_rank: int, kernels: str, framework_bytes
     # flight at once (one micro-batch, GPipe) backward frees activations as it makes gradients.
     micro_chunks = layout.micro_batches(gbs) * vpp
     freed = F32 * (params - bucketed)  # gradients created by backward and freed after the update
-    held = F32 * bucketed + (activations + freed if micro_chunks > flight else max(activations, freed))
+    held = bucket_held + (activations + freed if micro_chunks > flight else max(activations, freed))
     transient = working + pipeline_buffers + all_to_all + autocast_weights + max(head_loss, embedding_grad)
     mem.moments = {
-        "backward": base - F32 * params + held + transient,
+        "backward": base - gradients + held + transient,
         "grad_reduce": base + grad_reduce,
         "optimizer_step": base + optimizer_step,
         "checkpoint_save": base - freed + (staging if staging_on_device else 0),

@@ -19,7 +19,7 @@ EP-sharded tensor (and optimizer state of its shape) is handed to DCP as a DTens
 group it is split on (:meth:`ParallelModel.as_sharded`), so every rank writes only its own
 shard with its global offset, nothing is gathered; tensors replicated over data-parallel
 ranks are written once (DCP's planner deduplicates identical chunks across ranks); with
-ZeRO-1 each rank holds, writes and loads only the optimizer state it owns (its rows of a
+ZeRO (the distributed optimizer) each rank holds, writes and loads only the optimizer state it owns (its rows of a
 row-split parameter, as a DTensor sharded by rows over the DP group; whole parameters it owns). Loading builds the
 same DTensor templates for the *current* layout and DCP reads the overlapping parts of the
 saved chunks, so a checkpoint loads under any TP/EP/PP/DP layout, on one CPU process without
@@ -354,7 +354,7 @@ def _optimizer_state(module, optimizer, as_sharded: ShardFn) -> Dict[str, Any]:
 def _init_missing_state(module, optimizer) -> None:
     """Create the optimizer state of the kept tensors that have none yet (one step with zero
     gradients at learning rate 0, as torch's ``set_optimizer_state_dict`` does), so a load has
-    tensors of the right shape to read into. Other tensors get none (ZeRO-1)."""
+    tensors of the right shape to read into. Other tensors get none (ZeRO)."""
     opt = _torch_optimizer(optimizer)
     missing = {t for t in _kept_tensors(module, optimizer) if not opt.state.get(t)}
     if not missing:

@@ -136,11 +136,10 @@ class Trainer:
         self.raw_model = self.pm.module  # this rank's shard (the whole model without TP/EP/PP)
         self.pm.set_recompute(cfg.train.recompute)
         self.optimizer = build_optimizer(self.raw_model, cfg.train.optimizer)
-        if cfg.parallel.distributed_optimizer:  # ZeRO-1: AdamW state sharded over DP ranks
+        if cfg.parallel.distributed_optimizer:  # ZeRO-2: AdamW state and gradients sharded over DP ranks
             from megatron_vpmoe.parallel.zero import DistributedOptimizer
 
-            self.optimizer = DistributedOptimizer(self.optimizer, self.raw_model, self.ctx.dp_group,
-                                                  self.ctx.expert_dp_group)
+            self.optimizer = DistributedOptimizer(self.optimizer, self.pm)  # gradients reduce-scattered
         self.weights = LossWeights.from_config(cfg.distill)
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
                                              async_save=cfg.checkpoint.async_save)
@@ -317,7 +316,7 @@ class Trainer:
             stats = self.pm.forward_backward(batches, self._objective_hook(objective, inject_nan))
         # the MoE layers added the aux loss themselves (every stage; averaged over micro-batches and DP)
         stats[1] = self.pm.aux_loss_added()
-        grad_norm = clip_gradients(self.raw_model.parameters(), self.cfg.train.optimizer.clip_grad,
+        grad_norm = clip_gradients(self.pm.grad_tensors(), self.cfg.train.optimizer.clip_grad,
                                    total_norm=self.pm.grad_norm()).to(stats.device, torch.float64)
         lr = learning_rate(self.step, self.cfg.train)
         # a global batch without supervised tokens has no loss to learn from: skip it (on the device)

@@ -1,5 +1,5 @@
 """On-policy distillation on the parallel engine: the first step's policy loss and gradients
-under EP=2, PP=2 and DP=2 with ZeRO-1 match one process within 1e-5 on fixed completions and scores;
+under EP=2, PP=2 and DP=2 with ZeRO-2 match one process within 1e-5 on fixed completions and scores;
 rollouts run in lockstep under EP (and stage to stage under PP) and give the single-process
 samples; a resumed run continues bit for bit."""
 
@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from helpers.distributed import run_distributed
+from helpers.distributed import full_gradient, run_distributed
 
 VOCAB = 96
 EOS = 1
@@ -107,7 +107,8 @@ def _first_step(rank, world_size, cfg_path):
 
     def capture():
         for name, p in pm.named_parameters():
-            full = pm.as_sharded(name, p.grad)  # a DTensor over its TP/EP group, gathered whole
+            grad = full_gradient(pm, trainer.optimizer, p)  # ZeRO-2: the parts put together
+            full = pm.as_sharded(name, grad)  # a DTensor over its TP/EP group, gathered whole
             full = full.full_tensor() if hasattr(full, "full_tensor") else full
             grads[name] = grads.get(name, []) + [full.numpy().copy()]
         step()
@@ -155,7 +156,7 @@ def _layout_worker(rank, world_size, cfg_path, layout):
 
 
 @pytest.mark.parametrize("layout", [{"expert": 2}, {"pipeline": 2}, {"distributed_optimizer": True}],
-                         ids=["ep2", "pp2", "dp2-zero1"])
+                         ids=["ep2", "pp2", "dp2-zero2"])
 def test_layout_matches_one_process(tmp_path, layout, monkeypatch):
     """In one 2-process run: the first step's update equals one process's, and the rollouts
     (in lockstep under EP, stage to stage under PP) equal one process's samples."""

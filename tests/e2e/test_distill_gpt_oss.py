@@ -189,10 +189,10 @@ def test_probe_says_what_each_server_serves(servers):
 def _onpolicy_config(work: Path, name: str, vocab: int, url: str, prompts: Path, steps: int, scorers: str,
                      load=None) -> Path:
     """test_distill_onpolicy_e2e's config (student BPE at ``work/student_tok``), run in ``work/name``."""
-    from test_distill_onpolicy_e2e import _config
+    from helpers.teachers import onpolicy_config
 
     port = int(url.rsplit(":", 1)[1])
-    text = _config(work, vocab, port, prompts, steps, scorers).read_text().replace(f"{work}/run", f"{work}/{name}")
+    text = onpolicy_config(work, vocab, port, prompts, steps, scorers).read_text().replace(f"{work}/run", f"{work}/{name}")
     # transformers serve answers one request at a time: the scorers' requests queue behind each other
     text = text.replace("sample_table_interval: 10", "sample_table_interval: 1").replace(
         "teacher_timeout_s: 30", "teacher_timeout_s: 300")

@@ -13,33 +13,10 @@ import subprocess
 import pytest
 
 from helpers.distributed import free_port as _free_port
-from helpers.teachers import PY, ServedTeacher, student_tokenizer, toy_teacher_dir
+from helpers.teachers import PY, ServedTeacher, onpolicy_config, student_tokenizer, toy_teacher_dir
 from helpers.teachers import cli_env as _env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("o200k")]  # the toy teacher renders Harmony
-
-
-def _config(work, vocab, port, prompts, steps, scorers="[{kind: loglik, weight: 1.0}]"):
-    text = f"""
-run: {{dir: {work}/run, seed: 1}}
-model: {{vocab_size: {vocab}, hidden_size: 64, num_layers: 2, num_attention_heads: 4,
-  num_query_groups: 2, kv_channels: 16, ffn_hidden_size: 128, window_size: 16, moe_first_k_dense: 1,
-  num_moe_experts: 4, moe_router_topk: 2, moe_ffn_hidden_size: 64,
-  moe_shared_expert_intermediate_size: 64, moe_router_num_groups: 1, moe_router_group_topk: 1}}
-data: {{tokenizer: {work}/student_tok, mock: true, seq_length: 64}}
-train: {{steps: {steps}, global_batch_size: 8, micro_batch_size: 8,
-  optimizer: {{lr: 0.003, min_lr: 0.003}}, schedule: {{kind: constant}}}}
-checkpoint: {{dir: {work}/run/ckpt, keep_last: 1}}
-log: {{progress_bar: false}}
-distill:
-  teacher_url: http://127.0.0.1:{port}
-  onpolicy: {{prompts: [{prompts}], samples_per_prompt: 4, prompts_per_step: 2, max_new_tokens: 16,
-    kl_coeff: 0.05, sample_table_interval: 10, teacher_timeout_s: 30, teacher_retries: 1,
-    scorers: {scorers}}}
-"""
-    path = work / "onpolicy.yaml"
-    path.write_text(text)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +38,7 @@ def test_teacher_score_rises_with_bounded_kl(setup):
     from megatron_vpmoe.distill.onpolicy import OnPolicyTrainer
 
     work, vocab, port, prompts = setup
-    cfg = load_config(str(_config(work, vocab, port, prompts, steps=30)))
+    cfg = load_config(str(onpolicy_config(work, vocab, port, prompts, steps=30)))
     history = OnPolicyTrainer(cfg, quiet=True).run()
     scores = [h["teacher_score"] for h in history]
     first, last = sum(scores[:6]) / 6, sum(scores[-6:]) / 6
@@ -82,7 +59,7 @@ def test_cli_resumes_and_mixes_scorers(setup, capsys):
     work, vocab, port, prompts = setup
     scorers = "[{kind: loglik, weight: 1.0}, {kind: verify, weight: 2.0}]"
     for steps in (1, 2):
-        cfg = _config(work, vocab, port, prompts, steps, scorers)
+        cfg = onpolicy_config(work, vocab, port, prompts, steps, scorers)
         out = subprocess.run(PY + ["distill", "onpolicy", "--config", str(cfg)], capture_output=True,
                              text=True, env=_env(), timeout=300)
         assert out.returncode == 0, out.stderr
@@ -112,7 +89,7 @@ def test_data_parallel_ranks_stay_in_sync(setup):
     from helpers.distributed import run_distributed
 
     work, vocab, port, prompts = setup
-    cfg = _config(work, vocab, port, prompts, steps=2)
+    cfg = onpolicy_config(work, vocab, port, prompts, steps=2)
     text = cfg.read_text().replace(f"{work}/run", f"{work}/dp")
     cfg.write_text(text)
     (s0, w0), (s1, w1) = run_distributed(_dp_worker, 2, str(cfg), timeout=300)
@@ -143,7 +120,7 @@ def test_nll_anchor_on_phase1_data(setup, shared_data):
     run_preprocess(PreprocessOptions([str(records)], str(work / "phase1"), {"student": str(work / "student_tok")},
                                      json_keys=["messages"], progress=False))
     shards = f"{work}/phase1.student_messages_document"
-    cfg = _config(work, vocab, port, prompts, steps=10)
+    cfg = onpolicy_config(work, vocab, port, prompts, steps=10)
     cfg.write_text(cfg.read_text().replace(f"{work}/run", f"{work}/anchor")
                    .replace("mock: true, seq_length: 64", f"blend: [[1.0, {shards}]], split: '100,0,0', seq_length: 256")
                    .replace("kl_coeff: 0.05,", "kl_coeff: 0.05, nll_anchor_coeff: 1.0,"))

@@ -1,5 +1,7 @@
 """Run a test body in N CPU processes over gloo (torch.distributed), and collect results.
 
+``full_gradient(pm, optimizer, param)`` rebuilds a reduce-scattered (ZeRO-2) gradient.
+
 ``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes, initialises the
 default process group with gloo on a free localhost port, calls ``fn(rank, world_size, *args)``
 in each, and returns the list of per-rank return values (which must be picklable). An
@@ -60,3 +62,31 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world_size)]
+
+
+def full_gradient(pm, optimizer, param):
+    """``param``'s reduced gradient on this rank (its TP/EP shard's, whole over the data-parallel
+    group): under ZeRO-2 (``pm.shard_gradients``) each rank's part put in place and summed over
+    the parameter's group, a collective every rank of it must call in the same order; else
+    ``param.grad``."""
+    import torch
+    import torch.distributed as dist
+
+    sync = pm._grad_sync
+    if pm._shard_of is None or not sync or all(p is not param for p in sync.params):
+        return param.grad
+    group = pm.ctx.expert_dp_group if getattr(param, "expert_parallel", False) else pm.ctx.dp_group
+    ranges, target = optimizer.gradient_shard(param)
+    full = torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
+    if target is not None and target.grad is not None:
+        start, end = ranges[dist.get_rank(group)]
+        full[start:end] = target.grad.reshape(-1)
+    dist.all_reduce(full, group=group)
+    return full.view_as(param)
+
+
+def gathered_state(pm):
+    """The full tensors of the shards (DTensor's all-gather of the sharded state dict)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in pm.sharded_state_dict().items()}

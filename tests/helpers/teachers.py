@@ -158,3 +158,28 @@ def scripted_choices(body, final="The answer is 5.", reasoning="2+3=5"):
         {"index": i, "finish_reason": "stop",
          "message": {"role": "assistant", "content": final, "reasoning_content": f"{reasoning} #{i}"}}
         for i in range(body["n"])]}
+
+
+def onpolicy_config(work, vocab, port, prompts, steps, scorers="[{kind: loglik, weight: 1.0}]"):
+    """A small on-policy distillation config under ``work`` (student tokenizer at ``work/student_tok``,
+    a teacher on ``port``), written to ``work/onpolicy.yaml``."""
+    text = f"""
+run: {{dir: {work}/run, seed: 1}}
+model: {{vocab_size: {vocab}, hidden_size: 64, num_layers: 2, num_attention_heads: 4,
+  num_query_groups: 2, kv_channels: 16, ffn_hidden_size: 128, window_size: 16, moe_first_k_dense: 1,
+  num_moe_experts: 4, moe_router_topk: 2, moe_ffn_hidden_size: 64,
+  moe_shared_expert_intermediate_size: 64, moe_router_num_groups: 1, moe_router_group_topk: 1}}
+data: {{tokenizer: {work}/student_tok, mock: true, seq_length: 64}}
+train: {{steps: {steps}, global_batch_size: 8, micro_batch_size: 8,
+  optimizer: {{lr: 0.003, min_lr: 0.003}}, schedule: {{kind: constant}}}}
+checkpoint: {{dir: {work}/run/ckpt, keep_last: 1}}
+log: {{progress_bar: false}}
+distill:
+  teacher_url: http://127.0.0.1:{port}
+  onpolicy: {{prompts: [{prompts}], samples_per_prompt: 4, prompts_per_step: 2, max_new_tokens: 16,
+    kl_coeff: 0.05, sample_table_interval: 10, teacher_timeout_s: 30, teacher_retries: 1,
+    scorers: {scorers}}}
+"""
+    path = work / "onpolicy.yaml"
+    path.write_text(text)
+    return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.distributed import run_distributed
+from helpers.distributed import gathered_state, run_distributed
 from megatron_vpmoe.config.schema import ParallelConfig
 from helpers.engine_loss import token_mean_step
 from helpers.model_configs import SEED, global_batch
@@ -29,13 +29,6 @@ def single_process_reference(cfg):
     return loss_sum, grads
 
 
-def _gathered(pm):
-    """The full tensors of the shards (DTensor's all-gather of the sharded state dict)."""
-    from torch.distributed.tensor import DTensor
-
-    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in pm.sharded_state_dict().items()}
-
-
 def _rank_body(rank, world, layout):
     torch.manual_seed(0)
     from megatron_vpmoe.parallel import build_parallel_model, init_parallel
@@ -51,14 +44,14 @@ def _rank_body(rank, world, layout):
     from megatron_vpmoe.model import VpmoeModel
     torch.manual_seed(SEED)
     initial = VpmoeModel(cfg).state_dict()
-    gathered = _gathered(pm)  # shards gathered back equal the single-process weights
+    gathered = gathered_state(pm)  # shards gathered back equal the single-process weights
     assert set(gathered) == set(initial)
     assert all(torch.equal(gathered[k], initial[k]) for k in initial)
     loss_sum, n_tokens = token_mean_step(pm, mbs)
     for p in pm.parameters():
         p.data = p.grad  # gather gradients through the state-dict path
     # numpy arrays: tensors would travel through shared memory that dies with this process
-    grads = {k: v.numpy().copy() for k, v in _gathered(pm).items() if not k.endswith("expert_bias")}
+    grads = {k: v.numpy().copy() for k, v in gathered_state(pm).items() if not k.endswith("expert_bias")}
     load = pm.expert_load()
     pm.update_expert_bias()
     return loss_sum, n_tokens, grads, load.sum().item()
@@ -161,7 +154,7 @@ def _locked_body(rank, world, layout):
     loss_sum, n_tokens = token_mean_step(pm, mbs)
     for p in pm.parameters():
         p.data = p.grad  # gather gradients through the state-dict path (TP and EP shards)
-    grads = {k: v.numpy().copy() for k, v in _gathered(pm).items() if not k.endswith("expert_bias")}
+    grads = {k: v.numpy().copy() for k, v in gathered_state(pm).items() if not k.endswith("expert_bias")}
     return loss_sum, n_tokens, grads
 
 

@@ -1,4 +1,4 @@
-"""Sharded checkpoint writes on 4 gloo processes (TP=2 x EP=2, ZeRO-1 over the 2 data-parallel
+"""Sharded checkpoint writes on 4 gloo processes (TP=2 x EP=2, ZeRO-2 over the 2 data-parallel
 ranks): every rank writes its own part, the files hold one copy of the state (DP replicas
 deduplicated), a save raises a rank's memory by far less than its shard state (nothing is
 gathered; the async save's staging buffers are allocated once and reused), and the checkpoint
@@ -67,8 +67,7 @@ def _build(ctx, seed):
     from megatron_vpmoe.training.optimizer import build_optimizer
 
     pm = build_parallel_model(_model_cfg(), ctx, seed=seed)
-    opt = DistributedOptimizer(build_optimizer(pm.module, OptimizerConfig(lr=1e-3)), pm.module,
-                               ctx.dp_group, ctx.expert_dp_group)
+    opt = DistributedOptimizer(build_optimizer(pm.module, OptimizerConfig(lr=1e-3)), pm)
     return pm, opt
 
 

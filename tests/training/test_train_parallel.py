@@ -126,7 +126,7 @@ def _train_zero(rank, world, run_dir, layout, roles, stop_at=None):
 
 @pytest.mark.parametrize("layout,world", [({}, 2), ({"tensor": 2}, 4)], ids=["dp2", "tp2-dp2"])
 def test_distributed_optimizer_shards_state_and_keeps_the_curve(tmp_path, role_masked_reference, layout, world):
-    """ZeRO-1 over 2 DP ranks (alone, and beside TP=2): 2 steps, a checkpoint (each rank writes
+    """ZeRO-2 over 2 DP ranks (alone, and beside TP=2): 2 steps, a checkpoint (each rank writes
     the state it holds), a resume (each rank reads only that), 2 more: the single-process curve;
     each rank holds half of its shard's AdamW moments within 10%, every element exactly once over
     the DP ranks, the embedding's split by rows."""
