@@ -120,6 +120,7 @@ RANGES = {
     "checkpoint.interval": _ints(0, _COUNT),
     "checkpoint.keep_last": _ints(0, 1 << 20),
     "log.interval": _ints(1, _COUNT),
+    "log.profile_steps": _ints(1, _COUNT),  # each of [first, last]; LogConfig.validate checks their order
     "distill.reasoning_loss_weight": NON_NEGATIVE,
     "distill.final_loss_weight": NON_NEGATIVE,
     "distill.onpolicy.samples_per_prompt": _ints(1, 1 << 12),
