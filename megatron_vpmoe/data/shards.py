@@ -106,10 +106,6 @@ class ShardWriter:
         self.documents = 0
         self.tokens = 0
 
-    def add(self, ids: Sequence[int]) -> None:
-        """One document of one sequence (:meth:`add_many`)."""
-        self.add_many([ids])
-
     def add_many(self, documents: Sequence[Sequence[int]], sequence_lengths: Optional[Sequence] = None) -> None:
         """Documents in one write (a chunk of a piece: no per-document numpy array or write), of
         one sequence each unless ``sequence_lengths`` gives a document its sentences' lengths
@@ -160,7 +156,7 @@ class ShardWriter:
 
     def append_constant(self, value: int, lengths) -> None:
         """Append documents of ``lengths`` whose every element is ``value`` (a length-0 document
-        has no sequence, as in :meth:`add`)."""
+        has no sequence, as in :meth:`add_many`)."""
         lengths = numpy.asarray(lengths, dtype=numpy.int64)
         remaining = int(lengths.sum())
         block = numpy.full(min(remaining, _COPY_BLOCK), value, dtype=self.dtype).tobytes()
@@ -249,10 +245,6 @@ class ShardSet:
             writer.append_constant(ROLE_TEXT, numpy.frombuffer(self._plain_lengths[k], dtype=numpy.int64))
             self._plain_lengths[k] = array("q")
         return self.masks[k]
-
-    def add(self, doc) -> None:
-        """An :class:`~megatron_vpmoe.data.encode.EncodedDocument`."""
-        self.add_many([doc])
 
     def add_many(self, docs: Sequence) -> None:
         """:class:`~megatron_vpmoe.data.encode.EncodedDocument` s (a chunk): one write per shard."""

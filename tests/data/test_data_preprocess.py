@@ -401,14 +401,14 @@ def test_shard_writer_matches_megatron_core_builder_byte_for_byte(tmp_path):
         # the same documents: two added, a piece of two appended from a raw file, two constant
         piece = ShardWriter(str(tmp_path / f"piece{dtype.__name__}"), dtype)
         for d in docs_d[2:4]:
-            piece.add(d)
+            piece.add_many([d])
         piece_bin, piece_lengths, piece_documents = piece.finish_data()
         ours = ShardWriter(str(tmp_path / f"ours{dtype.__name__}"), dtype)
         for d in docs_d[:2]:
-            ours.add(d)
+            ours.add_many([d])
         ours.append_data(piece_bin, piece_lengths, piece_documents)
-        ours.add(docs_d[4])
-        ours.add(docs_d[5])
+        ours.add_many([docs_d[4]])
+        ours.add_many([docs_d[5]])
         ours.commit()
         batched = ShardWriter(str(tmp_path / f"batched{dtype.__name__}"), dtype)  # a chunk in one write
         batched.add_many(docs_d[:3])
@@ -436,7 +436,7 @@ def test_shard_writer_matches_megatron_core_builder_byte_for_byte(tmp_path):
     ref.add_index(str(tmp_path / "multi"))
     ref.finalize(str(tmp_path / "mref.idx"))
     ours = ShardWriter(str(tmp_path / "mours"), numpy.uint16)
-    ours.add([9, 9])
+    ours.add_many([[9, 9]])
     ours.merge(str(tmp_path / "multi"))
     ours.commit()
     assert ours.documents == 3 and ours.tokens == 8
