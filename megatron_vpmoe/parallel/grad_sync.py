@@ -35,6 +35,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_vpmoe.parallel.collectives import reduce_scatter_single
+
 # shard_of(param) -> (each group rank's flat [start, end) of param, the tensor whose .grad takes
 # this rank's part or None)
 ShardFn = Callable[[torch.Tensor], Tuple[List[Tuple[int, int]], Optional[torch.Tensor]]]
@@ -108,7 +110,7 @@ class _Bucket:
                 if self.received is None:
                     self.received = torch.empty(self.segment, dtype=self.dtype, device=self.device)
                 self.out = self.received
-            return dist.reduce_scatter_single(self.out, self.buffer, group=self.group, async_op=True)
+            return reduce_scatter_single(self.out, self.buffer, group=self.group, async_op=True)
         return dist.all_reduce(self.buffer, group=self.group, async_op=True)
 
     def expose(self) -> None:
@@ -123,7 +125,7 @@ class _Bucket:
         if not self.keep:
             self.buffer = None  # the full buffer is only needed during backward
 
-    def complete(self) -> None:
+    def complete(self) -> int:
         self.work.wait()
         self.work = None
         self.expose()

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_vpmoe.model.layers import LinearSpec, mark_tensor_parallel
+from megatron_vpmoe.parallel.collectives import all_gather_single
 
 
 def replicated_linear(tp_group):
@@ -110,7 +111,7 @@ def tensor_parallel_spec(tp_size: int, tp_group, params_dtype=torch.float32,
 def _all_gather_seq(x: torch.Tensor, group, size: int) -> torch.Tensor:
     """Concatenate every rank's ``x`` along dim 1 (rank order)."""
     parts = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))
-    dist.all_gather_single(parts, x.contiguous(), group=group)
+    all_gather_single(parts, x.contiguous(), group=group)
     return torch.cat(parts.chunk(size, 0), dim=1)
 
 

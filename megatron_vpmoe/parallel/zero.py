@@ -49,6 +49,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_vpmoe.parallel.collectives import all_gather_single
 from megatron_vpmoe.parallel.model import coalesced, sharded_dtensor
 
 
@@ -245,7 +246,7 @@ class DistributedOptimizer:
                 parts.append(local if pad == 0 else torch.cat([local, local.new_zeros(pad)]))
             send = torch.cat(parts)
             entry[3] = send.new_empty(splits[0].size * send.numel())
-            entry[2] = dist.all_gather_single(entry[3], send, group=splits[0].group, async_op=True)
+            entry[2] = all_gather_single(entry[3], send, group=splits[0].group, async_op=True)
             count -= 1
 
     @torch.no_grad()

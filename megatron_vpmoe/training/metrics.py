@@ -58,12 +58,11 @@ def peak_memory_over_ranks(world_size: int) -> Dict[str, float]:
         mine = peak_rss_bytes() / 2**20
     if world_size == 1:
         return {"peak_memory_mb_max": mine, "peak_memory_rank_argmax": 0}
-    import torch.distributed as dist
+    from megatron_vpmoe.parallel.collectives import all_gather_single
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     gathered = torch.zeros(world_size, dtype=torch.float64, device=device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the new name from torch 2.13
-    gather(gathered, torch.tensor([mine], dtype=torch.float64, device=device))
+    all_gather_single(gathered, torch.tensor([mine], dtype=torch.float64, device=device))
     return {"peak_memory_mb_max": float(gathered.max()), "peak_memory_rank_argmax": int(gathered.argmax())}
 
 
