@@ -51,7 +51,7 @@ def token_prefix(prefix: str, variant: str, key: str, megatron_names=False) -> s
     return f"{prefix}.{variant}_{key}_document"
 
 
-def mask_prefix(prefix: str, variant: str, key: str, megatron_names: bool = False) -> str:
+def mask_prefix(prefix: str, variant: str, key: str, megatron_names=False) -> str:
     return mask_prefix_of(token_prefix(prefix, variant, key, megatron_names))
 
 
