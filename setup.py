@@ -14,9 +14,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ and launch/templates/ stay top-level folders of the checkout; the package reaches them
-    # through the links megatron_vpmoe/kernels -> ../kernels and megatron_vpmoe/launch/templates ->
-    # ../../launch/templates, so they install as megatron_vpmoe.kernels and package data (no
-    # top-level `kernels` module), and a checkout on PYTHONPATH imports the same names.
+    # through links (megatron_vpmoe/kernels/X.py -> ../../kernels/X.py, megatron_vpmoe/launch/templates
+    # -> ../../launch/templates), so they install as megatron_vpmoe.kernels and package data. kernels/
+    # has no __init__.py: a Python started in the checkout root must import Hugging Face's `kernels`.
     packages=find_packages(include=["megatron_vpmoe", "megatron_vpmoe.*"]),
     package_data={
         "megatron_vpmoe.plan": ["gpus/*.yaml"],

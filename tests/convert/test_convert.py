@@ -377,3 +377,26 @@ def test_locked_attention_converts_with_logits_parity(native_ckpt, tmp_path):
     cache = getattr(out, "cache", None) or out.past_key_values
     h, d, r = cfg.model.num_attention_heads, cfg.model.kv_channels, cfg.model.tpa_kv_rank
     assert cache.layers[0].keys.shape[-1] == r * (h + d)  # key factors of a TPA layer, flattened
+
+
+def test_python_started_in_the_checkout_root_loads_the_converted_model(hf_dir, native_ckpt, repo_root):
+    """The newcomer's reproduction: `python -c` in the checkout root (the root first on sys.path) loads
+    a converted model with transformers. A top-level ``kernels`` package in the root shadowed Hugging
+    Face's ``kernels`` (a transformers dependency) and this failed with an ImportError."""
+    import subprocess
+    import sys
+
+    _, _, model = native_ckpt
+    ids = [[1, 2, 3, 4, 5, 6]]
+    code = (
+        "import sys, json, torch\n"
+        "from transformers import AutoModelForCausalLM as A\n"
+        f"m = A.from_pretrained({str(hf_dir)!r}, trust_remote_code=True).eval()\n"
+        f"with torch.no_grad(): print(json.dumps(m(torch.tensor({ids})).logits[0, -1, :4].tolist()))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    with torch.no_grad():
+        want = model(torch.tensor(ids))[0, -1, :4]
+    got = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)

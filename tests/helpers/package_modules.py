@@ -1,4 +1,4 @@
-"""The modules of megatron_vpmoe (kernels/ as megatron_vpmoe.kernels) read from the checkout's files."""
+"""The modules of megatron_vpmoe (kernels/ linked in as megatron_vpmoe.kernels) read from the checkout's files."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 
 from helpers.paths import ROOT
 
-# dotted package -> its folder: kernels/ is installed (and linked from the package) as megatron_vpmoe.kernels
-PACKAGES = {"megatron_vpmoe": ROOT / "megatron_vpmoe", "megatron_vpmoe.kernels": ROOT / "kernels"}
+# dotted package -> its folder: kernels/*.py are linked file by file into megatron_vpmoe/kernels/
+PACKAGES = {"megatron_vpmoe": ROOT / "megatron_vpmoe"}
 
 
 def package_modules() -> dict:
@@ -42,5 +42,5 @@ def third_party_imports() -> list:
 
     for path in package_modules().values():
         Visitor().visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
-    ours = {pkg.split(".")[0] for pkg in PACKAGES} | {"kernels", "__future__"}
+    ours = {pkg.split(".")[0] for pkg in PACKAGES} | {"__future__"}
     return sorted(n for n in names if n.split(".")[0] not in ours and n.split(".")[0] not in sys.stdlib_module_names)

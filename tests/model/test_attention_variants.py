@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels import reference
+from megatron_vpmoe.kernels import reference
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model import VpmoeModel
 from megatron_vpmoe.model.generation import generate

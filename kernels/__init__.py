@@ -1,1 +1,0 @@
-"""Fused kernels for VPMoE (Triton) with PyTorch references; the model calls ``kernels.ops``."""
