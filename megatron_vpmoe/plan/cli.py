@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--layout", help="tp=..,ep=..,pp=..,vpp=..,mb=..,recompute=none|selective|full[,zero=1] "
                                          "(unnamed keys from the config)")
     parser.add_argument("--efficiency", type=float, default=None,
-                        help="achieved fraction of the dense bf16 peak (default 0.4)")
+                        help="replace the calibrated compute model (docs/plan.md) by this flat fraction of the "
+                             "dense bf16 peak, for what-if estimates")
     parser.add_argument("--top", type=int, default=5, help="layouts to print in a search")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.set_defaults(func=_plan)
@@ -54,7 +55,8 @@ def plan_table(plan) -> List[str]:
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines.append(f"peak {_gb(plan.peak)} GB on pipeline rank {plan.tight_rank.pp_rank} of {plan.gpu.memory_gb:g} GB: {verdict}")
     parts = ", ".join(f"{k} {v:.3g}" for k, v in plan.time_parts.items())
-    lines.append(f"step {plan.step_s:.3g} s ({parts}); {plan.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, "
+    bound = {"device": "compute device-bound", "host": "compute host-bound (op dispatch)", "flat": "flat efficiency"}
+    lines.append(f"step {plan.step_s:.3g} s ({parts}; {bound[plan.bound]}); {plan.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, "
                  f"{plan.tflops_per_gpu:.0f} TFLOP/s/GPU, MFU {plan.mfu:.1%} (estimates)")
     return lines
 
@@ -62,7 +64,7 @@ def plan_table(plan) -> List[str]:
 def _plan(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from megatron_vpmoe.plan.estimate import DEFAULT_EFFICIENCY, plan_layout
+    from megatron_vpmoe.plan.estimate import plan_layout
     from megatron_vpmoe.plan.gpu import load_gpu
     from megatron_vpmoe.plan.layouts import check_layout, from_config, parse_layout
     from megatron_vpmoe.plan.search import require_fit, search
@@ -71,8 +73,8 @@ def _plan(args: argparse.Namespace) -> int:
 
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise UsageError("--nodes and --gpus-per-node must be >= 1")
-    eff = DEFAULT_EFFICIENCY if args.efficiency is None else args.efficiency
-    if not 0 < eff <= 1:
+    eff = args.efficiency
+    if eff is not None and not 0 < eff <= 1:
         raise UsageError(f"--efficiency must be in (0, 1], got {eff}")
     gpu = load_gpu(args.gpu)
     cfg = config_from_args(args)

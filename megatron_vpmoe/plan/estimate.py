@@ -1,25 +1,26 @@
 """One layout's plan: per-rank memory, step time (compute, bubble, communication), tokens/s/GPU and MFU.
 
-Step time = compute of the slowest pipeline rank at ``efficiency`` x the GPU's dense bf16
-peak, stretched by the pipeline bubble ``(pp - 1) / (vpp x micro-batches)``, plus
+Step time = compute of the slowest pipeline rank (``plan/throughput.py``: GEMMs by shape class,
+memory-bound work at the GPU's bandwidth and the host's per-op dispatch, calibrated on measured
+runs; or a flat ``efficiency`` x the dense bf16 peak when one is given), stretched by the pipeline
+bubble ``(pp - 1) / (vpp x micro-batches)``, plus
 communication that the engine does not overlap: expert all-to-all (dispatch + combine,
 forward and backward), tensor-parallel all-reduces, pipeline sends and the data-parallel
 gradient all-reduce, each at NVLink bandwidth inside an NVLink domain and InfiniBand across.
-These are estimates until a GPU run exists.
+Communication terms are datasheet estimates (one GPU has been measured, no multi-GPU run yet).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from megatron_vpmoe.parallel.layout import rank_layers
 from megatron_vpmoe.plan.flops import head_forward_flops, layer_forward_flops, training_flops_per_token
 from megatron_vpmoe.plan.gpu import GpuSpec
 from megatron_vpmoe.plan.layouts import Layout
 from megatron_vpmoe.plan.memory import F32, RankMemory, act_bytes, expert_parameter_count, plan_memory
-
-DEFAULT_EFFICIENCY = 0.4  # achieved / peak matmul throughput (stated assumption, see docs/plan.md)
+from megatron_vpmoe.plan.throughput import rank_compute
 
 
 @dataclass
@@ -35,6 +36,8 @@ class Plan:
     flops_per_token: float
     micro_batches: int
     schedule: str
+    compute_parts: Dict[str, float]
+    bound: str  # "device", "host" (dispatch-bound), or "flat" (a given --efficiency)
 
     @property
     def peak(self) -> int:
@@ -59,7 +62,7 @@ class Plan:
                 "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu, "mfu": self.mfu,
                 "tflops_per_gpu": self.tflops_per_gpu, "flops_per_token": self.flops_per_token,
                 "micro_batches": self.micro_batches, "schedule": self.schedule,
-                "estimate": True}
+                "compute_parts_s": self.compute_parts, "bound": self.bound, "estimate": True}
 
 
 def _bandwidth(gpu: GpuSpec, span: int) -> float:
@@ -67,7 +70,26 @@ def _bandwidth(gpu: GpuSpec, span: int) -> float:
     return (gpu.nvlink_gbps if span <= gpu.nvlink_domain else gpu.ib_gbps) * 1e9
 
 
-def plan_layout(cfg, layout: Layout, gpu: GpuSpec, efficiency: float = DEFAULT_EFFICIENCY) -> Plan:
+def _flat_stage_s(cfg, layout: Layout, rate: float, pp_rank: int) -> float:
+    """One micro-batch through the rank's layers at a flat ``rate`` FLOP/s (``--efficiency`` given)."""
+    m, seq = cfg.model, cfg.data.seq_length
+    vpp = layout.vpp if layout.pp > 1 else 1
+    flops = 0.0
+    for i in rank_layers(m.num_layers, layout.pp, vpp, pp_rank):
+        f = layer_forward_flops(m, i, seq)
+        extra = 0.0
+        if layout.recompute == "full":
+            extra = sum(f.values())
+        elif layout.recompute == "selective":
+            extra = f["attention_core"] + f.get("routed_experts", 0.0)
+        flops += 3 * sum(f.values()) + extra
+    if pp_rank == layout.pp - 1:
+        flops += 3 * head_forward_flops(m)
+    return flops * layout.mb * seq / layout.tp / rate
+
+
+def plan_layout(cfg, layout: Layout, gpu: GpuSpec, efficiency: Optional[float] = None) -> Plan:
+    """The plan of ``layout``; ``efficiency`` replaces the calibrated compute model by a flat fraction of peak."""
     m = cfg.model
     seq, gbs = cfg.data.seq_length, cfg.train.global_batch_size
     # reference kernels = the CPU device: its memory is the host's (checkpoint staging included) and
@@ -78,23 +100,14 @@ def plan_layout(cfg, layout: Layout, gpu: GpuSpec, efficiency: float = DEFAULT_E
     micro = layout.micro_batches(gbs)
     t = layout.mb * seq
     a = act_bytes(cfg.train.precision)
-    rate = gpu.peak_flops * efficiency
     vpp = layout.vpp if layout.pp > 1 else 1
-    stage_s = []
-    for r in range(layout.pp):
-        flops = 0.0
-        for i in rank_layers(m.num_layers, layout.pp, vpp, r):
-            f = layer_forward_flops(m, i, seq)
-            extra = 0.0
-            if layout.recompute == "full":
-                extra = sum(f.values())
-            elif layout.recompute == "selective":
-                extra = f["attention_core"] + f.get("routed_experts", 0.0)
-            flops += 3 * sum(f.values()) + extra
-        if r == layout.pp - 1:
-            flops += 3 * head_forward_flops(m)
-        stage_s.append(flops * t / layout.tp / rate)  # one micro-batch through the rank's layers
-    compute = max(stage_s) * micro
+    if efficiency is None:
+        per_rank = [rank_compute(cfg, layout, gpu, r, micro) for r in range(layout.pp)]
+        slowest = max(per_rank, key=lambda c: c.step_s)
+        compute, compute_parts, bound = slowest.step_s, slowest.as_dict(), slowest.bound
+    else:
+        compute = max(_flat_stage_s(cfg, layout, gpu.peak_flops * efficiency, r) for r in range(layout.pp)) * micro
+        compute_parts, bound = {}, "flat"
     bubble = compute * (layout.pp - 1) / (vpp * micro) if layout.pp > 1 else 0.0
     moe_layers = max(sum(1 for i in rank_layers(m.num_layers, layout.pp, vpp, r) if m.is_moe_layer(i))
                      for r in range(layout.pp))
@@ -124,4 +137,4 @@ def plan_layout(cfg, layout: Layout, gpu: GpuSpec, efficiency: float = DEFAULT_E
     tflops = ftok * per_gpu
     return Plan(layout=layout, gpu=gpu, ranks=ranks, step_s=step, time_parts=parts, tokens_per_s_per_gpu=per_gpu,
                 mfu=tflops / gpu.peak_flops, tflops_per_gpu=tflops / 1e12, flops_per_token=ftok,
-                micro_batches=micro, schedule=layout.schedule(gbs))
+                micro_batches=micro, schedule=layout.schedule(gbs), compute_parts=compute_parts, bound=bound)

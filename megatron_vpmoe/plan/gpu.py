@@ -11,18 +11,20 @@ import yaml
 from megatron_vpmoe.utils.errors import ConfigError
 
 SPEC_DIR = Path(__file__).resolve().parent / "gpus"
-FIELDS = {"name": str, "memory_gb": (int, float), "bf16_dense_tflops": (int, float), "nvlink_gbps": (int, float),
+FIELDS = {"name": str, "memory_gb": (int, float), "bf16_dense_tflops": (int, float), "memory_gbps": (int, float),
+          "nvlink_gbps": (int, float),
           "nvlink_domain": int, "ib_gbps": (int, float), "kernels": str, "framework_overhead_gb": (int, float),
           "sources": list}
 
 
 @dataclass(frozen=True)
 class GpuSpec:
-    """One accelerator: decimal GB and GB/s (each way, per GPU), dense bf16 TFLOP/s."""
+    """One accelerator: decimal GB and GB/s (links each way, per GPU), dense bf16 TFLOP/s."""
 
     name: str
     memory_gb: float
     bf16_dense_tflops: float
+    memory_gbps: float  # device memory bandwidth (GB/s): the throughput model's memory-bound work
     nvlink_gbps: float
     nvlink_domain: int
     ib_gbps: float
@@ -70,7 +72,7 @@ def load_gpu(name_or_path: str) -> GpuSpec:
         raise ConfigError(f"unknown field (known: {', '.join(FIELDS)})", key=unknown[0], file=str(path))
     if raw["kernels"] not in ("fused", "reference"):
         raise ConfigError("must be 'fused' or 'reference'", key="kernels", file=str(path))
-    for key in ("memory_gb", "bf16_dense_tflops", "nvlink_gbps", "ib_gbps", "nvlink_domain"):
+    for key in ("memory_gb", "bf16_dense_tflops", "memory_gbps", "nvlink_gbps", "ib_gbps", "nvlink_domain"):
         if raw[key] <= 0:
             raise ConfigError(f"must be > 0, got {raw[key]}", key=key, file=str(path))
     return GpuSpec(**{k: raw[k] for k in FIELDS})

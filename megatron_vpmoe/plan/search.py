@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from megatron_vpmoe.plan.estimate import DEFAULT_EFFICIENCY, Plan, plan_layout
+from megatron_vpmoe.plan.estimate import Plan, plan_layout
 from megatron_vpmoe.plan.gpu import GpuSpec
 from megatron_vpmoe.plan.layouts import enumerate_layouts
 from megatron_vpmoe.utils.errors import ConfigError
@@ -26,7 +26,7 @@ def _family(plan_or_layout, schedule: str) -> str:
     return f"PP={lay.pp}{' VPP=' + str(lay.vpp) if lay.vpp > 1 else ''} {schedule} recompute={lay.recompute}"
 
 
-def search(cfg, world: int, gpus_per_node: int, gpu: GpuSpec, efficiency: float = DEFAULT_EFFICIENCY) -> SearchResult:
+def search(cfg, world: int, gpus_per_node: int, gpu: GpuSpec, efficiency: Optional[float] = None) -> SearchResult:
     gbs = cfg.train.global_batch_size
     fitting: List[Plan] = []
     best_miss: Dict[str, Tuple[float, str]] = {}
