@@ -51,6 +51,14 @@ def student_prompt(messages: list, harmony: bool) -> str:
     return "\n\n".join(m["content"] for m in messages) + "\n"
 
 
+def student_prompt_ids(tokenizer, messages: list, harmony: bool) -> list:
+    """The student's prompt ids: :func:`student_prompt` with message contents encoded as plain
+    text (special-token strings in a prompt never become turn markers)."""
+    from megatron_vpmoe.data.chat import encode_pieces, render_pieces
+
+    return encode_pieces(tokenizer, render_pieces(lambda msgs: student_prompt(msgs, harmony), messages))
+
+
 def student_answer(text: str, harmony: bool) -> str:
     """The part of a student completion the teacher judges (the final channel for Harmony)."""
     if harmony:
@@ -245,8 +253,7 @@ class OnPolicyTrainer:
 
     def _rollouts(self, batch):
         op = self.cfg.distill.onpolicy
-        prompt_ids = [self.tok.encode(student_prompt(p.messages, self.harmony), add_special_tokens=False)
-                      for p in batch]
+        prompt_ids = [student_prompt_ids(self.tok, p.messages, self.harmony) for p in batch]
         rows = [ids for ids in prompt_ids for _ in range(op.samples_per_prompt)]
         outs = [o if o else [self.eos_id] for o in self._generate(rows)]  # at least one token to score
         seqs = [p + o for p, o in zip(rows, outs)]

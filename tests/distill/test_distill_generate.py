@@ -110,7 +110,7 @@ def test_retries_malformed_filters_and_resume(tmp_path):
     asked = []
     with ScriptedTeacher(lambda body, call: (asked.append(body["messages"][-1]["content"]) or 200,
                                              _choices(body))) as teacher:
-        s = run_generate(_opts(teacher.url, prompts, out, samples=2, concurrency=2))
+        s = run_generate(_opts(teacher.url, prompts, out, samples=2, concurrency=2, teacher_moved=True))
     assert sorted(asked) == ["Q1?", "Q2?"] and s.already_done == 8 and s.accepted == 4
     keys = [(r["prompt_id"], r["sample_index"]) for r in _records(out, "shard") + _records(out, "rejected")]
     assert len(keys) == len(set(keys)) == 12
@@ -133,10 +133,11 @@ def test_teacher_unreachable_and_dying(tmp_path):
         return (200, _choices(body)) if call <= 2 else (503, "gone")
 
     with ScriptedTeacher(dies_after_two) as teacher:
+        port = teacher.port  # restarted on the same port: the same teacher
         with pytest.raises(VpmoeError, match=r"after 3 attempts.*2 of 5 samples are saved.*resume"):
             run_generate(_opts(teacher.url, prompts, out, concurrency=1, retries=2))
     assert len(_records(out, "shard")) == 2
-    with ScriptedTeacher(lambda body, call: (200, _choices(body))) as teacher:
+    with ScriptedTeacher(lambda body, call: (200, _choices(body)), port=port) as teacher:
         s = run_generate(_opts(teacher.url, prompts, out, concurrency=3))
     assert s.already_done == 2 and s.accepted == 3 and len(_records(out, "shard")) == 5
 

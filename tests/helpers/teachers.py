@@ -96,10 +96,10 @@ class ScriptedTeacher:
     ``self.answer(body, call_no) -> (status, payload[, delay_s])``; the capability probe's chat
     request is answered apart (n choices), uncounted."""
 
-    def __init__(self, answer):
+    def __init__(self, answer, port=None):
         self.answer = answer
         self.calls = 0
-        self.port = free_port()
+        self.port = port or free_port()
         self._ready = threading.Event()
 
     def __enter__(self):
