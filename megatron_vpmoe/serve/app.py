@@ -269,7 +269,7 @@ class OpenAIServer:
         out = []
         for i, p in enumerate(prompt):
             if isinstance(p, str):
-                ids, offs = b.encode_with_offsets(p)
+                ids, offs = b.encode_with_offsets(p, specials=True)  # the model's own format (module docstring)
                 self._check_tokens(len(ids), f"prompt {i}" if len(prompt) > 1 else "the prompt")
                 out.append((p, ids, offs))
             else:
