@@ -172,6 +172,8 @@ def test_cli_on_hostile_input(command, kind, tmp_path, tok, capsys, monkeypatch)
       CONFIG, "--output", "OUT"], "vocab"),
     (["convert", "to-hf", "nowhere", "OUT", "--max-shard-size", "nan"], "--max-shard-size"),
     (["eval", "nowhere", "--limit", "-5"], "--limit"),
+    (["distill", "onpolicy", "--config", str(ROOT / "examples" / "configs" / "distill-onpolicy.yaml"), "--set",
+      "distill.teacher_url=file:///etc/passwd"], "distill.teacher_url"),
     (["launch", "slurm", "--config", CONFIG, "--gpus-per-node", "0", "--dry-run", "--time", "1:00\x1b[2J"], "--time"),
 ])
 def test_hostile_arguments_are_one_line(argv, key, tmp_path, capsys):

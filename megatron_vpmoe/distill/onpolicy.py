@@ -40,7 +40,8 @@ from typing import Optional
 from megatron_vpmoe.distill.policy_loss import group_advantages
 from megatron_vpmoe.distill.prompts import load_prompts
 from megatron_vpmoe.distill.scorers import SCORERS, combine
-from megatron_vpmoe.utils.errors import ConfigError
+from megatron_vpmoe.distill.teacher_client import check_teacher_url
+from megatron_vpmoe.utils.errors import ConfigError, InputError
 
 
 def student_prompt(messages: list, harmony: bool) -> str:
@@ -120,6 +121,10 @@ class OnPolicyTrainer:
         op = cfg.distill.onpolicy
         if not cfg.distill.teacher_url:
             raise ConfigError("on-policy distillation needs a teacher server", key="distill.teacher_url")
+        try:
+            check_teacher_url(cfg.distill.teacher_url, "the URL")
+        except InputError as err:
+            raise ConfigError(str(err), key="distill.teacher_url") from None
         if not op.prompts:
             raise ConfigError("give prompt files (jsonl)", key="distill.onpolicy.prompts")
         if tokenizer is None and not cfg.data.tokenizer:
