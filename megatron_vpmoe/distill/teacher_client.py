@@ -115,7 +115,8 @@ class TeacherClient:
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:  # connection, payload, bad HTTP
                 last = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
         raise TeacherUnavailable(
-            f"teacher {self.base_url} did not answer {path} after {retries + 1} attempts ({last})")
+            f"teacher {self.base_url} did not answer {path} after {retries + 1} "
+            f"attempt{'s' if retries else ''} ({last})")
 
     async def _read(self, resp, path: str) -> bytes:
         """The body, at most ``max_response_bytes`` of it (else :class:`MalformedResponse`)."""
