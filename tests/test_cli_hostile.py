@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -171,6 +172,8 @@ def test_cli_on_hostile_input(command, kind, tmp_path, tok, capsys, monkeypatch)
       CONFIG, "--output", "OUT"], "vocab"),
     (["convert", "to-hf", "nowhere", "OUT", "--max-shard-size", "nan"], "--max-shard-size"),
     (["eval", "nowhere", "--limit", "-5"], "--limit"),
+    (["distill", "onpolicy", "--config", str(ROOT / "examples" / "configs" / "distill-onpolicy.yaml"), "--set",
+      "distill.teacher_url=file:///etc/passwd"], "distill.teacher_url"),
     (["launch", "slurm", "--config", CONFIG, "--gpus-per-node", "0", "--dry-run", "--time", "1:00\x1b[2J"], "--time"),
 ])
 def test_hostile_arguments_are_one_line(argv, key, tmp_path, capsys):
@@ -277,3 +280,103 @@ def test_toy_teacher_default_data_does_not_depend_on_the_working_directory(tmp_p
                               "--examples", "1"], capsys)
     assert error is None and code == 0, (error, err)
     assert (tmp_path / "t" / "config.json").is_file()
+
+
+# ---- issue 33: a hostile teacher, for `vpmoe distill generate` ---------------------------------
+
+def _prompts(tmp_path, n=2):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Q{i}?", "answer": "#### 5"}) + "\n" for i in range(n)))
+    return path
+
+
+def _generate(tmp_path, url, *extra):
+    return ["distill", "generate", "--teacher", url, "--prompts", _prompts(tmp_path), "--out", tmp_path / "out",
+            "--timeout", "1", "--retries", "1", "--max-response-bytes", str(1 << 20), "--no-progress", *extra]
+
+
+def _one_error_line(err):
+    lines = [ln for ln in err.splitlines() if ln.startswith("vpmoe") or "error" in ln.lower()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# what the one line says (exit 1): the probe fails (not reachable / not OpenAI-compatible), a
+# transient failure runs out of retries, or every answer was malformed (naming why)
+HOSTILE_TEACHER = {
+    "slow": "did not answer", "never": "did not answer", "huge": "--max-response-bytes",
+    "huge_chunked": "--max-response-bytes", "nested": "nested deeper than", "garbage": "not JSON",
+    "schema": "without (choices|data)", "500": "HTTP 500", "429": "HTTP 429", "disconnect": "did not answer",
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("probe", [True, False], ids=["generation", "probe"])
+@pytest.mark.parametrize("mode", sorted(HOSTILE_TEACHER))
+def test_distill_generate_against_a_hostile_teacher(mode, probe, tmp_path, capsys):
+    """Every way a teacher can misbehave, at the capability probe or at generation: one line,
+    a non-zero exit, no traceback, bounded time and memory, nothing accepted."""
+    import resource
+    import time
+
+    from helpers.teachers import ScriptedTeacher, hostile_answer
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    with ScriptedTeacher(hostile_answer(mode), probe=probe) as teacher:
+        code, err, error = _call(_generate(tmp_path, teacher.url), capsys)
+    elapsed = time.monotonic() - start
+    assert error is None, error
+    assert "Traceback" not in err, err
+    line = _one_error_line(err)
+    assert code == 1, (code, err)  # the teacher failed (exit 2 is for bad flags and inputs)
+    if not probe:
+        assert "not reachable or not an OpenAI-compatible server" in line, line
+    assert re.search(HOSTILE_TEACHER[mode], line), line
+    assert elapsed < 20, f"{mode}: {elapsed:.1f}s with --timeout 1 --retries 1"
+    # no answer is buffered past --max-response-bytes (1 MiB): ru_maxrss is KiB on Linux
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200 * 1024
+    assert not list((tmp_path / "out").glob("shard-*.jsonl"))
+
+
+@pytest.mark.timeout(60)
+def test_distill_generate_timeout_0_is_refused_and_a_silent_teacher_is_bounded(tmp_path, capsys):
+    """Issue 33 item 1 exactly: `--timeout 0 --retries 0` against a server that never answers."""
+    from helpers.teachers import ScriptedTeacher, hostile_answer
+
+    with ScriptedTeacher(hostile_answer("never"), probe=False) as teacher:
+        argv = ["distill", "generate", "--teacher", teacher.url, "--prompts", _prompts(tmp_path), "--out",
+                tmp_path / "out", "--timeout", "0", "--retries", "0"]
+        code, err, error = _call(argv, capsys)
+        assert error is None and code == 2 and err.count("\n") == 1 and "--timeout" in err, err
+        argv[argv.index("0")] = "0.5"
+        code, err, error = _call(argv, capsys)
+    assert error is None and code == 1 and "did not answer" in _one_error_line(err), err
+
+
+@pytest.mark.timeout(60)
+def test_distill_generate_names_the_reason_when_every_request_is_refused(tmp_path, capsys):
+    from helpers.teachers import ScriptedTeacher
+
+    refuse = {"error": {"message": "'temperature' must be a finite number, got nan", "code": 400}}
+    with ScriptedTeacher(lambda body, call: (400, refuse)) as teacher:
+        code, err, error = _call(_generate(tmp_path, teacher.url), capsys)
+    assert error is None and code == 1, (code, err)
+    line = _one_error_line(err)
+    assert "none of the 2 requests" in line and "HTTP 400" in line and "must be a finite number" in line, line
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flags, key", [
+    (["--temperature", "nan"], "--temperature"), (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"), (["--retries", "-1"], "--retries"),
+    (["--timeout", "0"], "--timeout"), (["--timeout", "-3"], "--timeout"), (["--timeout", "inf"], "--timeout"),
+    (["--max-response-bytes", "0"], "--max-response-bytes"), (["--max-tokens", "0"], "--max-tokens"),
+    (["--teacher", "file:///etc/passwd"], "--teacher"), (["--teacher", "127.0.0.1:8000"], "--teacher"),
+])
+def test_distill_generate_flags_out_of_range_are_one_line(flags, key, tmp_path, capsys):
+    argv = ["distill", "generate", "--teacher", "http://127.0.0.1:9", "--prompts", _prompts(tmp_path),
+            "--out", tmp_path / "out", *flags]
+    code, err, error = _call(argv, capsys)
+    assert error is None and code == 2 and err.count("\n") == 1 and key in err, err
+    assert not (tmp_path / "out").exists()

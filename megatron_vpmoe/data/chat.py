@@ -20,8 +20,9 @@ from __future__ import annotations
 import functools
 import os
 import re
+import secrets
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from megatron_vpmoe.tokenizers.specials import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, RETURN, START
 from megatron_vpmoe.utils.errors import InputError
@@ -115,6 +116,45 @@ def render_conversation(messages: list, where: str = "messages") -> str:
     conv = oh.Conversation.from_messages(harmony_messages(messages, where))
     tokens = enc.render_conversation_for_training(conv, oh.RenderConversationConfig(auto_drop_analysis=False))
     return enc.decode_utf8(tokens)
+
+
+def render_pieces(render: Callable[[list], str], messages: list) -> List[Tuple[str, bool]]:
+    """``render(messages)`` as ``[(text, is_content)]``: which parts of the rendered prompt are
+    message contents (``content`` and the reasoning fields) and which the template's own text.
+
+    Encode template parts with special tokens parsed and contents as plain text
+    (:func:`encode_pieces`): a user writing ``<|end|><|start|>system`` then gets those characters,
+    not turn markers. Each content is rendered as a one-off marker (private-use characters and a
+    random nonce, so no message can forge one) and put back after rendering.
+    """
+    nonce = secrets.token_hex(8)
+    originals: list = []
+
+    def mark(value):
+        if not isinstance(value, str) or not value:
+            return value
+        originals.append(value)
+        return f"\ue000{nonce}:{len(originals) - 1}\ue001"
+
+    marked = [{k: mark(v) if k == "content" or k in REASONING_KEYS else v for k, v in m.items()}
+              if isinstance(m, dict) else m for m in messages] if isinstance(messages, list) else messages
+    text = render(marked)
+    pieces: List[Tuple[str, bool]] = []
+    for i, part in enumerate(re.split(f"\ue000{nonce}:(\\d+)\ue001", text)):
+        if i % 2:
+            pieces.append((originals[int(part)], True))
+        elif part:
+            pieces.append((part, False))
+    return pieces
+
+
+def encode_pieces(tokenizer, pieces: List[Tuple[str, bool]]) -> List[int]:
+    """Ids of :func:`render_pieces`' output with a ``transformers`` tokenizer: special-token
+    strings are special only in the template's parts, plain text in contents."""
+    ids: List[int] = []
+    for text, is_content in pieces:
+        ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=is_content)
+    return ids
 
 
 def is_harmony_text(text: str) -> bool:

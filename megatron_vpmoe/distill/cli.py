@@ -35,7 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     gen.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     gen.add_argument("--retries", type=int, default=4, help="retries per request (exponential backoff)")
-    gen.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    gen.add_argument("--timeout", type=float, default=120.0,
+                     help="seconds (> 0) to connect, between reads, and for a whole request")
+    gen.add_argument("--max-response-bytes", type=int, default=16 << 20, metavar="N",
+                     help="refuse a teacher answer larger than N bytes (default 16 MiB)")
+    gen.add_argument("--teacher-moved", action="store_true",
+                     help="resume although --out recorded another teacher URL: the same model moved "
+                          "(a different model is still refused)")
     gen.add_argument("--limit", type=int, default=None, help="first N prompts of each file")
     gen.add_argument("--min-chars", type=int, default=1, help="reject shorter samples")
     gen.add_argument("--max-chars", type=int, default=None, help="reject longer samples")
@@ -107,6 +113,7 @@ def _generate(args: argparse.Namespace) -> int:
         samples=args.samples, temperature=args.temperature, top_p=args.top_p,
         max_tokens=args.max_tokens, seed=args.seed, endpoint=args.endpoint,
         concurrency=args.concurrency, retries=args.retries, timeout_s=args.timeout,
+        max_response_bytes=args.max_response_bytes, teacher_moved=args.teacher_moved,
         limit=args.limit, min_chars=args.min_chars, max_chars=args.max_chars,
         keep_truncated=args.keep_truncated, check_answers=not args.no_answer_check,
         dedupe=not args.no_dedupe, shard_size=args.shard_size, progress=not args.no_progress)

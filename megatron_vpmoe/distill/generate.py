@@ -7,7 +7,10 @@ Output directory layout (every file is written whole under a temporary name, the
   ``teacher_model``, ``sampling``, ``reasoning`` (analysis channel, or null), ``final``,
   ``finish_reason``;
 * ``rejected-NNNNN.jsonl`` - the same for samples a filter rejected, plus ``rejected`` (reason);
-* ``summary.json`` - the counts of the latest run.
+* ``summary.json`` - the counts of the latest run;
+* ``teacher.json`` - the teacher (base URL and model) the samples come from: a re-run against
+  another URL or model is refused rather than mixing two teachers' samples in one directory
+  (``--teacher-moved``: the same model now answers at another URL).
 
 Every (prompt id, sample index) ends up in exactly one of the two kinds of shard. A re-run reads
 them and asks the teacher only for the missing pairs, so an interrupted run (teacher died,
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import signal
 import sys
 import time
@@ -30,7 +34,8 @@ from typing import Optional
 
 from megatron_vpmoe.utils.answers import answer_matches
 from megatron_vpmoe.distill.prompts import Prompt, load_prompts
-from megatron_vpmoe.distill.teacher_client import MalformedResponse, TeacherClient, TeacherUnavailable
+from megatron_vpmoe.distill.teacher_client import (MAX_RESPONSE_BYTES, MalformedResponse, TeacherClient,
+                                                   TeacherUnavailable, check_client_options, check_teacher_url)
 from megatron_vpmoe.utils.atomic import atomic_file, atomic_write_text
 from megatron_vpmoe.utils.errors import InputError, VpmoeError
 
@@ -51,6 +56,8 @@ class GenerateOptions:
     retries: int = 4
     timeout_s: float = 120.0
     backoff_s: float = 0.5
+    max_response_bytes: int = MAX_RESPONSE_BYTES
+    teacher_moved: bool = False  # the recorded teacher model now answers at another URL
     limit: Optional[int] = None  # prompts per file
     min_chars: int = 1
     max_chars: Optional[int] = None
@@ -73,6 +80,7 @@ class GenerateSummary:
     completion_tokens: int = 0
     seconds: float = 0.0
     stopped: Optional[str] = None  # why the run stopped early, if it did
+    malformed_reason: Optional[str] = None  # the first malformed or refused answer, as the teacher said it
 
     @property
     def tokens_per_s(self) -> float:
@@ -88,6 +96,7 @@ class ShardStore:
         self.shard_size = shard_size
         self.done: set = set()
         self.hashes: set = set()
+        self.models: set = set()  # teacher_model of the records already there
         self.buffers = {"shard": [], "rejected": []}
         self.next_index = {"shard": 0, "rejected": 0}
         for kind in self.buffers:
@@ -103,6 +112,7 @@ class ShardStore:
                         if key in self.done:
                             raise InputError(f"{path}:{lineno}: duplicate sample {key}")
                         self.done.add(key)
+                        self.models.add(rec.get("teacher_model"))
                         if kind == "shard":
                             self.hashes.add(content_hash(rec))
 
@@ -202,8 +212,9 @@ class _Generator:
             try:
                 data = await call(self._request(prompt, len(indices), seed))
                 records = self._records(prompt, indices, data, seed)
-            except MalformedResponse:
+            except MalformedResponse as err:
                 self.summary.malformed += 1
+                self.summary.malformed_reason = self.summary.malformed_reason or str(err).splitlines()[0][:300]
                 return
             except TeacherUnavailable as err:
                 self.stop_reason = self.stop_reason or str(err)
@@ -235,7 +246,9 @@ class _Generator:
         self.summary.requested = sum(len(m) for _, m in todo)
         start = time.perf_counter()
         async with TeacherClient(o.teacher_url, timeout_s=o.timeout_s, retries=o.retries,
-                                 backoff_s=o.backoff_s, concurrency=o.concurrency) as client:
+                                 backoff_s=o.backoff_s, concurrency=o.concurrency,
+                                 max_response_bytes=o.max_response_bytes) as client:
+            same_teacher(self.store, client.base_url, None, o.teacher_moved)
             from megatron_vpmoe.distill.teacher_probe import TeacherCapabilityError, probe
 
             # one request: n (which proves chat too) when several samples share a prompt
@@ -245,6 +258,7 @@ class _Generator:
             except TeacherCapabilityError as err:
                 raise VpmoeError(str(err)) from None
             self.model = caps.model
+            same_teacher(self.store, client.base_url, self.model, o.teacher_moved)
             print(caps.line(), file=sys.stderr, flush=True)
             if o.endpoint == "chat" and not caps.features.get("chat"):
                 raise TeacherCapabilityError(f"teacher at {o.teacher_url} does not serve chat: "
@@ -291,12 +305,64 @@ def _seed(base: int, prompt_id: str, index: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def run_generate(opts: GenerateOptions) -> GenerateSummary:
-    """Generate what is missing in ``opts.out_dir``; raises if the teacher stopped the run."""
-    if opts.samples < 1 or opts.concurrency < 1 or opts.shard_size < 1 or opts.max_tokens < 1:
-        raise InputError("--samples, --concurrency, --shard-size and --max-tokens must be >= 1")
+TEACHER_FILE = "teacher.json"
+
+
+def same_teacher(store: ShardStore, base_url: str, model: Optional[str], moved: bool = False) -> None:
+    """Refuse (exit 2) to add samples of another teacher (URL, unless ``moved``, or model) to
+    ``store``'s directory; record the teacher once its model is known (``model`` not None)."""
+    path = store.dir / TEACHER_FILE
+    recorded = None
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+            recorded = {"url": str(recorded["url"]), "model": recorded.get("model")}
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise InputError(f"{path}: not a teacher record ({err}); remove it to adopt this teacher") from None
+    if recorded is not None and recorded["url"] != base_url and not moved:
+        raise InputError(f"{store.dir} holds samples of teacher {recorded['url']}, not {base_url}: use another "
+                         f"--out so two teachers' samples are not mixed (--teacher-moved if the same "
+                         f"model now answers at {base_url})")
+    if model is None:
+        return
+    earlier = {m for m in store.models if m is not None} | ({recorded["model"]} if recorded and recorded["model"] else set())
+    if earlier - {model}:
+        raise InputError(f"{store.dir} holds samples of teacher model {', '.join(sorted(earlier))}, not {model}: "
+                         f"use another --out (or --model) so two teachers' samples are not mixed")
+    if recorded != {"url": base_url, "model": model}:
+        atomic_write_text(path, json.dumps({"url": base_url, "model": model}, indent=1) + "\n")
+
+
+def check_options(opts: GenerateOptions) -> None:
+    """One :class:`InputError` naming the first flag out of range."""
+    def finite(name, value, lo, hi=math.inf, lo_open=False):
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > lo if lo_open else value >= lo) \
+            and value <= hi
+        if not ok:
+            low = f"> {lo}" if lo_open else f">= {lo}"
+            raise InputError(f"{name} must be a finite number {low}{f' and <= {hi}' if hi != math.inf else ''}, "
+                             f"got {value!r}")
+
+    check_teacher_url(opts.teacher_url, "--teacher")
+    for name, value, lo in (("--samples", opts.samples, 1), ("--concurrency", opts.concurrency, 1),
+                            ("--shard-size", opts.shard_size, 1), ("--max-tokens", opts.max_tokens, 1),
+                            ("--limit", opts.limit, 1), ("--min-chars", opts.min_chars, 0),
+                            ("--max-chars", opts.max_chars, 1)):
+        if value is not None and value < lo:
+            raise InputError(f"{name} must be >= {lo}, got {value}")
     if opts.endpoint not in ("chat", "completions"):
         raise InputError(f"--endpoint must be chat or completions, got {opts.endpoint!r}")
+    finite("--temperature", opts.temperature, 0.0)
+    finite("--top-p", opts.top_p, 0.0, 1.0, lo_open=True)
+    check_client_options(timeout_s=opts.timeout_s, retries=opts.retries, max_response_bytes=opts.max_response_bytes,
+                         names={"timeout_s": "--timeout", "retries": "--retries",
+                                "max_response_bytes": "--max-response-bytes"})
+
+
+def run_generate(opts: GenerateOptions) -> GenerateSummary:
+    """Generate what is missing in ``opts.out_dir``; raises if the teacher stopped the run or
+    refused every request."""
+    check_options(opts)
     prompts = load_prompts(opts.prompt_files, opts.limit)
     store = ShardStore(opts.out_dir, opts.shard_size)
     gen = _Generator(opts, prompts, store)
@@ -309,6 +375,9 @@ def run_generate(opts: GenerateOptions) -> GenerateSummary:
         raise VpmoeError(
             f"{summary.stopped}; {len(store.done)} of {len(prompts) * opts.samples} samples are saved "
             f"in {opts.out_dir}; re-run the same command to resume")
+    if summary.malformed and not summary.accepted and not summary.rejected:
+        raise VpmoeError(f"the teacher answered none of the {summary.malformed} requests with a usable "
+                         f"completion; the first answer: {summary.malformed_reason}")
     return summary
 
 

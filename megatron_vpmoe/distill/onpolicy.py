@@ -40,7 +40,8 @@ from typing import Optional
 from megatron_vpmoe.distill.policy_loss import group_advantages
 from megatron_vpmoe.distill.prompts import load_prompts
 from megatron_vpmoe.distill.scorers import SCORERS, combine
-from megatron_vpmoe.utils.errors import ConfigError
+from megatron_vpmoe.distill.teacher_client import check_teacher_url
+from megatron_vpmoe.utils.errors import ConfigError, InputError
 
 
 def student_prompt(messages: list, harmony: bool) -> str:
@@ -49,6 +50,14 @@ def student_prompt(messages: list, harmony: bool) -> str:
 
         return render_harmony_prompt(messages)
     return "\n\n".join(m["content"] for m in messages) + "\n"
+
+
+def student_prompt_ids(tokenizer, messages: list, harmony: bool) -> list:
+    """The student's prompt ids: :func:`student_prompt` with message contents encoded as plain
+    text (special-token strings in a prompt never become turn markers)."""
+    from megatron_vpmoe.data.chat import encode_pieces, render_pieces
+
+    return encode_pieces(tokenizer, render_pieces(lambda msgs: student_prompt(msgs, harmony), messages))
 
 
 def student_answer(text: str, harmony: bool) -> str:
@@ -112,6 +121,10 @@ class OnPolicyTrainer:
         op = cfg.distill.onpolicy
         if not cfg.distill.teacher_url:
             raise ConfigError("on-policy distillation needs a teacher server", key="distill.teacher_url")
+        try:
+            check_teacher_url(cfg.distill.teacher_url, "the URL")
+        except InputError as err:
+            raise ConfigError(str(err), key="distill.teacher_url") from None
         if not op.prompts:
             raise ConfigError("give prompt files (jsonl)", key="distill.onpolicy.prompts")
         if tokenizer is None and not cfg.data.tokenizer:
@@ -245,8 +258,7 @@ class OnPolicyTrainer:
 
     def _rollouts(self, batch):
         op = self.cfg.distill.onpolicy
-        prompt_ids = [self.tok.encode(student_prompt(p.messages, self.harmony), add_special_tokens=False)
-                      for p in batch]
+        prompt_ids = [student_prompt_ids(self.tok, p.messages, self.harmony) for p in batch]
         rows = [ids for ids in prompt_ids for _ in range(op.samples_per_prompt)]
         outs = [o if o else [self.eos_id] for o in self._generate(rows)]  # at least one token to score
         seqs = [p + o for p, o in zip(rows, outs)]

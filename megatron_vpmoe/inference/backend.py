@@ -115,15 +115,18 @@ class Backend:
     _lock = contextlib.nullcontext()  # implementations hold a lock: torch's RNG is seeded per call
 
     # ---- tokenizer -------------------------------------------------------------------------
-    def encode(self, text: str) -> List[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def encode(self, text: str, specials: bool = False) -> List[int]:
+        """Ids of ``text``: special-token strings in it are plain text (evaluation data, message
+        contents) unless ``specials`` (a prompt already in the model's own format)."""
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=not specials)
 
-    def encode_with_offsets(self, text: str) -> Tuple[list, list]:
-        """Ids and each token's start offset in ``text``."""
+    def encode_with_offsets(self, text: str, specials: bool = False) -> Tuple[list, list]:
+        """Ids (as :meth:`encode`) and each token's start offset in ``text``."""
         if getattr(self.tokenizer, "is_fast", False):
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                                 split_special_tokens=not specials)
             return list(enc["input_ids"]), [s for s, _ in enc["offset_mapping"]]
-        ids = self.encode(text)
+        ids = self.encode(text, specials)
         return ids, self.offsets(ids)
 
     def decode(self, ids: Sequence[int]) -> str:

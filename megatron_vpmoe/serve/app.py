@@ -15,8 +15,15 @@ than ``max_prompt_tokens`` gets 400 before it is tokenised when its length alone
 than ``max_prompt_tokens`` times the longest token's characters), else right after; a request
 whose rows (prompts x ``n``) x ``max_tokens`` exceed ``max_request_tokens`` gets 400 before
 anything runs. Tokenising and building responses run on a worker thread, never on the event
-loop. Every field is checked (finite floats, bounded ints) and every error, 500 included, is a
-JSON body. A client that disconnects withdraws its request (see :mod:`batching`).
+loop. Every field is checked (finite floats, bounded ints: ``logprobs`` / ``top_logprobs`` at most
+:data:`MAX_LOGPROBS`), a body nested deeper than :data:`json_bounded.MAX_DEPTH` levels is a 400, and
+every error, 500 included, is a JSON body.
+
+Special tokens: ``/v1/chat/completions`` encodes message contents as plain text (a user writing
+``<|start|>`` gets the characters, never the turn marker; only the template's own markers are
+special tokens). ``/v1/completions`` takes the prompt in the model's own format, as vLLM does: a
+text prompt is encoded with special-token strings parsed as special tokens (so a caller can send
+rendered Harmony text and score it); send a list of token ids to control every token exactly. A client that disconnects withdraws its request (see :mod:`batching`).
 """
 
 from __future__ import annotations
@@ -31,16 +38,19 @@ from typing import Any
 
 from aiohttp import web
 
+from megatron_vpmoe.data.chat import encode_pieces, render_pieces
 from megatron_vpmoe.inference.backend import Backend, Sampled, SampleParams
 from megatron_vpmoe.serve.batching import BatchQueue
 from megatron_vpmoe.serve.chat_format import HARMONY_STOPS, parse_harmony_completion, render_harmony_prompt
 from megatron_vpmoe.serve.limits import ServeLimits
+from megatron_vpmoe.utils import json_bounded
 from megatron_vpmoe.utils.errors import InputError
 
 
 MAX_SEED = 2**63 - 1
 MAX_N = 128
 MAX_STOPS = 16
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 _log = logging.getLogger(__name__)
 
 
@@ -103,6 +113,16 @@ def _sample_params(body: dict, stop_ids: tuple, default_max: int, limits: ServeL
     return params, n
 
 
+def _logprobs(body: dict, name: str) -> bool:
+    """Whether ``name`` asks for log-probs: null/false/absent no; true or 0..MAX_LOGPROBS yes."""
+    value = body.get(name)
+    if value is None or value is False:
+        return False
+    if value is True:
+        return True
+    return _field(body, name, int, None, lo=0, hi=MAX_LOGPROBS) is not None
+
+
 def _check_budget(rows: int, params: SampleParams, limits: ServeLimits) -> None:
     if rows * params.max_new_tokens > limits.max_request_tokens:
         raise BadRequest(f"{rows} sequences (prompts x n) x max_tokens {params.max_new_tokens} = "
@@ -162,9 +182,11 @@ class OpenAIServer:
                 raise TooLarge(f"request body of {request.content_length} bytes is over this server's "
                                f"{limit} (--max-request-bytes)")
             try:
-                body = await request.json()
+                body = json_bounded.loads(await request.read())
             except web.HTTPRequestEntityTooLarge:
                 raise TooLarge(f"request body is over this server's {limit} bytes (--max-request-bytes)") from None
+            except json_bounded.TooDeep as err:
+                raise BadRequest(f"request body is {err}") from None
             except ValueError:  # JSON, UTF-8, and integers of more than 4300 digits
                 raise BadRequest("request body is not valid JSON") from None
             if not isinstance(body, dict):
@@ -247,7 +269,7 @@ class OpenAIServer:
         out = []
         for i, p in enumerate(prompt):
             if isinstance(p, str):
-                ids, offs = b.encode_with_offsets(p)
+                ids, offs = b.encode_with_offsets(p, specials=True)  # the model's own format (module docstring)
                 self._check_tokens(len(ids), f"prompt {i}" if len(prompt) > 1 else "the prompt")
                 out.append((p, ids, offs))
             else:
@@ -260,7 +282,7 @@ class OpenAIServer:
         b = self.backend
         params, n = _sample_params(body, b.eos_ids, 16, self.limits)
         echo = _field(body, "echo", bool, False)
-        want_lp = body.get("logprobs") is not None and body.get("logprobs") is not False
+        want_lp = _logprobs(body, "logprobs")
         stops = _stops(body)
         checked = self._prompt_list(body.get("prompt"))
         _check_budget(len(checked) * n, params, self.limits)
@@ -308,7 +330,8 @@ class OpenAIServer:
             raise BadRequest("'messages' must be a non-empty list")
         params, n = _sample_params(body, chat_stop_ids(b), 256, self.limits)
         stops = _stops(body)
-        want_lp = bool(body.get("logprobs"))
+        want_lp = _field(body, "logprobs", bool, False)
+        _logprobs(body, "top_logprobs")  # accepted and checked; answers carry no top alternatives
         _check_budget(n, params, self.limits)
         self._check_text_length("".join(m["content"] for m in messages if isinstance(m, dict)
                                         and isinstance(m.get("content"), str)), "the messages")
@@ -317,7 +340,7 @@ class OpenAIServer:
         return await self._off_loop(self._chat_response, prompt_ids, samples, stops, want_lp)
 
     def _chat_ids(self, messages: list) -> list:
-        ids = self.backend.encode(chat_prompt(self.backend, messages))
+        ids = encode_pieces(self.backend.tokenizer, chat_pieces(self.backend, messages))
         self._check_tokens(len(ids), "the chat prompt")
         return ids
 
@@ -346,9 +369,10 @@ class OpenAIServer:
                 "usage": _usage(len(prompt_ids), completion_tokens)}
 
 
-def chat_prompt(b: Backend, messages: list) -> str:
-    """Harmony models: the Harmony rendering; others: the tokenizer's chat template."""
-    return render_harmony_prompt(messages) if b.is_harmony else b.chat_template(messages)
+def chat_pieces(b: Backend, messages: list) -> list:
+    """The chat prompt as ``[(text, is_content)]`` (:func:`render_pieces`): Harmony models get
+    the Harmony rendering, others their tokenizer's chat template."""
+    return render_pieces(render_harmony_prompt if b.is_harmony else b.chat_template, messages)
 
 
 def chat_stop_ids(b: Backend) -> tuple:

@@ -110,7 +110,7 @@ def test_retries_malformed_filters_and_resume(tmp_path):
     asked = []
     with ScriptedTeacher(lambda body, call: (asked.append(body["messages"][-1]["content"]) or 200,
                                              _choices(body))) as teacher:
-        s = run_generate(_opts(teacher.url, prompts, out, samples=2, concurrency=2))
+        s = run_generate(_opts(teacher.url, prompts, out, samples=2, concurrency=2, teacher_moved=True))
     assert sorted(asked) == ["Q1?", "Q2?"] and s.already_done == 8 and s.accepted == 4
     keys = [(r["prompt_id"], r["sample_index"]) for r in _records(out, "shard") + _records(out, "rejected")]
     assert len(keys) == len(set(keys)) == 12
@@ -133,10 +133,11 @@ def test_teacher_unreachable_and_dying(tmp_path):
         return (200, _choices(body)) if call <= 2 else (503, "gone")
 
     with ScriptedTeacher(dies_after_two) as teacher:
+        port = teacher.port  # restarted on the same port: the same teacher
         with pytest.raises(VpmoeError, match=r"after 3 attempts.*2 of 5 samples are saved.*resume"):
             run_generate(_opts(teacher.url, prompts, out, concurrency=1, retries=2))
     assert len(_records(out, "shard")) == 2
-    with ScriptedTeacher(lambda body, call: (200, _choices(body))) as teacher:
+    with ScriptedTeacher(lambda body, call: (200, _choices(body)), port=port) as teacher:
         s = run_generate(_opts(teacher.url, prompts, out, concurrency=3))
     assert s.already_done == 2 and s.accepted == 3 and len(_records(out, "shard")) == 5
 
@@ -183,3 +184,33 @@ def test_toy_teacher_cli(tmp_path, shared_data, capsys, o200k):
     bad = _write(tmp_path / "bad.jsonl", [{"question": "no answer field"}])
     assert vpmoe(["distill", "toy-teacher", "--gsm8k", str(bad), "--out", str(tmp_path / "t2")]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_resuming_against_another_teacher_is_refused(tmp_path, capsys):
+    """Issue 33 item 6: a re-run against another teacher URL (or model) must not mix two
+    teachers' samples in one directory; the same model at a new URL is --teacher-moved."""
+    prompts = _write(tmp_path / "p.jsonl", [{"question": f"Q{i}?", "answer": "#### 5"} for i in range(3)])
+    out = tmp_path / "gen"
+    ok = lambda body, call: (200, _choices(body))  # noqa: E731
+    with ScriptedTeacher(ok) as teacher:
+        assert run_generate(_opts(teacher.url, prompts, out, limit=1)).accepted == 1
+        first = teacher.url
+    assert json.loads((out / "teacher.json").read_text()) == {"url": first + "/v1", "model": "scripted"}
+    with ScriptedTeacher(ok) as other:
+        argv = ["distill", "generate", "--teacher", other.url, "--prompts", str(prompts), "--out", str(out),
+                "--no-progress"]
+        capsys.readouterr()
+        assert vpmoe(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and first in err and other.url in err and "--teacher-moved" in err, err
+        assert len(_records(out, "shard")) == 1  # nothing asked, nothing added
+        assert vpmoe(argv + ["--teacher-moved"]) == 0  # the same model, moved
+        assert len(_records(out, "shard")) == 3
+        assert json.loads((out / "teacher.json").read_text())["url"] == other.url + "/v1"
+    # another model at the recorded URL: refused even with --teacher-moved
+    more = _write(tmp_path / "more.jsonl", [{"question": "Q9?", "answer": "#### 5"}])
+    with ScriptedTeacher(ok) as teacher:
+        with pytest.raises(InputError, match="teacher model scripted, not other-model"):
+            run_generate(GenerateOptions(teacher_url=teacher.url, prompt_files=[str(more)], out_dir=str(out),
+                                         model="other-model", teacher_moved=True, progress=False))

@@ -87,8 +87,9 @@ def test_per_byte_equals_teacher_sum_over_utf8_bytes(tmp_path_factory, shared_da
     assert scores[2] is None  # an empty completion cannot be scored: dropped
     prompt = teacher_prompt_text(messages, "harmony")
     for text, score in zip(completions, scores[:2]):
-        p_ids, c_ids = backend.encode(prompt), backend.encode(text)
-        full = backend.encode(prompt + text)
+        # rendered Harmony sent as a /v1/completions text prompt: specials parsed (its documented choice)
+        p_ids, c_ids = backend.encode(prompt, specials=True), backend.encode(text, specials=True)
+        full = backend.encode(prompt + text, specials=True)
         assert full == p_ids + c_ids  # the special token before the completion splits cleanly
         with torch.no_grad():
             logits = backend.model(torch.tensor([full])).logits[0].float()

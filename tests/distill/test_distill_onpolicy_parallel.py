@@ -24,7 +24,7 @@ class ByteTokenizer:
     eos_token_id = EOS
     pad_token_id = 0
 
-    def encode(self, text, add_special_tokens=False):
+    def encode(self, text, add_special_tokens=False, split_special_tokens=False):
         return [2 + b % (VOCAB - 2) for b in text.encode("utf-8")]
 
     def decode(self, ids, skip_special_tokens=False):

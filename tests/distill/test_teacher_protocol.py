@@ -96,3 +96,39 @@ def test_vllm_echo_logprobs_score_the_completion():
     text = answer["choices"][0]["text"]
     assert completion_logprob(answer, len(text) - 1) == -0.75  # the completion "4" only
     assert completion_logprob(answer, text.index("<|channel|>")) == pytest.approx(-0.1 - 0.2 - 0.05 - 0.75)
+
+
+class EchoClient:
+    """A TeacherClient stand-in answering the echo probe with the given prompt log-probs."""
+
+    base_url = "http://teacher/v1"
+
+    def __init__(self, values):
+        self.values = values
+
+    async def models(self, retries=0):
+        return ["m"]
+
+    async def completions(self, body):
+        n = len(self.values)
+        return {"choices": [{"text": body["prompt"], "finish_reason": "length", "logprobs": {
+            "tokens": ["t"] * n, "token_logprobs": self.values, "text_offset": list(range(n)),
+            "top_logprobs": None}}]}
+
+
+@pytest.mark.parametrize("values, ok", [
+    ([None, -1.5, -0.25, -0.5], True),  # vLLM / vpmoe serve: the first prompt token has no log-prob
+    ([-0.1, -1.5, -0.25, -0.5], True),  # a server that scores the first token too
+    ([None, None, -0.25, -0.5], False),  # the second prompt token without one
+    ([None, -1.5, None, -0.5], False),  # a later prompt token without one: not usable for loglik
+    ([None, None, None, None], False),  # transformers serve: fields present, values not
+    ([None], False),
+])
+def test_the_echo_probe_skips_only_the_first_prompt_log_prob(values, ok):
+    """Pins issue 33's planted bug: a probe that reads the first (always None) entry calls
+    every vLLM teacher unable to score, and one that skips more accepts a broken teacher."""
+    from megatron_vpmoe.distill.teacher_probe import probe
+
+    caps = asyncio.run(probe(EchoClient(values), ["echo_logprobs"]))
+    assert caps.features == {"echo_logprobs": ok}, caps.why
+    assert ("loglik" in caps.scorers()) == ok

@@ -92,14 +92,17 @@ def student_tokenizer(path: Path, shared_data: Path) -> int:
 
 
 class ScriptedTeacher:
-    """An OpenAI-style server whose chat and completion answers come from
-    ``self.answer(body, call_no) -> (status, payload[, delay_s])``; the capability probe's chat
-    request is answered apart (n choices), uncounted."""
+    """An OpenAI-style server (real HTTP on 127.0.0.1, aiohttp in a thread) whose chat and
+    completion answers come from ``self.answer(body, call_no) -> (status, payload[, delay_s])``;
+    ``payload`` may also be an async ``handler(request, stop_event)`` that answers at the HTTP
+    level (see :func:`hostile_answer`). The capability probe's chat request and ``/v1/models`` are
+    answered apart (n choices), uncounted, unless ``probe=False``: then they get ``answer`` too."""
 
-    def __init__(self, answer):
+    def __init__(self, answer, port=None, probe=True):
         self.answer = answer
+        self.probe = probe
         self.calls = 0
-        self.port = free_port()
+        self.port = port or free_port()
         self._ready = threading.Event()
 
     def __enter__(self):
@@ -111,19 +114,26 @@ class ScriptedTeacher:
     def _serve(self):
         from aiohttp import web
 
-        async def models(_):
+        async def models(request):
+            if not self.probe:
+                return await scripted(request, {})
             return web.json_response({"data": [{"id": "scripted"}]})
 
         async def chat(request):  # also /v1/completions; (status, payload[, delay_s])
             from megatron_vpmoe.distill.teacher_probe import PROBE_CHAT
 
             body = await request.json()
-            if body.get("messages") and body["messages"][-1]["content"] == PROBE_CHAT:
+            if self.probe and body.get("messages") and body["messages"][-1]["content"] == PROBE_CHAT:
                 return web.json_response(scripted_choices(body))  # the capability probe: chat with n served
+            return await scripted(request, body)
+
+        async def scripted(request, body):
             self.calls += 1
             status, payload, *delay = self.answer(body, self.calls)
             if delay:
                 await asyncio.sleep(delay[0])
+            if callable(payload):
+                return await payload(request, self._stop)
             if isinstance(payload, str):
                 return web.Response(status=status, text=payload)
             return web.json_response(payload, status=status)
@@ -133,7 +143,7 @@ class ScriptedTeacher:
             app.router.add_get("/v1/models", models)
             app.router.add_post("/v1/chat/completions", chat)
             app.router.add_post("/v1/completions", chat)
-            runner = web.AppRunner(app)
+            runner = web.AppRunner(app, shutdown_timeout=1.0)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", self.port).start()
             self._stop = asyncio.Event()
@@ -151,6 +161,77 @@ class ScriptedTeacher:
     @property
     def url(self):
         return f"http://127.0.0.1:{self.port}"
+
+
+HOSTILE_MODES = ("slow", "never", "huge", "huge_chunked", "nested", "garbage", "schema", "500", "429",
+                 "disconnect")
+
+
+def hostile_answer(mode: str):
+    """An answer function for :class:`ScriptedTeacher` that misbehaves as ``mode`` says:
+
+    * ``slow`` - headers, then one byte every 0.2 s, forever (no read ever times out; only the
+      whole request's deadline ends it);
+    * ``never`` - accepts the request and never answers;
+    * ``huge`` - announces ``Content-Length`` 3 GiB and streams spaces; ``huge_chunked`` streams
+      spaces without a length;
+    * ``nested`` - ``"[" * 200000 + "]" * 200000`` (JSON nested 200000 deep);
+    * ``garbage`` - 200 with bytes that are not JSON (nor UTF-8);
+    * ``schema`` - 200 with JSON of the wrong shape;
+    * ``500`` / ``429`` - that status, every time;
+    * ``disconnect`` - headers announcing 1000 bytes, 10 of them, then the connection closes.
+    """
+    from aiohttp import web
+
+    async def stream(request, stop, length=None, every=0.0, chunk=b" " * 65536):
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        if length is not None:
+            resp.content_length = length
+        await resp.prepare(request)
+        try:
+            while not stop.is_set():
+                await resp.write(chunk)
+                if every:
+                    try:
+                        await asyncio.wait_for(stop.wait(), every)
+                    except asyncio.TimeoutError:
+                        pass
+        except (ConnectionError, RuntimeError):  # the client hung up: what it should do
+            pass
+        return resp
+
+    async def never(request, stop):
+        await stop.wait()
+        return web.Response(status=503)
+
+    async def disconnect(request, stop):
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        resp.content_length = 1000
+        await resp.prepare(request)
+        await resp.write(b'{"choices"')
+        request.transport.close()
+        return resp
+
+    payloads = {
+        "slow": (200, lambda r, s: stream(r, s, every=0.2, chunk=b" ")),
+        "never": (200, never),
+        "huge": (200, lambda r, s: stream(r, s, length=3 << 30)),
+        "huge_chunked": (200, lambda r, s: stream(r, s)),
+        "nested": (200, "[" * 200000 + "]" * 200000),
+        "garbage": (200, lambda r, s: _raw(bytes(range(256)) * 4)),
+        "schema": (200, {"choices": "none", "data": 5}),
+        "500": (500, "internal error"),
+        "429": (429, "slow down"),
+        "disconnect": (200, disconnect),
+    }
+    status, payload = payloads[mode]
+    return lambda body, call: (status, payload)
+
+
+async def _raw(data: bytes):
+    from aiohttp import web
+
+    return web.Response(status=200, body=data, content_type="application/json")
 
 
 def scripted_choices(body, final="The answer is 5.", reasoning="2+3=5"):

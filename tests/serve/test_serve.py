@@ -508,9 +508,9 @@ def test_tokenising_is_off_the_event_loop_and_a_full_server_answers_503(backend)
 
     real = backend.encode_with_offsets
 
-    def slow(text):
+    def slow(text, **kw):
         time.sleep(1.0)
-        return real(text)
+        return real(text, **kw)
 
     async def body(client):
         backend.encode_with_offsets = slow
