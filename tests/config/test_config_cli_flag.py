@@ -12,8 +12,8 @@ def test_validate_accepts_positional_and_flag(capsys):
 
 
 def test_show_accepts_the_flag(capsys):
-    assert main(["config", "show", "--config", TINY, "--set", "train.steps=3"]) == 0
-    assert "steps: 3" in capsys.readouterr().out
+    assert main(["config", "show", "--config", TINY, "--set", "train.steps=321"]) == 0
+    assert "steps: 321" in capsys.readouterr().out
 
 
 def test_missing_or_conflicting_config_is_one_line(capsys, tmp_path):
