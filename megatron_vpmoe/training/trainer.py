@@ -63,6 +63,7 @@ from megatron_vpmoe.training.preemption import (
     write_requeue_marker,
 )
 from megatron_vpmoe.training.schedule import learning_rate
+from megatron_vpmoe.training.summary import SMOOTH_FRACTION, describe, smoothed_ends
 from megatron_vpmoe.utils.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, VpmoeError
 from megatron_vpmoe.utils.notices import install as install_notices
 
@@ -400,6 +401,7 @@ class Trainer:
                 self.nonfinite_in_a_row = 0
                 self.summary["first"] = self.summary["first"] or dict(out)
                 self.summary["last"] = dict(out)
+                self.summary["steps"].append({k: out.get(k) for k in ("step", "loss", "bits_per_byte")})
         out = records[-1]
         if bar is not None:
             bar.set_postfix(loss=_fmt(out["loss"]), lr=f"{out['lr']:.2e}", tok_s=f"{out['tokens_per_s']:.0f}")
@@ -468,7 +470,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        self.summary = {"start_step": self.step, "first": None, "last": None, "valid": None}
+        self.summary = {"start_step": self.step, "first": None, "last": None, "valid": None, "steps": []}
         start_time = time.perf_counter()
         start_step = self.step
         batches = iter(batching.micro_batch_loader(train_set, sampler, self.step, end, cfg.data.num_workers))
@@ -547,9 +549,11 @@ class Trainer:
             bpb = rec.get("bits_per_byte")
             return f"step {rec['step']} loss {rec['loss']:.4f}" + (f" bits/byte {bpb:.4f}" if bpb else "")
 
+        ends = smoothed_ends(s["steps"])
         lines = [f"trained steps {s['start_step']}..{self.step} in {s['elapsed_s']:.1f}s "
-                 f"({s['tokens_per_s']:.0f} tokens/s)",
-                 f"  first: {fmt(s['first'])}", f"  last:  {fmt(s['last'])}"]
+                 f"({s['tokens_per_s']:.0f} tokens/s); first/last: means over the first/last "
+                 f"{SMOOTH_FRACTION:.0%} of the steps",
+                 f"  first: {describe(ends['first'])}", f"  last:  {describe(ends['last'])}"]
         if s["valid"]:
             lines.append(f"  valid: {fmt(s['valid'])}")
         lines.append(f"  checkpoints: {self.cfg.checkpoint_dir}  metrics: {self.cfg.run.dir}/metrics.jsonl")
