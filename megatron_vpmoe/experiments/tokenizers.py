@@ -482,17 +482,19 @@ def write_slurm_jobs(config: str, out: Optional[str] = None, overrides: Sequence
 
     exp = load_experiment_config(config, out, overrides)
     prep = prepare(exp)
-    scripts = []
+    jobs = []
     for variant, seed in runs(exp):
         cfg, _ = run_config(exp, variant, seed, prep, in_process=False)
         cfg.data.cache_dir = str(run_dir(exp, variant.name, seed) / "data_cache")
         train_yaml = save_resolved_config(cfg, run_dir(exp, variant.name, seed) / "train.yaml")
         job = SlurmJob(config=str(train_yaml), workdir=str(Path.cwd()), **(job_options or {}))
-        script, _, name = render_sbatch(job)
-        path = exp.out / "launch" / f"{name}.sbatch"
-        atomic_write_text(path, script)
+        jobs.append((job, render_sbatch(job)))  # refuses what the trainer would: no script is written then
+    scripts = []
+    for job, rendered in jobs:
+        path = exp.out / "launch" / f"{rendered[2]}.sbatch"
+        atomic_write_text(path, rendered[0])
         scripts.append(path)
         if not dry_run:
-            write_and_submit(job)
+            write_and_submit(job, rendered=rendered)
     print("\n".join(f"{'wrote' if dry_run else 'submitted'} {p}" for p in scripts))
     return scripts

@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_vpmoe.config.startup import check_world_layout
 from megatron_vpmoe.training import batches as batching
 from megatron_vpmoe.training.checkpoint import (
     CheckpointManager,
@@ -102,15 +103,7 @@ class Trainer:
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         from megatron_vpmoe.parallel import ParallelModel, build_parallel_model, init_parallel
 
-        cfg.parallel.validate(cfg.model)
-        if cfg.parallel.sequence_parallel:
-            if cfg.data.seq_length % cfg.parallel.tensor:
-                raise ConfigError(f"data.seq_length ({cfg.data.seq_length}) must be divisible by parallel.tensor "
-                                  f"({cfg.parallel.tensor}) to split the sequence", key="parallel.sequence_parallel")
-            if cfg.train.transformer_impl == "transformer_engine":
-                raise ConfigError("sequence parallelism runs with the local (megatron-core) linears, not "
-                                  "train.transformer_impl: transformer_engine", key="parallel.sequence_parallel")
-        cfg.parallel.resolve_data(self.world_size)  # e.g. tensor=2 in one process: one line naming the key
+        check_world_layout(cfg, self.world_size)  # e.g. tensor=2 in one process: one line naming the key
         self.ctx = init_parallel(cfg.parallel)
         self.dp_size, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
         self.accum = cfg.train.check_batch_layout(self.dp_size)
