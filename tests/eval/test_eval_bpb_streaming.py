@@ -56,3 +56,10 @@ def test_one_forward_is_bounded_by_the_logits_budget(backend, monkeypatch):
     monkeypatch.setattr(backend, "vocab_size", 201_088)  # an o200k-sized head: one 2048-token window a forward
     assert R.score_rows(backend, 2048) == 1
     assert R.score_rows(backend, 128) == R.SCORE_LOGITS_BYTES // (4 * 128 * 201_088)
+
+
+def test_eval_threads_flag_is_checked(capsys):
+    from megatron_vpmoe.cli import main
+
+    assert main(["eval", "nowhere", "--tasks", "bpb", "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
