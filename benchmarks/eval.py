@@ -1,8 +1,14 @@
-"""Benchmark of the evaluation harness: batched vs one-at-a-time scoring, and KV-cached
-generation of the converted model (HF remote code) with and without its KV cache.
+"""Benchmark of the evaluation harness: bits-per-byte scoring (streamed sums vs per-token
+results), batched vs one-at-a-time scoring, and KV-cached generation of the converted model.
 
 Builds a small VPMoE (tiny-cpu shape, vocab 512), converts it to HF format in a temporary
 directory, and times, in the same run:
+- bits-per-byte scoring with the tiny-cpu config as shipped (vocab 8192, a BPE 8k tokenizer trained
+  on the first 600 KB of Tiny Shakespeare; 3.3M parameters) of its last 212 KB (the issue's held-out size), each
+  path in its own process so each has its own peak RSS: the old path (``Backend.score`` on every
+  window, per-token log-probs and greedy flags kept, then summed: what ``run_bits_per_byte`` did)
+  vs the new one (``eval.requests.document_nll``: per-window sums only, ~4,096 tokens a forward);
+  tokens/s, peak RSS and both NLLs (they must agree);
 - multiple-choice scoring (COPA, 64 items = 128 requests) at batch size 8 vs 1;
 - greedy generation of 64 tokens for 4 prompts in one batch: the backend's ``generate`` (HF
   ``generate`` with the sliding-window ``DynamicCache``) vs the same call with ``use_cache=False``.
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +38,36 @@ def _tokenizer(out: Path, shared: Path) -> None:
     train_bpe([(shared / "corpora" / "tinyshakespeare.txt").read_text()[:100_000]], 500).save(out)
 
 
+BPB_BYTES = 212_000
+BPB_CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[4])
+import torch
+torch.set_num_threads(1)
+from megatron_vpmoe.eval.requests import document_nll, document_windows
+from megatron_vpmoe.inference import open_backend
+backend = open_backend(sys.argv[2])
+ids = backend.encode(open(sys.argv[3], encoding="utf-8").read())
+windows = document_windows(backend, ids)
+start = time.perf_counter()
+if sys.argv[1] == "old":  # the pre-streaming run_bits_per_byte: every window's per-token results kept
+    nll = float(-torch.cat([lp for lp, _ in backend.score(windows, [1] * len(windows))]).double().sum())
+else:
+    nll = document_nll(backend, windows)
+seconds = time.perf_counter() - start
+print(json.dumps({"tokens": len(ids), "seconds": seconds, "nll": nll,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _bpb_path(mode: str, hf: Path, text: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", BPB_CHILD, mode, str(hf), str(text), str(ROOT)], capture_output=True,
+                         text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if out.returncode != 0:
+        raise SystemExit(f"bpb {mode} path failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     import torch
 
@@ -40,10 +77,13 @@ def main() -> int:
     from megatron_vpmoe.eval.tasks import run_multiple_choice
     from megatron_vpmoe.inference import SampleParams, open_backend
     from megatron_vpmoe.model import VpmoeModel
+    from megatron_vpmoe.tokenizers.train import train_bpe
     from megatron_vpmoe.utils.atomic import atomic_write_text
 
     torch.set_num_threads(1)
-    shared = ROOT.parent / "shared" / "data"
+    from megatron_vpmoe.utils.paths import data_dir
+
+    shared = data_dir()  # $VPMOE_DATA, ../shared/data or the embedded default (all hold these files)
     results = {"threads": 1, "device": "cpu"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -53,6 +93,23 @@ def main() -> int:
         torch.manual_seed(0)
         write_native_checkpoint(tmp / "ckpt", VpmoeModel(cfg.model), 0, dump_config(cfg), source="benchmark")
         convert_to_hf(str(tmp / "ckpt"), str(tmp / "hf"), progress=False)
+        text = tmp / "heldout.txt"
+        corpus = (shared / "corpora" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+        raw = corpus.encode("utf-8")[-BPB_BYTES:]
+        text.write_text(raw.decode("utf-8", errors="ignore"), encoding="utf-8")
+        train_bpe([corpus[:600_000]], 8192).save(tmp / "tok8k")
+        big = load_config(ROOT / "examples" / "configs" / "tiny-cpu.yaml", [f"data.tokenizer={tmp / 'tok8k'}"])
+        torch.manual_seed(0)
+        write_native_checkpoint(tmp / "ckpt8k", VpmoeModel(big.model), 0, dump_config(big), source="benchmark")
+        convert_to_hf(str(tmp / "ckpt8k"), str(tmp / "hf8k"), progress=False)
+        for mode in ("new", "old"):
+            run = _bpb_path(mode, tmp / "hf8k", text)
+            results[f"bpb_{mode}_tokens_per_s"] = run["tokens"] / run["seconds"]
+            results[f"bpb_{mode}_peak_rss_mb"] = run["peak_rss_mb"]
+            results[f"bpb_{mode}_nll"] = run["nll"]
+            results["bpb_tokens"], results["bpb_bytes"] = run["tokens"], len(raw)
+        results["bpb_speedup"] = results["bpb_new_tokens_per_s"] / results["bpb_old_tokens_per_s"]
+        results["bpb_nll_abs_diff"] = abs(results["bpb_new_nll"] - results["bpb_old_nll"])
         copa = shared / "eval" / "mc" / "copa.jsonl"
         for bs in (8, 1):
             backend = open_backend(str(tmp / "hf"), batch_size=bs)
@@ -86,6 +143,14 @@ def main() -> int:
     atomic_write_text(out_dir / "eval.md", "\n".join([
         "# Evaluation harness benchmark (tiny VPMoE converted to HF, 1 CPU thread)", "",
         "| measurement | value |", "|---|---:|",
+        f"| bpb scoring (tiny-cpu, vocab 8192), {results['bpb_bytes'] // 1000} KB ({results['bpb_tokens']} tokens), per-window sums "
+        f"(tokens/s) | {results['bpb_new_tokens_per_s']:.0f} |",
+        f"| bpb scoring, per-token results kept, the old path (tokens/s) | {results['bpb_old_tokens_per_s']:.0f} |",
+        f"| bpb speed-up | {results['bpb_speedup']:.2f}x |",
+        f"| bpb peak RSS, new / old (MB, whole process) | {results['bpb_new_peak_rss_mb']:.0f} / "
+        f"{results['bpb_old_peak_rss_mb']:.0f} |",
+        f"| NLL new vs old, absolute difference (nats, of {results['bpb_new_nll']:.1f}) | "
+        f"{results['bpb_nll_abs_diff']:.2e} |",
         f"| MC scoring, batch 8 (requests/s) | {results['mc_requests_per_s_batch8']:.1f} |",
         f"| MC scoring, batch 1 (requests/s) | {results['mc_requests_per_s_batch1']:.1f} |",
         f"| batching speed-up | {results['mc_batching_speedup']:.2f}x |",

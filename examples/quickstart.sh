@@ -87,11 +87,15 @@ $VPMOE distill build-corpus --generated "$QS/kd/gen" --out "$QS/kd/corpus" --tok
     --set log.progress_bar=false
 
 step "5. distillation phase 2: on-policy, teacher-scored"
+# a few fixed prompts, revisited every pass (2 steps), so the first and last passes score the same
+# prompts: the printed change is the policy's, not the prompts' (a different prompt every step swung
+# the first-vs-last score by more than 6 steps move it)
+head -n 4 "$DATA/kd/gsm8k_train.jsonl" > "$QS/onpolicy-prompts.jsonl"
 $VPMOE distill onpolicy --config examples/configs/distill-onpolicy.yaml \
     --set "run.dir=$QS/onpolicy" --set "data.tokenizer=$QS/tokenizers/bpe-8k" \
     --set "checkpoint.load=$QS/phase1/checkpoints" --set "distill.onpolicy.reference=$QS/phase1/checkpoints" \
     --set "distill.teacher_url=http://127.0.0.1:$PORT" --set "train.steps=$ONPOLICY_STEPS" \
-    --set "distill.onpolicy.prompts=[$DATA/kd/gsm8k_train.jsonl]" \
+    --set "distill.onpolicy.prompts=[$QS/onpolicy-prompts.jsonl]" \
     --set distill.onpolicy.max_new_tokens=48 --set distill.onpolicy.prompts_per_step=2 \
     --set distill.onpolicy.samples_per_prompt=2 --set log.progress_bar=false
 kill $SERVER 2>/dev/null || true

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from megatron_vpmoe.inference.checkpoint import run_name
 from megatron_vpmoe.tokenizers.specials import HARMONY_MARKERS
 from megatron_vpmoe.utils.errors import InputError, UsageError
 
@@ -69,7 +70,7 @@ def model_card(cfg, counts, step, source: str, dtype: str) -> str:
     blend = [str(entry[1]) for entry in cfg.data.blend] or (["mock data"] if cfg.data.mock else [])
     return "\n".join([
         "---", "library_name: transformers", "tags: [vpmoe, mixture-of-experts, custom_code]", "---", "",
-        f"# {cfg.run.name or Path(cfg.run.dir).name} (VPMoE)", "",
+        f"# {run_name(cfg)} (VPMoE)", "",
         f"Converted from `{source}` (training step {step}) by `vpmoe convert to-hf`; weights in {dtype}.",
         "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.", "",
         "## Architecture", "",

@@ -73,6 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("prefix", metavar="PREFIX", help="dataset prefix (without .bin/.idx)")
     inspect.add_argument("--tokenizer", dest="inspect_tokenizer", metavar="DIR", default=None)
     inspect.add_argument("--show", type=int, default=1, help="documents to decode (with --tokenizer)")
+    inspect.add_argument("--max-chars", type=int, default=2000,
+                         help="characters of each decoded document to print (default 2000)")
+    inspect.add_argument("--full", action="store_true", help="print whole decoded documents")
     inspect.set_defaults(func=_inspect)
 
 
@@ -148,6 +151,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
         tok = load(args.inspect_tokenizer)
         for i in range(min(args.show, len(ds))):
-            print(f"--- document {i} ---")
-            print(tok.decode(ds[i].tolist()))
+            ids = ds[i].tolist()
+            text = tok.decode(ids)
+            print(f"--- document {i} ({len(ids)} tokens, {len(text)} characters) ---")
+            if args.full or len(text) <= args.max_chars:
+                print(text)
+            else:
+                print(text[: args.max_chars])
+                print(f"[... first {args.max_chars} of {len(text)} characters; --full prints the whole document]")
     return 0

@@ -18,18 +18,18 @@ Reading the pieces in order yields exactly what :func:`iter_documents` yields fo
 """
 from __future__ import annotations
 
-import glob
 import gzip
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from megatron_vpmoe.utils.errors import InputError
+from megatron_vpmoe.utils.inputs import PLAIN_TEXT_SUFFIXES, has_suffix
+from megatron_vpmoe.utils.inputs import expand_inputs as expand_paths
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
-TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts")
+TEXT_SUFFIXES = PLAIN_TEXT_SUFFIXES + (".txt.gz",)
 SUFFIXES = JSONL_SUFFIXES + (".parquet",) + TEXT_SUFFIXES
 
 
@@ -47,35 +47,9 @@ class Skipped:
     nbytes: int
 
 
-def _has_suffix(path: Path) -> bool:
-    name = path.name.lower()
-    return any(name.endswith(s) for s in SUFFIXES)
-
-
 def expand_inputs(patterns: Sequence[str]) -> List[Path]:
     """Files of every pattern (file, directory, glob) in a stable order, each once."""
-    files: List[Path] = []
-    for pattern in patterns:
-        p = Path(pattern)
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and _has_suffix(q))
-        elif p.is_file():
-            found = [p]
-        else:
-            found = sorted(Path(q) for q in glob.glob(pattern, recursive=True) if Path(q).is_file())
-        if not found:
-            raise InputError(f"{pattern}: no input files (supported: {', '.join(SUFFIXES)})")
-        for f in found:
-            if not _has_suffix(f):
-                raise InputError(f"{f}: unsupported input type (supported: {', '.join(SUFFIXES)})")
-        files.extend(found)
-    seen, unique = set(), []
-    for f in files:
-        key = os.path.realpath(f)
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique
+    return expand_paths(patterns, SUFFIXES)
 
 
 DEFAULT_MAX_DOC_BYTES = 8 << 20  # --max-doc-bytes: one record's input bytes (docs/data.md)

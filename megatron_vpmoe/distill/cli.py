@@ -149,9 +149,12 @@ def _onpolicy(args: argparse.Namespace) -> int:
     start = trainer.step
     history = trainer.run()
     if history:
-        first, last = history[0], history[-1]
+        from megatron_vpmoe.distill.onpolicy import score_change
+
+        last = history[-1]
+        before, after, how = score_change(history, len(trainer.prompts), cfg.distill.onpolicy.prompts_per_step)
         print(f"on-policy steps {start + 1}..{last['step']}: teacher score "
-              f"{first['teacher_score']:.4f} -> {last['teacher_score']:.4f}, KL {last['kl']:.4f}, "
+              f"{before:.4f} -> {after:.4f} ({how}), KL {last['kl']:.4f}, "
               f"{sum(h['dropped'] for h in history)} samples dropped; checkpoints in {cfg.checkpoint_dir}")
     else:
         print(f"nothing to do: already at step {start} of {cfg.train.steps}")

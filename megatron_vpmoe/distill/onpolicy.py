@@ -475,6 +475,19 @@ class OnPolicyTrainer:
         return history
 
 
+def score_change(history: list, n_prompts: int, prompts_per_step: int) -> tuple:
+    """``(before, after, how)``: the teacher's mean score at the start and the end of a run, over the
+    same prompts when the run passes over its prompts (in order, ``prompts_per_step`` a step) at
+    least twice: the first pass against the last; else the first step against the last (different
+    prompts: ``how`` says so)."""
+    scores = [h["teacher_score"] for h in history]
+    per_pass = n_prompts // math.gcd(n_prompts, prompts_per_step)  # steps until the prompt order repeats
+    if per_pass and len(scores) >= 2 * per_pass:  # any per_pass consecutive steps read every prompt alike
+        before, after = sum(scores[:per_pass]) / per_pass, sum(scores[-per_pass:]) / per_pass
+        return before, after, f"mean over the same {n_prompts} prompts, first vs last {per_pass} step(s)"
+    return scores[0], scores[-1], "first vs last step (different prompts: not comparable)"
+
+
 def _std(xs: list) -> float:
     if len(xs) < 2:
         return 0.0

@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=None, help="longest input (default: the model's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's, one per core; on a busy shared CPU "
+                             "--threads 1 avoids stalls, see docs/eval.md)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let a Hugging Face directory run the Python code it ships (auto_map); only for "
                              "directories from a trusted source (VPMoE directories from 'vpmoe convert to-hf' "
@@ -46,6 +49,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     tasks = resolve_tasks(args.tasks)
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError("--threads must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     backend = open_backend(args.model, batch_size=args.batch_size, max_length=args.max_length, device=args.device,
                            trust_remote_code=args.trust_remote_code)
     options = EvalOptions(

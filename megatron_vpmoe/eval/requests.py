@@ -1,4 +1,4 @@
-"""What evaluation tasks ask of a backend, in text: continuation log-likelihoods, per-token NLL of documents, greedy completions.
+"""What evaluation tasks ask of a backend, in text: continuation log-likelihoods, the NLL of documents, greedy completions.
 
 Built on the backend's batched ``score`` and ``generate`` (:class:`megatron_vpmoe.inference.Backend`);
 inputs are kept within the model's ``max_length`` here, by truncating from the left.
@@ -6,6 +6,7 @@ inputs are kept within the model's ``max_length`` here, by truncating from the l
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -48,15 +49,37 @@ def loglikelihood(backend: Backend, requests: Sequence[Tuple[str, str]]) -> List
     return [(float(lp.sum()), bool(g.all())) for lp, g in backend.score(seqs, starts)]
 
 
-def token_nlls(backend: Backend, ids: Sequence[int], window: Optional[int] = None) -> torch.Tensor:
-    """Per-token NLL (nats) of every token of a document given all before it, read in
-    non-overlapping windows of ``window`` (default ``max_length``) tokens, the first one
-    after the prefix token."""
+def document_windows(backend: Backend, ids: Sequence[int], window: Optional[int] = None) -> List[List[int]]:
+    """How a document is scored: the prefix (document-start) token, then the document's tokens, cut
+    into non-overlapping windows of ``window`` (default ``max_length``) targets; each window is
+    read with the token before it as its first input, so every token is scored once, given the
+    tokens before it in its own window only (no context carried across windows)."""
     window = window or backend.max_length
     seq = [backend.prefix_token_id] + list(ids)
-    pieces = [seq[begin - 1: begin + window] for begin in range(1, len(seq), window)]
-    scored = backend.score(pieces, [1] * len(pieces))
-    return -torch.cat([lp for lp, _ in scored]) if scored else torch.zeros(0)
+    return [seq[begin - 1: begin + window] for begin in range(1, len(seq), window)]
+
+
+# one scoring forward's size: at most this many tokens, and logits (tokens x vocab float32) of at most
+# this many bytes (a 200k vocabulary gets fewer rows), at least one window
+SCORE_TOKENS = 4096
+SCORE_LOGITS_BYTES = 256 << 20
+
+
+def score_rows(backend: Backend, window: int) -> int:
+    """Windows of ``window`` tokens per forward when scoring documents: as many as
+    :data:`SCORE_TOKENS` and :data:`SCORE_LOGITS_BYTES` allow, at least one."""
+    vocab = backend.vocab_size or 1
+    return max(1, min(SCORE_TOKENS // window, SCORE_LOGITS_BYTES // (4 * window * vocab)))
+
+
+def document_nll(backend: Backend, windows: Sequence[Sequence[int]], progress=None) -> float:
+    """Summed NLL (nats) of every target of ``windows`` (:func:`document_windows`), in forwards of
+    :func:`score_rows` windows, keeping only per-window sums (memory is one forward's, whatever the
+    text's length); ``progress(n)`` gets the windows done after each forward."""
+    if not windows:
+        return 0.0
+    rows = score_rows(backend, max(len(w) for w in windows))
+    return math.fsum(backend.nll_sums(windows, [1] * len(windows), rows=rows, progress=progress))
 
 
 def greedy_completions(backend: Backend, prompts: Sequence[str], max_new_tokens: int,

@@ -19,7 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_vpmoe.eval.requests import greedy_completions, loglikelihood, split_request, token_nlls
+from megatron_vpmoe.eval.requests import (
+    document_nll, document_windows, greedy_completions, loglikelihood, split_request)
 from megatron_vpmoe.inference.backend import Backend
 from megatron_vpmoe.training.loss import bits_per_byte
 from megatron_vpmoe.utils.answers import predicted_answer, reference_answer
@@ -207,18 +208,26 @@ def read_documents(path: Path, limit: Optional[int]) -> List[str]:
     return docs
 
 
-def run_bits_per_byte(backend: Backend, path: Path, limit: Optional[int]) -> Dict[str, float]:
+def run_bits_per_byte(backend: Backend, path: Path, limit: Optional[int], *, progress: bool = True) -> Dict[str, float]:
     """Summed token NLL (nats) / ln 2 / UTF-8 bytes, over whole documents (every token scored,
-    the first after the document-start token): comparable across tokenizers."""
+    the first after the document-start token, in non-overlapping ``max_length`` windows:
+    :func:`~megatron_vpmoe.eval.requests.document_windows`): comparable across tokenizers.
+    A progress bar (windows) goes to stderr on a terminal."""
     docs = read_documents(path, limit)
-    nll = 0.0
-    tokens = nbytes = 0
-    for doc in docs:
-        ids = backend.encode(doc)
-        losses = token_nlls(backend, ids)
-        nll += float(losses.double().sum())
-        tokens += len(ids)
-        nbytes += len(doc.encode("utf-8"))
+    encoded = [backend.encode(doc) for doc in docs]
+    windows = [document_windows(backend, ids) for ids in encoded]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(map(len, windows)), desc="bpb", unit="window", disable=None)  # None: a terminal only
+    try:
+        nll = math.fsum(document_nll(backend, w, progress=bar.update if bar is not None else None) for w in windows)
+    finally:
+        if bar is not None:
+            bar.close()
+    tokens = sum(map(len, encoded))
+    nbytes = sum(len(doc.encode("utf-8")) for doc in docs)
     return {"bpb": bits_per_byte(nll, nbytes), "nll_nats": nll, "tokens": tokens, "bytes": nbytes,
             "bytes_per_token": nbytes / max(tokens, 1), "n": len(docs)}
 
@@ -272,6 +281,17 @@ def resolve_tasks(spec: str) -> List[str]:
     if not names:
         raise InputError("no tasks given")
     return names
+
+
+def task_data_file(name: str, eval_dir: Path) -> Optional[Path]:
+    """The file in ``eval_dir`` task ``name`` reads by default (None: its text is given, or defaults to LAMBADA)."""
+    if name in MC_FILES:
+        return eval_dir / MC_FILES[name]
+    if name in COMPLETION_FILES:
+        return eval_dir / COMPLETION_FILES[name]
+    if name == "gsm8k":
+        return eval_dir / "gsm8k_test.jsonl"
+    return None
 
 
 def task_runner(name: str, *, eval_dir: Path, limit: Optional[int], bpb_text: Optional[Path],

@@ -9,7 +9,10 @@ then train every variant with every seed (``run.seed``: model init and data orde
 bytes of text with the project's trainer and role-aware objective (only ``model.vocab_size``
 differs), evaluate, and write one report (:mod:`.report`).
 
-Input paths in the config are relative to the config file; ``out`` is relative to the current
+Input paths in the config are relative to the config file, or ``data:REL`` for ``REL`` in the
+data folder (``utils.paths.data_dir``: ``$VPMOE_DATA``, ``../shared/data``, else the default
+embedded in the package, as the quickstart reads); on the embedded default, corpus entries and
+eval tasks whose files it does not hold are skipped with a notice. ``out`` is relative to the current
 directory. Resumable per run: every stage's output lives under ``OUT/<variant>/`` (tokenizer)
 and ``OUT/<variant>/seed-<s>/`` (the trainer's checkpoints, which it resumes from, eval results,
 ``summary.json``); a stage whose output is complete is skipped. With ``launch`` the training
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from megatron_vpmoe.experiments.corpus import (
-    Source, documents_digest, parse_source, read_splits, read_written, write_documents)
+    SOURCE_KINDS, Source, documents_digest, parse_source, read_splits, read_written, write_documents)
 from megatron_vpmoe.experiments.stats import smooth, spike_count
 from megatron_vpmoe.utils.errors import ConfigError, InputError
 
@@ -132,10 +135,20 @@ def load_experiment_config(path: str | Path, out: Optional[str] = None,
         if key not in KNOWN_KEYS:
             raise ConfigError(f"unknown key (known: {', '.join(sorted(KNOWN_KEYS))})", key=str(key), file=src)
     here = path.resolve().parent
+    from megatron_vpmoe.utils.paths import data_dir, embedded_data_dir
+
+    data = data_dir()
+    embedded = data.resolve() == embedded_data_dir().resolve()
 
     def resolve(p: str) -> Path:
+        if p.startswith(DATA_PREFIX):
+            return data / p[len(DATA_PREFIX):]
         q = Path(p).expanduser()
         return q if q.is_absolute() else here / q
+
+    def absent_from_embedded(p) -> bool:
+        """A ``data:`` path the embedded default does not hold: skipped there, with a notice."""
+        return embedded and isinstance(p, str) and p.startswith(DATA_PREFIX) and not resolve(p).exists()
 
     def need(key, kind):
         if key not in raw:
@@ -146,7 +159,16 @@ def load_experiment_config(path: str | Path, out: Optional[str] = None,
 
     corpus = need("corpus", (str, list, dict))
     corpus = corpus if isinstance(corpus, list) else [corpus]
-    sources = [parse_source(c, f"corpus[{i}]", src, resolve) for i, c in enumerate(corpus)]
+    kept = []
+    for i, c in enumerate(corpus):
+        given = next((c[k] for k in SOURCE_KINDS if k in c), None) if isinstance(c, dict) else c
+        if absent_from_embedded(given):
+            _skip_notice(f"corpus[{i}]: {given} is not in the embedded default data ({data})")
+            continue
+        kept.append(parse_source(c, f"corpus[{i}]", src, resolve))
+    if not kept:
+        raise ConfigError("no corpus source exists in the data folder " + str(data), key="corpus", file=src)
+    sources = kept
     ev = raw.get("eval", {}) or {}
     if not isinstance(ev, dict):
         raise ConfigError("expected a mapping", key="eval", file=src)
@@ -184,11 +206,37 @@ def load_experiment_config(path: str | Path, out: Optional[str] = None,
         base_config=base, overrides=[str(o) for o in sets], corpus=sources,
         train_bytes=int(need("train_bytes", int)), valid_bytes=int(raw.get("valid_bytes", 50_000)),
         tokenizer_train_bytes=int(raw.get("tokenizer_train_bytes", 1_000_000)), seeds=list(seeds),
-        eval_tasks=list(ev.get("tasks", ["bpb", "long_context"])), eval_limit=ev.get("limit"),
+        eval_tasks=_present_tasks(list(ev.get("tasks", ["bpb", "long_context"])), data / "eval", embedded),
+        eval_limit=ev.get("limit"),
         bpb_text=resolve(ev["bpb_text"]) if ev.get("bpb_text") else None,
         long_text=resolve(ev["long_text"]) if ev.get("long_text") else None,
         variants=variants, onpolicy=onpolicy, source=src,
     )
+
+
+DATA_PREFIX = "data:"  # a config path in the data folder (utils.paths.data_dir)
+
+
+def _skip_notice(what: str) -> None:
+    import sys
+
+    print(f"vpmoe experiment: {what}; skipped (the ../shared data has it)", file=sys.stderr, flush=True)
+
+
+def _present_tasks(tasks: List[str], eval_dir: Path, embedded: bool) -> List[str]:
+    """``tasks``, less those whose data file the embedded default does not hold (on the embedded default only)."""
+    if not embedded:
+        return tasks
+    from megatron_vpmoe.eval.tasks import task_data_file
+
+    kept = []
+    for name in tasks:
+        needed = task_data_file(name, eval_dir)
+        if needed is not None and not needed.is_file():
+            _skip_notice(f"eval task {name}: {needed} is not in the embedded default data")
+            continue
+        kept.append(name)
+    return kept
 
 
 # ---- shared stages: documents, tokenizers, shards ------------------------------------------
@@ -371,7 +419,7 @@ def summarize_run(exp: ExperimentConfig, variant: Variant, seed: int, prep: dict
                               max_new_tokens=64, gsm8k_shots=2)
         results = run_eval(backend, options, model_name=f"{variant.name} seed {seed}")
         # held-out documents of the experiment's own corpus, every token scored (Harmony chats included)
-        results["heldout"] = run_bits_per_byte(backend, prep["documents"]["valid"], None)
+        results["heldout"] = run_bits_per_byte(backend, prep["documents"]["valid"], None, progress=progress)
         write_results(results, rdir / "eval")
     seconds["eval_s"] = time.perf_counter() - t0
 
@@ -482,17 +530,19 @@ def write_slurm_jobs(config: str, out: Optional[str] = None, overrides: Sequence
 
     exp = load_experiment_config(config, out, overrides)
     prep = prepare(exp)
-    scripts = []
+    jobs = []
     for variant, seed in runs(exp):
         cfg, _ = run_config(exp, variant, seed, prep, in_process=False)
         cfg.data.cache_dir = str(run_dir(exp, variant.name, seed) / "data_cache")
         train_yaml = save_resolved_config(cfg, run_dir(exp, variant.name, seed) / "train.yaml")
         job = SlurmJob(config=str(train_yaml), workdir=str(Path.cwd()), **(job_options or {}))
-        script, _, name = render_sbatch(job)
-        path = exp.out / "launch" / f"{name}.sbatch"
-        atomic_write_text(path, script)
+        jobs.append((job, render_sbatch(job)))  # refuses what the trainer would: no script is written then
+    scripts = []
+    for job, rendered in jobs:
+        path = exp.out / "launch" / f"{rendered[2]}.sbatch"
+        atomic_write_text(path, rendered[0])
         scripts.append(path)
         if not dry_run:
-            write_and_submit(job)
+            write_and_submit(job, rendered=rendered)
     print("\n".join(f"{'wrote' if dry_run else 'submitted'} {p}" for p in scripts))
     return scripts

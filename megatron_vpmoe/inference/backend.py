@@ -184,37 +184,62 @@ class Backend:
         Raises :class:`Cancelled` soon after ``cancelled`` is set."""
         raise NotImplementedError
 
+    def _forward_batches(self, sequences: Sequence[Sequence[int]], rows: int, cancelled=None):
+        """``(indices, logits)`` per forward over ``rows`` sequences at a time, longest first:
+        each sequence but its last token, right-padded; sequences of one token are skipped."""
+        order = sorted((i for i in range(len(sequences)) if len(sequences[i]) > 1), key=lambda i: -len(sequences[i]))
+        with self._lock, stop_when(self.model, cancelled):
+            for b in range(0, len(order), rows):
+                idx = order[b: b + rows]
+                lengths = torch.tensor([len(sequences[i]) - 1 for i in idx])
+                batch = torch.zeros(len(idx), int(lengths.max()), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    batch[row, : len(sequences[i]) - 1] = torch.tensor(sequences[i][:-1], dtype=torch.long)
+                yield idx, self.forward_logits(batch, lengths)
+
+    @staticmethod
+    def _check_starts(sequences, starts) -> None:
+        if len(sequences) != len(starts):
+            raise ValueError(f"{len(sequences)} sequences but {len(starts)} starts")
+        for i, (seq, start) in enumerate(zip(sequences, starts)):
+            if not 1 <= start <= len(seq):
+                raise ValueError(f"starts[{i}] = {start} must be between 1 and len(sequence) = {len(seq)}")
+
     @torch.no_grad()
     def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int],
               cancelled: Optional[threading.Event] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """For each sequence, ``log p(seq[j] | seq[:j])`` and whether ``seq[j]`` is the argmax,
         for ``j`` in ``[start, len(seq))`` (``start >= 1``); the last token is only a target.
         Callers keep inputs within what the model reads (``max_length``)."""
-        if len(sequences) != len(starts):
-            raise ValueError(f"{len(sequences)} sequences but {len(starts)} starts")
-        for i, (seq, start) in enumerate(zip(sequences, starts)):
-            if not 1 <= start <= len(seq):
-                raise ValueError(f"starts[{i}] = {start} must be between 1 and len(sequence) = {len(seq)}")
-        out: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(sequences)
+        self._check_starts(sequences, starts)
         empty = (torch.zeros(0), torch.zeros(0, dtype=torch.bool))
-        order = sorted((i for i in range(len(sequences)) if len(sequences[i]) > 1), key=lambda i: -len(sequences[i]))
-        for i in range(len(sequences)):
-            if len(sequences[i]) == 1:
-                out[i] = empty  # nothing to score
-        with self._lock, stop_when(self.model, cancelled):
-            for b in range(0, len(order), self.batch_size):
-                idx = order[b: b + self.batch_size]
-                lengths = torch.tensor([len(sequences[i]) - 1 for i in idx])
-                batch = torch.zeros(len(idx), int(lengths.max()), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    batch[row, : len(sequences[i]) - 1] = torch.tensor(sequences[i][:-1], dtype=torch.long)
-                logits = self.forward_logits(batch, lengths)
-                for row, i in enumerate(idx):
-                    seq, start = sequences[i], starts[i]
-                    row_logits = logits[row, start - 1: len(seq) - 1].float()
-                    targets = torch.tensor(seq[start:], dtype=torch.long)
-                    out[i] = (token_logprobs(row_logits, targets), row_logits.argmax(-1) == targets)
-        return out  # type: ignore[return-value]
+        out: List[Tuple[torch.Tensor, torch.Tensor]] = [empty] * len(sequences)  # one token: nothing to score
+        for idx, logits in self._forward_batches(sequences, self.batch_size, cancelled):
+            for row, i in enumerate(idx):
+                seq, start = sequences[i], starts[i]
+                row_logits = logits[row, start - 1: len(seq) - 1].float()
+                targets = torch.tensor(seq[start:], dtype=torch.long)
+                out[i] = (token_logprobs(row_logits, targets), row_logits.argmax(-1) == targets)
+        return out
+
+    @torch.no_grad()
+    def nll_sums(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], rows: Optional[int] = None,
+                 cancelled: Optional[threading.Event] = None, progress=None) -> List[float]:
+        """``-sum log p(seq[j] | seq[:j])`` over ``j`` in ``[start, len(seq))`` per sequence, as
+        :meth:`score` computes it (float32 log-probs, summed in float64), ``rows`` sequences per
+        forward (default ``batch_size``). Only the sums are kept, so memory is one batch's logits
+        however many sequences there are; ``progress(n)`` is called with each batch's size."""
+        self._check_starts(sequences, starts)
+        out = [0.0] * len(sequences)
+        for idx, logits in self._forward_batches(sequences, rows or self.batch_size, cancelled):
+            for row, i in enumerate(idx):
+                seq, start = sequences[i], starts[i]
+                targets = torch.tensor(seq[start:], dtype=torch.long)
+                out[i] = -float(token_logprobs(logits[row, start - 1: len(seq) - 1], targets).double().sum())
+            del logits
+            if progress is not None:
+                progress(len(idx))
+        return out
 
     def describe(self) -> dict:
         return {"backend": self.name, "path": self.path, "max_length": self.max_length}

@@ -27,6 +27,12 @@ def checkpoint_config(path) -> Tuple[Path, object]:
     return ckpt, load_config(str(config_file))
 
 
+def run_name(cfg) -> str:
+    """What a checkpoint's model is called (served model id, model card title): the run config's
+    ``run.name``, else its run directory's name (a checkpoint root is ``RUN/checkpoints``)."""
+    return cfg.run.name or Path(cfg.run.dir).name
+
+
 def tokenizer_dir(ckpt: Path, cfg, override: Optional[str] = None) -> Path:
     """The tokenizer directory of checkpoint ``ckpt``: ``override`` when given, else the run
     config's ``data.tokenizer``, relative to the checkpoint if it exists there, else as written."""

@@ -26,10 +26,11 @@ class NativeBackend(Backend):
         self.batch_size = batch_size
         self.device = torch.device(device)
         if model is None:
-            from megatron_vpmoe.inference.checkpoint import open_checkpoint
+            from megatron_vpmoe.inference.checkpoint import open_checkpoint, run_name
 
             cfg, model, tokenizer = open_checkpoint(path, tokenizer_dir)
             max_length = max_length or cfg.data.seq_length
+            model_id = model_id or run_name(cfg)  # not "checkpoints", the root's directory name
         self.model = model.to(self.device).eval()
         self.max_length = int(max_length or 2048)
         self.vocab_size = self.model.cfg.vocab_size

@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slurm.add_argument("--dry-run", action="store_true", help="print the script, do not submit")
     slurm.add_argument("--gpu", default="h100-80gb", help="GPU spec for the pre-submit plan (see vpmoe plan)")
     slurm.add_argument("--force", action="store_true", help="submit even if the plan predicts it does not fit")
+    slurm.add_argument("--paths-on-cluster", action="store_true",
+                       help="the data, tokenizer and checkpoint paths exist only on the cluster: do not check them here")
     slurm.set_defaults(func=_slurm)
 
     local = sub.add_parser("local", help="torchrun on this host",
@@ -65,21 +67,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _slurm(args: argparse.Namespace) -> int:
     from megatron_vpmoe.launch.plan_gate import plan_gate
-    from megatron_vpmoe.launch.slurm import SlurmJob, write_and_submit
+    from megatron_vpmoe.launch.slurm import SlurmJob, render_sbatch, write_and_submit
 
-    summary = plan_gate(args.config, args.overrides, args.nodes, args.gpus_per_node, args.gpu, args.force,
-                        write=not args.dry_run)
     job = SlurmJob(config=args.config, overrides=args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                    ntasks_per_node=args.ntasks_per_node, cpus_per_task=args.cpus_per_task,
                    partition=args.partition, account=args.account, qos=args.qos, time=args.time,
                    job_name=args.job_name, container_image=args.container_image,
                    env=args.env + (["VPMOE_VERBOSE=1"] if args.verbose else []),
-                   signal_seconds=args.signal_seconds)
+                   signal_seconds=args.signal_seconds, gpu=args.gpu, paths_on_cluster=args.paths_on_cluster)
+    rendered = render_sbatch(job)  # refuses what the trainer would refuse at start: one line, exit 2
+    summary = plan_gate(args.config, args.overrides, args.nodes, args.gpus_per_node, args.gpu, args.force,
+                        write=not args.dry_run)
     planned = summary and not summary[0].startswith("vpmoe plan: not planned")
     out = sys.stderr if args.dry_run else sys.stdout
     if planned:
         print("\n".join(summary), file=out, flush=True)
-    write_and_submit(job, dry_run=args.dry_run)  # reports its own layout errors first
+    write_and_submit(job, dry_run=args.dry_run, rendered=rendered)
     if summary and not planned:
         print(summary[0], file=out, flush=True)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from megatron_vpmoe.utils.errors import ConfigError
 
@@ -44,3 +44,20 @@ def plan_gate(config: str, overrides: List[str], nodes: int, gpus_per_node: int,
                           f"--nodes {nodes} --gpus-per-node {gpus_per_node}` for a layout that fits, or --force",
                           key="parallel")
     return lines
+
+
+def suggested_layout(cfg, nodes: int, ranks_per_node: int, gpu: str) -> Optional[str]:
+    """The ``--set`` overrides for the layout ``vpmoe plan`` ranks first for ``cfg`` on ``nodes x
+    ranks_per_node`` ranks of ``gpu``, as one line; None when no layout fits."""
+    from megatron_vpmoe.plan.gpu import load_gpu
+    from megatron_vpmoe.plan.search import search
+
+    result = search(cfg, nodes * ranks_per_node, ranks_per_node, load_gpu(gpu))
+    if not result.fitting:
+        return None
+    lay = result.fitting[0].layout
+    sets = [("parallel.tensor", lay.tp), ("parallel.expert", lay.ep), ("parallel.pipeline", lay.pp)]
+    if lay.pp > 1:
+        sets.append(("parallel.virtual_pipeline", lay.vpp))
+    sets += [("train.micro_batch_size", lay.mb), ("train.recompute", lay.recompute)]
+    return f"{lay.short()} (" + " ".join(f"--set {k}={v}" for k, v in sets) + ")"

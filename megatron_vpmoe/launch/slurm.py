@@ -6,6 +6,12 @@ rendezvous to the first node of the allocation, forwards SLURM's early USR1 to t
 checkpoint and exit 75) and requeues the job, which then resumes from the latest checkpoint.
 It is written to ``{run.dir}/launch/<job name>.sbatch`` (atomically) so the operator can read
 and re-submit it; ``--dry-run`` prints it without submitting.
+
+Before anything is rendered, the job is refused (one line, exit 2) for whatever the trainer would
+refuse at start on the rendered layout (:func:`megatron_vpmoe.config.startup.check_world_layout`:
+a layout error names the layout ``vpmoe plan`` suggests) and for inputs that do not exist here
+(:func:`~megatron_vpmoe.config.startup.check_paths`, a tokenizer larger than ``model.vocab_size``),
+unless ``paths_on_cluster`` says they exist only on the cluster.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from megatron_vpmoe.utils.atomic import atomic_write_text
-from megatron_vpmoe.utils.errors import EXIT_REQUEUE, InputError, UsageError, VpmoeError
+from megatron_vpmoe.utils.errors import EXIT_REQUEUE, ConfigError, InputError, UsageError, VpmoeError
 
 TEMPLATE = importlib.resources.files("megatron_vpmoe.launch") / "templates" / "vpmoe.sbatch"
 
@@ -47,6 +53,8 @@ class SlurmJob:
     python: str = sys.executable
     workdir: str = "."
     template: object = TEMPLATE  # a Path, or the packaged Traversable
+    gpu: str = "h100-80gb"  # the GPU spec a refused layout's suggestion is planned for
+    paths_on_cluster: bool = False  # data/tokenizer/checkpoint paths exist only on the cluster: not checked here
 
 
 def _q(value) -> str:
@@ -79,6 +87,40 @@ def job_name(job: SlurmJob, cfg) -> str:
     return name
 
 
+def check_job(job: SlurmJob, cfg, tasks_per_node: int) -> None:
+    """Refuse what the trainer refuses at start on ``job.nodes x tasks_per_node`` ranks (naming the
+    layout ``vpmoe plan`` suggests for a layout error), then inputs missing here (unless
+    ``job.paths_on_cluster``) and a tokenizer with more tokens than ``model.vocab_size``."""
+    from megatron_vpmoe.config.startup import check_paths, check_world_layout
+
+    try:
+        check_world_layout(cfg, job.nodes * tasks_per_node)
+    except ConfigError as err:
+        from megatron_vpmoe.launch.plan_gate import suggested_layout
+
+        suggestion = suggested_layout(cfg, job.nodes, tasks_per_node, job.gpu if job.gpus_per_node else "cpu")
+        hint = (f"; `vpmoe plan` suggests {suggestion}" if suggestion else
+                f"; `vpmoe plan` finds no layout of {job.nodes} x {tasks_per_node} ranks that fits")
+        raise ConfigError(f"on {job.nodes} x {tasks_per_node} ranks: {err.message}{hint}", key=err.key,
+                          file=err.file or job.config) from None
+    if job.paths_on_cluster:
+        return
+    workdir = Path(job.workdir).resolve()
+    try:
+        check_paths(cfg, workdir)
+    except ConfigError as err:
+        raise ConfigError(f"{err.message} here (a path that exists only on the cluster: --paths-on-cluster)",
+                          key=err.key, file=err.file or job.config) from None
+    if cfg.data.tokenizer:
+        from megatron_vpmoe.tokenizers import load
+
+        tok_dir = Path(cfg.data.tokenizer)
+        size = load(tok_dir if tok_dir.is_absolute() else workdir / tok_dir).vocab_size
+        if size > cfg.model.vocab_size:  # the trainer's check: its ids would index past the embedding
+            raise ConfigError(f"data.tokenizer {cfg.data.tokenizer} has {size} tokens, more than "
+                              f"model.vocab_size {cfg.model.vocab_size}", key="model.vocab_size", file=job.config)
+
+
 def render_sbatch(job: SlurmJob) -> tuple[str, str, str]:
     """(script text, run dir, job name). Validates the config (and overrides) first.
 
@@ -100,7 +142,6 @@ def render_sbatch(job: SlurmJob) -> tuple[str, str, str]:
         raise UsageError(f"--ntasks-per-node {tasks} must equal --gpus-per-node {job.gpus_per_node} "
                          f"(one rank per GPU)")
     world = job.nodes * tasks
-    cfg.parallel.resolve_data(world)  # a layout that does not fit the job is an error now, not in the queue
     cpus = job.cpus_per_task or (8 if job.gpus_per_node else 1)
     directives = []
     if job.gpus_per_node:
@@ -125,6 +166,7 @@ def render_sbatch(job: SlurmJob) -> tuple[str, str, str]:
         train += ["--set", override]
     image = _plain(job.container_image, "--container-image") if job.container_image else None
     srun_extra = f"--container-image={_q(image)} " if image else ""
+    check_job(job, cfg, tasks)  # what the trainer would refuse is an error now, not after the queue
     source = job.template if hasattr(job.template, "read_text") else Path(job.template)
     template = string.Template(source.read_text())
     values = dict(
@@ -143,9 +185,10 @@ def render_sbatch(job: SlurmJob) -> tuple[str, str, str]:
         raise InputError(f"{job.template}: bad template placeholder ({err})") from None
 
 
-def write_and_submit(job: SlurmJob, dry_run: bool = False) -> Optional[str]:
-    """Write the script under the run dir; submit it unless ``dry_run``; returns the job id."""
-    script, run_dir, name = render_sbatch(job)
+def write_and_submit(job: SlurmJob, dry_run: bool = False, rendered: Optional[tuple] = None) -> Optional[str]:
+    """Write the script under the run dir; submit it unless ``dry_run``; returns the job id.
+    ``rendered``: :func:`render_sbatch`'s result for ``job``, when the caller already has it."""
+    script, run_dir, name = rendered or render_sbatch(job)
     if dry_run:
         print(script, end="")
         return None

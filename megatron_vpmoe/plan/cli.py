@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_args(parser)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu", default="h100-80gb", help="h100-80gb | h200 | a100-80gb | gb200 | cpu | a spec YAML")
+    parser.add_argument("--gpu", default="h100-80gb", help="h100-80gb | h200 | a100-80gb | a100-40gb | gb200 | cpu (aliases: h100, a100, ...) | a spec YAML")
     parser.add_argument("--layout", help="tp=..,ep=..,pp=..,vpp=..,mb=..,recompute=none|selective|full[,zero=1] "
                                          "(unnamed keys from the config)")
     parser.add_argument("--efficiency", type=float, default=None,

@@ -46,14 +46,28 @@ def shipped_gpus() -> List[str]:
     return sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
 
 
+# what people type for a shipped spec; a bare "a100" is the smaller card (a plan that fits 40 GB fits 80)
+ALIASES = {"h100": "h100-80gb", "h100-80": "h100-80gb", "h100-sxm": "h100-80gb", "h100-sxm-80gb": "h100-80gb",
+           "h200-141gb": "h200", "h200-sxm": "h200", "a100": "a100-40gb", "a100-40": "a100-40gb",
+           "a100-sxm-40gb": "a100-40gb", "a100-80": "a100-80gb", "a100-sxm-80gb": "a100-80gb",
+           "gb200-nvl72": "gb200"}
+
+
+def shipped_name(name: str) -> str:
+    """The shipped spec a ``--gpu`` name means: itself, or its alias (case, ``_`` and spaces ignored)."""
+    key = name.strip().lower().replace("_", "-").replace(" ", "-")
+    return key if (SPEC_DIR / f"{key}.yaml").is_file() else ALIASES.get(key, name)
+
+
 def load_gpu(name_or_path: str) -> GpuSpec:
-    """A shipped spec by name (``h100-80gb``) or a YAML file with every field of :data:`FIELDS`."""
+    """A shipped spec by name (``h100-80gb``, or an alias such as ``h100``) or a YAML file with
+    every field of :data:`FIELDS`."""
     path = Path(name_or_path)
     if not path.suffix:
-        path = SPEC_DIR / f"{name_or_path}.yaml"
+        path = SPEC_DIR / f"{shipped_name(name_or_path)}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown GPU {name_or_path!r}; shipped: {', '.join(shipped_gpus())} "
-                              "(or a spec YAML path)", key="--gpu")
+                              f"(aliases: {', '.join(sorted(ALIASES))}; or a spec YAML path)", key="--gpu")
     if not path.is_file():
         raise ConfigError(f"GPU spec file not found: {path}", key="--gpu")
     try:

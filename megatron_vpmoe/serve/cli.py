@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--tokenizer", default=None, metavar="DIR",
                         help="tokenizer of a vpmoe checkpoint (default: data.tokenizer of its config)")
-    parser.add_argument("--served-model-name", default=None, help="model id (default: the directory name)")
+    parser.add_argument("--served-model-name", default=None, help="model id (default: a checkpoint's run.name, else its run directory's name; an HF directory's name)")
     parser.add_argument("--batch-window-ms", type=float, default=5.0,
                         help="how long to gather concurrent requests into one batch")
     parser.add_argument("--max-batch", type=int, default=32, help="most sequences per forward call")

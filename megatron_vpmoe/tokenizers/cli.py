@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--kind", required=True, choices=TRAIN_KINDS)
     train.add_argument("--vocab-size", type=int, required=True, help="ids including special tokens")
     train.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
-                       help="text files, globs, or FILE.jsonl:FIELD (dotted field path)")
+                       help="text files, directories (their text files, recursively), globs, or FILE.jsonl:FIELD (dotted field path)")
     train.add_argument("--output", required=True, metavar="DIR")
     train.add_argument("--max-bytes", type=int, default=None, help="train on the first N bytes only")
     train.add_argument("--superword", action="store_true", help="bpe: no pre-tokenization regex (tokens cross spaces)")
@@ -81,6 +81,7 @@ def _train(args: argparse.Namespace) -> int:
     tok = train_tokenizer(args.kind, args.input, args.vocab_size, output=args.output,
                           max_bytes=args.max_bytes, show_progress=True, **options)
     print(f"trained {tok.kind} tokenizer: vocab_size {tok.vocab_size} (padded {tok.padded_vocab_size()}) "
+          f"from {tok.metadata['train_files']} file(s), {tok.metadata['train_bytes']:,} bytes "
           f"in {tok.metadata.get('train_seconds', 0):.1f}s -> {args.output}")
     return 0
 

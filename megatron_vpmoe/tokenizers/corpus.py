@@ -1,6 +1,7 @@
 """Training/evaluation text from files, globs and JSONL fields, with UTF-8 validation.
 
-An input is ``PATH_OR_GLOB`` (plain text, one document per file) or ``FILE.jsonl:FIELD``
+An input is ``PATH_OR_GLOB`` (plain text, one document per file; a directory contributes its
+text files, recursively, through :func:`megatron_vpmoe.utils.inputs.expand_inputs` as preprocessing does) or ``FILE.jsonl:FIELD``
 (one document per line, the string field ``FIELD``; nested fields with dots, e.g.
 ``messages.0.content``). Bad input raises :class:`InputError` naming the file, and the byte
 offset (non-UTF-8) or line (bad JSON).
@@ -11,9 +12,10 @@ from __future__ import annotations
 import glob
 import json
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from megatron_vpmoe.utils.errors import InputError
+from megatron_vpmoe.utils.inputs import PLAIN_TEXT_SUFFIXES, expand_inputs
 
 
 def _split_field(spec: str) -> Tuple[str, str | None]:
@@ -24,17 +26,15 @@ def _split_field(spec: str) -> Tuple[str, str | None]:
 
 
 def resolve_inputs(inputs: Sequence[str]) -> List[Tuple[Path, str | None]]:
-    """Expand globs; every input must match at least one file."""
+    """Expand directories (their text files, or ``.jsonl`` files with ``:FIELD``) and globs;
+    every input must match at least one file."""
     if not inputs:
         raise InputError("no input files given")
     out = []
     for spec in inputs:
         pattern, field = _split_field(str(spec))
-        paths = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-        paths = [p for p in paths if Path(p).is_file()]
-        if not paths:
-            raise InputError(f"{pattern}: no such file (or the glob matches no files)")
-        out.extend((Path(p), field) for p in paths)
+        suffixes = PLAIN_TEXT_SUFFIXES if field is None else (".jsonl",)
+        out.extend((p, field) for p in expand_inputs([pattern], suffixes, strict=False))
     return out
 
 
@@ -61,9 +61,19 @@ def _field(record, dotted: str, where: str):
     return value
 
 
-def iter_documents(inputs: Sequence[str]) -> Iterator[str]:
+class Documents(list):
+    """The documents read, and how many files (``files``) and UTF-8 bytes (``nbytes``) they came from."""
+
+    files: int = 0
+    nbytes: int = 0
+
+
+def iter_documents(inputs: Sequence[str], opened: Optional[list] = None) -> Iterator[str]:
+    """Each input's documents; ``opened`` (when given) gets each file as it is read."""
     for path, field in resolve_inputs(inputs):
         text = read_utf8(path)
+        if opened is not None:
+            opened.append(path)
         if field is None:
             yield text
             continue
@@ -77,20 +87,21 @@ def iter_documents(inputs: Sequence[str]) -> Iterator[str]:
             yield _field(record, field, f"{path}:{lineno}")
 
 
-def load_documents(inputs: Sequence[str], max_bytes: int | None = None) -> List[str]:
+def load_documents(inputs: Sequence[str], max_bytes: int | None = None) -> Documents:
     """All documents (optionally the first ``max_bytes`` of UTF-8 text); empty corpus -> error."""
-    docs, total = [], 0
-    for doc in iter_documents(inputs):
+    docs, total, opened = Documents(), 0, []
+    for doc in iter_documents(inputs, opened):
         if max_bytes is not None and total + len(doc.encode("utf-8")) > max_bytes:
             room = max_bytes - total
             if room > 0:
                 docs.append(doc.encode("utf-8")[:room].decode("utf-8", errors="ignore"))
-            total = max_bytes
+                total += len(docs[-1].encode("utf-8"))
             break
         docs.append(doc)
         total += len(doc.encode("utf-8"))
     if not any(d.strip() for d in docs):
         raise InputError(f"empty corpus: {', '.join(map(str, inputs))} contain(s) no text")
+    docs.files, docs.nbytes = len(opened), total
     return docs
 
 

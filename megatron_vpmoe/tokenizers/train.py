@@ -108,6 +108,7 @@ def train_tokenizer(kind: str, inputs: Sequence[str], vocab_size: int, *,
         tok = prune_teacher(docs, vocab_size, show_progress=show_progress, name=name, **options)
     tok.metadata["train_seconds"] = round(time.perf_counter() - start, 3)
     tok.metadata["train_inputs"] = [str(i) for i in inputs]
+    tok.metadata["train_files"], tok.metadata["train_bytes"] = docs.files, docs.nbytes
     if output:
         tok.save(output)
     return tok

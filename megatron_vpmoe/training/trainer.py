@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_vpmoe.config.startup import check_world_layout
 from megatron_vpmoe.training import batches as batching
 from megatron_vpmoe.training.checkpoint import (
     CheckpointManager,
@@ -63,6 +64,7 @@ from megatron_vpmoe.training.preemption import (
     write_requeue_marker,
 )
 from megatron_vpmoe.training.schedule import learning_rate
+from megatron_vpmoe.training.summary import SMOOTH_FRACTION, describe, smoothed_ends
 from megatron_vpmoe.utils.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, VpmoeError
 from megatron_vpmoe.utils.notices import install as install_notices
 
@@ -101,15 +103,7 @@ class Trainer:
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         from megatron_vpmoe.parallel import ParallelModel, build_parallel_model, init_parallel
 
-        cfg.parallel.validate(cfg.model)
-        if cfg.parallel.sequence_parallel:
-            if cfg.data.seq_length % cfg.parallel.tensor:
-                raise ConfigError(f"data.seq_length ({cfg.data.seq_length}) must be divisible by parallel.tensor "
-                                  f"({cfg.parallel.tensor}) to split the sequence", key="parallel.sequence_parallel")
-            if cfg.train.transformer_impl == "transformer_engine":
-                raise ConfigError("sequence parallelism runs with the local (megatron-core) linears, not "
-                                  "train.transformer_impl: transformer_engine", key="parallel.sequence_parallel")
-        cfg.parallel.resolve_data(self.world_size)  # e.g. tensor=2 in one process: one line naming the key
+        check_world_layout(cfg, self.world_size)  # e.g. tensor=2 in one process: one line naming the key
         self.ctx = init_parallel(cfg.parallel)
         self.dp_size, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
         self.accum = cfg.train.check_batch_layout(self.dp_size)
@@ -400,6 +394,7 @@ class Trainer:
                 self.nonfinite_in_a_row = 0
                 self.summary["first"] = self.summary["first"] or dict(out)
                 self.summary["last"] = dict(out)
+                self.summary["steps"].append({k: out.get(k) for k in ("step", "loss", "bits_per_byte")})
         out = records[-1]
         if bar is not None:
             bar.set_postfix(loss=_fmt(out["loss"]), lr=f"{out['lr']:.2e}", tok_s=f"{out['tokens_per_s']:.0f}")
@@ -468,7 +463,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        self.summary = {"start_step": self.step, "first": None, "last": None, "valid": None}
+        self.summary = {"start_step": self.step, "first": None, "last": None, "valid": None, "steps": []}
         start_time = time.perf_counter()
         start_step = self.step
         batches = iter(batching.micro_batch_loader(train_set, sampler, self.step, end, cfg.data.num_workers))
@@ -547,9 +542,11 @@ class Trainer:
             bpb = rec.get("bits_per_byte")
             return f"step {rec['step']} loss {rec['loss']:.4f}" + (f" bits/byte {bpb:.4f}" if bpb else "")
 
+        ends = smoothed_ends(s["steps"])
         lines = [f"trained steps {s['start_step']}..{self.step} in {s['elapsed_s']:.1f}s "
-                 f"({s['tokens_per_s']:.0f} tokens/s)",
-                 f"  first: {fmt(s['first'])}", f"  last:  {fmt(s['last'])}"]
+                 f"({s['tokens_per_s']:.0f} tokens/s); first/last: means over the first/last "
+                 f"{SMOOTH_FRACTION:.0%} of the steps",
+                 f"  first: {describe(ends['first'])}", f"  last:  {describe(ends['last'])}"]
         if s["valid"]:
             lines.append(f"  valid: {fmt(s['valid'])}")
         lines.append(f"  checkpoints: {self.cfg.checkpoint_dir}  metrics: {self.cfg.run.dir}/metrics.jsonl")

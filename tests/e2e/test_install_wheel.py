@@ -73,7 +73,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     assert where[0].startswith(purelib) and where[1] == "None", where  # ours, and no top-level `kernels`
     vpmoe = str(venv / "bin" / "vpmoe")
     script = _run([vpmoe, "launch", "slurm", "--config", "tiny.yaml", "--nodes", "1", "--gpus-per-node", "0",
-                   "--dry-run"], work, env)
+                   "--paths-on-cluster", "--dry-run"], work, env)
     assert "#SBATCH" in script and "srun" in script and "megatron_vpmoe.cli train" in script
     shown = _run([vpmoe, "config", "show", "tiny.yaml"], work, env)
     assert "hidden_size" in shown

@@ -51,7 +51,8 @@ def _losses(run_dir):
 def test_sbatch_for_4_nodes_x_8_gpus(tmp_path):
     out = _vpmoe("launch", "slurm", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time",
                  "24:00:00", "--account", "proj", "--env", "WANDB_MODE=offline", "--config", CONFIG,
-                 "--set", f"run.dir={tmp_path}/run", "--dry-run")
+                 "--set", f"run.dir={tmp_path}/run", "--set", "train.global_batch_size=128", "--paths-on-cluster",
+                 "--dry-run")
     assert out.returncode == 0, out.stderr
     script = out.stdout
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
@@ -91,6 +92,7 @@ def _submit(slurm, run_dir, steps, extra=()):
     env_conf = ["--env", f"SLURM_CONF={slurm.env['SLURM_CONF']}"]
     cmd = [sys.executable, "-m", "megatron_vpmoe.cli", "launch", "slurm", "--nodes", "1", "--gpus-per-node", "0",
            "--ntasks-per-node", "2", "--job-name", "tiny", "--signal-seconds", "60", *env_conf, "--config", CONFIG,
+           "--paths-on-cluster",  # the real-failure case names a missing shard on purpose
            *_sets(run_dir, steps, extra)]
     out = subprocess.run(cmd, cwd=ROOT, env=dict(slurm.env, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
                          timeout=120)

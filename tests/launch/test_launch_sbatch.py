@@ -76,7 +76,7 @@ def test_hostile_values_in_every_field_execute_nothing(tmp_path, pattern):
                                              "train.steps=50"],
                    nodes=1, gpus_per_node=0, partition=evil, account=evil, qos=evil, time=evil,
                    job_name=f"job {evil.replace('/', '_')}", container_image=evil, env=[f"EVIL={evil}"],
-                   workdir=str(tmp_path))
+                   workdir=str(tmp_path), paths_on_cluster=True)
     script, rendered_dir, name = render_sbatch(job)
     assert Path(rendered_dir) == run_dir.resolve()
     sb = _sbatch_args(script)
@@ -127,7 +127,7 @@ def test_run_name_with_a_newline_in_the_config_file_is_refused(tmp_path):
 def test_run_dir_with_spaces_writes_the_script_and_logs_there(tmp_path):
     run_dir = tmp_path / "my runs" / "a b"
     job = SlurmJob(config=CONFIG, overrides=[f"run.dir={run_dir}"], gpus_per_node=0, job_name="tiny",
-                   workdir=str(tmp_path))
+                   workdir=str(tmp_path), paths_on_cluster=True)
     script, _, _ = render_sbatch(job)
     assert _sbatch_args(script)["--output"] == f"{run_dir}/logs/%x-%j.out"
     (run_dir / "REQUEUE").parent.mkdir(parents=True)
@@ -141,7 +141,7 @@ def test_run_dir_with_spaces_writes_the_script_and_logs_there(tmp_path):
 def test_script_requeues_exactly_on_the_requeue_exit_code(tmp_path, code):
     run_dir = tmp_path / "run"
     job = SlurmJob(config=CONFIG, overrides=[f"run.dir={run_dir}"], gpus_per_node=0, job_name="tiny",
-                   workdir=str(tmp_path))
+                   workdir=str(tmp_path), paths_on_cluster=True)
     script, _, _ = render_sbatch(job)
     res = _run_script(script, tmp_path, _stubs(tmp_path), rc=code)
     assert not (run_dir / "REQUEUE").exists()  # no marker: the exit code alone decides

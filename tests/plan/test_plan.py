@@ -216,7 +216,7 @@ def test_launch_slurm_refuses_a_predicted_non_fit_unless_forced(tmp_path):
     small.write_text((ROOT / "megatron_vpmoe" / "plan" / "gpus" / "cpu.yaml").read_text()
                      .replace("memory_gb: 24", "memory_gb: 0.01"))
     base = ["launch", "slurm", "--nodes", "1", "--gpus-per-node", "2",
-            "--config", str(TINY), "--set", f"run.dir={tmp_path / 'run'}", "--dry-run"]
+            "--config", str(TINY), "--set", f"run.dir={tmp_path / 'run'}", "--paths-on-cluster", "--dry-run"]
     out = _run_main(*base, "--gpu", str(small))
     assert out.returncode == 2 and "predicted not to fit" in out.stderr and "#!/bin/bash" not in out.stdout
     forced = _run_main(*base, "--gpu", str(small), "--force")
