@@ -146,7 +146,9 @@ def load_experiment_config(path: str | Path, out: Optional[str] = None,
 
     def byte_count(key, default=None):
         """A byte budget: a positive integer (``2e5`` and ``200000.0`` are accepted as whole numbers)."""
-        value = need(key, (int, float)) if default is None else raw.get(key, default)
+        if default is None and key not in raw:
+            raise ConfigError("missing", key=key, file=src)
+        value = raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < math.inf \
                 or value != int(value):
             raise ConfigError(f"expected a positive whole number of bytes, got {value!r}", key=key, file=src)

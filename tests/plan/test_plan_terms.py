@@ -167,6 +167,12 @@ CASES = {
     "pp2-ep2-zero-rank1": ([], dict(world=8, pp=2, ep=2, mb=2, zero=True), 1),
     "bf16-ep2": (["train.precision=bf16"], dict(world=4, ep=2, mb=4), 0),
     "single": ([], dict(world=1, mb=4), 0),
+    # more expert than dense parameters on a rank (small vocabulary, 32 experts), DP 2 but expert-DP 1:
+    # the gradient copy is the dense one, and the largest tensor a grouped expert weight
+    "experts-dominate-edp1-no-overlap": (["model.vocab_size=256", "model.num_moe_experts=32"],
+                                         dict(world=2, ep=2, mb=4, overlap=False), 0),
+    "experts-dominate-edp2-no-overlap": (["model.vocab_size=256", "model.num_moe_experts=32"],
+                                         dict(world=4, ep=2, mb=4, overlap=False), 0),
 }
 
 
@@ -208,8 +214,11 @@ def _expected(cfg, lay, r, framework, foreach):
     out["pipeline_buffers"] = 2 * vpp * t * (h + kvd) * a if pp > 1 else 0
     if foreach:
         out["optimizer_step"] = 4 * (P if not lay.zero else int(D / dp + X / edp))
-    else:  # one tensor at a time: the largest is the embedding or the untied head, V x h
-        out["optimizer_step"] = 4 * V * h
+    else:  # one tensor at a time: the largest of embedding / head, QKV, dense fc1, grouped expert fc1
+        layers = _rank_layers(pp, r)[0] if vpp == 1 else own
+        sizes = [V * h if first or last else 0, (s["heads"] + 2 * s["groups"]) * s["d"] // lay.tp * h,
+                 h * s["ffn"] if 0 in layers else 0, s["E"] // ep * h * s["f"] if any(i > 0 for i in layers) else 0]
+        out["optimizer_step"] = 4 * max(sizes)
     out["grad_reduce"] = 0 if lay.overlap or lay.zero else 4 * max(D if dp > 1 else 0, X if edp > 1 else 0)
     out["checkpoint_staging"] = 4 * P + out["optimizer"]
     out["autocast_weights"] = (P - X - (V * h if first else 0)) * 2 if a == 2 else 0
