@@ -140,6 +140,27 @@ def test_divisors_by_hand():
         divisors(0)
 
 
+def test_check_layout_refuses_each_indivisible_group():
+    from megatron_vpmoe.plan.layouts import check_layout
+    from megatron_vpmoe.utils.errors import ConfigError
+
+    cfg = _cfg()  # global batch 16, micro-batch 4, 4 layers, 4 heads / 2 groups, 8 experts
+    check_layout(cfg, _layout(world=4, tp=2, ep=2, mb=4))  # dp 2 x mb 4 divides 16
+    for kw, key in [
+        (dict(world=4, tp=0), "layout tp"), (dict(world=4, ep=0), "layout ep"), (dict(world=4, mb=0), "layout mb"),
+        (dict(world=6, tp=2, pp=2, mb=1), "layout tp/pp"),  # 6 % (2 x 2)
+        (dict(world=4, tp=2, ep=4, mb=2), "layout ep"),  # 4 % (2 x 4), though 4 % (ep x pp) == 0
+        (dict(world=8, tp=2, ep=4, pp=2, mb=2), "layout ep"),  # 8 % 16
+        (dict(world=8, mb=4), "train.global_batch_size"),  # dp 8 x mb 4 = 32 does not divide 16
+        (dict(world=2, pp=2, vpp=2, mb=16), "layout vpp"),  # 1 micro-batch, not a multiple of pp
+    ]:
+        with pytest.raises(ConfigError) as err:
+            check_layout(cfg, _layout(**kw))
+        assert key in str(err.value), (kw, str(err.value))
+    check_layout(cfg, _layout(world=8, tp=2, ep=2, pp=2, mb=4))  # 8 % 8 == 0, dp 2
+    check_layout(cfg, _layout(world=2, pp=2, vpp=2, mb=8))  # 2 micro-batches: a multiple of pp
+
+
 def test_enumerated_layouts_use_every_divisor():
     """TP over the divisors of the world up to a node, PP over those of world / TP up to the layer
     count, EP over those of world / (TP x PP) dividing the experts."""
@@ -167,6 +188,7 @@ CASES = {
     "pp2-ep2-zero-rank1": ([], dict(world=8, pp=2, ep=2, mb=2, zero=True), 1),
     "bf16-ep2": (["train.precision=bf16"], dict(world=4, ep=2, mb=4), 0),
     "single": ([], dict(world=1, mb=4), 0),
+    "long-sequence": (["data.seq_length=512"], dict(world=1, mb=4), 0),  # t = 2048 > the loss chunk (1024 rows)
     # more expert than dense parameters on a rank (small vocabulary, 32 experts), DP 2 but expert-DP 1:
     # the gradient copy is the dense one, and the largest tensor a grouped expert weight
     "experts-dominate-edp1-no-overlap": (["model.vocab_size=256", "model.num_moe_experts=32"],
@@ -312,6 +334,22 @@ def test_working_memory_under_recompute():
 
 
 # ---- step time ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_time_term(tp):
+    """Ring all-reduce moves 2 (tp - 1) / tp of the activations, 4 times per layer (forward and backward of
+    attention and MLP), each micro-batch; at tp = 4 the factor is 3/2 (1/2 at tp = 2)."""
+    from megatron_vpmoe.plan.estimate import plan_layout
+    from megatron_vpmoe.plan.gpu import load_gpu
+
+    cfg = _cfg("model.num_attention_heads=8", "model.num_query_groups=4")
+    gpu = load_gpu("h100-80gb")
+    plan = plan_layout(cfg, _layout(world=tp, tp=tp, mb=4), gpu)
+    t, h, layers = 4 * cfg.data.seq_length, cfg.model.hidden_size, cfg.model.num_layers
+    micro = cfg.train.global_batch_size // 4  # dp 1, micro-batch 4
+    assert plan.time_parts["tensor_parallel"] == pytest.approx(
+        4 * t * h * 4 * 2 * (tp - 1) / tp * layers * micro / (gpu.nvlink_gbps * 1e9), rel=1e-12)
+
+
 def test_step_time_terms():
     from megatron_vpmoe.plan.estimate import plan_layout
     from megatron_vpmoe.plan.gpu import load_gpu
