@@ -145,6 +145,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"cannot parse value {raw!r}: {_one_line(err)}", key=dotted) from None
+    except RecursionError:  # the parser recurses per nesting level
+        raise ConfigError("value nested too deeply to parse", key=dotted) from None
     return path, value
 
 
@@ -179,6 +181,8 @@ def read_yaml(path: str | Path) -> dict:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise ConfigError(f"not valid YAML: {_one_line(err)}", file=str(p)) from None
+    except RecursionError:  # PyYAML's composer recurses per nesting level
+        raise ConfigError("not a config: YAML nested too deeply to parse", file=str(p)) from None
     except ConfigError as err:
         raise err.with_file(str(p)) from None
     if data is None:

@@ -10,7 +10,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description="Convert checkpoints to and from Hugging Face format.")
     sub = parser.add_subparsers(dest="direction", metavar="DIRECTION")
     sub.required = True
-    to_hf = sub.add_parser("to-hf", help="native checkpoint -> Hugging Face directory (trust_remote_code)",
+    to_hf = sub.add_parser("to-hf", help="native checkpoint -> Hugging Face directory",
                            description="Write a Hugging Face model directory from a native checkpoint saved "
                                        "under any parallel layout: config.json with auto_map, remote code, "
                                        "sharded safetensors + index, tokenizer, generation config, model card.")
@@ -38,7 +38,9 @@ def _to_hf(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-shard-size must be a positive number of GB, got {args.max_shard_size}")
     out = convert_to_hf(args.ckpt, args.out, dtype=args.dtype, tokenizer_dir=args.tokenizer,
                         max_shard_bytes=int(args.max_shard_size * (1 << 30)), overwrite=args.overwrite)
-    print(f"wrote Hugging Face model to {out} (load with trust_remote_code=True)")
+    print(f"wrote Hugging Face model to {out}; load it with this package's classes, which run no code from "
+          f"the directory: vpmoe eval {out}, or VpmoeForCausalLM.from_pretrained from "
+          f"megatron_vpmoe.convert.hf_template.modeling_vpmoe (docs/security.md)")
     return 0
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from pathlib import Path
 
 from megatron_vpmoe.utils.errors import InputError, UsageError
@@ -38,13 +40,76 @@ def _weight_files(hf_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise InputError(f"{index}: not a safetensors index ({err})") from None
+        except RecursionError:  # json recurses per nesting level
+            raise InputError(f"{index}: JSON nested too deeply to parse") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{index}: weight_map must map tensor names to file names")
         return [hf_dir / name for name in sorted(set(weight_map.values()))]
     single = hf_dir / "model.safetensors"
     if single.is_file():
         return [single]
     raise InputError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+# bytes per element of the safetensors dtype names (header strings)
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """``{tensor name: (file, shape, dtype name)}`` from the safetensors headers, reading no tensor data."""
+    from safetensors import SafetensorError, safe_open
+
+    out: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():
+                    if key in out:
+                        raise InputError(f"{path}: tensor {key!r} is also in {out[key][0]}")
+                    part = fh.get_slice(key)
+                    out[key] = (path, tuple(part.get_shape()), part.get_dtype())
+        except SafetensorError as err:  # truncated or not safetensors at all
+            raise InputError(f"{path}: not a complete safetensors file ({err})") from None
+        except FileNotFoundError:
+            raise InputError(f"{path}: missing (named by the safetensors index)") from None
+    return out
+
+
+def check_against_config(cfg, headers: dict, where: str) -> None:
+    """Refuse a ``config.json`` whose sizes disagree with the weights before any model is built
+    (building even a meta model of 10,000 layers takes a minute): the values its state dict holds
+    (parameters, closed form, and each router's ``expert_bias``) against the elements in the files."""
+    from megatron_vpmoe.model.params import count_parameters
+
+    stored = sum(math.prod(shape) for _, shape, _ in headers.values())
+    moe_layers = sum(1 for i in range(cfg.num_layers) if cfg.is_moe_layer(i))
+    described = count_parameters(cfg).total + moe_layers * (cfg.num_moe_experts or 0)
+    if described != stored:
+        raise InputError(f"{where}: describes a model of {described:,} parameters, the safetensors files hold "
+                         f"{stored:,} values (config.json does not match the weights)")
+
+
+def available_memory() -> int:
+    """Bytes this host can still allocate: ``MemAvailable`` of /proc/meminfo, else the free pages."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(need: int, where: str) -> None:
+    """Refuse (one line) a conversion needing more than the host's available memory."""
+    have = available_memory()
+    if need > have:
+        raise InputError(f"{where}: converting needs about {need / 2**30:,.1f} GiB (the model plus its largest "
+                         f"tensor), this host has {have / 2**30:,.1f} GiB available")
 
 
 def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> Path:
@@ -69,6 +134,8 @@ def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> P
         raise InputError(f"{config_file}: not UTF-8 text (byte offset {err.start})") from None
     except json.JSONDecodeError as err:
         raise InputError(f"{config_file}:{err.lineno}: not valid JSON: {err.msg}") from None
+    except RecursionError:  # json recurses per nesting level
+        raise InputError(f"{config_file}: JSON nested too deeply to parse") from None
     if not isinstance(hf_config, dict):
         raise InputError(f"{config_file}: expected a JSON object")
     model_cfg = model_config_from_hf(hf_config, str(config_file))
@@ -86,29 +153,35 @@ def convert_from_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False) -> P
     run["checkpoint"]["dir"] = None
     cfg = config_from_dict(run, file=str(run_file))
 
+    files = _weight_files(src)
+    headers = read_headers(files)  # names, shapes and dtypes only: nothing is allocated yet
+    check_against_config(model_cfg, headers, str(config_file))
+    # the native model (fp32) plus the largest tensor read from the files, before building anything
+    check_memory(4 * sum(math.prod(shape) for _, shape, _ in headers.values()) + max(
+        (math.prod(shape) * _DTYPE_BYTES.get(dtype, 8) for _, shape, dtype in headers.values()), default=0),
+        str(config_file))
     with torch.device("meta"):  # every tensor comes from the files: no init (it cannot draw on meta)
         model = VpmoeModel(model_cfg, initialize=False)
+    expected = model.state_dict()  # meta tensors: shapes and dtypes, no memory
+    for key, (path, shape, _) in headers.items():
+        if key not in expected:
+            raise InputError(f"{path}: unexpected tensor {key!r} for this config")
+        if shape != tuple(expected[key].shape):
+            raise InputError(f"{path}: {key} has shape {shape}, expected {tuple(expected[key].shape)}")
+    missing = sorted(set(expected) - set(headers))
+    if missing:
+        raise InputError(f"{src}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
     model = model.to_empty(device="cpu")
     expected = model.state_dict()
-    seen = set()
-    for path in _weight_files(src):
+    for path in files:
         try:
             with safe_open(str(path), framework="pt") as fh:
                 for key in fh.keys():
-                    if key not in expected:
-                        raise InputError(f"{path}: unexpected tensor {key!r} for this config")
-                    tensor = fh.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(expected[key].shape):
-                        raise InputError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected "
-                                         f"{tuple(expected[key].shape)}")
                     with torch.no_grad():
-                        expected[key].copy_(tensor)
-                    seen.add(key)
+                        expected[key].copy_(fh.get_tensor(key))
         except SafetensorError as err:  # truncated or not safetensors at all
             raise InputError(f"{path}: not a complete safetensors file ({err})") from None
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise InputError(f"{src}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
     step = int(hf_config.get("vpmoe_training_step") or 0)
     with atomic_directory(out, overwrite=overwrite) as tmp:

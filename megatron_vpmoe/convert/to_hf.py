@@ -72,7 +72,11 @@ def model_card(cfg, counts, step, source: str, dtype: str) -> str:
         "---", "library_name: transformers", "tags: [vpmoe, mixture-of-experts, custom_code]", "---", "",
         f"# {run_name(cfg)} (VPMoE)", "",
         f"Converted from `{source}` (training step {step}) by `vpmoe convert to-hf`; weights in {dtype}.",
-        "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.", "",
+        "Load with this package's classes, which run no code from this directory: "
+        "`from megatron_vpmoe.convert.hf_template.modeling_vpmoe import VpmoeForCausalLM; "
+        "VpmoeForCausalLM.from_pretrained(path)` (what `vpmoe eval` does). "
+        "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` runs the directory's "
+        "`modeling_vpmoe.py`: only for a directory from a trusted source.", "",
         "## Architecture", "",
         "| | |", "|---|---|",
         f"| layers | {m.num_layers} ({m.moe_first_k_dense} dense, {m.num_layers - m.moe_first_k_dense} MoE) |",

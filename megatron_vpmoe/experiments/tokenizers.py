@@ -157,6 +157,19 @@ def load_experiment_config(path: str | Path, out: Optional[str] = None,
             raise ConfigError(f"expected {getattr(kind, '__name__', kind)}", key=key, file=src)
         return raw[key]
 
+    def byte_count(key, default=None):
+        """A byte budget: a positive integer (``2e5`` and ``200000.0`` are accepted as whole numbers)."""
+        if default is None and key not in raw:
+            raise ConfigError("missing", key=key, file=src)
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < math.inf \
+                or value != int(value):
+            raise ConfigError(f"expected a positive whole number of bytes, got {value!r}", key=key, file=src)
+        return int(value)
+
+    # checked before the corpus is looked at: a bad budget is the key's fault, not the files'
+    budgets = {"train_bytes": byte_count("train_bytes"), "valid_bytes": byte_count("valid_bytes", 50_000),
+               "tokenizer_train_bytes": byte_count("tokenizer_train_bytes", 1_000_000)}
     corpus = need("corpus", (str, list, dict))
     corpus = corpus if isinstance(corpus, list) else [corpus]
     kept = []
@@ -204,8 +217,7 @@ def load_experiment_config(path: str | Path, out: Optional[str] = None,
     return ExperimentConfig(
         out=Path(out or str(need("out", str))).expanduser().absolute(),
         base_config=base, overrides=[str(o) for o in sets], corpus=sources,
-        train_bytes=int(need("train_bytes", int)), valid_bytes=int(raw.get("valid_bytes", 50_000)),
-        tokenizer_train_bytes=int(raw.get("tokenizer_train_bytes", 1_000_000)), seeds=list(seeds),
+        **budgets, seeds=list(seeds),
         eval_tasks=_present_tasks(list(ev.get("tasks", ["bpb", "long_context"])), data / "eval", embedded),
         eval_limit=ev.get("limit"),
         bpb_text=resolve(ev["bpb_text"]) if ev.get("bpb_text") else None,

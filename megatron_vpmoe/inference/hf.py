@@ -22,6 +22,8 @@ def _json_object(file: Path) -> dict:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise InputError(f"{file}: not valid JSON ({err})") from None
+    except RecursionError:  # json recurses per nesting level
+        raise InputError(f"{file}: JSON nested too deeply to parse") from None
     if not isinstance(data, dict):
         raise InputError(f"{file}: expected a JSON object")
     return data

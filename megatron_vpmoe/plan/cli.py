@@ -66,13 +66,18 @@ def _plan(args: argparse.Namespace) -> int:
 
     from megatron_vpmoe.plan.estimate import plan_layout
     from megatron_vpmoe.plan.gpu import load_gpu
-    from megatron_vpmoe.plan.layouts import check_layout, from_config, parse_layout
+    from megatron_vpmoe.plan.layouts import MAX_WORLD, check_layout, from_config, parse_layout
     from megatron_vpmoe.plan.search import require_fit, search
     from megatron_vpmoe.utils.cli_args import config_from_args
     from megatron_vpmoe.utils.errors import UsageError
 
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise UsageError("--nodes and --gpus-per-node must be >= 1")
+    if args.nodes * args.gpus_per_node > MAX_WORLD:
+        raise UsageError(f"--nodes x --gpus-per-node = {args.nodes * args.gpus_per_node:,} GPUs exceeds the "
+                         f"planner's limit of {MAX_WORLD:,}")
+    if args.top < 1:
+        raise UsageError(f"--top must be >= 1, got {args.top}")
     eff = args.efficiency
     if eff is not None and not 0 < eff <= 1:
         raise UsageError(f"--efficiency must be in (0, 1], got {eff}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List
@@ -74,6 +75,8 @@ def load_gpu(name_or_path: str) -> GpuSpec:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"not valid YAML: {str(err).splitlines()[0]}", file=str(path)) from None
+    except RecursionError:  # PyYAML's composer recurses per nesting level
+        raise ConfigError("not a GPU spec: YAML nested too deeply to parse", file=str(path)) from None
     if not isinstance(raw, dict):
         raise ConfigError("a GPU spec must be a mapping of fields", file=str(path))
     for key, kind in FIELDS.items():
@@ -87,6 +90,9 @@ def load_gpu(name_or_path: str) -> GpuSpec:
     if raw["kernels"] not in ("fused", "reference"):
         raise ConfigError("must be 'fused' or 'reference'", key="kernels", file=str(path))
     for key in ("memory_gb", "bf16_dense_tflops", "memory_gbps", "nvlink_gbps", "ib_gbps", "nvlink_domain"):
-        if raw[key] <= 0:
-            raise ConfigError(f"must be > 0, got {raw[key]}", key=key, file=str(path))
+        if not 0 < raw[key] < math.inf:  # also false for nan
+            raise ConfigError(f"must be a finite number > 0, got {raw[key]}", key=key, file=str(path))
+    if not 0 <= raw["framework_overhead_gb"] < math.inf:
+        raise ConfigError(f"must be a finite number >= 0, got {raw['framework_overhead_gb']}",
+                          key="framework_overhead_gb", file=str(path))
     return GpuSpec(**{k: raw[k] for k in FIELDS})

@@ -106,8 +106,29 @@ def check_layout(cfg: VpmoeConfig, layout: Layout) -> None:
                           f"to be a multiple of pp ({layout.pp})", key="layout vpp")
 
 
-def _divisors(n: int) -> List[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+MAX_WORLD = 1 << 20  # ranks the planner accepts (about a million GPUs; larger is a typo, not a cluster)
+
+
+def divisors(n: int) -> List[int]:
+    """The divisors of ``n >= 1`` in increasing order, from its prime factorisation (trial division to sqrt(n))."""
+    if n < 1:
+        raise ValueError(f"divisors of {n}: need n >= 1")
+    factors: List[Tuple[int, int]] = []
+    rest, p = n, 2
+    while p * p <= rest:
+        if rest % p == 0:
+            k = 0
+            while rest % p == 0:
+                rest //= p
+                k += 1
+            factors.append((p, k))
+        p += 1 if p == 2 else 2
+    if rest > 1:
+        factors.append((rest, 1))
+    out = [1]
+    for prime, k in factors:
+        out = [d * prime ** e for d in out for e in range(k + 1)]
+    return sorted(out)
 
 
 def enumerate_layouts(cfg: VpmoeConfig, world: int, gpus_per_node: int,
@@ -115,9 +136,9 @@ def enumerate_layouts(cfg: VpmoeConfig, world: int, gpus_per_node: int,
     """Every candidate layout with None (valid) or the reason it is invalid. TP stays inside a node."""
     model = cfg.model
     experts = model.num_moe_experts or 1
-    for tp in [d for d in _divisors(world) if d <= gpus_per_node]:
-        for pp in [d for d in _divisors(world // tp) if d <= model.num_layers]:
-            for ep in [d for d in _divisors(world // (tp * pp)) if experts % d == 0]:
+    for tp in [d for d in divisors(world) if d <= gpus_per_node]:
+        for pp in [d for d in divisors(world // tp) if d <= model.num_layers]:
+            for ep in [d for d in divisors(world // (tp * pp)) if experts % d == 0]:
                 for vpp in (1, 2, 4) if pp > 1 else (1,):
                     for mb in micro_batches:
                         for rc in RECOMPUTE:

@@ -107,13 +107,22 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = loaded
 
 
+# torch's wording of a refused global ("Unsupported global: GLOBAL m.f ..." and "Trying to load
+# unsupported GLOBAL m.f whose module m is blocked") and its generic advice (re-run with
+# weights_only=False, file an issue, read the docs), which must not reach the user as ours
+_GLOBAL = re.compile(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)")
+_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error:")
+
+
 def _refusal(err: Exception) -> str:
-    """The reason in one line: the global ``torch.load(weights_only=True)`` refused, if it says."""
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    """The reason in one line: the global ``torch.load(weights_only=True)`` refused, else torch's
+    specific complaint (an unsupported pickle opcode, damage), never its advice to load unsafely."""
+    found = _GLOBAL.search(str(err))
     if found:
-        return f"it references {found.group(1)}"
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0].strip()}" if lines else type(err).__name__
+        return f"it references {found.group(1) or found.group(2)}, which is not allowed"
+    lines = [line.strip() for line in str(err).splitlines()
+             if line.strip() and not line.strip().startswith(_TORCH_ADVICE)]
+    return f"{type(err).__name__}: {lines[0]}" if lines else f"{type(err).__name__}: not a plain-data torch file"
 
 
 # ---- RNG state ---------------------------------------------------------------------------------
