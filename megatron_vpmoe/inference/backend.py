@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -112,6 +112,7 @@ class Backend:
     batch_size: int = 8  # rows per forward in ``score``
     eos_ids: Tuple[int, ...] = ()
     vocab_size: Optional[int] = None  # token ids in requests must be below it
+    on_scored: Optional[Callable[[int], None]] = None  # progress hook: called with the rows of each ``score`` batch
     _lock = contextlib.nullcontext()  # implementations hold a lock: torch's RNG is seeded per call
 
     # ---- tokenizer -------------------------------------------------------------------------
@@ -211,6 +212,8 @@ class Backend:
                     row_logits = logits[row, start - 1: len(seq) - 1].float()
                     targets = torch.tensor(seq[start:], dtype=torch.long)
                     out[i] = (token_logprobs(row_logits, targets), row_logits.argmax(-1) == targets)
+                if self.on_scored is not None:
+                    self.on_scored(len(idx))
         return out  # type: ignore[return-value]
 
     def describe(self) -> dict:

@@ -79,3 +79,29 @@ def test_other_ranks_are_silent_unless_verbose():
     assert out == "" and "warning" not in err and "to stderr" in err  # errors of any rank still show
     out, err = run(1, VPMOE_VERBOSE="1")
     assert "rank says hello" in out and "Apex" in err and "a real warning" in err
+
+
+def _terminal(args, tmp_path):
+    from helpers.terminal import Terminal
+
+    env = {k: v for k, v in os.environ.items() if k not in ("VPMOE_VERBOSE", "COLUMNS")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return Terminal([sys.executable, "-m", "megatron_vpmoe.cli", *args], env, str(tmp_path))
+
+
+def _bar_with_loss(text: str) -> bool:
+    """A refresh of the train bar (between carriage returns) showing step, loss and tokens/s."""
+    return any("train:" in seg and "/" in seg and "loss=" in seg and "tok_s=" in seg for seg in text.split("\r"))
+
+
+def test_a_terminal_shows_the_bar_with_loss_and_tokens_per_s_from_the_first_step(tmp_path):
+    config = str(ROOT / "examples" / "configs" / "tiny-cpu.yaml")
+    # log.interval=10 (tiny-cpu's): the first step is shown anyway; the terminal reports 0 columns
+    term = _terminal(["train", "--config", config, *_sets(f"run.dir={tmp_path}/r", "train.steps=6",
+                                                          "log.interval=10")], tmp_path)
+    seen = term.wait_for(lambda text: _bar_with_loss(text) or "trained steps" in text, timeout=240)
+    before_end = term.text.split("trained steps")[0]
+    assert term.finish(timeout=120) == 0, term.text[-3000:]
+    assert seen and _bar_with_loss(before_end), before_end[-3000:]
+    first = next(seg for seg in before_end.split("\r") if _bar_with_loss(seg))
+    assert " 1/6 " in first, first  # loss and tokens/s after the first step, before the run ends
