@@ -32,7 +32,8 @@ RESUME_HINT = "run the same command again to resume"
 class PreemptionHandler:
     def __init__(self, announce: bool = True):
         self.received: Optional[int] = None
-        self.announce = announce  # say on stderr that a Ctrl-C was heard (rank 0)
+        # say on stderr that a Ctrl-C was heard (rank 0; a launcher says it itself)
+        self.announce = announce and os.environ.get(LAUNCHER_ENV) != "1"
         self._previous = {}
 
     def install(self) -> "PreemptionHandler":

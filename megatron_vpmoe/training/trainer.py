@@ -400,7 +400,7 @@ class Trainer:
                 self.summary["last"] = dict(out)
         out = records[-1]
         if bar is not None:
-            bar.set_postfix(loss=_fmt(out["loss"]), lr=f"{out['lr']:.2e}", tok_s=f"{out['tokens_per_s']:.0f}")
+            bar.set_postfix({"loss": _fmt(out["loss"]), "tok_s": f"{out['tokens_per_s']:.0f}", "lr": f"{out['lr']:.2e}"})
         elif out["step"] % cfg.log.interval == 0 or out["step"] == self.summary["start_step"] + 1:
             self._print(f"step {out['step']}/{t.steps} loss {_fmt(out['loss'])} lr {out['lr']:.2e} "
                         f"tokens/s {out['tokens_per_s']:.0f}")
