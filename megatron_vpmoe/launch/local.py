@@ -78,14 +78,15 @@ def _package_parent() -> str:
 
 def run_launcher(build_cmd: Callable[[], List[str]], config: str, overrides: List[str], world_size: int,
                  usr1_as_term: bool = False) -> int:
-    """Run ``build_cmd()`` (``world_size`` ranks) forwarding SIGTERM/SIGUSR1/SIGINT to it; map a
+    """Run ``build_cmd()`` (``world_size`` ranks) forwarding SIGTERM/SIGUSR1/SIGINT/SIGHUP to it; map a
     preemption or a Ctrl-C to exit 75. The config and what the trainer checks at start without
     a model (:func:`~megatron_vpmoe.launch.precheck.check_before_launch`) are validated before
     the command is built (so a bad config is reported once, before, say, a missing mpirun).
 
     The command runs in its own session, so a Ctrl-C on the terminal reaches only this launcher:
     the first is forwarded as SIGINT (the ranks checkpoint at the end of the step and stop), a
-    second kills the whole process tree without saving. ``usr1_as_term``: torchrun forwards
+    second kills the whole process tree without saving; a closed terminal (SIGHUP) is forwarded
+    as SIGTERM, since the hang-up no longer reaches the ranks. ``usr1_as_term``: torchrun forwards
     SIGTERM/SIGINT to its workers but dies on SIGUSR1, so USR1 is delivered to it as SIGTERM
     (the trainer treats both as "checkpoint and stop")."""
     from megatron_vpmoe.config import load_config
@@ -114,9 +115,10 @@ def run_launcher(build_cmd: Callable[[], List[str]], config: str, overrides: Lis
                 return
             print("\n[vpmoe] interrupted: the ranks save a checkpoint after this step (Ctrl-C again to abort)",
                   file=sys.stderr, flush=True)
-        proc.send_signal(signal.SIGTERM if usr1_as_term and signum == signal.SIGUSR1 else signum)
+        as_term = signum == signal.SIGHUP or (usr1_as_term and signum == signal.SIGUSR1)
+        proc.send_signal(signal.SIGTERM if as_term else signum)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
         previous[sig] = signal.signal(sig, forward)
     try:
         code = proc.wait()
