@@ -86,7 +86,8 @@ def _dataset_classes(index_cache_dir: Optional[str]):
     return RoleMaskedGPTDataset, RoleMaskedMockGPTDataset
 
 
-def _blend(data_cfg) -> Tuple[list, list]:
+def checked_blend(data_cfg) -> Tuple[list, list]:
+    """``(prefixes, weights)`` of ``data.blend``, each prefix's shards (and loss mask) found and intact."""
     prefixes, weights = [], []
     for i, (weight, prefix) in enumerate(data_cfg.blend):
         if not exists(prefix):
@@ -135,7 +136,7 @@ def build_datasets(data_cfg, *, seed: int, num_samples: Sequence[int], eod_id: i
     if pad_id == eod_id:  # no distinct pad token: megatron-core would reset it to -1 with a warning
         pad_id = -1
     masked_cls, mock_cls = _dataset_classes(cache_dir)
-    blend = None if data_cfg.mock else _blend(data_cfg)
+    blend = None if data_cfg.mock else checked_blend(data_cfg)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=data_cfg.seq_length,

@@ -211,10 +211,10 @@ class _Progress:
         self.docs = 0
         self.bytes = 0
         if enabled and sys.stderr.isatty():  # a bar on a terminal; plain periodic lines in logs and CI
-            from tqdm import tqdm
+            from megatron_vpmoe.utils.progress import terminal_bar
 
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc="preprocess", dynamic_ncols=True)
+            self.bar = terminal_bar(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                                    desc="preprocess")
 
     def update(self, docs: int, nbytes: int) -> None:
         before = self.docs

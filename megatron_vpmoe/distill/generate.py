@@ -267,10 +267,10 @@ class _Generator:
                 todo = [(p, [i]) for p, m in todo for i in m]  # one request per sample
             if not todo:
                 return self._finish(start, client)
-            from tqdm import tqdm
+            from megatron_vpmoe.utils.progress import terminal_bar
 
-            self.bar = tqdm(total=self.summary.requested, desc="teacher samples", unit="sample",
-                            disable=None if o.progress else True, dynamic_ncols=True)
+            self.bar = terminal_bar(total=self.summary.requested, desc="teacher samples", unit="sample",
+                                    disable=None if o.progress else True)
             sem = asyncio.Semaphore(o.concurrency)
             loop = asyncio.get_running_loop()
             try:

@@ -444,10 +444,9 @@ class OnPolicyTrainer:
                 for g, p in enumerate(batch) for j in range(k)]
 
     def run(self) -> list:
-        from tqdm import tqdm
-
         from megatron_vpmoe.config import dump_config
         from megatron_vpmoe.training.metrics import MetricsLogger
+        from megatron_vpmoe.utils.progress import terminal_bar
 
         cfg, op = self.cfg, self.cfg.distill.onpolicy
         run_dir = Path(cfg.run.dir)
@@ -455,8 +454,8 @@ class OnPolicyTrainer:
         logger = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.log.tensorboard,
                                resume_step=self.step)
         history = []
-        bar = tqdm(total=cfg.train.steps, initial=self.step, desc="on-policy", unit="step",
-                   disable=None if cfg.log.progress_bar and not self.quiet and main else True)
+        bar = terminal_bar(total=cfg.train.steps, initial=self.step, desc="on-policy", unit="step",
+                           disable=None if cfg.log.progress_bar and not self.quiet and main else True)
         while self.step < cfg.train.steps:
             record = self.train_step()
             history.append(record)

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 from megatron_vpmoe.eval.tasks import DEFAULT_EVAL_DIR, resolve_tasks, task_runner
 from megatron_vpmoe.inference.backend import Backend
+from megatron_vpmoe.utils.progress import Progress
 
 
 @dataclass
@@ -34,14 +35,9 @@ def run_eval(backend: Backend, options: EvalOptions, model_name: str = "") -> Di
     context = options.context or backend.max_length
     results: Dict[str, object] = {"model": model_name, "backend": backend.describe(), "limit": options.limit,
                                   "tasks": {}, "seconds": {}}
-    iterator = names
-    if options.progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(names, desc="eval", unit="task", disable=None)  # None: on a terminal only
-    for name in iterator:
-        if options.progress:
-            iterator.set_postfix_str(name)  # type: ignore[union-attr]
+    for number, name in enumerate(names, 1):
+        progress = Progress(None, f"eval {name} ({number}/{len(names)})", "seq", enabled=options.progress)
+        backend.on_scored = progress.update  # sequences scored, live (a bar, or a line every 10 s)
         run = task_runner(name, eval_dir=Path(options.eval_dir), limit=options.limit, bpb_text=options.bpb_text,
                           long_text=options.long_text, context=context, gsm8k_shots=options.gsm8k_shots,
                           max_new_tokens=options.max_new_tokens)
@@ -51,5 +47,7 @@ def run_eval(backend: Backend, options: EvalOptions, model_name: str = "") -> Di
             results["tasks"][name] = run(backend)  # type: ignore[index]
         finally:
             backend.max_length = saved_max
+            backend.on_scored = None
+            progress.close()
         results["seconds"][name] = time.perf_counter() - start  # type: ignore[index]
     return results

@@ -27,6 +27,7 @@ from megatron_vpmoe.utils.answers import predicted_answer, reference_answer
 from megatron_vpmoe.utils.errors import InputError
 from megatron_vpmoe.utils.jsonl import read_jsonl
 from megatron_vpmoe.utils.paths import data_dir
+from megatron_vpmoe.utils.progress import is_terminal, terminal_bar
 
 # the data folder's eval/ (VPMOE_DATA, ../shared/data or the embedded default), resolved at import
 DEFAULT_EVAL_DIR = data_dir() / "eval"
@@ -212,15 +213,14 @@ def run_bits_per_byte(backend: Backend, path: Path, limit: Optional[int], *, pro
     """Summed token NLL (nats) / ln 2 / UTF-8 bytes, over whole documents (every token scored,
     the first after the document-start token, in non-overlapping ``max_length`` windows:
     :func:`~megatron_vpmoe.eval.requests.document_windows`): comparable across tokenizers.
-    A progress bar (windows) goes to stderr on a terminal."""
+    A progress bar (windows) goes to stderr on a terminal, unless the caller follows the backend's
+    ``on_scored`` hook (``vpmoe eval``'s per-task progress)."""
     docs = read_documents(path, limit)
     encoded = [backend.encode(doc) for doc in docs]
     windows = [document_windows(backend, ids) for ids in encoded]
     bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(map(len, windows)), desc="bpb", unit="window", disable=None)  # None: a terminal only
+    if progress and backend.on_scored is None and is_terminal():
+        bar = terminal_bar(total=sum(map(len, windows)), desc="bpb", unit="window")
     try:
         nll = math.fsum(document_nll(backend, w, progress=bar.update if bar is not None else None) for w in windows)
     finally:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -112,6 +112,7 @@ class Backend:
     batch_size: int = 8  # rows per forward in ``score``
     eos_ids: Tuple[int, ...] = ()
     vocab_size: Optional[int] = None  # token ids in requests must be below it
+    on_scored: Optional[Callable[[int], None]] = None  # progress hook: called with the rows of each scoring forward
     _lock = contextlib.nullcontext()  # implementations hold a lock: torch's RNG is seeded per call
 
     # ---- tokenizer -------------------------------------------------------------------------
@@ -196,6 +197,8 @@ class Backend:
                 for row, i in enumerate(idx):
                     batch[row, : len(sequences[i]) - 1] = torch.tensor(sequences[i][:-1], dtype=torch.long)
                 yield idx, self.forward_logits(batch, lengths)
+                if self.on_scored is not None:
+                    self.on_scored(len(idx))
 
     @staticmethod
     def _check_starts(sequences, starts) -> None:

@@ -65,11 +65,13 @@ class HFBackend(Backend):
         else:
             model_class = AutoModelForCausalLM
         try:
-            tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code,
-                                                      local_files_only=True)
             self.model = model_class.from_pretrained(
                 self.path, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype), local_files_only=True
             ).to(self.device).eval()
+            # the model's config: AutoTokenizer would otherwise read config.json as a bare
+            # PretrainedConfig and warn "a model of type vpmoe to instantiate a model of type ``"
+            tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code,
+                                                      local_files_only=True, config=self.model.config)
         except (OSError, ValueError, KeyError, SafetensorError) as err:  # missing/corrupt files, unknown model type
             reason = " ".join(str(err).split())
             raise InputError(f"{path}: not a loadable Hugging Face causal LM directory ({type(err).__name__}: "

@@ -1,7 +1,8 @@
-"""The flat-tensor collectives under the name the installed torch has (``*_single`` from 2.13, ``*_tensor`` before)."""
+"""The flat-tensor collectives under the name the installed torch has (``*_single`` from 2.13, ``*_tensor`` before), and a differentiable all-to-all."""
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 # setup.py allows torch >= 2.6 and GPU images bring their own (the H200 one had 2.11, which has only
@@ -17,3 +18,28 @@ def all_gather_single(output, input, group=None, async_op=False):
 def reduce_scatter_single(output, input, group=None, async_op=False):
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     return scatter(output, input, group=group, async_op=async_op)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Uneven all-to-all of rows; the backward sends each row's gradient back where the row came from."""
+
+    @staticmethod
+    def forward(ctx, output, input, output_split_sizes, input_split_sizes, group):  # noqa: A002 - torch's names
+        ctx.splits, ctx.group, ctx.input_shape = (output_split_sizes, input_split_sizes), group, input.shape
+        dist.all_to_all_single(output, input.contiguous(), output_split_sizes, input_split_sizes, group=group)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        output_split_sizes, input_split_sizes = ctx.splits
+        grad_input = grad_output.new_empty(ctx.input_shape)
+        dist.all_to_all_single(grad_input, grad_output.contiguous(), input_split_sizes, output_split_sizes,
+                               group=ctx.group)
+        return None, grad_input, None, None, None
+
+
+def all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=None):  # noqa: A002
+    """``dist.all_to_all_single`` into ``output`` with autograd (``torch.distributed.nn.functional``'s
+    is deprecated, with a FutureWarning per call site, and the functional collectives return
+    asynchronous tensors); returns ``output``."""
+    return _AllToAll.apply(output, input, output_split_sizes, input_split_sizes, group)

@@ -2,7 +2,7 @@
 
 Each EP rank holds ``num_experts / ep`` consecutive experts. Tokens are permuted by global
 expert (``kernels.ops.permute``), exchanged with a differentiable uneven
-``all_to_all_single`` (``torch.distributed.nn.functional``), re-sorted by local expert,
+``all_to_all_single`` (``parallel/collectives.py``), re-sorted by local expert,
 computed with one grouped GEMM, and sent back the same way before ``kernels.ops.unpermute``.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_to_all_single
 
 from megatron_vpmoe.kernels import ops
+from megatron_vpmoe.parallel.collectives import all_to_all_single
 
 
 class AllToAllDispatcher:

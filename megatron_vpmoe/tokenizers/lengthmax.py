@@ -276,7 +276,7 @@ def build_lengthmax_vocab(docs: Sequence[str], n_learned: int, *, max_token_char
                           max_token_words: int = DEFAULT_MAX_WORDS, word_fraction: float = DEFAULT_WORD_FRACTION,
                           min_count: int = 2, show_progress: bool = False) -> _Vocab:
     """Learn ``n_learned`` tokens beyond the 256 bytes (fewer if the corpus runs out)."""
-    from tqdm import tqdm
+    from megatron_vpmoe.utils.progress import Progress
 
     if max_token_chars < 2 or max_token_words < 1:
         raise InputError("max_token_chars must be >= 2 and max_token_words >= 1")
@@ -294,7 +294,7 @@ def build_lengthmax_vocab(docs: Sequence[str], n_learned: int, *, max_token_char
 
     vocab = _Vocab()
     n_within = int(round(n_learned * word_fraction)) if max_token_words > 1 else n_learned
-    with tqdm(total=n_learned, desc="length-max merges", unit="tok", disable=not show_progress or None) as bar:
+    with Progress(n_learned, "length-max merges", "tok", enabled=show_progress) as bar:  # a bar, or a line every 10 s
         symbols = _merge_within_units(vocab, unit_freq, n_within, max_token_chars, max_token_words,
                                       min_count, bar)
         learned = len(vocab.pieces) - 256

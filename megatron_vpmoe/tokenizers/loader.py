@@ -7,7 +7,17 @@ from pathlib import Path
 
 from megatron_vpmoe.tokenizers.base import HF_FILE, KINDS, METADATA_FILE, HFTokenizer, Tokenizer
 from megatron_vpmoe.tokenizers.specials import EOD_TOKEN
-from megatron_vpmoe.utils.errors import InputError
+from megatron_vpmoe.utils.errors import ConfigError, InputError
+
+
+def load_for_model(directory, vocab_size: int) -> Tokenizer:
+    """``load(directory)`` for a model with ``vocab_size`` embedding rows: a tokenizer with more
+    tokens is refused (``data.tokenizer``'s ids would index past the embedding at step 1)."""
+    tokenizer = load(directory)
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"data.tokenizer {directory} has {tokenizer.vocab_size} tokens, more than "
+                          f"model.vocab_size {vocab_size}", key="model.vocab_size")
+    return tokenizer
 
 
 def load(directory) -> Tokenizer:

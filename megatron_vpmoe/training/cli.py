@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train", help="pretrain VPMoE from a run config",
         description="Pretrain VPMoE from a run config. Resumes from the latest checkpoint under "
                     "checkpoint.dir when there is one (checkpoint.load: auto). Exits 75 after "
-                    "saving a checkpoint on SIGTERM/SIGUSR1 (requeue). Multi-process: "
+                    "saving a checkpoint on SIGTERM/SIGUSR1 or a first Ctrl-C (requeue; a second Ctrl-C aborts). Multi-process: "
                     "torchrun --nproc-per-node N -m megatron_vpmoe.cli train ..., srun or mpirun.",
         epilog="example: vpmoe train --config examples/configs/tiny-cpu.yaml --set train.steps=50")
     add_config_args(parser)

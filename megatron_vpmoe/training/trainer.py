@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -66,7 +65,8 @@ from megatron_vpmoe.training.preemption import (
 from megatron_vpmoe.training.schedule import learning_rate
 from megatron_vpmoe.training.summary import SMOOTH_FRACTION, describe, smoothed_ends
 from megatron_vpmoe.utils.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, VpmoeError
-from megatron_vpmoe.utils.notices import install as install_notices
+from megatron_vpmoe.utils.notices import filter_cpu_warnings, install as install_notices
+from megatron_vpmoe.utils.progress import is_terminal, terminal_bar
 
 NAN_HOOK_ENV = "VPMOE_TEST_NAN_STEPS"
 
@@ -101,6 +101,8 @@ class Trainer:
         self.is_main = self.rank == 0
         self.quiet = quiet
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            filter_cpu_warnings()  # megatron-core's CUDA-only advice
         from megatron_vpmoe.parallel import ParallelModel, build_parallel_model, init_parallel
 
         check_world_layout(cfg, self.world_size)  # e.g. tensor=2 in one process: one line naming the key
@@ -166,13 +168,9 @@ class Trainer:
 
     def _load_tokenizer(self):
         if self.tokenizer is None and self.cfg.data.tokenizer:
-            from megatron_vpmoe.tokenizers import load
+            from megatron_vpmoe.tokenizers.loader import load_for_model
 
-            self.tokenizer = load(self.cfg.data.tokenizer)
-            size, vocab = self.tokenizer.vocab_size, self.cfg.model.vocab_size
-            if size > vocab:  # its ids would index past the embedding at step 1
-                raise ConfigError(f"data.tokenizer {self.cfg.data.tokenizer} has {size} tokens, more than "
-                                  f"model.vocab_size {vocab}", key="model.vocab_size")
+            self.tokenizer = load_for_model(self.cfg.data.tokenizer, self.cfg.model.vocab_size)
         return self.tokenizer
 
     def _num_samples(self) -> tuple:
@@ -397,8 +395,8 @@ class Trainer:
                 self.summary["steps"].append({k: out.get(k) for k in ("step", "loss", "bits_per_byte")})
         out = records[-1]
         if bar is not None:
-            bar.set_postfix(loss=_fmt(out["loss"]), lr=f"{out['lr']:.2e}", tok_s=f"{out['tokens_per_s']:.0f}")
-        elif out["step"] % cfg.log.interval == 0:
+            bar.set_postfix({"loss": _fmt(out["loss"]), "tok_s": f"{out['tokens_per_s']:.0f}", "lr": f"{out['lr']:.2e}"})
+        elif out["step"] % cfg.log.interval == 0 or out["step"] == self.summary["start_step"] + 1:
             self._print(f"step {out['step']}/{t.steps} loss {_fmt(out['loss'])} lr {out['lr']:.2e} "
                         f"tokens/s {out['tokens_per_s']:.0f}")
 
@@ -457,12 +455,10 @@ class Trainer:
             self._print(f"initialised from {self.loaded_from} (weights only; fresh optimizer, step 0)")
         nan_steps = _nan_hook_steps()
         profiler = StepProfiler(cfg.log.profile_steps, cfg.run.dir, self.rank)
-        preemption = PreemptionHandler().install()
+        preemption = PreemptionHandler(announce=self.is_main and not self.quiet).install()
         bar = None
-        if self.is_main and cfg.log.progress_bar and not self.quiet and sys.stderr.isatty():  # else: step lines
-            from tqdm import tqdm
-
-            bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        if self.is_main and cfg.log.progress_bar and not self.quiet and is_terminal():  # else: step lines
+            bar = terminal_bar(total=t.steps, initial=self.step, desc="train", unit="step")
         self.summary = {"start_step": self.step, "first": None, "last": None, "valid": None, "steps": []}
         start_time = time.perf_counter()
         start_step = self.step
@@ -479,7 +475,7 @@ class Trainer:
                     self.checkpoints.finalize()
                     if self.is_main:
                         write_requeue_marker(cfg.run.dir, self.step, path)
-                    self._print(f"preempted: saved {path} at step {self.step}; exiting with {EXIT_REQUEUE} (requeue)")
+                    self._print(preemption.saved_message(path, self.step))
                     exit_code = EXIT_REQUEUE
                     break
                 t0 = time.perf_counter()
@@ -499,7 +495,8 @@ class Trainer:
                 evaluating = bool(t.eval_interval) and (self.step % t.eval_interval == 0 or self.step == t.steps)
                 interval = cfg.checkpoint.interval
                 saving = bool(interval and self.step % interval == 0) or self.step == end
-                if self.step % cfg.log.interval == 0 or evaluating or saving:
+                first = self.step == start_step + 1  # loss and tokens/s on screen after one step
+                if first or self.step % cfg.log.interval == 0 or evaluating or saving:
                     self._flush_metrics(pending, logger, bar, sampler)
                     pending = []
                 if evaluating:

@@ -1,9 +1,10 @@
 """Third-party notices known to be noise on CPU hosts, and other ranks' output: silenced here, once.
 
 Each entry says why it is silenced. :func:`install` (called by the ``vpmoe`` entry point and by
-every trainer process) filters them for the whole process, and on ranks other than 0 also drops
-stdout and Python warnings (they repeat rank 0's), keeping stderr so errors from any rank still
-show. ``--verbose`` (or ``VPMOE_VERBOSE=1``, which it exports to the ranks) shows everything.
+every trainer process) filters them for the whole process, turns Hugging Face's progress bars
+off when stderr is not a terminal (carriage returns in a log), and on ranks other than 0 also
+drops stdout and Python warnings (they repeat rank 0's), keeping stderr so errors from any rank
+still show. ``--verbose`` (or ``VPMOE_VERBOSE=1``, which it exports to the ranks) shows everything.
 :func:`quiet` filters the same notices inside a ``with`` block, for library code run outside the CLI.
 """
 
@@ -29,8 +30,18 @@ KNOWN_WARNINGS = (
      "loads (one-rank training, convert, eval) are meant that way"),
 )
 
+# (message pattern, warning category, why it is noise on a host without CUDA): filter_cpu_warnings()
+KNOWN_CPU_WARNINGS = (
+    (r"environment variable CUDA_DEVICE_MAX_CONNECTIONS to 1", UserWarning,
+     "megatron-core's tensor-parallel linears recommend one CUDA connection for overlapping "
+     "communication with compute; there is no CUDA on a CPU host, so nothing to set"),
+)
+
 # (logger name, message pattern, why it is noise here)
 KNOWN_LOG_RECORDS = (
+    ("megatron.core.datasets.blended_dataset", r"Building a BlendedDataset for a single MegatronDataset",
+     "data/dataset.py hands megatron-core every blend, a one-prefix one too, so that one path builds "
+     "all data; megatron-core then notes the blending is unnecessary (once per split)"),
     ("megatron.core.datasets.blended_dataset", r"Cannot save the BlendedDataset indexes because path_to_cache is None",
      "one process builds the blend index in memory on purpose: megatron-core's blend cache needs "
      "torch.distributed (data/dataset.py); the per-dataset index cache is still written"),
@@ -41,8 +52,27 @@ KNOWN_LOG_RECORDS = (
      "toy teacher); the default causal-LM loss it then uses is the right one"),
 )
 
+HF_BARS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"  # read by huggingface_hub and transformers at import
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def filter_cpu_warnings() -> None:
+    """Process-wide filters for :data:`KNOWN_CPU_WARNINGS` (call it once the run is known to be on
+    CPU), unless verbose."""
+    if verbose():
+        return
+    for pattern, category, _why in KNOWN_CPU_WARNINGS:
+        warnings.filterwarnings("ignore", message=".*" + pattern, category=category)
 
 
 def filter_known_warnings() -> None:
@@ -70,6 +100,8 @@ def install(*, verbose_flag: bool = False, rank: int = 0) -> None:
         os.environ[VERBOSE_ENV] = "1"
     if verbose():
         return
+    if not _stderr_is_terminal():  # tqdm bars of Hugging Face (transformers' "Loading weights") in a log
+        os.environ.setdefault(HF_BARS_ENV, "1")
     filter_known_warnings()
     for name, pattern, _why in KNOWN_LOG_RECORDS:
         logger = logging.getLogger(name)

@@ -1,8 +1,9 @@
-"""Run a command and measure its wall time and the peak resident memory of its whole process tree (Linux /proc)."""
+"""A process tree (Linux /proc): measure a command's wall time and peak resident memory, or kill the whole tree."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -28,14 +29,28 @@ def _rss_kib(pid: int) -> int:
         return 0
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants now."""
-    total, stack = 0, [pid]
+def descendants(pid: int) -> List[int]:
+    """Every process below ``pid`` (children in other sessions included, as torchrun's workers are)."""
+    out, stack = [], _children(pid)
     while stack:
         p = stack.pop()
-        total += _rss_kib(p)
+        out.append(p)
         stack.extend(_children(p))
-    return total * 1024
+    return out
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to ``pid`` and all its descendants (those gone already are skipped)."""
+    for p in [pid, *descendants(pid)]:  # listed before any dies: an orphan is re-parented away
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants now."""
+    return sum(_rss_kib(p) for p in [pid, *descendants(pid)]) * 1024
 
 
 def run_measured(cmd: Sequence[str], *, env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,

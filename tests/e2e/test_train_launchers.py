@@ -105,3 +105,33 @@ def test_sigterm_to_torchrun_leaves_checkpoint_and_requeue_marker(tmp_path):
     marker = (tmp_path / "REQUEUE").read_text()
     step = read_trainer_state(latest_checkpoint(tmp_path / "checkpoints"))["step"]
     assert f"step={step}" in marker and step >= 2
+
+
+def test_ctrl_c_to_launch_local_saves_the_current_step_and_says_how_to_resume_once(tmp_path):
+    """A Ctrl-C in a terminal (SIGINT to the foreground group: the launcher) checkpoints the step
+    the ranks are at, like a preemption; one resume hint, no per-rank or torchrun lines."""
+    from helpers.terminal import Terminal
+    from megatron_vpmoe.training.checkpoint import latest_checkpoint, read_trainer_state
+
+    run = tmp_path / "run"
+    tiny = ["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=2",
+            "model.num_query_groups=2", "model.kv_channels=16", "model.ffn_hidden_size=64",
+            "model.moe_ffn_hidden_size=32", "model.moe_shared_expert_intermediate_size=32", "data.seq_length=32",
+            "data.mock=true", "data.tokenizer=null", "train.global_batch_size=4", "train.micro_batch_size=1",
+            "train.eval_interval=0", "checkpoint.interval=0", f"run.dir={run}", "train.steps=100000"]
+    sets = [a for item in tiny for a in ("--set", item)]
+    env = {k: v for k, v in _base_env().items() if k != "VPMOE_VERBOSE"}
+    term = Terminal([sys.executable, "-m", "megatron_vpmoe.cli", "launch", "local", "--nproc", "2", "--config",
+                     str(ROOT / "examples" / "configs" / "tiny-cpu.yaml"), *sets], env, str(tmp_path))
+    assert term.wait_for(lambda text: "loss=" in text, timeout=240), term.text[-3000:]  # training, on screen
+    term.ctrl_c()
+    code = term.finish(timeout=180)
+    text = term.text
+    assert code == 75, text[-3000:]
+    step = read_trainer_state(latest_checkpoint(run / "checkpoints"))["step"]
+    assert f"step={step}\n" in (run / "REQUEUE").read_text()
+    assert max(r["step"] for r in read_metrics(run)) == step  # the step the ranks were at, not an older one
+    assert text.count("run the same command again to resume") == 1
+    assert text.count("Ctrl-C again to abort") == 1  # the launcher says it; the ranks do not repeat it
+    for noise in ("vpmoe: interrupted", "Traceback", "torch.distributed.elastic", "Sending process", "death signal"):
+        assert noise not in text, noise

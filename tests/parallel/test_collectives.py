@@ -33,3 +33,15 @@ def test_flat_collectives_with_either_name(one_rank_group, monkeypatch, older_to
     assert out.tolist() == [4.0, 5.0, 6.0]
     assert calls == (["all_gather_into_tensor", "reduce_scatter_tensor"] if older_torch
                      else ["all_gather_single", "reduce_scatter_single"])
+
+
+def test_differentiable_all_to_all_without_the_deprecated_api(one_rank_group):
+    import warnings
+
+    x = torch.arange(6.0).view(3, 2).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.distributed.nn.functional's FutureWarning would raise
+        out = collectives.all_to_all_single(x.new_empty(3, 2), x * 2, [3], [3])
+        (out * torch.tensor([[1.0, 2.0]])).sum().backward()
+    assert out.tolist() == (torch.arange(6.0).view(3, 2) * 2).tolist()
+    assert x.grad.tolist() == [[2.0, 4.0]] * 3
