@@ -79,3 +79,18 @@ def test_kernels_merge_keeps_the_other_devices_rows(tmp_path):
     assert merged["devices"]["cuda"] == [row] and "gpu" not in merged
     md = (tmp_path / "kernels.md").read_text()
     assert "## cuda (Some GPU)" in md and "| rms_norm | bfloat16 | 0.5 (1.0) | 1.0 (0.5) | 2.0 (0.25) | 2.00x | 2.00x |" in md
+
+
+def test_casts_benchmark_counts_one_weight_cast_per_step(tmp_path):
+    """benchmarks/casts.py, reduced (seq 32, micro-batch 1, 4 micro-batches): bf16 weights over
+    fp32 master cast each weight once per step (<= 1.0x the bf16 parameter bytes); autocast over
+    fp32 weights casts them per use and per micro-batch (well above 1x)."""
+    import json
+
+    out = subprocess.run([sys.executable, "benchmarks/casts.py", "--seq", "32", "--micro-batch", "1",
+                          "--threads", "1", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "casts.json").read_text())
+    assert res["new"]["weight_cast_ratio"] <= 1.0 < 2.0 < res["old"]["weight_cast_ratio"]
+    assert 0 < res["new"]["aten_ops"] and (tmp_path / "casts.md").read_text().startswith("# Casts")

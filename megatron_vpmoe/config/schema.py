@@ -335,6 +335,7 @@ class TrainConfig:
     global_batch_size: int = 8  # samples per step over all data-parallel ranks
     micro_batch_size: int = 1  # samples per forward; accumulation = global / (micro x DP)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    master_weights: bool = True  # under bf16: forward/backward on bf16 weights cast once per step from fp32 master weights, fp32 gradient buffers; false: autocast casts the fp32 weights at every use (the old path)
     transformer_impl: Literal["local", "transformer_engine"] = "local"  # linears: megatron-core/PyTorch, or Transformer Engine (GPU host with TE; not yet run on a GPU here)
     recompute: Literal["none", "selective", "full"] = "none"  # activation recompute in backward: selective = attention core + routed experts' MLP, full = whole layers
     fp8: Optional[Literal["delayed", "current", "mxfp8"]] = None  # FP8 recipe for the TE linears; needs transformer_impl: transformer_engine

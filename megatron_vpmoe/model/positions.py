@@ -24,22 +24,55 @@ def rope_frequencies(dim: int, base: float, device=None) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
-    """Rotate planes ``(j, j + D/2)`` of ``x [B, S, N, D]`` by ``positions [B, S] * freq [D/2]``
-    (rotate-half layout, Megatron/HF); computed in fp32, returned in ``x``'s dtype."""
-    d = x.shape[-1]
+def _tables(positions: torch.Tensor, freq: torch.Tensor):
+    """``cos, sin [B, S, 1, D]`` of ``positions [B, S] * freq [D/2]`` (fp32)."""
     angles = positions.to(torch.float32).unsqueeze(-1) * freq.float()  # [B, S, D/2]
     cos = torch.cat([angles.cos(), angles.cos()], dim=-1).unsqueeze(2)
     sin = torch.cat([angles.sin(), angles.sin()], dim=-1).unsqueeze(2)
+    return cos, sin
+
+
+def _rotate_with(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1]
     xf = x.float()
     x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
     rotated = torch.cat([-x2, x1], dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
+def rotate(x: torch.Tensor, positions: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+    """Rotate planes ``(j, j + D/2)`` of ``x [B, S, N, D]`` by ``positions [B, S] * freq [D/2]``
+    (rotate-half layout, Megatron/HF); computed in fp32, returned in ``x``'s dtype."""
+    return _rotate_with(x, *_tables(positions, freq))
+
+
+class _RopeTables:
+    """The last RoPE ``cos``/``sin`` tables, per ``(positions tensor, head dim, base)``: queries and
+    keys of every layer of a forward rotate by the same positions, so the tables are built once
+    per forward instead of twice per layer. The positions tensor is held, so its storage cannot be
+    reused by another tensor while it is the key; its version counter catches in-place changes."""
+
+    def __init__(self):
+        self.entry = None  # (key, positions, tables), replaced whole (threads see one or the other)
+
+    def get(self, positions: torch.Tensor, dim: int, base: float):
+        if positions.requires_grad:  # never for integer positions; no caching of a graph
+            return _tables(positions, rope_frequencies(dim, base, positions.device))
+        key = (positions.data_ptr(), tuple(positions.shape), tuple(positions.stride()), positions._version,
+               positions.dtype, positions.device, dim, float(base))
+        entry = self.entry
+        if entry is None or entry[0] != key:
+            entry = (key, positions, _tables(positions, rope_frequencies(dim, base, positions.device)))
+            self.entry = entry
+        return entry[2]
+
+
+_ROPE_TABLES = _RopeTables()
+
+
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
     """Rotary embedding, rotate-half layout (Megatron/HF): ``x [B, S, H, D]``, ``positions [B, S]``."""
-    return rotate(x, positions, rope_frequencies(x.shape[-1], base, x.device))
+    return _rotate_with(x, *_ROPE_TABLES.get(positions, x.shape[-1], base))
 
 
 class GrapeM(nn.Module):

@@ -45,6 +45,15 @@ ShardFn = Callable[[torch.Tensor], Tuple[List[Tuple[int, int]], Optional[torch.T
 IN_FLIGHT = 2  # sharded: reduce-scatters outstanding at once (each holds its full bucket buffer)
 
 
+def _set_grad(t: torch.Tensor, grad: torch.Tensor) -> None:
+    """``t.grad = grad``, or ``t.main_grad`` while ``t`` holds a step's bf16 working weight and the
+    bucket fp32 (``parallel/mixed_precision.py`` makes it ``.grad`` when ``t`` is fp32 again)."""
+    if t.dtype == grad.dtype:
+        t.grad = grad
+    else:
+        t.main_grad = grad
+
+
 class _Bucket:
     """One bucket's flat gradient buffer. ``pieces[id(p)]``: where ``p``'s flat gradient goes,
     as ``(buffer offset, start, end)``; unsharded, one piece per parameter, sharded one per
@@ -118,10 +127,10 @@ class _Bucket:
         if not self.sharded:
             for p in self.params:
                 (offset, _, n), = self.pieces[id(p)]
-                p.grad = self.buffer[offset:offset + n].view_as(p)
+                _set_grad(p, self.buffer[offset:offset + n].view_as(p))
             return
         for p, target, offset, start, end in self.mine:
-            target.grad = self.out[offset:offset + end - start].view_as(target)
+            _set_grad(target, self.out[offset:offset + end - start].view_as(target))
         if not self.keep:
             self.buffer = None  # the full buffer is only needed during backward
 

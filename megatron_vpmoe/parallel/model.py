@@ -73,6 +73,7 @@ class ParallelModel:
         self._pipeline = None  # the pipeline runner (PP > 1), built at the first step
         self._grad_sync = None  # bucketed DP gradient reduction overlapped with backward (first step)
         self._shard_of = None  # the distributed optimizer's split: gradients are reduce-scattered to it
+        self.bf16_weights = None  # parallel.mixed_precision.Bf16Weights: bf16 weights over fp32 master
 
     def set_recompute(self, mode: str) -> None:
         """Activation recompute (``train.recompute``) for this rank's layers."""
@@ -113,21 +114,27 @@ class ParallelModel:
         ctx = self.ctx
         # each MoE layer adds its aux loss, averaged over micro-batches and DP ranks, in backward
         self.module.set_aux_loss_scale(1.0 / (len(micro_batches) * ctx.dp) if backward else 0.0)
-        sync = self._overlapped_sync() if backward else None
+        sync = self._overlapped_sync() if backward else None  # built while the weights are fp32
         if sync is not None:
             sync.start(len(micro_batches))
-        if ctx.pp > 1:
-            stats = self._pipeline_run(micro_batches, loss_fn, backward)
-        else:
-            stats = None
-            for mb in micro_batches:
-                per_token = self.module(mb["input_ids"], mb.get("position_ids"), labels=mb["labels"])
-                loss, part = loss_fn(per_token, mb)
-                if backward:
-                    loss.backward()
-                stats = part.detach().double().clone() if stats is None else stats + part.detach().double()
-            if stats is None:
-                stats = torch.zeros(0, dtype=torch.float64)
+        if self.bf16_weights is not None:  # bf16 working weights for this forward/backward
+            self.bf16_weights.begin(sync.params if sync is not None else ())
+        try:
+            if ctx.pp > 1:
+                stats = self._pipeline_run(micro_batches, loss_fn, backward)
+            else:
+                stats = None
+                for mb in micro_batches:
+                    per_token = self.module(mb["input_ids"], mb.get("position_ids"), labels=mb["labels"])
+                    loss, part = loss_fn(per_token, mb)
+                    if backward:
+                        self._backward(loss)
+                    stats = part.detach().double().clone() if stats is None else stats + part.detach().double()
+                if stats is None:
+                    stats = torch.zeros(0, dtype=torch.float64)
+        finally:
+            if self.bf16_weights is not None:  # fp32 master weights and gradients again
+                self.bf16_weights.end()
         if backward:
             if sync is not None:
                 sync.trace.append(("backward_done", -1))
@@ -137,6 +144,15 @@ class ParallelModel:
         if ctx.dp > 1:
             dist.all_reduce(stats, group=ctx.dp_group)
         return stats
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``; with bf16 weights outside autocast, so each op's backward runs in
+        its forward's dtypes (the fp32 router's gradients stay fp32, its weight is not cast to bf16)."""
+        if self.bf16_weights is None:
+            loss.backward()
+            return
+        with torch.autocast(loss.device.type, enabled=False):
+            loss.backward()
 
     def _pipeline_run(self, micro_batches: List[Dict], loss_fn: LossFn, backward: bool) -> torch.Tensor:
         from megatron_vpmoe.parallel.pipeline import PipelineRunner

@@ -136,6 +136,11 @@ class Trainer:
             from megatron_vpmoe.parallel.zero import DistributedOptimizer
 
             self.optimizer = DistributedOptimizer(self.optimizer, self.pm)  # gradients reduce-scattered
+        if self.autocast_dtype is not None and cfg.train.master_weights:  # bf16 weights, fp32 master
+            from megatron_vpmoe.parallel.mixed_precision import Bf16Weights
+
+            self.pm.bf16_weights = Bf16Weights(self.raw_model,
+                                               before=getattr(self.optimizer, "wait_for_parameters", None))
         self.weights = LossWeights.from_config(cfg.distill)
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
                                              async_save=cfg.checkpoint.async_save)

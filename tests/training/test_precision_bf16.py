@@ -277,10 +277,11 @@ def _curves(tmp_path, steps):
 
 
 def test_bf16_training_tracks_fp32_curve(tmp_path):
-    """The real trainer, 50 AdamW steps of the tiny config: bf16 within 2% of fp32 at every step."""
+    """The real trainer, 50 AdamW steps of the tiny config: bf16 (bf16 weights over fp32 master
+    weights, ``train.master_weights``) within 0.5% of fp32 at every step."""
     fp32, bf16 = _curves(tmp_path, 50)
     assert len(fp32) == len(bf16) == 50 and all(math.isfinite(x) for x in bf16)
     assert fp32[-1] < 0.8 * fp32[0]  # it learns, so the curves are compared while moving
     worst = max(abs(b - f) / f for f, b in zip(fp32, bf16))
-    assert worst < 0.02, (worst, fp32, bf16)
+    assert worst < 0.005, (worst, fp32, bf16)
     assert bf16 != fp32  # the bf16 path really ran in a different precision
