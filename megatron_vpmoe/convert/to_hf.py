@@ -1,7 +1,7 @@
 """Native checkpoint -> Hugging Face model directory (``vpmoe convert to-hf``).
 
 Writes ``config.json`` (with ``auto_map`` for ``trust_remote_code``), the remote code
-(``configuration_vpmoe.py``, ``modeling_vpmoe.py`` from ``hf_template/``), sharded
+(``configuration_vpmoe.py``, ``modeling_vpmoe.py`` from ``model/hf_template/``), sharded
 ``model-XXXXX-of-YYYYY.safetensors`` with ``model.safetensors.index.json``, the student
 tokenizer's files, ``generation_config.json``, a README model card, and the run config
 (``vpmoe_config.yaml``, so ``from-hf`` restores it). Tensors stream from the checkpoint one
@@ -18,7 +18,7 @@ from typing import Optional
 from megatron_vpmoe.tokenizers.specials import HARMONY_MARKERS
 from megatron_vpmoe.utils.errors import InputError, UsageError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model" / "hf_template"
 REMOTE_CODE = ("configuration_vpmoe.py", "modeling_vpmoe.py")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 FP32_KEYS = (".router.weight", ".router.expert_bias")  # the router runs in fp32 natively
@@ -39,7 +39,7 @@ def hf_config_dict(model_cfg, *, max_position_embeddings: int, dtype: str, token
     """``config.json`` contents: every ModelConfig field plus the Hugging Face bookkeeping."""
     import dataclasses
 
-    from megatron_vpmoe.convert.hf_template.configuration_vpmoe import VpmoeConfig
+    from megatron_vpmoe.model.hf_template.configuration_vpmoe import VpmoeConfig
 
     fields = dataclasses.asdict(model_cfg)
     accepted = set(VpmoeConfig.__init__.__code__.co_varnames)

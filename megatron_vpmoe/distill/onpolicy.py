@@ -45,7 +45,7 @@ from megatron_vpmoe.utils.errors import ConfigError
 
 def student_prompt(messages: list, harmony: bool) -> str:
     if harmony:
-        from megatron_vpmoe.serve.chat_format import render_harmony_prompt
+        from megatron_vpmoe.data.chat_format import render_harmony_prompt
 
         return render_harmony_prompt(messages)
     return "\n\n".join(m["content"] for m in messages) + "\n"
@@ -54,7 +54,7 @@ def student_prompt(messages: list, harmony: bool) -> str:
 def student_answer(text: str, harmony: bool) -> str:
     """The part of a student completion the teacher judges (the final channel for Harmony)."""
     if harmony:
-        from megatron_vpmoe.serve.chat_format import parse_harmony_completion
+        from megatron_vpmoe.data.chat_format import parse_harmony_completion
 
         return parse_harmony_completion(text).final
     return text
