@@ -40,7 +40,12 @@ from typing import Optional
 from megatron_vpmoe.distill.policy_loss import group_advantages
 from megatron_vpmoe.distill.prompts import load_prompts
 from megatron_vpmoe.distill.scorers import SCORERS, combine
+from megatron_vpmoe.training.step_stats import Fields
 from megatron_vpmoe.utils.errors import ConfigError
+
+# one micro-batch's update statistics from the loss hook, summed over micro-batches and ranks: the
+# policy loss, the weighted pg and kl terms, clipped and all response tokens, the anchor's NLL part
+POLICY_STATS = Fields(policy_loss=1, pg=1, kl=1, clipped=1, tokens=1, anchor_nll=1)
 
 
 def student_prompt(messages: list, harmony: bool) -> str:
@@ -336,7 +341,7 @@ class OnPolicyTrainer:
         """The engine's loss hook: the policy loss of a micro-batch's share of the global batch
         (sum over its scored samples / ``n_scored``), or ``nll_anchor_coeff`` x the role-aware
         NLL (the trainer's :class:`Objective`) for the anchor micro-batch. Stats (summed over
-        micro-batches and ranks): ``[policy loss, pg, kl, clipped tokens, tokens, anchor nll]``."""
+        micro-batches and ranks): a :data:`POLICY_STATS` vector."""
         import torch
 
         from megatron_vpmoe.distill.policy_loss import sequence_terms
@@ -344,18 +349,18 @@ class OnPolicyTrainer:
         op = self.cfg.distill.onpolicy
 
         def hook(per_token, mb):
-            stats = torch.zeros(6, dtype=torch.float64, device=per_token.device)
+            stats = POLICY_STATS.zeros(per_token.device)
+            named = POLICY_STATS.view(stats)
             if mb.get("anchor"):
-                loss, nll = anchor_objective(per_token.float(), mb["roles"])
-                stats[5] = nll
+                loss, named.anchor_nll = anchor_objective(per_token.float(), mb["roles"])
                 return op.nll_anchor_coeff * loss, stats
             terms = sequence_terms(-per_token.float(), mb["old"], mb["ref"], mb["adv"], mb["mask"],
                                    clip_eps=op.clip_eps, kl_coeff=op.kl_coeff)
             w = mb["weight"]
             loss = (terms["loss"] * w).sum() / max(n_scored, 1.0)
-            stats[0] = loss.detach()
-            for i, name in enumerate(("pg", "kl", "clipped", "tokens"), start=1):
-                stats[i] = (terms[name] * w).sum()
+            named.policy_loss = loss.detach()
+            for name in ("pg", "kl", "clipped", "tokens"):
+                setattr(named, name, (terms[name] * w).sum())
             return loss, stats
 
         return hook
@@ -388,7 +393,7 @@ class OnPolicyTrainer:
             micro = micro + [anchor_mb]
             anchor_objective = Objective(self._dp_sum(role_counts(anchor_mb["roles"]).to(self.device)),
                                          self.loss_weights)
-        stats = torch.zeros(6, dtype=torch.float64)
+        stats = POLICY_STATS.zeros()
         grad_norm = 0.0
         set_learning_rate(self.optimizer, learning_rate(self.step, cfg.train))
         self.pm.train(True)
@@ -411,16 +416,17 @@ class OnPolicyTrainer:
         score_sum, n_valid, spread_sum, n_groups, dropped_all, resp_tokens, n_seqs = totals
         secs = time.perf_counter() - t0
         per_sample = max(n_scored, 1.0)
+        stats = POLICY_STATS.unpack(stats)
         record = {"step": self.step, "kind": "onpolicy",
                   "teacher_score": score_sum / n_valid if n_valid else float("nan"),
                   "reward_spread": spread_sum / max(n_groups, 1),
-                  "policy_loss": float(stats[0]), "pg": float(stats[1]) / per_sample,
-                  "kl": float(stats[2]) / per_sample,
-                  "clip_fraction": float(stats[3]) / max(float(stats[4]), 1.0),
+                  "policy_loss": stats["policy_loss"], "pg": stats["pg"] / per_sample,
+                  "kl": stats["kl"] / per_sample,
+                  "clip_fraction": stats["clipped"] / max(stats["tokens"], 1.0),
                   "grad_norm": grad_norm, "response_tokens": resp_tokens / n_seqs,
                   "samples_per_s": n_seqs / secs, "dropped": int(dropped_all), **by_kind}
         if self.anchor is not None:
-            record["anchor_nll"] = float(stats[5])
+            record["anchor_nll"] = stats["anchor_nll"]
         self._last = (batch, texts, scores)
         return record
 

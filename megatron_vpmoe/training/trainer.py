@@ -36,6 +36,7 @@ from megatron_vpmoe.training.checkpoint import (
 )
 from megatron_vpmoe.training.distributed import RankInfo, init_distributed
 from megatron_vpmoe.training.loss import (
+    NUM_ROLES,
     LossWeights,
     Objective,
     bits_per_byte,
@@ -63,10 +64,17 @@ from megatron_vpmoe.training.preemption import (
     write_requeue_marker,
 )
 from megatron_vpmoe.training.schedule import learning_rate
+from megatron_vpmoe.training.step_stats import Fields
 from megatron_vpmoe.utils.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, VpmoeError
 from megatron_vpmoe.utils.notices import install as install_notices
 
 NAN_HOOK_ENV = "VPMOE_TEST_NAN_STEPS"
+
+# one micro-batch's statistics from the loss hook, summed by the engine over micro-batches and ranks:
+# the objective's NLL part, the MoE aux loss (filled by the step), the NLL sum per role, the counted bytes
+LOSS_STATS = Fields(nll=1, aux=1, role_nll=NUM_ROLES, bytes=1)
+# one step's row of device values, read back for many steps in one transfer (load: experts per layer)
+STEP_ROW = Fields(counts=NUM_ROLES, stats=LOSS_STATS.size, grad_norm=1, finite=1, load=None)
 
 
 class NonFiniteError(VpmoeError):
@@ -282,21 +290,22 @@ class Trainer:
         return out
 
     def _objective_hook(self, objective: Objective, inject_nan: bool = False):
-        """The engine's loss hook: ``(loss to backpropagate, stats)`` per micro-batch, stats =
-        ``[L_nll part, 0 (the aux slot, filled by the step), nll per role (4), bytes]``."""
+        """The engine's loss hook: ``(loss to backpropagate, stats)`` per micro-batch, stats a
+        :data:`LOSS_STATS` vector (its ``aux`` field stays 0: the step fills it)."""
 
         def loss_fn(per_token: torch.Tensor, mb: Dict) -> tuple:
             per_token = per_token.float()
             if inject_nan:
                 per_token = per_token * float("nan")
-            stats = torch.zeros(7, dtype=torch.float64, device=per_token.device)
+            stats = LOSS_STATS.zeros(per_token.device)
+            named = LOSS_STATS.view(stats)
             if objective is not None:
-                loss, stats[0] = objective(per_token, mb["roles"])
+                loss, named.nll = objective(per_token, mb["roles"])
             else:  # validation: no objective needed
                 loss = per_token.sum()
-            stats[2:6] = role_nll_sums(per_token, mb["roles"])
+            named.role_nll = role_nll_sums(per_token, mb["roles"])
             if self.byte_lengths is not None:
-                stats[6] = counted_bytes(mb["labels"], mb["roles"], self.byte_lengths)
+                named.bytes = counted_bytes(mb["labels"], mb["roles"], self.byte_lengths)
             return loss, stats
 
         return loss_fn
@@ -315,12 +324,13 @@ class Trainer:
         with self._autocast():
             stats = self.pm.forward_backward(batches, self._objective_hook(objective, inject_nan))
         # the MoE layers added the aux loss themselves (every stage; averaged over micro-batches and DP)
-        stats[1] = self.pm.aux_loss_added()
+        named = LOSS_STATS.view(stats)
+        named.aux = self.pm.aux_loss_added()
         grad_norm = clip_gradients(self.pm.grad_tensors(), self.cfg.train.optimizer.clip_grad,
                                    total_norm=self.pm.grad_norm()).to(stats.device, torch.float64)
         lr = learning_rate(self.step, self.cfg.train)
         # a global batch without supervised tokens has no loss to learn from: skip it (on the device)
-        finite = (counts[1:].sum() > 0) & torch.isfinite(stats[0] + stats[1]) & torch.isfinite(grad_norm)
+        finite = (counts[1:].sum() > 0) & torch.isfinite(named.nll + named.aux) & torch.isfinite(grad_norm)
         set_learning_rate(self.optimizer, lr)
         optimizer_step(self.optimizer, skip=~finite)
         load = None
@@ -333,29 +343,29 @@ class Trainer:
         """Log records of :meth:`train_step` results, read back from the device in one transfer."""
         if not steps:
             return []
-        rows = [torch.cat([r["counts"].double(), r["stats"].double(), r["grad_norm"].double().view(1),
-                           r["finite"].double().view(1)]
-                          + ([] if r["load"] is None else [r["load"].double().reshape(-1)])) for r in steps]
+        rows = [STEP_ROW.pack(counts=r["counts"], stats=r["stats"], grad_norm=r["grad_norm"], finite=r["finite"],
+                              load=[] if r["load"] is None else r["load"]) for r in steps]
         values = torch.cat(rows).tolist()  # the one host read
         out, at = [], 0
         for r, row in zip(steps, rows):
-            v = values[at:at + row.numel()]
+            v = STEP_ROW.unpack(values[at:at + row.numel()])
             at += row.numel()
-            counts, stats = v[0:4], v[4:11]
-            grad_norm, finite = v[11], bool(v[12])
+            counts, stats = v["counts"], LOSS_STATS.unpack(v["stats"])
+            finite = bool(v["finite"])
             tokens = sum(counts[1:])
+            nll, aux, role_nll = stats["nll"], stats["aux"], stats["role_nll"]
             rec = {
-                "loss": stats[0] + stats[1] if tokens > 0 else None, "nll": stats[0] if tokens > 0 else None,
-                "aux_loss": stats[1], "lm_loss": sum(stats[2:6]) / tokens if tokens > 0 else None,
-                "grad_norm": grad_norm, "lr": r["lr"], "skipped": not finite, "loss_tokens": int(tokens),
+                "loss": nll + aux if tokens > 0 else None, "nll": nll if tokens > 0 else None,
+                "aux_loss": aux, "lm_loss": sum(role_nll) / tokens if tokens > 0 else None,
+                "grad_norm": v["grad_norm"], "lr": r["lr"], "skipped": not finite, "loss_tokens": int(tokens),
             }
             for role, name in ROLE_NAMES.items():
                 if counts[role] > 0:
-                    rec[f"nll_{name}"] = stats[2 + role] / counts[role]
+                    rec[f"nll_{name}"] = role_nll[role] / counts[role]
             if self.byte_lengths is not None:
-                rec["bits_per_byte"] = bits_per_byte(sum(stats[2:6]), stats[6])
+                rec["bits_per_byte"] = bits_per_byte(sum(role_nll), stats["bytes"])
             if finite and r["load"] is not None and r["load"].numel():
-                load = torch.tensor(v[13:], dtype=torch.float64).view(r["load"].shape)
+                load = torch.tensor(v["load"], dtype=torch.float64).view(r["load"].shape)
                 ratios = load.max(1).values / load.mean(1).clamp_min(1e-9)
                 rec["expert_load_max_over_mean"] = [round(x, 4) for x in ratios.tolist()]
             out.append(rec)
@@ -423,10 +433,11 @@ class Trainer:
             self.pm.train(True)
             self.pm.reset_expert_counters()
         coef = Objective(counts, self.weights).coefficients.to(stats.device)
-        out = {"loss": float((stats[2:6] * coef).sum()),
-               "lm_loss": float(stats[2:6].sum() / counts[1:].sum().clamp(min=1))}
+        named = LOSS_STATS.view(stats)
+        out = {"loss": float((named.role_nll * coef).sum()),
+               "lm_loss": float(named.role_nll.sum() / counts[1:].sum().clamp(min=1))}
         if self.byte_lengths is not None:
-            out["bits_per_byte"] = bits_per_byte(float(stats[2:6].sum()), float(stats[6]))
+            out["bits_per_byte"] = bits_per_byte(float(named.role_nll.sum()), float(named.bytes))
         return out
 
     # ---- the loop -------------------------------------------------------------------------
