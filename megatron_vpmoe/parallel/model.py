@@ -73,6 +73,8 @@ class ParallelModel:
         self._pipeline = None  # the pipeline runner (PP > 1), built at the first step
         self._grad_sync = None  # bucketed DP gradient reduction overlapped with backward (first step)
         self._shard_of = None  # the distributed optimizer's split: gradients are reduce-scattered to it
+        # given to the bucketed reduction when it is built: told each launch/finish (GradSync.observer)
+        self.grad_sync_observer: Optional[Callable[[str, int], None]] = None
 
     def set_recompute(self, mode: str) -> None:
         """Activation recompute (``train.recompute``) for this rank's layers."""
@@ -130,7 +132,6 @@ class ParallelModel:
                 stats = torch.zeros(0, dtype=torch.float64)
         if backward:
             if sync is not None:
-                sync.trace.append(("backward_done", -1))
                 sync.finish()
             self.reduce_gradients(data_parallel=sync is None)
         stats = stats.to(engine_device())
@@ -244,6 +245,8 @@ class ParallelModel:
 
             self._grad_sync = build_grad_sync(self.module, self.ctx.dp_group, self.ctx.expert_dp_group,
                                               self.ctx.config.bucket_mb, self._shard_of, overlap) or False
+            if self._grad_sync:
+                self._grad_sync.observer = self.grad_sync_observer
         return self._grad_sync or None
 
     def reduce_gradients(self, data_parallel: bool = True) -> None:

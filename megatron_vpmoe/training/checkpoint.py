@@ -88,9 +88,6 @@ LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 _NAME = re.compile(r"^step_(\d{8})$")
-# Test hook: "STEP:SECONDS" pauses a synchronous save of STEP after its shards and manifest are
-# written and before the rename, so a test can kill -9 the process mid-save.
-PAUSE_HOOK_ENV = "VPMOE_TEST_CHECKPOINT_PAUSE"
 
 
 def checkpoint_name(step: int) -> str:
@@ -464,8 +461,12 @@ def _gather_to_rank0(obj: Any) -> Optional[List[Any]]:
 class CheckpointManager:
     """Saves and loads a run's checkpoints under ``root`` (see the module docstring for the layout)."""
 
-    def __init__(self, root: str | os.PathLike, *, keep_last: int = 3, async_save: bool = False):
+    def __init__(self, root: str | os.PathLike, *, keep_last: int = 3, async_save: bool = False,
+                 before_publish: Optional[Callable[[int, Path], None]] = None):
         self.root = Path(root)
+        # called with (step, temp dir) once a synchronous save's files are all written, just before
+        # the rename publishes them (a test pauses there to kill the process mid-save)
+        self.before_publish = before_publish
         self.keep_last = keep_last
         self.async_save = async_save
         self._pending = None  # (future of this rank's file entries, tmp dir, final dir, name, model section)
@@ -521,7 +522,8 @@ class CheckpointManager:
         with _quiet_single_process():
             dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=_no_dist())
         self._complete(_own_files(tmp, rank, rank), tmp, model_section)
-        self._pause_hook(step, tmp)
+        if self.before_publish is not None:
+            self.before_publish(step, tmp)
         self._publish(tmp, final, name)
         return final
 
@@ -533,15 +535,6 @@ class CheckpointManager:
             for part in gathered:
                 files.update(part)
             write_manifest(tmp, files, model_section)
-
-    def _pause_hook(self, step: int, tmp: Path) -> None:
-        spec = os.environ.get(PAUSE_HOOK_ENV)
-        if not spec:
-            return
-        at, seconds = spec.split(":")
-        if int(at) == step:
-            (tmp / "PAUSED").write_text("test hook\n")
-            time.sleep(float(seconds))
 
     def finalize(self) -> None:
         """Wait for a pending async save, write its manifest and publish it."""
