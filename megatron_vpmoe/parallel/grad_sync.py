@@ -248,10 +248,11 @@ class GradSync:
             h.remove()
 
 
-def build_grad_sync(module: torch.nn.Module, dp_group, expert_dp_group, bucket_mb: float,
+def build_grad_sync(module: torch.nn.Module, group_of: Callable[[torch.nn.Parameter], object], bucket_mb: float,
                     shard_of: Optional[ShardFn] = None, overlap: bool = True) -> Optional[GradSync]:
     """A :class:`GradSync` over ``module``'s parameters that need a data-parallel reduction
-    (None when none does: a single data-parallel replica); ``shard_of``: reduce-scatter to that
+    (None when none does: a single data-parallel replica); ``group_of(param)``: the group its
+    gradient sums over (its placement's ``grad_group``); ``shard_of``: reduce-scatter to that
     split; ``overlap=False``: launch every bucket after backward instead of during it."""
     def size(group) -> int:
         return 1 if group is None else dist.get_world_size(group)
@@ -260,7 +261,7 @@ def build_grad_sync(module: torch.nn.Module, dp_group, expert_dp_group, bucket_m
     for p in module.parameters():
         if not p.requires_grad:
             continue
-        group = expert_dp_group if getattr(p, "expert_parallel", False) else dp_group
+        group = group_of(p)
         if size(group) > 1:
             pairs.append((p, group))
     if not pairs:

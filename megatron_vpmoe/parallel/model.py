@@ -8,7 +8,8 @@ expert-data-parallel group for routed experts (in buckets during backward,
 ``parallel/grad_sync.py``, or after it; reduce-scattered to the distributed optimizer's split
 under :meth:`ParallelModel.shard_gradients`); TP-replicated parameters see identical
 inputs on every TP rank and need no reduction (no sequence parallel), except those applied
-to a rank's own heads (``tensor_parallel_partial_grad``), summed over the TP group.
+to a rank's own heads (placement ``PARTIAL_GRAD``), summed over the TP group. Which is which is
+each parameter's :class:`~megatron_vpmoe.parallel.placement.Placement`, decided once at build.
 """
 
 from __future__ import annotations
@@ -22,19 +23,8 @@ import torch.distributed as dist
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model.init import draw_base_seed
 from megatron_vpmoe.model.vpmoe import VpmoeModel, activation_dtype
+from megatron_vpmoe.parallel.placement import Kind, Placements
 from megatron_vpmoe.parallel.state import ParallelContext
-
-
-def _placement(p: torch.Tensor, ctx: ParallelContext) -> Optional[Tuple[int, int, int, Any]]:
-    """How parameter ``p`` is split over the layout, as ``(dim, rank, size, group)``: routed
-    experts over the EP group along dim 0, TP-split weights over the TP group along their
-    ``partition_dim``; None when every rank holds the whole tensor. The one sharding rule that
-    construction, checkpoints and gathering follow."""
-    if getattr(p, "expert_parallel", False) and ctx.ep > 1:
-        return 0, ctx.ep_rank, ctx.ep, ctx.ep_group
-    if getattr(p, "tensor_model_parallel", False) and ctx.tp > 1:
-        return p.partition_dim, ctx.tp_rank, ctx.tp, ctx.tp_group
-    return None
 
 
 def coalesced(tensors: List[torch.Tensor], collective: Callable[[torch.Tensor], None]) -> None:
@@ -68,8 +58,11 @@ def engine_device() -> torch.device:
 class ParallelModel:
     """This rank's shard plus the layout's gradient reduction and state-dict resharding."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, module: VpmoeModel):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, module: VpmoeModel,
+                 placements: Optional[Placements] = None):
         self.cfg, self.ctx, self.module = cfg, ctx, module
+        # every parameter's placement over the layout, decided once (from the model's declarations)
+        self.placements = placements if placements is not None else Placements(module, ctx)
         self._pipeline = None  # the pipeline runner (PP > 1), built at the first step
         self._grad_sync = None  # bucketed DP gradient reduction overlapped with backward (first step)
         self._shard_of = None  # the distributed optimizer's split: gradients are reduce-scattered to it
@@ -196,17 +189,13 @@ class ParallelModel:
         The same value on every rank."""
         from torch.nn.utils import get_total_norm
 
-        # (category, split over a DP group) -> gradients; category: 0 TP-sharded, 1 experts, 2 replicated
+        # (category, split over a DP group) -> gradients; category: where the squared norm sums
         grads: Dict[tuple, List[torch.Tensor]] = {}
         for t, p, split in self.held_gradients():
             if t.grad is None:
                 continue
-            if getattr(p, "expert_parallel", False):
-                kind = 1
-            elif getattr(p, "tensor_model_parallel", False) and self.ctx.tp > 1:
-                kind = 0
-            else:
-                kind = 2
+            where = self.placements[p]
+            kind = "experts" if where.is_expert else "tp" if where.is_tensor_split else "replicated"
             grads.setdefault((kind, split), []).append(t.grad)
 
         def squared(kind, split):
@@ -216,16 +205,16 @@ class ParallelModel:
             return get_total_norm(got, 2.0, error_if_nonfinite=False).double().to(engine_device()).view(1) ** 2
 
         # parts split over the DP group (dense) / the expert-DP group (experts) sum over it first
-        dense = torch.cat([squared(0, True), squared(2, True)])
-        experts = squared(1, True)
+        dense = torch.cat([squared("tp", True), squared("replicated", True)])
+        experts = squared("experts", True)
         if self._shard_of is not None and self._grad_sync:  # the same decision on every rank of a group
             if self.ctx.dp > 1:
                 dist.all_reduce(dense, group=self.ctx.dp_group)
             if self.ctx.expert_dp_group is not None and dist.get_world_size(self.ctx.expert_dp_group) > 1:
                 dist.all_reduce(experts, group=self.ctx.expert_dp_group)
-        tp_sq = squared(0, False) + dense[0:1]
-        ep_sq = squared(1, False) + experts
-        replicated = squared(2, False) + dense[1:2]
+        tp_sq = squared("tp", False) + dense[0:1]
+        ep_sq = squared("experts", False) + experts
+        replicated = squared("replicated", False) + dense[1:2]
         if self.ctx.tp > 1:
             dist.all_reduce(tp_sq, group=self.ctx.tp_group)
         if self.ctx.ep > 1:
@@ -243,7 +232,7 @@ class ParallelModel:
         if self._grad_sync is None:
             from megatron_vpmoe.parallel.grad_sync import build_grad_sync
 
-            self._grad_sync = build_grad_sync(self.module, self.ctx.dp_group, self.ctx.expert_dp_group,
+            self._grad_sync = build_grad_sync(self.module, lambda p: self.placements[p].grad_group,
                                               self.ctx.config.bucket_mb, self._shard_of, overlap) or False
             if self._grad_sync:
                 self._grad_sync.observer = self.grad_sync_observer
@@ -260,9 +249,10 @@ class ParallelModel:
                 if split:
                     continue
                 t.grad = torch.zeros_like(t)
+            where = self.placements[p]
             if not split:
-                (experts if getattr(p, "expert_parallel", False) else dense).append(t.grad)
-            if getattr(p, "tensor_parallel_partial_grad", False):
+                (experts if where.is_expert else dense).append(t.grad)
+            if where.kind is Kind.PARTIAL_GRAD:
                 partial.append(t.grad)
         if self.ctx.tp > 1:
             _all_reduce_coalesced(partial, self.ctx.tp_group)
@@ -306,16 +296,15 @@ class ParallelModel:
     # -- state dicts in single-process keys and shapes (reshard across layouts) ---------------
     def is_placed(self, p: torch.Tensor) -> bool:
         """Whether parameter ``p`` is a slice of a TP/EP split (not the whole tensor)."""
-        return _placement(p, self.ctx) is not None
+        return self.placements[p].is_split
 
     def shard_spec(self, key: str) -> Optional[Tuple[int, Any]]:
         """How this rank's parameter ``key`` (and optimizer state of its shape) is split:
         ``(dim, group)`` when it is one of ``group``'s equal slices along ``dim`` (routed experts
-        over the EP group along dim 0, TP-split weights over the TP group along their
-        ``partition_dim``); None when this rank holds the whole tensor."""
-        p = self._params.get(key)
-        where = None if p is None else _placement(p, self.ctx)
-        return None if where is None else (where[0], where[3])
+        over the EP group along dim 0, TP-split weights over the TP group along their declared
+        dim); None when this rank holds the whole tensor."""
+        where = self.placements.of_name(key)
+        return (where.dim, where.split_group) if where is not None and where.is_split else None
 
     def as_sharded(self, key: str, local: torch.Tensor) -> torch.Tensor:
         """``local`` (this rank's shard of parameter ``key``, or optimizer state of its shape)
@@ -365,18 +354,17 @@ def _contiguous_stride(shape: List[int]) -> Tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def _shard_of(ctx: ParallelContext):
+def _shard_of(placements: Placements):
     """Which slice of its single-process parameter each local tensor is (see ``model/init.py``)."""
     from megatron_vpmoe.model.init import ShardSlice
 
     def shard_of(name: str, p: torch.Tensor):
-        where = _placement(p, ctx)
-        if where is None:
+        where = placements[p]
+        if not where.is_split:
             return None
-        dim, rank, size, _ = where
-        if getattr(p, "expert_parallel", False):  # [local experts, ...]: a block of global experts
-            return ShardSlice(expert_offset=rank * p.shape[0])
-        return ShardSlice(split_dim=dim, split_rank=rank, split_size=size)
+        if where.is_expert:  # [local experts, ...]: a block of global experts
+            return ShardSlice(expert_offset=where.rank * p.shape[0])
+        return ShardSlice(split_dim=where.dim, split_rank=where.rank, split_size=where.size)
 
     return shard_of
 
@@ -409,5 +397,6 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 123
         first, last = ctx.pp_rank == 0, ctx.pp_rank == ctx.pp - 1
     module = VpmoeModel(cfg, spec, layer_numbers=layers, pre_process=first, post_process=last,
                         num_local_experts=local_experts, dispatcher=dispatcher, initialize=False)
-    module.reset_parameters(base_seed, _shard_of(ctx))
-    return ParallelModel(cfg, ctx, module)
+    placements = Placements(module, ctx)
+    module.reset_parameters(base_seed, _shard_of(placements))
+    return ParallelModel(cfg, ctx, module, placements)

@@ -108,8 +108,8 @@ class DistributedOptimizer:
         self.optimizer = optimizer
         module, dp_group, expert_dp_group = pm.module, pm.ctx.dp_group, pm.ctx.expert_dp_group
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        dense = [(n, p) for n, p in named if not getattr(p, "expert_parallel", False)]
-        experts = [(n, p) for n, p in named if getattr(p, "expert_parallel", False)]
+        dense = [(n, p) for n, p in named if not pm.placements[p].is_expert]
+        experts = [(n, p) for n, p in named if pm.placements[p].is_expert]
         # per reduction group: [(group, [params of owner 0], [params of owner 1], ...)]
         self._groups: List[Tuple[object, List[List[torch.Tensor]]]] = []
         self._owned: set = set()
@@ -271,6 +271,11 @@ class DistributedOptimizer:
                     flat[start:end].copy_(per_rank[r, offset:offset + (end - start) * row].view(end - start, row))
                 offset += n
         self._prefetch(PREFETCH)
+
+
+def inner_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer that steps: a :class:`DistributedOptimizer`'s inner one, or ``optimizer``."""
+    return optimizer.optimizer if isinstance(optimizer, DistributedOptimizer) else optimizer
 
 
 def _layer_indices(module: torch.nn.Module) -> Tuple[Dict[torch.Tensor, int], List[Tuple[torch.nn.Module, int]]]:

@@ -56,8 +56,11 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import AsyncStager
 
+from megatron_vpmoe.parallel.model import ParallelModel
+from megatron_vpmoe.parallel.zero import DistributedOptimizer, inner_optimizer
 from megatron_vpmoe.training.checkpoint_files import (
     SafeFileSystemReader,
     SafeLoadPlanner,
@@ -247,7 +250,8 @@ def _check_against_metadata(metadata, state: Dict[str, Dict[str, Any]], ckpt: Pa
                 what = "optimizer state" if section == "optim" else "model tensor"
                 raise InputError(f"{ckpt}: has no {what} {section}.{key} (saved from another model, "
                                  f"or without optimizer state: load it with checkpoint.load_optimizer=false)")
-            if isinstance(value, torch.Tensor) and hasattr(meta, "size") and tuple(meta.size) != tuple(value.shape):
+            if (isinstance(value, torch.Tensor) and isinstance(meta, TensorStorageMetadata)
+                    and tuple(meta.size) != tuple(value.shape)):
                 raise InputError(f"{ckpt}: {section}.{key} has shape {tuple(meta.size)}, this model's is "
                                  f"{tuple(value.shape)}")
 
@@ -259,7 +263,7 @@ def load_model_state_dict(ckpt: str | os.PathLike) -> Dict[str, torch.Tensor]:
     metadata = read_metadata(ckpt)
     template = {}
     for key, meta in metadata.state_dict_metadata.items():
-        if key.startswith("model.") and hasattr(meta, "size"):
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata):
             template[key[len("model."):]] = torch.empty(meta.size, dtype=meta.properties.dtype)
     if not template:
         raise InputError(f"{ckpt}: holds no model tensors")
@@ -293,29 +297,29 @@ ShardFn = Callable[[str, torch.Tensor], torch.Tensor]
 def _layout(model) -> tuple:
     """``(module, as_sharded)``: a parallel-engine model (``ParallelModel``) wraps its TP/EP
     shards as DTensors; a plain module's tensors (DTensors already, or whole) stay as they are."""
-    if hasattr(model, "as_sharded") and hasattr(model, "module"):
+    if isinstance(model, ParallelModel):
         return model.module, model.as_sharded
     return model, lambda key, tensor: tensor
 
 
-def _torch_optimizer(optimizer):
-    """The torch optimizer inside a :class:`~megatron_vpmoe.parallel.zero.DistributedOptimizer`."""
-    return getattr(optimizer, "optimizer", optimizer)
+def _param_of(optimizer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The whole parameter of a tensor the optimizer steps (ZeRO: a view of its rows; else itself)."""
+    return optimizer.param_of if isinstance(optimizer, DistributedOptimizer) else (lambda t: t)
 
 
 def _fqn_of(module, optimizer):
     """The single-process name of a tensor in the torch optimizer's groups: its parameter's, also
     for the view of a parameter's rows a ZeRO rank steps."""
     names = {p: name for name, p in module.named_parameters()}
-    param_of = getattr(optimizer, "param_of", lambda t: t)
+    param_of = _param_of(optimizer)
     return lambda t: names[param_of(t)]
 
 
 def _kept_tensors(module, optimizer) -> List[torch.Tensor]:
     """The optimizer's tensors whose state this rank holds (ZeRO: its rows and owned parameters)."""
-    owns = getattr(optimizer, "owns", None)
-    param_of = getattr(optimizer, "param_of", lambda t: t)
-    return [t for group in _torch_optimizer(optimizer).param_groups for t in group["params"]
+    owns = optimizer.owns if isinstance(optimizer, DistributedOptimizer) else None
+    param_of = _param_of(optimizer)
+    return [t for group in inner_optimizer(optimizer).param_groups for t in group["params"]
             if owns is None or owns(param_of(t))]
 
 
@@ -327,8 +331,8 @@ def _model_state(module, as_sharded: ShardFn) -> Dict[str, torch.Tensor]:
 def _optimizer_state(module, optimizer, as_sharded: ShardFn) -> Dict[str, Any]:
     """``state.<fqn>.<name>`` for the state this rank holds (its own tensors, shards wrapped)
     and ``param_groups.<fqn>.<hyper>`` for every parameter: torch's flattened layout."""
-    opt = _torch_optimizer(optimizer)
-    wrap = getattr(optimizer, "state_as_sharded", None)
+    opt = inner_optimizer(optimizer)
+    wrap = optimizer.state_as_sharded if isinstance(optimizer, DistributedOptimizer) else None
     fqn_of = _fqn_of(module, optimizer)
     out: Dict[str, Any] = {}
     for group in opt.param_groups:
@@ -352,7 +356,7 @@ def _init_missing_state(module, optimizer) -> None:
     """Create the optimizer state of the kept tensors that have none yet (one step with zero
     gradients at learning rate 0, as torch's ``set_optimizer_state_dict`` does), so a load has
     tensors of the right shape to read into. Other tensors get none (ZeRO)."""
-    opt = _torch_optimizer(optimizer)
+    opt = inner_optimizer(optimizer)
     missing = {t for t in _kept_tensors(module, optimizer) if not opt.state.get(t)}
     if not missing:
         return
@@ -384,7 +388,7 @@ def _state(model, optimizer, *, with_optimizer: bool = True) -> Dict[str, Any]:
 def _apply_optimizer_values(module, optimizer, loaded: Dict[str, Any]) -> None:
     """After an in-place load: the non-tensor values (hyperparameters per group, from its first
     parameter; non-tensor state entries)."""
-    opt = _torch_optimizer(optimizer)
+    opt = inner_optimizer(optimizer)
     fqn_of = _fqn_of(module, optimizer)
     for group in opt.param_groups:
         first = fqn_of(group["params"][0])
@@ -501,7 +505,7 @@ class CheckpointManager:
         barrier()
         save_rng(rng_file(tmp, rank))
         model_section = _model_section(config_text)
-        if hasattr(optimizer, "wait_for_parameters"):  # ZeRO: the weights' last all-gather landed
+        if isinstance(optimizer, DistributedOptimizer):  # ZeRO: the weights' last all-gather landed
             optimizer.wait_for_parameters()
         state = _state(model, optimizer)
         if self.async_save:
@@ -589,7 +593,7 @@ class CheckpointManager:
         if model_config is not None:
             check_model_config(ckpt, model_config)
         module, _ = _layout(model)
-        if hasattr(optimizer, "wait_for_parameters"):  # nothing may land on the loaded weights later
+        if isinstance(optimizer, DistributedOptimizer):  # nothing may land on the loaded weights later
             optimizer.wait_for_parameters()
         if load_optimizer and optimizer:
             _init_missing_state(module, optimizer)
