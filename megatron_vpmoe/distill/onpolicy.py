@@ -131,15 +131,12 @@ class OnPolicyTrainer:
             raise ConfigError("must be >= 0", key="distill.onpolicy.nll_anchor_coeff")
         self.quiet = quiet
         self.teacher = check_teacher(cfg, quiet=quiet)  # before anything is built or written
-        from megatron_vpmoe.parallel import build_parallel_model, init_parallel
-        from megatron_vpmoe.parallel.model import engine_device
-        from megatron_vpmoe.training.distributed import init_distributed
+        from megatron_vpmoe.parallel import build_parallel_model
+        from megatron_vpmoe.training.setup import build_training, init_layout
 
-        info = init_distributed()
-        self.rank, self.world_size = info.rank, info.world_size
-        cfg.parallel.validate(cfg.model)
-        cfg.parallel.resolve_data(self.world_size)
-        self.ctx = init_parallel(cfg.parallel)
+        self.layout = init_layout(cfg)  # the trainer's setup: process group, layout, device
+        self.rank, self.world_size = self.layout.rank, self.layout.world_size
+        self.ctx = self.layout.ctx
         self.dp, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
         if op.prompts_per_step % self.dp:
             raise ConfigError(f"must be divisible by the data-parallel size ({self.dp})",
@@ -155,24 +152,18 @@ class OnPolicyTrainer:
 
         self.harmony = speaks_harmony(self.tok)
         self.eos_id = hf_token_id(self.tok, RETURN) if self.harmony else self.tok.eos_token_id
-        from megatron_vpmoe.training.checkpoint import CheckpointManager, latest_checkpoint
-        from megatron_vpmoe.training.optimizer import build_optimizer
+        from megatron_vpmoe.training.checkpoint import latest_checkpoint
 
-        self.device = engine_device()
+        self.device = self.layout.device
         # the student and the frozen reference: engine models of one layout, both initialised
-        # from the seed (the reference is the student's start unless loaded below)
-        self.pm = build_parallel_model(cfg.model, self.ctx, seed=cfg.run.seed)
-        self.pm.module.to(self.device)
+        # from the seed (the reference is the student's start unless loaded below); the student
+        # with its optimizer (ZeRO-2 under parallel.distributed_optimizer) and checkpoints, as in `vpmoe train`
+        state = build_training(cfg, self.layout)
+        self.pm, self.optimizer, self.ckpt = state.pm, state.optimizer, state.checkpoints
         self.reference = build_parallel_model(cfg.model, self.ctx, seed=cfg.run.seed)
         self.reference.module.to(self.device)
         self.reference.train(False)
         self.reference.module.requires_grad_(False)
-        self.optimizer = build_optimizer(self.pm.module, cfg.train.optimizer)
-        if cfg.parallel.distributed_optimizer:  # ZeRO-2, as in `vpmoe train`
-            from megatron_vpmoe.parallel.zero import DistributedOptimizer
-
-            self.optimizer = DistributedOptimizer(self.optimizer, self.pm)
-        self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
         self.step = 0
         load = cfg.checkpoint.load
         start = load if load not in (None, "auto") else None  # the phase-1 student
@@ -210,20 +201,12 @@ class OnPolicyTrainer:
         return train
 
     # -- collectives over this layout ------------------------------------------------------
-    def _dp_sum(self, t):
-        """Sum over the data-parallel replicas (TP/PP peers hold the same samples)."""
-        if self.dp > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, group=self.ctx.dp_group)
-        return t
-
     def _all_reduce(self, values: list) -> list:
         """Sums over data-parallel replicas (the values themselves in one replica)."""
         import torch
 
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        return self._dp_sum(t).tolist()
+        return self.layout.dp_sum(t).tolist()
 
     def _share_in_replica(self, obj):
         """``obj`` of the replica's first rank (tp_rank 0 on pipeline stage 0) on every TP/PP peer."""
@@ -383,7 +366,7 @@ class OnPolicyTrainer:
         micro, width = self._micro_batches(seqs, starts, adv)
         self._logprobs(self.pm, micro, "old")
         self._logprobs(self.reference, micro, "ref")
-        n_scored = float(self._dp_sum(torch.tensor([float(sum(a is not None for a in adv))],
+        n_scored = float(self.layout.dp_sum(torch.tensor([float(sum(a is not None for a in adv))],
                                                    dtype=torch.float64, device=self.device))[0])
         anchor_objective = None
         if self.anchor is not None:
@@ -391,7 +374,7 @@ class OnPolicyTrainer:
 
             anchor_mb = self._anchor_batch(width)
             micro = micro + [anchor_mb]
-            anchor_objective = Objective(self._dp_sum(role_counts(anchor_mb["roles"]).to(self.device)),
+            anchor_objective = Objective(self.layout.dp_sum(role_counts(anchor_mb["roles"]).to(self.device)),
                                          self.loss_weights)
         stats = POLICY_STATS.zeros()
         grad_norm = 0.0
