@@ -289,7 +289,7 @@ def _zero2_child(out_dir: str, config: str, mode: str, steps: str) -> None:
     def gradient_bytes() -> int:
         """Bytes of gradient storage alive now: bucket buffers (full, and ZeRO-2's received
         segments) and gradients outside the buckets."""
-        sync = pm._grad_sync
+        sync = pm.gradients.sync
         total = 0
         if sync:
             for b in sync.buckets:
@@ -333,7 +333,7 @@ def _zero2_child(out_dir: str, config: str, mode: str, steps: str) -> None:
     state = sum(t.numel() * t.element_size() for s in inner.state.values() for key, t in s.items()
                 if isinstance(t, torch.Tensor) and key != "step")
     params = sum(p.numel() * p.element_size() for p in pm.module.parameters())
-    sync = pm._grad_sync
+    sync = pm.gradients.sync
     n = int(steps)
     Path(out_dir, f"{mode}_rank_{dist.get_rank()}.json").write_text(json.dumps({
         "params_bytes": params, "optimizer_state_bytes": state,

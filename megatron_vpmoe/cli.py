@@ -19,7 +19,7 @@ import sys
 from typing import Sequence
 
 from megatron_vpmoe import __version__
-from megatron_vpmoe.utils.errors import EXIT_USAGE, VpmoeError
+from megatron_vpmoe.utils.errors import EXIT_FAILURE, EXIT_USAGE, VpmoeError
 
 # (subcommand module, in the order `vpmoe --help` lists them)
 SUBCOMMAND_MODULES = [

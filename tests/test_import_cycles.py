@@ -103,3 +103,69 @@ def test_the_checker_finds_cycles_and_resolves_imports():
 def test_no_import_cycles():
     found = cycles(import_graph())
     assert not found, f"{len(found)} import cycle(s):\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+# The package's layers, lowest first: a module imports only from its own layer or lower ones. Layers
+# on one rank sit side by side and never import each other. Every subpackage's ``cli`` module (and
+# the top-level ``megatron_vpmoe.cli``) is the CLI face above everything.
+LAYERS = (
+    ("utils",),
+    ("kernels", "config"),
+    ("tokenizers",),
+    ("data",),
+    ("model",),
+    ("parallel",),
+    ("plan",),
+    ("training",),
+    ("inference", "launch"),
+    ("serve", "eval", "convert"),
+    ("distill",),
+    ("experiments",),
+    ("cli",),
+)
+RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
+
+
+def _layer(module: str):
+    """The layer a module belongs to (None: the package's own ``__init__``/``__main__``)."""
+    parts = module.split(".")
+    if parts[1:] in ([], ["__main__"]):
+        return None
+    if parts[-1] == "cli":
+        return "cli"
+    return parts[1]
+
+
+def upward_imports(graph: dict) -> list:
+    """``(importer, imported)`` pairs whose target sits in a higher layer, or a different layer of the same rank."""
+    found = []
+    for module, targets in graph.items():
+        src = _layer(module)
+        for target in targets:
+            dst = _layer(target)
+            if src is None or dst is None or dst == src:
+                continue
+            if RANK[dst] > RANK[src] or RANK[dst] == RANK[src]:
+                found.append((module, target))
+    return sorted(found)
+
+
+def test_the_layer_checker_finds_upward_and_sideways_imports():
+    graph = {"megatron_vpmoe.data.chat": {"megatron_vpmoe.serve.app", "megatron_vpmoe.utils.errors"},
+             "megatron_vpmoe.serve.app": {"megatron_vpmoe.eval.tasks", "megatron_vpmoe.data.chat"},
+             "megatron_vpmoe.distill.corpus": {"megatron_vpmoe.cli", "megatron_vpmoe.data.cli"},
+             "megatron_vpmoe.distill.cli": {"megatron_vpmoe.data.cli", "megatron_vpmoe.distill.corpus"}}
+    assert upward_imports(graph) == [("megatron_vpmoe.data.chat", "megatron_vpmoe.serve.app"),
+                                     ("megatron_vpmoe.distill.corpus", "megatron_vpmoe.cli"),
+                                     ("megatron_vpmoe.distill.corpus", "megatron_vpmoe.data.cli"),
+                                     ("megatron_vpmoe.serve.app", "megatron_vpmoe.eval.tasks")]
+
+
+def test_every_subpackage_has_a_layer():
+    unplaced = sorted({_layer(m) for m in import_graph()} - set(RANK) - {None})
+    assert not unplaced, f"subpackages without a layer in LAYERS: {unplaced}"
+
+
+def test_imports_follow_the_layers():
+    found = upward_imports(import_graph())
+    assert not found, f"{len(found)} import(s) against the layer order:\n" + "\n".join(f"{a} -> {b}" for a, b in found)

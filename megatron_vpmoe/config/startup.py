@@ -14,10 +14,11 @@ from typing import Optional
 from megatron_vpmoe.utils.errors import ConfigError
 
 
-def check_world_layout(cfg, world_size: int) -> int:
+def check_world_layout(cfg, world_size: int, batch: bool = True) -> int:
     """Raise the trainer's one-line :class:`ConfigError` if ``cfg`` cannot start on ``world_size``
     ranks (TP/EP/PP vs the model, sequence parallelism, world vs tensor x pipeline, expert vs data x
-    tensor, global batch vs micro-batch x data-parallel); return the data-parallel size."""
+    tensor, and with ``batch`` global batch vs micro-batch x data-parallel); return the data-parallel
+    size. The on-policy trainer, whose batches are its prompt groups, checks without ``batch``."""
     cfg.parallel.validate(cfg.model)
     if cfg.parallel.sequence_parallel:
         if cfg.data.seq_length % cfg.parallel.tensor:
@@ -27,7 +28,8 @@ def check_world_layout(cfg, world_size: int) -> int:
             raise ConfigError("sequence parallelism runs with the local (megatron-core) linears, not "
                               "train.transformer_impl: transformer_engine", key="parallel.sequence_parallel")
     data = cfg.parallel.resolve_data(world_size)
-    cfg.train.check_batch_layout(data)
+    if batch:
+        cfg.train.check_batch_layout(data)
     return data
 
 

@@ -40,7 +40,7 @@ def _to_hf(args: argparse.Namespace) -> int:
                         max_shard_bytes=int(args.max_shard_size * (1 << 30)), overwrite=args.overwrite)
     print(f"wrote Hugging Face model to {out}; load it with this package's classes, which run no code from "
           f"the directory: vpmoe eval {out}, or VpmoeForCausalLM.from_pretrained from "
-          f"megatron_vpmoe.convert.hf_template.modeling_vpmoe (docs/security.md)")
+          f"megatron_vpmoe.model.hf_template.modeling_vpmoe (docs/security.md)")
     return 0
 
 

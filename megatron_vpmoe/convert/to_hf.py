@@ -1,7 +1,7 @@
 """Native checkpoint -> Hugging Face model directory (``vpmoe convert to-hf``).
 
 Writes ``config.json`` (with ``auto_map`` for ``trust_remote_code``), the remote code
-(``configuration_vpmoe.py``, ``modeling_vpmoe.py`` from ``hf_template/``), sharded
+(``configuration_vpmoe.py``, ``modeling_vpmoe.py`` from ``model/hf_template/``), sharded
 ``model-XXXXX-of-YYYYY.safetensors`` with ``model.safetensors.index.json``, the student
 tokenizer's files, ``generation_config.json``, a README model card, and the run config
 (``vpmoe_config.yaml``, so ``from-hf`` restores it). Tensors stream from the checkpoint one
@@ -19,7 +19,7 @@ from megatron_vpmoe.inference.checkpoint import run_name
 from megatron_vpmoe.tokenizers.specials import HARMONY_MARKERS
 from megatron_vpmoe.utils.errors import InputError, UsageError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model" / "hf_template"
 REMOTE_CODE = ("configuration_vpmoe.py", "modeling_vpmoe.py")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 FP32_KEYS = (".router.weight", ".router.expert_bias")  # the router runs in fp32 natively
@@ -40,7 +40,7 @@ def hf_config_dict(model_cfg, *, max_position_embeddings: int, dtype: str, token
     """``config.json`` contents: every ModelConfig field plus the Hugging Face bookkeeping."""
     import dataclasses
 
-    from megatron_vpmoe.convert.hf_template.configuration_vpmoe import VpmoeConfig
+    from megatron_vpmoe.model.hf_template.configuration_vpmoe import VpmoeConfig
 
     fields = dataclasses.asdict(model_cfg)
     accepted = set(VpmoeConfig.__init__.__code__.co_varnames)
@@ -73,7 +73,7 @@ def model_card(cfg, counts, step, source: str, dtype: str) -> str:
         f"# {run_name(cfg)} (VPMoE)", "",
         f"Converted from `{source}` (training step {step}) by `vpmoe convert to-hf`; weights in {dtype}.",
         "Load with this package's classes, which run no code from this directory: "
-        "`from megatron_vpmoe.convert.hf_template.modeling_vpmoe import VpmoeForCausalLM; "
+        "`from megatron_vpmoe.model.hf_template.modeling_vpmoe import VpmoeForCausalLM; "
         "VpmoeForCausalLM.from_pretrained(path)` (what `vpmoe eval` does). "
         "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` runs the directory's "
         "`modeling_vpmoe.py`: only for a directory from a trusted source.", "",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_vpmoe.utils.cli_args import add_config_args, config_from_args
+from megatron_vpmoe.utils.cli_args import add_config_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -142,9 +142,10 @@ def _toy_teacher(args: argparse.Namespace) -> int:
 
 
 def _onpolicy(args: argparse.Namespace) -> int:
+    from megatron_vpmoe.config import load_config
     from megatron_vpmoe.distill.onpolicy import OnPolicyTrainer
 
-    cfg = config_from_args(args)
+    cfg = load_config(args.config, args.overrides)
     trainer = OnPolicyTrainer(cfg)
     start = trainer.step
     history = trainer.run()
@@ -169,6 +170,10 @@ def _build_corpus(args: argparse.Namespace) -> int:
                           mid_training=parse_mid_training(args.mid_training),
                           reasoning_weight=args.reasoning_weight, final_weight=args.final_weight,
                           run_preprocess=not args.records_only)
+    if result["preprocess"] is not None:
+        from megatron_vpmoe.data.cli import print_summary
+
+        print_summary(result["preprocess"])
     print(f"{result['records']} chat records -> {result['chat_records']}")
     for variant, prefix in result["prefixes"].items():
         print(f"  {variant}: {prefix}  (snippet {result['snippets'][variant]})")

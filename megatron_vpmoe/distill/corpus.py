@@ -4,7 +4,7 @@
    records (``{"id", "messages": [...prompt, {"role": "assistant", "thinking": reasoning,
    "content": final}]}``), the input ``vpmoe preprocess`` renders with Harmony and masks
    (reasoning tokens role 1, final tokens role 2, everything else 0).
-2. :func:`preprocess_variants` runs ``vpmoe preprocess`` once over those records for every
+2. :func:`preprocess_variants` runs the preprocessing of ``vpmoe preprocess`` once over those records for every
    student tokenizer variant (one shard set each, identical documents).
 3. :func:`blend_snippet` writes the ``data.blend`` that mixes the distillation shards with a
    mid-training corpus at the configured weights, plus the ``distill`` loss weights, as a YAML
@@ -110,19 +110,21 @@ def shard_prefix(out_dir: str, tokenizer_dir: str) -> str:
     return str(Path(out_dir) / f"kd.{Path(tokenizer_dir).name}_messages_document")
 
 
-def preprocess_variants(records: Path, out_dir: str, tokenizers: list) -> None:
-    """One ``vpmoe preprocess`` pass over the chat records for every student tokenizer."""
-    from megatron_vpmoe.cli import main as vpmoe
+def preprocess_variants(records: Path, out_dir: str, tokenizers: list) -> dict:
+    """One preprocessing pass (as ``vpmoe preprocess``) over the chat records for every student
+    tokenizer; returns the preprocessing summary."""
+    from megatron_vpmoe.data.preprocess import PreprocessOptions, parse_tokenizer_args, run_preprocess
 
-    argv = ["preprocess", "--input", str(records), "--json-keys", "messages",
-            "--output-prefix", str(Path(out_dir) / "kd"), "--tokenizer", *map(str, tokenizers)]
+    opts = PreprocessOptions(inputs=[str(records)], output_prefix=str(Path(out_dir) / "kd"),
+                             tokenizers=parse_tokenizer_args([str(t) for t in tokenizers]),
+                             json_keys=["messages"], log_interval=10000)
     try:
-        code = vpmoe(argv)
-    except SystemExit as exit_:  # argparse rejected the flags
-        code = exit_.code
-    if code:
-        raise VpmoeError(f"'vpmoe {' '.join(argv)}' failed (exit code {code}); the chat records are "
-                         f"in {records}; --records-only stops before preprocessing")
+        return run_preprocess(opts)
+    except VpmoeError as err:
+        wrapped = VpmoeError(f"preprocessing the chat records failed: {err}; the chat records are in "
+                             f"{records}; --records-only stops before preprocessing")
+        wrapped.exit_code = err.exit_code  # bad input stays exit 2
+        raise wrapped from None
 
 
 def build_corpus(generated: list, out_dir: str, *, tokenizers: list, distill_weight: float = 1.0,
@@ -138,8 +140,7 @@ def build_corpus(generated: list, out_dir: str, *, tokenizers: list, distill_wei
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
-    if run_preprocess and tokenizers:
-        preprocess_variants(records, out_dir, tokenizers)
+    summary = preprocess_variants(records, out_dir, tokenizers) if run_preprocess and tokenizers else None
     prefixes, snippets = {}, {}
     for tok in tokenizers:
         variant = Path(tok).name
@@ -150,4 +151,4 @@ def build_corpus(generated: list, out_dir: str, *, tokenizers: list, distill_wei
         snippets[variant] = Path(out_dir) / f"blend.{variant}.yaml"
         write_snippet(snippets[variant], snippet)
     return {"chat_records": str(records), "records": count, "prefixes": prefixes,
-            "snippets": {k: str(v) for k, v in snippets.items()}}
+            "snippets": {k: str(v) for k, v in snippets.items()}, "preprocess": summary}

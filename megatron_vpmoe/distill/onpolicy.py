@@ -41,12 +41,17 @@ from megatron_vpmoe.distill.policy_loss import group_advantages
 from megatron_vpmoe.distill.prompts import load_prompts
 from megatron_vpmoe.distill.scorers import SCORERS, combine
 from megatron_vpmoe.distill.teacher_client import check_teacher_url
+from megatron_vpmoe.training.step_stats import Fields
 from megatron_vpmoe.utils.errors import ConfigError, InputError
+
+# one micro-batch's update statistics from the loss hook, summed over micro-batches and ranks: the
+# policy loss, the weighted pg and kl terms, clipped and all response tokens, the anchor's NLL part
+POLICY_STATS = Fields(policy_loss=1, pg=1, kl=1, clipped=1, tokens=1, anchor_nll=1)
 
 
 def student_prompt(messages: list, harmony: bool) -> str:
     if harmony:
-        from megatron_vpmoe.serve.chat_format import render_harmony_prompt
+        from megatron_vpmoe.data.chat_format import render_harmony_prompt
 
         return render_harmony_prompt(messages)
     return "\n\n".join(m["content"] for m in messages) + "\n"
@@ -63,7 +68,7 @@ def student_prompt_ids(tokenizer, messages: list, harmony: bool) -> list:
 def student_answer(text: str, harmony: bool) -> str:
     """The part of a student completion the teacher judges (the final channel for Harmony)."""
     if harmony:
-        from megatron_vpmoe.serve.chat_format import parse_harmony_completion
+        from megatron_vpmoe.data.chat_format import parse_harmony_completion
 
         return parse_harmony_completion(text).final
     return text
@@ -139,15 +144,12 @@ class OnPolicyTrainer:
             raise ConfigError("must be >= 0", key="distill.onpolicy.nll_anchor_coeff")
         self.quiet = quiet
         self.teacher = check_teacher(cfg, quiet=quiet)  # before anything is built or written
-        from megatron_vpmoe.parallel import build_parallel_model, init_parallel
-        from megatron_vpmoe.parallel.model import engine_device
-        from megatron_vpmoe.training.distributed import init_distributed
+        from megatron_vpmoe.parallel import build_parallel_model
+        from megatron_vpmoe.training.setup import build_training, init_layout
 
-        info = init_distributed()
-        self.rank, self.world_size = info.rank, info.world_size
-        cfg.parallel.validate(cfg.model)
-        cfg.parallel.resolve_data(self.world_size)
-        self.ctx = init_parallel(cfg.parallel)
+        self.layout = init_layout(cfg)  # the trainer's setup: process group, layout, device
+        self.rank, self.world_size = self.layout.rank, self.layout.world_size
+        self.ctx = self.layout.ctx
         self.dp, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
         if op.prompts_per_step % self.dp:
             raise ConfigError(f"must be divisible by the data-parallel size ({self.dp})",
@@ -163,24 +165,18 @@ class OnPolicyTrainer:
 
         self.harmony = speaks_harmony(self.tok)
         self.eos_id = hf_token_id(self.tok, RETURN) if self.harmony else self.tok.eos_token_id
-        from megatron_vpmoe.training.checkpoint import CheckpointManager, latest_checkpoint
-        from megatron_vpmoe.training.optimizer import build_optimizer
+        from megatron_vpmoe.training.checkpoint import latest_checkpoint
 
-        self.device = engine_device()
+        self.device = self.layout.device
         # the student and the frozen reference: engine models of one layout, both initialised
-        # from the seed (the reference is the student's start unless loaded below)
-        self.pm = build_parallel_model(cfg.model, self.ctx, seed=cfg.run.seed)
-        self.pm.module.to(self.device)
+        # from the seed (the reference is the student's start unless loaded below); the student
+        # with its optimizer (ZeRO-2 under parallel.distributed_optimizer) and checkpoints, as in `vpmoe train`
+        state = build_training(cfg, self.layout)
+        self.pm, self.optimizer, self.ckpt = state.pm, state.optimizer, state.checkpoints
         self.reference = build_parallel_model(cfg.model, self.ctx, seed=cfg.run.seed)
         self.reference.module.to(self.device)
         self.reference.train(False)
         self.reference.module.requires_grad_(False)
-        self.optimizer = build_optimizer(self.pm.module, cfg.train.optimizer)
-        if cfg.parallel.distributed_optimizer:  # ZeRO-2, as in `vpmoe train`
-            from megatron_vpmoe.parallel.zero import DistributedOptimizer
-
-            self.optimizer = DistributedOptimizer(self.optimizer, self.pm)
-        self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
         self.step = 0
         load = cfg.checkpoint.load
         start = load if load not in (None, "auto") else None  # the phase-1 student
@@ -218,20 +214,12 @@ class OnPolicyTrainer:
         return train
 
     # -- collectives over this layout ------------------------------------------------------
-    def _dp_sum(self, t):
-        """Sum over the data-parallel replicas (TP/PP peers hold the same samples)."""
-        if self.dp > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, group=self.ctx.dp_group)
-        return t
-
     def _all_reduce(self, values: list) -> list:
         """Sums over data-parallel replicas (the values themselves in one replica)."""
         import torch
 
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        return self._dp_sum(t).tolist()
+        return self.layout.dp_sum(t).tolist()
 
     def _share_in_replica(self, obj):
         """``obj`` of the replica's first rank (tp_rank 0 on pipeline stage 0) on every TP/PP peer."""
@@ -348,7 +336,7 @@ class OnPolicyTrainer:
         """The engine's loss hook: the policy loss of a micro-batch's share of the global batch
         (sum over its scored samples / ``n_scored``), or ``nll_anchor_coeff`` x the role-aware
         NLL (the trainer's :class:`Objective`) for the anchor micro-batch. Stats (summed over
-        micro-batches and ranks): ``[policy loss, pg, kl, clipped tokens, tokens, anchor nll]``."""
+        micro-batches and ranks): a :data:`POLICY_STATS` vector."""
         import torch
 
         from megatron_vpmoe.distill.policy_loss import sequence_terms
@@ -356,18 +344,18 @@ class OnPolicyTrainer:
         op = self.cfg.distill.onpolicy
 
         def hook(per_token, mb):
-            stats = torch.zeros(6, dtype=torch.float64, device=per_token.device)
+            stats = POLICY_STATS.zeros(per_token.device)
+            named = POLICY_STATS.view(stats)
             if mb.get("anchor"):
-                loss, nll = anchor_objective(per_token.float(), mb["roles"])
-                stats[5] = nll
+                loss, named.anchor_nll = anchor_objective(per_token.float(), mb["roles"])
                 return op.nll_anchor_coeff * loss, stats
             terms = sequence_terms(-per_token.float(), mb["old"], mb["ref"], mb["adv"], mb["mask"],
                                    clip_eps=op.clip_eps, kl_coeff=op.kl_coeff)
             w = mb["weight"]
             loss = (terms["loss"] * w).sum() / max(n_scored, 1.0)
-            stats[0] = loss.detach()
-            for i, name in enumerate(("pg", "kl", "clipped", "tokens"), start=1):
-                stats[i] = (terms[name] * w).sum()
+            named.policy_loss = loss.detach()
+            for name in ("pg", "kl", "clipped", "tokens"):
+                setattr(named, name, (terms[name] * w).sum())
             return loss, stats
 
         return hook
@@ -390,7 +378,7 @@ class OnPolicyTrainer:
         micro, width = self._micro_batches(seqs, starts, adv)
         self._logprobs(self.pm, micro, "old")
         self._logprobs(self.reference, micro, "ref")
-        n_scored = float(self._dp_sum(torch.tensor([float(sum(a is not None for a in adv))],
+        n_scored = float(self.layout.dp_sum(torch.tensor([float(sum(a is not None for a in adv))],
                                                    dtype=torch.float64, device=self.device))[0])
         anchor_objective = None
         if self.anchor is not None:
@@ -398,9 +386,9 @@ class OnPolicyTrainer:
 
             anchor_mb = self._anchor_batch(width)
             micro = micro + [anchor_mb]
-            anchor_objective = Objective(self._dp_sum(role_counts(anchor_mb["roles"]).to(self.device)),
+            anchor_objective = Objective(self.layout.dp_sum(role_counts(anchor_mb["roles"]).to(self.device)),
                                          self.loss_weights)
-        stats = torch.zeros(6, dtype=torch.float64)
+        stats = POLICY_STATS.zeros()
         grad_norm = 0.0
         set_learning_rate(self.optimizer, learning_rate(self.step, cfg.train))
         self.pm.train(True)
@@ -423,16 +411,17 @@ class OnPolicyTrainer:
         score_sum, n_valid, spread_sum, n_groups, dropped_all, resp_tokens, n_seqs = totals
         secs = time.perf_counter() - t0
         per_sample = max(n_scored, 1.0)
+        stats = POLICY_STATS.unpack(stats)
         record = {"step": self.step, "kind": "onpolicy",
                   "teacher_score": score_sum / n_valid if n_valid else float("nan"),
                   "reward_spread": spread_sum / max(n_groups, 1),
-                  "policy_loss": float(stats[0]), "pg": float(stats[1]) / per_sample,
-                  "kl": float(stats[2]) / per_sample,
-                  "clip_fraction": float(stats[3]) / max(float(stats[4]), 1.0),
+                  "policy_loss": stats["policy_loss"], "pg": stats["pg"] / per_sample,
+                  "kl": stats["kl"] / per_sample,
+                  "clip_fraction": stats["clipped"] / max(stats["tokens"], 1.0),
                   "grad_norm": grad_norm, "response_tokens": resp_tokens / n_seqs,
                   "samples_per_s": n_seqs / secs, "dropped": int(dropped_all), **by_kind}
         if self.anchor is not None:
-            record["anchor_nll"] = float(stats[5])
+            record["anchor_nll"] = stats["anchor_nll"]
         self._last = (batch, texts, scores)
         return record
 

@@ -30,7 +30,7 @@ NOT_APPLICABLE = "n/a"
 def teacher_prompt_text(messages: list, template: str) -> str:
     """The text the teacher sees before a completion it scores by log-likelihood."""
     if template == "harmony":
-        from megatron_vpmoe.serve.chat_format import render_harmony_prompt
+        from megatron_vpmoe.data.chat_format import render_harmony_prompt
 
         return render_harmony_prompt(messages) + "<|channel|>final<|message|>"
     if template == "plain":

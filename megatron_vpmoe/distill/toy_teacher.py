@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from megatron_vpmoe.serve.chat_format import HARMONY_SPECIALS, HARMONY_STOPS, render_harmony_prompt
+from megatron_vpmoe.data.chat_format import HARMONY_SPECIALS, HARMONY_STOPS, render_harmony_prompt
 from megatron_vpmoe.utils.atomic import atomic_directory
 from megatron_vpmoe.utils.errors import InputError
 

@@ -34,7 +34,7 @@ class HFBackend(Backend):
 
     Code shipped in the directory (``auto_map``) runs only with ``trust_remote_code``. A VPMoE
     directory written by ``vpmoe convert to-hf`` loads without it: the model classes come from
-    this package (``convert/hf_template``), never from the directory's copies. Sequences longer
+    this package (``model/hf_template``), never from the directory's copies. Sequences longer
     than the model's positions (``max_position_embeddings``/``n_positions``, or a larger
     ``max_length`` set on purpose) are refused with an :class:`InputError`."""
 
@@ -61,7 +61,7 @@ class HFBackend(Backend):
         from safetensors import SafetensorError
 
         if ours:
-            from megatron_vpmoe.convert.hf_template.modeling_vpmoe import VpmoeForCausalLM as model_class
+            from megatron_vpmoe.model.hf_template.modeling_vpmoe import VpmoeForCausalLM as model_class
         else:
             model_class = AutoModelForCausalLM
         try:

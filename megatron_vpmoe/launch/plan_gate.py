@@ -18,7 +18,7 @@ def plan_gate(config: str, overrides: List[str], nodes: int, gpus_per_node: int,
     if gpus_per_node < 1:
         return []
     from megatron_vpmoe.config import load_config
-    from megatron_vpmoe.plan.cli import plan_table
+    from megatron_vpmoe.plan.table import plan_table
     from megatron_vpmoe.plan.estimate import plan_layout
     from megatron_vpmoe.plan.gpu import load_gpu
     from megatron_vpmoe.plan.layouts import check_layout, from_config

@@ -20,6 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_vpmoe.model.splits import is_expert
+
 
 @dataclass(frozen=True)
 class ShardSlice:
@@ -79,7 +81,7 @@ def initialize_parameters(module: torch.nn.Module, base_seed: int, std: float,
     module rules; ``shard_of`` says which slice of the global parameter each local tensor is."""
     for name, p in module.named_parameters():
         where = shard_of(name, p) if shard_of is not None else None
-        if getattr(p, "expert_parallel", False):  # [local experts, ...]: one generator per expert
+        if is_expert(p):  # [local experts, ...]: one generator per expert
             offset = where.expert_offset if where is not None else 0
             for i in range(p.shape[0]):
                 _fill(p[i], name, std, base_seed, offset + i, p.shape[1:], None)

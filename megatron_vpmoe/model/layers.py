@@ -5,12 +5,11 @@ operations only through ``kernels.ops``. Which linear layer class implements a p
 decided by a :class:`LinearSpec` (plain ``nn.Linear`` by default; ``megatron_vpmoe.parallel``
 supplies tensor-parallel ones), so the same module code runs single-process and under TP.
 
-Parameter attributes used by the parallel code (same names as megatron-core where one exists):
-``tensor_model_parallel`` / ``partition_dim`` on tensor-parallel shards, ``expert_parallel``
-on routed-expert weights, ``tensor_parallel_partial_grad`` on replicated parameters applied
-to a rank's own heads only (QK-norm weights, value-residual lambda, GRAPE-M parameters, TPA's
-dim-factor projection) or, under sequence parallelism, to a rank's own slice of the sequence
-(the norms).
+Splits declared for the parallel code (``model/splits.py``): tensor-parallel shards (the
+attention sinks; the TP linears ``parallel/tensor.py`` supplies), and partial gradients of
+replicated parameters applied to a rank's own heads only (QK-norm weights, value-residual
+lambda, GRAPE-M parameters, TPA's dim-factor projection) or, under sequence parallelism, to a
+rank's own slice of the sequence (the norms).
 """
 
 from __future__ import annotations
@@ -28,20 +27,15 @@ from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model import values
 from megatron_vpmoe.model.positions import GrapeM, alibi_slopes, apply_rope
 from megatron_vpmoe.model.recompute import recomputed
-
-
-def mark_tensor_parallel(param: torch.Tensor, dim: int) -> None:
-    """Tag ``param`` as split along ``dim`` across the tensor-parallel group (megatron-core names)."""
-    param.tensor_model_parallel = True
-    param.partition_dim = dim
+from megatron_vpmoe.model.splits import declare_partial_grad, declare_tensor_parallel
 
 
 def mark_sequence_parallel_partial(*modules: nn.Module) -> None:
-    """Tag the parameters of ``modules`` (replicated, each rank applying them to its own slice of
-    the sequence) as having a partial gradient to sum over the tensor-parallel group."""
+    """Declare the parameters of ``modules`` (replicated, each rank applying them to its own slice
+    of the sequence) as having a partial gradient to sum over the tensor-parallel group."""
     for module in modules:
         for p in module.parameters():
-            p.tensor_parallel_partial_grad = True
+            declare_partial_grad(p)
 
 
 @dataclass
@@ -54,7 +48,7 @@ class LinearSpec:
     parameters named ``weight`` (``[out, in]`` locally) and ``bias``. ``replicated(in, out,
     bias)`` is a whole linear on every rank whose output feeds only the rank's own heads (TPA's
     dim factors): its input gradient is summed over the group, its weight gradient is partial
-    (tagged ``tensor_parallel_partial_grad``). ``tp_size``/``tp_rank``: the tensor-parallel
+    (declared with ``model.splits.declare_partial_grad``). ``tp_size``/``tp_rank``: the tensor-parallel
     world size (1 = plain layers) and this rank's index in it.
     """
 
@@ -192,7 +186,7 @@ class AttentionBase(nn.Module):
         if cfg.softmax_offset:
             self.sinks = nn.Parameter(torch.zeros(self.heads))
             if tp > 1:
-                mark_tensor_parallel(self.sinks, 0)
+                declare_tensor_parallel(self.sinks, 0)
         self.mix_values = cfg.value_residual and layer_number > 0
         if self.mix_values:
             self.value_lambda = nn.Parameter(torch.tensor(0.5))
@@ -214,9 +208,9 @@ class AttentionBase(nn.Module):
             return
         for name, p in self.named_parameters():
             if name.startswith(("q_norm.", "k_norm.", "grape.")) or name == "value_lambda":
-                p.tensor_parallel_partial_grad = True
+                declare_partial_grad(p)
         for p in extra:
-            p.tensor_parallel_partial_grad = True
+            declare_partial_grad(p)
 
     def position_encode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate queries/keys (or their dim factors) ``[B, S, N, D]`` for RoPE / GRAPE-M."""

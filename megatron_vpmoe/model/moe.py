@@ -30,6 +30,7 @@ from megatron_vpmoe.kernels import ops
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model.layers import MLP, LinearSpec, activation_fn
 from megatron_vpmoe.model.recompute import is_recomputing, recomputed
+from megatron_vpmoe.model.splits import declare_expert
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -168,7 +169,7 @@ class GroupedExperts(nn.Module):
             self.fc1_bias = nn.Parameter(torch.zeros(num_local_experts, up))
             self.fc2_bias = nn.Parameter(torch.zeros(num_local_experts, h))
         for p in self.parameters():
-            p.expert_parallel = True
+            declare_expert(p)
         self.act = activation_fn(cfg.activation)
 
     def _bias_rows(self, bias: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:

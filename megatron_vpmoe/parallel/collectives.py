@@ -1,6 +1,8 @@
-"""The flat-tensor collectives under the name the installed torch has (``*_single`` from 2.13, ``*_tensor`` before), and a differentiable all-to-all."""
+"""Flat-tensor collectives under the installed torch's names (``*_single`` from 2.13, ``*_tensor`` before), coalesced all-reduces, their device, and a differentiable all-to-all."""
 
 from __future__ import annotations
+
+from typing import Callable, List
 
 import torch
 import torch.distributed as dist
@@ -43,3 +45,26 @@ def all_to_all_single(output, input, output_split_sizes, input_split_sizes, grou
     is deprecated, with a FutureWarning per call site, and the functional collectives return
     asynchronous tensors); returns ``output``."""
     return _AllToAll.apply(output, input, output_split_sizes, input_split_sizes, group)
+
+
+def engine_device() -> torch.device:
+    """Where collectives' buffers live: this rank's GPU, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def coalesced(tensors: List[torch.Tensor], collective: Callable[[torch.Tensor], None]) -> None:
+    """Run the in-place ``collective(flat)`` once on a flat buffer holding ``tensors`` (one
+    dtype), then copy the result back into them."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    collective(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def all_reduce_coalesced(tensors: List[torch.Tensor], group) -> None:
+    """Sum ``tensors`` over ``group`` in one all-reduce (nothing for no group or a group of one)."""
+    if not tensors or group is None or dist.get_world_size(group) == 1:
+        return
+    coalesced(tensors, lambda flat: dist.all_reduce(flat, group=group))

@@ -9,7 +9,7 @@ parameter of a bucket has delivered the last micro-batch's gradient, the bucket'
 launched asynchronously while backward goes on with earlier layers; :meth:`GradSync.finish`
 waits for all of them (launching any bucket a parameter never reached) and points each
 ``param.grad`` at its reduced slice. No full-model ``torch.cat`` copy, and the first collective
-starts during backward (``trace`` records the order for tests).
+starts during backward (an ``observer`` callable, when set, is told each launch in order).
 
 **Sharded gradients (ZeRO-2, ``parallel.distributed_optimizer``).** Given ``shard_of`` (the
 distributed optimizer's split: per parameter, each group rank's flat ``[start, end)`` of it and
@@ -153,7 +153,8 @@ class GradSync:
         self._calls: Dict[int, int] = {}
         self._expected = 1
         self._active = False
-        self.trace: List[Tuple[str, int]] = []  # ("launch" / "done", bucket index), ("finish", -1)
+        # told each event in order: ("launch" / "done", bucket index), ("backward_done" / "finish", -1)
+        self.observer: Optional[Callable[[str, int], None]] = None
         self._launched: List[_Bucket] = []  # launched, not yet completed, oldest first
         by_key: Dict[tuple, List[torch.nn.Parameter]] = {}
         for p, group in reversed(named_groups):  # backward visits the last layers first
@@ -188,7 +189,6 @@ class GradSync:
         parameters has accumulated ``micro_batches`` gradients."""
         self._expected = micro_batches
         self._active = True
-        self.trace.clear()
         self._launched = []
         for b in self.buckets:
             if b.sharded:
@@ -219,16 +219,18 @@ class GradSync:
                 self._launch(bucket)
 
     def _launch(self, bucket: _Bucket) -> None:
-        self.trace.append(("launch", bucket.index))
+        self._note("launch", bucket.index)
         bucket.work = bucket.launch()
         self._launched.append(bucket)
         if self.shard_of is not None and self._expected == 1:  # bound the full buffers alive: finish the oldest
             while len(self._launched) > IN_FLIGHT:
-                self.trace.append(("done", self._launched.pop(0).complete()))
+                self._note("done", self._launched.pop(0).complete())
 
     def finish(self) -> None:
         """Wait for every bucket's reduction (launching the ones not yet launched) and expose the
-        reduced gradients as ``param.grad`` (sharded: this rank's parts as its targets' ``.grad``)."""
+        reduced gradients as ``param.grad`` (sharded: this rank's parts as its targets' ``.grad``).
+        Called once the step's backward passes are done."""
+        self._note("backward_done", -1)
         for bucket in self.buckets:
             if bucket.work is None and not bucket.done:
                 self._launch(bucket)
@@ -236,8 +238,12 @@ class GradSync:
             if not bucket.done:
                 bucket.complete()
         self._launched = []
-        self.trace.append(("finish", -1))
+        self._note("finish", -1)
         self._active = False
+
+    def _note(self, event: str, index: int) -> None:
+        if self.observer is not None:
+            self.observer(event, index)
 
     def held(self) -> List[Tuple[torch.Tensor, torch.nn.Parameter]]:
         """``(tensor holding a reduced gradient, its parameter)`` for every gradient of the buckets
@@ -251,10 +257,11 @@ class GradSync:
             h.remove()
 
 
-def build_grad_sync(module: torch.nn.Module, dp_group, expert_dp_group, bucket_mb: float,
+def build_grad_sync(module: torch.nn.Module, group_of: Callable[[torch.nn.Parameter], object], bucket_mb: float,
                     shard_of: Optional[ShardFn] = None, overlap: bool = True) -> Optional[GradSync]:
     """A :class:`GradSync` over ``module``'s parameters that need a data-parallel reduction
-    (None when none does: a single data-parallel replica); ``shard_of``: reduce-scatter to that
+    (None when none does: a single data-parallel replica); ``group_of(param)``: the group its
+    gradient sums over (its placement's ``grad_group``); ``shard_of``: reduce-scatter to that
     split; ``overlap=False``: launch every bucket after backward instead of during it."""
     def size(group) -> int:
         return 1 if group is None else dist.get_world_size(group)
@@ -263,7 +270,7 @@ def build_grad_sync(module: torch.nn.Module, dp_group, expert_dp_group, bucket_m
     for p in module.parameters():
         if not p.requires_grad:
             continue
-        group = expert_dp_group if getattr(p, "expert_parallel", False) else dp_group
+        group = group_of(p)
         if size(group) > 1:
             pairs.append((p, group))
     if not pairs:

@@ -8,7 +8,8 @@ expert-data-parallel group for routed experts (in buckets during backward,
 ``parallel/grad_sync.py``, or after it; reduce-scattered to the distributed optimizer's split
 under :meth:`ParallelModel.shard_gradients`); TP-replicated parameters see identical
 inputs on every TP rank and need no reduction (no sequence parallel), except those applied
-to a rank's own heads (``tensor_parallel_partial_grad``), summed over the TP group.
+to a rank's own heads (placement ``PARTIAL_GRAD``), summed over the TP group. Which is which is
+each parameter's :class:`~megatron_vpmoe.parallel.placement.Placement`, decided once at build.
 """
 
 from __future__ import annotations
@@ -22,57 +23,27 @@ import torch.distributed as dist
 from megatron_vpmoe.config.schema import ModelConfig
 from megatron_vpmoe.model.init import draw_base_seed
 from megatron_vpmoe.model.vpmoe import VpmoeModel, activation_dtype
+from megatron_vpmoe.parallel.collectives import engine_device
+from megatron_vpmoe.parallel.gradients import ShardGradients
+from megatron_vpmoe.parallel.placement import Placements
 from megatron_vpmoe.parallel.state import ParallelContext
-
-
-def _placement(p: torch.Tensor, ctx: ParallelContext) -> Optional[Tuple[int, int, int, Any]]:
-    """How parameter ``p`` is split over the layout, as ``(dim, rank, size, group)``: routed
-    experts over the EP group along dim 0, TP-split weights over the TP group along their
-    ``partition_dim``; None when every rank holds the whole tensor. The one sharding rule that
-    construction, checkpoints and gathering follow."""
-    if getattr(p, "expert_parallel", False) and ctx.ep > 1:
-        return 0, ctx.ep_rank, ctx.ep, ctx.ep_group
-    if getattr(p, "tensor_model_parallel", False) and ctx.tp > 1:
-        return p.partition_dim, ctx.tp_rank, ctx.tp, ctx.tp_group
-    return None
-
-
-def coalesced(tensors: List[torch.Tensor], collective: Callable[[torch.Tensor], None]) -> None:
-    """Run the in-place ``collective(flat)`` once on a flat buffer holding ``tensors`` (one
-    dtype), then copy the result back into them."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    collective(flat)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def _all_reduce_coalesced(tensors: List[torch.Tensor], group) -> None:
-    if not tensors or group is None or dist.get_world_size(group) == 1:
-        return
-    coalesced(tensors, lambda flat: dist.all_reduce(flat, group=group))
 
 
 # loss_fn(per_token_loss [b, S], micro_batch) -> (loss to backpropagate, 1-D float64 stats)
 LossFn = Callable[[torch.Tensor, Dict], Tuple[torch.Tensor, torch.Tensor]]
 
 
-def engine_device() -> torch.device:
-    """Where collectives' buffers live: this rank's GPU, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-
-
 class ParallelModel:
     """This rank's shard plus the layout's gradient reduction and state-dict resharding."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, module: VpmoeModel):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, module: VpmoeModel,
+                 placements: Optional[Placements] = None):
         self.cfg, self.ctx, self.module = cfg, ctx, module
+        # every parameter's placement over the layout, decided once (from the model's declarations)
+        self.placements = placements if placements is not None else Placements(module, ctx)
         self._pipeline = None  # the pipeline runner (PP > 1), built at the first step
-        self._grad_sync = None  # bucketed DP gradient reduction overlapped with backward (first step)
-        self._shard_of = None  # the distributed optimizer's split: gradients are reduce-scattered to it
+        # the gradients after backward: bucketed sync, the layout's reductions, the global norm
+        self.gradients = ShardGradients(module, ctx, self.placements)
         self.bf16_weights = None  # parallel.mixed_precision.Bf16Weights: bf16 weights over fp32 master
 
     def set_recompute(self, mode: str) -> None:
@@ -114,7 +85,7 @@ class ParallelModel:
         ctx = self.ctx
         # each MoE layer adds its aux loss, averaged over micro-batches and DP ranks, in backward
         self.module.set_aux_loss_scale(1.0 / (len(micro_batches) * ctx.dp) if backward else 0.0)
-        sync = self._overlapped_sync() if backward else None  # built while the weights are fp32
+        sync = self.gradients.overlapped_sync() if backward else None  # built while the weights are fp32
         if sync is not None:
             sync.start(len(micro_batches))
         if self.bf16_weights is not None:  # bf16 working weights for this forward/backward
@@ -137,9 +108,8 @@ class ParallelModel:
                 self.bf16_weights.end()
         if backward:
             if sync is not None:
-                sync.trace.append(("backward_done", -1))
                 sync.finish()
-            self.reduce_gradients(data_parallel=sync is None)
+            self.gradients.reduce(data_parallel=sync is None)
         stats = stats.to(engine_device())
         if ctx.dp > 1:
             dist.all_reduce(stats, group=ctx.dp_group)
@@ -181,109 +151,23 @@ class ParallelModel:
         dist.all_reduce(stats, group=ctx.pp_group)
         return stats
 
-    # -- the gradients this rank holds after the reduction ----------------------------------
+    # -- the gradients this rank holds after the reduction (parallel/gradients.py) -------------
     def shard_gradients(self, shard_of) -> None:
-        """Reduce-scatter data-parallel gradients to the distributed optimizer's split
-        (``DistributedOptimizer.gradient_shard``) instead of all-reducing them: after a step's
-        backward each rank holds only the gradient parts it steps (:meth:`grad_tensors`)."""
-        if self._grad_sync:
-            self._grad_sync.remove()
-        self._shard_of, self._grad_sync = shard_of, None
+        """Reduce-scatter data-parallel gradients to the distributed optimizer's split instead of
+        all-reducing them (:meth:`ShardGradients.shard_to`)."""
+        self.gradients.shard_to(shard_of)
 
     def held_gradients(self) -> List[Tuple[torch.Tensor, torch.Tensor, bool]]:
-        """``(tensor, its parameter, split over the DP group)`` for every tensor whose ``.grad``
-        this rank holds after a step's reduction: the parameters, except that under
-        :meth:`shard_gradients` the reduce-scattered ones give way to this rank's parts."""
-        sync = self._grad_sync if self._shard_of is not None else None
-        held = [(t, p, True) for t, p in sync.held()] if sync else []
-        in_sync = {id(p) for p in sync.params} if sync else set()
-        return [(p, p, False) for p in self.module.parameters() if id(p) not in in_sync] + held
+        """``(tensor, its parameter, split over the DP group)`` for every gradient this rank holds."""
+        return self.gradients.held()
 
     def grad_tensors(self) -> List[torch.Tensor]:
         """The tensors whose ``.grad`` this rank holds (what gradient clipping scales)."""
-        return [t for t, _, _ in self.held_gradients() if t.grad is not None]
+        return self.gradients.tensors()
 
-    # -- the global gradient norm (every shard counted once) ----------------------------------
-    def grad_norm(self) -> float:
-        """L2 norm of the full model's gradient (call after the reduction): parts reduce-scattered
-        over a data-parallel group are summed over that group, TP-sharded and expert-sharded
-        gradients over their groups, pipeline stages added, replicated gradients counted once.
-        The same value on every rank."""
-        from torch.nn.utils import get_total_norm
-
-        # (category, split over a DP group) -> gradients; category: 0 TP-sharded, 1 experts, 2 replicated
-        grads: Dict[tuple, List[torch.Tensor]] = {}
-        for t, p, split in self.held_gradients():
-            if t.grad is None:
-                continue
-            if getattr(p, "expert_parallel", False):
-                kind = 1
-            elif getattr(p, "tensor_model_parallel", False) and self.ctx.tp > 1:
-                kind = 0
-            else:
-                kind = 2
-            grads.setdefault((kind, split), []).append(t.grad)
-
-        def squared(kind, split):
-            got = grads.get((kind, split))
-            if not got:
-                return torch.zeros(1, dtype=torch.float64, device=engine_device())
-            return get_total_norm(got, 2.0, error_if_nonfinite=False).double().to(engine_device()).view(1) ** 2
-
-        # parts split over the DP group (dense) / the expert-DP group (experts) sum over it first
-        dense = torch.cat([squared(0, True), squared(2, True)])
-        experts = squared(1, True)
-        if self._shard_of is not None and self._grad_sync:  # the same decision on every rank of a group
-            if self.ctx.dp > 1:
-                dist.all_reduce(dense, group=self.ctx.dp_group)
-            if self.ctx.expert_dp_group is not None and dist.get_world_size(self.ctx.expert_dp_group) > 1:
-                dist.all_reduce(experts, group=self.ctx.expert_dp_group)
-        tp_sq = squared(0, False) + dense[0:1]
-        ep_sq = squared(1, False) + experts
-        replicated = squared(2, False) + dense[1:2]
-        if self.ctx.tp > 1:
-            dist.all_reduce(tp_sq, group=self.ctx.tp_group)
-        if self.ctx.ep > 1:
-            dist.all_reduce(ep_sq, group=self.ctx.ep_group)
-        total = tp_sq + ep_sq + replicated
-        if self.ctx.pp > 1:
-            dist.all_reduce(total, group=self.ctx.pp_group)
-        return total.sqrt()[0]  # stays on the device: the caller decides when to read it
-
-    def _overlapped_sync(self):
-        """The bucketed, backward-overlapped DP reduction (``parallel.overlap_grad_reduce``), or None."""
-        overlap = self.ctx.config.overlap_grad_reduce
-        if not overlap and self._shard_of is None:
-            return None
-        if self._grad_sync is None:
-            from megatron_vpmoe.parallel.grad_sync import build_grad_sync
-
-            self._grad_sync = build_grad_sync(self.module, self.ctx.dp_group, self.ctx.expert_dp_group,
-                                              self.ctx.config.bucket_mb, self._shard_of, overlap) or False
-        return self._grad_sync or None
-
-    def reduce_gradients(self, data_parallel: bool = True) -> None:
-        """Sum TP-partial gradients over the TP group and (``data_parallel``; off when the
-        overlapped buckets already did it) every gradient over its data-parallel group. Under
-        :meth:`shard_gradients` the TP sum covers this rank's reduce-scattered parts (every TP
-        peer holds the same parts: the split depends on names and shapes only)."""
-        dense, experts, partial = [], [], []
-        for t, p, split in self.held_gradients():
-            if t.grad is None:
-                if split:
-                    continue
-                t.grad = torch.zeros_like(t)
-            if not split:
-                (experts if getattr(p, "expert_parallel", False) else dense).append(t.grad)
-            if getattr(p, "tensor_parallel_partial_grad", False):
-                partial.append(t.grad)
-        if self.ctx.tp > 1:
-            _all_reduce_coalesced(partial, self.ctx.tp_group)
-        if not data_parallel:
-            return
-        if self.ctx.dp > 1:
-            _all_reduce_coalesced(dense, self.ctx.dp_group)
-        _all_reduce_coalesced(experts, self.ctx.expert_dp_group)
+    def grad_norm(self) -> torch.Tensor:
+        """L2 norm of the full model's gradient, the same on every rank (:meth:`ShardGradients.norm`)."""
+        return self.gradients.norm()
 
     # -- expert balancing -------------------------------------------------------------------
     def aux_loss_added(self) -> torch.Tensor:
@@ -319,16 +203,15 @@ class ParallelModel:
     # -- state dicts in single-process keys and shapes (reshard across layouts) ---------------
     def is_placed(self, p: torch.Tensor) -> bool:
         """Whether parameter ``p`` is a slice of a TP/EP split (not the whole tensor)."""
-        return _placement(p, self.ctx) is not None
+        return self.placements[p].is_split
 
     def shard_spec(self, key: str) -> Optional[Tuple[int, Any]]:
         """How this rank's parameter ``key`` (and optimizer state of its shape) is split:
         ``(dim, group)`` when it is one of ``group``'s equal slices along ``dim`` (routed experts
-        over the EP group along dim 0, TP-split weights over the TP group along their
-        ``partition_dim``); None when this rank holds the whole tensor."""
-        p = self._params.get(key)
-        where = None if p is None else _placement(p, self.ctx)
-        return None if where is None else (where[0], where[3])
+        over the EP group along dim 0, TP-split weights over the TP group along their declared
+        dim); None when this rank holds the whole tensor."""
+        where = self.placements.of_name(key)
+        return (where.dim, where.split_group) if where is not None and where.is_split else None
 
     def as_sharded(self, key: str, local: torch.Tensor) -> torch.Tensor:
         """``local`` (this rank's shard of parameter ``key``, or optimizer state of its shape)
@@ -378,18 +261,17 @@ def _contiguous_stride(shape: List[int]) -> Tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def _shard_of(ctx: ParallelContext):
+def _shard_of(placements: Placements):
     """Which slice of its single-process parameter each local tensor is (see ``model/init.py``)."""
     from megatron_vpmoe.model.init import ShardSlice
 
     def shard_of(name: str, p: torch.Tensor):
-        where = _placement(p, ctx)
-        if where is None:
+        where = placements[p]
+        if not where.is_split:
             return None
-        dim, rank, size, _ = where
-        if getattr(p, "expert_parallel", False):  # [local experts, ...]: a block of global experts
-            return ShardSlice(expert_offset=rank * p.shape[0])
-        return ShardSlice(split_dim=dim, split_rank=rank, split_size=size)
+        if where.is_expert:  # [local experts, ...]: a block of global experts
+            return ShardSlice(expert_offset=where.rank * p.shape[0])
+        return ShardSlice(split_dim=where.dim, split_rank=where.rank, split_size=where.size)
 
     return shard_of
 
@@ -422,5 +304,6 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int = 123
         first, last = ctx.pp_rank == 0, ctx.pp_rank == ctx.pp - 1
     module = VpmoeModel(cfg, spec, layer_numbers=layers, pre_process=first, post_process=last,
                         num_local_experts=local_experts, dispatcher=dispatcher, initialize=False)
-    module.reset_parameters(base_seed, _shard_of(ctx))
-    return ParallelModel(cfg, ctx, module)
+    placements = Placements(module, ctx)
+    module.reset_parameters(base_seed, _shard_of(placements))
+    return ParallelModel(cfg, ctx, module, placements)

@@ -27,8 +27,6 @@ from megatron_vpmoe.model.moe import _ContiguousGrad
 from megatron_vpmoe.model.values import first_values_shape
 from megatron_vpmoe.parallel.layout import rank_stages, stage_layers
 
-STAGES_BUILT = [0]  # PipelineStage objects constructed in this process (a test counts them)
-
 
 class PipelineStageModule(nn.Module):
     """One stage (model chunk) of a rank's ``VpmoeModel`` as the pipelining API wants it:
@@ -113,7 +111,6 @@ class PipelineRunner:
             outputs = (carried[0],) if last else carried
             stages.append(PipelineStage(module, s, n_stages, self.device, input_args=inputs,
                                         output_args=outputs, group=ctx.pp_group))
-            STAGES_BUILT[0] += 1
         return stages
 
     def schedule(self, batch: int, seq: int, n_micro: int):

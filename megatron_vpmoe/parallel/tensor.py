@@ -2,8 +2,8 @@
 Transformer Engine's) and sequence parallelism's region boundaries.
 
 The wrappers return only the output (bias added inside) and keep the parameter names
-``weight``/``bias``, so state-dict keys match the single-process model. Shards are tagged
-with ``tensor_model_parallel``/``partition_dim`` for sharding and gathering full state dicts.
+``weight``/``bias``, so state-dict keys match the single-process model. Shards are declared
+(``model/splits.py``) with their split dim, from which ``parallel/placement.py`` places them.
 
 Sequence parallelism (``parallel.sequence_parallel``) splits the residual stream, the norms
 and dropout along the sequence over the TP group. Activations are batch-first ``[b, s, h]``
@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_vpmoe.model.layers import LinearSpec, mark_tensor_parallel
+from megatron_vpmoe.model.layers import LinearSpec
+from megatron_vpmoe.model.splits import declare_partial_grad, declare_tensor_parallel
 from megatron_vpmoe.parallel.collectives import all_gather_single
 
 
@@ -59,9 +60,9 @@ def tensor_parallel_spec(tp_size: int, tp_group, params_dtype=torch.float32,
         def __init__(self, i, o, bias):
             super().__init__(i, o, config=config, init_method=no_init, bias=bias,
                              gather_output=False, tp_group=tp_group)
-            mark_tensor_parallel(self.weight, 0)
+            declare_tensor_parallel(self.weight, 0)
             if bias:
-                mark_tensor_parallel(self.bias, 0)
+                declare_tensor_parallel(self.bias, 0)
 
         def forward(self, x):
             return super().forward(x)[0]
@@ -70,7 +71,7 @@ def tensor_parallel_spec(tp_size: int, tp_group, params_dtype=torch.float32,
         def __init__(self, i, o, bias):
             super().__init__(i, o, config=config, init_method=no_init, bias=bias,
                              input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
-            mark_tensor_parallel(self.weight, 1)
+            declare_tensor_parallel(self.weight, 1)
 
         def forward(self, x):
             return super().forward(x)[0]
@@ -93,7 +94,7 @@ def tensor_parallel_spec(tp_size: int, tp_group, params_dtype=torch.float32,
         def __init__(self, i, o, bias):
             super().__init__(i, o, bias)
             if bias:
-                self.bias.tensor_parallel_partial_grad = True
+                declare_partial_grad(self.bias)
 
         def forward(self, x):
             out = F.linear(x, self.weight)
@@ -220,14 +221,14 @@ def te_linear_spec(tp_size: int, tp_group, tp_rank: int = 0) -> LinearSpec:
 
     def column(i, o, bias):
         layer = te.linear(i, o, bias, use_te=True, parallel_mode="column", tp_group=tp_group, tp_size=tp_size)
-        mark_tensor_parallel(layer.weight, 0)
+        declare_tensor_parallel(layer.weight, 0)
         if bias:
-            mark_tensor_parallel(layer.bias, 0)
+            declare_tensor_parallel(layer.bias, 0)
         return layer
 
     def row(i, o, bias):
         layer = te.linear(i, o, bias, use_te=True, parallel_mode="row", tp_group=tp_group, tp_size=tp_size)
-        mark_tensor_parallel(layer.weight, 1)
+        declare_tensor_parallel(layer.weight, 1)
         return layer
 
     return LinearSpec(column=column, row=row, tp_size=tp_size, tp_rank=tp_rank,

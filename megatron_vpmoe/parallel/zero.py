@@ -44,13 +44,14 @@ whatever layout the checkpoint was saved with (``megatron_vpmoe.training.checkpo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from megatron_vpmoe.parallel.collectives import all_gather_single
-from megatron_vpmoe.parallel.model import coalesced, sharded_dtensor
+from megatron_vpmoe.parallel.collectives import all_gather_single, coalesced
+from megatron_vpmoe.parallel.model import sharded_dtensor
 
 
 def _group_size(group) -> int:
@@ -98,6 +99,16 @@ class _RowSplit:
         self.view = param.detach()[self.start:self.end]  # shares the parameter's storage
 
 
+@dataclass
+class _Gather:
+    """One queued all-gather of a layer's updated rows (one group and dtype), launched ahead of its use."""
+
+    layer: int  # the gather index of the layer (``_layer_indices``): waited for before its forward
+    splits: List[_RowSplit]  # the row-split parameters it makes whole again, in buffer order
+    work: Optional[object] = None  # the async collective's handle once launched
+    received: Optional[torch.Tensor] = None  # every rank's padded rows, [size x chunk] flat
+
+
 class DistributedOptimizer:
     """Wraps a torch optimizer built over all of this rank's parameters; see the module doc."""
 
@@ -108,8 +119,8 @@ class DistributedOptimizer:
         self.optimizer = optimizer
         module, dp_group, expert_dp_group = pm.module, pm.ctx.dp_group, pm.ctx.expert_dp_group
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        dense = [(n, p) for n, p in named if not getattr(p, "expert_parallel", False)]
-        experts = [(n, p) for n, p in named if getattr(p, "expert_parallel", False)]
+        dense = [(n, p) for n, p in named if not pm.placements[p].is_expert]
+        experts = [(n, p) for n, p in named if pm.placements[p].is_expert]
         # per reduction group: [(group, [params of owner 0], [params of owner 1], ...)]
         self._groups: List[Tuple[object, List[List[torch.Tensor]]]] = []
         self._owned: set = set()
@@ -137,7 +148,7 @@ class DistributedOptimizer:
         self._param_of = {id(s.view): p for p, s in self._split.items()}
         for group in optimizer.param_groups:  # the torch optimizer steps the row views
             group["params"] = [self._split[p].view if p in self._split else p for p in group["params"]]
-        self._pending: List[list] = []  # [layer, splits, work, buffer] of gathers not yet waited for, in layer order
+        self._pending: List[_Gather] = []  # gathers not yet waited for, in layer order
         self._layer, entries = _layer_indices(module)  # parameter -> its gather's index, in forward order
         self._hooks = []
         waits = [(m, max(self._layer[p] for p in m.parameters(recurse=False) if p in self._split))
@@ -225,19 +236,19 @@ class DistributedOptimizer:
         by_key: Dict[tuple, List[_RowSplit]] = {}
         for s in self._split.values():
             by_key.setdefault((self._layer[s.param], id(s.group), s.param.dtype), []).append(s)
-        self._pending = [[layer, splits, None, None] for (layer, _, _), splits
+        self._pending = [_Gather(layer, splits) for (layer, _, _), splits
                          in sorted(by_key.items(), key=lambda item: item[0][0])]
         self._prefetch(PREFETCH)
 
     def _prefetch(self, count: int) -> None:
         """Launch the first ``count`` queued gathers not launched yet (each rank's part padded to
         the largest chunk); every rank launches them in the same order."""
-        for entry in self._pending:
+        for gather in self._pending:
             if count <= 0:
                 break
-            if entry[2] is not None:
+            if gather.work is not None:
                 continue
-            splits = entry[1]
+            splits = gather.splits
             parts = []
             for s in splits:
                 row = s.param[0].numel()
@@ -245,22 +256,23 @@ class DistributedOptimizer:
                 pad = s.step_rows * row - local.numel()
                 parts.append(local if pad == 0 else torch.cat([local, local.new_zeros(pad)]))
             send = torch.cat(parts)
-            entry[3] = send.new_empty(splits[0].size * send.numel())
-            entry[2] = all_gather_single(entry[3], send, group=splits[0].group, async_op=True)
+            gather.received = send.new_empty(splits[0].size * send.numel())
+            gather.work = all_gather_single(gather.received, send, group=splits[0].group, async_op=True)
             count -= 1
 
     @torch.no_grad()
     def wait_for_parameters(self, upto: Optional[int] = None) -> None:
         """Finish the row all-gathers of layers ``<= upto`` (default all; launching them first
         where needed): their row-split parameters whole again; then launch the next ``PREFETCH``."""
-        done = [entry for entry in self._pending if upto is None or entry[0] <= upto]
+        done = [gather for gather in self._pending if upto is None or gather.layer <= upto]
         if not done:
             return
         self._prefetch(len(done))  # the queue is in layer order: these are its head
         self._pending = self._pending[len(done):]
-        for _, splits, work, recv in done:
-            work.wait()
-            per_rank = recv.view(splits[0].size, -1)
+        for gather in done:
+            gather.work.wait()
+            splits = gather.splits
+            per_rank = gather.received.view(splits[0].size, -1)
             offset = 0
             for s in splits:
                 row = s.param[0].numel()
@@ -271,6 +283,11 @@ class DistributedOptimizer:
                     flat[start:end].copy_(per_rank[r, offset:offset + (end - start) * row].view(end - start, row))
                 offset += n
         self._prefetch(PREFETCH)
+
+
+def inner_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer that steps: a :class:`DistributedOptimizer`'s inner one, or ``optimizer``."""
+    return optimizer.optimizer if isinstance(optimizer, DistributedOptimizer) else optimizer
 
 
 def _layer_indices(module: torch.nn.Module) -> Tuple[Dict[torch.Tensor, int], List[Tuple[torch.nn.Module, int]]]:

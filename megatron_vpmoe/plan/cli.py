@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import List
-
-GB = 1e9
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from megatron_vpmoe.utils.cli_args import add_config_args
@@ -32,35 +28,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_plan)
 
 
-def _gb(n: float) -> str:
-    return f"{n / GB:.2f}"
-
-
-def plan_table(plan) -> List[str]:
-    """The human summary of one plan: layout, per-stage memory by component, time and throughput."""
-    lay = plan.layout
-    lines = [f"layout {lay.short()} on {lay.world} x {plan.gpu.name}: dp={lay.dp}, "
-             f"{plan.micro_batches} micro-batches per step, schedule {plan.schedule}"]
-    comps = list(plan.ranks[0].components())
-    short = {"parameters": "params", "gradients": "grads", "optimizer": "optim", "activations": "activ",
-             "working": "layer_bwd", "head_loss": "head", "embedding_grad": "emb_grad", "all_to_all": "a2a",
-             "pipeline_buffers": "p2p", "optimizer_step": "opt_step", "grad_reduce": "grad_red",
-             "checkpoint_staging": "ckpt_host", "autocast_weights": "bf16_w", "framework": "framework"}
-    lines.append("| pp rank | " + " | ".join(short[c] for c in comps) + " | in flight | peak GB (moment) |")
-    lines.append("|---" * (len(comps) + 3) + "|")
-    for r in plan.ranks:
-        c = r.components()
-        lines.append(f"| {r.pp_rank} | " + " | ".join(_gb(c[k]) for k in comps) +
-                     f" | {r.in_flight} | **{_gb(r.peak)}** ({r.peak_moment}) |")
-    verdict = "fits" if plan.fits else "DOES NOT FIT"
-    lines.append(f"peak {_gb(plan.peak)} GB on pipeline rank {plan.tight_rank.pp_rank} of {plan.gpu.memory_gb:g} GB: {verdict}")
-    parts = ", ".join(f"{k} {v:.3g}" for k, v in plan.time_parts.items())
-    bound = {"device": "compute device-bound", "host": "compute host-bound (op dispatch)", "flat": "flat efficiency"}
-    lines.append(f"step {plan.step_s:.3g} s ({parts}; {bound[plan.bound]}); {plan.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, "
-                 f"{plan.tflops_per_gpu:.0f} TFLOP/s/GPU, MFU {plan.mfu:.1%} (estimates)")
-    return lines
-
-
 def _plan(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -68,7 +35,8 @@ def _plan(args: argparse.Namespace) -> int:
     from megatron_vpmoe.plan.gpu import load_gpu
     from megatron_vpmoe.plan.layouts import MAX_WORLD, check_layout, from_config, parse_layout
     from megatron_vpmoe.plan.search import require_fit, search
-    from megatron_vpmoe.utils.cli_args import config_from_args
+    from megatron_vpmoe.plan.table import gb, plan_table
+    from megatron_vpmoe.config import load_config
     from megatron_vpmoe.utils.errors import UsageError
 
     if args.nodes < 1 or args.gpus_per_node < 1:
@@ -82,7 +50,7 @@ def _plan(args: argparse.Namespace) -> int:
     if eff is not None and not 0 < eff <= 1:
         raise UsageError(f"--efficiency must be in (0, 1], got {eff}")
     gpu = load_gpu(args.gpu)
-    cfg = config_from_args(args)
+    cfg = load_config(args.config, args.overrides)
     world = args.nodes * args.gpus_per_node
     if args.layout is not None:
         layout = parse_layout(args.layout, replace(from_config(cfg, world), world=world))
@@ -101,7 +69,7 @@ def _plan(args: argparse.Namespace) -> int:
     print("| # | layout | peak GB (pp rank) | tokens/s/GPU | MFU | step s |")
     print("|---|---|---|---|---|---|")
     for i, p in enumerate(result.fitting[:args.top], 1):
-        print(f"| {i} | {p.layout.short()} | {_gb(p.peak)} ({p.tight_rank.pp_rank}) | "
+        print(f"| {i} | {p.layout.short()} | {gb(p.peak)} ({p.tight_rank.pp_rank}) | "
               f"{p.tokens_per_s_per_gpu:,.0f} | {p.mfu:.1%} | {p.step_s:.3g} |")
     print("\nBest layout:")
     print("\n".join(plan_table(result.fitting[0])))

@@ -41,7 +41,7 @@ from aiohttp import web
 from megatron_vpmoe.data.chat import encode_pieces, render_pieces
 from megatron_vpmoe.inference.backend import Backend, Sampled, SampleParams
 from megatron_vpmoe.serve.batching import BatchQueue
-from megatron_vpmoe.serve.chat_format import HARMONY_STOPS, parse_harmony_completion, render_harmony_prompt
+from megatron_vpmoe.data.chat_format import HARMONY_STOPS, parse_harmony_completion, render_harmony_prompt
 from megatron_vpmoe.serve.limits import ServeLimits
 from megatron_vpmoe.utils import json_bounded
 from megatron_vpmoe.utils.errors import InputError

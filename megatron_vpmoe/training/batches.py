@@ -9,11 +9,12 @@ valid when a run resumes with a different number of data-parallel ranks.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from megatron_vpmoe.training.loss import check_roles
+from megatron_vpmoe.training.loss import check_roles, roles_from_loss_mask
+from megatron_vpmoe.utils.errors import VpmoeError
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -105,3 +106,20 @@ def micro_batch_loader(dataset, sampler: GlobalBatchSampler, start: int, end: in
 
 def load_micro_batches(dataset, indices: List[List[int]], device=None) -> List[Dict[str, torch.Tensor]]:
     return [collate([dataset[i] for i in chunk], device) for chunk in indices]
+
+
+def engine_batches(micro_batches: List[Dict[str, torch.Tensor]], pipeline: bool,
+                   default_positions: Callable[[torch.Tensor], torch.Tensor]) -> List[Dict]:
+    """The data's micro-batches as the engine takes them (``input_ids``, ``labels``, ``position_ids``,
+    label ``roles``); under a pipeline (``pipeline``) positions must be the default 0..S-1."""
+    out = []
+    for mb in micro_batches:
+        positions = mb.get("position_ids")
+        if pipeline and positions is not None:
+            if not torch.equal(positions, default_positions(mb["tokens"])):
+                raise VpmoeError("pipeline parallelism uses positions 0..S-1; this data has "
+                                 "other position_ids (documents reset positions)")
+            positions = None
+        out.append({"input_ids": mb["tokens"], "labels": mb["labels"], "position_ids": positions,
+                    "roles": roles_from_loss_mask(mb["loss_mask"])})
+    return out

@@ -56,8 +56,11 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import AsyncStager
 
+from megatron_vpmoe.parallel.model import ParallelModel
+from megatron_vpmoe.parallel.zero import DistributedOptimizer, inner_optimizer
 from megatron_vpmoe.training.checkpoint_files import (
     SafeFileSystemReader,
     SafeLoadPlanner,
@@ -88,9 +91,6 @@ LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 _NAME = re.compile(r"^step_(\d{8})$")
-# Test hook: "STEP:SECONDS" pauses a synchronous save of STEP after its shards and manifest are
-# written and before the rename, so a test can kill -9 the process mid-save.
-PAUSE_HOOK_ENV = "VPMOE_TEST_CHECKPOINT_PAUSE"
 
 
 def checkpoint_name(step: int) -> str:
@@ -250,7 +250,8 @@ def _check_against_metadata(metadata, state: Dict[str, Dict[str, Any]], ckpt: Pa
                 what = "optimizer state" if section == "optim" else "model tensor"
                 raise InputError(f"{ckpt}: has no {what} {section}.{key} (saved from another model, "
                                  f"or without optimizer state: load it with checkpoint.load_optimizer=false)")
-            if isinstance(value, torch.Tensor) and hasattr(meta, "size") and tuple(meta.size) != tuple(value.shape):
+            if (isinstance(value, torch.Tensor) and isinstance(meta, TensorStorageMetadata)
+                    and tuple(meta.size) != tuple(value.shape)):
                 raise InputError(f"{ckpt}: {section}.{key} has shape {tuple(meta.size)}, this model's is "
                                  f"{tuple(value.shape)}")
 
@@ -262,7 +263,7 @@ def load_model_state_dict(ckpt: str | os.PathLike) -> Dict[str, torch.Tensor]:
     metadata = read_metadata(ckpt)
     template = {}
     for key, meta in metadata.state_dict_metadata.items():
-        if key.startswith("model.") and hasattr(meta, "size"):
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata):
             template[key[len("model."):]] = torch.empty(meta.size, dtype=meta.properties.dtype)
     if not template:
         raise InputError(f"{ckpt}: holds no model tensors")
@@ -296,29 +297,29 @@ ShardFn = Callable[[str, torch.Tensor], torch.Tensor]
 def _layout(model) -> tuple:
     """``(module, as_sharded)``: a parallel-engine model (``ParallelModel``) wraps its TP/EP
     shards as DTensors; a plain module's tensors (DTensors already, or whole) stay as they are."""
-    if hasattr(model, "as_sharded") and hasattr(model, "module"):
+    if isinstance(model, ParallelModel):
         return model.module, model.as_sharded
     return model, lambda key, tensor: tensor
 
 
-def _torch_optimizer(optimizer):
-    """The torch optimizer inside a :class:`~megatron_vpmoe.parallel.zero.DistributedOptimizer`."""
-    return getattr(optimizer, "optimizer", optimizer)
+def _param_of(optimizer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The whole parameter of a tensor the optimizer steps (ZeRO: a view of its rows; else itself)."""
+    return optimizer.param_of if isinstance(optimizer, DistributedOptimizer) else (lambda t: t)
 
 
 def _fqn_of(module, optimizer):
     """The single-process name of a tensor in the torch optimizer's groups: its parameter's, also
     for the view of a parameter's rows a ZeRO rank steps."""
     names = {p: name for name, p in module.named_parameters()}
-    param_of = getattr(optimizer, "param_of", lambda t: t)
+    param_of = _param_of(optimizer)
     return lambda t: names[param_of(t)]
 
 
 def _kept_tensors(module, optimizer) -> List[torch.Tensor]:
     """The optimizer's tensors whose state this rank holds (ZeRO: its rows and owned parameters)."""
-    owns = getattr(optimizer, "owns", None)
-    param_of = getattr(optimizer, "param_of", lambda t: t)
-    return [t for group in _torch_optimizer(optimizer).param_groups for t in group["params"]
+    owns = optimizer.owns if isinstance(optimizer, DistributedOptimizer) else None
+    param_of = _param_of(optimizer)
+    return [t for group in inner_optimizer(optimizer).param_groups for t in group["params"]
             if owns is None or owns(param_of(t))]
 
 
@@ -330,8 +331,8 @@ def _model_state(module, as_sharded: ShardFn) -> Dict[str, torch.Tensor]:
 def _optimizer_state(module, optimizer, as_sharded: ShardFn) -> Dict[str, Any]:
     """``state.<fqn>.<name>`` for the state this rank holds (its own tensors, shards wrapped)
     and ``param_groups.<fqn>.<hyper>`` for every parameter: torch's flattened layout."""
-    opt = _torch_optimizer(optimizer)
-    wrap = getattr(optimizer, "state_as_sharded", None)
+    opt = inner_optimizer(optimizer)
+    wrap = optimizer.state_as_sharded if isinstance(optimizer, DistributedOptimizer) else None
     fqn_of = _fqn_of(module, optimizer)
     out: Dict[str, Any] = {}
     for group in opt.param_groups:
@@ -355,7 +356,7 @@ def _init_missing_state(module, optimizer) -> None:
     """Create the optimizer state of the kept tensors that have none yet (one step with zero
     gradients at learning rate 0, as torch's ``set_optimizer_state_dict`` does), so a load has
     tensors of the right shape to read into. Other tensors get none (ZeRO)."""
-    opt = _torch_optimizer(optimizer)
+    opt = inner_optimizer(optimizer)
     missing = {t for t in _kept_tensors(module, optimizer) if not opt.state.get(t)}
     if not missing:
         return
@@ -387,7 +388,7 @@ def _state(model, optimizer, *, with_optimizer: bool = True) -> Dict[str, Any]:
 def _apply_optimizer_values(module, optimizer, loaded: Dict[str, Any]) -> None:
     """After an in-place load: the non-tensor values (hyperparameters per group, from its first
     parameter; non-tensor state entries)."""
-    opt = _torch_optimizer(optimizer)
+    opt = inner_optimizer(optimizer)
     fqn_of = _fqn_of(module, optimizer)
     for group in opt.param_groups:
         first = fqn_of(group["params"][0])
@@ -464,8 +465,12 @@ def _gather_to_rank0(obj: Any) -> Optional[List[Any]]:
 class CheckpointManager:
     """Saves and loads a run's checkpoints under ``root`` (see the module docstring for the layout)."""
 
-    def __init__(self, root: str | os.PathLike, *, keep_last: int = 3, async_save: bool = False):
+    def __init__(self, root: str | os.PathLike, *, keep_last: int = 3, async_save: bool = False,
+                 before_publish: Optional[Callable[[int, Path], None]] = None):
         self.root = Path(root)
+        # called with (step, temp dir) once a synchronous save's files are all written, just before
+        # the rename publishes them (a test pauses there to kill the process mid-save)
+        self.before_publish = before_publish
         self.keep_last = keep_last
         self.async_save = async_save
         self._pending = None  # (future of this rank's file entries, tmp dir, final dir, name, model section)
@@ -500,7 +505,7 @@ class CheckpointManager:
         barrier()
         save_rng(rng_file(tmp, rank))
         model_section = _model_section(config_text)
-        if hasattr(optimizer, "wait_for_parameters"):  # ZeRO: the weights' last all-gather landed
+        if isinstance(optimizer, DistributedOptimizer):  # ZeRO: the weights' last all-gather landed
             optimizer.wait_for_parameters()
         state = _state(model, optimizer)
         if self.async_save:
@@ -521,7 +526,8 @@ class CheckpointManager:
         with _quiet_single_process():
             dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=_no_dist())
         self._complete(_own_files(tmp, rank, rank), tmp, model_section)
-        self._pause_hook(step, tmp)
+        if self.before_publish is not None:
+            self.before_publish(step, tmp)
         self._publish(tmp, final, name)
         return final
 
@@ -533,15 +539,6 @@ class CheckpointManager:
             for part in gathered:
                 files.update(part)
             write_manifest(tmp, files, model_section)
-
-    def _pause_hook(self, step: int, tmp: Path) -> None:
-        spec = os.environ.get(PAUSE_HOOK_ENV)
-        if not spec:
-            return
-        at, seconds = spec.split(":")
-        if int(at) == step:
-            (tmp / "PAUSED").write_text("test hook\n")
-            time.sleep(float(seconds))
 
     def finalize(self) -> None:
         """Wait for a pending async save, write its manifest and publish it."""
@@ -596,7 +593,7 @@ class CheckpointManager:
         if model_config is not None:
             check_model_config(ckpt, model_config)
         module, _ = _layout(model)
-        if hasattr(optimizer, "wait_for_parameters"):  # nothing may land on the loaded weights later
+        if isinstance(optimizer, DistributedOptimizer):  # nothing may land on the loaded weights later
             optimizer.wait_for_parameters()
         if load_optimizer and optimizer:
             _init_missing_state(module, optimizer)

@@ -21,10 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from megatron_vpmoe.config import load_config
     from megatron_vpmoe.training.trainer import Trainer
-    from megatron_vpmoe.utils.cli_args import config_from_args
 
-    cfg = config_from_args(args)
+    cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg, quiet=args.quiet)
     try:
         return trainer.run()

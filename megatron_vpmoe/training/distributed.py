@@ -148,3 +148,12 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (on every rank)."""
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -17,6 +17,7 @@ from typing import Dict, Iterator, Optional
 
 import torch
 
+from megatron_vpmoe.parallel.zero import inner_optimizer
 from megatron_vpmoe.utils.atomic import atomic_write_text
 from megatron_vpmoe.utils.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
@@ -61,7 +62,7 @@ class RankMemoryReport:
         if not self.enabled:
             return
         params = list(model.parameters())
-        inner = getattr(optimizer, "optimizer", optimizer)
+        inner = inner_optimizer(optimizer)
         state = [t for s in inner.state.values() for t in s.values()]
         param_mb = tensor_bytes(params) / MB
         self.sizes = {"params_mb": param_mb,

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from megatron_vpmoe.parallel.zero import inner_optimizer
+
 
 def _embedding_param_ids(model: nn.Module) -> set:
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -67,7 +69,7 @@ def optimizer_step(optimizer, skip: Optional[torch.Tensor] = None) -> None:
     """``optimizer.step()``, skipped on the device where ``skip`` (a bool tensor) is true: fused
     AdamW's ``found_inf`` leaves weights, moments and step counts as they were, with no host
     read of the flag (the trainer reads it later, at the log interval)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # the ZeRO wrapper steps its inner optimizer
+    inner = inner_optimizer(optimizer)  # the ZeRO wrapper steps its inner optimizer
     if skip is not None:
         if not inner.defaults.get("fused"):
             raise ValueError("optimizer_step(skip=...) needs a fused optimizer (build_optimizer makes one)")

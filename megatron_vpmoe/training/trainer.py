@@ -17,24 +17,14 @@ Test hook: ``VPMOE_TEST_NAN_STEPS="3,7"`` multiplies the loss of those 1-based s
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
-from megatron_vpmoe.config.startup import check_world_layout
 from megatron_vpmoe.training import batches as batching
-from megatron_vpmoe.training.checkpoint import (
-    CheckpointManager,
-    latest_checkpoint,
-    latest_intact_checkpoint,
-    resolve_checkpoint,
-)
-from megatron_vpmoe.training.distributed import RankInfo, init_distributed
+from megatron_vpmoe.training.distributed import RankInfo, gather_objects
 from megatron_vpmoe.training.loss import (
     LossWeights,
     Objective,
@@ -42,20 +32,11 @@ from megatron_vpmoe.training.loss import (
     counted_bytes,
     role_counts,
     role_nll_sums,
-    roles_from_loss_mask,
-    ROLE_NAMES,
+    token_byte_lengths,
 )
-from megatron_vpmoe.training.metrics import (
-    MetricsLogger,
-    flops_per_token,
-    memory_stats,
-    peak_flops_per_device,
-    peak_memory_over_ranks,
-    router_bias_stats,
-    router_entropy_stats,
-)
+from megatron_vpmoe.training.metrics import MetricsLogger, memory_stats
 from megatron_vpmoe.training.memory_report import RankMemoryReport
-from megatron_vpmoe.training.optimizer import build_optimizer, clip_gradients, optimizer_step, set_learning_rate
+from megatron_vpmoe.training.optimizer import clip_gradients, optimizer_step, set_learning_rate
 from megatron_vpmoe.training.profiling import StepProfiler
 from megatron_vpmoe.training.preemption import (
     PreemptionHandler,
@@ -63,20 +44,16 @@ from megatron_vpmoe.training.preemption import (
     write_requeue_marker,
 )
 from megatron_vpmoe.training.schedule import learning_rate
-from megatron_vpmoe.training.summary import SMOOTH_FRACTION, describe, smoothed_ends
-from megatron_vpmoe.utils.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, VpmoeError
-from megatron_vpmoe.utils.notices import filter_cpu_warnings, install as install_notices
+from megatron_vpmoe.training.run_data import build_run_datasets, load_run_tokenizer
+from megatron_vpmoe.training.run_state import resume, save_run_checkpoint, trainer_state
+from megatron_vpmoe.training.setup import Precision, build_training, init_layout
+from megatron_vpmoe.training.step_log import LOSS_STATS, NonFiniteError, StepLog
+from megatron_vpmoe.utils.errors import EXIT_OK, EXIT_REQUEUE
+from megatron_vpmoe.utils.notices import install as install_notices
 from megatron_vpmoe.utils.progress import is_terminal, terminal_bar
 
 NAN_HOOK_ENV = "VPMOE_TEST_NAN_STEPS"
-
-
-class NonFiniteError(VpmoeError):
-    """Too many non-finite steps in a row."""
-
-
-def _fmt(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+__all__ = ["NonFiniteError", "Trainer"]
 
 
 def _nan_hook_steps() -> set:
@@ -95,205 +72,74 @@ class Trainer:
     def __init__(self, cfg, *, model_factory: Optional[Callable] = None,
                  datasets: Optional[Sequence] = None, tokenizer=None, quiet: bool = False):
         self.cfg = cfg
-        self.info: RankInfo = init_distributed()
-        self.rank, self.world_size = self.info.rank, self.info.world_size
-        install_notices(rank=self.rank)  # also when the trainer runs outside the CLI (spawned ranks)
+        # the process group, the layout's groups, the device; the known notices filtered from the
+        # start, also when the trainer runs outside the CLI (spawned ranks)
+        self.layout = init_layout(cfg, on_joined=lambda info: install_notices(rank=info.rank))
+        self.info: RankInfo = self.layout.info
+        self.rank, self.world_size = self.layout.rank, self.layout.world_size
         self.is_main = self.rank == 0
         self.quiet = quiet
-        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            filter_cpu_warnings()  # megatron-core's CUDA-only advice
-        from megatron_vpmoe.parallel import ParallelModel, build_parallel_model, init_parallel
-
-        check_world_layout(cfg, self.world_size)  # e.g. tensor=2 in one process: one line naming the key
-        self.ctx = init_parallel(cfg.parallel)
+        self.ctx, self.device = self.layout.ctx, self.layout.device
         self.dp_size, self.dp_rank = self.ctx.dp, self.ctx.dp_rank
         self.accum = cfg.train.check_batch_layout(self.dp_size)
-        if cfg.train.transformer_impl == "transformer_engine":
-            from megatron_vpmoe.kernels.te import te_status
-
-            status = te_status()
-            if not status.available:
-                raise ConfigError(f"Transformer Engine is not usable here: {status.reason}",
-                                  key="train.transformer_impl")
-        self._setup_precision()
+        self.precision = Precision(cfg.train, self.device)  # bf16 autocast, FP8 recipe
         self.memory = RankMemoryReport(cfg.log.memory_report, self.rank)
-
-        if model_factory is not None:  # any nn.Module with VpmoeModel's interface, DP only
-            if self.ctx.tp * self.ctx.ep * self.ctx.pp > 1:
-                raise VpmoeError("a custom model_factory runs data-parallel only")
-            torch.manual_seed(cfg.run.seed)
-            self.pm = ParallelModel(cfg.model, self.ctx, model_factory(cfg.model).to(self.device))
-        else:
-            with self.memory.phase("construction"):
-                self.pm = build_parallel_model(cfg.model, self.ctx, seed=cfg.run.seed,
-                                               transformer_impl=cfg.train.transformer_impl)
-            self.pm.module.to(self.device)
+        state = build_training(cfg, self.layout, transformer_impl=cfg.train.transformer_impl,
+                               model_factory=model_factory, async_save=cfg.checkpoint.async_save,
+                               construction=lambda: self.memory.phase("construction"),
+                               bf16_master=self.precision.autocast_dtype is not None and cfg.train.master_weights)
+        self.pm, self.optimizer, self.checkpoints = state.pm, state.optimizer, state.checkpoints
         self.raw_model = self.pm.module  # this rank's shard (the whole model without TP/EP/PP)
-        self.pm.set_recompute(cfg.train.recompute)
-        self.optimizer = build_optimizer(self.raw_model, cfg.train.optimizer)
-        if cfg.parallel.distributed_optimizer:  # ZeRO-2: AdamW state and gradients sharded over DP ranks
-            from megatron_vpmoe.parallel.zero import DistributedOptimizer
-
-            self.optimizer = DistributedOptimizer(self.optimizer, self.pm)  # gradients reduce-scattered
-        if self.autocast_dtype is not None and cfg.train.master_weights:  # bf16 weights, fp32 master
-            from megatron_vpmoe.parallel.mixed_precision import Bf16Weights
-
-            self.pm.bf16_weights = Bf16Weights(self.raw_model,
-                                               before=getattr(self.optimizer, "wait_for_parameters", None))
+        self.log = StepLog(cfg, self.world_size, self.raw_model, self._print)  # records, skips, summary
         self.weights = LossWeights.from_config(cfg.distill)
-        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
-                                             async_save=cfg.checkpoint.async_save)
         self.tokenizer = tokenizer
         self._datasets = datasets
         self.step = 0
-        self.nonfinite_in_a_row = 0
         self.loaded_from: Optional[str] = None
 
     # ---- setup ---------------------------------------------------------------------------
-    def _setup_precision(self) -> None:
-        p = self.cfg.train.precision
-        use_bf16 = p == "bf16" or (p == "auto" and torch.cuda.is_available())
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self.fp8_recipe = None
-        if self.cfg.train.fp8:  # implies transformer_engine, whose availability is checked above
-            from megatron_vpmoe.kernels import te
-
-            self.fp8_recipe = te.fp8_recipe(self.cfg.train.fp8)
-
-    def _autocast(self):
-        stack = contextlib.ExitStack()
-        if self.autocast_dtype is not None:
-            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
-        if self.fp8_recipe is not None:  # TE linears compute in FP8 under the recipe
-            from megatron_vpmoe.kernels import te
-
-            stack.enter_context(te.fp8_autocast(True, self.fp8_recipe))
-        return stack
-
     def _load_tokenizer(self):
-        if self.tokenizer is None and self.cfg.data.tokenizer:
-            from megatron_vpmoe.tokenizers.loader import load_for_model
-
-            self.tokenizer = load_for_model(self.cfg.data.tokenizer, self.cfg.model.vocab_size)
+        """The given tokenizer, else ``data.tokenizer``'s (checked against the vocabulary), else None."""
+        if self.tokenizer is None:
+            self.tokenizer = load_run_tokenizer(self.cfg)
         return self.tokenizer
 
-    def _num_samples(self) -> tuple:
-        t = self.cfg.train
-        train = t.steps * t.global_batch_size
-        evals = (t.steps // t.eval_interval + 1) if t.eval_interval else 0
-        valid = max(1, t.eval_iters * t.global_batch_size) if evals else 1
-        return train, valid, max(1, t.eval_iters * t.global_batch_size)
-
-    def _build_datasets(self):
-        if self._datasets is not None:
-            return self._datasets
-        from megatron_vpmoe.data.dataset import build_datasets
-
-        tok = self._load_tokenizer()
-        eod = getattr(tok, "eod_id", 0) if tok is not None else 0
-        pad = getattr(tok, "pad_id", eod) if tok is not None else 0
-        cache = self.cfg.data.cache_dir or os.path.join(self.cfg.run.dir, "data_cache")
-        # every rank at once: megatron-core's builder lets rank 0 build the index cache first
-        # and the other ranks read it (its own barriers)
-        train, valid, _test = build_datasets(self.cfg.data, seed=self.cfg.run.seed,
-                                             num_samples=self._num_samples(), eod_id=eod, pad_id=pad,
-                                             cache_dir=cache, vocab_size=self.cfg.model.vocab_size)
-        return train, valid
-
-    def _byte_lengths(self) -> Optional[torch.Tensor]:
-        tok = self._load_tokenizer()
-        if tok is None:
-            return None
-        from megatron_vpmoe.training.loss import token_byte_lengths
-
-        return token_byte_lengths(tok, self.cfg.model.vocab_size)
-
     def _maybe_resume(self) -> None:
-        ck = self.cfg.checkpoint
-        if ck.load is None:
+        """Load ``checkpoint.load`` (``auto``: the newest intact one), if any (:func:`resume`)."""
+        state = resume(self.cfg, self.checkpoints, self.pm, self.optimizer)
+        if state is None:
             return
-        if ck.load == "auto":  # the newest intact checkpoint (damaged ones skipped with a warning)
-            path = latest_intact_checkpoint(self.cfg.checkpoint_dir)
-            if path is None:
-                return
-        else:
-            path = resolve_checkpoint(ck.load)
-        state = self.checkpoints.load(path, self.pm, self.optimizer, load_optimizer=ck.load_optimizer,
-                                      restore_rng_state=ck.load_optimizer,
-                                      model_config=dataclasses.asdict(self.cfg.model), verify=ck.load != "auto")
         self.loaded_from = state["path"]
-        if ck.load_optimizer:  # a full resume; weights only starts a fresh run from them
+        if self.cfg.checkpoint.load_optimizer:  # a full resume; weights only starts a fresh run from them
             self.step = int(state["step"])
-            self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-            if state.get("global_batch_size") not in (None, self.cfg.train.global_batch_size):
-                raise VpmoeError(f"{path}: saved with train.global_batch_size="
-                                 f"{state['global_batch_size']}; resuming with a different global "
-                                 f"batch size would replay or skip data")
-
-    def _trainer_state(self) -> Dict:
-        p = self.cfg.parallel
-        return {
-            "step": self.step,
-            "consumed_samples": self.step * self.cfg.train.global_batch_size,
-            "global_batch_size": self.cfg.train.global_batch_size,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "world_size": self.world_size,
-            "layout": {"data": self.dp_size, "tensor": p.tensor, "pipeline": p.pipeline, "expert": p.expert},
-            "schedule": {"kind": self.cfg.train.schedule.kind, "lr": learning_rate(max(0, self.step - 1), self.cfg.train)},
-        }
+            self.log.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
 
     def save_checkpoint(self) -> str:
-        from megatron_vpmoe.config import dump_config
-
-        path = self.checkpoints.save(self.step, self.pm, self.optimizer, self._trainer_state(),
-                                     config_text=dump_config(self.cfg))
-        return str(path)
-
-    @staticmethod
-    def _gather_objects(obj) -> list:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
+        state = trainer_state(self.cfg, self.step, self.world_size, self.dp_size, self.log.nonfinite_in_a_row)
+        return str(save_run_checkpoint(self.cfg, self.checkpoints, self.step, self.pm, self.optimizer, state))
 
     # ---- one step ------------------------------------------------------------------------
-    def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over the data-parallel replicas (TP/PP peers hold the same batch)."""
-        if self.ctx.dp > 1:
-            dist.all_reduce(t, group=self.ctx.dp_group)
-        return t
-
     def _engine_batches(self, micro_batches: List[Dict[str, torch.Tensor]]) -> List[Dict]:
-        """The data's micro-batches as the engine takes them, with label roles attached."""
-        out = []
-        for mb in micro_batches:
-            positions = mb.get("position_ids")
-            if self.ctx.pp > 1 and positions is not None:
-                default = self.raw_model.default_positions(mb["tokens"])
-                if not torch.equal(positions, default):
-                    raise VpmoeError("pipeline parallelism uses positions 0..S-1; this data has "
-                                     "other position_ids (documents reset positions)")
-                positions = None
-            out.append({"input_ids": mb["tokens"], "labels": mb["labels"], "position_ids": positions,
-                        "roles": roles_from_loss_mask(mb["loss_mask"])})
-        return out
+        """The data's micro-batches as the engine takes them (:func:`batches.engine_batches`)."""
+        return batching.engine_batches(micro_batches, self.ctx.pp > 1, self.raw_model.default_positions)
 
     def _objective_hook(self, objective: Objective, inject_nan: bool = False):
-        """The engine's loss hook: ``(loss to backpropagate, stats)`` per micro-batch, stats =
-        ``[L_nll part, 0 (the aux slot, filled by the step), nll per role (4), bytes]``."""
+        """The engine's loss hook: ``(loss to backpropagate, stats)`` per micro-batch, stats a
+        :data:`LOSS_STATS` vector (its ``aux`` field stays 0: the step fills it)."""
 
         def loss_fn(per_token: torch.Tensor, mb: Dict) -> tuple:
             per_token = per_token.float()
             if inject_nan:
                 per_token = per_token * float("nan")
-            stats = torch.zeros(7, dtype=torch.float64, device=per_token.device)
+            stats = LOSS_STATS.zeros(per_token.device)
+            named = LOSS_STATS.view(stats)
             if objective is not None:
-                loss, stats[0] = objective(per_token, mb["roles"])
+                loss, named.nll = objective(per_token, mb["roles"])
             else:  # validation: no objective needed
                 loss = per_token.sum()
-            stats[2:6] = role_nll_sums(per_token, mb["roles"])
+            named.role_nll = role_nll_sums(per_token, mb["roles"])
             if self.byte_lengths is not None:
-                stats[6] = counted_bytes(mb["labels"], mb["roles"], self.byte_lengths)
+                named.bytes = counted_bytes(mb["labels"], mb["roles"], self.byte_lengths)
             return loss, stats
 
         return loss_fn
@@ -307,17 +153,18 @@ class Trainer:
         flag that fused AdamW and the expert-bias update take as it is. The only host reads left
         are the dropless MoE's token counts per layer call (the grouped GEMM's split sizes)."""
         batches = self._engine_batches(micro_batches)
-        counts = self._dp_sum(sum(role_counts(mb["roles"]) for mb in batches).to(self.device))
+        counts = self.layout.dp_sum(sum(role_counts(mb["roles"]) for mb in batches).to(self.device))
         objective = Objective(counts, self.weights, grad_scale=1.0)
-        with self._autocast():
+        with self.precision.autocast():
             stats = self.pm.forward_backward(batches, self._objective_hook(objective, inject_nan))
         # the MoE layers added the aux loss themselves (every stage; averaged over micro-batches and DP)
-        stats[1] = self.pm.aux_loss_added()
+        named = LOSS_STATS.view(stats)
+        named.aux = self.pm.aux_loss_added()
         grad_norm = clip_gradients(self.pm.grad_tensors(), self.cfg.train.optimizer.clip_grad,
                                    total_norm=self.pm.grad_norm()).to(stats.device, torch.float64)
         lr = learning_rate(self.step, self.cfg.train)
         # a global batch without supervised tokens has no loss to learn from: skip it (on the device)
-        finite = (counts[1:].sum() > 0) & torch.isfinite(stats[0] + stats[1]) & torch.isfinite(grad_norm)
+        finite = (counts[1:].sum() > 0) & torch.isfinite(named.nll + named.aux) & torch.isfinite(grad_norm)
         set_learning_rate(self.optimizer, lr)
         optimizer_step(self.optimizer, skip=~finite)
         load = None
@@ -326,84 +173,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {"counts": counts, "stats": stats, "grad_norm": grad_norm, "finite": finite, "load": load, "lr": lr}
 
-    def read_step_metrics(self, steps: List[Dict]) -> List[Dict]:
-        """Log records of :meth:`train_step` results, read back from the device in one transfer."""
-        if not steps:
-            return []
-        rows = [torch.cat([r["counts"].double(), r["stats"].double(), r["grad_norm"].double().view(1),
-                           r["finite"].double().view(1)]
-                          + ([] if r["load"] is None else [r["load"].double().reshape(-1)])) for r in steps]
-        values = torch.cat(rows).tolist()  # the one host read
-        out, at = [], 0
-        for r, row in zip(steps, rows):
-            v = values[at:at + row.numel()]
-            at += row.numel()
-            counts, stats = v[0:4], v[4:11]
-            grad_norm, finite = v[11], bool(v[12])
-            tokens = sum(counts[1:])
-            rec = {
-                "loss": stats[0] + stats[1] if tokens > 0 else None, "nll": stats[0] if tokens > 0 else None,
-                "aux_loss": stats[1], "lm_loss": sum(stats[2:6]) / tokens if tokens > 0 else None,
-                "grad_norm": grad_norm, "lr": r["lr"], "skipped": not finite, "loss_tokens": int(tokens),
-            }
-            for role, name in ROLE_NAMES.items():
-                if counts[role] > 0:
-                    rec[f"nll_{name}"] = stats[2 + role] / counts[role]
-            if self.byte_lengths is not None:
-                rec["bits_per_byte"] = bits_per_byte(sum(stats[2:6]), stats[6])
-            if finite and r["load"] is not None and r["load"].numel():
-                load = torch.tensor(v[13:], dtype=torch.float64).view(r["load"].shape)
-                ratios = load.max(1).values / load.mean(1).clamp_min(1e-9)
-                rec["expert_load_max_over_mean"] = [round(x, 4) for x in ratios.tolist()]
-            out.append(rec)
-        return out
-
     def _flush_metrics(self, pending: List[Dict], logger, bar, sampler) -> None:
-        """Read the pending steps' metrics (one host read), log them, report skipped steps and
-        stop after ``train.max_nonfinite_steps`` non-finite steps in a row. Every rank calls it at
-        the same steps (it gathers the peak memory over ranks)."""
-        if not pending:
-            return
-        cfg, t = self.cfg, self.cfg.train
-        tokens_per_step = t.global_batch_size * cfg.data.seq_length
-        flops_tok = flops_per_token(cfg.model, cfg.data.seq_length)
-        peak = peak_flops_per_device()
-        at_interval = {**peak_memory_over_ranks(self.world_size), **router_bias_stats(self.raw_model),
-                       **router_entropy_stats(self.raw_model)}
-        records = self.read_step_metrics(pending)
-        for raw, out in zip(pending, records):
-            step, dt = raw["step"], raw["step_time_s"]
-            out.update(kind="train", step=step, consumed_samples=sampler.consumed_samples(step),
-                       step_time_s=dt, tokens_per_s=tokens_per_step / dt)
-            out["mfu"] = (flops_tok * tokens_per_step / dt / (peak * self.world_size)) if peak else None
-            out["tflops_per_gpu"] = flops_tok * tokens_per_step / dt / self.world_size / 1e12
-            out.update(raw["memory"])
-            if raw is pending[-1]:
-                out.update(at_interval)
-            logger.log(out, scalars=step % cfg.log.interval == 0)
-            if out["loss_tokens"] == 0:  # nothing supervised in this global batch
-                self._print(f"step {step}: no supervised tokens (loss_mask all 0); update skipped")
-            elif out["skipped"]:
-                self.nonfinite_in_a_row += 1
-                self._print(f"step {step}: non-finite loss {out['loss']} or grad norm "
-                            f"{out['grad_norm']}; update skipped ({self.nonfinite_in_a_row} in a row)")
-                if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
-                    last = latest_checkpoint(cfg.checkpoint_dir)
-                    raise NonFiniteError(
-                        f"{self.nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
-                        f"{t.max_nonfinite_steps}) at step {step}; stopping. Last good checkpoint: "
-                        f"{last if last else 'none'}")
-            else:
-                self.nonfinite_in_a_row = 0
-                self.summary["first"] = self.summary["first"] or dict(out)
-                self.summary["last"] = dict(out)
-                self.summary["steps"].append({k: out.get(k) for k in ("step", "loss", "bits_per_byte")})
-        out = records[-1]
-        if bar is not None:
-            bar.set_postfix({"loss": _fmt(out["loss"]), "tok_s": f"{out['tokens_per_s']:.0f}", "lr": f"{out['lr']:.2e}"})
-        elif out["step"] % cfg.log.interval == 0 or out["step"] == self.summary["start_step"] + 1:
-            self._print(f"step {out['step']}/{t.steps} loss {_fmt(out['loss'])} lr {out['lr']:.2e} "
-                        f"tokens/s {out['tokens_per_s']:.0f}")
+        """Log the pending steps (:meth:`StepLog.flush`: one host read); every rank calls it at the same steps."""
+        self.log.flush(pending, logger, bar, sampler)
 
     # ---- validation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -412,19 +184,20 @@ class Trainer:
         n = t.eval_iters * t.global_batch_size
         sampler = batching.GlobalBatchSampler(len(dataset), n, t.micro_batch_size, self.dp_rank, self.dp_size)
         batches = self._engine_batches(batching.load_micro_batches(dataset, sampler.micro_batches(0), self.device))
-        counts = self._dp_sum(sum(role_counts(mb["roles"]) for mb in batches).to(self.device))
+        counts = self.layout.dp_sum(sum(role_counts(mb["roles"]) for mb in batches).to(self.device))
         self.pm.train(False)
         try:
-            with self._autocast():
+            with self.precision.autocast():
                 stats = self.pm.forward_only(batches, self._objective_hook(None))
         finally:
             self.pm.train(True)
             self.pm.reset_expert_counters()
         coef = Objective(counts, self.weights).coefficients.to(stats.device)
-        out = {"loss": float((stats[2:6] * coef).sum()),
-               "lm_loss": float(stats[2:6].sum() / counts[1:].sum().clamp(min=1))}
+        named = LOSS_STATS.view(stats)
+        out = {"loss": float((named.role_nll * coef).sum()),
+               "lm_loss": float(named.role_nll.sum() / counts[1:].sum().clamp(min=1))}
         if self.byte_lengths is not None:
-            out["bits_per_byte"] = bits_per_byte(float(stats[2:6].sum()), float(stats[6]))
+            out["bits_per_byte"] = bits_per_byte(float(named.role_nll.sum()), float(named.bytes))
         return out
 
     # ---- the loop -------------------------------------------------------------------------
@@ -440,10 +213,11 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
         self._maybe_resume()
-        train_set, valid_set = self._build_datasets()
-        self.byte_lengths = self._byte_lengths()
-        if self.byte_lengths is not None:
-            self.byte_lengths = self.byte_lengths.to(self.device)
+        train_set, valid_set = (self._datasets if self._datasets is not None
+                                else build_run_datasets(self.cfg, self._load_tokenizer()))
+        tok = self._load_tokenizer()
+        self.byte_lengths = None if tok is None else token_byte_lengths(tok, cfg.model.vocab_size).to(self.device)
+        self.log.byte_lengths = self.byte_lengths
         sampler = batching.GlobalBatchSampler(len(train_set), t.global_batch_size, t.micro_batch_size,
                                               self.dp_rank, self.dp_size)
         if self.is_main:
@@ -464,7 +238,8 @@ class Trainer:
         bar = None
         if self.is_main and cfg.log.progress_bar and not self.quiet and is_terminal():  # else: step lines
             bar = terminal_bar(total=t.steps, initial=self.step, desc="train", unit="step")
-        self.summary = {"start_step": self.step, "first": None, "last": None, "valid": None, "steps": []}
+        self.log.start(self.step)
+        self.summary = self.log.summary
         start_time = time.perf_counter()
         start_step = self.step
         batches = iter(batching.micro_batch_loader(train_set, sampler, self.step, end, cfg.data.num_workers))
@@ -527,29 +302,9 @@ class Trainer:
                 bar.close()
             logger.close()
         elapsed = time.perf_counter() - start_time
-        self.memory.write(cfg.run.dir, self.world_size, self._gather_objects if self.world_size > 1 else None)
+        self.memory.write(cfg.run.dir, self.world_size, gather_objects if self.world_size > 1 else None)
         self.summary.update(steps_run=self.step - start_step, elapsed_s=elapsed,
                             tokens_per_s=(self.step - start_step) * t.global_batch_size * cfg.data.seq_length / max(elapsed, 1e-9))
-        self._print_summary()
+        if self.is_main and not self.quiet:
+            print(self.log.summary_text(self.step), flush=True)
         return exit_code
-
-    def _print_summary(self) -> None:
-        s = self.summary
-        if not (self.is_main and not self.quiet):
-            return
-
-        def fmt(rec):
-            if not rec:
-                return "n/a"
-            bpb = rec.get("bits_per_byte")
-            return f"step {rec['step']} loss {rec['loss']:.4f}" + (f" bits/byte {bpb:.4f}" if bpb else "")
-
-        ends = smoothed_ends(s["steps"])
-        lines = [f"trained steps {s['start_step']}..{self.step} in {s['elapsed_s']:.1f}s "
-                 f"({s['tokens_per_s']:.0f} tokens/s); first/last: means over the first/last "
-                 f"{SMOOTH_FRACTION:.0%} of the steps",
-                 f"  first: {describe(ends['first'])}", f"  last:  {describe(ends['last'])}"]
-        if s["valid"]:
-            lines.append(f"  valid: {fmt(s['valid'])}")
-        lines.append(f"  checkpoints: {self.cfg.checkpoint_dir}  metrics: {self.cfg.run.dir}/metrics.jsonl")
-        print("\n".join(lines), flush=True)

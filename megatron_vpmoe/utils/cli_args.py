@@ -17,9 +17,3 @@ def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true",
                         help="every rank's output and the third-party notices utils/notices.py silences")
 
-
-def config_from_args(args: argparse.Namespace):
-    """Load and validate the config named by ``--config`` with ``--set`` overrides."""
-    from megatron_vpmoe.config import load_config
-
-    return load_config(args.config, args.overrides)

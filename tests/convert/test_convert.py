@@ -303,7 +303,7 @@ def test_eval_runs_no_code_from_the_directory_without_trust_remote_code(hf_dir, 
     planted = tmp_path / "planted"
     _plant_payload(hf_dir, planted, marker)
     backend = open_backend(str(planted))
-    assert type(backend.model).__module__ == "megatron_vpmoe.convert.hf_template.modeling_vpmoe"
+    assert type(backend.model).__module__ == "megatron_vpmoe.model.hf_template.modeling_vpmoe"
     ids = torch.tensor([[1, 2, 3, 4]])
     clean = open_backend(str(hf_dir))
     assert torch.equal(backend.forward_logits(ids, torch.tensor([4])), clean.forward_logits(ids, torch.tensor([4])))
@@ -323,7 +323,7 @@ def test_eval_needs_trust_remote_code_for_unknown_remote_code(hf_dir, tmp_path, 
     from megatron_vpmoe.inference import open_backend
 
     backend = open_backend(str(planted), trust_remote_code=True)
-    assert type(backend.model).__module__ != "megatron_vpmoe.convert.hf_template.modeling_vpmoe"
+    assert type(backend.model).__module__ != "megatron_vpmoe.model.hf_template.modeling_vpmoe"
     assert marker.read_text() == "ran"
 
 

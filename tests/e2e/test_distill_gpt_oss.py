@@ -116,7 +116,7 @@ def test_recorded_replies_split_like_openai_harmony(shared_data):
     """transformers' response parser (our response template), chat_format and openai_harmony agree."""
     from megatron_vpmoe.data.chat import _harmony, render_prompt
     from megatron_vpmoe.distill.gpt_oss_teacher import harmony_hf_tokenizer
-    from megatron_vpmoe.serve.chat_format import parse_harmony_completion
+    from megatron_vpmoe.data.chat_format import parse_harmony_completion
 
     oh, enc = _harmony()
     tok = harmony_hf_tokenizer()
@@ -140,7 +140,7 @@ def test_channels_land_in_role_masks(tmp_path, shared_data):
     from megatron_vpmoe.data.shards import read_shard
     from megatron_vpmoe.distill.corpus import build_corpus
     from megatron_vpmoe.tokenizers import load
-    from megatron_vpmoe.serve.chat_format import parse_harmony_completion
+    from megatron_vpmoe.data.chat_format import parse_harmony_completion
 
     oh, enc = _harmony()
     student_tokenizer(tmp_path / "student_tok", shared_data)

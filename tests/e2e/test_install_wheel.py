@@ -52,7 +52,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"megatron_vpmoe", wheel.name.split("-py3")[0] + ".dist-info"}
     for packaged in ("megatron_vpmoe/kernels/ops.py", "megatron_vpmoe/launch/templates/vpmoe.sbatch",
-                     "megatron_vpmoe/plan/gpus/h100-80gb.yaml", "megatron_vpmoe/convert/hf_template/modeling_vpmoe.py",
+                     "megatron_vpmoe/plan/gpus/h100-80gb.yaml", "megatron_vpmoe/model/hf_template/modeling_vpmoe.py",
                      "megatron_vpmoe/data/default/SOURCES.md", "megatron_vpmoe/data/default/corpora/tinyshakespeare.txt"):
         assert packaged in names, packaged
 

@@ -72,10 +72,10 @@ def full_gradient(pm, optimizer, param):
     import torch
     import torch.distributed as dist
 
-    sync = pm._grad_sync
-    if pm._shard_of is None or not sync or all(p is not param for p in sync.params):
+    sync = pm.gradients.sync
+    if pm.gradients.shard_of is None or not sync or all(p is not param for p in sync.params):
         return param.grad
-    group = pm.ctx.expert_dp_group if getattr(param, "expert_parallel", False) else pm.ctx.dp_group
+    group = pm.placements[param].grad_group
     ranges, target = optimizer.gradient_shard(param)
     full = torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
     if target is not None and target.grad is not None:

@@ -88,10 +88,26 @@ def datasets_for(cfg):
             ByteWindows(SHAKESPEARE, seq, offset=1_000_000, limit=20_000))
 
 
-def run_training(cfg, quiet: bool = True) -> int:
+def run_training(cfg, quiet: bool = True, before_publish=None) -> int:
+    """Train ``cfg`` on the byte windows; ``before_publish(step, tmp)`` is the checkpoint manager's hook."""
     from megatron_vpmoe.training.trainer import Trainer
 
-    return Trainer(cfg, datasets=datasets_for(cfg), tokenizer=ByteTokenizer(), quiet=quiet).run()
+    trainer = Trainer(cfg, datasets=datasets_for(cfg), tokenizer=ByteTokenizer(), quiet=quiet)
+    trainer.checkpoints.before_publish = before_publish
+    return trainer.run()
+
+
+def pause_save(at_step: int, seconds: float):
+    """A ``before_publish`` hook: a synchronous save of ``at_step`` writes ``PAUSED`` into its temp
+    dir and sleeps ``seconds`` before the rename (so a test can kill -9 the process mid-save)."""
+    import time
+
+    def hook(step, tmp):
+        if step == at_step:
+            (Path(tmp) / "PAUSED").write_text("test hook\n")
+            time.sleep(seconds)
+
+    return hook
 
 
 def read_metrics(run_dir, kind="train"):
@@ -102,19 +118,26 @@ def read_metrics(run_dir, kind="train"):
 
 
 def main(argv=None):
-    """``python tests/helpers/train_support.py RUN_DIR [section.key=value ...]``: train the tiny config
-    (a subprocess target for the preemption and kill -9 tests). Exits with the trainer's code."""
+    """``python tests/helpers/train_support.py RUN_DIR [--pause-save STEP:SECONDS] [section.key=value ...]``:
+    train the tiny config (a subprocess target for the preemption and kill -9 tests; ``--pause-save``:
+    :func:`pause_save`). Exits with the trainer's code."""
     import yaml
 
     from megatron_vpmoe.config import apply_overrides, config_from_dict
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    hook = None
+    if "--pause-save" in argv:
+        at = argv.index("--pause-save")
+        step, seconds = argv[at + 1].split(":")
+        hook = pause_save(int(step), float(seconds))
+        del argv[at:at + 2]
     cfg = tiny_config(argv[0])
     from megatron_vpmoe.config import config_to_dict
 
     values = apply_overrides(config_to_dict(cfg), argv[1:])
     cfg = config_from_dict(yaml.safe_load(yaml.safe_dump(values)))
-    return run_training(cfg, quiet=False)
+    return run_training(cfg, quiet=False, before_publish=hook)
 
 
 if __name__ == "__main__":

@@ -169,9 +169,11 @@ def test_engine_builds_te_linears_when_asked(fake_te):
     spec = te_linear_spec(2, tp_group="tp-group")
     col, row = spec.column(32, 64, True), spec.row(64, 32, True)
     assert fake_te[-2:] == [("Linear", 32, 64, True, "column", 2), ("Linear", 64, 32, True, "row", 2)]
-    assert col.weight.shape == (32, 32) and col.weight.partition_dim == 0 and col.bias.tensor_model_parallel
-    assert row.weight.shape == (32, 32) and row.weight.partition_dim == 1
-    assert not getattr(row.bias, "tensor_model_parallel", False)  # added after the reduction
+    from megatron_vpmoe.model.splits import Split, SplitKind, declared_split
+    assert col.weight.shape == (32, 32) and declared_split(col.weight) == Split(SplitKind.TENSOR, 0)
+    assert declared_split(col.bias) == Split(SplitKind.TENSOR, 0)
+    assert row.weight.shape == (32, 32) and declared_split(row.weight) == Split(SplitKind.TENSOR, 1)
+    assert declared_split(row.bias) is None  # added after the reduction
 
 
 def test_trainer_refuses_transformer_engine_where_it_cannot_run(tmp_path):

@@ -348,7 +348,7 @@ def test_value_residual_mixes_layer_0_values_at_every_layer():
 @pytest.mark.parametrize("eps", [10.0, 0.5])
 def test_rms_norm_at_a_large_epsilon_matches_the_closed_form(eps):
     """Epsilon inside the root: x / sqrt(mean(x^2) + eps) * w (at eps 10, outside differs a lot)."""
-    from megatron_vpmoe.convert.hf_template.modeling_vpmoe import VpmoeNorm
+    from megatron_vpmoe.model.hf_template.modeling_vpmoe import VpmoeNorm
     from megatron_vpmoe.model.layers import RMSNorm
 
     cfg = tiny_cfg(norm_epsilon=eps)

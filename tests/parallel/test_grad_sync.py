@@ -21,14 +21,15 @@ def _body(rank, world, overlap):
     ids, labels = global_batch(cfg)
     mine = slice(2 * ctx.dp_rank, 2 * ctx.dp_rank + 2)
     mbs = [{"input_ids": ids[mine][i:i + 1], "labels": labels[mine][i:i + 1]} for i in range(2)]
-    out = {}
+    out, trace = {}, []
+    pm.gradients.observer = lambda event, index: trace.append((event, index))
     for step in range(2):  # the second step reuses the buckets
+        trace.clear()  # the last step's events
         token_mean_step(pm, mbs)
         out[step] = {k: p.grad.numpy().copy() for k, p in pm.named_parameters()}
         for p in pm.parameters():
             p.grad = None
-    sync = pm._grad_sync or None
-    trace = list(sync.trace) if sync else []
+    sync = pm.gradients.sync or None
     return out, trace, len(sync.buckets) if sync else 0
 
 

@@ -78,16 +78,28 @@ def test_two_process_layout_matches_single_process(layout):
         assert (results[0][2][key] == results[1][2][key]).all(), key
 
 
-def test_cpu_compat_redirects_current_device_only_without_gpu():
+def test_cpu_compat_redirects_current_device_only_in_megatron_core_and_only_without_gpu(caplog, monkeypatch):
+    import logging
+
+    from megatron.core.tensor_parallel import layers
+
     from megatron_vpmoe.parallel import cpu_compat
+    real = torch.cuda.current_device
+    monkeypatch.setattr(cpu_compat, "_logged", False)  # as in a fresh process
     try:
-        active = cpu_compat.enable()
+        with caplog.at_level(logging.INFO, logger=cpu_compat.__name__):
+            active = cpu_compat.enable()
+            cpu_compat.enable()
         assert active == (not torch.cuda.is_available())
         if active:  # megatron-core's placement call now resolves to the CPU
-            assert torch.empty(1, device=torch.cuda.current_device()).device.type == "cpu"
+            assert torch.empty(1, device=layers.torch.cuda.current_device()).device.type == "cpu"
+            assert layers.torch.nn.Linear is torch.nn.Linear  # everything else is torch's own
+        assert torch.cuda.current_device is real  # the rest of the process keeps the real one
+        logged = [r for r in caplog.records if r.name == cpu_compat.__name__]
+        assert len(logged) == (1 if active else 0)  # two enables, one line
     finally:
         cpu_compat.disable()
-    assert torch.cuda.current_device is cpu_compat._ORIGINAL_CURRENT_DEVICE
+    assert layers.torch is torch
 
 
 def test_layout_errors_name_the_key():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import pytest
@@ -19,6 +20,25 @@ def _batch(cfg: ModelConfig, n_seq: int, seq: int = 6, seed: int = 0):
     ids = torch.randint(0, cfg.vocab_size, (n_seq, seq), generator=g)
     labels = torch.randint(0, cfg.vocab_size, (n_seq, seq), generator=g)
     return ids, labels
+
+
+@contextlib.contextmanager
+def counting_stages():
+    """Counts the ``PipelineStage`` objects the engine constructs inside the block (``count[0]``)."""
+    import torch.distributed.pipelining as pipelining
+
+    real, count = pipelining.PipelineStage, [0]
+
+    class Counted(real):
+        def __init__(self, *args, **kwargs):
+            count[0] += 1
+            super().__init__(*args, **kwargs)
+
+    pipelining.PipelineStage = Counted
+    try:
+        yield count
+    finally:
+        pipelining.PipelineStage = real
 
 
 def _micro_batches(ids, labels, size: int):
@@ -52,7 +72,6 @@ def _case_cfg(layers, aux=0.0):
 
 def _pp_body(rank, world):
     from megatron_vpmoe.parallel import build_parallel_model, init_parallel
-    from megatron_vpmoe.parallel import pipeline
     out = {}
     for name, (layout, layers, recompute, aux) in CASES.items():
         cfg = _case_cfg(layers, aux)
@@ -60,10 +79,10 @@ def _pp_body(rank, world):
         pm = build_parallel_model(cfg, ctx, seed=SEED)
         pm.set_recompute(recompute)
         ids, labels = _batch(cfg, 4)
-        before = pipeline.STAGES_BUILT[0]
-        loss, _ = token_mean_step(pm, _micro_batches(ids, labels, 1))
+        with counting_stages() as built:
+            loss, _ = token_mean_step(pm, _micro_batches(ids, labels, 1))
         grads = {k: p.grad.numpy().copy() for k, p in pm.named_parameters()}
-        out[name] = (loss, grads, pipeline.STAGES_BUILT[0] - before, float(pm.aux_loss_added()))
+        out[name] = (loss, grads, built[0], float(pm.aux_loss_added()))
     return out
 
 
@@ -89,7 +108,6 @@ def test_pipeline_schedules_match_single_process():
 def _memory_body(rank, world, cfg):
     import torch.distributed.pipelining as pipelining
     from megatron_vpmoe.parallel import build_parallel_model, init_parallel
-    from megatron_vpmoe.parallel import pipeline
     from megatron_vpmoe.utils.memory import SavedActivationMeter
     ctx = init_parallel(ParallelConfig(pipeline=2))
     out = {}
@@ -97,14 +115,14 @@ def _memory_body(rank, world, cfg):
         if schedule == "gpipe":  # the peer: every micro-batch's forward before any backward
             pipelining.Schedule1F1B = pipelining.ScheduleGPipe
         pm = build_parallel_model(cfg, ctx, seed=SEED)
-        before = pipeline.STAGES_BUILT[0]
         peaks = {}
-        for n_micro in (2, 8, 8):
-            ids, labels = _batch(cfg, n_micro * 2, seq=16, seed=n_micro)
-            with SavedActivationMeter(exclude=pm.parameters()) as meter:
-                token_mean_step(pm, _micro_batches(ids, labels, 2))
-            peaks[n_micro] = meter.peak
-        out[schedule] = (peaks, pipeline.STAGES_BUILT[0] - before)
+        with counting_stages() as built:
+            for n_micro in (2, 8, 8):
+                ids, labels = _batch(cfg, n_micro * 2, seq=16, seed=n_micro)
+                with SavedActivationMeter(exclude=pm.parameters()) as meter:
+                    token_mean_step(pm, _micro_batches(ids, labels, 2))
+                peaks[n_micro] = meter.peak
+        out[schedule] = (peaks, built[0])
     return out
 
 

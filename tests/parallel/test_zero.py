@@ -39,14 +39,14 @@ def _body(rank, world):
         opt.step()
         opt.zero_grad()
         if zero:
-            launched = sorted({layer for layer, *_ in opt._pending})
-            out["in_flight"] = sum(work is not None for _, _, work, _ in opt._pending)
+            launched = sorted({gather.layer for gather in opt._pending})
+            out["in_flight"] = sum(gather.work is not None for gather in opt._pending)
             embedding = pm.module.embedding.weight
             rows = opt.state_of(embedding)["exp_avg"].shape[0]
             hidden = pm.module.embedding(ids[:, :-1])  # waits for the gather outside the layers only
-            after_embedding = sorted({layer for layer, *_ in opt._pending})
+            after_embedding = sorted({gather.layer for gather in opt._pending})
             pm.module.run_layers(hidden, pm.module.default_positions(ids[:, :-1]), layer_numbers=[0])
-            after_layer0 = sorted({layer for layer, *_ in opt._pending})  # layer 0's too
+            after_layer0 = sorted({gather.layer for gather in opt._pending})  # layer 0's too
             pm.module(ids[:, :-1])  # the rest on the way
             out.update(launched=launched, after_embedding=after_embedding, after_layer0=after_layer0,
                        left=len(opt._pending), rows=rows)
@@ -115,9 +115,13 @@ def _zero2_body(rank, world, layout, seqs):
     ctx = init_parallel(ParallelConfig(**layout, distributed_optimizer=True, bucket_mb=0.002))
     pm = build_parallel_model(tiny_cfg(), ctx, seed=SEED)
     opt = DistributedOptimizer(build_optimizer(pm.module, OptimizerConfig(lr=LR)), pm)
+    trace = []
+    pm.gradients.observer = lambda event, index: trace.append(event)
     losses, norms = _train_steps(pm, opt, _micro_batches(ctx.dp, ctx.dp_rank, seqs))
     weights = {k: v.detach().numpy().copy() for k, v in gathered_state(pm).items()}
-    sync = pm._grad_sync
+    sync = pm.gradients.sync
+    finishes = [i for i, event in enumerate(trace) if event == "finish"]
+    last_step = trace[finishes[-2] + 1:]  # the last forward+backward's events
     split = {id(p) for p in sync.params}
     # what this rank holds: its parts only; the others' gradients are nowhere on it
     held_parts = sum(t.grad.numel() for t, p, s in pm.held_gradients() if s and t.grad is not None)
@@ -131,7 +135,7 @@ def _zero2_body(rank, world, layout, seqs):
     return {"losses": losses, "norms": norms, "weights": weights, "grads": grads, "held": held_parts,
             "split_numel": split_numel, "no_full_grad": no_full_grad,
             "reduce_scatter": all(b.sharded for b in sync.buckets) and len(sync.buckets) > 2,
-            "trace": [kind for kind, _ in sync.trace]}
+            "trace": last_step}
 
 
 def _zero2_reference(seqs):

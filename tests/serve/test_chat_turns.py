@@ -47,7 +47,7 @@ def _conversation(content):
 
 def test_serve_chat_contents_are_not_turn_markers(harmony_backend, o200k):
     from megatron_vpmoe.serve.app import OpenAIServer
-    from megatron_vpmoe.serve.chat_format import render_harmony_prompt
+    from megatron_vpmoe.data.chat_format import render_harmony_prompt
 
     b = harmony_backend
     server = OpenAIServer(b)

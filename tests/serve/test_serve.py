@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_vpmoe.serve.chat_format import parse_harmony_completion, render_harmony_prompt
+from megatron_vpmoe.data.chat_format import parse_harmony_completion, render_harmony_prompt
 from helpers.paths import ROOT
 from helpers.teachers import toy_teacher_dir
 

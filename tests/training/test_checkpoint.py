@@ -42,8 +42,9 @@ def test_kill_9_during_save_keeps_previous_checkpoint(tmp_path):
 
     ckpts = tmp_path / "checkpoints"
     proc = subprocess.Popen(
-        [sys.executable, str(SUPPORT), str(tmp_path), "train.steps=12", "checkpoint.interval=5"],
-        cwd=ROOT, env=_env(VPMOE_TEST_CHECKPOINT_PAUSE="10:120"),
+        [sys.executable, str(SUPPORT), str(tmp_path), "--pause-save", "10:120", "train.steps=12",
+         "checkpoint.interval=5"],
+        cwd=ROOT, env=_env(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(lambda: (ckpts / ".tmp-step_00000010" / "PAUSED").exists(), proc)

@@ -1,4 +1,4 @@
-"""Chat prompts in and channel-split answers out, for the server's ``/v1/chat/completions``.
+"""Chat prompts in and channel-split answers out (the server's ``/v1/chat/completions``, on-policy rollouts, toy teachers).
 
 Harmony models (tokenizers that hold the Harmony special tokens) get their prompt rendered by
 ``openai_harmony`` (the reference renderer of GPT-OSS's format) as text, which the served
