@@ -1,7 +1,8 @@
 """Benchmark: training steps of a config on this host's device, measured against the planner's prediction.
 
 Runs ``vpmoe train`` (mock data, no checkpoints) once per variant in a fresh process —
-``bf16`` (Triton kernels on a GPU), ``bf16-reference`` (the same with ``VPMOE_DISABLE_TRITON=1``,
+``bf16`` (Triton kernels on a GPU), ``bf16-autocast`` (the old precision path, ``train.master_weights:
+false``), ``bf16-reference`` (the same with ``VPMOE_DISABLE_TRITON=1``,
 so the kernels' end-to-end effect is a ratio within one run) and ``fp32`` — and reads each run's
 ``metrics.jsonl``: first-step loss, median step time and tokens/s after the warm-up steps, MFU and
 peak device memory (GPU: ``max_memory_allocated``; CPU: peak RSS). Beside them it prints the
@@ -36,7 +37,9 @@ import torch  # noqa: E402
 from megatron_vpmoe.utils.atomic import atomic_file  # noqa: E402
 
 VARIANTS = {
-    "bf16": ({"train.precision": "bf16"}, {}),
+    "bf16": ({"train.precision": "bf16"}, {}),  # bf16 working weights over the fp32 master, cast once a step
+    "bf16-autocast": ({"train.precision": "bf16", "train.master_weights": "false"}, {}),  # the old path: fp32
+    # weights cast under autocast at every use, every micro-batch
     "bf16-reference": ({"train.precision": "bf16"}, {"VPMOE_DISABLE_TRITON": "1"}),
     "fp32": ({"train.precision": "fp32"}, {}),
 }

@@ -53,13 +53,15 @@ def test_device_step_runs_reduced_on_cpu_and_meets_the_planner(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/device_step.py", "--config", "examples/configs/tiny-cpu.yaml",
                           "--set", "data.tokenizer=null", "--set", "train.schedule.warmup_steps=1",
                           "--steps", "2", "--warmup", "1", "--seq", "32", "--gbs", "2", "--mbs", "1",
-                          "--variants", "bf16", "--name", "probe", "--out", str(tmp_path)],
+                          "--variants", "bf16,bf16-autocast", "--name", "probe", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "probe_cpu.json").read_text())
-    (run,) = res["runs"]
-    assert run["rc"] == 0 and run["steps_logged"] == 2 and run["nonfinite_steps"] == 0
-    assert 0 < run["median_step_s"] and run["peak_memory_mb"] > 0 and run["first_loss"] > 0
+    new, old = res["runs"]  # bf16 weights over the fp32 master, and the old autocast path, one run each
+    for run in (new, old):
+        assert run["rc"] == 0 and run["steps_logged"] == 2 and run["nonfinite_steps"] == 0
+        assert 0 < run["median_step_s"] and run["peak_memory_mb"] > 0 and run["first_loss"] > 0
+    assert abs(new["first_loss"] - old["first_loss"]) < 0.01 * old["first_loss"]
     assert res["plan"]["step_peak_bytes"] > 0 and res["plan"]["gpu"]
     assert "Planner (`vpmoe plan --gpu cpu`" in (tmp_path / "probe_cpu.md").read_text()
 
