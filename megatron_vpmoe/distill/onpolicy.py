@@ -132,13 +132,16 @@ def _check_loglik_ids(cfg, model) -> None:
             return await loglik_one(client, teacher_prompt_text(messages, op.teacher_prompt),
                                     teacher_prompt_ids(tok, messages, op.teacher_prompt), tok, "4", model)
 
+    which = op.teacher_tokenizer or "GPT-OSS's o200k Harmony"
     try:
         asyncio.run(run())
-    except (MalformedResponse, TeacherUnavailable) as err:
-        which = op.teacher_tokenizer or "GPT-OSS's o200k Harmony"
+    except MalformedResponse as err:
         raise TeacherCapabilityError(
             f"loglik: the teacher does not score a prompt sent as token ids of {which} ({str(err)[:200]}); "
             f"set distill.onpolicy.teacher_tokenizer to the teacher's tokenizer directory") from None
+    except TeacherUnavailable as err:
+        raise TeacherCapabilityError(f"loglik: no answer to a prompt sent as token ids of {which} "
+                                     f"({str(err)[:200]})") from None
 
 
 class OnPolicyTrainer:
