@@ -95,6 +95,7 @@ $VPMOE distill onpolicy --config examples/configs/distill-onpolicy.yaml \
     --set "run.dir=$QS/onpolicy" --set "data.tokenizer=$QS/tokenizers/bpe-8k" \
     --set "checkpoint.load=$QS/phase1/checkpoints" --set "distill.onpolicy.reference=$QS/phase1/checkpoints" \
     --set "distill.teacher_url=http://127.0.0.1:$PORT" --set "train.steps=$ONPOLICY_STEPS" \
+    --set "distill.onpolicy.teacher_tokenizer=$QS/teacher" \
     --set "distill.onpolicy.prompts=[$QS/onpolicy-prompts.jsonl]" \
     --set distill.onpolicy.max_new_tokens=48 --set distill.onpolicy.prompts_per_step=2 \
     --set distill.onpolicy.samples_per_prompt=2 --set log.progress_bar=false

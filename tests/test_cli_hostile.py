@@ -174,6 +174,8 @@ def test_cli_on_hostile_input(command, kind, tmp_path, tok, capsys, monkeypatch)
     (["eval", "nowhere", "--limit", "-5"], "--limit"),
     (["distill", "onpolicy", "--config", str(ROOT / "examples" / "configs" / "distill-onpolicy.yaml"), "--set",
       "distill.teacher_url=file:///etc/passwd"], "distill.teacher_url"),
+    (["distill", "onpolicy", "--config", str(ROOT / "examples" / "configs" / "distill-onpolicy.yaml"), "--set",
+      "distill.onpolicy.teacher_tokenizer=/nonexistent/teacher"], "distill.onpolicy.teacher_tokenizer"),
     (["launch", "slurm", "--config", CONFIG, "--gpus-per-node", "0", "--dry-run", "--time", "1:00\x1b[2J"], "--time"),
 ])
 def test_hostile_arguments_are_one_line(argv, key, tmp_path, capsys):

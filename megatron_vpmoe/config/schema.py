@@ -430,6 +430,7 @@ class OnPolicyConfig:
     clip_eps: float = 0.2  # PPO ratio clip
     ppo_epochs: int = 2  # policy-gradient passes over each step's rollouts (old log-probs fixed)
     teacher_prompt: Literal["harmony", "plain"] = "harmony"  # how the loglik scorer shows the prompt
+    teacher_tokenizer: Optional[str] = None  # the teacher's HF tokenizer dir for loglik token ids (default: o200k Harmony)
     kl_coeff: float = 0.05  # KL penalty to the frozen reference
     nll_anchor_coeff: float = 0.0  # weight of the NLL anchor on data.blend; 0 disables it
     reference: Optional[str] = None  # frozen reference checkpoint (the phase-1 student)

@@ -148,6 +148,17 @@ def render_pieces(render: Callable[[list], str], messages: list) -> List[Tuple[s
     return pieces
 
 
+class HarmonyEncoder:
+    """GPT-OSS's o200k Harmony encoding (``openai_harmony``, offline) behind the ``transformers``
+    ``encode`` signature that :func:`encode_pieces` uses: ids equal a GPT-OSS teacher's."""
+
+    def encode(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False) -> List[int]:
+        _, enc = _harmony()
+        if split_special_tokens:  # special-token strings are plain text
+            return enc.encode(text, allowed_special=set(), disallowed_special=())
+        return enc.encode(text, allowed_special="all")
+
+
 def encode_pieces(tokenizer, pieces: List[Tuple[str, bool]]) -> List[int]:
     """Ids of :func:`render_pieces`' output with a ``transformers`` tokenizer: special-token
     strings are special only in the template's parts, plain text in contents."""

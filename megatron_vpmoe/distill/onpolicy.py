@@ -39,7 +39,7 @@ from typing import Optional
 
 from megatron_vpmoe.distill.policy_loss import group_advantages
 from megatron_vpmoe.distill.prompts import load_prompts
-from megatron_vpmoe.distill.scorers import SCORERS, combine
+from megatron_vpmoe.distill.scorers import SCORERS, combine, teacher_tokenizer
 from megatron_vpmoe.distill.teacher_client import check_teacher_url
 from megatron_vpmoe.training.step_stats import Fields
 from megatron_vpmoe.utils.errors import ConfigError, InputError
@@ -81,12 +81,14 @@ async def score_groups(cfg_onpolicy, teacher_url: str, groups: list, teacher_tem
     from megatron_vpmoe.distill.teacher_client import TeacherClient
 
     kinds = [s.kind for s in cfg_onpolicy.scorers]
+    tokenizer = teacher_tokenizer(teacher_template, cfg_onpolicy.teacher_tokenizer) if "loglik" in kinds else None
     weights = [s.weight for s in cfg_onpolicy.scorers]
     async with TeacherClient(teacher_url, timeout_s=cfg_onpolicy.teacher_timeout_s,
                              retries=cfg_onpolicy.teacher_retries, concurrency=16) as client:
         async def one_group(messages, reference, texts):
             per_scorer = await asyncio.gather(*(
-                SCORERS[k](client, messages, reference, texts, template=teacher_template, model=model)
+                SCORERS[k](client, messages, reference, texts, template=teacher_template, model=model,
+                           tokenizer=tokenizer)
                 for k in kinds))
             return per_scorer, combine(list(per_scorer), weights, len(texts))
 
@@ -112,7 +114,39 @@ def check_teacher(cfg, *, quiet: bool = False):
     if not quiet:
         print(caps.line(), file=sys.stderr, flush=True)
     require(caps, kinds)
+    if "loglik" in kinds:
+        _check_loglik_ids(cfg, caps.model)
     return caps
+
+
+def _check_loglik_ids(cfg, model) -> None:
+    """One ``loglik`` request as token ids: a teacher that refuses them (ids outside its
+    vocabulary, e.g. o200k ids sent to a teacher with another tokenizer) stops the run, exit 2."""
+    from megatron_vpmoe.distill.scorers import loglik_one, teacher_prompt_ids, teacher_prompt_text
+    from megatron_vpmoe.distill.teacher_client import MalformedResponse, TeacherClient, TeacherUnavailable
+    from megatron_vpmoe.distill.teacher_probe import TeacherCapabilityError
+
+    op = cfg.distill.onpolicy
+    tok = teacher_tokenizer(op.teacher_prompt, op.teacher_tokenizer)
+    if tok is None:
+        return
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+
+    async def run():
+        async with TeacherClient(cfg.distill.teacher_url, timeout_s=op.teacher_timeout_s, retries=0) as client:
+            return await loglik_one(client, teacher_prompt_text(messages, op.teacher_prompt),
+                                    teacher_prompt_ids(tok, messages, op.teacher_prompt), tok, "4", model)
+
+    which = op.teacher_tokenizer or "GPT-OSS's o200k Harmony"
+    try:
+        asyncio.run(run())
+    except MalformedResponse as err:
+        raise TeacherCapabilityError(
+            f"loglik: the teacher does not score a prompt sent as token ids of {which} ({str(err)[:200]}); "
+            f"set distill.onpolicy.teacher_tokenizer to the teacher's tokenizer directory") from None
+    except TeacherUnavailable as err:
+        raise TeacherCapabilityError(f"loglik: no answer to a prompt sent as token ids of {which} "
+                                     f"({str(err)[:200]})") from None
 
 
 class OnPolicyTrainer:
@@ -142,6 +176,8 @@ class OnPolicyTrainer:
                 raise ConfigError(f"unknown scorer {s.kind!r}", key=f"distill.onpolicy.scorers[{i}].kind")
         if op.nll_anchor_coeff < 0:
             raise ConfigError("must be >= 0", key="distill.onpolicy.nll_anchor_coeff")
+        if any(s.kind == "loglik" for s in op.scorers):
+            teacher_tokenizer(op.teacher_prompt, op.teacher_tokenizer)  # a bad path stops here (exit 2)
         self.quiet = quiet
         self.teacher = check_teacher(cfg, quiet=quiet)  # before anything is built or written
         from megatron_vpmoe.parallel import build_parallel_model

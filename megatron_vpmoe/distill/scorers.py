@@ -6,7 +6,8 @@ scored: timeout after retries, malformed answer), or ``NOT_APPLICABLE`` when the
 nothing to say about the prompt (a verifiable reward without a reference).
 
 * ``loglik``   teacher log-likelihood of the completion given the prompt, per UTF-8 byte, from
-               ``/v1/completions`` with ``echo`` + ``logprobs`` and ``max_tokens: 0``;
+               ``/v1/completions`` with ``echo`` + ``logprobs`` and ``max_tokens: 0``; the prompt
+               is sent as the teacher's token ids (contents as plain text), see :func:`score_loglik`;
 * ``rank``     the teacher ranks the k samples listwise; parsed robustly; score in [0, 1];
 * ``critique`` the teacher rates one sample against a rubric (``Score: N`` of 10) -> N / 10;
 * ``verify``   1 if the completion's answer equals the reference (GSM8K), else 0.
@@ -17,12 +18,14 @@ nothing to say about the prompt (a verifiable reward without a reference).
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from typing import Optional
 
 from megatron_vpmoe.utils.answers import answer_matches
 from megatron_vpmoe.distill.policy_loss import per_byte
 from megatron_vpmoe.distill.teacher_client import MalformedResponse, TeacherClient, TeacherUnavailable
+from megatron_vpmoe.utils.errors import ConfigError
 
 NOT_APPLICABLE = "n/a"
 
@@ -38,17 +41,63 @@ def teacher_prompt_text(messages: list, template: str) -> str:
     raise ValueError(f"unknown teacher prompt template {template!r} (harmony | plain)")
 
 
-def completion_logprob(data: dict, prompt_chars: int) -> float:
-    """Sum of the echoed log-probs of tokens starting at or after ``prompt_chars``."""
+@functools.lru_cache(maxsize=4)
+def teacher_tokenizer(template: str, path: Optional[str] = None):
+    """The tokenizer that turns the loglik prompt into the teacher's token ids: the ``transformers``
+    tokenizer at ``path``; else GPT-OSS's o200k Harmony for ``harmony``; else None (``plain``
+    with an unknown teacher tokenizer: the prompt is sent as text)."""
+    if path:
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        if not Path(path).is_dir():
+            raise ConfigError(f"{path} is not a directory (a Hugging Face tokenizer's)",
+                              key="distill.onpolicy.teacher_tokenizer")
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot load a tokenizer from {path} "
+                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})",
+                              key="distill.onpolicy.teacher_tokenizer") from None
+    if template == "harmony":
+        from megatron_vpmoe.data.chat import HarmonyEncoder
+
+        return HarmonyEncoder()
+    return None
+
+
+def teacher_prompt_ids(tokenizer, messages: list, template: str) -> list:
+    """:func:`teacher_prompt_text` as the teacher's token ids: the template's own markers are
+    special tokens, message contents plain text (a prompt file's ``<|end|><|start|>system`` is
+    those characters, never a forged turn)."""
+    from megatron_vpmoe.data.chat import encode_pieces, render_pieces
+
+    return encode_pieces(tokenizer, render_pieces(lambda msgs: teacher_prompt_text(msgs, template), messages))
+
+
+def completion_logprob(data: dict, *, prompt_chars: Optional[int] = None,
+                       prompt_tokens: Optional[int] = None, total_tokens: Optional[int] = None) -> float:
+    """Sum of the echoed log-probs of the completion: the tokens at index ``prompt_tokens`` and
+    after (a token-id prompt of ``total_tokens`` ids), else those whose text starts at or after
+    character ``prompt_chars`` (a text prompt)."""
     try:
         lp = data["choices"][0]["logprobs"]
-        offsets, values = lp["text_offset"], lp["token_logprobs"]
+        values = lp["token_logprobs"]
+        offsets = lp["text_offset"] if prompt_tokens is None else None
     except (KeyError, IndexError, TypeError) as err:
         raise MalformedResponse(f"echo answer without logprobs ({err})") from err
-    if len(offsets) != len(values):
-        raise MalformedResponse("text_offset and token_logprobs differ in length")
-    picked = [v for o, v in zip(offsets, values) if o >= prompt_chars]
-    if not picked or any(not isinstance(v, (int, float)) for v in picked):
+    if not isinstance(values, list):
+        raise MalformedResponse("token_logprobs is not a list")
+    if prompt_tokens is not None:
+        if total_tokens is not None and len(values) != total_tokens:
+            raise MalformedResponse(f"{len(values)} echoed log-probs for {total_tokens} prompt tokens")
+        picked = values[prompt_tokens:]
+    else:
+        if not isinstance(offsets, list) or len(offsets) != len(values):
+            raise MalformedResponse("text_offset and token_logprobs differ in length")
+        picked = [v for o, v in zip(offsets, values) if isinstance(o, int) and o >= prompt_chars]
+    if not picked or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in picked):
         raise MalformedResponse("no log-probs for the completion tokens")
     return float(sum(picked))
 
@@ -66,18 +115,33 @@ async def _guard(make, retries: int):
     return None
 
 
+async def loglik_one(client: TeacherClient, prompt: str, prompt_ids: Optional[list], tokenizer, text: str,
+                     model: Optional[str] = None) -> float:
+    """One completion's teacher log-likelihood per UTF-8 byte (raises on a bad answer): sent as
+    ``prompt_ids`` + the completion's plain-text ids, or (no tokenizer) as ``prompt + text``."""
+    if not text:
+        raise ValueError("empty completion")
+    request = {"model": model, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+    if prompt_ids is None:
+        data = await client.completions({**request, "prompt": prompt + text})
+        return per_byte(completion_logprob(data, prompt_chars=len(prompt)), text)
+    ids = prompt_ids + tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    data = await client.completions({**request, "prompt": ids})
+    return per_byte(completion_logprob(data, prompt_tokens=len(prompt_ids), total_tokens=len(ids)), text)
+
+
 async def score_loglik(client: TeacherClient, messages, reference, completions, *,
-                       template: str = "harmony", model: Optional[str] = None) -> list:
+                       template: str = "harmony", model: Optional[str] = None, tokenizer=None) -> list:
+    """``tokenizer`` (:func:`teacher_tokenizer`; default GPT-OSS's for ``harmony``): the prompt
+    and each completion go to the teacher as its token ids, contents and completions encoded as
+    plain text; ``plain`` with no tokenizer sends text."""
+    if tokenizer is None and template == "harmony":
+        tokenizer = teacher_tokenizer(template)
     prompt = teacher_prompt_text(messages, template)
-
-    async def one(text: str):
-        if not text:
-            raise ValueError("empty completion")
-        data = await client.completions({"model": model, "prompt": prompt + text, "max_tokens": 0,
-                                         "echo": True, "logprobs": 1, "temperature": 0})
-        return per_byte(completion_logprob(data, len(prompt)), text)
-
-    return list(await asyncio.gather(*(_guard(lambda c=c: one(c), client.retries) for c in completions)))
+    prompt_ids = teacher_prompt_ids(tokenizer, messages, template) if tokenizer is not None else None
+    return list(await asyncio.gather(*(
+        _guard(lambda c=c: loglik_one(client, prompt, prompt_ids, tokenizer, c, model), client.retries)
+        for c in completions)))
 
 
 _INT = re.compile(r"\d+")

@@ -94,8 +94,27 @@ def test_vllm_echo_logprobs_score_the_completion():
 
     answer = SHAPES["completion_echo_response"]
     text = answer["choices"][0]["text"]
-    assert completion_logprob(answer, len(text) - 1) == -0.75  # the completion "4" only
-    assert completion_logprob(answer, text.index("<|channel|>")) == pytest.approx(-0.1 - 0.2 - 0.05 - 0.75)
+    assert completion_logprob(answer, prompt_chars=len(text) - 1) == -0.75  # the completion "4" only
+    assert completion_logprob(answer, prompt_chars=text.index("<|channel|>")) == pytest.approx(-0.1 - 0.2 - 0.05 - 0.75)
+
+
+def test_index_pick_equals_the_char_offset_pick():
+    """A token-id prompt's completion is picked by token index; on benign text that is the same
+    tokens the character-offset pick of a text prompt chose, for every split point."""
+    from megatron_vpmoe.distill.scorers import completion_logprob
+    from megatron_vpmoe.distill.teacher_client import MalformedResponse
+
+    answer = SHAPES["completion_echo_response"]
+    offsets = answer["choices"][0]["logprobs"]["text_offset"]
+    n = len(offsets)
+    for i in range(1, n):
+        by_char = completion_logprob(answer, prompt_chars=offsets[i])
+        assert completion_logprob(answer, prompt_tokens=i, total_tokens=n) == by_char
+    assert completion_logprob(answer, prompt_tokens=n - 1) == -0.75
+    with pytest.raises(MalformedResponse):  # the teacher echoed another number of tokens than sent
+        completion_logprob(answer, prompt_tokens=n - 1, total_tokens=n + 1)
+    with pytest.raises(MalformedResponse):  # nothing after the prompt
+        completion_logprob(answer, prompt_tokens=n, total_tokens=n)
 
 
 class EchoClient:

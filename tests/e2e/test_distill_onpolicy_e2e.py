@@ -27,8 +27,9 @@ def setup(tmp_path_factory, shared_data):
     with open(shared_data / "kd" / "gsm8k_train.jsonl") as f:
         prompts.write_text("".join(next(f) for _ in range(4)))
     port = _free_port()
-    server = ServedTeacher(toy_teacher_dir(tmp_path_factory, shared_data), port,
-                           work / "serve.log").start()
+    teacher = toy_teacher_dir(tmp_path_factory, shared_data)
+    (work / "teacher").symlink_to(teacher)  # its own 400-token BPE: loglik's teacher_tokenizer
+    server = ServedTeacher(teacher, port, work / "serve.log").start()
     yield work, vocab, port, prompts
     server.kill()
 
@@ -38,7 +39,7 @@ def test_teacher_score_rises_with_bounded_kl(setup):
     from megatron_vpmoe.distill.onpolicy import OnPolicyTrainer
 
     work, vocab, port, prompts = setup
-    cfg = load_config(str(onpolicy_config(work, vocab, port, prompts, steps=30)))
+    cfg = load_config(str(onpolicy_config(work, vocab, port, prompts, steps=30, teacher_tokenizer=work / "teacher")))
     history = OnPolicyTrainer(cfg, quiet=True).run()
     scores = [h["teacher_score"] for h in history]
     first, last = sum(scores[:6]) / 6, sum(scores[-6:]) / 6
@@ -59,7 +60,7 @@ def test_cli_resumes_and_mixes_scorers(setup, capsys):
     work, vocab, port, prompts = setup
     scorers = "[{kind: loglik, weight: 1.0}, {kind: verify, weight: 2.0}]"
     for steps in (1, 2):
-        cfg = onpolicy_config(work, vocab, port, prompts, steps, scorers)
+        cfg = onpolicy_config(work, vocab, port, prompts, steps, scorers, teacher_tokenizer=work / "teacher")
         out = subprocess.run(PY + ["distill", "onpolicy", "--config", str(cfg)], capture_output=True,
                              text=True, env=_env(), timeout=300)
         assert out.returncode == 0, out.stderr
@@ -89,7 +90,7 @@ def test_data_parallel_ranks_stay_in_sync(setup):
     from helpers.distributed import run_distributed
 
     work, vocab, port, prompts = setup
-    cfg = onpolicy_config(work, vocab, port, prompts, steps=2)
+    cfg = onpolicy_config(work, vocab, port, prompts, steps=2, teacher_tokenizer=work / "teacher")
     text = cfg.read_text().replace(f"{work}/run", f"{work}/dp")
     cfg.write_text(text)
     (s0, w0), (s1, w1) = run_distributed(_dp_worker, 2, str(cfg), timeout=300)
@@ -120,7 +121,7 @@ def test_nll_anchor_on_phase1_data(setup, shared_data):
     run_preprocess(PreprocessOptions([str(records)], str(work / "phase1"), {"student": str(work / "student_tok")},
                                      json_keys=["messages"], progress=False))
     shards = f"{work}/phase1.student_messages_document"
-    cfg = onpolicy_config(work, vocab, port, prompts, steps=10)
+    cfg = onpolicy_config(work, vocab, port, prompts, steps=10, teacher_tokenizer=work / "teacher")
     cfg.write_text(cfg.read_text().replace(f"{work}/run", f"{work}/anchor")
                    .replace("mock: true, seq_length: 64", f"blend: [[1.0, {shards}]], split: '100,0,0', seq_length: 256")
                    .replace("kl_coeff: 0.05,", "kl_coeff: 0.05, nll_anchor_coeff: 1.0,"))

@@ -241,9 +241,11 @@ def scripted_choices(body, final="The answer is 5.", reasoning="2+3=5"):
         for i in range(body["n"])]}
 
 
-def onpolicy_config(work, vocab, port, prompts, steps, scorers="[{kind: loglik, weight: 1.0}]"):
+def onpolicy_config(work, vocab, port, prompts, steps, scorers="[{kind: loglik, weight: 1.0}]",
+                    teacher_tokenizer=None):
     """A small on-policy distillation config under ``work`` (student tokenizer at ``work/student_tok``,
-    a teacher on ``port``), written to ``work/onpolicy.yaml``."""
+    a teacher on ``port``; ``teacher_tokenizer``: its tokenizer directory, default o200k Harmony),
+    written to ``work/onpolicy.yaml``."""
     text = f"""
 run: {{dir: {work}/run, seed: 1}}
 model: {{vocab_size: {vocab}, hidden_size: 64, num_layers: 2, num_attention_heads: 4,
@@ -259,7 +261,7 @@ distill:
   teacher_url: http://127.0.0.1:{port}
   onpolicy: {{prompts: [{prompts}], samples_per_prompt: 4, prompts_per_step: 2, max_new_tokens: 16,
     kl_coeff: 0.05, sample_table_interval: 10, teacher_timeout_s: 30, teacher_retries: 1,
-    scorers: {scorers}}}
+    scorers: {scorers}{f", teacher_tokenizer: {teacher_tokenizer}" if teacher_tokenizer else ""}}}
 """
     path = work / "onpolicy.yaml"
     path.write_text(text)
