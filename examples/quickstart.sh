@@ -90,6 +90,9 @@ step "5. distillation phase 2: on-policy, teacher-scored"
 # a few fixed prompts, revisited every pass (2 steps), so the first and last passes score the same
 # prompts: the printed change is the policy's, not the prompts' (a different prompt every step swung
 # the first-vs-last score by more than 6 steps move it)
+# The student starts from phase 1 with a fresh AdamW, whose first update moves every weight by about
+# the full learning rate: at 3e-4 that step alone put the policy 118 nats of KL from the reference and
+# the teacher's score fell; a 2-step warm-up to 1e-4 keeps the first updates small.
 head -n 4 "$DATA/kd/gsm8k_train.jsonl" > "$QS/onpolicy-prompts.jsonl"
 $VPMOE distill onpolicy --config examples/configs/distill-onpolicy.yaml \
     --set "run.dir=$QS/onpolicy" --set "data.tokenizer=$QS/tokenizers/bpe-8k" \
@@ -98,7 +101,8 @@ $VPMOE distill onpolicy --config examples/configs/distill-onpolicy.yaml \
     --set "distill.onpolicy.teacher_tokenizer=$QS/teacher" \
     --set "distill.onpolicy.prompts=[$QS/onpolicy-prompts.jsonl]" \
     --set distill.onpolicy.max_new_tokens=48 --set distill.onpolicy.prompts_per_step=2 \
-    --set distill.onpolicy.samples_per_prompt=2 --set log.progress_bar=false
+    --set distill.onpolicy.samples_per_prompt=2 --set log.progress_bar=false \
+    --set train.schedule.warmup_steps=2 --set train.optimizer.lr=0.0001 --set train.optimizer.min_lr=0.0001
 kill $SERVER 2>/dev/null || true
 
 step "6. convert to Hugging Face and evaluate"
