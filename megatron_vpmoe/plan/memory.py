@@ -118,7 +118,7 @@ def layer_activation_bytes(cfg: ModelConfig, layer: int, layout: Layout, seq: in
         # head (expanded from the factors), so they count like queries
         ranks = cfg.tpa_q_rank + 2 * cfg.tpa_kv_rank
         qkvd, kvd = ranks * (nh + d), qd
-    rope = cfg.position_kind(layer) in ("rope", "grape_m")
+    grape = cfg.position_kind(layer) == "grape_m"  # RoPE's tables are shared by the chunk's layers
     rc = layout.recompute
     out: Dict[str, int] = {"layer_input": t * h * a}
     if rc == "full":  # only the layer's input is kept; the rest is recomputed in backward
@@ -128,7 +128,7 @@ def layer_activation_bytes(cfg: ModelConfig, layer: int, layout: Layout, seq: in
     if cfg.qk_layernorm:
         # q is a reshaped copy of its QKV slice; k a view of the QKV output (counted in fp32)
         attn += _norm_saved(t * nh, d, a, False, False, kernels) + _norm_saved(t * ng, d, a, True, False, kernels)
-    if rope:
+    if grape:
         attn += 4 * t * d * F32  # cos and sin, for q and for k
     if kernels == "reference":
         if rc == "selective":
@@ -206,6 +206,10 @@ def chunk_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, a: int, k
             n += t * qkvd * a  # layer 0's values are a view of its QKV output, which stays alive
     if layout.recompute == "full":
         n += t * I64  # positions
+    elif any(cfg.position_kind(i) == "rope" for i in layers):
+        # cos and sin [B, S, 1, D] fp32, built once per forward (model/positions.py) and saved by
+        # every RoPE layer's q and k rotations: one pair per chunk
+        n += 2 * t * cfg.kv_channels * F32
     if first:
         n += t * I64  # token ids (embedding)
     if last:  # final norm of the last layer's output, labels
