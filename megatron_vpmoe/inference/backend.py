@@ -225,20 +225,24 @@ class Backend:
                 out[i] = (token_logprobs(row_logits, targets), row_logits.argmax(-1) == targets)
         return out
 
-    @torch.no_grad()
+    @torch.no_grad()  # not inference_mode: the native model's RoPE table cache reads tensors' version counters
     def nll_sums(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], rows: Optional[int] = None,
                  cancelled: Optional[threading.Event] = None, progress=None) -> List[float]:
         """``-sum log p(seq[j] | seq[:j])`` over ``j`` in ``[start, len(seq))`` per sequence, as
         :meth:`score` computes it (float32 log-probs, summed in float64), ``rows`` sequences per
         forward (default ``batch_size``). Only the sums are kept, so memory is one batch's logits
-        however many sequences there are; ``progress(n)`` is called with each batch's size."""
+        however many sequences there are; ``progress(n)`` is called with each batch's size. A batch
+        is scored in one call (positions outside a row's targets are not scored), not row by row."""
         self._check_starts(sequences, starts)
         out = [0.0] * len(sequences)
         for idx, logits in self._forward_batches(sequences, rows or self.batch_size, cancelled):
+            targets = torch.full(logits.shape[:2], -1, dtype=torch.long)  # -1: not a target
             for row, i in enumerate(idx):
                 seq, start = sequences[i], starts[i]
-                targets = torch.tensor(seq[start:], dtype=torch.long)
-                out[i] = -float(token_logprobs(logits[row, start - 1: len(seq) - 1], targets).double().sum())
+                targets[row, start - 1: len(seq) - 1] = torch.tensor(seq[start:], dtype=torch.long)
+            sums = token_logprobs(logits, targets).double().sum(-1).neg_().tolist()
+            for row, i in enumerate(idx):
+                out[i] = sums[row]
             del logits
             if progress is not None:
                 progress(len(idx))
