@@ -110,13 +110,13 @@ def measure(args, master_weights: bool) -> dict:
     cfg = _config(args, master_weights)
     trainer = Trainer(cfg, datasets=([], []), quiet=True)
     trainer.byte_lengths = None
-    trainer.read_step_metrics([trainer.train_step(_batches(cfg, args.micro_batches, 0))])
+    trainer.log.read([trainer.train_step(_batches(cfg, args.micro_batches, 0))])
     params = list(trainer.raw_model.parameters())
     bf16_bytes = sum(p.numel() for p in params) * 2
     counter = StepCounter(params)
     with counter:
         raw = trainer.train_step(_batches(cfg, args.micro_batches, 1))
-    (record,) = trainer.read_step_metrics([raw])
+    (record,) = trainer.log.read([raw])
     return {"master_weights": master_weights, "loss": record["loss"],
             "weight_cast_bytes": counter.weight_cast_bytes, "weight_casts": counter.weight_casts,
             "weight_cast_ratio": counter.weight_cast_bytes / bf16_bytes,

@@ -86,10 +86,11 @@ class StepLog:
             out.append(rec)
         return out
 
-    def flush(self, pending: List[Dict], logger, bar, sampler) -> None:
+    def flush(self, pending: List[Dict], logger, bar, sampler, interval_stats: bool = True) -> None:
         """Read the pending steps' metrics (one host read), log them, report skipped steps and
-        stop after ``train.max_nonfinite_steps`` non-finite steps in a row. Every rank calls it at
-        the same steps (it gathers the peak memory over ranks)."""
+        stop after ``train.max_nonfinite_steps`` non-finite steps in a row; with ``interval_stats``
+        the last step also gets the interval's peak memory (gathered over ranks) and router
+        statistics. Every rank calls it at the same steps with the same ``interval_stats``."""
         if not pending:
             return
         cfg, t = self.cfg, self.cfg.train
@@ -97,7 +98,7 @@ class StepLog:
         flops_tok = flops_per_token(cfg.model, cfg.data.seq_length)
         peak = peak_flops_per_device()
         at_interval = {**peak_memory_over_ranks(self.world_size), **router_bias_stats(self.raw_model),
-                       **router_entropy_stats(self.raw_model)}
+                       **router_entropy_stats(self.raw_model)} if interval_stats else {}
         records = self.read(pending)
         for raw, out in zip(pending, records):
             step, dt = raw["step"], raw["step_time_s"]

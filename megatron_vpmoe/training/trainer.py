@@ -147,7 +147,7 @@ class Trainer:
     def train_step(self, micro_batches: List[Dict[str, torch.Tensor]], inject_nan: bool = False) -> Dict:
         """One optimizer step over this rank's micro-batches (collated, so checked on the host).
 
-        Returns the step's raw metrics as device tensors; :meth:`read_step_metrics` turns a run of
+        Returns the step's raw metrics as device tensors; :meth:`StepLog.read` turns a run of
         them into log records with one host read. Nothing in the step reads a device value back:
         the skip decision (no supervised tokens, non-finite loss or gradient norm) is a device
         flag that fused AdamW and the expert-bias update take as it is. The only host reads left
@@ -173,9 +173,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {"counts": counts, "stats": stats, "grad_norm": grad_norm, "finite": finite, "load": load, "lr": lr}
 
-    def _flush_metrics(self, pending: List[Dict], logger, bar, sampler) -> None:
+    def _flush_metrics(self, pending: List[Dict], logger, bar, sampler, interval_stats: bool = True) -> None:
         """Log the pending steps (:meth:`StepLog.flush`: one host read); every rank calls it at the same steps."""
-        self.log.flush(pending, logger, bar, sampler)
+        self.log.flush(pending, logger, bar, sampler, interval_stats)
 
     # ---- validation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -276,8 +276,9 @@ class Trainer:
                 interval = cfg.checkpoint.interval
                 saving = bool(interval and self.step % interval == 0) or self.step == end
                 first = self.step == start_step + 1  # loss and tokens/s on screen after one step
-                if first or self.step % cfg.log.interval == 0 or evaluating or saving:
-                    self._flush_metrics(pending, logger, bar, sampler)
+                due = self.step % cfg.log.interval == 0 or evaluating or saving
+                if first or due:  # the first step's flush shows progress; the interval's stats wait
+                    self._flush_metrics(pending, logger, bar, sampler, interval_stats=due)
                     pending = []
                 if evaluating:
                     valid = self.evaluate(valid_set)

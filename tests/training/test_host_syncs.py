@@ -102,8 +102,10 @@ def test_a_training_step_reads_nothing_back_but_the_moe_split_sizes(tmp_path):
     micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
     for label, r in step_reads.items():
         assert len(r) <= 2 * moe_layers * micro, (label, r)
-    # the metrics were read, once, at the log interval: the detector sees reads where they are
-    assert set(reads) - set(step_reads) == {f"flush{steps}"}
+    # the metrics were read after the first step (loss and tokens/s on screen at once) and then once,
+    # at the log interval: the detector sees reads where they are
+    assert set(reads) - set(step_reads) == {"flush1", f"flush{steps}"}
+    assert reads["flush1"], "the first step's flush must read the metrics back"
     assert reads[f"flush{steps}"], "the flush must read the metrics back"
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == list(range(1, steps + 1))
