@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from megatron_vpmoe.utils.errors import InputError
-from megatron_vpmoe.utils.inputs import PLAIN_TEXT_SUFFIXES, has_suffix
+from megatron_vpmoe.utils.inputs import PLAIN_TEXT_SUFFIXES
 from megatron_vpmoe.utils.inputs import expand_inputs as expand_paths
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")

@@ -154,8 +154,6 @@ class OnPolicyTrainer:
         """``anchor_dataset``: items ``{tokens, labels, loss_mask}`` for the NLL anchor (default:
         the ``data.blend`` shards through the data package) - used when ``nll_anchor_coeff > 0``.
         ``tokenizer``: the student's tokenizer (default: loaded from ``data.tokenizer``)."""
-        import torch
-
         self.cfg = cfg
         op = cfg.distill.onpolicy
         if not cfg.distill.teacher_url:
@@ -373,8 +371,6 @@ class OnPolicyTrainer:
         (sum over its scored samples / ``n_scored``), or ``nll_anchor_coeff`` x the role-aware
         NLL (the trainer's :class:`Objective`) for the anchor micro-batch. Stats (summed over
         micro-batches and ranks): a :data:`POLICY_STATS` vector."""
-        import torch
-
         from megatron_vpmoe.distill.policy_loss import sequence_terms
 
         op = self.cfg.distill.onpolicy

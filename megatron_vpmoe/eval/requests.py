@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence, Tuple
 
-import torch
-
 from megatron_vpmoe.inference.backend import Backend, SampleParams
 from megatron_vpmoe.utils.errors import InputError
 
